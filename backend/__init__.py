@@ -1,0 +1,1 @@
+"""Tally: an event-sourced wallet and credit ledger service."""

@@ -1,0 +1,68 @@
+"""create_app(settings): the one wiring point. Every resource is opened and closed in a cleanup_ctx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from backend.appkeys import DATABASE_DSN, POOL, SETTINGS
+from backend.config import Settings
+from backend.db import create_pool, ensure_database, mask_dsn
+from backend.http import health
+from backend.http.middlewares import error_middleware, request_id_middleware
+from backend.store.migrate import migrate
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_DATABASE = "tally"
+
+
+@contextlib.asynccontextmanager
+async def database_dsn(settings: Settings) -> AsyncIterator[str]:
+    """Yield DATABASE_URL, or start the embedded PostgreSQL under DATA_DIR/pg when it is unset."""
+    dsn = settings.dsn()
+    if dsn is not None:
+        yield dsn
+        return
+    from backend.embedded_pg import start_embedded
+
+    server = await asyncio.to_thread(start_embedded, settings.data_dir / "pg")
+    try:
+        await ensure_database(server.dsn("postgres"), EMBEDDED_DATABASE)
+        yield server.dsn(EMBEDDED_DATABASE)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with database_dsn(app[SETTINGS]) as dsn:
+        app[DATABASE_DSN] = dsn
+        yield
+
+
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    dsn = app[DATABASE_DSN]
+    pool = await create_pool(dsn, settings)
+    log.info("database pool open", extra={"database": mask_dsn(dsn), "max_size": settings.pool_max_size})
+    app[POOL] = pool
+    try:
+        if settings.apply_migrations:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+        yield
+    finally:
+        await pool.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[request_id_middleware, error_middleware])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(pool_ctx)
+    app.add_routes(health.routes)
+    return app

@@ -1,0 +1,64 @@
+"""Settings from the environment. Constructing Settings reads the environment; importing this does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """A setting has a bad value; the message names the environment variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    database_url: SecretStr | None = None
+    data_dir: Path = Path(".data")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    pool_min_size: int = Field(default=2, ge=0, le=200)
+    pool_max_size: int = Field(default=10, ge=1, le=200)
+    statement_timeout_ms: int = Field(default=5000, ge=0)
+    command_timeout_s: float = Field(default=10.0, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    wait_for_db_s: float = Field(default=0.0, ge=0)
+    ready_timeout_s: float = Field(default=1.0, gt=0)
+    shutdown_timeout_s: float = Field(default=10.0, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    apply_migrations: bool = True
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        levels = {"debug", "info", "warning", "error", "critical"}
+        return value.upper() if value.lower() in levels else value.lower()
+
+    @field_validator("pool_max_size")
+    @classmethod
+    def _max_at_least_min(cls, value: int, info: object) -> int:
+        data = getattr(info, "data", {})
+        if value < data.get("pool_min_size", 0):
+            raise ValueError("must be >= POOL_MIN_SIZE")
+        return value
+
+    def dsn(self) -> str | None:
+        return self.database_url.get_secret_value() if self.database_url else None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read Settings from the environment, turning a bad value into one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
+            problems.append(f"{name}: {error['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,124 @@
+"""The asyncpg pool: creation with codecs and timeouts, fail-fast or wait-with-backoff, DSN masking."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from typing import Any, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from backend.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the database is not there right now", as opposed to a bug or bad SQL.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+# At startup a database that does not exist (yet) is as unreachable as a server that is down.
+_STARTUP_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.InvalidCatalogNameError)
+
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+"""A plain connection or one borrowed from the pool; store and migration code accepts both."""
+
+
+class DatabaseUnavailable(Exception):
+    """Startup could not reach the database; the message is one line with the password masked."""
+
+
+def mask_dsn(dsn: str) -> str:
+    """Hide the password of a DSN, whether in the userinfo or in a password= query parameter."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, hostinfo = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            userinfo = userinfo.split(":", 1)[0] + ":***"
+        netloc = f"{userinfo}@{hostinfo}"
+    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+async def init_connection(conn: Connection) -> None:
+    """jsonb and json travel as orjson-encoded text, decoded to Python objects."""
+    for typename in ("jsonb", "json"):
+        await conn.set_type_codec(
+            typename,
+            encoder=lambda value: orjson.dumps(value).decode(),
+            decoder=orjson.loads,
+            schema="pg_catalog",
+        )
+
+
+def connect_kwargs(settings: Settings) -> dict[str, Any]:
+    return {
+        "command_timeout": settings.command_timeout_s,
+        "timeout": settings.connect_timeout_s,
+        "server_settings": {
+            "application_name": "tally",
+            "statement_timeout": str(settings.statement_timeout_ms),
+        },
+    }
+
+
+async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+    """Open the pool; retry with backoff for up to WAIT_FOR_DB seconds, else fail at once."""
+    deadline = time.monotonic() + settings.wait_for_db_s
+    delay = 0.2
+    while True:
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=settings.pool_min_size,
+                max_size=settings.pool_max_size,
+                init=init_connection,
+                **connect_kwargs(settings),
+            )
+            assert pool is not None
+            return pool
+        except _STARTUP_ERRORS as exc:
+            reason = describe(exc)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatabaseUnavailable(
+                    f"cannot connect to database {mask_dsn(dsn)}: {reason}"
+                ) from None
+            log.warning("database not reachable, retrying",
+                        extra={"reason": reason, "retry_in_s": round(delay, 2)})
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def ensure_database(admin_dsn: str, name: str) -> None:
+    """Create database `name` on the server behind admin_dsn unless it exists (embedded server, tests)."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise ValueError(f"not a plain database name: {name!r}")
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        exists = await conn.fetchval("select 1 from pg_database where datname = $1", name)
+        if not exists:
+            # another process may create it between our check and our create
+            with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                await conn.execute(f'create database "{name}"')
+    finally:
+        await conn.close()

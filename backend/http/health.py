@@ -1,0 +1,31 @@
+"""Liveness (the process answers) and readiness (the database answers within a timeout)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from backend.appkeys import POOL, SETTINGS
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.http.problems import Problem
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/health/live")
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "live"})
+
+
+@routes.get("/health/ready")
+async def ready(request: web.Request) -> web.Response:
+    timeout = request.app[SETTINGS].ready_timeout_s
+    try:
+        async with asyncio.timeout(timeout):
+            async with request.app[POOL].acquire() as conn:
+                await conn.fetchval("select 1")
+    except UNAVAILABLE_ERRORS as exc:
+        raise Problem(503, "unavailable", f"database check failed: {describe(exc)}",
+                      headers={"Retry-After": "1"}) from None
+    return web.json_response({"status": "ready", "checks": {"database": "ok"}})

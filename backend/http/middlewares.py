@@ -1,0 +1,63 @@
+"""Request id and error middlewares: every answer carries X-Request-ID; every error is problem+json."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.http.problems import Problem, from_http_exception, problem_response
+from backend.logs import request_id_var
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    offered = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = offered if _VALID_REQUEST_ID.match(offered) else uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    token = request_id_var.set(request_id)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        exc.headers[REQUEST_ID_HEADER] = request_id
+        raise
+    finally:
+        request_id_var.reset(token)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.get(REQUEST_ID)
+    try:
+        return await handler(request)
+    except Problem as problem:
+        response = problem_response(problem, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        response = problem_response(from_http_exception(exc), request_id)
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("database unavailable", extra={"reason": describe(exc), "path": request.path})
+        unavailable = Problem(503, "unavailable", "the database is unavailable, try again shortly",
+                              headers={"Retry-After": "1"})
+        response = problem_response(unavailable, request_id)
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+        internal = Problem(500, "internal_error", "an unexpected error occurred")
+        response = problem_response(internal, request_id)
+    if request_id:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response

@@ -1,0 +1,79 @@
+"""RFC 9457 problem details: one exception type for every error answer, one renderer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+TYPE_BASE = "https://tally.dev/problems/"
+
+
+class Problem(Exception):
+    """Raise anywhere in a handler; the error middleware renders it as problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+
+def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
+    body: dict[str, Any] = {
+        "type": TYPE_BASE + problem.code.replace("_", "-"),
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "code": problem.code,
+    }
+    if request_id:
+        body["request_id"] = request_id
+    body.update(problem.extra)
+    return web.Response(
+        status=problem.status,
+        body=orjson.dumps(body),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=problem.headers,
+    )
+
+
+# aiohttp's own HTTP errors (routing, body size) mapped to stable codes.
+HTTP_ERROR_CODES = {
+    400: "validation_error",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    412: "precondition_failed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def from_http_exception(exc: web.HTTPException) -> Problem:
+    code = HTTP_ERROR_CODES.get(exc.status, "http_error")
+    detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
+    return Problem(exc.status, code, detail, title=exc.reason, headers=headers)

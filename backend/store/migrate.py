@@ -1,0 +1,88 @@
+"""Versioned SQL migrations, applied in order, each in its own transaction, once across processes.
+
+Files are `migrations/NNNN_name.sql`. A session advisory lock serialises concurrent starters: the
+second waits, then finds every version already recorded in `schema_migrations` and applies nothing.
+A recorded migration whose file has since changed is an error, not a silent skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+from backend.db import Connection
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK_KEY = 0x7A11_0001  # advisory lock id reserved for migrations
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+_CREATE_TABLE = """
+create table if not exists schema_migrations (
+    version    int primary key,
+    name       text not null,
+    checksum   text not null,
+    applied_at timestamptz not null default now()
+)
+"""
+
+
+class MigrationError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def available_migrations() -> list[Migration]:
+    found = []
+    for entry in resources.files("backend.store").joinpath("migrations").iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration versions: {versions}")
+    return found
+
+
+async def migrate(conn: Connection) -> list[int]:
+    """Apply every pending migration; return the versions this call applied."""
+    applied_now: list[int] = []
+    await conn.execute("select pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+    try:
+        await conn.execute(_CREATE_TABLE)
+        rows = await conn.fetch("select version, checksum from schema_migrations")
+        recorded = {row["version"]: row["checksum"] for row in rows}
+        for migration in available_migrations():
+            if migration.version in recorded:
+                if recorded[migration.version] != migration.checksum:
+                    raise MigrationError(
+                        f"migration {migration.version:04d}_{migration.name} changed after it was applied"
+                    )
+                continue
+            async with conn.transaction():
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    "insert into schema_migrations (version, name, checksum) values ($1, $2, $3)",
+                    migration.version,
+                    migration.name,
+                    migration.checksum,
+                )
+            log.info("migration applied", extra={"version": migration.version, "migration": migration.name})
+            applied_now.append(migration.version)
+    finally:
+        await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    return applied_now

@@ -1,0 +1,129 @@
+"""Test database: a fresh database per session, on the embedded server or on TEST_DATABASE_URL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from backend.app import create_app
+from backend.config import Settings
+from backend.db import ensure_database, init_connection
+from backend.store.migrate import migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
+
+
+@pytest.fixture(scope="session")
+def admin_dsn() -> Iterator[str]:
+    """A server to create test databases on: TEST_DATABASE_URL, else the embedded one under .data/."""
+    url = os.environ.get("TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from backend.embedded_pg import start_embedded
+
+    server = start_embedded(ROOT / ".data" / "test-pg")
+    try:
+        yield server.dsn("postgres")
+    finally:
+        server.stop()
+
+
+def create_fresh_database(admin: str, *, migrated: bool = True) -> str:
+    name = f"tally_test_{uuid.uuid4().hex[:12]}"
+    asyncio.run(ensure_database(admin, name))
+    dsn = with_database(admin, name)
+    if migrated:
+
+        async def run() -> None:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(run())
+    return dsn
+
+
+def drop_database(admin: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
+
+    async def run() -> None:
+        conn = await asyncpg.connect(admin)
+        try:
+            await conn.execute(f'drop database if exists "{name}" with (force)')
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_dsn: str) -> Iterator[str]:
+    """The session's fresh, migrated database."""
+    dsn = create_fresh_database(admin_dsn)
+    try:
+        yield dsn
+    finally:
+        drop_database(admin_dsn, dsn)
+
+
+@pytest.fixture
+def fresh_database_url(admin_dsn: str) -> Iterator[str]:
+    """An empty database of this test's own (not migrated)."""
+    dsn = create_fresh_database(admin_dsn, migrated=False)
+    try:
+        yield dsn
+    finally:
+        drop_database(admin_dsn, dsn)
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": database_url,
+        "pool_min_size": 1,
+        "pool_max_size": 10,
+        "log_format": "text",
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, init=init_connection)
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    return create_app(settings)
+
+
+@pytest.fixture
+async def client(aiohttp_client, app: web.Application) -> TestClient:  # type: ignore[no-untyped-def]
+    return await aiohttp_client(app)

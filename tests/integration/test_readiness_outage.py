@@ -1,0 +1,46 @@
+"""Readiness follows the database: 503 while it is down, 200 again once it is back, unaided."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from aiohttp.test_utils import TestClient
+
+from backend.app import create_app
+from backend.embedded_pg import start_embedded
+from tests.conftest import make_settings
+
+
+async def wait_for_status(client: TestClient, status: int, timeout: float = 30.0) -> None:
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            response = await client.get("/health/ready")
+            seen.append(response.status)
+            if response.status == status:
+                return
+            await asyncio.sleep(0.2)
+
+
+async def test_readiness_turns_503_when_database_stops_and_200_after_restart(
+    aiohttp_client, tmp_path: Path  # type: ignore[no-untyped-def]
+) -> None:
+    # A server of this test's own, so stopping it disturbs nothing else.
+    server = await asyncio.to_thread(start_embedded, tmp_path / "pg")
+    try:
+        client = await aiohttp_client(create_app(make_settings(server.dsn("postgres"))))
+        await wait_for_status(client, 200)
+
+        await asyncio.to_thread(server.kill)
+        response = await client.get("/health/ready")
+        assert response.status == 503
+        body = await response.json(content_type="application/problem+json")
+        assert body["code"] == "unavailable"
+        assert response.headers["Retry-After"]
+
+        await asyncio.to_thread(server.restart)
+        await wait_for_status(client, 200)
+        await client.close()
+    finally:
+        await asyncio.to_thread(server.stop)

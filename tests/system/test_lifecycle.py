@@ -1,0 +1,111 @@
+"""Real processes: startup failure, waiting for the database, concurrent migrations, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import asyncpg
+import pytest
+
+from backend.store.migrate import available_migrations
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.system
+
+
+def run_backend(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "backend", *args],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+UNREACHABLE = f"postgresql://tally:s3cret-pw@127.0.0.1:{free_port()}/tally"
+
+
+def test_unreachable_database_fails_fast_with_one_masked_line() -> None:
+    started = time.monotonic()
+    result = run_backend("serve", env={"DATABASE_URL": UNREACHABLE, "PORT": str(free_port())})
+    assert result.returncode == 1
+    assert time.monotonic() - started < 15
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("tally:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "cannot connect to database" in error_lines[0]
+    assert "s3cret-pw" not in result.stderr
+    assert "tally:***@127.0.0.1" in error_lines[0]
+
+
+def test_wait_for_db_retries_with_backoff_then_gives_up() -> None:
+    started = time.monotonic()
+    result = run_backend("serve", "--wait-for-db", "2", env={"DATABASE_URL": UNREACHABLE, "LOG_FORMAT": "text"})
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert elapsed >= 2
+    assert result.stderr.count("database not reachable, retrying") >= 2
+    assert "s3cret-pw" not in result.stderr
+
+
+def test_bad_setting_fails_naming_the_variable() -> None:
+    result = run_backend("serve", env={"PORT": "not-a-port"})
+    assert result.returncode == 2
+    assert "PORT" in result.stderr
+
+
+def test_two_concurrent_migrators_apply_each_migration_once(fresh_database_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": fresh_database_url}
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "backend", "migrate"], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert sum("applied" in out for out, _ in outputs) == 1, outputs
+
+    async def versions() -> list[int]:
+        conn = await asyncpg.connect(fresh_database_url)
+        try:
+            return [r["version"] for r in await conn.fetch("select version from schema_migrations order by 1")]
+        finally:
+            await conn.close()
+
+    assert asyncio.run(versions()) == [m.version for m in available_migrations()]
+
+
+def test_sigterm_drains_and_exits_zero(database_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port), "LOG_FORMAT": "json"}
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as reply:
+                    assert reply.status == 200
+                    break
+            except OSError:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+        assert f"listening on http://127.0.0.1:{port}" in stderr
+        assert "stopped" in stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
