@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import DATABASE_DSN, POOL, SETTINGS
+from backend.appkeys import DATABASE_DSN, LISTENER, POOL, SETTINGS, STORE
 from backend.config import Settings
-from backend.db import create_pool, ensure_database, mask_dsn
+from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
 from backend.http import health
 from backend.http.middlewares import error_middleware, request_id_middleware
+from backend.store.event_store import EventStore
+from backend.store.listener import Listener
 from backend.store.migrate import migrate
 
 log = logging.getLogger(__name__)
@@ -59,10 +61,27 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
         await pool.close()
 
 
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The event store (with its append batcher) and this process's one LISTEN connection."""
+    settings = app[SETTINGS]
+    store = EventStore(app[POOL], max_batch_events=settings.append_batch_max_events)
+    listener = Listener(app[DATABASE_DSN], poll_interval_s=settings.listener_poll_s,
+                        connect_kwargs=connect_kwargs(settings))
+    await listener.start(timeout=settings.connect_timeout_s + 5)
+    app[STORE] = store
+    app[LISTENER] = listener
+    try:
+        yield
+    finally:
+        await store.close()
+        await listener.close()
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[request_id_middleware, error_middleware])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(store_ctx)
     app.add_routes(health.routes)
     return app

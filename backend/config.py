@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     apply_migrations: bool = True
+    append_batch_max_events: int = Field(default=2000, ge=1, le=100_000)
+    listener_poll_s: float = Field(default=1.0, gt=0)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

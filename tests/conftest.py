@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient
 from backend.app import create_app
 from backend.config import Settings
 from backend.db import ensure_database, init_connection
+from backend.store.event_store import EventStore
 from backend.store.migrate import migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +128,12 @@ def app(settings: Settings) -> web.Application:
 @pytest.fixture
 async def client(aiohttp_client, app: web.Application) -> TestClient:  # type: ignore[no-untyped-def]
     return await aiohttp_client(app)
+
+
+@pytest.fixture
+async def store(pool: asyncpg.Pool) -> AsyncIterator[EventStore]:
+    event_store = EventStore(pool)
+    try:
+        yield event_store
+    finally:
+        await event_store.close()

@@ -1,0 +1,91 @@
+"""The event store's vocabulary: what is appended, what is read back, and what can go wrong."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+ANY: Final = -1
+"""Expected version: append whatever the stream's version is."""
+NO_STREAM: Final = 0
+"""Expected version: the stream must not exist yet."""
+
+MAX_STREAM_ID_LENGTH: Final = 256
+MAX_TYPE_LENGTH: Final = 128
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. Give it a stable event_id to make re-appending it idempotent."""
+
+    type: str
+    data: Mapping[str, Any]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """Events for one stream, appended only if the stream is at expected_version (or ANY)."""
+
+    stream_id: str
+    expected_version: int
+    events: Sequence[NewEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent:
+    position: int
+    stream_id: str
+    version: int
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    event_id: uuid.UUID
+    recorded_at: datetime
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamAppended:
+    stream_id: str
+    positions: tuple[int, ...]
+    version: int
+    """The stream's version after this write."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    streams: tuple[StreamAppended, ...]
+    replayed: bool = False
+    """True when every event was already stored (an idempotent re-append): nothing was written."""
+
+    @property
+    def position(self) -> int:
+        """The highest position of the call: read-your-writes waits for this."""
+        return max(p for s in self.streams for p in s.positions)
+
+
+class StoreError(Exception):
+    pass
+
+
+class InvalidEvent(StoreError, ValueError):
+    """The append request itself is malformed; nothing was stored."""
+
+
+class WrongExpectedVersion(StoreError):
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id!r} is at version {actual}, expected {expected}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class DuplicateEventId(StoreError):
+    def __init__(self, event_id: uuid.UUID, detail: str) -> None:
+        super().__init__(f"event {event_id} is already stored {detail}")
+        self.event_id = event_id

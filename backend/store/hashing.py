@@ -1,0 +1,53 @@
+"""The canonical encoding of an event and the per-stream hash chain (documented in README.md).
+
+canonical(e) = orjson.dumps({"data": e.data, "recorded_at": RFC3339(e.recorded_at), "stream_id": e.stream_id,
+"type": e.type, "version": e.version}, option=OPT_SORT_KEYS): compact UTF-8 JSON, keys of every object
+sorted, recorded_at in UTC as YYYY-MM-DDTHH:MM:SS.ffffffZ (always six fraction digits).
+hash_v = sha256(hash_{v-1} || canonical(e_v)), hash_0 = 32 zero bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+GENESIS = bytes(32)
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def encode_data(data: Any) -> bytes:
+    """The data object as it appears inside the canonical encoding (and as it is stored)."""
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+def canonical_bytes(stream_id: str, version: int, type_: str, data_bytes: bytes, recorded_at: datetime) -> bytes:
+    """Byte-identical to orjson.dumps of the whole dict with sorted keys, without re-encoding data."""
+    return b"".join(
+        (
+            b'{"data":',
+            data_bytes,
+            b',"recorded_at":"',
+            format_time(recorded_at).encode(),
+            b'","stream_id":',
+            orjson.dumps(stream_id),
+            b',"type":',
+            orjson.dumps(type_),
+            b',"version":',
+            str(version).encode(),
+            b"}",
+        )
+    )
+
+
+def chain(previous: bytes, canonical: bytes) -> bytes:
+    return hashlib.sha256(previous + canonical).digest()
+
+
+def event_hash(previous: bytes, stream_id: str, version: int, type_: str, data: Any, recorded_at: datetime) -> bytes:
+    return chain(previous, canonical_bytes(stream_id, version, type_, encode_data(data), recorded_at))

@@ -1,0 +1,124 @@
+"""One LISTEN connection per process: knows the log's head and wakes whoever waits for it to move.
+
+A NOTIFY only says "the head moved to P"; waiters always re-read from their own position, so a lost
+notification costs latency, never an event. The connection also polls the head on a timer (which
+doubles as its liveness check), and after a dropped connection it reconnects with backoff and wakes
+every waiter so that they re-read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+import asyncpg
+
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.store.append import NOTIFY_CHANNEL
+from backend.store.reads import HEAD_SQL
+
+log = logging.getLogger(__name__)
+
+_RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, ConnectionError)
+
+
+class Listener:
+    def __init__(self, dsn: str, *, poll_interval_s: float = 1.0, connect_kwargs: dict[str, Any] | None = None):
+        self._dsn = dsn
+        self._poll_interval_s = poll_interval_s
+        self._connect_kwargs = connect_kwargs or {}
+        self.head = 0
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._changed = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-listener")
+        async with asyncio.timeout(timeout):
+            await self.connected.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._wake()
+
+    def backend_pid(self) -> int | None:
+        """The server process of the LISTEN connection (tests terminate it)."""
+        return self._conn.get_server_pid() if self._conn is not None and not self._conn.is_closed() else None
+
+    async def wait_beyond(self, position: int, timeout: float) -> int:
+        """Wait until the head passes position or timeout runs out; return the head."""
+        deadline = time.monotonic() + timeout
+        while self.head <= position:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+        return self.head
+
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Wait for the next wake-up (new head, or a reconnect that asks everyone to re-read)."""
+        changed = self._changed
+        try:
+            await asyncio.wait_for(changed.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _wake(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _advance(self, position: int) -> None:
+        if position > self.head:
+            self.head = position
+            self._wake()
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        with contextlib.suppress(ValueError):
+            self._advance(int(str(payload)))
+
+    def _on_terminated(self, conn: object) -> None:
+        self._lost.set()
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn, **self._connect_kwargs)
+                self._lost.clear()
+                conn.add_termination_listener(self._on_terminated)
+                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                self._conn = conn
+                self.head = max(self.head, int(await conn.fetchval(HEAD_SQL)))
+                if self.connected.is_set():
+                    self.reconnects += 1
+                    log.info("event listener reconnected", extra={"head": self.head})
+                self.connected.set()
+                self._wake()  # anything may have been missed while disconnected: everyone re-reads
+                delay = 0.1
+                while not self._lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._lost.wait(), self._poll_interval_s)
+                    if not self._lost.is_set():
+                        self._advance(int(await conn.fetchval(HEAD_SQL)))
+                raise ConnectionError("listener connection lost")
+            except _RECONNECT_ERRORS as exc:
+                log.warning("event listener disconnected", extra={"reason": describe(exc), "retry_in_s": delay})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                self._conn = None
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()

@@ -1,0 +1,117 @@
+"""Reading the log: one stream, the whole log (filtered), the head; paged iteration in constant memory."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import TypeAlias
+
+import asyncpg
+
+from backend.db import Connection
+from backend.store.events import RecordedEvent
+
+COLUMNS = "position, stream_id, version, type, data, metadata, event_id, recorded_at, hash"
+
+READ_STREAM_SQL = f"""
+select {COLUMNS} from events
+where stream_id = $1 and version > $2 and version <= $3
+order by version limit $4
+"""
+
+HEAD_SQL = "select coalesce(max(position), 0) from events"
+STREAM_VERSION_SQL = "select coalesce(max(version), 0) from events where stream_id = $1"
+
+INT32_MAX = 2**31 - 1
+DEFAULT_PAGE = 1000
+
+Executor: TypeAlias = "asyncpg.Pool | Connection"
+
+
+def to_event(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(
+        position=row["position"],
+        stream_id=row["stream_id"],
+        version=row["version"],
+        type=row["type"],
+        data=row["data"],
+        metadata=row["metadata"],
+        event_id=row["event_id"],
+        recorded_at=row["recorded_at"],
+        hash=bytes(row["hash"]),
+    )
+
+
+def read_all_query(
+    after_position: int, limit: int, types: Sequence[str] | None, stream_prefix: str | None
+) -> tuple[str, list[object]]:
+    """One statement per filter shape, so each gets its own plan (no catch-all `$n is null or ...`)."""
+    args: list[object] = [after_position, limit]
+    where = ["position > $1"]
+    if types is not None:
+        args.append(list(types))
+        where.append(f"type = any(${len(args)}::text[])")
+    if stream_prefix is not None:
+        args.append(stream_prefix)
+        where.append(f"starts_with(stream_id, ${len(args)})")
+    sql = f"select {COLUMNS} from events where {' and '.join(where)} order by position limit $2"
+    return sql, args
+
+
+async def read_stream(
+    db: Executor, stream_id: str, after_version: int = 0, to_version: int | None = None, limit: int = INT32_MAX
+) -> list[RecordedEvent]:
+    rows = await db.fetch(READ_STREAM_SQL, stream_id, after_version, to_version or INT32_MAX, limit)
+    return [to_event(row) for row in rows]
+
+
+async def read_all(
+    db: Executor,
+    after_position: int = 0,
+    limit: int = DEFAULT_PAGE,
+    types: Sequence[str] | None = None,
+    stream_prefix: str | None = None,
+) -> list[RecordedEvent]:
+    sql, args = read_all_query(after_position, limit, types, stream_prefix)
+    return [to_event(row) for row in await db.fetch(sql, *args)]
+
+
+async def iter_all(
+    db: Executor,
+    after_position: int = 0,
+    types: Sequence[str] | None = None,
+    stream_prefix: str | None = None,
+    page_size: int = DEFAULT_PAGE,
+    to_position: int | None = None,
+) -> AsyncIterator[RecordedEvent]:
+    """Every matching event after after_position (up to to_position), fetched page by page."""
+    position = after_position
+    while True:
+        page = await read_all(db, position, page_size, types, stream_prefix)
+        for event in page:
+            if to_position is not None and event.position > to_position:
+                return
+            yield event
+        if len(page) < page_size:
+            return
+        position = page[-1].position
+
+
+async def iter_stream(
+    db: Executor, stream_id: str, after_version: int = 0, to_version: int | None = None, page_size: int = DEFAULT_PAGE
+) -> AsyncIterator[RecordedEvent]:
+    version = after_version
+    while True:
+        page = await read_stream(db, stream_id, version, to_version, page_size)
+        for event in page:
+            yield event
+        if len(page) < page_size:
+            return
+        version = page[-1].version
+
+
+async def head(db: Executor) -> int:
+    return int(await db.fetchval(HEAD_SQL))
+
+
+async def stream_version(db: Executor, stream_id: str) -> int:
+    return int(await db.fetchval(STREAM_VERSION_SQL, stream_id))

@@ -1,0 +1,222 @@
+"""The event store's contract against the real database."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import orjson
+import pytest
+
+from backend.store.event_store import EventStore
+from backend.store.events import (
+    ANY,
+    NO_STREAM,
+    DuplicateEventId,
+    InvalidEvent,
+    NewEvent,
+    Write,
+    WrongExpectedVersion,
+)
+from backend.store.hashing import GENESIS, canonical_bytes, encode_data, event_hash, format_time
+
+
+def sid(prefix: str = "test") -> str:
+    return f"{prefix}-{uuid.uuid4()}"
+
+
+def ev(type_: str = "Thing", **data: object) -> NewEvent:
+    return NewEvent(type_, data or {"n": 1})
+
+
+async def count_stream(pool: asyncpg.Pool, stream_id: str) -> int:
+    return int(await pool.fetchval("select count(*) from events where stream_id = $1", stream_id))
+
+
+async def test_append_and_read_back_a_stream(store: EventStore) -> None:
+    stream = sid()
+    first = await store.append_to(stream, NO_STREAM, [ev(n=1), ev(n=2)])
+    assert first.streams[0].version == 2
+    second = await store.append_to(stream, 2, [ev("Other", n=3)])
+    assert second.position == first.position + 1
+    events = await store.read_stream(stream)
+    assert [(e.version, e.type, e.data["n"]) for e in events] == [(1, "Thing", 1), (2, "Thing", 2), (3, "Other", 3)]
+    assert [e.position for e in events] == [*first.streams[0].positions, second.position]
+    assert [e.version for e in await store.read_stream(stream, after_version=1, to_version=2)] == [2]
+    assert await store.stream_version(stream) == 3
+    assert await store.head() >= second.position
+
+
+async def test_expected_versions_no_stream_any_and_stale(store: EventStore) -> None:
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    with pytest.raises(WrongExpectedVersion) as stale:
+        await store.append_to(stream, NO_STREAM, [ev()])
+    assert (stale.value.stream_id, stale.value.expected, stale.value.actual) == (stream, 0, 1)
+    assert stream in str(stale.value)
+    with pytest.raises(WrongExpectedVersion):
+        await store.append_to(stream, 5, [ev()])
+    result = await store.append_to(stream, ANY, [ev()])
+    assert result.streams[0].version == 2
+    assert (await store.append_to(sid(), ANY, [ev()])).streams[0].version == 1
+
+
+async def test_multi_stream_append_is_atomic(store: EventStore, pool: asyncpg.Pool) -> None:
+    a, b = sid(), sid()
+    await store.append_to(b, NO_STREAM, [ev()])
+    with pytest.raises(WrongExpectedVersion) as conflict:
+        await store.append([Write(a, NO_STREAM, [ev()]), Write(b, NO_STREAM, [ev()])])
+    assert conflict.value.stream_id == b
+    assert await count_stream(pool, a) == 0
+    both = await store.append([Write(a, NO_STREAM, [ev()]), Write(b, 1, [ev(), ev()])])
+    assert [(s.stream_id, s.version) for s in both.streams] == [(a, 1), (b, 3)]
+    positions = [p for s in both.streams for p in s.positions]
+    assert positions == list(range(positions[0], positions[0] + 3))
+
+
+async def test_reappending_stored_event_ids_is_idempotent(store: EventStore, pool: asyncpg.Pool) -> None:
+    stream = sid()
+    events = [NewEvent("Thing", {"n": 1}), NewEvent("Thing", {"n": 2})]
+    original = await store.append_to(stream, NO_STREAM, events)
+    again = await store.append_to(stream, NO_STREAM, events)  # stale version, but a replay wins
+    assert again.replayed
+    assert again.streams == original.streams
+    assert await count_stream(pool, stream) == 2
+
+    changed = NewEvent("Thing", {"n": 99}, event_id=events[0].event_id)
+    with pytest.raises(DuplicateEventId, match="different content"):
+        await store.append_to(stream, ANY, [changed])
+    with pytest.raises(DuplicateEventId, match="other events"):
+        await store.append_to(stream, ANY, [events[0], NewEvent("Thing", {"n": 3})])
+    assert await count_stream(pool, stream) == 2
+
+
+async def test_concurrent_appends_with_one_expected_version_have_one_winner(store: EventStore) -> None:
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    outcomes = await asyncio.gather(
+        *(store.append_to(stream, 1, [ev(n=i)]) for i in range(50)), return_exceptions=True
+    )
+    winners = [o for o in outcomes if not isinstance(o, BaseException)]
+    losers = [o for o in outcomes if isinstance(o, WrongExpectedVersion)]
+    assert len(winners) == 1
+    assert len(losers) == 49
+    assert all(loser.actual == 2 for loser in losers)
+    assert await store.stream_version(stream) == 2
+
+
+async def test_a_conflict_in_a_batch_fails_only_its_own_request(store: EventStore) -> None:
+    streams = [sid() for _ in range(40)]
+    taken = streams[::4]
+    for stream in taken:
+        await store.append_to(stream, NO_STREAM, [ev()])
+    batches_before = store.batcher.batches
+    outcomes = await asyncio.gather(
+        *(store.append_to(stream, NO_STREAM, [ev()]) for stream in streams), return_exceptions=True
+    )
+    failed = {streams[i] for i, o in enumerate(outcomes) if isinstance(o, WrongExpectedVersion)}
+    assert failed == set(taken)
+    assert all(not isinstance(o, BaseException) for s, o in zip(streams, outcomes, strict=True) if s not in failed)
+    # 40 concurrent calls went through far fewer transactions than calls.
+    assert store.batcher.batches - batches_before < 40
+
+
+async def test_big_payloads_and_unicode_stream_ids(store: EventStore) -> None:
+    stream = f"wallet-ünïcødé-钱包-{uuid.uuid4()}-💰"
+    big = {"blob": "x" * 1_000_000, "text": "naïve café ☕ 𝄞", "nested": {"b": [1, 2, {"c": None}], "a": True}}
+    result = await store.append_to(stream, NO_STREAM, [NewEvent("Big", big)])
+    [stored] = await store.read_stream(stream)
+    assert stored.stream_id == stream
+    assert stored.data == big
+    assert stored.position == result.position
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (Write("", NO_STREAM, [ev()]), "stream_id"),
+        (Write("x" * 300, NO_STREAM, [ev()]), "stream_id"),
+        (Write("a\x00b", NO_STREAM, [ev()]), "NUL"),
+        (Write("s", -2, [ev()]), "expected_version"),
+        (Write("s", NO_STREAM, []), "no events"),
+        (Write("s", NO_STREAM, [NewEvent("", {})]), "type"),
+        (Write("s", NO_STREAM, [NewEvent("T", {"amount": 1.5})]), "floats"),
+        (Write("s", NO_STREAM, [NewEvent("T", {"amount": 2**64})]), "64-bit"),
+        (Write("s", NO_STREAM, [NewEvent("T", {"t": "a\x00"})]), "NUL"),
+        (Write("s", NO_STREAM, [NewEvent("T", ["not", "an", "object"])]), "JSON object"),  # type: ignore[arg-type]
+        (Write("s", NO_STREAM, [NewEvent("T", {"when": object()})]), "not a JSON value"),
+    ],
+)
+async def test_bad_input_is_rejected_clearly_and_stores_nothing(
+    store: EventStore, write: Write, message: str
+) -> None:
+    head = await store.head()
+    with pytest.raises(InvalidEvent, match=message):
+        await store.append([write])
+    assert await store.head() == head
+
+
+async def test_duplicate_event_ids_within_one_call_are_rejected(store: EventStore) -> None:
+    event = ev()
+    with pytest.raises(InvalidEvent, match="twice"):
+        await store.append([Write(sid(), NO_STREAM, [event]), Write(sid(), NO_STREAM, [event])])
+
+
+async def test_read_all_filters_and_pages(store: EventStore) -> None:
+    prefix = f"cat{uuid.uuid4().hex[:8]}-"
+    start = await store.head()
+    for i in range(5):
+        await store.append_to(f"{prefix}{i}", NO_STREAM, [ev("A"), ev("B")])
+    await store.append_to(sid("elsewhere"), NO_STREAM, [ev("A")])
+
+    mine = await store.read_all(start, limit=100, stream_prefix=prefix)
+    assert len(mine) == 10
+    assert [e.position for e in mine] == sorted(e.position for e in mine)
+    only_b = await store.read_all(start, limit=100, types=["B"], stream_prefix=prefix)
+    assert [e.type for e in only_b] == ["B"] * 5
+    assert len(await store.read_all(start, limit=100, types=["A"])) == 6
+    assert len(await store.read_all(start, limit=3)) == 3
+    paged = [e.position async for e in store.iter_all(start, stream_prefix=prefix, page_size=3)]
+    assert paged == [e.position for e in mine]
+    bounded = [e.position async for e in store.iter_all(start, page_size=2, to_position=mine[3].position)]
+    assert bounded[-1] == mine[3].position
+    assert len([e async for e in store.iter_stream(f"{prefix}0")]) == 2
+    # a prefix with LIKE wildcards is taken literally
+    assert await store.read_all(start, stream_prefix="cat%") == []
+
+
+async def test_hash_chain_is_recomputable_from_stored_rows(store: EventStore) -> None:
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev(n=1), ev("T2", n=2, text="é")])
+    await store.append_to(stream, 2, [ev(n=3)])
+    previous = GENESIS
+    for event in await store.read_stream(stream):
+        expected = event_hash(previous, event.stream_id, event.version, event.type, event.data, event.recorded_at)
+        assert event.hash == expected
+        previous = event.hash
+        whole = {"data": event.data, "recorded_at": format_time(event.recorded_at), "stream_id": event.stream_id,
+                 "type": event.type, "version": event.version}
+        assert canonical_bytes(event.stream_id, event.version, event.type, encode_data(event.data),
+                               event.recorded_at) == orjson.dumps(whole, option=orjson.OPT_SORT_KEYS)
+
+
+async def test_recorded_at_never_goes_backwards(store: EventStore, pool: asyncpg.Pool) -> None:
+    start = await store.head()
+    await asyncio.gather(*(store.append_to(sid(), NO_STREAM, [ev()]) for _ in range(30)))
+    times = [r["recorded_at"] for r in await pool.fetch(
+        "select recorded_at from events where position > $1 order by position", start)]
+    assert times == sorted(times)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["update events set type = 'X' where position = $1", "delete from events where position = $1",
+     "truncate events"],
+)
+async def test_events_are_immutable(store: EventStore, pool: asyncpg.Pool, statement: str) -> None:
+    result = await store.append_to(sid(), NO_STREAM, [ev()])
+    args = [result.position] if "$1" in statement else []
+    with pytest.raises(asyncpg.RestrictViolationError, match="immutable"):
+        await pool.execute(statement, *args)
+    assert len(await store.read_all(result.position - 1, limit=1)) == 1
