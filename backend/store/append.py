@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from backend.store import idempotency
 from backend.store.events import (
     ANY,
     MAX_STREAM_ID_LENGTH,
@@ -35,6 +36,7 @@ from backend.store.events import (
     WrongExpectedVersion,
 )
 from backend.store.hashing import GENESIS, canonical_bytes, chain, encode_data
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class AppendRequest:
     writes: list[EncodedWrite]
     event_count: int
     size: int
+    claim: IdempotencyClaim | None
     future: asyncio.Future[AppendResult]
 
 
@@ -114,9 +117,9 @@ def _check_json(value: Any, path: str) -> None:
     raise InvalidEvent(f"{path}: {type(value).__name__} is not a JSON value")
 
 
-def encode_writes(writes: Sequence[Write]) -> tuple[list[EncodedWrite], int, int]:
+def encode_writes(writes: Sequence[Write], *, allow_empty: bool = False) -> tuple[list[EncodedWrite], int, int]:
     """Validate and encode an append call; raises InvalidEvent before anything reaches the database."""
-    if not writes:
+    if not writes and not allow_empty:
         raise InvalidEvent("an append needs at least one write")
     encoded: list[EncodedWrite] = []
     seen_ids: set[uuid.UUID] = set()
@@ -187,12 +190,14 @@ class AppendBatcher:
         self.batches = 0
         self.batched_requests = 0
 
-    async def append(self, writes: Sequence[Write]) -> AppendResult:
-        encoded, count, size = encode_writes(writes)
+    async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
+        """Append atomically; with a claim, also record its response, unless the key is already used
+        (then raise IdempotencyKeyUsed and append nothing). A claim may come with no writes at all."""
+        encoded, count, size = encode_writes(writes, allow_empty=claim is not None)
         if self._closing:
             raise StoreError("the event store is shutting down")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(AppendRequest(encoded, count, size, future))
+        self._queue.append(AppendRequest(encoded, count, size, claim, future))
         self._wake.set()
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="append-batcher")
@@ -257,18 +262,29 @@ class AppendBatcher:
             await conn.execute(LOCK_SQL, APPEND_LOCK_KEY)
             heads = await conn.fetch(STREAM_HEADS_SQL, stream_ids)
             last = await conn.fetchrow(GLOBAL_HEAD_SQL)
-            existing = await conn.fetch(EXISTING_SQL, event_ids)
-            planner = _BatchPlanner(heads, last, existing)
+            existing = await conn.fetch(EXISTING_SQL, event_ids) if event_ids else []
+            claims = [r.claim for r in batch if r.claim is not None]
+            used = await conn.fetch(idempotency.LOOKUP_SQL, [c.scope for c in claims], [c.key for c in claims]) \
+                if claims else []
+            planner = _BatchPlanner(heads, last, existing, [idempotency.to_stored(row) for row in used])
             outcomes = [planner.plan(request) for request in batch]
             if planner.rows:
                 await conn.execute(INSERT_SQL, *planner.columns(), str(planner.head))
+            if planner.responses:
+                await conn.execute(idempotency.INSERT_SQL, *idempotency.insert_columns(planner.responses))
         return outcomes
 
 
 class _BatchPlanner:
     """Decides, request by request, what a batch inserts, tracking streams as the batch advances them."""
 
-    def __init__(self, heads: list[asyncpg.Record], last: asyncpg.Record | None, existing: list[asyncpg.Record]):
+    def __init__(
+        self,
+        heads: list[asyncpg.Record],
+        last: asyncpg.Record | None,
+        existing: list[asyncpg.Record],
+        used_keys: list[StoredResponse],
+    ):
         self.streams: dict[str, tuple[int, bytes]] = {r["stream_id"]: (r["version"], bytes(r["hash"])) for r in heads}
         self.head: int = last["position"] if last else 0
         now = datetime.now(UTC)
@@ -280,36 +296,64 @@ class _BatchPlanner:
             for r in existing
         }
         self.rows: list[_Planned] = []
+        self.used_keys = {(r.scope, r.key): r for r in used_keys}
+        self.responses: list[StoredResponse] = []
 
     def plan(self, request: AppendRequest) -> AppendResult | Exception:
-        replay = self._replay(request)
+        """The outcome of one request; accepted rows and claims join the batch, rejected ones leave no trace."""
+        claim = request.claim
+        if claim is not None and (claim.scope, claim.key) in self.used_keys:
+            return IdempotencyKeyUsed(self.used_keys[(claim.scope, claim.key)])
+        replay = self._replay(request) if request.writes else None
         if replay is not None:
-            return replay
-        streams = dict(self.streams)
+            return replay  # a replay of stored events does not claim the key again
+        proposal = self._propose(request)
+        if isinstance(proposal, Exception):
+            return proposal
+        result, planned, streams = proposal
+        response = None
+        if claim is not None:
+            try:
+                response = claim.record(result)
+            except Exception as exc:  # a broken renderer fails its own request, not the batch
+                return exc
+        self._accept(planned, streams)
+        if response is not None:
+            self.used_keys[(response.scope, response.key)] = response
+            self.responses.append(response)
+        return result
+
+    def _propose(
+        self, request: AppendRequest
+    ) -> tuple[AppendResult, list[_Planned], dict[str, tuple[int, bytes]]] | Exception:
+        """Positions, versions and hashes for the request's events, without changing the batch yet."""
+        streams: dict[str, tuple[int, bytes]] = {}
         planned: list[_Planned] = []
         results: list[StreamAppended] = []
         position = self.head
         for write in request.writes:
-            version, previous = streams.get(write.stream_id, (0, GENESIS))
+            version, previous = streams.get(write.stream_id) or self.streams.get(write.stream_id, (0, GENESIS))
             if write.expected_version not in (ANY, version):
                 return WrongExpectedVersion(write.stream_id, write.expected_version, version)
             positions = []
             for event in write.events:
                 position += 1
                 version += 1
-                previous = chain(
-                    previous, canonical_bytes(write.stream_id, version, event.type, event.data, self.recorded_at)
-                )
+                canonical = canonical_bytes(write.stream_id, version, event.type, event.data, self.recorded_at)
+                previous = chain(previous, canonical)
                 planned.append(_Planned(position, write.stream_id, version, event, self.recorded_at, previous))
                 positions.append(position)
             streams[write.stream_id] = (version, previous)
             results.append(StreamAppended(write.stream_id, tuple(positions), version))
-        self.streams = streams
-        self.head = position
+        return AppendResult(tuple(results)), planned, streams
+
+    def _accept(self, planned: list[_Planned], streams: dict[str, tuple[int, bytes]]) -> None:
+        self.streams.update(streams)
         self.rows.extend(planned)
+        if planned:
+            self.head = planned[-1].position
         for row in planned:
             self.known[row.event.event_id] = (row.position, row.stream_id, row.version, row.event.type, row.event.data)
-        return AppendResult(tuple(results))
 
     def _replay(self, request: AppendRequest) -> AppendResult | Exception | None:
         """None if no event is known; the original result if all are, identically; else the conflict."""

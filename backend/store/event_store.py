@@ -9,6 +9,7 @@ import asyncpg
 from backend.store import reads
 from backend.store.append import AppendBatcher
 from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
+from backend.store.idempotency import IdempotencyClaim
 
 
 class EventStore:
@@ -16,9 +17,9 @@ class EventStore:
         self.pool = pool
         self.batcher = AppendBatcher(pool, max_batch_events=max_batch_events, linger_s=linger_s)
 
-    async def append(self, writes: Sequence[Write]) -> AppendResult:
+    async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append every write atomically; see backend.store.append for the guarantees."""
-        return await self.batcher.append(writes)
+        return await self.batcher.append(writes, claim)
 
     async def append_to(self, stream_id: str, expected_version: int, events: Sequence[NewEvent]) -> AppendResult:
         return await self.batcher.append([Write(stream_id, expected_version, events)])

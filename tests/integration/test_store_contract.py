@@ -9,6 +9,7 @@ import asyncpg
 import orjson
 import pytest
 
+from backend.store import idempotency
 from backend.store.event_store import EventStore
 from backend.store.events import (
     ANY,
@@ -20,6 +21,7 @@ from backend.store.events import (
     WrongExpectedVersion,
 )
 from backend.store.hashing import GENESIS, canonical_bytes, encode_data, event_hash, format_time
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed
 
 
 def sid(prefix: str = "test") -> str:
@@ -220,3 +222,46 @@ async def test_events_are_immutable(store: EventStore, pool: asyncpg.Pool, state
     with pytest.raises(asyncpg.RestrictViolationError, match="immutable"):
         await pool.execute(statement, *args)
     assert len(await store.read_all(result.position - 1, limit=1)) == 1
+
+
+def claim(key: str, body: bytes = b"ok", scope: str = "key-1") -> IdempotencyClaim:
+    return IdempotencyClaim(scope, key, b"fp", lambda result: (201, body + str(result.position).encode(), "x/y"))
+
+
+async def test_idempotency_claim_commits_with_events_and_blocks_a_second_use(store: EventStore) -> None:
+    key = uuid.uuid4().hex
+    stream = sid()
+    first = await store.append([Write(stream, NO_STREAM, [ev()])], claim(key))
+    stored = await idempotency.lookup(store.pool, "key-1", key)
+    assert stored is not None
+    assert (stored.status, stored.body, stored.position) == (201, b"ok" + str(first.position).encode(), first.position)
+    with pytest.raises(IdempotencyKeyUsed) as used:
+        await store.append([Write(sid(), NO_STREAM, [ev()])], claim(key))
+    assert used.value.stored == stored
+    # the same key under another scope is a different key
+    await store.append([Write(sid(), NO_STREAM, [ev()])], claim(key, scope="key-2"))
+
+
+async def test_concurrent_claims_of_one_key_append_once(store: EventStore, pool: asyncpg.Pool) -> None:
+    key = uuid.uuid4().hex
+    streams = [sid() for _ in range(20)]
+    outcomes = await asyncio.gather(
+        *(store.append([Write(s, NO_STREAM, [ev()])], claim(key)) for s in streams), return_exceptions=True
+    )
+    assert sum(not isinstance(o, BaseException) for o in outcomes) == 1
+    assert sum(isinstance(o, IdempotencyKeyUsed) for o in outcomes) == 19
+    counts = [await count_stream(pool, s) for s in streams]
+    assert sorted(counts) == [0] * 19 + [1]
+
+
+async def test_claim_without_events_and_failed_append_leaves_key_free(store: EventStore) -> None:
+    key = uuid.uuid4().hex
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    with pytest.raises(WrongExpectedVersion):
+        await store.append([Write(stream, NO_STREAM, [ev()])], claim(key))
+    assert await idempotency.lookup(store.pool, "key-1", key) is None
+    outcome = await store.append([], claim(key, body=b"rejected"))
+    assert outcome.streams == ()
+    stored = await idempotency.lookup(store.pool, "key-1", key)
+    assert stored is not None and stored.body == b"rejected0"

@@ -1,0 +1,84 @@
+"""Idempotency records: a command's first outcome, committed atomically with the events it appended.
+
+The append batcher checks and inserts these rows under the store-wide append lock, so two requests
+with the same key can never both append: the later one finds the earlier one's record instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+
+from backend.store.events import AppendResult, StoreError
+
+LOOKUP_SQL = """
+select scope, key, fingerprint, status, body, content_type, position
+from idempotency_keys where (scope, key) in (select * from unnest($1::text[], $2::text[]))
+"""
+INSERT_SQL = """
+insert into idempotency_keys (scope, key, fingerprint, status, body, content_type, position)
+select * from unnest($1::text[], $2::text[], $3::bytea[], $4::int[], $5::bytea[], $6::text[], $7::bigint[])
+"""
+PURGE_SQL = "delete from idempotency_keys where created_at < now() - $1::interval"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    scope: str
+    key: str
+    fingerprint: bytes
+    status: int
+    body: bytes
+    content_type: str
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """Claim (scope, key) for this append; respond() renders the answer once positions are known."""
+
+    scope: str
+    key: str
+    fingerprint: bytes
+    respond: Callable[[AppendResult], tuple[int, bytes, str]]
+
+    def record(self, result: AppendResult) -> StoredResponse:
+        status, body, content_type = self.respond(result)
+        position = result.position if result.streams else 0
+        return StoredResponse(self.scope, self.key, self.fingerprint, status, body, content_type, position)
+
+
+class IdempotencyKeyUsed(StoreError):
+    """The key already has an outcome; nothing was appended."""
+
+    def __init__(self, stored: StoredResponse) -> None:
+        super().__init__(f"idempotency key {stored.key!r} was already used")
+        self.stored = stored
+
+
+def to_stored(row: asyncpg.Record) -> StoredResponse:
+    return StoredResponse(
+        row["scope"], row["key"], bytes(row["fingerprint"]), row["status"], bytes(row["body"]),
+        row["content_type"], row["position"],
+    )
+
+
+async def lookup(db: asyncpg.Pool, scope: str, key: str) -> StoredResponse | None:
+    rows = await db.fetch(LOOKUP_SQL, [scope], [key])
+    return to_stored(rows[0]) if rows else None
+
+
+def insert_columns(records: list[StoredResponse]) -> tuple[list[object], ...]:
+    return (
+        [r.scope for r in records], [r.key for r in records], [r.fingerprint for r in records],
+        [r.status for r in records], [r.body for r in records], [r.content_type for r in records],
+        [r.position for r in records],
+    )
+
+
+async def purge(db: asyncpg.Pool, older_than: timedelta) -> int:
+    status = await db.execute(PURGE_SQL, older_than)
+    return int(status.split()[-1])

@@ -1,0 +1,185 @@
+"""Aggregates in and out of the event store: stable type names, snapshots, an in-process cache.
+
+Loading takes the cached copy (or the latest snapshot) and applies the stream's tail after it, so
+a load always reflects every committed event; the cache and the snapshots only save work. Saving
+turns the aggregates' pending events into one atomic multi-stream append with expected versions.
+
+Each event row carries the domain event's own time in data["occurred_at"] (inside the hash chain,
+because replaying expiry depends on it) and its payload schema version in metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import orjson
+from eventsourcing.domain import Aggregate
+
+from backend.domain import registry
+from backend.store.event_store import EventStore
+from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
+from backend.store.idempotency import IdempotencyClaim
+from backend.store.state_codec import decode_state, encode_state
+
+log = logging.getLogger(__name__)
+
+A = TypeVar("A", bound=Aggregate)
+
+OCCURRED_AT = "occurred_at"
+
+SNAPSHOT_SQL = "select version, state from snapshots where stream_id = $1 order by version desc limit 1"
+SAVE_SNAPSHOT_SQL = """
+insert into snapshots (stream_id, version, type, state) values ($1, $2, $3, $4::text::jsonb)
+on conflict do nothing
+"""
+
+
+class AggregateNotFound(LookupError):
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"{stream_id} does not exist")
+        self.stream_id = stream_id
+
+
+def stream_of(cls: type[Aggregate], aggregate_id: UUID) -> str:
+    for category, aggregate_class in registry.AGGREGATE_TYPES.items():
+        if aggregate_class is cls:
+            return registry.stream_for(category, aggregate_id)
+    raise TypeError(f"unregistered aggregate type {cls.__name__}")
+
+
+def to_new_event(event: Aggregate.Event, metadata: Mapping[str, Any]) -> NewEvent:
+    name, data = registry.payload_from_event(event)
+    data[OCCURRED_AT] = event.timestamp.isoformat()
+    meta = {**metadata, "schema_version": registry.SCHEMA_VERSIONS[name]}
+    return NewEvent(name, data, meta, uuid4())
+
+
+def from_recorded(event: RecordedEvent, aggregate_id: UUID) -> Aggregate.Event:
+    data = dict(event.data)
+    occurred_at = data.pop(OCCURRED_AT)
+    return registry.event_from_payload(
+        event.type, aggregate_id, event.version, occurred_at, data,
+        schema_version=event.metadata.get("schema_version", 1),
+    )
+
+
+def fold(events: Sequence[RecordedEvent], aggregate: A | None, aggregate_id: UUID) -> A | None:
+    return registry.replay((from_recorded(e, aggregate_id) for e in events), aggregate)
+
+
+class Repository:
+    def __init__(self, store: EventStore, *, snapshot_every: int = 100, cache_size: int = 10_000) -> None:
+        self.store = store
+        self.snapshot_every = snapshot_every
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, Aggregate] = OrderedDict()
+
+    async def get(self, cls: type[A], aggregate_id: UUID) -> A:
+        found = await self.find(cls, aggregate_id)
+        if found is None:
+            raise AggregateNotFound(stream_of(cls, aggregate_id))
+        return found
+
+    async def find(self, cls: type[A], aggregate_id: UUID) -> A | None:
+        stream = stream_of(cls, aggregate_id)
+        aggregate: A | None = None
+        cached = self._cache.get(stream)
+        if cached is not None:
+            self._cache.move_to_end(stream)
+            aggregate = copy.deepcopy(cached)  # type: ignore[assignment]
+        else:
+            aggregate = await self._from_snapshot(cls, stream, aggregate_id)
+        after = aggregate.version if aggregate is not None else 0
+        tail = await self.store.read_stream(stream, after_version=after)
+        aggregate = fold(tail, aggregate, aggregate_id)
+        if aggregate is not None and not isinstance(aggregate, cls):
+            raise TypeError(f"{stream} holds a {type(aggregate).__name__}, not a {cls.__name__}")
+        if aggregate is not None and (tail or cached is None):
+            self._remember(stream, aggregate)
+        return aggregate
+
+    async def as_of(
+        self, cls: type[A], aggregate_id: UUID, *, position: int | None = None, time: datetime | None = None
+    ) -> tuple[A | None, int]:
+        """The aggregate from its events up to a position or a recorded time (no cache, no snapshot)."""
+        stream = stream_of(cls, aggregate_id)
+        events = [
+            e for e in await self.store.read_stream(stream)
+            if (position is None or e.position <= position) and (time is None or e.recorded_at <= time)
+        ]
+        return fold(events, None, aggregate_id), (events[-1].position if events else 0)
+
+    def writes(self, aggregates: Sequence[Aggregate], metadata: Mapping[str, Any]) -> list[Write]:
+        """Pending events of each aggregate as one write, expecting the version it was loaded at."""
+        writes = []
+        for aggregate in aggregates:
+            pending = aggregate.collect_events()
+            if not pending:
+                continue
+            expected = pending[0].originator_version - 1
+            events = [to_new_event(e, metadata) for e in pending]  # type: ignore[arg-type]
+            writes.append(Write(registry.stream_id(aggregate), expected, events))
+        return writes
+
+    async def save(
+        self,
+        *aggregates: Aggregate,
+        metadata: Mapping[str, Any] | None = None,
+        claim: IdempotencyClaim | None = None,
+    ) -> AppendResult:
+        writes = self.writes(aggregates, metadata or {})
+        try:
+            result = await self.store.append(writes, claim)
+        except Exception:
+            for write in writes:
+                self._cache.pop(write.stream_id, None)
+            raise
+        for aggregate in aggregates:
+            stream = registry.stream_id(aggregate)
+            self._remember(stream, aggregate)
+        for write, appended in zip(writes, result.streams, strict=True):
+            crossed = appended.version // self.snapshot_every > write.expected_version // self.snapshot_every
+            if crossed and not result.replayed:
+                await self._snapshot(next(a for a in aggregates if registry.stream_id(a) == write.stream_id))
+        return result
+
+    def forget(self, *stream_ids: str) -> None:
+        for stream in stream_ids:
+            self._cache.pop(stream, None)
+
+    def _remember(self, stream: str, aggregate: Aggregate) -> None:
+        self._cache[stream] = copy.deepcopy(aggregate)
+        self._cache.move_to_end(stream)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    async def _snapshot(self, aggregate: Aggregate) -> None:
+        state = {k: v for k, v in vars(aggregate).items() if k not in ("_id", "_version", "_pending_events")}
+        payload = {"class_version": getattr(type(aggregate), "class_version", 1), "state": encode_state(state)}
+        await self.store.pool.execute(
+            SAVE_SNAPSHOT_SQL, registry.stream_id(aggregate), aggregate.version, type(aggregate).__name__,
+            orjson.dumps(payload).decode(),
+        )
+
+    async def _from_snapshot(self, cls: type[A], stream: str, aggregate_id: UUID) -> A | None:
+        row = await self.store.pool.fetchrow(SNAPSHOT_SQL, stream)
+        if row is None:
+            return None
+        payload = row["state"]
+        if payload.get("class_version") != getattr(cls, "class_version", 1):
+            return None
+        try:
+            state = decode_state(payload["state"])
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring undecodable snapshot", extra={"stream": stream, "error": repr(exc)})
+            return None
+        state.update({"_id": aggregate_id, "_version": row["version"], "_pending_events": []})
+        aggregate = object.__new__(cls)
+        object.__setattr__(aggregate, "__dict__", state)
+        return aggregate
