@@ -9,14 +9,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import DATABASE_DSN, LISTENER, POOL, SETTINGS, STORE
+from backend.appkeys import AUTHENTICATOR, COMMANDS, DATABASE_DSN, LISTENER, POOL, REPOSITORY, SETTINGS, STORE
+from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
-from backend.http import health
+from backend.http import health, wallets
+from backend.http.auth import auth_middleware
+from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
+from backend.store.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     await listener.start(timeout=settings.connect_timeout_s + 5)
     app[STORE] = store
     app[LISTENER] = listener
+    repository = Repository(store, snapshot_every=settings.snapshot_every)
+    app[REPOSITORY] = repository
+    app[COMMANDS] = CommandBus(repository)
+    app[AUTHENTICATOR] = ApiKeyAuthenticator(repository)
     try:
         yield
     finally:
@@ -78,10 +86,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[request_id_middleware, error_middleware])
+    app = web.Application(middlewares=[request_id_middleware, error_middleware, auth_middleware])
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.add_routes(health.routes)
+    app.add_routes(wallets.routes)
     return app

@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from backend.commands.bus import CommandBus
 from backend.config import Settings
+from backend.http.authenticator import ApiKeyAuthenticator
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
+from backend.store.repository import Repository
 
 SETTINGS = web.AppKey("settings", Settings)
 DATABASE_DSN = web.AppKey("database_dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", EventStore)
 LISTENER = web.AppKey("listener", Listener)
+REPOSITORY = web.AppKey("repository", Repository)
+COMMANDS = web.AppKey("commands", CommandBus)
+AUTHENTICATOR = web.AppKey("authenticator", ApiKeyAuthenticator)

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     apply_migrations: bool = True
     append_batch_max_events: int = Field(default=2000, ge=1, le=100_000)
     listener_poll_s: float = Field(default=1.0, gt=0)
+    snapshot_every: int = Field(default=100, ge=2)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -15,6 +16,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from backend.app import create_app
+from backend.appkeys import REPOSITORY
+from backend.commands.api_keys import mint
 from backend.config import Settings
 from backend.db import ensure_database, init_connection
 from backend.store.event_store import EventStore
@@ -137,3 +140,19 @@ async def store(pool: asyncpg.Pool) -> AsyncIterator[EventStore]:
         yield event_store
     finally:
         await event_store.close()
+
+
+async def mint_token(app: web.Application, owner: str, scopes: list[str]) -> str:
+    """Create an API key straight through the repository (as `keys create` does) and return its token."""
+    minted = mint(owner, f"test key of {owner}", scopes, None, datetime.now(UTC))
+    await app[REPOSITORY].save(minted.key)
+    return minted.token
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def admin_headers(client: TestClient) -> dict[str, str]:
+    return bearer(await mint_token(client.server.app, "operator", ["admin"]))

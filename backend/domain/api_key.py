@@ -120,8 +120,7 @@ class ApiKey(Aggregate):
     def revoke(self, now: datetime) -> None:
         now = require_utc(now)
         if self.revoked:
-            raise InvalidTransition(f"api key {self.id} is already revoked", state="revoked",
-                                    action="revoke")
+            raise InvalidTransition(f"api key {self.id} is already revoked", state="revoked", action="revoke")
         self.trigger_event(self.ApiKeyRevoked, timestamp=now)
 
     def is_active(self, now: datetime) -> bool:

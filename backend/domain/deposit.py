@@ -48,7 +48,7 @@ def derive_address(deposit_id: UUID, currency: str, secret: bytes) -> str:
     - ETH, USDT, USDC (EVM chains): ``"0x"`` + the first 20 bytes of ``d`` as lowercase hex.
     - Fiat: a virtual account ``"TLY" + CC + NNNNNNNNNNNNNNNNNN`` where the 18 digits are
       ``int(d) mod 10**18`` and ``CC`` are ISO 7064 mod-97 check digits computed as for an
-      IBAN (so ``int(N + "293421" + CC) % 97 == 1``, with T=29 L=21 Y=34).
+      IBAN (so ``int(N + "292134" + CC) % 97 == 1``, with T=29 L=21 Y=34).
 
     Same inputs, same address; without the secret an address reveals nothing about the id.
     """
@@ -130,9 +130,7 @@ class Deposit(Aggregate):
         self.failure_reason: str | None = None
 
     @classmethod
-    def create(
-        cls, deposit_id: UUID, wallet_id: UUID, currency: str, address: str, now: datetime
-    ) -> Deposit:
+    def create(cls, deposit_id: UUID, wallet_id: UUID, currency: str, address: str, now: datetime) -> Deposit:
         """``address`` comes from ``derive_address`` (the secret is configuration, not domain)."""
         return cls._create(
             cls.DepositCreated,
@@ -193,4 +191,3 @@ class Deposit(Aggregate):
 
     def _record(self, event_class: type[Deposit.Event], now: datetime, **fields: Any) -> None:
         self.trigger_event(event_class, timestamp=now, **fields)
-

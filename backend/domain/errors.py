@@ -75,9 +75,7 @@ class CurrencyMismatch(DomainError):
     code = "currency_mismatch"
 
     def __init__(self, expected: str, actual: str) -> None:
-        super().__init__(
-            f"currency {actual} does not match {expected}", expected=expected, actual=actual
-        )
+        super().__init__(f"currency {actual} does not match {expected}", expected=expected, actual=actual)
         self.expected = expected
         self.actual = actual
 
@@ -163,9 +161,7 @@ def require_uuid(value: object, field: str) -> UUID:
     return value
 
 
-def require_text(
-    value: object, field: str, *, max_length: int = 256, allow_empty: bool = False
-) -> str:
+def require_text(value: object, field: str, *, max_length: int = 256, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{field} must be a string", field=field)
     if not allow_empty and not value.strip():

@@ -23,11 +23,10 @@ import dataclasses
 import types
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from functools import cache
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, overload
 from uuid import UUID
 
-from eventsourcing.domain import Aggregate, CanInitAggregate
+from eventsourcing.domain import Aggregate, CanInitAggregate, CanMutateAggregate
 from eventsourcing.utils import get_topic
 
 from .api_key import ApiKey
@@ -36,6 +35,8 @@ from .errors import ValidationError
 from .wallet import Wallet
 
 A = TypeVar("A", bound=Aggregate)
+# What ``collect_events()`` returns; every registered event is an ``Aggregate.Event``.
+AnyEvent = CanMutateAggregate[UUID]
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 # Stream category (the prefix of a stream id) -> aggregate class.
@@ -159,14 +160,20 @@ def aggregate_for_stream(stream_id: str) -> type[Aggregate]:
 # ---------------------------------------------------------------- payloads
 
 
-@cache
-def event_fields(cls: type[Aggregate.Event]) -> dict[str, Any]:
+def event_fields(cls: type[Any]) -> dict[str, Any]:
     """Payload field name -> resolved annotation (the envelope fields excluded)."""
-    hints = get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ENVELOPE}
+    fields = _FIELDS.get(cls)
+    if fields is None:
+        hints = get_type_hints(cls)
+        fields = {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name not in ENVELOPE}
+        _FIELDS[cls] = fields
+    return fields
 
 
-def payload_from_event(event: Aggregate.Event) -> tuple[str, dict[str, Any]]:
+_FIELDS: dict[type, dict[str, Any]] = {}
+
+
+def payload_from_event(event: AnyEvent) -> tuple[str, dict[str, Any]]:
     """``(type name, data)``: UUIDs as strings, datetimes as ISO 8601 UTC, tuples as lists."""
     name = type_name(event)
     data = {key: _encode(getattr(event, key), key) for key in event_fields(type(event))}
@@ -181,7 +188,7 @@ def event_from_payload(
     data: Mapping[str, Any],
     *,
     schema_version: int | None = None,
-) -> Aggregate.Event:
+) -> AnyEvent:
     """Rebuild an event object from a stored row (upcasting first if ``schema_version`` is old)."""
     cls = event_class(type_name)
     if schema_version is not None:
@@ -190,8 +197,7 @@ def event_from_payload(
     missing, extra = fields.keys() - data.keys(), data.keys() - fields.keys()
     if missing or extra:
         raise ValueError(
-            f"{type_name} payload does not match its schema: "
-            f"missing {sorted(missing)}, unexpected {sorted(extra)}"
+            f"{type_name} payload does not match its schema: missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
     kwargs: dict[str, Any] = {key: _decode(fields[key], data[key], key) for key in fields}
     kwargs["originator_id"] = _decode(UUID, originator_id, "originator_id")
@@ -204,7 +210,8 @@ def event_from_payload(
 
 def upcast(type_name: str, schema_version: int, data: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
     """Apply ``UPCASTERS`` one version at a time until the payload is current."""
-    current = SCHEMA_VERSIONS[event_class(type_name) and type_name]
+    event_class(type_name)  # unknown names fail here, with a clear message
+    current = SCHEMA_VERSIONS[type_name]
     if schema_version > current:
         raise ValueError(f"{type_name} v{schema_version} is newer than this code (v{current})")
     lifted = dict(data)
@@ -218,8 +225,23 @@ def upcast(type_name: str, schema_version: int, data: Mapping[str, Any]) -> tupl
     return schema_version, lifted
 
 
-def replay(events: Iterable[Aggregate.Event], aggregate: A | None = None) -> A | None:
-    """Fold events (a created event first, unless ``aggregate`` is given) into an aggregate."""
+@overload
+def replay(events: Iterable[AnyEvent]) -> Aggregate | None: ...
+
+
+@overload
+def replay(events: Iterable[AnyEvent], aggregate: A) -> A: ...
+
+
+@overload
+def replay(events: Iterable[AnyEvent], aggregate: A | None) -> A | None: ...
+
+
+def replay(events: Iterable[AnyEvent], aggregate: Aggregate | None = None) -> Aggregate | None:
+    """Fold events (a created event first, unless ``aggregate`` is given) into an aggregate.
+
+    ``replay(events)`` is None only for an empty history.
+    """
     for event in events:
         aggregate = event.mutate(aggregate)
     return aggregate
@@ -252,6 +274,10 @@ def _decode(hint: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list | tuple):
             raise TypeError(f"{key}: expected a list, got {type(value).__name__}")
         return tuple(_decode(get_args(hint)[0], v, key) for v in value)
+    return _decode_scalar(hint, value, key)
+
+
+def _decode_scalar(hint: Any, value: Any, key: str) -> Any:
     if hint is UUID:
         return value if isinstance(value, UUID) else UUID(_expect(str, value, key))
     if hint is datetime:
@@ -260,11 +286,9 @@ def _decode(hint: Any, value: Any, key: str) -> Any:
         if value.utcoffset() is None:
             raise ValueError(f"{key}: naive datetime")
         return value.astimezone(UTC)
-    if hint is int:
-        if isinstance(value, bool):
-            raise TypeError(f"{key}: expected int, got bool")
-        return _expect(int, value, key)
-    if hint in (str, bool):
+    if hint is int and isinstance(value, bool):
+        raise TypeError(f"{key}: expected int, got bool")
+    if hint in (int, str, bool):
         return _expect(hint, value, key)
     raise TypeError(f"{key}: unsupported field type {hint}")  # pragma: no cover
 

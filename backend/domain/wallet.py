@@ -126,9 +126,7 @@ class Wallet(Aggregate):
         expires_at: datetime
 
         def apply(self, aggregate: Wallet) -> None:
-            aggregate.reservations[self.reservation_id] = Reservation(
-                self.amount, self.expires_at
-            )
+            aggregate.reservations[self.reservation_id] = Reservation(self.amount, self.expires_at)
             aggregate.reserved += self.amount
 
     class ReservationConfirmed(Event):
@@ -275,13 +273,9 @@ class Wallet(Aggregate):
         self._expire_due(now)
         to_wallet._expire_due(now)
         self._record(self.LockSettled, now, lock_id=lock_id, amount=amount, to_wallet_id=to_wallet.id)
-        to_wallet._record(
-            to_wallet.SettlementReceived, now, lock_id=lock_id, amount=amount, from_wallet_id=self.id
-        )
+        to_wallet._record(to_wallet.SettlementReceived, now, lock_id=lock_id, amount=amount, from_wallet_id=self.id)
 
-    def reserve(
-        self, reservation_id: UUID, amount: int, expires_at: datetime, now: datetime
-    ) -> None:
+    def reserve(self, reservation_id: UUID, amount: int, expires_at: datetime, now: datetime) -> None:
         now = require_utc(now)
         reservation_id = require_uuid(reservation_id, "reservation_id")
         amount = require_amount(amount)
@@ -329,9 +323,7 @@ class Wallet(Aggregate):
         now = require_utc(now)
         reservation = self._open_reservation(reservation_id, now)
         self._expire_due(now)
-        self._record(
-            self.ReservationRolledBack, now, reservation_id=reservation_id, amount=reservation.amount
-        )
+        self._record(self.ReservationRolledBack, now, reservation_id=reservation_id, amount=reservation.amount)
 
     def expire(self, reservation_id: UUID, now: datetime) -> None:
         """Record the expiry of a due reservation (and of every other due one, in id order)."""
@@ -339,34 +331,25 @@ class Wallet(Aggregate):
         reservation_id = require_uuid(reservation_id, "reservation_id")
         reservation = self.reservations.get(reservation_id)
         if reservation is None:
-            raise errors.ReservationNotOpen(
-                reservation_id, self.closed_reservations.get(reservation_id, "unknown")
-            )
+            raise errors.ReservationNotOpen(reservation_id, self.closed_reservations.get(reservation_id, "unknown"))
         if now < reservation.expires_at:
             raise errors.InvalidTransition(
-                f"reservation {reservation_id} is not due until "
-                f"{reservation.expires_at.isoformat()}",
+                f"reservation {reservation_id} is not due until {reservation.expires_at.isoformat()}",
                 state="open",
                 action="expire",
             )
         self._expire_due(now)
 
-    def credit_from_deposit(
-        self, deposit_id: UUID, amount: int, chain_tx_id: str, now: datetime
-    ) -> None:
+    def credit_from_deposit(self, deposit_id: UUID, amount: int, chain_tx_id: str, now: datetime) -> None:
         """Credit a confirmed deposit; each deposit id is credited at most once."""
         now = require_utc(now)
         deposit_id = require_uuid(deposit_id, "deposit_id")
         amount = self._receivable(amount)
         chain_tx_id = require_text(chain_tx_id, "chain_tx_id")
         if deposit_id in self.credited_deposits:
-            raise errors.InvalidTransition(
-                f"deposit {deposit_id} already credited", state=CONFIRMED, action="credit"
-            )
+            raise errors.InvalidTransition(f"deposit {deposit_id} already credited", state=CONFIRMED, action="credit")
         self._expire_due(now)
-        self._record(
-            self.DepositCredited, now, deposit_id=deposit_id, amount=amount, chain_tx_id=chain_tx_id
-        )
+        self._record(self.DepositCredited, now, deposit_id=deposit_id, amount=amount, chain_tx_id=chain_tx_id)
 
     # ------------------------------------------------------------------ helpers
 

@@ -37,4 +37,4 @@ def validate(model: type[Model], payload: Any) -> Model:
             for error in exc.errors(include_url=False)
         ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise Problem(422, "validation_error", detail, errors=errors) from None
+        raise Problem(422, "validation_error", detail, extra={"errors": errors}) from None

@@ -24,7 +24,7 @@ class Problem(Exception):
         *,
         title: str | None = None,
         headers: Mapping[str, str] | None = None,
-        **extra: Any,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(detail)
         self.status = status
@@ -32,10 +32,10 @@ class Problem(Exception):
         self.detail = detail
         self.title = title or HTTPStatus(status).phrase
         self.headers = dict(headers or {})
-        self.extra = extra
+        self.extra = dict(extra or {})
 
 
-def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
+def problem_body(problem: Problem, request_id: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": TYPE_BASE + problem.code.replace("_", "-"),
         "title": problem.title,
@@ -46,9 +46,13 @@ def problem_response(problem: Problem, request_id: str | None = None) -> web.Res
     if request_id:
         body["request_id"] = request_id
     body.update(problem.extra)
+    return body
+
+
+def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
     return web.Response(
         status=problem.status,
-        body=orjson.dumps(body),
+        body=orjson.dumps(problem_body(problem, request_id)),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=problem.headers,
     )

@@ -60,7 +60,7 @@ def to_new_event(event: Aggregate.Event, metadata: Mapping[str, Any]) -> NewEven
     return NewEvent(name, data, meta, uuid4())
 
 
-def from_recorded(event: RecordedEvent, aggregate_id: UUID) -> Aggregate.Event:
+def from_recorded(event: RecordedEvent, aggregate_id: UUID) -> registry.AnyEvent:
     data = dict(event.data)
     occurred_at = data.pop(OCCURRED_AT)
     return registry.event_from_payload(
@@ -69,8 +69,9 @@ def from_recorded(event: RecordedEvent, aggregate_id: UUID) -> Aggregate.Event:
     )
 
 
-def fold(events: Sequence[RecordedEvent], aggregate: A | None, aggregate_id: UUID) -> A | None:
-    return registry.replay((from_recorded(e, aggregate_id) for e in events), aggregate)
+def fold(events: Sequence[RecordedEvent], aggregate: Aggregate | None, aggregate_id: UUID) -> Aggregate | None:
+    mapped = [from_recorded(e, aggregate_id) for e in events]
+    return registry.replay(mapped) if aggregate is None else registry.replay(mapped, aggregate)
 
 
 class Repository:
@@ -88,19 +89,20 @@ class Repository:
 
     async def find(self, cls: type[A], aggregate_id: UUID) -> A | None:
         stream = stream_of(cls, aggregate_id)
-        aggregate: A | None = None
+        start: Aggregate | None
         cached = self._cache.get(stream)
         if cached is not None:
             self._cache.move_to_end(stream)
-            aggregate = copy.deepcopy(cached)  # type: ignore[assignment]
+            start = copy.deepcopy(cached)
         else:
-            aggregate = await self._from_snapshot(cls, stream, aggregate_id)
-        after = aggregate.version if aggregate is not None else 0
-        tail = await self.store.read_stream(stream, after_version=after)
-        aggregate = fold(tail, aggregate, aggregate_id)
-        if aggregate is not None and not isinstance(aggregate, cls):
+            start = await self._from_snapshot(cls, stream, aggregate_id)
+        tail = await self.store.read_stream(stream, after_version=start.version if start is not None else 0)
+        aggregate = fold(tail, start, aggregate_id)
+        if aggregate is None:
+            return None
+        if not isinstance(aggregate, cls):
             raise TypeError(f"{stream} holds a {type(aggregate).__name__}, not a {cls.__name__}")
-        if aggregate is not None and (tail or cached is None):
+        if tail or cached is None:
             self._remember(stream, aggregate)
         return aggregate
 
@@ -113,7 +115,10 @@ class Repository:
             e for e in await self.store.read_stream(stream)
             if (position is None or e.position <= position) and (time is None or e.recorded_at <= time)
         ]
-        return fold(events, None, aggregate_id), (events[-1].position if events else 0)
+        aggregate = fold(events, None, aggregate_id)
+        if aggregate is not None and not isinstance(aggregate, cls):
+            raise TypeError(f"{stream} holds a {type(aggregate).__name__}, not a {cls.__name__}")
+        return aggregate, (events[-1].position if events else 0)
 
     def writes(self, aggregates: Sequence[Aggregate], metadata: Mapping[str, Any]) -> list[Write]:
         """Pending events of each aggregate as one write, expecting the version it was loaded at."""

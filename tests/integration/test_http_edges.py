@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 from backend.app import create_app
 from backend.config import Settings
 from backend.http.bodies import read_json
+from tests.conftest import bearer, mint_token
 
 PROBLEM = "application/problem+json"
 
@@ -54,6 +55,7 @@ async def test_bad_json_and_invalid_fields_are_clear_4xx(aiohttp_client, setting
     app = create_app(settings)
     app.router.add_post("/echo", echo)
     client = await aiohttp_client(app)
+    client.session.headers.update(bearer(await mint_token(app, "someone", ["wallets:read"])))
 
     broken = await client.post("/echo", data=b"{not json", headers={"Content-Type": "application/json"})
     assert broken.status == 400

@@ -1,0 +1,151 @@
+"""Running a command: lock its streams, decide, append with expected versions, retry on conflict,
+and honour Idempotency-Key (the first outcome is committed with the events and replayed on repeats)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from eventsourcing.domain import Aggregate
+
+from backend.commands.context import CommandContext
+from backend.commands.errors import IdempotencyConflict, IdempotencyInFlight, TooMuchContention
+from backend.commands.locks import StreamLocks
+from backend.domain.errors import DomainError
+from backend.store import idempotency
+from backend.store.events import AppendResult, WrongExpectedVersion
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
+from backend.store.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Decision:
+    """What a command decided: the aggregates whose pending events to append, and its answer."""
+
+    aggregates: Sequence[Aggregate]
+    body: dict[str, Any] = field(default_factory=dict)
+    status: int = 200
+
+
+class Renderer(Protocol):
+    """Turns outcomes into response bytes (the HTTP layer's job; stored as-is for replays)."""
+
+    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]: ...
+
+    def failure(self, error: DomainError) -> tuple[int, bytes, str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    scope: str
+    key: str
+    fingerprint: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: str
+    position: int
+    replayed: bool = False
+
+
+Decide = Callable[[CommandContext], Awaitable[Decision]]
+
+
+class CommandBus:
+    def __init__(self, repository: Repository, *, max_attempts: int = 10) -> None:
+        self.repository = repository
+        self.max_attempts = max_attempts
+        self.locks = StreamLocks()
+        self._in_flight: set[tuple[str, str]] = set()
+        self.conflicts = 0
+
+    async def execute(
+        self,
+        ctx: CommandContext,
+        streams: Sequence[str],
+        decide: Decide,
+        renderer: Renderer,
+        idem: IdempotencyKey | None = None,
+    ) -> Reply:
+        if idem is None:
+            return await self._run(ctx, streams, decide, renderer, None)
+        slot = (idem.scope, idem.key)
+        if slot in self._in_flight:
+            raise IdempotencyInFlight("a request with this Idempotency-Key is still being processed")
+        self._in_flight.add(slot)
+        try:
+            stored = await idempotency.lookup(self.repository.store.pool, idem.scope, idem.key)
+            if stored is not None:
+                return replay(stored, idem)
+            return await self._run(ctx, streams, decide, renderer, idem)
+        finally:
+            self._in_flight.discard(slot)
+
+    async def _run(
+        self, ctx: CommandContext, streams: Sequence[str], decide: Decide, renderer: Renderer,
+        idem: IdempotencyKey | None,
+    ) -> Reply:
+        async with self.locks.hold(streams):
+            for attempt in range(self.max_attempts):
+                now = ctx.now if attempt == 0 else datetime.now(UTC)
+                try:
+                    decision = await decide(ctx.at(now))
+                except DomainError as error:
+                    if idem is None:
+                        raise
+                    return await self._store_failure(idem, renderer.failure(error), error)
+                render = _Rendering(renderer, decision)
+                claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
+                try:
+                    result = await self.repository.save(*decision.aggregates, metadata=ctx.metadata(), claim=claim)
+                except WrongExpectedVersion as conflict:
+                    self.conflicts += 1
+                    self.repository.forget(conflict.stream_id)
+                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311 (jitter)
+                    continue
+                except IdempotencyKeyUsed as used:
+                    assert idem is not None
+                    return replay(used.stored, idem)
+                status, body, content_type = render.output or render(result)
+                return Reply(status, body, content_type, result.position)
+        raise TooMuchContention(f"gave up after {self.max_attempts} conflicting attempts; nothing was changed")
+
+    async def _store_failure(
+        self, idem: IdempotencyKey, rendered: tuple[int, bytes, str], error: DomainError
+    ) -> Reply:
+        """Commit a domain rejection as the key's outcome, so a repeat gets the same answer."""
+        claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, lambda _result: rendered)
+        try:
+            await self.repository.store.append([], claim)
+        except IdempotencyKeyUsed as used:
+            return replay(used.stored, idem)
+        raise error
+
+
+class _Rendering:
+    """Renders a success once; inside the append when a claim must store it, else after it."""
+
+    def __init__(self, renderer: Renderer, decision: Decision) -> None:
+        self.renderer = renderer
+        self.decision = decision
+        self.output: tuple[int, bytes, str] | None = None
+
+    def __call__(self, result: AppendResult) -> tuple[int, bytes, str]:
+        self.output = self.renderer.success(self.decision, result)
+        return self.output
+
+
+def replay(stored: StoredResponse, idem: IdempotencyKey) -> Reply:
+    if stored.fingerprint != idem.fingerprint:
+        raise IdempotencyConflict("this Idempotency-Key was already used with a different request")
+    return Reply(stored.status, stored.body, stored.content_type, stored.position, replayed=True)

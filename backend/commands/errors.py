@@ -1,0 +1,41 @@
+"""Errors of the command layer itself (the domain's own errors live in backend.domain.errors)."""
+
+from __future__ import annotations
+
+
+class CommandError(Exception):
+    code = "command_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class NotFound(CommandError):
+    code = "not_found"
+
+
+class Forbidden(CommandError):
+    code = "forbidden"
+
+
+class PreconditionFailed(CommandError):
+    """If-Match named a version the aggregate is no longer (or not yet) at."""
+
+    code = "precondition_failed"
+
+
+class TooMuchContention(CommandError):
+    """Optimistic appends kept losing to other writers; the command changed nothing."""
+
+    code = "wrong_expected_version"
+
+
+class IdempotencyInFlight(CommandError):
+    code = "idempotency_in_flight"
+
+
+class IdempotencyConflict(CommandError):
+    """The Idempotency-Key was used before with a different request."""
+
+    code = "idempotency_conflict"

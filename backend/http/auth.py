@@ -1,0 +1,46 @@
+"""Authentication (Bearer API keys) and authorization helpers for handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from backend.appkeys import AUTHENTICATOR
+from backend.commands.context import Actor
+from backend.http.problems import Problem
+
+ACTOR = web.RequestKey("actor", Actor)
+
+PUBLIC_PREFIXES = ("/health/", "/metrics", "/openapi.json")
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith(PUBLIC_PREFIXES) or request.match_info.http_exception is not None:
+        return await handler(request)
+    token = bearer_token(request)
+    if token is None:
+        raise Problem(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
+                      headers={"WWW-Authenticate": 'Bearer realm="tally"'})
+    actor = await request.app[AUTHENTICATOR].authenticate(token)
+    if actor is None:
+        raise Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
+                      headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
+    request[ACTOR] = actor
+    return await handler(request)
+
+
+def require(request: web.Request, scope: str) -> Actor:
+    """The caller, if its key holds scope (admin holds every scope); 403 otherwise."""
+    actor = request[ACTOR]
+    if not actor.allows(scope):
+        raise Problem(403, "forbidden", f"this API key lacks the '{scope}' scope")
+    return actor

@@ -1,0 +1,114 @@
+"""Glue between HTTP handlers and the command bus: context, Idempotency-Key, If-Match, rendering, errors."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from backend.appkeys import COMMANDS
+from backend.commands.bus import Decide, Decision, IdempotencyKey, Reply
+from backend.commands.context import CommandContext
+from backend.commands.errors import CommandError
+from backend.domain.errors import DomainError
+from backend.http.auth import ACTOR
+from backend.http.middlewares import REQUEST_ID
+from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from backend.store.events import AppendResult
+
+JSON = "application/json"
+
+DOMAIN_STATUS = {
+    "insufficient_funds": 422,
+    "amount_exceeds_reserved": 422,
+    "currency_mismatch": 422,
+    "same_wallet": 422,
+    "validation_error": 422,
+    "lock_not_open": 409,
+    "reservation_not_open": 409,
+    "reservation_expired": 409,
+    "invalid_transition": 409,
+}
+
+COMMAND_STATUS = {
+    "not_found": 404,
+    "forbidden": 403,
+    "precondition_failed": 412,
+    "wrong_expected_version": 409,
+    "idempotency_in_flight": 409,
+    "idempotency_conflict": 422,
+}
+
+
+def domain_problem(error: DomainError) -> Problem:
+    extra = {k: v for k, v in error.extra.items() if v is not None}
+    return Problem(DOMAIN_STATUS.get(error.code, 422), error.code, error.detail, extra=extra)
+
+
+def command_problem(error: CommandError) -> Problem:
+    return Problem(COMMAND_STATUS.get(error.code, 409), error.code, error.detail)
+
+
+class JsonRenderer:
+    """Success: the decision's body plus the append's position. Failure: problem+json."""
+
+    def __init__(self, request_id: str | None) -> None:
+        self.request_id = request_id
+
+    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
+        return decision.status, orjson.dumps({**decision.body, "position": result.position}), JSON
+
+    def failure(self, error: DomainError) -> tuple[int, bytes, str]:
+        problem = domain_problem(error)
+        return problem.status, orjson.dumps(problem_body(problem, self.request_id)), PROBLEM_CONTENT_TYPE
+
+
+def if_match(request: web.Request) -> int | None:
+    """The version named by If-Match (a bare number or an ETag such as "3" or W/"3")."""
+    raw = request.headers.get("If-Match")
+    if raw is None:
+        return None
+    value = raw.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise Problem(400, "validation_error", "If-Match must be a stream version such as \"3\"")
+    return int(value)
+
+
+def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isprintable():
+        raise Problem(400, "validation_error", "Idempotency-Key must be 1 to 255 printable characters")
+    try:
+        canonical: Any = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS) if body.strip() else b""
+    except orjson.JSONDecodeError:
+        canonical = body
+    fingerprint = hashlib.sha256(b"\n".join([request.method.encode(), request.path.encode(), canonical])).digest()
+    return IdempotencyKey(request[ACTOR].key_id, key, fingerprint)
+
+
+async def run_command(request: web.Request, streams: list[str], decide: Decide) -> web.Response:
+    """Execute through the bus and answer with its (possibly replayed) bytes."""
+    request_id = request.get(REQUEST_ID)
+    ctx = CommandContext(request[ACTOR], request_id=request_id,
+                         correlation_id=request.headers.get("X-Correlation-ID") or request_id)
+    idem = idempotency_key(request, await request.read())
+    try:
+        reply = await request.app[COMMANDS].execute(ctx, streams, decide, JsonRenderer(request_id), idem)
+    except DomainError as error:
+        raise domain_problem(error) from None
+    except CommandError as error:
+        raise command_problem(error) from None
+    return reply_response(reply)
+
+
+def reply_response(reply: Reply) -> web.Response:
+    response = web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
+    if reply.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    if reply.position:
+        response.headers["X-Position"] = str(reply.position)
+    return response

@@ -1,0 +1,171 @@
+"""Wallet endpoints (DESIGN.md section 8): open, read, credit, debit, locks, reservations."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
+
+from aiohttp import web
+
+from backend.appkeys import REPOSITORY
+from backend.commands import wallets
+from backend.commands.bus import Decision
+from backend.commands.context import CommandContext
+from backend.domain import Wallet, wallet_stream
+from backend.http import models
+from backend.http.auth import require
+from backend.http.bodies import read_json
+from backend.http.commands import if_match, run_command
+from backend.http.problems import Problem
+
+routes = web.RouteTableDef()
+
+
+def path_uuid(request: web.Request, name: str) -> UUID:
+    try:
+        return UUID(request.match_info[name])
+    except ValueError:
+        raise Problem(404, "not_found", f"{name} must be a UUID") from None
+
+
+@routes.post("/v1/wallets")
+async def open_wallet(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    body = await read_json(request, models.OpenWallet)
+    wallet_id = uuid4()
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.open_wallet(repo, ctx, wallet_id, body.owner, body.currency)
+
+    response = await run_command(request, [wallet_stream(wallet_id)], decide)
+    if response.status == 201:
+        response.headers["Location"] = f"/v1/wallets/{wallet_id}"
+    return response
+
+
+@routes.get("/v1/wallets/{wallet_id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    actor = require(request, "wallets:read")
+    wallet_id = path_uuid(request, "wallet_id")
+    wallet = await request.app[REPOSITORY].find(Wallet, wallet_id)
+    if wallet is None:
+        raise Problem(404, "not_found", f"wallet {wallet_id} does not exist")
+    if not actor.can_act_for(wallet.owner):
+        raise Problem(403, "forbidden", f"wallet {wallet_id} belongs to another owner")
+    view = wallet.view(datetime.now(UTC)).as_dict()
+    return web.json_response(view, headers={"ETag": f'"{wallet.version}"'})
+
+
+@routes.post("/v1/wallets/{wallet_id}/credits")
+async def credit(request: web.Request) -> web.Response:
+    require(request, "admin")
+    wallet_id = path_uuid(request, "wallet_id")
+    body = await read_json(request, models.Movement)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.credit(repo, ctx, wallet_id, body.amount, body.reference, version)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/debits")
+async def debit(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id = path_uuid(request, "wallet_id")
+    body = await read_json(request, models.Movement)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.debit(repo, ctx, wallet_id, body.amount, body.reference, version)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/locks")
+async def lock(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id = path_uuid(request, "wallet_id")
+    body = await read_json(request, models.LockFunds)
+    version = if_match(request)
+    lock_id = uuid4()
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.lock(repo, ctx, wallet_id, lock_id, body.amount, body.reason, version)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/locks/{lock_id}/release")
+async def release(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id, lock_id = path_uuid(request, "wallet_id"), path_uuid(request, "lock_id")
+    await read_json(request, models.Empty)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.release(repo, ctx, wallet_id, lock_id, version)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/locks/{lock_id}/settle")
+async def settle(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id, lock_id = path_uuid(request, "wallet_id"), path_uuid(request, "lock_id")
+    body = await read_json(request, models.Settle)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.settle(repo, ctx, wallet_id, lock_id, body.to_wallet_id, version)
+
+    return await run_command(request, [wallet_stream(wallet_id), wallet_stream(body.to_wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/reservations")
+async def reserve(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id = path_uuid(request, "wallet_id")
+    body = await read_json(request, models.Reserve)
+    version = if_match(request)
+    reservation_id = uuid4()
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.reserve(repo, ctx, wallet_id, body.amount, body.ttl_seconds, version, reservation_id)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/confirm")
+async def confirm(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id, reservation_id = path_uuid(request, "wallet_id"), path_uuid(request, "reservation_id")
+    body = await read_json(request, models.Confirm)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.confirm(repo, ctx, wallet_id, reservation_id, body.amount, version)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/rollback")
+async def rollback(request: web.Request) -> web.Response:
+    require(request, "wallets:write")
+    wallet_id, reservation_id = path_uuid(request, "wallet_id"), path_uuid(request, "reservation_id")
+    await read_json(request, models.Empty)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await wallets.rollback(repo, ctx, wallet_id, reservation_id, version)
+
+    return await run_command(request, [wallet_stream(wallet_id)], decide)

@@ -1,0 +1,206 @@
+"""Wallet endpoints over real HTTP: every command, its errors, idempotency, If-Match, authorization."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.conftest import bearer, mint_token
+
+PROBLEM = "application/problem+json"
+
+
+class Api:
+    def __init__(self, client: TestClient, headers: dict[str, str]) -> None:
+        self.client = client
+        self.headers = headers
+
+    async def post(self, path: str, body: Any = None, *, status: int, **headers: str) -> dict[str, Any]:
+        response = await self.client.post(path, json=body if body is not None else {},
+                                          headers={**self.headers, **headers})
+        text = await response.text()
+        assert response.status == status, text
+        return await response.json(content_type=None)
+
+    async def get(self, path: str, *, status: int = 200) -> dict[str, Any]:
+        response = await self.client.get(path, headers=self.headers)
+        assert response.status == status, await response.text()
+        return await response.json(content_type=None)
+
+
+@pytest.fixture
+async def admin(client: TestClient, admin_headers: dict[str, str]) -> Api:
+    return Api(client, admin_headers)
+
+
+async def open_funded(api: Api, owner: str = "alice", amount: int = 1000, currency: str = "USD") -> str:
+    wallet = await api.post("/v1/wallets", {"owner": owner, "currency": currency}, status=201)
+    if amount:
+        path = f"/v1/wallets/{wallet['wallet_id']}/credits"
+        await api.post(path, {"amount": amount, "reference": "seed"}, status=200)
+    return str(wallet["wallet_id"])
+
+
+async def test_open_credit_debit_and_read(admin: Api) -> None:
+    opened = await admin.post("/v1/wallets", {"owner": "alice", "currency": "USD"}, status=201)
+    assert opened["balance"] == opened["available"] == 0
+    assert opened["version"] == 1 and opened["position"] > 0
+    wid = opened["wallet_id"]
+    credited = await admin.post(f"/v1/wallets/{wid}/credits", {"amount": 500, "reference": "top-up"}, status=200)
+    assert (credited["balance"], credited["version"]) == (500, 2)
+    assert credited["position"] > opened["position"]
+    debited = await admin.post(f"/v1/wallets/{wid}/debits", {"amount": 120, "reference": "order-1"}, status=200)
+    assert (debited["balance"], debited["available"]) == (380, 380)
+    read = await admin.get(f"/v1/wallets/{wid}")
+    assert read == {k: debited[k] for k in read}
+    assert set(read) == {"wallet_id", "owner", "currency", "balance", "available", "locked", "reserved", "version"}
+
+
+async def test_locks_release_and_settle(admin: Api) -> None:
+    payer = await open_funded(admin, "alice", 1000)
+    payee = await open_funded(admin, "bob", 0)
+    locked = await admin.post(f"/v1/wallets/{payer}/locks", {"amount": 300, "reason": "escrow"}, status=201)
+    assert (locked["locked"], locked["available"], locked["balance"]) == (300, 700, 1000)
+    second = await admin.post(f"/v1/wallets/{payer}/locks", {"amount": 100, "reason": "escrow 2"}, status=201)
+    released = await admin.post(f"/v1/wallets/{payer}/locks/{second['lock_id']}/release", status=200)
+    assert (released["locked"], released["available"]) == (300, 700)
+    settled = await admin.post(f"/v1/wallets/{payer}/locks/{locked['lock_id']}/settle",
+                               {"to_wallet_id": payee}, status=200)
+    assert (settled["balance"], settled["locked"]) == (700, 0)
+    assert settled["to_wallet"]["balance"] == 300
+    again = await admin.post(f"/v1/wallets/{payer}/locks/{locked['lock_id']}/release", status=409)
+    assert again["code"] == "lock_not_open"
+    assert (await admin.get(f"/v1/wallets/{payee}"))["balance"] == 300
+
+
+async def test_reservations_confirm_partial_and_rollback(admin: Api) -> None:
+    wid = await open_funded(admin, amount=1000)
+    reserved = await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 400, "ttl_seconds": 60}, status=201)
+    assert (reserved["reserved"], reserved["available"]) == (400, 600)
+    assert reserved["expires_at"]
+    confirmed = await admin.post(f"/v1/wallets/{wid}/reservations/{reserved['reservation_id']}/confirm",
+                                 {"amount": 250}, status=200)
+    assert (confirmed["balance"], confirmed["reserved"], confirmed["available"]) == (750, 0, 750)
+    too_much = await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 100, "ttl_seconds": 60}, status=201)
+    over = await admin.post(f"/v1/wallets/{wid}/reservations/{too_much['reservation_id']}/confirm",
+                            {"amount": 101}, status=422)
+    assert over["code"] == "amount_exceeds_reserved"
+    rolled = await admin.post(f"/v1/wallets/{wid}/reservations/{too_much['reservation_id']}/rollback", status=200)
+    assert (rolled["reserved"], rolled["available"]) == (0, 750)
+    closed = await admin.post(f"/v1/wallets/{wid}/reservations/{too_much['reservation_id']}/rollback", status=409)
+    assert closed["code"] == "reservation_not_open"
+
+
+async def test_domain_errors_have_stable_codes(admin: Api) -> None:
+    wid = await open_funded(admin, amount=100)
+    short = await admin.post(f"/v1/wallets/{wid}/debits", {"amount": 101, "reference": "x"}, status=422)
+    assert short["code"] == "insufficient_funds"
+    eur = await open_funded(admin, "alice", 0, currency="EUR")
+    lock = await admin.post(f"/v1/wallets/{wid}/locks", {"amount": 10, "reason": "r"}, status=201)
+    mismatch = await admin.post(f"/v1/wallets/{wid}/locks/{lock['lock_id']}/settle", {"to_wallet_id": eur}, status=422)
+    assert mismatch["code"] == "currency_mismatch"
+    same = await admin.post(f"/v1/wallets/{wid}/locks/{lock['lock_id']}/settle", {"to_wallet_id": wid}, status=422)
+    assert same["code"] == "same_wallet"
+    missing = await admin.post(f"/v1/wallets/{uuid.uuid4()}/debits", {"amount": 1, "reference": "x"}, status=404)
+    assert missing["code"] == "not_found"
+    assert (await admin.get(f"/v1/wallets/{wid}"))["balance"] == 100
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"amount": 1.5, "reference": "x"}, "amount"),
+        ({"amount": -5, "reference": "x"}, "amount"),
+        ({"amount": 0, "reference": "x"}, "amount"),
+        ({"amount": "10", "reference": "x"}, "amount"),
+        ({"amount": 2**63, "reference": "x"}, "amount"),
+        ({"amount": True, "reference": "x"}, "amount"),
+        ({"amount": 5, "reference": "x", "extra": 1}, "extra"),
+        ({"amount": 5}, "reference"),
+    ],
+)
+async def test_bad_amounts_are_422_naming_the_field_and_change_nothing(
+    admin: Api, body: dict[str, Any], field: str
+) -> None:
+    wid = await open_funded(admin, amount=100)
+    problem = await admin.post(f"/v1/wallets/{wid}/debits", body, status=422)
+    assert problem["code"] == "validation_error"
+    assert field in {e["field"] for e in problem["errors"]}
+    wallet = await admin.get(f"/v1/wallets/{wid}")
+    assert (wallet["balance"], wallet["version"]) == (100, 2)
+
+
+async def test_unsupported_currency_is_a_validation_error(admin: Api) -> None:
+    problem = await admin.post("/v1/wallets", {"owner": "a", "currency": "XXX"}, status=422)
+    assert problem["code"] == "validation_error"
+
+
+async def test_idempotency_replay_mismatch_and_in_flight(admin: Api, client: TestClient) -> None:
+    wid = await open_funded(admin, amount=1000)
+    path = f"/v1/wallets/{wid}/debits"
+    body = {"amount": 100, "reference": "order-9"}
+    first = await client.post(path, json=body, headers={**admin.headers, "Idempotency-Key": "k-1"})
+    assert first.status == 200
+    again = await client.post(path, json=body, headers={**admin.headers, "Idempotency-Key": "k-1"})
+    assert again.status == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert await again.read() == await first.read()
+    assert (await admin.get(f"/v1/wallets/{wid}"))["balance"] == 900
+    other = await client.post(path, json={**body, "amount": 5}, headers={**admin.headers, "Idempotency-Key": "k-1"})
+    assert other.status == 422
+    assert (await other.json(content_type=PROBLEM))["code"] == "idempotency_conflict"
+
+    # a domain rejection is an outcome too: replayed, even once funds would allow it
+    short = {"amount": 5000, "reference": "big"}
+    rejected = await client.post(path, json=short, headers={**admin.headers, "Idempotency-Key": "k-2"})
+    assert rejected.status == 422
+    await admin.post(f"/v1/wallets/{wid}/credits", {"amount": 10_000, "reference": "more"}, status=200)
+    replayed = await client.post(path, json=short, headers={**admin.headers, "Idempotency-Key": "k-2"})
+    assert replayed.status == 422 and replayed.headers["Idempotent-Replayed"] == "true"
+    assert await replayed.read() == await rejected.read()
+
+    # concurrent repeats: one runs, the others are told it is in flight or get its replay
+    results = await asyncio.gather(*(
+        client.post(path, json={"amount": 1, "reference": "c"}, headers={**admin.headers, "Idempotency-Key": "k-3"})
+        for _ in range(10)
+    ))
+    statuses = sorted(r.status for r in results)
+    assert statuses.count(200) >= 1 and set(statuses) <= {200, 409}
+    assert (await admin.get(f"/v1/wallets/{wid}"))["balance"] == 900 + 10_000 - 1
+
+
+async def test_if_match_makes_commands_conditional(admin: Api) -> None:
+    wid = await open_funded(admin, amount=100)  # version 2
+    one = {"amount": 1, "reference": "x"}
+    stale = await admin.post(f"/v1/wallets/{wid}/debits", one, status=412, **{"If-Match": '"1"'})
+    assert stale["code"] == "precondition_failed"
+    ok = await admin.post(f"/v1/wallets/{wid}/debits", one, status=200, **{"If-Match": '"2"'})
+    assert ok["version"] == 3
+
+
+async def test_authentication_and_authorization_across_owners(client: TestClient, admin: Api) -> None:
+    app = client.server.app
+    alice = Api(client, bearer(await mint_token(app, "alice", ["wallets:read", "wallets:write"])))
+    bob = Api(client, bearer(await mint_token(app, "bob", ["wallets:read", "wallets:write"])))
+    reader = Api(client, bearer(await mint_token(app, "alice", ["wallets:read"])))
+    mine = await alice.post("/v1/wallets", {"owner": "alice", "currency": "USD"}, status=201)
+    wid = mine["wallet_id"]
+    await admin.post(f"/v1/wallets/{wid}/credits", {"amount": 50, "reference": "x"}, status=200)
+
+    one = {"amount": 1, "reference": "x"}
+    assert (await bob.get(f"/v1/wallets/{wid}", status=403))["code"] == "forbidden"
+    assert (await bob.post(f"/v1/wallets/{wid}/debits", one, status=403))["code"] == "forbidden"
+    assert (await bob.post("/v1/wallets", {"owner": "alice", "currency": "USD"}, status=403))["code"] == "forbidden"
+    assert (await reader.post(f"/v1/wallets/{wid}/debits", one, status=403))["code"] == "forbidden"
+    assert (await alice.post(f"/v1/wallets/{wid}/credits", one, status=403))["code"] == "forbidden"
+    await alice.post(f"/v1/wallets/{wid}/debits", one, status=200)
+
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"},
+                    bearer("tly_" + "0" * 32 + "_" + "x" * 43)):
+        response = await client.get(f"/v1/wallets/{wid}", headers=headers)
+        assert response.status == 401
+        assert (await response.json(content_type=PROBLEM))["code"] == "unauthorized"
