@@ -62,7 +62,7 @@ Decide = Callable[[CommandContext], Awaitable[Decision]]
 
 
 class CommandBus:
-    def __init__(self, repository: Repository, *, max_attempts: int = 10) -> None:
+    def __init__(self, repository: Repository, *, max_attempts: int = 25) -> None:
         self.repository = repository
         self.max_attempts = max_attempts
         self.locks = StreamLocks()
@@ -108,10 +108,11 @@ class CommandBus:
                 claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
                 try:
                     result = await self.repository.save(*decision.aggregates, metadata=ctx.metadata(), claim=claim)
-                except WrongExpectedVersion as conflict:
+                except WrongExpectedVersion:
+                    # Another process got there first. The next load reads the stream's tail after the
+                    # cached copy, so it sees that write; a little jitter keeps two losers from colliding.
                     self.conflicts += 1
-                    self.repository.forget(conflict.stream_id)
-                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311 (jitter)
+                    await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # noqa: S311 (jitter)
                     continue
                 except IdempotencyKeyUsed as used:
                     assert idem is not None
