@@ -1,5 +1,10 @@
 """Running a command: lock its streams, decide, append with expected versions, retry on conflict,
-and honour Idempotency-Key (the first outcome is committed with the events and replayed on repeats)."""
+and honour Idempotency-Key (the first outcome is committed with the events and replayed on repeats).
+
+A repeated key costs nothing extra on the common path: the append checks the key under the store's
+lock and answers with the stored outcome instead of appending (IdempotencyKeyUsed), so the decision
+is simply re-made and thrown away. Only when the command cannot run at all is the key looked up.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,11 @@ from typing import Any, Protocol
 from eventsourcing.domain import Aggregate
 
 from backend.commands.context import CommandContext
-from backend.commands.errors import IdempotencyConflict, IdempotencyInFlight, TooMuchContention
+from backend.commands.errors import CommandError, IdempotencyConflict, IdempotencyInFlight, TooMuchContention
 from backend.commands.locks import StreamLocks
 from backend.domain.errors import DomainError
 from backend.store import idempotency
-from backend.store.events import AppendResult, WrongExpectedVersion
+from backend.store.events import AppendResult, Write, WrongExpectedVersion
 from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
 from backend.store.repository import Repository
 
@@ -32,6 +37,8 @@ class Decision:
     aggregates: Sequence[Aggregate]
     body: dict[str, Any] = field(default_factory=dict)
     status: int = 200
+    extra_writes: Sequence[Write] = ()
+    """Writes to non-aggregate streams appended atomically with the aggregates (e.g. uniqueness claims)."""
 
 
 class Renderer(Protocol):
@@ -84,10 +91,14 @@ class CommandBus:
             raise IdempotencyInFlight("a request with this Idempotency-Key is still being processed")
         self._in_flight.add(slot)
         try:
+            return await self._run(ctx, streams, decide, renderer, idem)
+        except CommandError:
+            # The command could not run now (not found, forbidden, If-Match...). If the key already has
+            # an outcome, that outcome is the answer: the first attempt ran when the command could.
             stored = await idempotency.lookup(self.repository.store.pool, idem.scope, idem.key)
             if stored is not None:
                 return replay(stored, idem)
-            return await self._run(ctx, streams, decide, renderer, idem)
+            raise
         finally:
             self._in_flight.discard(slot)
 
@@ -107,7 +118,8 @@ class CommandBus:
                 render = _Rendering(renderer, decision)
                 claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
                 try:
-                    result = await self.repository.save(*decision.aggregates, metadata=ctx.metadata(), claim=claim)
+                    result = await self.repository.save(*decision.aggregates, metadata=ctx.metadata(), claim=claim,
+                                                        extra_writes=decision.extra_writes)
                 except WrongExpectedVersion:
                     # Another process got there first. The next load reads the stream's tail after the
                     # cached copy, so it sees that write; a little jitter keeps two losers from colliding.

@@ -204,3 +204,14 @@ async def test_authentication_and_authorization_across_owners(client: TestClient
         response = await client.get(f"/v1/wallets/{wid}", headers=headers)
         assert response.status == 401
         assert (await response.json(content_type=PROBLEM))["code"] == "unauthorized"
+
+
+async def test_replay_wins_over_a_precondition_that_no_longer_holds(admin: Api, client: TestClient) -> None:
+    wid = await open_funded(admin, amount=100)  # version 2
+    headers = {**admin.headers, "Idempotency-Key": "cond-1", "If-Match": '"2"'}
+    body = {"amount": 10, "reference": "x"}
+    first = await client.post(f"/v1/wallets/{wid}/debits", json=body, headers=headers)
+    assert first.status == 200
+    again = await client.post(f"/v1/wallets/{wid}/debits", json=body, headers=headers)  # wallet is at 3 now
+    assert again.status == 200 and again.headers["Idempotent-Replayed"] == "true"
+    assert await again.read() == await first.read()

@@ -1,0 +1,239 @@
+"""Commands over real HTTP against a `serve` process: throughput, latency, errors, where the CPU went.
+
+The server is started as `./scripts/serve` starts it (`python -m backend serve`, migrations at startup)
+on a fresh database. A load generator in a separate process keeps C connections busy for a fixed
+time with a mix of 60 % debit/credit, 20 % reserve then confirm or rollback, 20 % wallet reads; every
+POST carries a unique Idempotency-Key, as a careful payment client's would. Wallets are seeded with
+large balances so that no command is refused for want of funds: any non-2xx answer counts as an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import random
+import resource
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import psutil
+from bench_store import Server, choose_server, fresh_database, percentile
+
+from backend.commands.api_keys import mint
+from backend.db import init_connection
+from backend.store.event_store import EventStore
+from backend.store.migrate import migrate
+from backend.store.repository import Repository
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED = 10**12
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="PostgreSQL server to create the bench database on")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measured time (default 20)")
+    parser.add_argument("--connections", type=int, default=64, help="concurrent client connections")
+    parser.add_argument("--wallets", type=int, default=200, help="wallets the mix spreads over")
+    parser.add_argument("--quick", action="store_true", help="8 s measured, whole run under 60 s")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def admin_token(dsn: str) -> str:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
+    assert pool is not None
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        store = EventStore(pool)
+        minted = mint("bench", "bench admin", ["admin"], None, datetime.now(UTC))
+        await Repository(store).save(minted.key)
+        await store.close()
+        return minted.token
+    finally:
+        await pool.close()
+
+
+async def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError("the server exited during startup")
+            try:
+                async with session.get(f"{base}/health/ready") as reply:
+                    if reply.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("the server did not become ready")
+
+
+async def seed_wallets(base: str, headers: dict[str, str], count: int) -> list[str]:
+    async with aiohttp.ClientSession(base, headers=headers) as session:
+        async def one(i: int) -> str:
+            async with session.post("/v1/wallets", json={"owner": f"owner-{i % 20}", "currency": "USD"}) as r:
+                wallet_id = str((await r.json())["wallet_id"])
+            async with session.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": SEED, "reference": "seed"}):
+                pass
+            return wallet_id
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+# ---------------------------------------------------------------- the load generator (own process)
+
+
+async def drive(base: str, headers: dict[str, str], wallets: list[str], connections: int, seconds: float,
+                warmup: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    commands = 0
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(base, headers=headers, connector=connector) as session:
+
+        async def post(path: str, body: dict[str, Any]) -> dict[str, Any] | None:
+            key = {"Idempotency-Key": uuid.uuid4().hex}
+            async with session.post(path, json=body, headers=key) as reply:
+                data = await reply.json(content_type=None)
+                if reply.status >= 300:
+                    code = f"{reply.status} {data.get('code')}"
+                    errors[code] = errors.get(code, 0) + 1
+                    return None
+                return dict(data)
+
+        async def one_command(rng: random.Random) -> None:
+            wallet = rng.choice(wallets)
+            roll = rng.random()
+            if roll < 0.3:
+                await post(f"/v1/wallets/{wallet}/debits", {"amount": rng.randint(1, 500), "reference": "d"})
+            elif roll < 0.6:
+                await post(f"/v1/wallets/{wallet}/credits", {"amount": rng.randint(1, 500), "reference": "c"})
+            elif roll < 0.8:
+                reserved = await post(f"/v1/wallets/{wallet}/reservations",
+                                      {"amount": rng.randint(1, 500), "ttl_seconds": 300})
+                if reserved is not None:
+                    action = "confirm" if rng.random() < 0.5 else "rollback"
+                    await post(f"/v1/wallets/{wallet}/reservations/{reserved['reservation_id']}/{action}", {})
+            else:
+                async with session.get(f"/v1/wallets/{wallet}") as reply:
+                    await reply.read()
+                    if reply.status != 200:
+                        errors[str(reply.status)] = errors.get(str(reply.status), 0) + 1
+
+        started = time.perf_counter()
+        measure_from = started + warmup
+        stop_at = measure_from + seconds
+
+        async def worker(seed: int) -> None:
+            nonlocal commands
+            rng = random.Random(seed)
+            while (now := time.perf_counter()) < stop_at:
+                await one_command(rng)
+                if now >= measure_from:
+                    latencies.append(time.perf_counter() - now)
+                    commands += 1
+
+        cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.gather(*(worker(i) for i in range(connections)))
+        cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    elapsed = time.perf_counter() - started
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    latencies.sort()
+    return {
+        "commands": commands,
+        "commands_per_s": commands / seconds,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "loadgen_cpu_s": cpu,
+        "loadgen_wall_s": elapsed,
+    }
+
+
+def loadgen_process(conn: Any, *args: Any) -> None:
+    conn.send(asyncio.run(drive(*args)))
+    conn.close()
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def postgres_processes() -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postgres:")]
+
+
+async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
+    seconds = 8.0 if args.quick else args.seconds
+    warmup = 2.0 if args.quick else 3.0
+    async with fresh_database(server, "http") as dsn:
+        token = await admin_token(dsn)
+        headers = {"Authorization": f"Bearer {token}"}
+        port = free_port()
+        env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING",
+               "POOL_MAX_SIZE": "20", "RATE_LIMIT_PER_S": "0"}
+        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            await wait_ready(base, proc)
+            wallets = await seed_wallets(base, headers, args.wallets)
+            server_proc = psutil.Process(proc.pid)
+            pg = postgres_processes()
+            server_cpu0, pg_cpu0, t0 = cpu_seconds([server_proc]), cpu_seconds(pg), time.perf_counter()
+            parent, child = multiprocessing.Pipe()
+            loadgen = multiprocessing.get_context("spawn").Process(
+                target=loadgen_process, args=(child, base, headers, wallets, args.connections, seconds, warmup))
+            loadgen.start()
+            result: dict[str, Any] = await asyncio.to_thread(parent.recv)
+            loadgen.join()
+            wall = time.perf_counter() - t0
+            result["server_cpu_share"] = (cpu_seconds([server_proc]) - server_cpu0) / wall
+            result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
+            result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
+            return result
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    server = await choose_server(args.dsn)
+    try:
+        result = await measure(server, args)
+    finally:
+        if server.stop is not None:
+            server.stop()
+    print(f"server: {server.description}; {args.connections} connections, {args.wallets} wallets")
+    print(f"commands/s {result['commands_per_s']:.0f}   p50 {result['p50_ms']:.1f} ms   "
+          f"p99 {result['p99_ms']:.1f} ms   errors {result['errors']} {result['error_kinds'] or ''}")
+    print(f"CPU (cores busy): server {result['server_cpu_share']:.2f}, postgres {result['postgres_cpu_share']:.2f}, "
+          f"load generator {result['loadgen_cpu_share']:.2f} (of 2)")
+    target = result["commands_per_s"] >= 2000 and result["p99_ms"] <= 50 and result["errors"] == 0
+    print(f"target >= 2,000 commands/s, p99 <= 50 ms, 0 errors: {'met' if target else 'NOT met'}")
+    return {"bench": "http", "commands_per_s": round(result["commands_per_s"], 1),
+            "p50_ms": round(result["p50_ms"], 2), "p99_ms": round(result["p99_ms"], 2),
+            "errors": result["errors"]}
