@@ -8,15 +8,18 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from backend.appkeys import AUTHENTICATOR, COMMANDS, DATABASE_DSN, LISTENER, POOL, REPOSITORY, SETTINGS, STORE
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
-from backend.http import health, wallets
+from backend.housekeeping import housekeeping_ctx
+from backend.http import api_keys, deposits, health, wallets
 from backend.http.auth import auth_middleware
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.middlewares import error_middleware, request_id_middleware
+from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
@@ -77,20 +80,29 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     repository = Repository(store, snapshot_every=settings.snapshot_every)
     app[REPOSITORY] = repository
     app[COMMANDS] = CommandBus(repository)
-    app[AUTHENTICATOR] = ApiKeyAuthenticator(repository)
+    authenticator = ApiKeyAuthenticator(repository, listener)
+    app[AUTHENTICATOR] = authenticator
     try:
+        await authenticator.start()
         yield
     finally:
+        await authenticator.close()
         await store.close()
         await listener.close()
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[request_id_middleware, error_middleware, auth_middleware])
+    middlewares: list[Middleware] = [request_id_middleware, error_middleware, auth_middleware]
+    if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key
+        middlewares.append(rate_limit_middleware(RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)))
+    app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(store_ctx)
+    app.cleanup_ctx.append(housekeeping_ctx)
     app.add_routes(health.routes)
     app.add_routes(wallets.routes)
+    app.add_routes(deposits.routes)
+    app.add_routes(api_keys.routes)
     return app

@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     append_batch_max_events: int = Field(default=2000, ge=1, le=100_000)
     listener_poll_s: float = Field(default=1.0, gt=0)
     snapshot_every: int = Field(default=100, ge=2)
+    idempotency_retention_h: float = Field(default=48, ge=24)
+    housekeeping_interval_s: float = Field(default=3600, gt=0)
+    # Per-API-key token bucket (backend.http.ratelimit): RATE_LIMIT_PER_S requests/s after a burst
+    # of RATE_LIMIT_BURST. Either one set to 0 disables rate limiting.
+    rate_limit_per_s: float = Field(default=200.0, ge=0)
+    rate_limit_burst: int = Field(default=400, ge=0)
+    # HMAC key of deposit addresses (backend.domain.deposit.derive_address). The default is for
+    # development and tests only: production MUST set DEPOSIT_ADDRESS_SECRET to a random value of
+    # at least 32 bytes and keep it. Changing it changes the addresses of deposits opened afterwards;
+    # existing deposits keep the address recorded in their DepositCreated event.
+    deposit_address_secret: SecretStr = Field(default=SecretStr("tally-dev-only-deposit-address-secret"),
+                                              min_length=16)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

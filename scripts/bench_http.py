@@ -196,7 +196,7 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING",
                "POOL_MAX_SIZE": "20", "RATE_LIMIT_PER_S": "0"}
-        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
         base = f"http://127.0.0.1:{port}"
         try:
             await wait_ready(base, proc)

@@ -1,15 +1,22 @@
-"""API keys: minting (the secret is shown once, only its hash is stored), lookup and revocation."""
+"""API keys: minting (the secret is shown once, only its hash is stored), lookup, revocation, listing."""
 
 from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 from uuid import UUID, uuid4
 
-from backend.domain import ApiKey, hash_secret
+from backend.commands.bus import Decision
+from backend.commands.context import CommandContext
+from backend.commands.errors import NotFound, PreconditionFailed
+from backend.domain import ApiKey, hash_secret, parse_stream_id, upcast
 from backend.domain.api_key import verify_secret
+from backend.store.event_store import EventStore
+from backend.store.repository import OCCURRED_AT, Repository
 
 TOKEN_PREFIX = "tly_"  # noqa: S105 (a prefix that makes leaked keys recognisable, not a secret)
 _TOKEN = re.compile(r"^tly_([0-9a-f]{32})_([A-Za-z0-9_-]{32,128})$")
@@ -22,9 +29,14 @@ class MintedKey:
     """tly_<key id hex>_<secret>: give it to the client once; Tally keeps only its SHA-256."""
 
 
-def mint(owner: str, name: str, scopes: list[str], expires_at: datetime | None, now: datetime) -> MintedKey:
+def new_token() -> tuple[UUID, str]:
+    """A fresh key id and the token naming it, before any key exists (a command may be retried)."""
     key_id = uuid4()
-    token = f"{TOKEN_PREFIX}{key_id.hex}_{secrets.token_urlsafe(32)}"
+    return key_id, f"{TOKEN_PREFIX}{key_id.hex}_{secrets.token_urlsafe(32)}"
+
+
+def mint(owner: str, name: str, scopes: Sequence[str], expires_at: datetime | None, now: datetime) -> MintedKey:
+    key_id, token = new_token()
     key = ApiKey.create(key_id, owner, name, scopes, hash_secret(token), expires_at, now)
     return MintedKey(key, token)
 
@@ -37,3 +49,65 @@ def parse_token(token: str) -> UUID | None:
 
 def token_matches(key: ApiKey, token: str) -> bool:
     return verify_secret(token, key.secret_hash)
+
+
+def key_body(key: ApiKey) -> dict[str, Any]:
+    """What a client may see of a key: never the secret, never its hash."""
+    return {
+        "key_id": str(key.id),
+        "owner": key.owner,
+        "name": key.name,
+        "scopes": sorted(key.scopes),
+        "created_at": key.created_on.isoformat(),
+        "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+        "revoked": key.revoked,
+    }
+
+
+async def create_key(
+    repo: Repository, ctx: CommandContext, key_id: UUID, token: str, owner: str, name: str,
+    scopes: Sequence[str], expires_at: datetime | None,
+) -> Decision:
+    """Record a key for a token made by new_token(); the answer leaves the token out (the caller
+    adds it to the first response only, so it is never stored, not even for Idempotency-Key replays)."""
+    if await repo.find(ApiKey, key_id) is not None:
+        raise PreconditionFailed(f"api key {key_id} already exists")
+    key = ApiKey.create(key_id, owner, name, scopes, hash_secret(token), expires_at, ctx.now)
+    return Decision([key], key_body(key), status=201)
+
+
+async def revoke_key(repo: Repository, ctx: CommandContext, key_id: UUID) -> Decision:
+    key = await repo.find(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"api key {key_id} does not exist")
+    key.revoke(ctx.now)  # InvalidTransition when already revoked
+    return Decision([key], key_body(key))
+
+
+async def list_keys(store: EventStore, owner: str | None = None) -> list[dict[str, Any]]:
+    """Every key (of one owner), oldest first, folded from ApiKeyCreated/ApiKeyRevoked events.
+
+    A stopgap until the API-key read model lands with the projections: it scans the key events
+    (the (type, position) index keeps that to the key events only), which is fine for the few
+    thousand keys a deployment has, not for millions.
+    """
+    keys: dict[str, dict[str, Any]] = {}
+    async for event in store.iter_all(types=["ApiKeyCreated", "ApiKeyRevoked"]):
+        key_id = str(parse_stream_id(event.stream_id)[1])
+        data = dict(event.data)
+        occurred_at = data.pop(OCCURRED_AT, None)
+        _, data = upcast(event.type, event.metadata.get("schema_version", 1), data)
+        if event.type == "ApiKeyCreated":
+            keys[key_id] = {
+                "key_id": key_id,
+                "owner": data["owner"],
+                "name": data["name"],
+                "scopes": sorted(data["scopes"]),
+                "created_at": occurred_at,
+                "expires_at": data["expires_at"],
+                "revoked": False,
+                "revoked_at": None,
+            }
+        elif key_id in keys:
+            keys[key_id].update(revoked=True, revoked_at=occurred_at)
+    return [key for key in keys.values() if owner is None or key["owner"] == owner]

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_AMOUNT = 2**63 - 1
 
@@ -49,3 +59,62 @@ class Confirm(Body):
 
 class Empty(Body):
     pass
+
+
+class OpenDeposit(Body):
+    wallet_id: Annotated[UUID, Field(strict=False)]
+    currency: Currency
+
+
+DepositStatusName = Literal["pending", "confirming", "confirmed", "failed", "expired"]
+Count = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+
+
+class DepositStatusChange(Body):
+    """A status report from the chain watcher. ``amount`` and ``chain_tx_id`` belong to (and are
+    required by) ``confirmed`` only, ``reason`` to ``failed`` only; the errors name the field."""
+
+    status: DepositStatusName
+    confirmations: Count = 0
+    amount: Annotated[Amount | None, Field(validate_default=True)] = None
+    chain_tx_id: Annotated[Text | None, Field(validate_default=True)] = None
+    reason: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+    @field_validator("amount", "chain_tx_id")
+    @classmethod
+    def _only_with_confirmed(cls, value: object, info: ValidationInfo) -> object:
+        status = info.data.get("status")
+        if status == "confirmed" and value is None:
+            raise ValueError("required when status is confirmed")
+        if status is not None and status != "confirmed" and value is not None:
+            raise ValueError("allowed only when status is confirmed")
+        return value
+
+    @field_validator("reason")
+    @classmethod
+    def _only_with_failed(cls, value: str | None, info: ValidationInfo) -> str | None:
+        status = info.data.get("status")
+        if status is not None and status != "failed" and value is not None:
+            raise ValueError("allowed only when status is failed")
+        return value
+
+
+def _rfc3339_string(value: object) -> object:
+    """JSON carries times as strings; a bare number would be read as a Unix time, so refuse it."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an RFC 3339 date-time string such as 2030-01-01T00:00:00Z")
+    return value
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), Field(strict=False)]
+# The scopes of backend.domain.api_key.SCOPES (a test keeps the two equal).
+Scope = Literal["wallets:read", "wallets:write", "deposits:write", "deposits:admin", "audit:read", "admin"]
+
+
+class CreateApiKey(Body):
+    owner: Owner
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    scopes: Annotated[list[Scope], Field(min_length=1, max_length=16)]
+    expires_at: Rfc3339 | None = None

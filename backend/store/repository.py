@@ -137,10 +137,13 @@ class Repository:
         *aggregates: Aggregate,
         metadata: Mapping[str, Any] | None = None,
         claim: IdempotencyClaim | None = None,
+        extra_writes: Sequence[Write] = (),
     ) -> AppendResult:
+        """Append the aggregates' pending events, plus ``extra_writes`` (streams that are not
+        aggregates, e.g. a uniqueness claim expecting NO_STREAM), all in one atomic append."""
         writes = self.writes(aggregates, metadata or {})
         try:
-            result = await self.store.append(writes, claim)
+            result = await self.store.append([*writes, *extra_writes], claim)
         except Exception:
             for write in writes:
                 self._cache.pop(write.stream_id, None)
@@ -148,7 +151,7 @@ class Repository:
         for aggregate in aggregates:
             stream = registry.stream_id(aggregate)
             self._remember(stream, aggregate)
-        for write, appended in zip(writes, result.streams, strict=True):
+        for write, appended in zip(writes, result.streams[: len(writes)], strict=True):
             crossed = appended.version // self.snapshot_every > write.expected_version // self.snapshot_every
             if crossed and not result.replayed:
                 await self._snapshot(next(a for a in aggregates if registry.stream_id(a) == write.stream_id))

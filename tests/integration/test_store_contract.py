@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import timedelta
 
 import asyncpg
 import orjson
@@ -265,3 +266,13 @@ async def test_claim_without_events_and_failed_append_leaves_key_free(store: Eve
     assert outcome.streams == ()
     stored = await idempotency.lookup(store.pool, "key-1", key)
     assert stored is not None and stored.body == b"rejected0"
+
+
+async def test_purge_drops_only_expired_idempotency_records(store: EventStore, pool: asyncpg.Pool) -> None:
+    old, fresh = uuid.uuid4().hex, uuid.uuid4().hex
+    await store.append([], claim(old))
+    await store.append([], claim(fresh))
+    await pool.execute("update idempotency_keys set created_at = now() - interval '49 hours' where key = $1", old)
+    assert await idempotency.purge(pool, timedelta(hours=48)) >= 1
+    assert await idempotency.lookup(pool, "key-1", old) is None
+    assert await idempotency.lookup(pool, "key-1", fresh) is not None

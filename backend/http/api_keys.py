@@ -1,0 +1,81 @@
+"""API key endpoints (DESIGN.md section 8), all for `admin` keys: create, list, revoke."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import orjson
+from aiohttp import web
+
+from backend.appkeys import AUTHENTICATOR, REPOSITORY, STORE
+from backend.commands import api_keys
+from backend.commands.bus import Decision
+from backend.commands.context import CommandContext
+from backend.domain import apikey_stream
+from backend.http import models
+from backend.http.auth import require
+from backend.http.bodies import read_json
+from backend.http.commands import run_command
+from backend.http.problems import Problem
+
+routes = web.RouteTableDef()
+
+
+def key_id_of(request: web.Request) -> UUID:
+    try:
+        return UUID(request.match_info["key_id"])
+    except ValueError:
+        raise Problem(404, "not_found", "key_id must be a UUID") from None
+
+
+@routes.post("/v1/api-keys")
+async def create_key(request: web.Request) -> web.Response:
+    """201 with the token as `secret`, in this response only.
+
+    An Idempotency-Key replay answers the same key without `secret`: the stored reply never holds
+    the token, so the database keeps only its hash. A client that lost it revokes and creates again.
+    """
+    require(request, "admin")
+    body = await read_json(request, models.CreateApiKey)
+    key_id, token = api_keys.new_token()
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await api_keys.create_key(repo, ctx, key_id, token, body.owner, body.name, body.scopes,
+                                         body.expires_at)
+
+    response = await run_command(request, [apikey_stream(key_id)], decide)
+    if response.status != 201:
+        return response
+    created = orjson.loads(response.body)  # type: ignore[arg-type]
+    if "Idempotent-Replayed" not in response.headers:
+        created["secret"] = token
+    response.body = orjson.dumps(created)
+    response.headers["Location"] = f"/v1/api-keys/{created['key_id']}"
+    return response
+
+
+@routes.get("/v1/api-keys")
+async def list_keys(request: web.Request) -> web.Response:
+    require(request, "admin")
+    owner = request.query.get("owner") or None
+    keys = await api_keys.list_keys(request.app[STORE], owner)
+    return web.json_response({"keys": keys})
+
+
+@routes.delete("/v1/api-keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    """204; the key stops working in this process at once and in every other within a second."""
+    require(request, "admin")
+    key_id = key_id_of(request)
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await api_keys.revoke_key(repo, ctx, key_id)
+
+    response = await run_command(request, [apikey_stream(key_id)], decide)
+    if response.status >= 300:
+        return response
+    request.app[AUTHENTICATOR].mark_revoked(key_id)
+    return web.Response(status=204, headers={k: v for k, v in response.headers.items()
+                                             if k in ("X-Position", "Idempotent-Replayed")})

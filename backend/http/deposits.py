@@ -1,0 +1,77 @@
+"""Deposit endpoints (DESIGN.md section 8): open a deposit, report its status, read it.
+
+Answers are the deposit ``{deposit_id, wallet_id, currency, address, status, confirmations, amount,
+chain_tx_id, failure_reason, version}``; writes add ``position`` and the resulting ``wallet``.
+"""
+
+from __future__ import annotations
+
+from uuid import uuid4
+
+from aiohttp import web
+
+from backend.appkeys import REPOSITORY, SETTINGS
+from backend.commands import deposits
+from backend.commands.bus import Decision
+from backend.commands.context import CommandContext
+from backend.domain import Deposit, Wallet, deposit_stream
+from backend.http import models
+from backend.http.auth import require
+from backend.http.bodies import read_json
+from backend.http.commands import if_match, run_command
+from backend.http.problems import Problem
+from backend.http.wallets import path_uuid
+
+routes = web.RouteTableDef()
+
+
+@routes.post("/v1/deposits")
+async def open_deposit(request: web.Request) -> web.Response:
+    require(request, "deposits:write")
+    body = await read_json(request, models.OpenDeposit)
+    deposit_id = uuid4()
+    secret = request.app[SETTINGS].deposit_address_secret.get_secret_value().encode()
+    repo = request.app[REPOSITORY]
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await deposits.open_deposit(repo, ctx, deposit_id, body.wallet_id, body.currency, secret)
+
+    response = await run_command(request, [deposit_stream(deposit_id)], decide)
+    if response.status == 201:
+        response.headers["Location"] = f"/v1/deposits/{deposit_id}"
+    return response
+
+
+@routes.post("/v1/deposits/{deposit_id}/status")
+async def set_status(request: web.Request) -> web.Response:
+    require(request, "deposits:admin")
+    deposit_id = path_uuid(request, "deposit_id")
+    body = await read_json(request, models.DepositStatusChange)
+    version = if_match(request)
+    repo = request.app[REPOSITORY]
+    known = await repo.find(Deposit, deposit_id)
+    if known is None:
+        raise Problem(404, "not_found", f"deposit {deposit_id} does not exist")
+
+    async def decide(ctx: CommandContext) -> Decision:
+        return await deposits.set_status(
+            repo, ctx, deposit_id, body.status, confirmations=body.confirmations, amount=body.amount,
+            chain_tx_id=body.chain_tx_id, reason=body.reason, if_match=version,
+        )
+
+    streams = deposits.status_streams(known, body.status, body.chain_tx_id)
+    return await run_command(request, streams, decide)
+
+
+@routes.get("/v1/deposits/{deposit_id}")
+async def get_deposit(request: web.Request) -> web.Response:
+    actor = require(request, "wallets:read")
+    deposit_id = path_uuid(request, "deposit_id")
+    repo = request.app[REPOSITORY]
+    deposit = await repo.find(Deposit, deposit_id)
+    wallet = await repo.find(Wallet, deposit.wallet_id) if deposit is not None else None
+    if deposit is None or wallet is None:
+        raise Problem(404, "not_found", f"deposit {deposit_id} does not exist")
+    if not actor.can_act_for(wallet.owner):
+        raise Problem(403, "forbidden", f"deposit {deposit_id} belongs to another owner's wallet")
+    return web.json_response(deposits.deposit_body(deposit), headers={"ETag": f'"{deposit.version}"'})
