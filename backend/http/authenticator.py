@@ -85,6 +85,7 @@ class ApiKeyAuthenticator:
         self._cache: OrderedDict[UUID, Entry] = OrderedDict()
         self._loading: dict[UUID, asyncio.Task[Entry]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._failing = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -174,12 +175,18 @@ class ApiKeyAuthenticator:
         while True:
             seen_head = self.listener.head if self.listener is not None else 0
             started = time.monotonic()
+            failing = self._failing
+            self._failing = True
             try:
                 await self.catch_up()
+                self._failing = False
             except UNAVAILABLE_ERRORS as exc:
-                log.warning("cannot read API key revocations", extra={"reason": describe(exc)})
+                if not failing:  # once per outage, not every poll
+                    log.warning("cannot read API key revocations, retrying", extra={"reason": describe(exc)})
             except Exception:
-                log.exception("reading API key revocations failed; retrying")
+                log.exception("reading API key revocations failed, retrying")
+            if failing and not self._failing:
+                log.info("reading API key revocations again", extra={"checkpoint": self.checkpoint})
             if self.listener is None:
                 await asyncio.sleep(self.poll_interval_s)
             elif self.listener.head == seen_head:
