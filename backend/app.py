@@ -10,7 +10,17 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from backend.appkeys import AUTHENTICATOR, COMMANDS, DATABASE_DSN, LISTENER, POOL, REPOSITORY, SETTINGS, STORE
+from backend.appkeys import (
+    AUTHENTICATOR,
+    COMMANDS,
+    DATABASE_DSN,
+    LISTENER,
+    METRICS,
+    POOL,
+    REPOSITORY,
+    SETTINGS,
+    STORE,
+)
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
@@ -18,6 +28,8 @@ from backend.housekeeping import housekeeping_ctx
 from backend.http import api_keys, deposits, health, wallets
 from backend.http.auth import auth_middleware
 from backend.http.authenticator import ApiKeyAuthenticator
+from backend.http.metrics import Metrics, metrics_middleware
+from backend.http.metrics import routes as metrics_routes
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.store.event_store import EventStore
@@ -79,7 +91,17 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[LISTENER] = listener
     repository = Repository(store, snapshot_every=settings.snapshot_every)
     app[REPOSITORY] = repository
-    app[COMMANDS] = CommandBus(repository)
+    commands = CommandBus(repository)
+    app[COMMANDS] = commands
+    metrics = app[METRICS]
+    metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
+    metrics.gauge("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
+    metrics.gauge("tally_append_requests_total", "Append calls carried by those transactions",
+                  lambda: store.batcher.batched_requests)
+    metrics.gauge("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
+                  lambda: commands.conflicts)
+    metrics.gauge("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
+                  lambda: listener.reconnects)
     authenticator = ApiKeyAuthenticator(repository, listener)
     app[AUTHENTICATOR] = authenticator
     try:
@@ -92,16 +114,20 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    middlewares: list[Middleware] = [request_id_middleware, error_middleware, auth_middleware]
+    metrics = Metrics()
+    middlewares: list[Middleware] = [request_id_middleware, metrics_middleware(metrics), error_middleware,
+                                     auth_middleware]
     if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key
         middlewares.append(rate_limit_middleware(RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)))
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.add_routes(health.routes)
+    app.add_routes(metrics_routes)
     app.add_routes(wallets.routes)
     app.add_routes(deposits.routes)
     app.add_routes(api_keys.routes)

@@ -8,11 +8,13 @@ from aiohttp import web
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.http.authenticator import ApiKeyAuthenticator
+from backend.http.metrics import Metrics
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.repository import Repository
 
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 DATABASE_DSN = web.AppKey("database_dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", EventStore)
