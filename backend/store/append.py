@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from backend.store import idempotency
 from backend.store.events import (
@@ -44,27 +45,46 @@ APPEND_LOCK_KEY = 0x7A11_0002
 NOTIFY_CHANNEL = "tally_events"
 INT64_MAX = 2**63 - 1
 
-LOCK_SQL = "select pg_advisory_xact_lock($1)"
-STREAM_HEADS_SQL = """
-select s.stream_id, e.version, e.hash
+# Four round trips per batch: BEGIN and the lock as one simple query, one read of everything the
+# planner needs, one write of everything planned (events, idempotency records, NOTIFY), COMMIT.
+BEGIN_AND_LOCK_SQL = f"begin; select pg_advisory_xact_lock({APPEND_LOCK_KEY})"
+
+_NULLS = "null::text, null::text, null::bytea, null::int, null::bytea, null::text"
+STATE_SQL = f"""
+select 'stream' as kind, s.stream_id, e.version, e.hash, null::bigint as position,
+       null::timestamptz as recorded_at, null::uuid as event_id, null::text as type, null::jsonb as data,
+       null::text as scope, null::text as key, null::bytea as fingerprint, null::int as status,
+       null::bytea as body, null::text as content_type
 from unnest($1::text[]) as s(stream_id)
 cross join lateral (
     select version, hash from events where events.stream_id = s.stream_id order by version desc limit 1
 ) as e
+union all
+(select 'head', null, null, null, position, recorded_at, null, null, null, {_NULLS}
+ from events order by position desc limit 1)
+union all
+select 'event', stream_id, version, null, position, null, event_id, type, data, {_NULLS}
+from events where event_id = any($2::uuid[])
+union all
+select 'claim', null, null, null, position, null, null, null, null, scope, key, fingerprint, status, body,
+       content_type
+from idempotency_keys where (scope, key) in (select * from unnest($3::text[], $4::text[]))
 """
-GLOBAL_HEAD_SQL = "select position, recorded_at from events order by position desc limit 1"
-EXISTING_SQL = """
-select event_id, position, stream_id, version, type, data from events where event_id = any($1::uuid[])
-"""
-INSERT_SQL = """
+
+WRITE_SQL = """
 with inserted as (
     insert into events (position, stream_id, version, type, data, metadata, event_id, recorded_at, hash)
     select p, s, v, t, d::jsonb, m::jsonb, i, r, h
     from unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::uuid[],
                 $8::timestamptz[], $9::bytea[]) as x(p, s, v, t, d, m, i, r, h)
     returning 1
+), claimed as (
+    insert into idempotency_keys (scope, key, fingerprint, status, body, content_type, position)
+    select * from unnest($10::text[], $11::text[], $12::bytea[], $13::int[], $14::bytea[], $15::text[],
+                         $16::bigint[])
+    returning 1
 )
-select pg_notify('tally_events', $10::text), (select count(*) from inserted)
+select pg_notify('tally_events', $17::text), (select count(*) from inserted), (select count(*) from claimed)
 """
 
 
@@ -187,6 +207,7 @@ class AppendBatcher:
         self._wake = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
+        self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
         self.batches = 0
         self.batched_requests = 0
 
@@ -211,6 +232,7 @@ class AppendBatcher:
         if self._worker is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        await self._release_connection()
 
     def _take_batch(self) -> list[AppendRequest]:
         batch: list[AppendRequest] = []
@@ -258,21 +280,45 @@ class AppendBatcher:
     async def _execute(self, batch: list[AppendRequest]) -> list[AppendResult | Exception]:
         stream_ids = sorted({w.stream_id for r in batch for w in r.writes})
         event_ids = [e.event_id for r in batch for w in r.writes for e in w.events]
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(LOCK_SQL, APPEND_LOCK_KEY)
-            heads = await conn.fetch(STREAM_HEADS_SQL, stream_ids)
-            last = await conn.fetchrow(GLOBAL_HEAD_SQL)
-            existing = await conn.fetch(EXISTING_SQL, event_ids) if event_ids else []
-            claims = [r.claim for r in batch if r.claim is not None]
-            used = await conn.fetch(idempotency.LOOKUP_SQL, [c.scope for c in claims], [c.key for c in claims]) \
-                if claims else []
-            planner = _BatchPlanner(heads, last, existing, [idempotency.to_stored(row) for row in used])
+        claims = [r.claim for r in batch if r.claim is not None]
+        conn = await self._connection()
+        try:
+            await conn.execute(BEGIN_AND_LOCK_SQL)
+            rows = await conn.fetch(STATE_SQL, stream_ids, event_ids, [c.scope for c in claims],
+                                    [c.key for c in claims])
+            planner = _BatchPlanner(
+                heads=[r for r in rows if r["kind"] == "stream"],
+                last=next((r for r in rows if r["kind"] == "head"), None),
+                existing=[r for r in rows if r["kind"] == "event"],
+                used_keys=[idempotency.to_stored(r) for r in rows if r["kind"] == "claim"],
+            )
             outcomes = [planner.plan(request) for request in batch]
-            if planner.rows:
-                await conn.execute(INSERT_SQL, *planner.columns(), str(planner.head))
-            if planner.responses:
-                await conn.execute(idempotency.INSERT_SQL, *idempotency.insert_columns(planner.responses))
+            if planner.rows or planner.responses:
+                await conn.execute(WRITE_SQL, *planner.columns(), *idempotency.insert_columns(planner.responses),
+                                   str(planner.head))
+            await conn.execute("commit")
+        except BaseException:
+            await self._discard_connection()
+            raise
         return outcomes
+
+    async def _connection(self) -> PoolConnectionProxy[asyncpg.Record]:
+        """The batcher keeps one pooled connection for itself: no acquire and reset per batch."""
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def _discard_connection(self) -> None:
+        """After any failure: the pool rolls back (or replaces) the connection on release."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.release(conn)
+
+    async def _release_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)
 
 
 class _BatchPlanner:

@@ -8,6 +8,7 @@ import asyncpg
 
 from backend.store import reads
 from backend.store.append import AppendBatcher
+from backend.store.coalesce import StreamReads
 from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
 from backend.store.idempotency import IdempotencyClaim
 
@@ -16,6 +17,7 @@ class EventStore:
     def __init__(self, pool: asyncpg.Pool, *, max_batch_events: int = 2000, linger_s: float = 0.0) -> None:
         self.pool = pool
         self.batcher = AppendBatcher(pool, max_batch_events=max_batch_events, linger_s=linger_s)
+        self.point_reads = StreamReads(pool)
 
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append every write atomically; see backend.store.append for the guarantees."""
@@ -57,7 +59,12 @@ class EventStore:
         return await reads.head(self.pool)
 
     async def stream_version(self, stream_id: str) -> int:
-        return await reads.stream_version(self.pool, stream_id)
+        """The stream's current version (0 if it does not exist); concurrent calls share one query."""
+        return await self.point_reads.version(stream_id)
+
+    async def read_tail(self, stream_id: str, after_version: int) -> list[RecordedEvent]:
+        """The stream's events after after_version; concurrent calls share one query."""
+        return await self.point_reads.tail(stream_id, after_version)
 
     async def close(self) -> None:
         await self.batcher.close()

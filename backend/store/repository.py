@@ -96,7 +96,7 @@ class Repository:
             start = copy.deepcopy(cached)
         else:
             start = await self._from_snapshot(cls, stream, aggregate_id)
-        tail = await self.store.read_stream(stream, after_version=start.version if start is not None else 0)
+        tail = await self.store.read_tail(stream, start.version if start is not None else 0)
         aggregate = fold(tail, start, aggregate_id)
         if aggregate is None:
             return None

@@ -276,3 +276,25 @@ async def test_purge_drops_only_expired_idempotency_records(store: EventStore, p
     assert await idempotency.purge(pool, timedelta(hours=48)) >= 1
     assert await idempotency.lookup(pool, "key-1", old) is None
     assert await idempotency.lookup(pool, "key-1", fresh) is not None
+
+
+async def test_concurrent_point_reads_share_queries_and_stay_exact(store: EventStore) -> None:
+    streams = [sid() for _ in range(30)]
+    for i, stream in enumerate(streams):
+        await store.append_to(stream, NO_STREAM, [ev(n=k) for k in range(i % 4 + 1)])
+    loads_before = store.point_reads._versions.loads
+    versions = await asyncio.gather(*(store.stream_version(s) for s in [*streams, sid()]))
+    assert versions == [i % 4 + 1 for i in range(30)] + [0]
+    assert store.point_reads._versions.loads - loads_before < 31
+    tails = await asyncio.gather(*(store.read_tail(s, 1) for s in streams), store.read_tail(streams[3], 0))
+    assert [[e.version for e in t] for t in tails[:30]] == [list(range(2, i % 4 + 2)) for i in range(30)]
+    assert [e.version for e in tails[30]] == [1, 2, 3, 4]
+
+
+async def test_a_point_read_sees_writes_committed_before_it_was_asked(store: EventStore) -> None:
+    stream = sid()
+    for version in range(1, 30):
+        reads = [asyncio.create_task(store.stream_version(stream)) for _ in range(3)]
+        await store.append_to(stream, version - 1, [ev()])
+        assert await store.stream_version(stream) == version
+        assert all(v in (version - 1, version) for v in await asyncio.gather(*reads))
