@@ -71,6 +71,12 @@ select 'claim', null, null, null, position, null, null, null, null, scope, key, 
 from idempotency_keys where (scope, key) in (select * from unnest($3::text[], $4::text[]))
 """
 
+FENCED_SQL = """
+select tally_append_fenced($1, $2, $3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[],
+                           $9::uuid[], $10::timestamptz[], $11::bytea[], $12::text[], $13::text[], $14::bytea[],
+                           $15::int[], $16::bytea[], $17::text[], $18::bigint[])
+"""
+
 WRITE_SQL = """
 with inserted as (
     insert into events (position, stream_id, version, type, data, metadata, event_id, recorded_at, hash)
@@ -208,6 +214,9 @@ class AppendBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
+        self._heads = _KnownHeads()
+        self.fenced = 0
+        self.fence_misses = 0
         self.batches = 0
         self.batched_requests = 0
 
@@ -278,28 +287,58 @@ class AppendBatcher:
                     request.future.set_result(outcome)
 
     async def _execute(self, batch: list[AppendRequest]) -> list[AppendResult | Exception]:
+        conn = await self._connection()
+        try:
+            outcomes = await self._execute_fenced(conn, batch)
+            if outcomes is None:
+                outcomes = await self._execute_locked(conn, batch)
+        except BaseException:
+            self._heads.forget()
+            await self._discard_connection()
+            raise
+        return outcomes
+
+    async def _execute_fenced(
+        self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[AppendRequest]
+    ) -> list[AppendResult | Exception] | None:
+        """One round trip, when this process knows every stream's head and was the last to append.
+
+        None means "take the general path": a stream is not cached, a request would fail (a failure
+        computed from a cache is not trusted), or the database refused the fence."""
+        stream_ids = {w.stream_id for r in batch for w in r.writes}
+        known = self._heads.lookup(stream_ids)
+        if known is None or self._heads.head is None:
+            return None
+        planner = _BatchPlanner(known, self._heads.head, self._heads.recorded_at)
+        outcomes = [planner.plan(request) for request in batch]
+        if any(isinstance(o, Exception) for o in outcomes) or not (planner.rows or planner.responses):
+            return None
+        code = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, self._heads.head, *planner.columns(),
+                                   *idempotency.insert_columns(planner.responses))
+        if code != 0:
+            self.fence_misses += 1
+            return None
+        self._heads.advance(planner, stream_ids, foreign_writes=False)
+        self.fenced += 1
+        return outcomes
+
+    async def _execute_locked(
+        self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[AppendRequest]
+    ) -> list[AppendResult | Exception]:
+        """The general path: read the state under the lock, plan, write, commit (four round trips)."""
         stream_ids = sorted({w.stream_id for r in batch for w in r.writes})
         event_ids = [e.event_id for r in batch for w in r.writes for e in w.events]
         claims = [r.claim for r in batch if r.claim is not None]
-        conn = await self._connection()
-        try:
-            await conn.execute(BEGIN_AND_LOCK_SQL)
-            rows = await conn.fetch(STATE_SQL, stream_ids, event_ids, [c.scope for c in claims],
-                                    [c.key for c in claims])
-            planner = _BatchPlanner(
-                heads=[r for r in rows if r["kind"] == "stream"],
-                last=next((r for r in rows if r["kind"] == "head"), None),
-                existing=[r for r in rows if r["kind"] == "event"],
-                used_keys=[idempotency.to_stored(r) for r in rows if r["kind"] == "claim"],
-            )
-            outcomes = [planner.plan(request) for request in batch]
-            if planner.rows or planner.responses:
-                await conn.execute(WRITE_SQL, *planner.columns(), *idempotency.insert_columns(planner.responses),
-                                   str(planner.head))
-            await conn.execute("commit")
-        except BaseException:
-            await self._discard_connection()
-            raise
+        await conn.execute(BEGIN_AND_LOCK_SQL)
+        rows = await conn.fetch(STATE_SQL, stream_ids, event_ids, [c.scope for c in claims], [c.key for c in claims])
+        planner = _BatchPlanner.from_state(rows)
+        foreign_writes = planner.head != self._heads.head
+        outcomes = [planner.plan(request) for request in batch]
+        if planner.rows or planner.responses:
+            await conn.execute(WRITE_SQL, *planner.columns(), *idempotency.insert_columns(planner.responses),
+                               str(planner.head))
+        await conn.execute("commit")
+        self._heads.advance(planner, set(stream_ids), foreign_writes=foreign_writes)
         return outcomes
 
     async def _connection(self) -> PoolConnectionProxy[asyncpg.Record]:
@@ -321,29 +360,76 @@ class AppendBatcher:
             await self._pool.release(conn)
 
 
+class _KnownHeads:
+    """What this process knows of the log as of its own last append: the head, and stream heads.
+
+    Valid only while no other process appends: the fenced path checks exactly that in the database.
+    When the general path finds that someone else appended, every cached stream head is dropped."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self.head: int | None = None
+        self.recorded_at: datetime | None = None
+        self.streams: dict[str, tuple[int, bytes]] = {}
+
+    def lookup(self, stream_ids: set[str]) -> dict[str, tuple[int, bytes]] | None:
+        try:
+            return {s: self.streams[s] for s in stream_ids}
+        except KeyError:
+            return None
+
+    def advance(self, planner: _BatchPlanner, stream_ids: set[str], *, foreign_writes: bool) -> None:
+        if foreign_writes:
+            self.streams.clear()
+        for stream in stream_ids:
+            self.streams[stream] = planner.streams.get(stream, (0, GENESIS))
+        if len(self.streams) > self.capacity:
+            self.streams.clear()
+        self.head = planner.head
+        self.recorded_at = planner.recorded_at
+
+    def forget(self) -> None:
+        self.head = None
+        self.recorded_at = None
+        self.streams.clear()
+
+
 class _BatchPlanner:
     """Decides, request by request, what a batch inserts, tracking streams as the batch advances them."""
 
     def __init__(
         self,
-        heads: list[asyncpg.Record],
-        last: asyncpg.Record | None,
-        existing: list[asyncpg.Record],
-        used_keys: list[StoredResponse],
+        streams: dict[str, tuple[int, bytes]],
+        head: int,
+        last_recorded_at: datetime | None,
+        known: dict[uuid.UUID, tuple[int, str, int, str, bytes]] | None = None,
+        used_keys: list[StoredResponse] = (),  # type: ignore[assignment]
     ):
-        self.streams: dict[str, tuple[int, bytes]] = {r["stream_id"]: (r["version"], bytes(r["hash"])) for r in heads}
-        self.head: int = last["position"] if last else 0
+        self.streams = dict(streams)
+        self.head = head
         now = datetime.now(UTC)
         # recorded_at never goes backwards along the log, even if this host's clock lags another's.
-        self.recorded_at = max(now, last["recorded_at"]) if last else now
+        self.recorded_at = max(now, last_recorded_at) if last_recorded_at else now
         # event_id -> (position, stream_id, version, type, data bytes) of events already stored or planned
-        self.known: dict[uuid.UUID, tuple[int, str, int, str, bytes]] = {
-            r["event_id"]: (r["position"], r["stream_id"], r["version"], r["type"], encode_data(r["data"]))
-            for r in existing
-        }
+        self.known = dict(known or {})
         self.rows: list[_Planned] = []
         self.used_keys = {(r.scope, r.key): r for r in used_keys}
         self.responses: list[StoredResponse] = []
+
+    @classmethod
+    def from_state(cls, rows: list[asyncpg.Record]) -> _BatchPlanner:
+        """From STATE_SQL's rows: stream heads, the log head, stored event ids, used idempotency keys."""
+        last = next((r for r in rows if r["kind"] == "head"), None)
+        return cls(
+            streams={r["stream_id"]: (r["version"], bytes(r["hash"])) for r in rows if r["kind"] == "stream"},
+            head=last["position"] if last else 0,
+            last_recorded_at=last["recorded_at"] if last else None,
+            known={
+                r["event_id"]: (r["position"], r["stream_id"], r["version"], r["type"], encode_data(r["data"]))
+                for r in rows if r["kind"] == "event"
+            },
+            used_keys=[idempotency.to_stored(r) for r in rows if r["kind"] == "claim"],
+        )
 
     def plan(self, request: AppendRequest) -> AppendResult | Exception:
         """The outcome of one request; accepted rows and claims join the batch, rejected ones leave no trace."""

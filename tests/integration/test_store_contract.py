@@ -298,3 +298,29 @@ async def test_a_point_read_sees_writes_committed_before_it_was_asked(store: Eve
         await store.append_to(stream, version - 1, [ev()])
         assert await store.stream_version(stream) == version
         assert all(v in (version - 1, version) for v in await asyncio.gather(*reads))
+
+
+async def test_two_appenders_interleaving_keep_versions_and_chains_exact(pool: asyncpg.Pool) -> None:
+    """Each appender caches stream heads for its one-round-trip path; the other's writes must void that cache."""
+    one, two = EventStore(pool), EventStore(pool)
+    streams = [sid() for _ in range(3)]
+    try:
+        for round_ in range(12):
+            for stream in streams:
+                writer = one if (round_ + len(stream)) % 3 else two
+                await writer.append_to(stream, round_, [ev(n=round_)])
+                # a stale expected version is still refused, whichever path the appender takes
+                with pytest.raises(WrongExpectedVersion):
+                    await (two if writer is one else one).append_to(stream, round_, [ev()])
+        assert one.batcher.fenced + two.batcher.fenced > 0
+        for stream in streams:
+            previous = GENESIS
+            events = await one.read_stream(stream)
+            assert [e.version for e in events] == list(range(1, 13))
+            for event in events:
+                assert event.hash == event_hash(previous, stream, event.version, event.type, event.data,
+                                                event.recorded_at)
+                previous = event.hash
+    finally:
+        await one.close()
+        await two.close()
