@@ -50,30 +50,45 @@ class Coalescer(Generic[K, V]):
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._pending.append((key, future))
         if self._in_flight < self._max_in_flight:
+            # Load in this task (no hand-off when nothing else is going on); whatever queues up
+            # meanwhile is loaded by a task of its own, so this caller is answered at once.
             self._in_flight += 1
-            task = asyncio.create_task(self._drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            try:
+                await self._load_pending()
+            finally:
+                self._in_flight -= 1
+                if self._pending and self._in_flight < self._max_in_flight:
+                    self._in_flight += 1
+                    task = asyncio.create_task(self._drain())
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
         return await future
 
     async def _drain(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending, []
-                keys = list(dict.fromkeys(key for key, _ in batch))
-                self.loads += 1
-                try:
-                    results = await self._load(keys)
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for key, future in batch:
-                    if not future.done():
-                        future.set_result(results[key] if key in results else self._default())
+                await self._load_pending()
         finally:
             self._in_flight -= 1
+
+    async def _load_pending(self) -> None:
+        batch, self._pending = self._pending, []
+        keys = list(dict.fromkeys(key for key, _ in batch))
+        self.loads += 1
+        try:
+            results = await self._load(keys)
+        except Exception as exc:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        except BaseException:
+            # The loading caller was cancelled: the others of its batch go back in the queue.
+            self._pending[:0] = [(key, future) for key, future in batch if not future.done()]
+            raise
+        for key, future in batch:
+            if not future.done():
+                future.set_result(results[key] if key in results else self._default())
 
 
 class StreamReads:

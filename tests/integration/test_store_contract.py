@@ -324,3 +324,14 @@ async def test_two_appenders_interleaving_keep_versions_and_chains_exact(pool: a
     finally:
         await one.close()
         await two.close()
+
+
+async def test_a_cancelled_reader_does_not_strand_the_reads_it_was_loading(store: EventStore) -> None:
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    for _ in range(20):
+        leader = asyncio.create_task(store.stream_version(stream))
+        followers = [asyncio.create_task(store.stream_version(stream)) for _ in range(5)]
+        await asyncio.sleep(0)
+        leader.cancel()
+        assert await asyncio.wait_for(asyncio.gather(*followers), 5) == [1] * 5

@@ -20,14 +20,17 @@ begin
     if exists (select 1 from events where event_id = any(i)) then
         return -2;
     end if;
-    if exists (select 1 from idempotency_keys where (scope, key) in (select * from unnest(cs, ck))) then
+    if cardinality(cs) > 0
+       and exists (select 1 from idempotency_keys where (scope, key) in (select * from unnest(cs, ck))) then
         return -3;
     end if;
     insert into events (position, stream_id, version, type, data, metadata, event_id, recorded_at, hash)
     select x.p, x.s, x.v, x.t, x.d::jsonb, x.m::jsonb, x.i, x.r, x.h
     from unnest(p, s, v, t, d, m, i, r, h) as x(p, s, v, t, d, m, i, r, h);
-    insert into idempotency_keys (scope, key, fingerprint, status, body, content_type, position)
-    select * from unnest(cs, ck, cf, cst, cb, cct, cp);
+    if cardinality(cs) > 0 then
+        insert into idempotency_keys (scope, key, fingerprint, status, body, content_type, position)
+        select * from unnest(cs, ck, cf, cst, cb, cct, cp);
+    end if;
     perform pg_notify('tally_events', (expected_head + coalesce(array_length(p, 1), 0))::text);
     return 0;
 end
