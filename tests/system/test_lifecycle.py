@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import asyncpg
 import pytest
 
+from backend.store.append import APPEND_LOCK_KEY
 from backend.store.migrate import available_migrations
 from tests.conftest import ROOT
 
@@ -91,16 +94,7 @@ def test_sigterm_drains_and_exits_zero(database_url: str) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=1) as reply:
-                    assert reply.status == 200
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        wait_until_ready(f"http://127.0.0.1:{port}", proc)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 0, stderr
@@ -109,3 +103,84 @@ def test_sigterm_drains_and_exits_zero(database_url: str) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_lets_an_in_flight_command_finish(database_url: str) -> None:
+    """A debit stuck behind the append lock when SIGTERM arrives still completes and is answered."""
+    from tests.system.keys_for_tests import admin_token
+
+    token = asyncio.run(admin_token(database_url))
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port), "LOG_FORMAT": "text"}
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_until_ready(base, proc)
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        wallet = post_json(f"{base}/v1/wallets", {"owner": "drain", "currency": "USD"}, headers)
+        wallet_id = wallet["wallet_id"]
+        post_json(f"{base}/v1/wallets/{wallet_id}/credits", {"amount": 10, "reference": "seed"}, headers)
+
+        async def scenario() -> tuple[int, dict[str, object]]:
+            blocker = await asyncpg.connect(database_url)
+            try:
+                await blocker.execute("select pg_advisory_lock($1)", APPEND_LOCK_KEY)
+                request = asyncio.create_task(asyncio.to_thread(
+                    post_json_status, f"{base}/v1/wallets/{wallet_id}/debits", {"amount": 3, "reference": "d"},
+                    headers))
+                await wait_for_lock_waiter(blocker)
+                proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.5)  # the server is now draining; the debit is still waiting
+                assert proc.poll() is None
+                await blocker.execute("select pg_advisory_unlock($1)", APPEND_LOCK_KEY)
+                return await request
+            finally:
+                await blocker.close()
+
+        status, body = asyncio.run(scenario())
+        assert status == 200, body
+        assert body["balance"] == 7
+        proc.wait(30)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def wait_until_ready(base: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/health/ready", timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "server not ready"
+        time.sleep(0.1)
+
+
+def post_json_status(url: str, body: dict[str, object], headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def post_json(url: str, body: dict[str, object], headers: dict[str, str]) -> dict[str, object]:
+    status, answer = post_json_status(url, body, headers)
+    assert status in (200, 201), answer
+    return answer
+
+
+async def wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
+    """Until some other session waits on an advisory lock (the server's append)."""
+    async with asyncio.timeout(10):
+        while not await conn.fetchval(
+            "select count(*) from pg_locks where locktype = 'advisory' and not granted"
+        ):
+            await asyncio.sleep(0.02)
