@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
@@ -17,6 +18,7 @@ from backend.http.auth import require
 from backend.http.bodies import read_json
 from backend.http.commands import if_match, run_command
 from backend.http.problems import Problem
+from backend.store.repository import Repository
 
 routes = web.RouteTableDef()
 
@@ -57,115 +59,87 @@ async def get_wallet(request: web.Request) -> web.Response:
     return web.json_response(view, headers={"ETag": f'"{wallet.version}"'})
 
 
-@routes.post("/v1/wallets/{wallet_id}/credits")
-async def credit(request: web.Request) -> web.Response:
-    require(request, "admin")
+WalletCommand = Callable[[Repository, CommandContext, UUID, int | None], Awaitable[Decision]]
+
+
+async def on_wallet(request: web.Request, command: WalletCommand, also: Sequence[str] = ()) -> web.Response:
+    """Run command(repo, ctx, wallet_id, If-Match version) on the path's wallet (and the `also` streams)."""
     wallet_id = path_uuid(request, "wallet_id")
-    body = await read_json(request, models.Movement)
     version = if_match(request)
     repo = request.app[REPOSITORY]
 
     async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.credit(repo, ctx, wallet_id, body.amount, body.reference, version)
+        return await command(repo, ctx, wallet_id, version)
 
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await run_command(request, [wallet_stream(wallet_id), *also], decide)
+
+
+@routes.post("/v1/wallets/{wallet_id}/credits")
+async def credit(request: web.Request) -> web.Response:
+    require(request, "admin")
+    body = await read_json(request, models.Movement)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.credit(repo, ctx, wid, body.amount,
+                                                                             body.reference, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/debits")
 async def debit(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id = path_uuid(request, "wallet_id")
     body = await read_json(request, models.Movement)
-    version = if_match(request)
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.debit(repo, ctx, wallet_id, body.amount, body.reference, version)
-
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.debit(repo, ctx, wid, body.amount,
+                                                                            body.reference, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/locks")
 async def lock(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id = path_uuid(request, "wallet_id")
     body = await read_json(request, models.LockFunds)
-    version = if_match(request)
     lock_id = uuid4()
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.lock(repo, ctx, wallet_id, lock_id, body.amount, body.reason, version)
-
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.lock(repo, ctx, wid, lock_id, body.amount,
+                                                                           body.reason, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/locks/{lock_id}/release")
 async def release(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id, lock_id = path_uuid(request, "wallet_id"), path_uuid(request, "lock_id")
+    lock_id = path_uuid(request, "lock_id")
     await read_json(request, models.Empty)
-    version = if_match(request)
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.release(repo, ctx, wallet_id, lock_id, version)
-
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.release(repo, ctx, wid, lock_id, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/locks/{lock_id}/settle")
 async def settle(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id, lock_id = path_uuid(request, "wallet_id"), path_uuid(request, "lock_id")
+    lock_id = path_uuid(request, "lock_id")
     body = await read_json(request, models.Settle)
-    version = if_match(request)
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.settle(repo, ctx, wallet_id, lock_id, body.to_wallet_id, version)
-
-    return await run_command(request, [wallet_stream(wallet_id), wallet_stream(body.to_wallet_id)], decide)
+    return await on_wallet(
+        request,
+        lambda repo, ctx, wid, v: wallets.settle(repo, ctx, wid, lock_id, body.to_wallet_id, v),
+        also=[wallet_stream(body.to_wallet_id)],
+    )
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations")
 async def reserve(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id = path_uuid(request, "wallet_id")
     body = await read_json(request, models.Reserve)
-    version = if_match(request)
     reservation_id = uuid4()
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.reserve(repo, ctx, wallet_id, body.amount, body.ttl_seconds, version, reservation_id)
-
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.reserve(
+        repo, ctx, wid, body.amount, body.ttl_seconds, v, reservation_id))
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/confirm")
 async def confirm(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id, reservation_id = path_uuid(request, "wallet_id"), path_uuid(request, "reservation_id")
+    reservation_id = path_uuid(request, "reservation_id")
     body = await read_json(request, models.Confirm)
-    version = if_match(request)
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.confirm(repo, ctx, wallet_id, reservation_id, body.amount, version)
-
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.confirm(
+        repo, ctx, wid, reservation_id, body.amount, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/rollback")
 async def rollback(request: web.Request) -> web.Response:
     require(request, "wallets:write")
-    wallet_id, reservation_id = path_uuid(request, "wallet_id"), path_uuid(request, "reservation_id")
+    reservation_id = path_uuid(request, "reservation_id")
     await read_json(request, models.Empty)
-    version = if_match(request)
-    repo = request.app[REPOSITORY]
-
-    async def decide(ctx: CommandContext) -> Decision:
-        return await wallets.rollback(repo, ctx, wallet_id, reservation_id, version)
-
-    return await run_command(request, [wallet_stream(wallet_id)], decide)
+    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.rollback(repo, ctx, wid, reservation_id, v))
