@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="RFC 3339 time with an offset, e.g. 2030-01-01T00:00:00Z (default: never)")
     revoke = key_commands.add_parser("revoke", help="revoke a key; every process rejects it within a second")
     revoke.add_argument("key_id", type=uuid.UUID, metavar="KEY_ID")
+
+    from projections import cli as projections_cli
+
+    projections_cli.add_subcommands(commands)
+
+    from backend.audit import cli as audit_cli
+
+    audit_cli.add_subcommands(commands)
     return parser
 
 
@@ -182,6 +190,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if args.command == "keys":
         return run_keys(settings, args)
+    if args.command == "projections":
+        from projections import cli as projections_cli
+
+        return projections_cli.run(settings, args)
+    if args.command == "audit":
+        from backend.audit import cli as audit_cli
+
+        return audit_cli.run(settings, args)
     command = {"serve": serve, "migrate": run_migrations}[args.command]
     try:
         asyncio.run(command(settings))

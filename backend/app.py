@@ -25,7 +25,7 @@ from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
 from backend.housekeeping import housekeeping_ctx
-from backend.http import api_keys, deposits, health, wallets
+from backend.http import api_keys, audit, deposits, health, queries, wallets
 from backend.http.auth import auth_middleware
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics, metrics_middleware
@@ -36,6 +36,8 @@ from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
 from backend.store.repository import Repository
+from backend.streaming import sse as streaming
+from projections.runtime import projections_ctx
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,15 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
+    app.cleanup_ctx.append(projections_ctx)
+    app.cleanup_ctx.append(streaming.hub_ctx)
+    app.on_shutdown.append(streaming.close_streams)
     app.add_routes(health.routes)
     app.add_routes(metrics_routes)
     app.add_routes(wallets.routes)
     app.add_routes(deposits.routes)
     app.add_routes(api_keys.routes)
+    app.add_routes(audit.routes)
+    app.add_routes(queries.routes)
+    app.add_routes(streaming.routes)
     return app

@@ -12,6 +12,8 @@ from backend.http.metrics import Metrics
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.repository import Repository
+from backend.streaming.hub import Hub
+from projections.service import ProjectionService
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -22,3 +24,6 @@ LISTENER = web.AppKey("listener", Listener)
 REPOSITORY = web.AppKey("repository", Repository)
 COMMANDS = web.AppKey("commands", CommandBus)
 AUTHENTICATOR = web.AppKey("authenticator", ApiKeyAuthenticator)
+
+PROJECTIONS = web.AppKey("projections", ProjectionService)
+HUB = web.AppKey("hub", Hub)

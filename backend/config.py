@@ -46,6 +46,16 @@ class Settings(BaseSettings):
     # existing deposits keep the address recorded in their DepositCreated event.
     deposit_address_secret: SecretStr = Field(default=SecretStr("tally-dev-only-deposit-address-secret"),
                                               min_length=16)
+    # Projections (projections/): run them inside `serve` (else run `python -m projections`).
+    run_projections: bool = True
+    projection_batch_size: int = Field(default=1000, ge=1, le=100_000)
+    projection_poll_s: float = Field(default=1.0, gt=0)
+    projection_standby_retry_s: float = Field(default=1.0, gt=0)
+    projection_max_backoff_s: float = Field(default=30.0, gt=0)
+    expiry_batch_size: int = Field(default=100, ge=1, le=10_000)
+    # Read-your-writes: how long a GET with min_position waits by default, and at most (Prefer: wait=N).
+    read_wait_default_s: float = Field(default=2.0, ge=0)
+    read_wait_max_s: float = Field(default=10.0, ge=0)
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod
@@ -65,6 +75,25 @@ class Settings(BaseSettings):
 
     def dsn(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None
+
+    # Server-Sent Events (backend.streaming): a heartbeat comment every SSE_HEARTBEAT_S keeps proxies
+    # from closing idle streams; SSE_RETRY_MS is the reconnection delay advised to browsers; a send that
+    # cannot complete within SSE_SEND_TIMEOUT_S closes its stream; a filtered stream gets an id-only
+    # checkpoint frame at most every SSE_CHECKPOINT_S; SSE_MAX_STREAMS_PER_KEY (429) and SSE_MAX_STREAMS
+    # (per process, 503); dashboards get at most one stats frame per SSE_DASHBOARD_INTERVAL_S; on
+    # shutdown streams close spread over SSE_SHUTDOWN_WINDOW_S (no reconnect storm); the last
+    # SSE_WINDOW_EVENTS events are kept in memory for live streams (behind them, streams page the
+    # store SSE_PAGE_SIZE events at a time).
+    sse_heartbeat_s: float = Field(default=15.0, gt=0)
+    sse_retry_ms: int = Field(default=3000, ge=0)
+    sse_send_timeout_s: float = Field(default=10.0, gt=0)
+    sse_checkpoint_s: float = Field(default=5.0, gt=0)
+    sse_max_streams_per_key: int = Field(default=32, ge=1)
+    sse_max_streams: int = Field(default=10_000, ge=1)
+    sse_dashboard_interval_s: float = Field(default=0.25, gt=0)
+    sse_shutdown_window_s: float = Field(default=2.0, ge=0)
+    sse_window_events: int = Field(default=10_000, ge=16)
+    sse_page_size: int = Field(default=500, ge=1, le=10_000)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -12,6 +12,10 @@ from backend.http.problems import Problem
 ACTOR = web.RequestKey("actor", Actor)
 
 PUBLIC_PREFIXES = ("/health/", "/metrics", "/openapi.json")
+STREAM_PATHS = "/v1/streams/"
+"""Browsers' EventSource cannot send headers, so GETs under this prefix (the SSE streams) may carry
+the key as ``?access_token=`` instead (RFC 6750 section 2.3). Logs record ``request.path``, which has
+no query string, so the token is never logged."""
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -19,6 +23,8 @@ def bearer_token(request: web.Request) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()
+    if request.method == "GET" and request.path.startswith(STREAM_PATHS):
+        return request.query.get("access_token", "").strip() or None
     return None
 
 

@@ -1,0 +1,1 @@
+"""Server-Sent Events for dashboards: the per-process hub, filters, and the aiohttp-sse endpoints."""

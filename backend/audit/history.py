@@ -1,0 +1,92 @@
+"""Pages of history for auditors: the global log (filtered by type, stream prefix and recorded time)
+and one stream's events, with cursors that stay valid while appends continue.
+
+Positions become visible strictly in order and never change, so "everything after position P" is a
+stable cursor. A page is read in one repeatable-read snapshot together with the head, so when a page
+is not full its `next` cursor can safely skip to the head: nothing at or below it can appear later.
+
+Time filters are turned into position bounds: recorded_at never goes backwards along the log, so the
+events recorded before a time T are exactly the positions up to the last one recorded before T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from backend.audit.export import EXPORT_COLUMNS, event_json
+from backend.audit.verify import head as log_head
+from backend.db import Connection
+
+# Walks events_recorded_at backwards and sorts only the first group of equal times (one append
+# batch shares a recorded_at): an incremental sort, not a scan, however old $1 is.
+POSITION_BEFORE_SQL = """
+select coalesce(
+    (select position from events where recorded_at < $1 order by recorded_at desc, position desc limit 1), 0)
+"""
+STREAM_PAGE_SQL = f"""
+select {EXPORT_COLUMNS} from events where stream_id = $1 and version > $2 order by version limit $3
+"""
+STREAM_EXISTS_SQL = "select exists (select 1 from events where stream_id = $1)"
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    events: list[bytes]
+    """Each event as JSON (backend.audit.export.event_json)."""
+    next: int
+    """The cursor for the following page: a position (log) or a version (stream)."""
+    has_more: bool
+    head: int = 0
+
+
+def page_query(
+    low: int, high: int, limit: int, types: Sequence[str] | None, stream_prefix: str | None
+) -> tuple[str, list[object]]:
+    """One statement per filter shape, so each gets its own plan."""
+    args: list[object] = [low, high, limit]
+    where = ["position > $1", "position <= $2"]
+    if types:
+        args.append(list(types))
+        where.append(f"type = any(${len(args)}::text[])")
+    if stream_prefix:
+        args.append(stream_prefix)
+        where.append(f"starts_with(stream_id, ${len(args)})")
+    return f"select {EXPORT_COLUMNS} from events where {' and '.join(where)} order by position limit $3", args
+
+
+async def position_before(conn: Connection, moment: datetime) -> int:
+    """The last position recorded strictly before `moment` (0 if none)."""
+    return int(await conn.fetchval(POSITION_BEFORE_SQL, moment))
+
+
+async def log_page(
+    conn: Connection,
+    *,
+    after: int,
+    limit: int,
+    types: Sequence[str] | None = None,
+    stream_prefix: str | None = None,
+    from_time: datetime | None = None,
+    to_time: datetime | None = None,
+) -> Page:
+    """Events after `after` matching every filter, recorded in [from_time, to_time), oldest first."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        head = await log_head(conn)
+        low = max(after, await position_before(conn, from_time)) if from_time is not None else after
+        high = min(head, await position_before(conn, to_time)) if to_time is not None else head
+        sql, args = page_query(low, high, limit, types, stream_prefix)
+        rows = await conn.fetch(sql, *args) if low < high else []
+    full = len(rows) == limit
+    cursor = rows[-1][0] if full else max(low, high)
+    return Page([event_json(row) for row in rows], cursor, full, head)
+
+
+async def stream_page(conn: Connection, stream_id: str, *, after_version: int, limit: int) -> Page | None:
+    """One stream's events after a version; None if the stream has no events at all."""
+    rows = await conn.fetch(STREAM_PAGE_SQL, stream_id, after_version, limit)
+    if not rows and not await conn.fetchval(STREAM_EXISTS_SQL, stream_id):
+        return None
+    cursor = rows[-1][2] if rows else after_version
+    return Page([event_json(row) for row in rows], cursor, len(rows) == limit)

@@ -1,0 +1,182 @@
+"""Audit endpoints (DESIGN.md section 7), all behind the `audit:read` scope: history pages, the NDJSON
+export, a wallet's state at a past position or time, and hash-chain verification."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from backend.appkeys import POOL, REPOSITORY
+from backend.audit import history
+from backend.audit.export import export_pages
+from backend.audit.verify import head, verify_database
+from backend.domain import Wallet
+from backend.http.auth import require
+from backend.http.bodies import validate
+from backend.http.problems import Problem
+from backend.http.wallets import path_uuid
+from backend.store.events import MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
+
+routes = web.RouteTableDef()
+
+SCOPE = "audit:read"
+NDJSON = "application/x-ndjson"
+MAX_POSITION = 2**63 - 1
+MAX_VERSION = 2**31 - 1
+
+Position = Annotated[int, Field(ge=0, le=MAX_POSITION)]
+Limit = Annotated[int, Field(ge=1, le=1000)]
+StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
+
+RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
+
+
+class Query(BaseModel):
+    """Query parameters: strings converted (lax), unknown parameters rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogQuery(Query):
+    after: Position = 0
+    limit: Limit = 100
+    types: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TYPE_LENGTH)]] | None = None
+    stream_prefix: StreamId | None = None
+    from_time: AwareDatetime | None = None
+    to_time: AwareDatetime | None = None
+
+    @field_validator("types", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+
+
+class StreamQuery(Query):
+    after_version: Annotated[int, Field(ge=0, le=MAX_VERSION)] = 0
+    limit: Limit = 100
+
+
+class ExportQuery(Query):
+    after: Position = 0
+    to: Position | None = None
+
+
+class StateQuery(Query):
+    at_position: Annotated[int, Field(ge=1, le=MAX_POSITION)] | None = None
+    as_of: AwareDatetime | None = None
+
+
+class VerifyQuery(Query):
+    stream: StreamId | None = None
+
+
+M = TypeVar("M", bound=Query)
+
+
+def query(request: web.Request, model: type[M]) -> M:
+    """The query string as `model`; an empty value counts as absent, a repeated parameter is an error."""
+    values: dict[str, str] = {}
+    for name, value in request.query.items():
+        if name in values:
+            raise invalid(name, "give this parameter once")
+        if value != "":
+            values[name] = value
+    return validate(model, values)
+
+
+def invalid(field: str, message: str) -> Problem:
+    """422 validation_error naming the parameter, shaped like the body validation errors."""
+    return Problem(422, "validation_error", f"{field}: {message}",
+                   extra={"errors": [{"field": field, "message": message}]})
+
+
+def json_body(events: list[bytes], **fields: Any) -> web.Response:
+    body = orjson.dumps({"events": [orjson.Fragment(e) for e in events], **fields})
+    return web.Response(body=body, content_type="application/json")
+
+
+@routes.get("/v1/events")
+async def log_events(request: web.Request) -> web.Response:
+    require(request, SCOPE)
+    q = query(request, LogQuery)
+    async with request.app[POOL].acquire() as conn:
+        page = await history.log_page(conn, after=q.after, limit=q.limit, types=q.types,
+                                      stream_prefix=q.stream_prefix, from_time=q.from_time, to_time=q.to_time)
+    return json_body(page.events, next=page.next, has_more=page.has_more, head=page.head)
+
+
+@routes.get("/v1/streams/{stream_id}/events")
+async def stream_events(request: web.Request) -> web.Response:
+    require(request, SCOPE)
+    stream_id = request.match_info["stream_id"]
+    q = query(request, StreamQuery)
+    async with request.app[POOL].acquire() as conn:
+        page = await history.stream_page(conn, stream_id, after_version=q.after_version, limit=q.limit)
+    if page is None:
+        raise Problem(404, "not_found", f"stream {stream_id!r} has no events")
+    return json_body(page.events, stream_id=stream_id, next=page.next, has_more=page.has_more)
+
+
+@routes.get("/v1/events/export")
+async def export(request: web.Request) -> web.StreamResponse:
+    """NDJSON of the events in (after, to], `to` defaulting to the head when the request arrives.
+    Errors after the first byte can only cut the stream short: check the last line's position."""
+    require(request, SCOPE)
+    q = query(request, ExportQuery)
+    async with request.app[POOL].acquire() as conn:
+        to = q.to if q.to is not None else await head(conn)
+        response = web.StreamResponse(headers={
+            "Content-Type": NDJSON,
+            "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',
+            "X-Export-After": str(q.after),
+            "X-Export-To": str(to),
+        })
+        await response.prepare(request)
+        async for chunk in export_pages(conn, q.after, to):
+            await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+@routes.get("/v1/wallets/{wallet_id}/state")
+async def wallet_state(request: web.Request) -> web.Response:
+    """The wallet rebuilt from its own events up to a position or a recorded time (never from a
+    snapshot or cache), viewed at that moment: reservations already due then count as expired."""
+    require(request, SCOPE)
+    wallet_id = path_uuid(request, "wallet_id")
+    q = query(request, StateQuery)
+    if (q.at_position is None) == (q.as_of is None):
+        raise invalid("at_position", "give exactly one of at_position and as_of")
+    if q.at_position is not None:
+        async with request.app[POOL].acquire() as conn:
+            log_head = await head(conn)
+            if q.at_position > log_head:
+                raise invalid("at_position", f"beyond the head of the log ({log_head})")
+            moment: datetime = await conn.fetchval(RECORDED_AT_SQL, q.at_position)
+    else:
+        assert q.as_of is not None
+        if q.as_of > datetime.now(UTC):
+            raise invalid("as_of", "in the future: the answer could still change")
+        moment = q.as_of
+    wallet, position = await request.app[REPOSITORY].as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of)
+    if wallet is None:
+        raise Problem(404, "not_found", f"wallet {wallet_id} did not exist at that point")
+    view = wallet.view(moment.astimezone(UTC)).as_dict()
+    body = {**view, "position": position, "as_of": moment.astimezone(UTC).isoformat()}
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
+
+
+@routes.get("/v1/audit/verify")
+async def verify(request: web.Request) -> web.Response:
+    """Verify one stream's hash chain, or the whole log's (slow on a big log: prefer the CLI)."""
+    require(request, SCOPE)
+    q = query(request, VerifyQuery)
+    async with request.app[POOL].acquire() as conn:
+        report = await verify_database(conn, q.stream)
+    if q.stream is not None and report.events_checked == 0:
+        raise Problem(404, "not_found", f"stream {q.stream!r} has no events")
+    return web.Response(body=orjson.dumps(report.as_dict()), content_type="application/json")

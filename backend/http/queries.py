@@ -1,0 +1,188 @@
+"""Read endpoints served from the read models (projections/), with read-your-writes.
+
+Every GET takes `min_position` (query) or `X-Min-Position` (header): it first waits, up to
+`Prefer: wait=N` seconds (default READ_WAIT_DEFAULT_S, at most READ_WAIT_MAX_S), for the projection
+behind it to reach that position, else answers 503 `unavailable` with Retry-After. Answers carry
+`X-Projection-Position`, the checkpoint the answer reflects (read in the same statement as the
+data). Figures are as of now: a reservation past its expires_at counts as expired everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+
+from backend.appkeys import POOL, PROJECTIONS, SETTINGS
+from backend.http.auth import require
+from backend.http.problems import Problem
+from backend.http.wallets import path_uuid
+from projections import balances, deposits, registry, reservations, stats, status
+
+routes = web.RouteTableDef()
+
+POSITION_HEADER = "X-Projection-Position"
+DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+_PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
+
+
+# ---------------------------------------------------------------- read-your-writes
+
+
+def min_position(request: web.Request) -> int | None:
+    raw = request.query.get("min_position", request.headers.get("X-Min-Position"))
+    if raw is None:
+        return None
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 19:
+        raise Problem(400, "validation_error", "min_position must be a non-negative integer (a write's position)",
+                      extra={"field": "min_position"})
+    return int(raw)
+
+
+def wait_budget(request: web.Request) -> float:
+    settings = request.app[SETTINGS]
+    match = _PREFER_WAIT.search(request.headers.get("Prefer", ""))
+    wanted = float(match[1]) if match else settings.read_wait_default_s
+    return min(wanted, settings.read_wait_max_s)
+
+
+async def reach(request: web.Request, projection: str) -> None:
+    """Wait until `projection` has applied min_position, if the request names one."""
+    position = min_position(request)
+    if position is None:
+        return
+    seen = await request.app[PROJECTIONS].watcher.wait_for(projection, position, wait_budget(request))
+    if seen < position:
+        raise Problem(
+            503, "unavailable",
+            f"the {projection} read model is at position {seen}, not yet at {position}; retry shortly",
+            headers={"Retry-After": "1", POSITION_HEADER: str(seen)},
+            extra={"projection": projection, "position": seen, "min_position": position},
+        )
+
+
+def answer(body: dict[str, Any], checkpoint: int, *, version: int | None = None) -> web.Response:
+    headers = {POSITION_HEADER: str(checkpoint)}
+    if version is not None:
+        headers["ETag"] = f'"{version}"'
+    return web.json_response(body, headers=headers)
+
+
+def not_found(what: str, checkpoint: int) -> Problem:
+    return Problem(404, "not_found", f"{what} does not exist", headers={POSITION_HEADER: str(checkpoint)})
+
+
+def forbidden(what: str) -> Problem:
+    return Problem(403, "forbidden", f"{what} belongs to another owner")
+
+
+# ---------------------------------------------------------------- wallets
+
+
+@routes.get("/v1/wallets/{wallet_id}")
+async def get_wallet(request: web.Request) -> web.Response:
+    actor = require(request, "wallets:read")
+    wallet_id = path_uuid(request, "wallet_id")
+    await reach(request, balances.Balances.name)
+    checkpoint, wallet = await balances.get_wallet(request.app[POOL], wallet_id, datetime.now(UTC))
+    if wallet is None:
+        raise not_found(f"wallet {wallet_id}", checkpoint)
+    if not actor.can_act_for(wallet["owner"]):
+        raise forbidden(f"wallet {wallet_id}")
+    return answer(wallet, checkpoint, version=wallet["version"])
+
+
+@routes.get("/v1/wallets")
+async def list_wallets(request: web.Request) -> web.Response:
+    actor = require(request, "wallets:read")
+    owner = request.query.get("owner")
+    if owner is None and not actor.allows("admin"):
+        owner = actor.owner
+    if owner is not None and not actor.can_act_for(owner):
+        raise Problem(403, "forbidden", "this API key may only list its own owner's wallets")
+    limit = page_limit(request)
+    after = decode_cursor(request.query.get("cursor"))
+    await reach(request, balances.Balances.name)
+    checkpoint, page = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
+    more = len(page) > limit
+    page = page[:limit]
+    cursor = encode_cursor(UUID(page[-1]["wallet_id"])) if more else None
+    return answer({"wallets": page, "next_cursor": cursor}, checkpoint)
+
+
+def page_limit(request: web.Request) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise Problem(400, "validation_error", f"limit must be an integer from 1 to {MAX_LIMIT}",
+                      extra={"field": "limit"})
+    return int(raw)
+
+
+def encode_cursor(last: UUID) -> str:
+    """Opaque to clients: the last wallet id of the page (keyset pagination by wallet_id)."""
+    return base64.urlsafe_b64encode(last.bytes).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> UUID | None:
+    if cursor is None:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return UUID(bytes=raw)
+    except (binascii.Error, ValueError):
+        raise Problem(400, "validation_error", "cursor is not one this API returned",
+                      extra={"field": "cursor"}) from None
+
+
+# ---------------------------------------------------------------- reservations, deposits, stats, status
+
+
+@routes.get("/v1/reservations/{reservation_id}")
+async def get_reservation(request: web.Request) -> web.Response:
+    actor = require(request, "wallets:read")
+    reservation_id = path_uuid(request, "reservation_id")
+    await reach(request, reservations.Reservations.name)
+    checkpoint, found = await reservations.get_reservation(request.app[POOL], reservation_id, datetime.now(UTC))
+    if found is None:
+        raise not_found(f"reservation {reservation_id}", checkpoint)
+    if not actor.can_act_for(found["owner"]):
+        raise forbidden(f"reservation {reservation_id}")
+    return answer(found, checkpoint)
+
+
+@routes.get("/v1/deposits/{deposit_id}")
+async def get_deposit(request: web.Request) -> web.Response:
+    actor = require(request, "wallets:read")
+    deposit_id = path_uuid(request, "deposit_id")
+    await reach(request, deposits.Deposits.name)
+    checkpoint, found = await deposits.get_deposit(request.app[POOL], deposit_id)
+    if found is None:
+        raise not_found(f"deposit {deposit_id}", checkpoint)
+    owner = found.pop("owner")
+    if not actor.can_act_for(owner):
+        raise forbidden(f"deposit {deposit_id}")
+    return answer(found, checkpoint, version=found["version"])
+
+
+@routes.get("/v1/stats")
+async def get_stats(request: web.Request) -> web.Response:
+    require(request, "wallets:read")
+    await reach(request, stats.Stats.name)
+    async with request.app[POOL].acquire() as conn:
+        checkpoint, body = await stats.get_stats(conn, datetime.now(UTC))
+    return answer(body, checkpoint)
+
+
+@routes.get("/v1/projections")
+async def get_projections(request: web.Request) -> web.Response:
+    require(request, "admin")
+    found = await status.status(request.app[POOL], registry.names())
+    return web.json_response({"projections": [item.as_dict() for item in found]})

@@ -1,0 +1,107 @@
+"""Dashboard stats: one shared, rate-limited feed of the stats read model for every dashboard stream.
+
+The feed asks a ``StatsSource`` for ``(stats, position)`` whenever the log's head moves (and, while the
+read model lags the head, until it catches up), at most once per interval. It remembers at which
+position each entry last changed, an entry being a key of a section (``stats["currencies"]["USD"]``,
+``stats["events"]["WalletCredited"]``) or a top-level value that is not a dict; a subscriber that last
+sent position p then sends only the entries changed after p, in the same shape, whatever it missed in
+between. A client merges each section of a delta into its copy of the snapshot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.store.listener import Listener
+from projections.stats import get_stats
+
+log = logging.getLogger(__name__)
+
+Stats = dict[str, Any]
+StatsSource = Callable[[], Awaitable[tuple[Stats, int]]]
+"""Returns the stats read model and the log position it reflects (read together, consistently)."""
+
+IDLE_RECHECK_S = 5.0
+
+
+class StatsFeed:
+    def __init__(self, source: StatsSource, listener: Listener, interval_s: float,
+                 on_change: Callable[[], None]) -> None:
+        self._source = source
+        self._listener = listener
+        self.interval_s = interval_s
+        self._on_change = on_change
+        self.stats: Stats = {}
+        self.position = -1
+        """-1 until the first read: dashboard streams wait for ``ready`` before they start."""
+        self._changed_at: dict[tuple[str, str | None], int] = {}
+        self.ready = asyncio.Event()
+        self.active = asyncio.Event()
+        """Set while someone watches: nobody watching, nobody reads."""
+
+    def delta_since(self, position: int) -> Stats:
+        delta: Stats = {}
+        for (section, key), at in self._changed_at.items():
+            if at <= position:
+                continue
+            if key is None:
+                delta[section] = self.stats[section]
+            else:
+                delta.setdefault(section, {})[key] = self.stats[section][key]
+        return delta
+
+    def _update(self, stats: Stats, position: int) -> None:
+        if position <= self.position:  # nothing new (or a read model being rebuilt: ids never go back)
+            return
+        for section, value in stats.items():
+            before = self.stats.get(section)
+            if isinstance(value, dict):
+                known = before if isinstance(before, dict) else {}
+                for key, entry in value.items():
+                    if known.get(key) != entry:
+                        self._changed_at[(section, key)] = position
+            elif before != value:
+                self._changed_at[(section, None)] = position
+        self.stats, self.position = stats, position
+        self.ready.set()
+        self._on_change()
+
+    async def run(self) -> None:
+        failing = False
+        while True:
+            await self.active.wait()
+            try:
+                stats, position = await self._source()
+            except UNAVAILABLE_ERRORS as exc:
+                if not failing:
+                    log.warning("cannot read dashboard stats, retrying", extra={"reason": describe(exc)})
+                failing = True
+                await asyncio.sleep(1.0)
+                continue
+            except Exception:
+                log.exception("reading dashboard stats failed, retrying")
+                await asyncio.sleep(1.0)
+                continue
+            failing = False
+            self._update(stats, position)
+            await asyncio.sleep(self.interval_s)  # at most one read, hence one frame, per interval
+            if self.position >= self._listener.head:  # caught up: wait for the log to move
+                await self._listener.wait_beyond(self.position, IDLE_RECHECK_S)
+
+
+def projection_stats(db: asyncpg.Pool) -> StatsSource:
+    """The stats read model (projections/stats.py) and its checkpoint, read in one snapshot."""
+
+    async def read() -> tuple[Stats, int]:
+        async with db.acquire() as conn:
+            checkpoint, stats = await get_stats(conn, datetime.now(UTC))
+        return stats, checkpoint
+
+    return read

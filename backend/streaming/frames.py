@@ -1,0 +1,66 @@
+"""The Server-Sent Events wire format, as bytes.
+
+aiohttp-sse's ``send`` builds each frame with a StringIO and two regular expressions; at a thousand
+subscribers times a thousand events a second that is too slow, so an event's frame is encoded once,
+when it enters the shared window, and every subscriber writes the same bytes. Data is always one
+line of JSON (orjson escapes newlines inside strings), so a frame never needs several ``data:`` lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from backend.store.events import RecordedEvent
+
+_JSON_OPTIONS = orjson.OPT_UTC_Z
+
+
+def event_body(event: RecordedEvent) -> dict[str, Any]:
+    """What a client sees of an event: never its metadata (actor, request ids) nor its hash."""
+    return {
+        "position": event.position,
+        "stream": event.stream_id,
+        "version": event.version,
+        "type": event.type,
+        "data": event.data,
+        "recorded_at": event.recorded_at,
+    }
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value, option=_JSON_OPTIONS)
+
+
+def _field(value: str) -> bytes:
+    """A single-line field value: line breaks would end the field early, so they become spaces."""
+    return value.replace("\r", " ").replace("\n", " ").encode()
+
+
+def frame(position: int, event: str, data: bytes) -> bytes:
+    """``id:`` (the global position, a browser's resume point), ``event:`` and one ``data:`` line."""
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (position, _field(event), data)
+
+
+def event_frame(event: RecordedEvent) -> bytes:
+    return frame(event.position, event.type, dumps(event_body(event)))
+
+
+def checkpoint(position: int) -> bytes:
+    """An id-only frame: it moves the browser's last event id and dispatches nothing."""
+    return b"id: %d\n\n" % position
+
+
+def opening(retry_ms: int, position: int | None) -> bytes:
+    """The first frame: reconnection advice and, for log streams, the start position as the resume
+    point, so that a client dropped before its first event resumes from there (not from its URL)."""
+    if position is None:
+        return b"retry: %d\n\n" % retry_ms
+    return b"retry: %d\nid: %d\n\n" % (retry_ms, position)
+
+
+def chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk (aiohttp-sse always streams chunked), for bytes written straight to the
+    transport: a complete chunk can go between any two of aiohttp's own writes."""
+    return b"%x\r\n%b\r\n" % (len(payload), payload)

@@ -1,0 +1,438 @@
+"""Per-process fan-out of the event log to stream subscribers.
+
+One tailing task, woken by the process's Listener (its one LISTEN connection), reads each new batch
+of events once into the shared ``Window`` and wakes the subscribers. A subscriber keeps only its
+position (and a few numbers): its own task takes what follows that position from the window, or,
+when it has fallen behind the window, pages through the store; there is no per-subscriber queue, so
+an idle subscriber costs the same small amount however busy the log is, and a slow one just lags.
+
+The tail also serves the common case itself: a subscriber parked at the old end of the window (caught
+up, its task asleep, its socket draining) gets the new events written straight to its transport as one
+complete HTTP chunk, without waking its task; unfiltered subscribers share the very same bytes. At a
+thousand subscribers that is one system call each per batch and little else. Everyone else (behind,
+busy, or with a socket that has stopped draining) is woken and serves itself, with back-pressure.
+
+A send that does not complete within the send timeout closes that stream. Rather than a timer around
+every write (nearly all complete at once), a stream whose socket stops taking bytes (more than
+STALL_BYTES waiting in its transport) arms one timer; if the socket has not drained when it fires, the
+connection is aborted. A ticker wakes everyone every checkpoint interval, so that idle streams notice a
+vanished client and filtered ones send the checkpoints they owe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from backend.config import Settings
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.store import reads
+from backend.store.events import RecordedEvent
+from backend.store.listener import Listener
+from backend.store.reads import Executor
+from backend.streaming import frames
+from backend.streaming.dashboard import StatsFeed, StatsSource
+from backend.streaming.filters import EventFilter
+from backend.streaming.owners import Owners
+from backend.streaming.window import FRAME, POSITION, Item, Window, make_item
+
+log = logging.getLogger(__name__)
+
+RETRY_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class HubConfig:
+    window_events: int = 10_000
+    page_size: int = 500
+    checkpoint_s: float = 5.0
+    send_timeout_s: float = 10.0
+    max_streams: int = 10_000
+    max_streams_per_key: int = 32
+    shutdown_window_s: float = 2.0
+    dashboard_interval_s: float = 0.25
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HubConfig:
+        return cls(
+            window_events=settings.sse_window_events,
+            page_size=settings.sse_page_size,
+            checkpoint_s=settings.sse_checkpoint_s,
+            send_timeout_s=settings.sse_send_timeout_s,
+            max_streams=settings.sse_max_streams,
+            max_streams_per_key=settings.sse_max_streams_per_key,
+            shutdown_window_s=settings.sse_shutdown_window_s,
+            dashboard_interval_s=settings.sse_dashboard_interval_s,
+        )
+
+
+class StreamRefused(Exception):
+    """No room for another stream: for this key, in this process, or the process is shutting down."""
+
+    def __init__(self, reason: Literal["key", "process", "closing"]) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Sink(Protocol):
+    """Where a subscriber's bytes go (an aiohttp StreamResponse)."""
+
+    def write(self, data: bytes) -> Awaitable[None]: ...
+
+
+class Transport(Protocol):
+    def is_closing(self) -> bool: ...
+
+    def abort(self) -> None: ...
+
+    def write(self, data: bytes) -> None: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+
+Render = Callable[[list[RecordedEvent]], bytes]
+
+STALL_BYTES = 64 * 1024
+"""Unsent bytes beyond which a transport counts as stalled: where asyncio pauses writers, and where the
+tail stops writing to it (aiohttp's own limit)."""
+
+
+class Subscriber:
+    """One stream's state. Slots only: thousands of these sit idle."""
+
+    __slots__ = ("_stall", "_waiter", "closing", "filter", "key_id", "position", "pushable", "render",
+                 "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started", "transport")
+
+    def __init__(self, key_id: str, transport: Transport, position: int, flt: EventFilter | None,
+                 render: Render | None = None, send_timeout_s: float = 10.0) -> None:
+        self.key_id = key_id
+        self.render = render
+        """Turns whole events into bytes, in place of their shared frames (wallet streams add figures)."""
+        self.sink: Sink | None = None
+        """Set when the response starts."""
+        self.transport = transport
+        self.filter = flt
+        """What a log stream receives; None for a dashboard stream (woken by the stats feed instead)."""
+        self.pushable = False
+        """Set once the response is under way in chunked framing and sends the shared event frames."""
+        self.position = position
+        """Every event up to here has been examined (and sent if it matched)."""
+        self.sent_position = position
+        """The last id the client has; a checkpoint frame is owed while it is behind position."""
+        self.sent_at = time.monotonic()
+        self.send_started = 0.0
+        self.send_timeout_s = send_timeout_s
+        self.started = False
+        """Streaming: from here on its own loop ends it (and leaves the hub)."""
+        self.closing = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._stall: asyncio.TimerHandle | None = None
+
+    @property
+    def alive(self) -> bool:
+        return not self.closing and not self.transport.is_closing()
+
+    @property
+    def stats(self) -> bool:
+        return self.filter is None
+
+    async def send(self, data: bytes) -> None:
+        if self.sink is None:
+            raise RuntimeError("the stream has not started")
+        if self.transport.get_write_buffer_size() + len(data) > STALL_BYTES:
+            self.stalled()  # this write may have to wait for the socket to drain
+        self.send_started = time.monotonic()
+        try:
+            await self.sink.write(data)
+        finally:
+            self.send_started = 0.0
+        self.sent_at = time.monotonic()
+        if self._stall is not None and self.transport.get_write_buffer_size() <= STALL_BYTES:
+            self._stall.cancel()
+            self._stall = None
+
+    def parked_at(self, position: int) -> bool:
+        """Asleep and caught up with position: the tail may write to it directly."""
+        return self._waiter is not None and self.position == position and self.pushable and self.alive
+
+    def push(self, chunk: bytes) -> bool:
+        """Write a complete HTTP chunk now, unless the socket has stopped draining (False)."""
+        if self.transport.get_write_buffer_size() > STALL_BYTES:
+            self.stalled()
+            return False
+        self.transport.write(chunk)  # never blocks: the transport buffers what the socket refuses
+        self.sent_at = time.monotonic()
+        return True
+
+    def stalled(self) -> None:
+        """The socket stopped taking bytes: a send that does not complete within the send timeout (that
+        is, a buffer still above the limit, or a write still waiting) ends the stream. One timer per
+        stalled stream, none for the others."""
+        if self._stall is None:
+            self._stall = asyncio.get_running_loop().call_later(self.send_timeout_s, self._stall_expired)
+
+    def _stall_expired(self) -> None:
+        self._stall = None
+        if self.transport.is_closing():
+            return
+        if self.send_started or self.transport.get_write_buffer_size() > STALL_BYTES:
+            log.info("closing a stream whose client stopped reading", extra={"key_id": self.key_id})
+            self.transport.abort()
+            self.close()
+
+    async def sleep(self) -> None:
+        """Until the hub has news for this subscriber (new events, a tick, or its close)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        self.closing = True
+        self.wake()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+
+class Hub:
+    def __init__(self, db: Executor, listener: Listener, config: HubConfig, stats_source: StatsSource) -> None:
+        self.db = db
+        self.listener = listener
+        self.config = config
+        self.window = Window(config.window_events)
+        self.owners = Owners(db)
+        self._log_subscribers: set[Subscriber] = set()
+        self._stats_subscribers: set[Subscriber] = set()
+        self._per_key: dict[str, int] = {}
+        self.stats = StatsFeed(stats_source, listener, config.dashboard_interval_s,
+                               lambda: self._wake(self._stats_subscribers))
+        self._tail_active = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._closing = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def streams(self) -> int:
+        return len(self._log_subscribers) + len(self._stats_subscribers)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.window.reset(await reads.head(self.db))
+        self._tasks = [
+            asyncio.create_task(self._tail(), name="sse-tail"),
+            asyncio.create_task(self._tick(), name="sse-ticker"),
+            asyncio.create_task(self.stats.run(), name="sse-stats"),
+        ]
+
+    async def shutdown(self) -> None:
+        """Refuse new streams and end every open one, the closes spread evenly over the shutdown window
+        in random order, so that browsers do not all reconnect (elsewhere) at the same instant."""
+        self._closing = True
+        subscribers = [*self._log_subscribers, *self._stats_subscribers]
+        if not subscribers:
+            return
+        random.shuffle(subscribers)
+        loop = asyncio.get_running_loop()
+        spread = self.config.shutdown_window_s / len(subscribers)
+        for i, subscriber in enumerate(subscribers):
+            loop.call_later(0 if not subscriber.alive else i * spread, subscriber.close)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.shutdown_window_s + self.config.send_timeout_s):
+                await self._drained.wait()
+
+    async def close(self) -> None:
+        await self.shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # ---------------------------------------------------------------- subscribers
+
+    def subscribe(self, key_id: str, transport: Transport, position: int, flt: EventFilter | None,
+                  render: Render | None = None) -> Subscriber:
+        """Admit a stream (flt None: a dashboard), or raise StreamRefused (before the response starts)."""
+        self.admit(key_id)
+        subscriber = Subscriber(key_id, transport, position, flt, render, self.config.send_timeout_s)
+        self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
+        if flt is None:
+            self._stats_subscribers.add(subscriber)
+            self.stats.active.set()
+        else:
+            self._log_subscribers.add(subscriber)
+            self._tail_active.set()
+        return subscriber
+
+    def admit(self, key_id: str) -> None:
+        if self._closing:
+            raise StreamRefused("closing")
+        if self.streams >= self.config.max_streams:
+            raise StreamRefused("process")
+        if self._per_key.get(key_id, 0) >= self.config.max_streams_per_key:
+            raise StreamRefused("key")
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        group = self._stats_subscribers if subscriber.stats else self._log_subscribers
+        if subscriber not in group:
+            return
+        group.discard(subscriber)
+        left = self._per_key[subscriber.key_id] - 1
+        if left:
+            self._per_key[subscriber.key_id] = left
+        else:
+            del self._per_key[subscriber.key_id]
+        if not self._stats_subscribers:
+            self.stats.active.clear()
+        if not self._log_subscribers:
+            self._tail_active.clear()
+        if self._closing and not self.streams:
+            self._drained.set()
+
+    async def next_items(self, subscriber: Subscriber) -> list[Item]:
+        """The matching events that follow the subscriber's position, advancing it past every event
+        examined: a slice of the window when the window covers the position, else one page of the store.
+        An empty answer with ``caught_up`` false means "examined some, none matched": ask again."""
+        flt = self._filter(subscriber)
+        if self.window.covers(subscriber.position):
+            items = self.window.after(subscriber.position, self.config.page_size)
+            if items:
+                subscriber.position = items[-1][POSITION]
+            return items if flt.everything else [item for item in items if flt.matches(item)]
+        get = self.owners.get
+        return [make_item(event, get(event.stream_id)) for event in await self._page(subscriber, flt)]
+
+    async def next_events(self, subscriber: Subscriber) -> list[RecordedEvent]:
+        """Like next_items, for streams that need whole events (a wallet's, folded for its figures): the
+        window, which keeps only frames, just tells whether anything is new for them; the store has it."""
+        flt = self._filter(subscriber)
+        if self.window.covers(subscriber.position):
+            items = self.window.after(subscriber.position, self.config.page_size)
+            if not any(flt.matches(item) for item in items):
+                if items:
+                    subscriber.position = items[-1][POSITION]
+                return []
+        return await self._page(subscriber, flt)
+
+    @staticmethod
+    def _filter(subscriber: Subscriber) -> EventFilter:
+        if subscriber.filter is None:
+            raise TypeError("dashboard streams do not read the log")
+        return subscriber.filter
+
+    async def _page(self, subscriber: Subscriber, flt: EventFilter) -> list[RecordedEvent]:
+        """One page of matching events from the store, after the subscriber's position."""
+        bound = self.window.end  # read by the tail, hence visible: the query sees everything up to it
+        sql, args = flt.query(subscriber.position, self.config.page_size)
+        events = [reads.to_event(row) for row in await self.db.fetch(sql, *args)]
+        if len(events) == self.config.page_size:
+            subscriber.position = events[-1].position
+        else:  # the query returned every match it could see, and it saw at least up to bound
+            subscriber.position = max(subscriber.position, bound, events[-1].position if events else 0)
+        await self.owners.resolve(events)
+        get = self.owners.get
+        return [e for e in events if flt.accepts(e.stream_id, e.type, get(e.stream_id))]
+
+    def caught_up(self, subscriber: Subscriber) -> bool:
+        return subscriber.position >= self.window.end
+
+    def checkpoint_due(self, subscriber: Subscriber) -> bool:
+        return (subscriber.sent_position < subscriber.position
+                and time.monotonic() - subscriber.sent_at >= self.config.checkpoint_s)
+
+    async def items(self, events: list[RecordedEvent]) -> list[Item]:
+        await self.owners.resolve(events)
+        get = self.owners.get
+        return [make_item(event, get(event.stream_id)) for event in events]
+
+    # ---------------------------------------------------------------- background tasks
+
+    @staticmethod
+    def _wake(subscribers: set[Subscriber]) -> None:
+        for subscriber in subscribers:
+            subscriber.wake()
+
+    async def _tail(self) -> None:
+        """Read each new batch of the log once into the window, then wake the log subscribers."""
+        failures = 0
+        while True:
+            try:
+                if not self._tail_active.is_set():
+                    await self._tail_active.wait()
+                    self.window.reset(await reads.head(self.db))  # nobody needed what happened meanwhile
+                    continue
+                end = self.window.end
+                if self.listener.head <= end:
+                    await self.listener.wait_beyond(end, self.config.checkpoint_s)
+                    if self.listener.head <= end:
+                        continue
+                events = await reads.read_all(self.db, end, self.config.page_size)
+                if events:
+                    items = await self.items(events)
+                    self.window.extend(items)
+                    self._publish(items, end)
+                failures = 0
+            except UNAVAILABLE_ERRORS as exc:
+                if not failures:
+                    log.warning("cannot read the event log for streams, retrying", extra={"reason": describe(exc)})
+                await asyncio.sleep(RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S) - 1)])
+                failures += 1
+            except Exception:
+                log.exception("reading the event log for streams failed, retrying")
+                await asyncio.sleep(RETRY_DELAYS_S[-1])
+
+    def _publish(self, items: list[Item], end: int) -> None:
+        """New items follow position end: push them to the subscribers parked there, wake the others."""
+        new_end = self.window.end
+        if items[0][POSITION] != end + 1 or new_end != items[-1][POSITION]:
+            self._wake(self._log_subscribers)  # the window was reset: everyone reads for themselves
+            return
+        shared: bytes | None = None
+        for subscriber in self._log_subscribers:
+            flt = subscriber.filter
+            if flt is None or not subscriber.parked_at(end):
+                subscriber.wake()
+                continue
+            if flt.everything:
+                if shared is None:
+                    shared = frames.chunk(b"".join(item[FRAME] for item in items))
+                if subscriber.push(shared):
+                    subscriber.position = subscriber.sent_position = new_end
+                else:
+                    subscriber.wake()  # it lags from here on, and reads for itself when the socket drains
+                continue
+            matching = [item for item in items if flt.matches(item)]
+            if matching and not subscriber.push(frames.chunk(b"".join(item[FRAME] for item in matching))):
+                subscriber.wake()
+                continue
+            subscriber.position = new_end
+            if matching:
+                subscriber.sent_position = matching[-1][POSITION]
+            if self.checkpoint_due(subscriber) and subscriber.push(frames.chunk(frames.checkpoint(new_end))):
+                subscriber.sent_position = new_end
+
+    async def _tick(self) -> None:
+        """Every checkpoint interval, wake everyone: idle streams notice a vanished client, and filtered
+        ones send the checkpoint they owe. Streams admitted whose client left before they started
+        streaming have no loop to end them: they leave here."""
+        while True:
+            await asyncio.sleep(self.config.checkpoint_s)
+            for group in (self._log_subscribers, self._stats_subscribers):
+                for subscriber in [s for s in group if not s.started and s.transport.is_closing()]:
+                    self.unsubscribe(subscriber)
+                self._wake(group)

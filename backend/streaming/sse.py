@@ -1,0 +1,318 @@
+"""The SSE endpoints (aiohttp-sse): every check happens before the response starts, so an
+authorization failure or a refused stream is an ordinary problem+json answer (a browser's EventSource
+then stops retrying); after that the stream only ends by the client leaving, a stuck send, or shutdown.
+
+Resume position: ``?after=N`` (or ``after=now``, the head) positions a fresh connection; a browser
+reconnecting re-sends the same URL together with ``Last-Event-ID``, which is then further along and
+takes over (the later of the two counts; ``now`` never skips past a Last-Event-ID). Without either,
+a stream starts at the beginning of the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any, cast
+from uuid import UUID
+
+from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp_sse import EventSourceResponse
+
+from backend.appkeys import HUB, LISTENER, POOL, REPOSITORY, SETTINGS
+from backend.commands.context import Actor
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.domain import Wallet, wallet_stream
+from backend.http.auth import ACTOR
+from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from backend.http.problems import Problem
+from backend.store import reads
+from backend.store.events import RecordedEvent
+from backend.store.repository import fold
+from backend.streaming import frames
+from backend.streaming.dashboard import projection_stats
+from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
+from backend.streaming.hub import Hub, HubConfig, Render, StreamRefused, Subscriber
+from backend.streaming.window import FRAME, POSITION
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+MAX_POSITION = 2**63 - 1
+LAST_EVENT_ID = "Last-Event-ID"
+
+
+# ---------------------------------------------------------------- lifecycle (wired in backend.app)
+
+
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This process's hub, reading through the app's pool and woken by its one Listener."""
+    pool = app[POOL]
+    hub = Hub(pool, app[LISTENER], HubConfig.from_settings(app[SETTINGS]), projection_stats(pool))
+    await hub.start()
+    app[HUB] = hub
+    try:
+        yield
+    finally:
+        await hub.close()
+
+
+async def close_streams(app: web.Application) -> None:
+    """on_shutdown: end the streams first. aiohttp then waits for in-flight handlers (up to its
+    shutdown timeout) before the cleanup contexts run, so a stream still open would hold shutdown
+    for that whole timeout and then be cancelled rather than ended."""
+    hub = app.get(HUB)
+    if hub is not None:
+        await hub.shutdown()
+
+
+# ---------------------------------------------------------------- checks before the stream starts
+
+
+def viewer_owner(actor: Actor) -> str | None:
+    """None when the key sees every stream (``audit:read``); else the owner whose wallets it sees."""
+    if actor.allows("audit:read"):
+        return None
+    if actor.allows("wallets:read"):
+        return actor.owner
+    raise Problem(403, "forbidden", "streams need an API key with the 'wallets:read' or 'audit:read' scope")
+
+
+def _position(raw: str, field: str) -> int:
+    raw = raw.strip()
+    if not raw.isdigit() or int(raw) > MAX_POSITION:
+        raise Problem(400, "validation_error", f"{field} must be a log position (a non-negative integer)"
+                      + (" or 'now'" if field == "after" else ""), extra={"field": field})
+    return int(raw)
+
+
+async def start_position(request: web.Request) -> int:
+    """Where a log stream resumes: every matching event after this position is sent."""
+    header = request.headers.get(LAST_EVENT_ID, "").strip()
+    last = _position(header, LAST_EVENT_ID) if header else None
+    after = request.query.get("after")
+    if after is None:
+        return last if last is not None else 0
+    if after.strip() == "now":
+        return last if last is not None else await reads.head(request.app[POOL])
+    return max(_position(after, "after"), last or 0)
+
+
+def _filter(request: web.Request, owner: str | None) -> EventFilter:
+    try:
+        flt = parse_filter(request.query)
+    except InvalidFilter as exc:
+        raise Problem(400, "validation_error", str(exc), extra={"field": exc.field}) from None
+    return dataclasses.replace(flt, owner=owner) if owner is not None else flt
+
+
+def _refused(exc: StreamRefused, request: web.Request) -> Problem:
+    settings = request.app[SETTINGS]
+    retry_after = {"Retry-After": str(max(1, math.ceil(settings.sse_retry_ms / 1000)))}
+    if exc.reason == "key":
+        return Problem(429, "rate_limited", f"this API key already has {settings.sse_max_streams_per_key} "
+                       "open streams; close one first", headers=retry_after)
+    if exc.reason == "process":
+        return Problem(503, "unavailable", "this server holds as many streams as it may; try again shortly",
+                       headers=retry_after)
+    return Problem(503, "unavailable", "this server is shutting down; reconnect", headers=retry_after)
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+@routes.get("/v1/streams/events")
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """The event log, filtered by ``stream``, ``stream_prefix`` and ``types``."""
+    owner = viewer_owner(request[ACTOR])
+    flt = _filter(request, owner)
+    if owner is not None and flt.stream is not None:
+        stream_owner = await request.app[HUB].owners.owner_of(flt.stream)
+        if stream_owner != owner:
+            raise Problem(403, "forbidden", "this API key may only follow its owner's wallets")
+    position = await start_position(request)
+    return await serve(request, position, flt, None)
+
+
+@routes.get("/v1/streams/wallets/{wallet_id}")
+async def stream_wallet(request: web.Request) -> web.StreamResponse:
+    """One wallet's events, each with the wallet's figures right after it."""
+    owner = viewer_owner(request[ACTOR])
+    try:
+        wallet_id = UUID(request.match_info["wallet_id"])
+    except ValueError:
+        raise Problem(404, "not_found", "wallet_id must be a UUID") from None
+    repository = request.app[REPOSITORY]
+    wallet = await repository.find(Wallet, wallet_id)
+    if wallet is None:
+        raise Problem(404, "not_found", f"wallet {wallet_id} does not exist")
+    if owner is not None and wallet.owner != owner:
+        raise Problem(403, "forbidden", f"wallet {wallet_id} belongs to another owner")
+    position = await start_position(request)
+    state, _ = await repository.as_of(Wallet, wallet_id, position=position)
+    follower = WalletFollower(wallet_id, state)
+    return await serve(request, position, EventFilter(stream=wallet_stream(wallet_id)), follower.render)
+
+
+@routes.get("/v1/streams/dashboard")
+async def stream_dashboard(request: web.Request) -> web.StreamResponse:
+    """A ``snapshot`` of the stats read model, then ``stats`` deltas at a bounded rate."""
+    viewer_owner(request[ACTOR])
+    return await serve(request, None, None, None)
+
+
+# ---------------------------------------------------------------- the stream itself
+
+
+class EventStream(EventSourceResponse):
+    """aiohttp-sse's response, which streams from ``write_eof``.
+
+    aiohttp calls ``write_eof`` once the handler has returned its response. Streaming there, rather
+    than inside the handler, lets the handler's frames and every middleware's go for as long as the
+    stream lasts: about 1.7 KiB per connection, an eighth of what an idle stream costs. The handler
+    still makes every check and admits the stream first, so errors are problem+json answers.
+    """
+
+    def __init__(self, hub: Hub, subscriber: Subscriber, retry_ms: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.hub = hub
+        self.subscriber: Subscriber | None = subscriber
+        self.retry_ms = retry_ms
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """aiohttp prepares again before write_eof; if the client has left by then, aiohttp-sse raises
+        and write_eof never runs, so the stream leaves the hub here."""
+        try:
+            return await super().prepare(request)
+        except BaseException:
+            if self.subscriber is not None:
+                self.hub.unsubscribe(self.subscriber)
+                self.subscriber = None
+            raise
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        subscriber, self.subscriber = self.subscriber, None
+        if subscriber is None or not self.prepared:
+            return await super().write_eof(data)
+        hub = self.hub
+        subscriber.started = True
+        try:
+            await subscriber.send(frames.opening(self.retry_ms, None if subscriber.stats else subscriber.position))
+            if subscriber.stats:
+                await pump_dashboard(hub, subscriber)
+            else:
+                await pump_log(hub, subscriber, self.headers.get("Transfer-Encoding") == "chunked")
+        except ConnectionError:
+            pass  # the client left, or its stuck send was aborted: it resumes from its last id
+        except UNAVAILABLE_ERRORS as exc:
+            log.warning("ending a stream: the database is unavailable", extra={"reason": describe(exc)})
+        finally:
+            hub.unsubscribe(subscriber)
+            self.stop_streaming()
+        await super().write_eof(data)  # a clean end: browsers reconnect (not reached when cancelled)
+
+
+async def serve(request: web.Request, position: int | None, flt: EventFilter | None, render: Render | None
+                ) -> web.StreamResponse:
+    """Admit the stream (429/503 before anything is sent) and start the response; it streams once
+    returned (see EventStream). flt None is a dashboard stream, which starts with a snapshot, so has
+    no resume position; render replaces the shared event frames (wallet streams add figures)."""
+    hub = request.app[HUB]
+    settings = request.app[SETTINGS]
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise Problem(503, "unavailable", "the connection closed before the stream started")
+    try:
+        subscriber = hub.subscribe(request[ACTOR].key_id, transport, position or 0, flt, render)
+    except StreamRefused as exc:
+        raise _refused(exc, request) from None
+    try:
+        if flt is None:
+            await _stats_ready(hub)
+        response = EventStream(hub, subscriber, settings.sse_retry_ms, sep="\n",
+                               send_timeout=settings.sse_send_timeout_s, ping_interval=settings.sse_heartbeat_s)
+        response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+        subscriber.sink = response
+        await response.prepare(request)
+    except BaseException:
+        hub.unsubscribe(subscriber)
+        raise
+    return response
+
+
+async def _stats_ready(hub: Hub) -> None:
+    try:
+        async with asyncio.timeout(5.0):
+            await hub.stats.ready.wait()
+    except TimeoutError:
+        raise Problem(503, "unavailable", "the stats read model cannot be read right now",
+                      headers={"Retry-After": "1"}) from None
+
+
+async def pump_log(hub: Hub, subscriber: Subscriber, chunked: bool) -> None:
+    """Send matching events until the stream ends; while it sleeps, the tail may send for it: whole
+    chunks straight to the socket, when the response is chunked (always, over HTTP/1.1) and carries
+    the shared frames."""
+    subscriber.pushable = chunked and subscriber.render is None
+    render = subscriber.render
+    while subscriber.alive:
+        if render is None:
+            items = await hub.next_items(subscriber)
+            data, last = b"".join(item[FRAME] for item in items), items[-1][POSITION] if items else 0
+        else:
+            events = await hub.next_events(subscriber)
+            data, last = render(events), events[-1].position if events else 0
+        if data:
+            await subscriber.send(data)
+            subscriber.sent_position = last
+        elif not hub.caught_up(subscriber):
+            continue  # examined a page that held nothing for this filter: read on
+        elif hub.checkpoint_due(subscriber):
+            await subscriber.send(frames.checkpoint(subscriber.position))
+            subscriber.sent_position = subscriber.position
+        else:
+            await subscriber.sleep()  # nothing awaited since the window was read: no wake-up missed
+
+
+async def pump_dashboard(hub: Hub, subscriber: Subscriber) -> None:
+    feed = hub.stats
+    position = feed.position
+    snapshot = frames.dumps({"position": position, "stats": feed.stats})
+    await subscriber.send(frames.frame(position, "snapshot", snapshot))
+    subscriber.sent_position = position
+    while subscriber.alive:
+        if feed.position <= subscriber.sent_position:
+            await subscriber.sleep()
+            continue
+        early = subscriber.sent_at + feed.interval_s - time.monotonic()
+        if early > 0:  # coalesce: whatever is newest when the interval is up goes out (last value wins)
+            await asyncio.sleep(early)
+            continue
+        position = feed.position
+        delta = frames.dumps({"position": position, "stats": feed.delta_since(subscriber.sent_position)})
+        await subscriber.send(frames.frame(position, "stats", delta))
+        subscriber.sent_position = position
+
+
+class WalletFollower:
+    """A wallet stream's running state: each event is folded in and sent with the figures after it."""
+
+    def __init__(self, wallet_id: UUID, state: Wallet | None) -> None:
+        self.wallet_id = wallet_id
+        self.state = state
+
+    def render(self, events: list[RecordedEvent]) -> bytes:
+        chunks = []
+        for event in events:
+            self.state = cast(Wallet, fold([event], self.state, self.wallet_id))
+            view = self.state.view(event.recorded_at)
+            figures = {"balance": view.balance, "available": view.available, "locked": view.locked,
+                       "reserved": view.reserved, "version": view.version}
+            body = {**frames.event_body(event), "wallet": figures}
+            chunks.append(frames.frame(event.position, event.type, frames.dumps(body)))
+        return b"".join(chunks)

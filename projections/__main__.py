@@ -1,0 +1,77 @@
+"""`python -m projections`: a worker that runs every projection runner (and the expiry process manager)
+outside `serve`, until SIGTERM or SIGINT. Run `serve` with RUN_PROJECTIONS=false to move the work here;
+running both is safe too (each projection has one leader across all processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from backend.config import ConfigError, Settings, load_settings
+from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
+from backend.logs import configure_logging
+
+log = logging.getLogger("projections")
+
+
+async def work(settings: Settings) -> None:
+    from backend.app import database_dsn
+    from backend.commands.bus import CommandBus
+    from backend.store.event_store import EventStore
+    from backend.store.listener import Listener
+    from backend.store.migrate import migrate
+    from backend.store.repository import Repository
+    from projections.registry import all_projections
+    from projections.service import ProjectionService, connector
+    from projections.waiting import CheckpointWatcher
+
+    async with database_dsn(settings) as dsn:
+        pool = await create_pool(dsn, settings)
+        store = EventStore(pool, max_batch_events=settings.append_batch_max_events)
+        listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings))
+        try:
+            if settings.apply_migrations:
+                async with pool.acquire() as conn:
+                    await migrate(conn)
+            await listener.start(timeout=settings.connect_timeout_s + 5)
+            bus = CommandBus(Repository(store, snapshot_every=settings.snapshot_every))
+            service = ProjectionService(
+                all_projections(bus, expiry_batch_size=settings.expiry_batch_size), connector(dsn, settings),
+                CheckpointWatcher(pool), settings, listener=listener,
+            )
+            await service.start()
+            log.info("projection worker running", extra={"projections": [r.name for r in service.runners]})
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            await stop.wait()
+            log.info("projection worker stopping")
+            await service.stop()
+        finally:
+            await listener.close()
+            await store.close()
+            await pool.close()
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"projections: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(work(settings))
+    except DatabaseUnavailable as exc:
+        print(f"projections: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

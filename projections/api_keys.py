@@ -1,0 +1,92 @@
+"""Read model "api_keys": what authentication and key listings need, one row per key, no aggregates.
+
+Times are the domain's own (occurred_at), so a key reads the same here as from its aggregate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from backend.db import Connection
+from backend.store.reads import Executor
+from projections.base import APIKEY, MalformedEvent, Projection, aggregate_id, columns, expect_count
+from projections.events import Event
+
+INSERT_SQL = """
+insert into api_keys (key_id, owner, name, scopes, secret_hash, expires_at, created_at, version)
+select x.id, x.o, x.n, string_to_array(x.s, ' '), x.h, x.e::timestamptz, x.t::timestamptz, x.v
+from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[])
+    as x(id, o, n, s, h, e, t, v)
+"""
+REVOKE_SQL = """
+update api_keys k set revoked = true, revoked_at = x.t::timestamptz, version = x.v
+from unnest($1::uuid[], $2::text[], $3::int[]) as x(id, t, v)
+where k.key_id = x.id and not k.revoked
+"""
+
+
+class ApiKeys(Projection):
+    name = "api_keys"
+    types = frozenset({"ApiKeyCreated", "ApiKeyRevoked"})
+    tables = ("api_keys",)
+
+    async def apply(self, conn: Connection, events: Sequence[Event]) -> None:
+        created: list[tuple[Any, ...]] = []
+        revoked: dict[str, tuple[str, int]] = {}
+        for event in events:
+            data = event.data
+            key_id = aggregate_id(event, APIKEY)
+            if event.type == "ApiKeyCreated":
+                created.append((key_id, data["owner"], data["name"], _scopes(data),
+                                data["secret_hash"], data.get("expires_at"), data["occurred_at"],
+                                event.version))
+            else:
+                revoked[key_id] = (data["occurred_at"], event.version)
+        if created:
+            await conn.execute(INSERT_SQL, *columns(created, 8))
+        if revoked:
+            rows = list(revoked.values())
+            status = await conn.execute(REVOKE_SQL, list(revoked), *columns(rows, 2))
+            expect_count(status, len(revoked), "a key revoked that does not exist or is already revoked")
+
+
+def _scopes(data: dict[str, Any]) -> str:
+    """Scopes as one space-separated string (a text[] of arrays cannot be passed through unnest)."""
+    scopes = data["scopes"]
+    if not isinstance(scopes, list) or not all(type(s) is str and s and " " not in s for s in scopes):
+        raise MalformedEvent("scopes must be a list of scope names")
+    return " ".join(scopes)
+
+
+# ---------------------------------------------------------------- queries
+
+KEY_COLUMNS = "key_id, owner, name, scopes, secret_hash, expires_at, revoked, revoked_at, created_at, version"
+FIND_SQL = f"select {KEY_COLUMNS} from api_keys where key_id = $1"
+LIST_SQL = f"select {KEY_COLUMNS} from api_keys where owner = $1 order by created_at, key_id"
+LIST_ALL_SQL = f"select {KEY_COLUMNS} from api_keys order by created_at, key_id"
+
+
+def key_view(row: Any) -> dict[str, Any]:
+    """A key as clients may see it: never the secret, never its hash."""
+    return {
+        "key_id": str(row["key_id"]),
+        "owner": row["owner"],
+        "name": row["name"],
+        "scopes": sorted(row["scopes"]),
+        "created_at": row["created_at"].isoformat(),
+        "expires_at": row["expires_at"].isoformat() if row["expires_at"] else None,
+        "revoked": row["revoked"],
+        "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
+    }
+
+
+async def find_key(db: Executor, key_id: UUID) -> Any:
+    """The key's row (with secret_hash, for authentication), or None."""
+    return await db.fetchrow(FIND_SQL, key_id)
+
+
+async def list_keys(db: Executor, owner: str | None = None) -> list[dict[str, Any]]:
+    rows = await (db.fetch(LIST_ALL_SQL) if owner is None else db.fetch(LIST_SQL, owner))
+    return [key_view(row) for row in rows]

@@ -1,0 +1,49 @@
+"""The projection_checkpoints table: how far each projection got, and its last failure.
+
+A batch's transaction first locks its projection's row and checks that the checkpoint is still the
+one the runner read (the fence): a rebuild that swapped in new tables has moved it, and then the
+runner reloads instead of applying its batch on top. Advancing clears any recorded failure.
+"""
+
+from __future__ import annotations
+
+from backend.db import Connection
+
+ENSURE_SQL = "insert into projection_checkpoints (name) values ($1) on conflict (name) do nothing"
+LOAD_SQL = "select position from projection_checkpoints where name = $1"
+FENCE_SQL = "select position from projection_checkpoints where name = $1 for update"
+ADVANCE_SQL = """
+update projection_checkpoints
+set position = $2, updated_at = now(), error = null, failed_position = null, failed_at = null, failures = 0
+where name = $1
+"""
+FAIL_SQL = """
+update projection_checkpoints
+set error = $2, failed_position = $3, failed_at = now(), failures = failures + 1
+where name = $1
+"""
+
+
+class Fenced(Exception):
+    """The checkpoint is no longer where this runner left it (a rebuild replaced the tables)."""
+
+
+async def load(conn: Connection, name: str) -> int:
+    """The checkpoint, creating the row at 0 the first time."""
+    await conn.execute(ENSURE_SQL, name)
+    return int(await conn.fetchval(LOAD_SQL, name))
+
+
+async def fence(conn: Connection, name: str, expected: int) -> None:
+    """Inside a transaction: lock the row until commit, and check nobody moved it."""
+    position = await conn.fetchval(FENCE_SQL, name)
+    if position != expected:
+        raise Fenced(f"{name}: checkpoint is {position}, expected {expected}")
+
+
+async def advance(conn: Connection, name: str, position: int) -> None:
+    await conn.execute(ADVANCE_SQL, name, position)
+
+
+async def record_failure(conn: Connection, name: str, position: int | None, error: str) -> None:
+    await conn.execute(FAIL_SQL, name, error[:2000], position)

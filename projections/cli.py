@@ -1,0 +1,90 @@
+"""`python -m backend projections status | rebuild NAME... | rebuild --all`.
+
+backend/__main__.py calls add_subcommands(subparsers) and, for `projections`, run(settings, args).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from backend.config import Settings
+from backend.db import DatabaseUnavailable, create_pool
+from projections import registry
+from projections.progress import Progress
+from projections.rebuild import RebuildError, rebuild
+from projections.service import connector
+from projections.status import ProjectionStatus, status
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("projections", help="projection status and rebuilds")
+    commands = parser.add_subparsers(dest="projections_command", required=True)
+    show = commands.add_parser("status", help="checkpoint, head, lag and state of every projection")
+    show.add_argument("--json", action="store_true", help="one JSON object per projection instead of a table")
+    again = commands.add_parser("rebuild", help="replay the log into fresh tables and swap them in")
+    again.add_argument("names", nargs="*", metavar="NAME", help=f"one or more of: {', '.join(registry.names())}")
+    again.add_argument("--all", action="store_true", help="rebuild every projection")
+    again.add_argument("--batch-size", type=int, default=20_000, help="events per batch (default 20000)")
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; the exit status."""
+    handlers: dict[str, Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]] = {
+        "status": show_status,
+        "rebuild": run_rebuild,
+    }
+    try:
+        return asyncio.run(handlers[args.projections_command](settings, args))
+    except (DatabaseUnavailable, RebuildError, KeyError) as exc:
+        print(f"tally: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 1
+
+
+async def show_status(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.app import database_dsn
+
+    async with database_dsn(settings) as dsn:
+        pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
+        try:
+            found = await status(pool, registry.names())
+        finally:
+            await pool.close()
+    if args.json:
+        for item in found:
+            print(json.dumps(item.as_dict()))
+    else:
+        print(format_table(found))
+    return 1 if any(item.state == "failed" for item in found) else 0
+
+
+def format_table(found: list[ProjectionStatus]) -> str:
+    header = f"{'name':<14}{'checkpoint':>12}{'head':>12}{'lag':>10}{'lag s':>9}  {'state':<9}error"
+    lines = [header, "-" * len(header)]
+    for s in found:
+        state = s.state + ("+rebuild" if s.rebuilding else "")
+        error = f"at {s.failed_position}: {s.error}" if s.error else ""
+        lines.append(f"{s.name:<14}{s.checkpoint:>12}{s.head:>12}{s.lag_events:>10}{s.lag_s:>9.2f}  {state:<9}{error}")
+    return "\n".join(lines)
+
+
+async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.app import database_dsn
+
+    if args.all == bool(args.names):
+        print("tally: error: name the projections to rebuild, or give --all", file=sys.stderr)
+        return 2
+    chosen = registry.all_projections() if args.all else registry.select(args.names)
+    label = "rebuild " + ",".join(p.name for p in chosen)
+    async with database_dsn(settings) as dsn:
+        bar = Progress(label, 0)
+        result = await rebuild(connector(dsn, settings), chosen, batch_size=args.batch_size,
+                               report=bar.update)
+        bar.finish()
+    print(f"rebuilt {', '.join(result.names)}: {result.events:,} events in {result.seconds:.1f} s "
+          f"({result.events_per_s:,.0f} events/s); checkpoints {result.checkpoints}")
+    return 0

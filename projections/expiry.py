@@ -1,0 +1,133 @@
+"""Reservation expiry: a process manager that is itself a projection (leader-elected, checkpointed).
+
+It projects the open reservations into expiry_schedule (reservation, wallet, deadline). Whenever
+the runner has caught up it calls `tick`, which expires what is due through the CommandBus (the
+SYSTEM actor, `wallets.expire`) and tells the runner how long to sleep: until the next deadline,
+unless the log moves first. Everything is read through the expires_at index, earliest first.
+
+Idempotent: `expire` of a reservation that is already closed raises ReservationNotOpen, which
+means done; the closing event then removes the row when the runner applies it. One command per
+wallet is enough, because expiring one due reservation records every due one of that wallet.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from uuid import UUID
+
+import asyncpg
+
+from backend.commands import wallets
+from backend.commands.bus import CommandBus, Decision
+from backend.commands.context import SYSTEM, CommandContext
+from backend.db import Connection
+from backend.domain.errors import DomainError, ReservationNotOpen
+from backend.domain.registry import wallet_stream
+from backend.store.events import AppendResult
+from projections.base import WALLET, Projection, aggregate_id, columns
+from projections.events import Event
+
+log = logging.getLogger(__name__)
+
+INSERT_SQL = """
+insert into expiry_schedule (reservation_id, wallet_id, expires_at)
+select r, w, e::timestamptz from unnest($1::uuid[], $2::uuid[], $3::text[]) as x(r, w, e)
+"""
+DELETE_SQL = "delete from expiry_schedule where reservation_id = any($1::uuid[])"
+DUE_SQL = """
+select reservation_id, wallet_id from expiry_schedule where expires_at <= $1 order by expires_at limit $2
+"""
+NEXT_SQL = "select expires_at from expiry_schedule order by expires_at limit 1"
+
+CLOSING = ("ReservationConfirmed", "ReservationRolledBack", "ReservationExpired")
+RETRY_AFTER_S = 5.0
+"""A reservation attempted this recently is left alone (until its closing event arrives)."""
+RECHECK_S = 1.0
+
+
+class _Quiet:
+    """The bus wants response bytes; a process manager has no client to answer."""
+
+    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
+        return 200, b"", "application/json"
+
+    def failure(self, error: DomainError) -> tuple[int, bytes, str]:  # pragma: no cover - no Idempotency-Key
+        return 409, b"", "application/json"
+
+
+class Expiry(Projection):
+    name = "expiry"
+    types = frozenset({"CreditReserved", *CLOSING})
+    tables = ("expiry_schedule",)
+
+    def __init__(self, bus: CommandBus | None = None, *, batch_size: int = 100) -> None:
+        self.bus = bus
+        """None: only project the schedule (rebuilds, status), never issue commands."""
+        self.batch_size = batch_size
+        self.expired = 0
+        self._attempted: dict[UUID, float] = {}
+
+    async def apply(self, conn: Connection, events: Sequence[Event]) -> None:
+        opened: dict[str, tuple[str, str]] = {}
+        closed: list[str] = []
+        for event in events:
+            data = event.data
+            rid = data["reservation_id"]
+            if event.type == "CreditReserved":
+                opened[rid] = (aggregate_id(event, WALLET), data["expires_at"])
+            elif opened.pop(rid, None) is None:
+                closed.append(rid)
+        if closed:
+            await conn.execute(DELETE_SQL, closed)
+        if opened:
+            await conn.execute(INSERT_SQL, list(opened), *columns(list(opened.values()), 2))
+
+    async def tick(self, conn: Connection) -> float | None:
+        if self.bus is None:
+            return None
+        now = datetime.now(UTC)
+        due = await conn.fetch(DUE_SQL, now, self.batch_size)
+        issued = await self._expire(due)
+        if issued:
+            return 0.0  # catch up with the events just recorded, then look again
+        upcoming: datetime | None = await conn.fetchval(NEXT_SQL)
+        if upcoming is None:
+            return None
+        if upcoming <= now:  # due, but attempted a moment ago: wait for its closing event
+            return RECHECK_S
+        return (upcoming - datetime.now(UTC)).total_seconds()
+
+    async def _expire(self, due: Sequence[asyncpg.Record]) -> int:
+        """Issue one expire per wallet with a due reservation; return how many were issued."""
+        assert self.bus is not None
+        clock = time.monotonic()
+        self._attempted = {r: t for r, t in self._attempted.items() if clock - t < RETRY_AFTER_S}
+        seen: set[UUID] = set()
+        issued = 0
+        for row in due:
+            reservation_id: UUID = row["reservation_id"]
+            wallet_id: UUID = row["wallet_id"]
+            if wallet_id in seen or reservation_id in self._attempted:
+                continue
+            seen.add(wallet_id)
+            self._attempted[reservation_id] = clock
+            issued += 1
+            await self._expire_one(wallet_id, reservation_id)
+        return issued
+
+    async def _expire_one(self, wallet_id: UUID, reservation_id: UUID) -> None:
+        assert self.bus is not None
+        repo = self.bus.repository
+
+        async def decide(ctx: CommandContext) -> Decision:
+            return await wallets.expire(repo, ctx, wallet_id, reservation_id)
+
+        ctx = CommandContext(SYSTEM, correlation_id=f"expiry-{reservation_id}")
+        try:
+            await self.bus.execute(ctx, [wallet_stream(wallet_id)], decide, _Quiet())
+        except ReservationNotOpen:
+            return  # closed meanwhile (confirmed, rolled back, or expired by another command): done
+        self.expired += 1

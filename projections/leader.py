@@ -1,0 +1,42 @@
+"""Session advisory locks: one leader per projection, one rebuild per projection, across processes.
+
+A lock lives as long as the connection that took it, so a dead process (its socket closed) gives it
+up at once, and a runner that loses its connection loses the lead with it. Keys are
+(namespace, hashtext(name)), computed by the server so every process agrees on them.
+"""
+
+from __future__ import annotations
+
+from backend.db import Connection
+from backend.store.reads import Executor
+
+LEADER = 0x7A11_0005
+"""Namespace of "runs projection <name>" locks (0x7A11_0001 and _0002 are the store's)."""
+REBUILD = 0x7A11_0006
+"""Namespace of "rebuilds projection <name>" locks."""
+
+TRY_LOCK_SQL = "select pg_try_advisory_lock($1, hashtext($2))"
+UNLOCK_SQL = "select pg_advisory_unlock($1, hashtext($2))"
+# pg_locks shows a two-key advisory lock as classid = key 1, objid = key 2, objsubid = 2.
+HOLDERS_SQL = """
+select n.name, l.pid, a.application_name
+from unnest($2::text[]) as n(name)
+join pg_locks l on l.locktype = 'advisory' and l.granted and l.objsubid = 2
+    and l.classid = $1::int::oid and l.objid = hashtext(n.name)::oid
+    and l.database = (select oid from pg_database where datname = current_database())
+left join pg_stat_activity a on a.pid = l.pid
+"""
+
+
+async def try_lock(conn: Connection, namespace: int, name: str) -> bool:
+    return bool(await conn.fetchval(TRY_LOCK_SQL, namespace, name))
+
+
+async def unlock(conn: Connection, namespace: int, name: str) -> None:
+    await conn.execute(UNLOCK_SQL, namespace, name)
+
+
+async def holders(db: Executor, namespace: int, names: list[str]) -> dict[str, tuple[int, str]]:
+    """name -> (server pid, application_name) of the session holding that lock, where one does."""
+    rows = await db.fetch(HOLDERS_SQL, namespace, names)
+    return {row["name"]: (row["pid"], row["application_name"] or "") for row in rows}

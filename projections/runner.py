@@ -1,0 +1,228 @@
+"""Running one projection: lead or stand by, catch up, follow the log live, survive bad events.
+
+Leadership: the runner holds its own connection and takes the projection's session advisory lock on
+it (leader.py). Without the lock it stands by, trying again every `standby_retry_s`; the lock is
+released when the leader's connection closes, so a standby takes over within a retry interval of
+the leader's death. Every read and write of a leader goes through that same connection, so a runner
+that has lost its lock (its connection is gone) cannot write anything more.
+
+Following the log: read the head, then up to `batch_size` handled events after the checkpoint; in
+ONE transaction fence the checkpoint row, apply the batch and advance the checkpoint (to the last
+event, or to the head when the batch was not full: the store's readers-never-skip guarantee means
+everything up to that head has been seen). So each event takes effect exactly once, whatever
+crashes. When caught up, wait for the Listener (a NOTIFY) or the poll timer, whichever comes first.
+
+Failures: if a batch fails, its events are applied one per transaction up to the one that fails;
+that event's position and error are logged and recorded in projection_checkpoints (status shows
+them), and the runner retries it with exponential backoff. Other projections carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+
+from backend.db import UNAVAILABLE_ERRORS, Connection, describe
+from backend.store import reads
+from backend.store.listener import Listener
+from projections import checkpoints, leader
+from projections.base import Projection
+from projections.events import Event, read_batch
+
+log = logging.getLogger(__name__)
+
+Connect = Callable[[str], Awaitable["asyncpg.Connection[asyncpg.Record]"]]
+"""Open a dedicated connection (initialised like the pool's) under the given application_name."""
+OnAdvance = Callable[[str, int], None]
+
+STARTING, STANDBY, LEADING, FAILED, STOPPED = "starting", "standby", "leading", "failed", "stopped"
+LOST: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, ConnectionError)
+
+
+class ProjectionFailed(Exception):
+    def __init__(self, position: int | None, error: BaseException) -> None:
+        super().__init__(f"failed at position {position}: {describe(error)}")
+        self.position = position
+        self.error = error
+
+
+class Runner:
+    def __init__(
+        self,
+        projection: Projection,
+        connect: Connect,
+        *,
+        listener: Listener | None = None,
+        batch_size: int = 1000,
+        poll_s: float = 1.0,
+        standby_retry_s: float = 1.0,
+        min_backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        on_advance: OnAdvance | None = None,
+    ) -> None:
+        self.projection = projection
+        self.name = projection.name
+        self.types = sorted(projection.types) if projection.types is not None else None
+        self._connect = connect
+        self.listener = listener
+        self.batch_size = batch_size
+        self.poll_s = poll_s
+        self.standby_retry_s = standby_retry_s
+        self.min_backoff_s = min_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.on_advance = on_advance
+        self.state = STARTING
+        self.checkpoint = 0
+        self.applied = 0
+        self.error: str | None = None
+        self.failed_position: int | None = None
+        self.backend_pid: int | None = None
+        """Server pid of the runner's connection (tests terminate it to simulate a crash)."""
+        self.stopping = False
+        """Set by stop(): a cancellation can be lost (Python 3.11's wait_for may swallow one), this cannot."""
+
+    # ------------------------------------------------------------------ leadership
+
+    async def run(self) -> None:
+        """Until cancelled: connect, win the lock (or stand by), lead; on a lost connection, again."""
+        delay = 0.1
+        try:
+            while not self.stopping:
+                conn: asyncpg.Connection[asyncpg.Record] | None = None
+                try:
+                    conn = await self._connect(f"tally-projection-{self.name}-{os.getpid()}")
+                    self.backend_pid = conn.get_server_pid()
+                    while not await leader.try_lock(conn, leader.LEADER, self.name):
+                        self.state = STANDBY
+                        await asyncio.sleep(self.standby_retry_s)
+                    self.state = LEADING
+                    log.info("projection runner leads", extra={"projection": self.name})
+                    delay = 0.1
+                    await self._lead(conn)
+                except LOST as exc:
+                    self.state = STANDBY
+                    log.warning("projection runner lost its connection",
+                                extra={"projection": self.name, "reason": describe(exc), "retry_in_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                except Exception as exc:  # a bug or a broken schema: log it, give up the lead, try again
+                    self.state = STANDBY
+                    log.exception("projection runner crashed",
+                                  extra={"projection": self.name, "reason": describe(exc), "retry_in_s": delay})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.max_backoff_s)
+                finally:
+                    self.backend_pid = None
+                    if conn is not None:
+                        conn.terminate()  # ends the session at once, and with it the lock
+        finally:
+            self.state = STOPPED
+
+    async def _lead(self, conn: Connection) -> None:
+        self.checkpoint = await checkpoints.load(conn, self.name)
+        self._advanced()
+        backoff = self.min_backoff_s
+        while not self.stopping:
+            try:
+                full = await self._step(conn)
+            except ProjectionFailed:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            backoff = self.min_backoff_s
+            if not full:
+                await self._idle(await self._tick(conn))
+
+    # ------------------------------------------------------------------ following the log
+
+    async def _step(self, conn: Connection) -> bool:
+        """Apply the next batch; True when it was full (more may be waiting)."""
+        head = await reads.head(conn)
+        events = await read_batch(conn, self.checkpoint, self.batch_size, self.types)
+        full = len(events) == self.batch_size
+        target = events[-1].position if full else max(head, events[-1].position if events else 0)
+        if target <= self.checkpoint:
+            return False
+        try:
+            await self._commit(conn, events, target)
+        except LOST:
+            raise
+        except checkpoints.Fenced as fenced:
+            log.info("projection checkpoint moved, reloading", extra={"projection": self.name, "detail": str(fenced)})
+            self.checkpoint = await checkpoints.load(conn, self.name)
+            self._advanced()
+            return True
+        except Exception as exc:
+            await self._isolate(conn, events, exc)
+            return True
+        return full
+
+    async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
+        async with conn.transaction():
+            await checkpoints.fence(conn, self.name, self.checkpoint)
+            if events:
+                await self.projection.apply(conn, events)
+            await checkpoints.advance(conn, self.name, target)
+        self.checkpoint = target
+        self.applied += len(events)
+        if self.state == FAILED:
+            log.info("projection recovered", extra={"projection": self.name, "position": target})
+            self.state, self.error, self.failed_position = LEADING, None, None
+        self._advanced()
+
+    async def _isolate(self, conn: Connection, events: Sequence[Event], batch_error: Exception) -> None:
+        """Apply the batch one event per transaction, to pin the failure on the event that causes it."""
+        for event in events:
+            try:
+                await self._commit(conn, [event], event.position)
+            except LOST:
+                raise
+            except checkpoints.Fenced:
+                return  # the next step reloads
+            except Exception as exc:
+                await self._fail(conn, event, exc)
+        if not events:
+            await self._fail(conn, None, batch_error)
+        log.warning("a batch failed but each of its events applied on its own",
+                    extra={"projection": self.name, "error": describe(batch_error)})
+
+    async def _fail(self, conn: Connection, event: Event | None, error: Exception) -> None:
+        position = event.position if event is not None else None
+        self.state, self.error, self.failed_position = FAILED, describe(error), position
+        log.error(
+            "projection failed on an event; retrying with backoff",
+            extra={"projection": self.name, "position": position, "event_type": event.type if event else None,
+                   "stream_id": event.stream_id if event else None, "error": describe(error)},
+        )
+        with contextlib.suppress(Exception):
+            await checkpoints.record_failure(conn, self.name, position, describe(error))
+        raise ProjectionFailed(position, error) from error
+
+    async def _tick(self, conn: Connection) -> float | None:
+        try:
+            return await self.projection.tick(conn)
+        except LOST:
+            raise
+        except Exception as exc:
+            log.warning("projection tick failed", extra={"projection": self.name, "error": describe(exc)},
+                        exc_info=True)
+            return self.max_backoff_s / 10
+
+    async def _idle(self, delay: float | None) -> None:
+        """Sleep until the log moves past the checkpoint, the poll timer fires, or `delay` is over."""
+        timeout = self.poll_s if delay is None else max(0.0, min(self.poll_s, delay))
+        if timeout <= 0:
+            return
+        if self.listener is None:
+            await asyncio.sleep(timeout)
+        else:
+            await self.listener.wait_beyond(self.checkpoint, timeout)
+
+    def _advanced(self) -> None:
+        if self.on_advance is not None:
+            self.on_advance(self.name, self.checkpoint)

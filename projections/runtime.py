@@ -1,0 +1,30 @@
+"""projections_ctx: the app's projections, started with the app and stopped before the store closes.
+
+The read-your-writes watcher is always there (queries need it); the runners only with
+RUN_PROJECTIONS (the default), each of them leading or standing by across all processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from backend.appkeys import COMMANDS, DATABASE_DSN, LISTENER, POOL, PROJECTIONS, SETTINGS
+from projections.registry import all_projections
+from projections.service import ProjectionService, connector
+from projections.waiting import CheckpointWatcher
+
+
+async def projections_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    chosen = all_projections(app[COMMANDS], expiry_batch_size=settings.expiry_batch_size) \
+        if settings.run_projections else []
+    service = ProjectionService(chosen, connector(app[DATABASE_DSN], settings), CheckpointWatcher(app[POOL]),
+                                settings, listener=app[LISTENER])
+    app[PROJECTIONS] = service
+    await service.start()
+    try:
+        yield
+    finally:
+        await service.stop()

@@ -1,0 +1,86 @@
+"""This process's projection runners (one per projection, each leading or standing by) and the
+read-your-writes watcher they keep informed. Used by `serve` (runtime.py) and `python -m projections`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+
+from backend.config import Settings
+from backend.db import connect_kwargs, init_connection
+from backend.store.listener import Listener
+from projections.base import Projection
+from projections.runner import Connect, Runner
+from projections.waiting import CheckpointWatcher
+
+log = logging.getLogger(__name__)
+
+
+def connector(dsn: str, settings: Settings) -> Connect:
+    """Dedicated connections, set up like the pool's and named for pg_stat_activity."""
+    base = connect_kwargs(settings)
+
+    async def connect(application_name: str) -> asyncpg.Connection[asyncpg.Record]:
+        kwargs = {**base, "server_settings": {**base["server_settings"], "application_name": application_name}}
+        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(dsn, **kwargs)
+        try:
+            await init_connection(conn)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    return connect
+
+
+class ProjectionService:
+    def __init__(
+        self,
+        projections: Sequence[Projection],
+        connect: Connect,
+        watcher: CheckpointWatcher,
+        settings: Settings,
+        listener: Listener | None = None,
+    ) -> None:
+        self.watcher = watcher
+        self.runners = [
+            Runner(
+                projection,
+                connect,
+                listener=listener,
+                batch_size=settings.projection_batch_size,
+                poll_s=settings.projection_poll_s,
+                standby_retry_s=settings.projection_standby_retry_s,
+                max_backoff_s=settings.projection_max_backoff_s,
+                on_advance=watcher.advanced,
+            )
+            for projection in projections
+        ]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def runner(self, name: str) -> Runner:
+        return next(r for r in self.runners if r.name == name)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(r.run(), name=f"projection-{r.name}") for r in self.runners]
+
+    async def stop(self) -> None:
+        """Stop every runner; an unfinished batch rolls back with its connection.
+
+        Cancelled again until done: on Python 3.11 asyncio.wait_for() (the Listener waits with it) can
+        swallow a cancellation that arrives as its inner wait completes; the runners' stopping flag
+        ends them at their next turn in any case."""
+        for runner in self.runners:
+            runner.stopping = True
+        pending = set(self._tasks)
+        while pending:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        for task in self._tasks:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("projection runner ended with an error", exc_info=task.exception())
+        self._tasks = []

@@ -1,0 +1,159 @@
+"""Hash-chain verification rate of the whole log, from the database and from an export file (events/s).
+
+Workload: N events (default 200,000) over S wallet streams (default 20,000), small realistic payloads
+(WalletOpened, then credits and debits with an amount, a reference and occurred_at; metadata with an
+actor, a request id and the schema version), appended in large batches through Tally's EventStore into
+a fresh database, then ANALYZE. The log is exported once to an NDJSON file (export rate reported too).
+Then rounds alternate `database` (backend.audit.verify.verify_database over one connection) and
+`export` (verify the file with no database), each verifying every chain; the report shows medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from bench_store import analyze, choose_server, describe_server, fresh_database
+
+from backend.audit.export import export_pages, read_export
+from backend.audit.verify import Report, verify, verify_database
+from backend.db import init_connection
+from backend.store.event_store import EventStore
+from backend.store.events import NewEvent, Write
+from backend.store.migrate import migrate
+
+TARGET = 100_000
+WRITES_PER_APPEND = 2000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dsn", help="admin DSN of the server (default: $BENCH_DATABASE_URL, local 5432, embedded)")
+    parser.add_argument("--events", type=int, default=200_000, help="events in the log (default 200,000)")
+    parser.add_argument("--streams", type=int, default=20_000, help="wallet streams (default 20,000)")
+    parser.add_argument("--rounds", type=int, help="rounds of database, export (default 3; --quick 1)")
+    parser.add_argument("--quick", action="store_true", help="one round: under a minute in all")
+
+
+# ---------------------------------------------------------------- the log
+
+
+def stream_events(rng: random.Random, number: int, version: int, at: datetime) -> NewEvent:
+    occurred_at = (at + timedelta(milliseconds=version)).isoformat()
+    meta = {"actor": f"key-{rng.randrange(500)}", "request_id": f"{rng.getrandbits(64):016x}", "schema_version": 1}
+    if version == 1:
+        data: dict[str, Any] = {"owner": f"user-{number % 5000}", "currency": "USD", "occurred_at": occurred_at}
+        return NewEvent("WalletOpened", data, meta)
+    kind = "WalletCredited" if version % 3 else "WalletDebited"
+    data = {"amount": rng.randrange(1, 100_000), "reference": f"order-{rng.getrandbits(40):010x}",
+            "occurred_at": occurred_at}
+    return NewEvent(kind, data, meta)
+
+
+async def fill(dsn: str, events: int, streams: int) -> float:
+    """Append `events` round-robin over `streams` wallets (each append: up to 2000 one-event writes)."""
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4, init=init_connection)
+    assert pool is not None
+    store = EventStore(pool, max_batch_events=WRITES_PER_APPEND * 2)
+    rng = random.Random(7)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    started = time.perf_counter()
+    try:
+        calls = []
+        for start in range(0, events, WRITES_PER_APPEND):
+            writes = []
+            for n in range(start, min(start + WRITES_PER_APPEND, events)):
+                number, version = n % streams, n // streams + 1
+                writes.append(Write(f"wallet-{number:08d}", version - 1, [stream_events(rng, number, version, at)]))
+            calls.append(store.append(writes))
+            if len(calls) == 4:
+                await asyncio.gather(*calls)
+                calls = []
+        await asyncio.gather(*calls)
+    finally:
+        await store.close()
+        await pool.close()
+    return events / (time.perf_counter() - started)
+
+
+async def export_to(dsn: str, path: Path) -> float:
+    conn = await asyncpg.connect(dsn)
+    started = time.perf_counter()
+    count = 0
+    try:
+        with path.open("wb") as out:
+            async for chunk in export_pages(conn):
+                out.write(chunk)
+                count += chunk.count(b"\n")
+    finally:
+        await conn.close()
+    return count / (time.perf_counter() - started)
+
+
+# ---------------------------------------------------------------- measurement
+
+
+async def verify_db(dsn: str) -> Report:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await verify_database(conn)
+    finally:
+        await conn.close()
+
+
+async def verify_file(path: Path) -> Report:
+    with path.open("rb") as file:
+        return await verify(read_export(file), Report(source="export"), contiguous=True)
+
+
+def checked(report: Report, events: int) -> float:
+    if not report.ok or report.events_checked != events:
+        raise SystemExit(f"verification failed: {report.as_dict()}")
+    return report.events_per_s
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    rounds = args.rounds or (1 if args.quick else 3)
+    server = await choose_server(args.dsn)
+    samples: dict[str, list[float]] = {"database": [], "export": []}
+    try:
+        print(await describe_server(server), flush=True)
+        async with fresh_database(server, "audit") as dsn:
+            conn = await asyncpg.connect(dsn)
+            try:
+                await migrate(conn)
+            finally:
+                await conn.close()
+            fill_rate = await fill(dsn, args.events, args.streams)
+            await analyze(dsn)
+            print(f"log: {args.events} events over {args.streams} streams, appended at {fill_rate:,.0f} events/s")
+            with tempfile.TemporaryDirectory(prefix="tally-audit-bench-") as tmp:
+                path = Path(tmp) / "export.ndjson"
+                export_rate = await export_to(dsn, path)
+                size_mb = path.stat().st_size / 1e6
+                print(f"export: {size_mb:.1f} MB at {export_rate:,.0f} events/s")
+                for round_no in range(1, rounds + 1):
+                    for name in ("database", "export"):
+                        report = await (verify_db(dsn) if name == "database" else verify_file(path))
+                        samples[name].append(checked(report, args.events))
+                        print(f"  round {round_no} {name:8s} {samples[name][-1]:>12,.0f} events/s", file=sys.stderr,
+                              flush=True)
+    finally:
+        if server.stop is not None:
+            server.stop()
+    db_rate, file_rate = statistics.median(samples["database"]), statistics.median(samples["export"])
+    print(f"{'source':10s} {'events/s (median)':>18s}  rounds")
+    for name, rate in (("database", db_rate), ("export", file_rate)):
+        shown = ", ".join(f"{s:,.0f}" for s in samples[name])
+        verdict = "meets" if rate >= TARGET else "BELOW"
+        print(f"{name:10s} {rate:>18,.0f}  {shown}  ({verdict} the {TARGET:,} events/s target)")
+    return {"bench": "audit", "events": args.events, "db_events_per_s": round(db_rate),
+            "export_events_per_s": round(file_rate), "export_write_events_per_s": round(export_rate)}

@@ -1,0 +1,82 @@
+"""Reservation expiry: recorded within a second of the deadline, once per reservation, by one leader,
+and never for a reservation that closed first."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from uuid import UUID, uuid4
+
+from backend.commands import wallets
+from backend.commands.context import SYSTEM, CommandContext
+from backend.domain.registry import wallet_stream
+from tests.projections.harness import Node, Quiet, eventually
+
+
+async def command(node: Node, wallet_id: UUID, decide) -> int:  # type: ignore[no-untyped-def]
+    reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, Quiet())
+    return reply.position
+
+
+async def funded_wallet(node: Node, amount: int = 10_000) -> UUID:
+    wallet_id, repo = uuid4(), node.bus.repository
+    await command(node, wallet_id, lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
+    await command(node, wallet_id, lambda ctx: wallets.credit(repo, ctx, wallet_id, amount, "seed", None))
+    return wallet_id
+
+
+async def reserve(node: Node, wallet_id: UUID, ttl_seconds: int) -> UUID:
+    reservation_id, repo = uuid4(), node.bus.repository
+    await command(node, wallet_id, lambda ctx: wallets.reserve(repo, ctx, wallet_id, 10, ttl_seconds, None,
+                                                                 reservation_id))
+    return reservation_id
+
+
+async def expiries(node: Node) -> dict[str, list[tuple[datetime, datetime]]]:
+    """reservation id -> [(recorded_at, expires_at)] of its ReservationExpired events."""
+    found: dict[str, list[tuple[datetime, datetime]]] = {}
+    async for event in node.store.iter_all(types=["ReservationExpired"]):
+        found.setdefault(event.data["reservation_id"], []).append(
+            (event.recorded_at, datetime.fromisoformat(event.data["expires_at"])))
+    return found
+
+
+async def test_a_one_second_reservation_expires_within_a_second_of_its_deadline(node: Node) -> None:
+    await node.start()
+    wallet_id = await funded_wallet(node)
+    reservation_id = str(await reserve(node, wallet_id, ttl_seconds=1))
+
+    async def expired() -> bool:
+        return reservation_id in await expiries(node)
+
+    await eventually(expired, timeout=10, what="the reservation's ReservationExpired event")
+    [(recorded_at, expires_at)] = (await expiries(node))[reservation_id]
+    assert timedelta(0) <= recorded_at - expires_at <= timedelta(seconds=1)
+
+
+async def test_many_reservations_expire_once_each_with_two_processes_running_expiry(projection_db: str) -> None:
+    first, second = await Node.open(projection_db), await Node.open(projection_db)
+    try:
+        await first.start()
+        await second.start()
+        wallet_ids = [await funded_wallet(first) for _ in range(4)]
+        due = [str(await reserve(first, wallet_ids[i % 4], ttl_seconds=1)) for i in range(12)]
+        kept = await reserve(first, wallet_ids[0], ttl_seconds=3600)
+        confirmed = await reserve(first, wallet_ids[1], ttl_seconds=1)
+        repo = first.bus.repository
+        await command(first, wallet_ids[1],
+                      lambda ctx: wallets.confirm(repo, ctx, wallet_ids[1], confirmed, None, None))
+
+        async def all_expired() -> bool:
+            return set(due) <= set(await expiries(first))
+
+        await eventually(all_expired, timeout=15, what="every due reservation to expire")
+        found = await expiries(first)
+        assert all(len(found[r]) == 1 for r in due)
+        assert str(kept) not in found and str(confirmed) not in found
+        for [(recorded_at, expires_at)] in (found[r] for r in due):
+            assert timedelta(0) <= recorded_at - expires_at <= timedelta(seconds=1)
+        await eventually(first.caught_up)
+        assert await first.pool.fetchval("select count(*) from expiry_schedule") == 1
+    finally:
+        await first.close()
+        await second.close()

@@ -1,0 +1,63 @@
+"""Fixtures for the SSE tests: app instances with their own stream settings, and stream connections."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from backend.app import create_app
+from backend.appkeys import HUB
+from backend.store.event_store import EventStore
+from backend.store.events import ANY, NewEvent
+from backend.streaming.hub import Hub
+from tests.conftest import make_settings
+from tests.streaming.sse_client import Stream
+
+MakeClient = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, database_url: str) -> MakeClient:
+    """An app instance (its own pool, listener and hub) on the session database, behind a real socket."""
+
+    async def make(**overrides: Any) -> TestClient:
+        settings = make_settings(database_url, **{"sse_shutdown_window_s": 0.2, **overrides})
+        client: TestClient = await aiohttp_client(create_app(settings))
+        return client
+
+    return make
+
+
+async def connect(client: TestClient, path: str, token: str | None = None, *,
+                  headers: dict[str, str] | None = None, **params: str | int) -> Stream:
+    sent = dict(headers or {})
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    response = await client.get(path, params={k: str(v) for k, v in params.items()}, headers=sent)
+    return Stream(response)
+
+
+def hub_of(client: TestClient) -> Hub:
+    return client.server.app[HUB]
+
+
+async def append(store: EventStore, stream: str, *types: str, **data: Any) -> list[int]:
+    """Append one event per type to stream; the positions."""
+    result = await store.append_to(stream, ANY, [NewEvent(t, dict(data)) for t in types])
+    return [p for s in result.streams for p in s.positions]
+
+
+def new_stream(category: str = "test") -> str:
+    return f"{category}-{uuid.uuid4()}"
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition the code under test offers no event for, failing after timeout."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)

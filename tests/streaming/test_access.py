@@ -1,0 +1,105 @@
+"""Who may stream what (401/403 before the stream starts), the query token, and the stream limits."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from backend.store.event_store import EventStore
+from backend.store.reads import head
+from tests.conftest import mint_token
+from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
+from tests.streaming.test_wallets_dashboard import open_wallet, post
+
+pytestmark = pytest.mark.timeout(120)
+
+PROBLEM = "application/problem+json"
+STREAMS = ("/v1/streams/events", "/v1/streams/dashboard")
+
+
+@pytest.mark.parametrize("path", STREAMS)
+async def test_401_without_or_with_a_bad_key(make_client: MakeClient, path: str) -> None:
+    client = await make_client()
+    for token in (None, "tly_nope.nope"):
+        sse = await connect(client, path, token)
+        assert (sse.status, sse.response.content_type) == (401, PROBLEM)
+        assert (await sse.response.json())["code"] == "unauthorized"
+    sse = await connect(client, path, access_token="tly_nope.nope")
+    assert sse.status == 401
+
+
+@pytest.mark.parametrize("path", STREAMS)
+async def test_403_without_a_read_scope(make_client: MakeClient, path: str) -> None:
+    client = await make_client()
+    writer = await mint_token(client.server.app, "erin", ["wallets:write"])
+    sse = await connect(client, path, writer)
+    assert (sse.status, sse.response.content_type) == (403, PROBLEM)
+    assert (await sse.response.json())["code"] == "forbidden"
+
+
+async def test_access_token_query_parameter_for_browsers(make_client: MakeClient) -> None:
+    client = await make_client()
+    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    sse = await connect(client, "/v1/streams/events", access_token=token, after="now")
+    assert sse.status == 200
+    assert (await sse.next()).kind == "checkpoint"
+    sse.close()
+    # only the stream endpoints take it
+    other = await client.get(f"/v1/wallets/{uuid.uuid4()}", params={"access_token": token})
+    assert other.status == 401
+
+
+async def test_a_key_sees_only_its_owners_wallets(make_client: MakeClient, store: EventStore) -> None:
+    client = await make_client(sse_checkpoint_s=0.2)
+    admin = await mint_token(client.server.app, "operator", ["admin"])
+    frank = await mint_token(client.server.app, "frank", ["wallets:read"])
+    auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
+    start = await head(store.pool)
+    mine = await open_wallet(client, admin, "frank")
+    theirs = await open_wallet(client, admin, "grace")
+    await post(client, admin, f"/v1/wallets/{theirs}/credits", {"amount": 5, "reference": "x"})
+    last = await post(client, admin, f"/v1/wallets/{mine}/credits", {"amount": 7, "reference": "y"})
+
+    async def streams_seen(token: str) -> set[str]:
+        sse = await connect(client, "/v1/streams/events", token, after=start)
+        seen = await sse.until(lambda m: int(m.last_id) >= last["position"])
+        sse.close()
+        return {m.json()["stream"] for m in seen if m.kind == "event"}
+
+    assert await streams_seen(frank) == {f"wallet-{mine}"}
+    assert {f"wallet-{mine}", f"wallet-{theirs}"} <= await streams_seen(auditor)
+
+    forbidden = await connect(client, "/v1/streams/events", frank, stream=f"wallet-{theirs}")
+    assert (forbidden.status, forbidden.response.content_type) == (403, PROBLEM)
+    wallet = await connect(client, f"/v1/streams/wallets/{theirs}", frank)
+    assert (wallet.status, wallet.response.content_type) == (403, PROBLEM)
+    missing = await connect(client, "/v1/streams/wallets/00000000-0000-0000-0000-000000000000", frank)
+    assert missing.status == 404
+    allowed = await connect(client, f"/v1/streams/wallets/{theirs}", auditor)
+    assert allowed.status == 200
+    allowed.close()
+
+
+async def test_per_key_limit_is_429_and_process_cap_is_503(make_client: MakeClient) -> None:
+    client = await make_client(sse_max_streams_per_key=2, sse_max_streams=3)
+    one = await mint_token(client.server.app, "auditor", ["audit:read"])
+    two = await mint_token(client.server.app, "auditor", ["audit:read"])
+    open_streams = [await connect(client, "/v1/streams/events", one, after="now") for _ in range(2)]
+    for sse in open_streams:
+        await sse.next()
+    refused = await connect(client, "/v1/streams/events", one, after="now")
+    assert (refused.status, refused.response.content_type) == (429, PROBLEM)
+    assert (await refused.response.json())["code"] == "rate_limited"
+    open_streams.append(await connect(client, "/v1/streams/dashboard", two))
+    await open_streams[-1].next()
+    full = await connect(client, "/v1/streams/events", two, after="now")
+    assert (full.status, full.response.content_type) == (503, PROBLEM)
+    assert int(full.response.headers["Retry-After"]) >= 1
+    for sse in open_streams:
+        sse.close()
+    hub = hub_of(client)
+    await wait_until(lambda: hub.streams == 0)  # the server notices the closed connections
+    again = await connect(client, "/v1/streams/events", one, after="now")
+    assert again.status == 200
+    again.close()
