@@ -23,8 +23,9 @@ SUBCOMMANDS: dict[str, str] = {
     "http": "bench_http",
     "sse": "bench_sse",
     "audit": "bench_audit",
+    "replay": "bench_replay",
 }
-"""Subcommand name -> module in scripts/ (add `http`, `replay`, `sse` here as they are written)."""
+"""Subcommand name -> module in scripts/."""
 
 
 class Benchmark(Protocol):

@@ -14,7 +14,7 @@ from backend.appkeys import REPOSITORY, SETTINGS
 from backend.commands import deposits
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
-from backend.domain import Deposit, Wallet, deposit_stream
+from backend.domain import Deposit, deposit_stream
 from backend.http import models
 from backend.http.auth import require
 from backend.http.bodies import read_json
@@ -61,17 +61,3 @@ async def set_status(request: web.Request) -> web.Response:
 
     streams = deposits.status_streams(known, body.status, body.chain_tx_id)
     return await run_command(request, streams, decide)
-
-
-@routes.get("/v1/deposits/{deposit_id}")
-async def get_deposit(request: web.Request) -> web.Response:
-    actor = require(request, "wallets:read")
-    deposit_id = path_uuid(request, "deposit_id")
-    repo = request.app[REPOSITORY]
-    deposit = await repo.find(Deposit, deposit_id)
-    wallet = await repo.find(Wallet, deposit.wallet_id) if deposit is not None else None
-    if deposit is None or wallet is None:
-        raise Problem(404, "not_found", f"deposit {deposit_id} does not exist")
-    if not actor.can_act_for(wallet.owner):
-        raise Problem(403, "forbidden", f"deposit {deposit_id} belongs to another owner's wallet")
-    return web.json_response(deposits.deposit_body(deposit), headers={"ETag": f'"{deposit.version}"'})

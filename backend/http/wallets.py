@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
 from aiohttp import web
@@ -12,7 +11,7 @@ from backend.appkeys import REPOSITORY
 from backend.commands import wallets
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
-from backend.domain import Wallet, wallet_stream
+from backend.domain import wallet_stream
 from backend.http import models
 from backend.http.auth import require
 from backend.http.bodies import read_json
@@ -44,19 +43,6 @@ async def open_wallet(request: web.Request) -> web.Response:
     if response.status == 201:
         response.headers["Location"] = f"/v1/wallets/{wallet_id}"
     return response
-
-
-@routes.get("/v1/wallets/{wallet_id}")
-async def get_wallet(request: web.Request) -> web.Response:
-    actor = require(request, "wallets:read")
-    wallet_id = path_uuid(request, "wallet_id")
-    wallet = await request.app[REPOSITORY].find(Wallet, wallet_id)
-    if wallet is None:
-        raise Problem(404, "not_found", f"wallet {wallet_id} does not exist")
-    if not actor.can_act_for(wallet.owner):
-        raise Problem(403, "forbidden", f"wallet {wallet_id} belongs to another owner")
-    view = wallet.view(datetime.now(UTC)).as_dict()
-    return web.json_response(view, headers={"ETag": f'"{wallet.version}"'})
 
 
 WalletCommand = Callable[[Repository, CommandContext, UUID, int | None], Awaitable[Decision]]

@@ -62,15 +62,18 @@ class Listener:
             if remaining <= 0:
                 break
             changed = self._changed
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation of the waiter
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
         return self.head
 
     async def wait_for_change(self, timeout: float) -> bool:
         """Wait for the next wake-up (new head, or a reconnect that asks everyone to re-read)."""
         changed = self._changed
         try:
-            await asyncio.wait_for(changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await changed.wait()
         except TimeoutError:
             return False
         return True

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from backend.appkeys import STORE
 from tests.conftest import bearer, mint_token
 
 PROBLEM = "application/problem+json"
@@ -27,7 +28,9 @@ class Api:
         return await response.json(content_type=None)
 
     async def get(self, path: str, *, status: int = 200) -> dict[str, Any]:
-        response = await self.client.get(path, headers=self.headers)
+        """Reads come from the read models: ask for everything written so far (read-your-writes)."""
+        head = await self.client.server.app[STORE].head()
+        response = await self.client.get(path, headers={**self.headers, "X-Min-Position": str(head)})
         assert response.status == status, await response.text()
         return await response.json(content_type=None)
 
@@ -56,8 +59,9 @@ async def test_open_credit_debit_and_read(admin: Api) -> None:
     debited = await admin.post(f"/v1/wallets/{wid}/debits", {"amount": 120, "reference": "order-1"}, status=200)
     assert (debited["balance"], debited["available"]) == (380, 380)
     read = await admin.get(f"/v1/wallets/{wid}")
-    assert read == {k: debited[k] for k in read}
-    assert set(read) == {"wallet_id", "owner", "currency", "balance", "available", "locked", "reserved", "version"}
+    fields = {"wallet_id", "owner", "currency", "balance", "available", "locked", "reserved", "version"}
+    assert {k: read[k] for k in fields} == {k: debited[k] for k in fields}
+    assert set(read) == fields | {"locks", "reservations"} and read["locks"] == read["reservations"] == []
 
 
 async def test_locks_release_and_settle(admin: Api) -> None:

@@ -9,14 +9,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
-from aiohttp import web
 
-from backend.app import create_app
 from backend.commands.bus import CommandBus, Decision
 from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
 from backend.domain.errors import DomainError
-from backend.http import queries
 from backend.store.event_store import EventStore
 from backend.store.events import AppendResult
 from backend.store.listener import Listener
@@ -109,15 +106,3 @@ class Node:
         return int(value or 0)
 
 
-def read_model_app(settings: Settings) -> web.Application:
-    """create_app(settings), where the read-model GET handlers answer even while an older handler for
-    the same path is still registered first (backend/http/wallets.py and deposits.py load aggregates
-    until the switch to the read models lands; then this is plain create_app)."""
-    app = create_app(settings)
-    ours = {route.handler for route in queries.routes if isinstance(route, web.RouteDef)}
-    paths = {route.path for route in queries.routes if isinstance(route, web.RouteDef)}
-    for resource in list(app.router.resources()):
-        gets = {route.handler for route in resource if route.method == "GET"}
-        if resource.canonical in paths and gets and not gets & ours:
-            app.router.unindex_resource(resource)
-    return app

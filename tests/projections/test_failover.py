@@ -6,12 +6,13 @@ from typing import Any
 
 from aiohttp import web
 
+from backend.app import create_app
 from backend.appkeys import PROJECTIONS
 from projections import registry
 from projections.runner import LEADING, STANDBY
 from projections.status import status
 from tests.conftest import bearer, mint_token
-from tests.projections.harness import Node, eventually, read_model_app, settings_for
+from tests.projections.harness import Node, eventually, settings_for
 
 
 def states(app: web.Application) -> set[str]:
@@ -20,13 +21,13 @@ def states(app: web.Application) -> set[str]:
 
 async def test_a_standby_app_takes_over_within_five_seconds(projection_db: str, aiohttp_client: Any) -> None:
     settings = settings_for(projection_db, projection_standby_retry_s=1.0)
-    first = await aiohttp_client(read_model_app(settings))
+    first = await aiohttp_client(create_app(settings))
 
     async def first_leads() -> bool:
         return states(first.server.app) == {LEADING}
 
     await eventually(first_leads, what="the first app to lead every projection")
-    second = await aiohttp_client(read_model_app(settings))
+    second = await aiohttp_client(create_app(settings))
 
     async def second_stands_by() -> bool:
         return states(second.server.app) == {STANDBY}

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from backend.app import create_app
 from backend.config import Settings
 from tests.conftest import bearer, mint_token
-from tests.projections.harness import Node, read_model_app, settings_for
+from tests.projections.harness import Node, settings_for
 
 WALLET_FIELDS = {"wallet_id", "owner", "currency", "balance", "available", "locked", "reserved", "version"}
 
@@ -33,7 +34,7 @@ class Api:
 
 
 async def open_app(aiohttp_client: Any, settings: Settings) -> tuple[TestClient, Api]:
-    client = await aiohttp_client(read_model_app(settings))
+    client = await aiohttp_client(create_app(settings))
     return client, Api(client, await mint_token(client.server.app, "operator", ["admin"]))
 
 
