@@ -141,8 +141,8 @@ def test_sigterm_lets_an_in_flight_command_finish(database_url: str) -> None:
         status, body = asyncio.run(scenario())
         assert status == 200, body
         assert body["balance"] == 7
-        proc.wait(30)
-        assert proc.returncode == 0
+        _, stderr = proc.communicate(timeout=30)  # communicate drains the pipes the server logs into
+        assert proc.returncode == 0, stderr
     finally:
         if proc.poll() is None:
             proc.kill()
