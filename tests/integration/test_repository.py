@@ -102,3 +102,20 @@ async def test_state_as_of_a_position(store: EventStore) -> None:
     assert then is not None and then.balance == 100 and position == first.position
     now, _ = await repo.as_of(Wallet, wallet.id)
     assert now is not None and now.balance == 70
+
+
+def test_clone_is_independent_of_the_original() -> None:
+    from backend.store.repository import clone
+
+    wallet = Wallet.open(uuid.uuid4(), "zed", "USD", NOW)
+    wallet.credit(500, "a", NOW)
+    lock_id = uuid.uuid4()
+    wallet.lock(lock_id, 100, "l", NOW)
+    wallet.reserve(uuid.uuid4(), 50, NOW + timedelta(minutes=1), NOW)
+    wallet.collect_events()
+    copy = clone(wallet)
+    assert state(copy) == state(wallet)
+    copy.release(lock_id, NOW)
+    copy.reserve(uuid.uuid4(), 10, NOW + timedelta(minutes=1), NOW)
+    assert wallet.locks == {lock_id: 100} and len(wallet.reservations) == 1 and wallet.closed_locks == {}
+    assert wallet.version == 4 and copy.version > wallet.version
