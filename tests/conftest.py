@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -87,14 +88,27 @@ def database_url(admin_dsn: str) -> Iterator[str]:
         drop_database(admin_dsn, dsn)
 
 
-@pytest.fixture
-def fresh_database_url(admin_dsn: str) -> Iterator[str]:
-    """An empty database of this test's own (not migrated)."""
-    dsn = create_fresh_database(admin_dsn, migrated=False)
+@contextlib.contextmanager
+def database_of_its_own(admin: str, *, migrated: bool) -> Iterator[str]:
+    dsn = create_fresh_database(admin, migrated=migrated)
     try:
         yield dsn
     finally:
-        drop_database(admin_dsn, dsn)
+        drop_database(admin, dsn)
+
+
+@pytest.fixture
+def fresh_database_url(admin_dsn: str) -> Iterator[str]:
+    """An empty database of this test's own (not migrated)."""
+    with database_of_its_own(admin_dsn, migrated=False) as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def own_database_url(admin_dsn: str) -> Iterator[str]:
+    """A fresh, migrated database that only this test writes (it may tamper with it, count every row)."""
+    with database_of_its_own(admin_dsn, migrated=True) as dsn:
+        yield dsn
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:

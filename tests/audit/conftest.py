@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,22 +16,11 @@ from backend.audit.export import export_pages
 from backend.db import init_connection
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, Write
-from tests.conftest import create_fresh_database, drop_database
 
 
 @pytest.fixture
-def own_dsn(admin_dsn: str) -> Iterator[str]:
-    """A fresh, migrated database that only this test writes (and may tamper with)."""
-    dsn = create_fresh_database(admin_dsn)
-    try:
-        yield dsn
-    finally:
-        drop_database(admin_dsn, dsn)
-
-
-@pytest.fixture
-async def own_pool(own_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(own_dsn, min_size=1, max_size=4, init=init_connection)
+async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, init=init_connection)
     assert pool is not None
     try:
         yield pool

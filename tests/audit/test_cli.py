@@ -64,21 +64,21 @@ async def test_verify_an_export_with_no_database(own_pool: asyncpg.Pool, tmp_pat
     assert list(empty.iterdir()) == [] and not (tmp_path / ".data").exists(), "no embedded server was started"
 
 
-async def test_export_verify_and_replay_against_the_database(own_dsn: str, own_pool: asyncpg.Pool,
+async def test_export_verify_and_replay_against_the_database(own_database_url: str, own_pool: asyncpg.Pool,
                                                              tmp_path: Path) -> None:
     log = await fill_log(own_pool, streams=3, versions=4)
     out = tmp_path / "export.ndjson"
-    result = await audit_cli("export", "--out", str(out), database_url=own_dsn)
+    result = await audit_cli("export", "--out", str(out), database_url=own_database_url)
     assert result.returncode == 0, result.stderr
     assert out.read_bytes() == (await export_file(own_pool, tmp_path / "same.ndjson")).read_bytes()
     assert not out.with_name(out.name + ".partial").exists()
 
-    result = await audit_cli("verify", database_url=own_dsn)
+    result = await audit_cli("verify", database_url=own_database_url)
     assert result.returncode == 0 and "OK: every hash chain verifies" in result.stdout, result.stdout
 
     stream = log.streams[1]
     result = await audit_cli("replay", "--stream", stream, "--json", "--to-position", str(log.position(stream, 3)),
-                             database_url=own_dsn)
+                             database_url=own_database_url)
     assert result.returncode == 0, result.stderr
     steps = [orjson.loads(line) for line in result.stdout.splitlines()]
     assert [s["event"]["version"] for s in steps] == [1, 2, 3]
@@ -88,8 +88,8 @@ async def test_export_verify_and_replay_against_the_database(own_dsn: str, own_p
         balance += amount if step["event"]["type"] == "WalletCredited" else -amount
         assert step["state"]["balance"] == balance and step["state"]["version"] == step["event"]["version"]
 
-    await tamper(own_dsn, "delete from events where stream_id = $1 and version = 2", stream)
-    result = await audit_cli("verify", "--stream", stream, database_url=own_dsn)
+    await tamper(own_database_url, "delete from events where stream_id = $1 and version = 2", stream)
+    result = await audit_cli("verify", "--stream", stream, database_url=own_database_url)
     assert result.returncode == 1
     assert f"missing_version: stream {stream} version 2 position {log.position(stream, 3)}" in result.stdout
     assert (await audit_cli("verify", "--export", str(out))).returncode == 0, "the earlier export still verifies"

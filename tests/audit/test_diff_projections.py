@@ -41,9 +41,10 @@ async def diff(pool: asyncpg.Pool) -> DiffReport:
 
 
 async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
-    aiohttp_client: AIOHTTPClient, own_dsn: str, own_pool: asyncpg.Pool
+    aiohttp_client: AIOHTTPClient, own_database_url: str, own_pool: asyncpg.Pool
 ) -> None:
-    client = await aiohttp_client(create_app(make_settings(own_dsn, rate_limit_per_s=0, projection_poll_s=0.2)))
+    settings = make_settings(own_database_url, rate_limit_per_s=0, projection_poll_s=0.2)
+    client = await aiohttp_client(create_app(settings))
     headers = bearer(await mint_token(client.server.app, "ops", ["admin"]))
     wallets = await workload(client, headers)
 
@@ -74,7 +75,7 @@ async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
     assert changed.live is not None and changed.rebuilt is not None
     assert changed.live["balance"] == changed.rebuilt["balance"] + 1
 
-    result = await audit_cli("diff-projections", database_url=own_dsn)
+    result = await audit_cli("diff-projections", database_url=own_database_url)
     assert result.returncode == 1, result.stderr
     assert "balances.wallet_balances" in result.stdout and "changed" in result.stdout
     leftovers = await own_pool.fetchval("select count(*) from pg_namespace where nspname like $1", SCRATCH_PREFIX + "%")

@@ -268,16 +268,16 @@ async def test_verify_one_stream(admin: Auditor, auditor: Auditor) -> None:
     await auditor.get("/v1/audit/verify", {"stream": f"wallet-{uuid.uuid4()}"}, status=404)
 
 
-async def test_verify_the_whole_log_and_find_tampering(aiohttp_client: AIOHTTPClient, own_dsn: str,
+async def test_verify_the_whole_log_and_find_tampering(aiohttp_client: AIOHTTPClient, own_database_url: str,
                                                        own_pool: asyncpg.Pool) -> None:
     log = await fill_log(own_pool, streams=4, versions=3)
-    client = await aiohttp_client(create_app(make_settings(own_dsn)))
+    client = await aiohttp_client(create_app(make_settings(own_database_url)))
     headers = bearer(await mint_token(client.server.app, "auditor", ["audit:read"]))
     clean = await (await client.get("/v1/audit/verify", headers=headers)).json()
     assert clean["ok"] and clean["events_checked"] >= log.events and clean["first_position"] == 1
 
     victim = log.streams[1]
-    await tamper(own_dsn, "update events set data = jsonb_set(data, '{amount}', '7') "
+    await tamper(own_database_url, "update events set data = jsonb_set(data, '{amount}', '7') "
                           "where stream_id = $1 and version = 2", victim)
     found = await (await client.get("/v1/audit/verify", headers=headers)).json()
     assert not found["ok"] and found["break_count"] == 1

@@ -56,11 +56,11 @@ async def test_pages_are_prefetched_without_losing_or_repeating_rows(own_pool: a
     assert report.ok and report.events_checked == 35 and report.last_position == 35
 
 
-async def test_changed_amount_is_pinpointed(own_dsn: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
+async def test_changed_amount_is_pinpointed(own_database_url: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
     log = await fill_log(own_pool)
     before = await export_file(own_pool, tmp_path / "before.ndjson")
     victim = log.streams[5]
-    await tamper(own_dsn, "update events set data = jsonb_set(data, '{amount}', '999999') "
+    await tamper(own_database_url, "update events set data = jsonb_set(data, '{amount}', '999999') "
                           "where stream_id = $1 and version = 3", victim)
 
     expected = [("hash_mismatch", victim, 3, log.position(victim, 3))]
@@ -72,12 +72,12 @@ async def test_changed_amount_is_pinpointed(own_dsn: str, own_pool: asyncpg.Pool
     assert (await verify_path(before)).ok
 
 
-async def test_deleted_event_is_pinpointed(own_dsn: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
+async def test_deleted_event_is_pinpointed(own_database_url: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
     log = await fill_log(own_pool)
     before = await export_file(own_pool, tmp_path / "before.ndjson")
     victim = log.streams[2]
     deleted, next_position = log.position(victim, 4), log.position(victim, 5)
-    await tamper(own_dsn, "delete from events where stream_id = $1 and version = 4", victim)
+    await tamper(own_database_url, "delete from events where stream_id = $1 and version = 4", victim)
 
     whole = await verify_db(own_pool)
     assert breaks(whole) == [
@@ -94,11 +94,11 @@ async def test_deleted_event_is_pinpointed(own_dsn: str, own_pool: asyncpg.Pool,
     assert (await verify_path(before)).ok
 
 
-async def test_swapped_events_are_pinpointed(own_dsn: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
+async def test_swapped_events_are_pinpointed(own_database_url: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
     log = await fill_log(own_pool)
     before = await export_file(own_pool, tmp_path / "before.ndjson")
     victim = log.streams[7]
-    await tamper(own_dsn, """
+    await tamper(own_database_url, """
         update events e set data = o.data
         from events o
         where e.stream_id = $1 and o.stream_id = $1 and (e.version, o.version) in ((2, 4), (4, 2))
@@ -111,15 +111,15 @@ async def test_swapped_events_are_pinpointed(own_dsn: str, own_pool: asyncpg.Poo
     assert (await verify_path(before)).ok
 
 
-async def test_a_rehashed_forgery_breaks_the_next_link(own_dsn: str, own_pool: asyncpg.Pool) -> None:
+async def test_a_rehashed_forgery_breaks_the_next_link(own_database_url: str, own_pool: asyncpg.Pool) -> None:
     """Recomputing the forged event's own hash only moves the break to the stream's next event."""
     log = await fill_log(own_pool)
     victim = log.streams[0]
-    await tamper(own_dsn, "update events set data = jsonb_set(data, '{amount}', '1') "
+    await tamper(own_database_url, "update events set data = jsonb_set(data, '{amount}', '1') "
                           "where stream_id = $1 and version = 2", victim)
     forged = (await verify_db(own_pool, victim)).breaks[0]
     assert (forged.kind, forged.version) == ("hash_mismatch", 2)
-    await tamper(own_dsn, "update events set hash = decode($2, 'hex') where stream_id = $1 and version = 2",
+    await tamper(own_database_url, "update events set hash = decode($2, 'hex') where stream_id = $1 and version = 2",
                  victim, forged.expected)
     assert breaks(await verify_db(own_pool, victim)) == [("hash_mismatch", victim, 3, log.position(victim, 3))]
 

@@ -53,8 +53,8 @@ async def test_a_one_second_reservation_expires_within_a_second_of_its_deadline(
     assert timedelta(0) <= recorded_at - expires_at <= timedelta(seconds=1)
 
 
-async def test_many_reservations_expire_once_each_with_two_processes_running_expiry(projection_db: str) -> None:
-    first, second = await Node.open(projection_db), await Node.open(projection_db)
+async def test_many_reservations_expire_once_each_with_two_processes_running_expiry(own_database_url: str) -> None:
+    first, second = await Node.open(own_database_url), await Node.open(own_database_url)
     try:
         await first.start()
         await second.start()

@@ -19,8 +19,8 @@ def states(app: web.Application) -> set[str]:
     return {runner.state for runner in app[PROJECTIONS].runners}
 
 
-async def test_a_standby_app_takes_over_within_five_seconds(projection_db: str, aiohttp_client: Any) -> None:
-    settings = settings_for(projection_db, projection_standby_retry_s=1.0)
+async def test_a_standby_app_takes_over_within_five_seconds(own_database_url: str, aiohttp_client: Any) -> None:
+    settings = settings_for(own_database_url, projection_standby_retry_s=1.0)
     first = await aiohttp_client(create_app(settings))
 
     async def first_leads() -> bool:
@@ -33,7 +33,7 @@ async def test_a_standby_app_takes_over_within_five_seconds(projection_db: str, 
         return states(second.server.app) == {STANDBY}
 
     await eventually(second_stands_by, what="the second app to stand by")
-    node = await Node.open(projection_db)
+    node = await Node.open(own_database_url)
     try:
         found = await status(node.pool, registry.names())
         pids = {r.backend_pid for r in first.server.app[PROJECTIONS].runners}

@@ -32,7 +32,7 @@ def backend(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def workers(projection_db: str) -> Iterator[list[subprocess.Popen[str]]]:
+def workers(own_database_url: str) -> Iterator[list[subprocess.Popen[str]]]:
     started: list[subprocess.Popen[str]] = []
     yield started
     for process in started:
@@ -49,19 +49,19 @@ def start_worker(dsn: str, workers: list[subprocess.Popen[str]]) -> subprocess.P
 
 
 async def test_a_killed_worker_is_replaced_within_five_seconds(
-    projection_db: str, workers: list[subprocess.Popen[str]]
+    own_database_url: str, workers: list[subprocess.Popen[str]]
 ) -> None:
-    node = await Node.open(projection_db)
+    node = await Node.open(own_database_url)
     names = registry.names()
     try:
-        first = start_worker(projection_db, workers)
+        first = start_worker(own_database_url, workers)
 
         async def led_by(pid: int) -> bool:
             found = await status(node.pool, names)
             return all(s.state == "running" and (s.leader or "").endswith(f"-{pid}") for s in found)
 
         await eventually(lambda: led_by(first.pid), timeout=30, what="the first worker to lead")
-        second = start_worker(projection_db, workers)
+        second = start_worker(own_database_url, workers)
 
         async def second_connected() -> bool:
             sessions = await node.pool.fetchval("select count(*) from pg_stat_activity where application_name like $1",
@@ -80,27 +80,27 @@ async def test_a_killed_worker_is_replaced_within_five_seconds(
         await node.close()
 
 
-async def test_status_and_rebuild_commands(projection_db: str) -> None:
-    node = await Node.open(projection_db)
+async def test_status_and_rebuild_commands(own_database_url: str) -> None:
+    node = await Node.open(own_database_url)
     try:
         await Workload(node.bus, seed=21).run(200)
         events = await node.pool.fetchval("select count(*) from events")
     finally:
         await node.close()
 
-    shown = await asyncio.to_thread(backend, projection_db, "status")
+    shown = await asyncio.to_thread(backend, own_database_url, "status")
     assert shown.returncode == 0, shown.stderr
     assert all(name in shown.stdout for name in registry.names()) and "stopped" in shown.stdout
 
-    rebuilt = await asyncio.to_thread(backend, projection_db, "rebuild", "--all", "--batch-size", "100")
+    rebuilt = await asyncio.to_thread(backend, own_database_url, "rebuild", "--all", "--batch-size", "100")
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"{events:,} events" in rebuilt.stdout and "ev/s" in rebuilt.stderr
 
-    shown = await asyncio.to_thread(backend, projection_db, "status", "--json")
+    shown = await asyncio.to_thread(backend, own_database_url, "status", "--json")
     found = [json.loads(line) for line in shown.stdout.splitlines()]
     assert [f["name"] for f in found] == registry.names()
     assert all(f["checkpoint"] == f["head"] >= events and f["lag_events"] == 0 for f in found)
 
-    assert (await asyncio.to_thread(backend, projection_db, "rebuild")).returncode == 2
-    unknown = await asyncio.to_thread(backend, projection_db, "rebuild", "nosuch")
+    assert (await asyncio.to_thread(backend, own_database_url, "rebuild")).returncode == 2
+    unknown = await asyncio.to_thread(backend, own_database_url, "rebuild", "nosuch")
     assert unknown.returncode == 1 and "unknown projection" in unknown.stderr

@@ -43,17 +43,17 @@ async def user(client: TestClient, owner: str) -> Api:
 
 
 async def test_read_your_writes_waits_for_a_projection_running_elsewhere(
-    projection_db: str, aiohttp_client: Any
+    own_database_url: str, aiohttp_client: Any
 ) -> None:
     """This app runs no projections; a separate process (a Node) does, and only starts later."""
-    _, admin = await open_app(aiohttp_client, settings_for(projection_db, run_projections=False))
+    _, admin = await open_app(aiohttp_client, settings_for(own_database_url, run_projections=False))
     wallet = await admin.post("/v1/wallets", {"owner": "alice", "currency": "USD"})
     credited = await admin.post(f"/v1/wallets/{wallet['wallet_id']}/credits", {"amount": 700, "reference": "x"})
     position = credited["position"]
 
     read = asyncio.create_task(admin.get(f"/v1/wallets/{wallet['wallet_id']}?min_position={position}",
                                          Prefer="wait=10"))
-    worker = await Node.open(projection_db)
+    worker = await Node.open(own_database_url)
     try:
         await worker.start()
         body, headers = await read
@@ -71,9 +71,9 @@ async def test_read_your_writes_waits_for_a_projection_running_elsewhere(
 
 
 @pytest.fixture
-async def live(projection_db: str, aiohttp_client: Any) -> tuple[TestClient, Api]:
+async def live(own_database_url: str, aiohttp_client: Any) -> tuple[TestClient, Api]:
     """An app running every projection (the database outlives the app: it is set up first)."""
-    return await open_app(aiohttp_client, settings_for(projection_db))
+    return await open_app(aiohttp_client, settings_for(own_database_url))
 
 
 async def test_wallet_with_its_open_locks_and_reservations(live: tuple[TestClient, Api]) -> None:

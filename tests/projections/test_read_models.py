@@ -34,8 +34,8 @@ async def test_read_models_follow_the_log_live(node: Node, seed: int) -> None:
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 1000])
-async def test_read_models_catch_up_from_behind_in_batches(projection_db: str, batch_size: int) -> None:
-    node = await Node.open(projection_db, settings_for(projection_db, projection_batch_size=batch_size))
+async def test_read_models_catch_up_from_behind_in_batches(own_database_url: str, batch_size: int) -> None:
+    node = await Node.open(own_database_url, settings_for(own_database_url, projection_batch_size=batch_size))
     try:
         await Workload(node.bus, seed=batch_size).run(300)
         await node.start(without_expiry_commands())

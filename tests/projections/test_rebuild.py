@@ -54,8 +54,8 @@ async def snapshot(pool: asyncpg.Pool) -> dict[str, list[tuple[Any, ...]]]:
     return {t: [tuple(r) for r in await pool.fetch(f"select * from {t} as row order by row::text")] for t in TABLES}
 
 
-async def test_read_models_equal_a_rebuild_after_crashes_mid_batch(projection_db: str) -> None:
-    node = await Node.open(projection_db, settings_for(projection_db, projection_batch_size=5))
+async def test_read_models_equal_a_rebuild_after_crashes_mid_batch(own_database_url: str) -> None:
+    node = await Node.open(own_database_url, settings_for(own_database_url, projection_batch_size=5))
     rng = random.Random(5)
     crashing = [Crashing(p, rng, 0.15) for p in registry.all_projections(node.bus)]
     restarts = 0
@@ -86,7 +86,7 @@ async def test_read_models_equal_a_rebuild_after_crashes_mid_batch(projection_db
         live = await snapshot(node.pool)
         assert_same(await actual_tables(node.pool), await expected_tables(node.store))
 
-        result = await rebuild(connector(projection_db, node.settings), registry.all_projections(), batch_size=100)
+        result = await rebuild(connector(own_database_url, node.settings), registry.all_projections(), batch_size=100)
         assert result.events == await node.pool.fetchval("select count(*) from events")
         assert await snapshot(node.pool) == live
         assert await node.caught_up()
