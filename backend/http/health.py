@@ -7,8 +7,10 @@ import asyncio
 from aiohttp import web
 
 from backend.appkeys import POOL, SETTINGS
-from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.db import UNAVAILABLE_ERRORS, Connection, describe
 from backend.http.problems import Problem
+from projections import registry
+from projections.status import status
 
 routes = web.RouteTableDef()
 
@@ -25,7 +27,17 @@ async def ready(request: web.Request) -> web.Response:
         async with asyncio.timeout(timeout):
             async with request.app[POOL].acquire() as conn:
                 await conn.fetchval("select 1")
+                lag = await projection_lag(conn)
     except UNAVAILABLE_ERRORS as exc:
         raise Problem(503, "unavailable", f"database check failed: {describe(exc)}",
                       headers={"Retry-After": "1"}) from None
-    return web.json_response({"status": "ready", "checks": {"database": "ok"}})
+    return web.json_response({"status": "ready", "checks": {"database": "ok", "projections": lag}})
+
+
+async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:
+    """Each read model's state and lag. Reported, not gating: a lagging or failed projection slows or
+    stops its reads (which answer 503 past their wait), while commands and streams still work."""
+    return {
+        s.name: {"state": s.state, "lag_events": s.lag_events, "lag_s": s.lag_s}
+        for s in await status(conn, registry.names())
+    }

@@ -76,4 +76,7 @@ async def test_liveness_and_readiness(client: TestClient) -> None:
     assert (await client.get("/health/live")).status == 200
     ready = await client.get("/health/ready")
     assert ready.status == 200
-    assert (await ready.json())["checks"]["database"] == "ok"
+    checks = (await ready.json())["checks"]
+    assert checks["database"] == "ok"
+    assert {"balances", "stats"} <= set(checks["projections"])
+    assert all({"state", "lag_events", "lag_s"} <= set(p) for p in checks["projections"].values())
