@@ -1,0 +1,201 @@
+"""Planning one append batch: versions, positions and hashes, request by request.
+
+Each request in a batch succeeds or fails on its own; the planner tracks the streams as accepted
+requests advance them, so a later request in the same batch sees the earlier ones' events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from backend.store import idempotency
+from backend.store.encoding import EncodedEvent, EncodedWrite
+from backend.store.events import ANY, AppendResult, DuplicateEventId, StreamAppended, WrongExpectedVersion
+from backend.store.hashing import GENESIS, canonical_bytes, chain, encode_data
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
+
+
+@dataclass(slots=True)
+class AppendRequest:
+    writes: list[EncodedWrite]
+    event_count: int
+    size: int
+    claim: IdempotencyClaim | None
+    future: asyncio.Future[AppendResult]
+
+
+@dataclass(slots=True)
+class Planned:
+    """One event that the batch will insert."""
+
+    position: int
+    stream_id: str
+    version: int
+    event: EncodedEvent
+    recorded_at: datetime
+    hash: bytes
+
+
+class KnownHeads:
+    """What this process knows of the log as of its own last append: the head, and stream heads.
+
+    Valid only while no other process appends: the fenced path checks exactly that in the database.
+    When the general path finds that someone else appended, every cached stream head is dropped."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self.head: int | None = None
+        self.recorded_at: datetime | None = None
+        self.streams: dict[str, tuple[int, bytes]] = {}
+
+    def lookup(self, stream_ids: set[str]) -> dict[str, tuple[int, bytes]] | None:
+        try:
+            return {s: self.streams[s] for s in stream_ids}
+        except KeyError:
+            return None
+
+    def advance(self, planner: BatchPlanner, stream_ids: set[str], *, foreign_writes: bool) -> None:
+        if foreign_writes:
+            self.streams.clear()
+        for stream in stream_ids:
+            self.streams[stream] = planner.streams.get(stream, (0, GENESIS))
+        if len(self.streams) > self.capacity:
+            self.streams.clear()
+        self.head = planner.head
+        self.recorded_at = planner.recorded_at
+
+    def forget(self) -> None:
+        self.head = None
+        self.recorded_at = None
+        self.streams.clear()
+
+
+class BatchPlanner:
+    """Decides, request by request, what a batch inserts, tracking streams as the batch advances them."""
+
+    def __init__(
+        self,
+        streams: dict[str, tuple[int, bytes]],
+        head: int,
+        last_recorded_at: datetime | None,
+        known: dict[uuid.UUID, tuple[int, str, int, str, bytes]] | None = None,
+        used_keys: list[StoredResponse] = (),  # type: ignore[assignment]
+    ):
+        self.streams = dict(streams)
+        self.head = head
+        now = datetime.now(UTC)
+        # recorded_at never goes backwards along the log, even if this host's clock lags another's.
+        self.recorded_at = max(now, last_recorded_at) if last_recorded_at else now
+        # event_id -> (position, stream_id, version, type, data bytes) of events already stored or planned
+        self.known = dict(known or {})
+        self.rows: list[Planned] = []
+        self.used_keys = {(r.scope, r.key): r for r in used_keys}
+        self.responses: list[StoredResponse] = []
+
+    @classmethod
+    def from_state(cls, rows: list[asyncpg.Record]) -> BatchPlanner:
+        """From STATE_SQL's rows: stream heads, the log head, stored event ids, used idempotency keys."""
+        last = next((r for r in rows if r["kind"] == "head"), None)
+        return cls(
+            streams={r["stream_id"]: (r["version"], bytes(r["hash"])) for r in rows if r["kind"] == "stream"},
+            head=last["position"] if last else 0,
+            last_recorded_at=last["recorded_at"] if last else None,
+            known={
+                r["event_id"]: (r["position"], r["stream_id"], r["version"], r["type"], encode_data(r["data"]))
+                for r in rows if r["kind"] == "event"
+            },
+            used_keys=[idempotency.to_stored(r) for r in rows if r["kind"] == "claim"],
+        )
+
+    def plan(self, request: AppendRequest) -> AppendResult | Exception:
+        """The outcome of one request; accepted rows and claims join the batch, rejected ones leave no trace."""
+        claim = request.claim
+        if claim is not None and (claim.scope, claim.key) in self.used_keys:
+            return IdempotencyKeyUsed(self.used_keys[(claim.scope, claim.key)])
+        replay = self._replay(request) if request.writes else None
+        if replay is not None:
+            return replay  # a replay of stored events does not claim the key again
+        proposal = self._propose(request)
+        if isinstance(proposal, Exception):
+            return proposal
+        result, planned, streams = proposal
+        response = None
+        if claim is not None:
+            try:
+                response = claim.record(result)
+            except Exception as exc:  # a broken renderer fails its own request, not the batch
+                return exc
+        self._accept(planned, streams)
+        if response is not None:
+            self.used_keys[(response.scope, response.key)] = response
+            self.responses.append(response)
+        return result
+
+    def _propose(
+        self, request: AppendRequest
+    ) -> tuple[AppendResult, list[Planned], dict[str, tuple[int, bytes]]] | Exception:
+        """Positions, versions and hashes for the request's events, without changing the batch yet."""
+        streams: dict[str, tuple[int, bytes]] = {}
+        planned: list[Planned] = []
+        results: list[StreamAppended] = []
+        position = self.head
+        for write in request.writes:
+            version, previous = streams.get(write.stream_id) or self.streams.get(write.stream_id, (0, GENESIS))
+            if write.expected_version not in (ANY, version):
+                return WrongExpectedVersion(write.stream_id, write.expected_version, version)
+            positions = []
+            for event in write.events:
+                position += 1
+                version += 1
+                canonical = canonical_bytes(write.stream_id, version, event.type, event.data, self.recorded_at)
+                previous = chain(previous, canonical)
+                planned.append(Planned(position, write.stream_id, version, event, self.recorded_at, previous))
+                positions.append(position)
+            streams[write.stream_id] = (version, previous)
+            results.append(StreamAppended(write.stream_id, tuple(positions), version))
+        return AppendResult(tuple(results)), planned, streams
+
+    def _accept(self, planned: list[Planned], streams: dict[str, tuple[int, bytes]]) -> None:
+        self.streams.update(streams)
+        self.rows.extend(planned)
+        if planned:
+            self.head = planned[-1].position
+        for row in planned:
+            self.known[row.event.event_id] = (row.position, row.stream_id, row.version, row.event.type, row.event.data)
+
+    def _replay(self, request: AppendRequest) -> AppendResult | Exception | None:
+        """None if no event is known; the original result if all are, identically; else the conflict."""
+        events = [(w.stream_id, e) for w in request.writes for e in w.events]
+        matches = [self.known.get(e.event_id) for _, e in events]
+        if not any(matches):
+            return None
+        for (stream_id, event), match in zip(events, matches, strict=True):
+            if match is None:
+                return DuplicateEventId(event.event_id, "while other events of the same append are not")
+            if (match[1], match[3], match[4]) != (stream_id, event.type, event.data):
+                return DuplicateEventId(event.event_id, "with different content")
+        results = []
+        for write in request.writes:
+            stored = [self.known[e.event_id] for e in write.events]
+            results.append(StreamAppended(write.stream_id, tuple(m[0] for m in stored), stored[-1][2]))
+        return AppendResult(tuple(results), replayed=True)
+
+    def columns(self) -> tuple[list[Any], ...]:
+        rows = self.rows
+        return (
+            [r.position for r in rows],
+            [r.stream_id for r in rows],
+            [r.version for r in rows],
+            [r.event.type for r in rows],
+            [r.event.data.decode() for r in rows],
+            [r.event.metadata.decode() for r in rows],
+            [r.event.event_id for r in rows],
+            [r.recorded_at for r in rows],
+            [r.hash for r in rows],
+        )
