@@ -19,7 +19,6 @@ order by version limit $4
 """
 
 HEAD_SQL = "select coalesce(max(position), 0) from events"
-STREAM_VERSION_SQL = "select coalesce(max(version), 0) from events where stream_id = $1"
 
 INT32_MAX = 2**31 - 1
 DEFAULT_PAGE = 1000
@@ -112,6 +111,3 @@ async def iter_stream(
 async def head(db: Executor) -> int:
     return int(await db.fetchval(HEAD_SQL))
 
-
-async def stream_version(db: Executor, stream_id: str) -> int:
-    return int(await db.fetchval(STREAM_VERSION_SQL, stream_id))

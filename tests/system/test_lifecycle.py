@@ -107,9 +107,10 @@ def test_sigterm_drains_and_exits_zero(database_url: str) -> None:
 
 def test_sigterm_lets_an_in_flight_command_finish(database_url: str) -> None:
     """A debit stuck behind the append lock when SIGTERM arrives still completes and is answered."""
-    from tests.system.keys_for_tests import admin_token
-
-    token = asyncio.run(admin_token(database_url))
+    created = run_backend("keys", "create", "--owner", "operator", "--scopes", "admin",
+                          env={"DATABASE_URL": database_url})
+    assert created.returncode == 0, created.stderr
+    token = next(line.split()[1] for line in created.stdout.splitlines() if line.startswith("token:"))
     port = free_port()
     env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port), "LOG_FORMAT": "text"}
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
