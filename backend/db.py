@@ -76,6 +76,20 @@ def connect_kwargs(settings: Settings) -> dict[str, Any]:
     }
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Pool reset on release: nothing beyond what asyncpg always does (roll back an open transaction).
+
+    asyncpg's default reset costs a round trip on every release (`select pg_advisory_unlock_all();
+    close all; unlisten *; reset all`), and Tally leaves none of that on pooled connections: advisory
+    locks are transaction-scoped (the migration lock is released in a finally), cursors live inside
+    transactions, LISTEN and session settings are only used on connections of their own."""
+
+
+def pool_options() -> dict[str, Any]:
+    """What every Tally pool is opened with."""
+    return {"init": init_connection, "reset": keep_session}
+
+
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
     """Open the pool; retry with backoff for up to WAIT_FOR_DB seconds, else fail at once."""
     deadline = time.monotonic() + settings.wait_for_db_s
@@ -86,7 +100,7 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
                 dsn,
                 min_size=settings.pool_min_size,
                 max_size=settings.pool_max_size,
-                init=init_connection,
+                **pool_options(),
                 **connect_kwargs(settings),
             )
             assert pool is not None

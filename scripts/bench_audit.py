@@ -26,7 +26,7 @@ from bench_store import analyze, choose_server, describe_server, fresh_database
 
 from backend.audit.export import export_pages, read_export
 from backend.audit.verify import Report, verify, verify_database
-from backend.db import init_connection
+from backend.db import pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, Write
 from backend.store.migrate import migrate
@@ -60,7 +60,7 @@ def stream_events(rng: random.Random, number: int, version: int, at: datetime) -
 
 async def fill(dsn: str, events: int, streams: int) -> float:
     """Append `events` round-robin over `streams` wallets (each append: up to 2000 one-event writes)."""
-    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4, init=init_connection)
+    pool = await asyncpg.create_pool(dsn, min_size=2, max_size=4, **pool_options())
     assert pool is not None
     store = EventStore(pool, max_batch_events=WRITES_PER_APPEND * 2)
     rng = random.Random(7)

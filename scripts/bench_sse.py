@@ -51,7 +51,7 @@ from bench_store import Server, choose_server, fresh_database, percentile
 from backend.commands import wallets as wallet_commands
 from backend.commands.bus import CommandBus
 from backend.commands.context import SYSTEM, CommandContext
-from backend.db import init_connection
+from backend.db import pool_options
 from backend.domain import wallet_stream
 from backend.http.commands import JsonRenderer
 from backend.store.event_store import EventStore
@@ -245,7 +245,7 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
     """Credit wallets at rate events/s for seconds (or until stop.poll()), through the command bus or
     (mode "appends") as WalletCredited events appended straight to the store; for each, the position and
     the monotonic and wall-clock times when the write returned."""
-    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=10, init=init_connection)
+    pool = await asyncpg.create_pool(dsn, min_size=4, max_size=10, **pool_options())
     assert pool is not None
     store = EventStore(pool)
     repository = Repository(store)
@@ -312,7 +312,7 @@ async def receive(conn: Any, timeout: float = 600) -> Any:
 
 
 async def seed_wallets(dsn: str, count: int) -> list[str]:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=init_connection)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, **pool_options())
     assert pool is not None
     store = EventStore(pool)
     repository = Repository(store)

@@ -40,7 +40,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
-from backend.db import init_connection, mask_dsn
+from backend.db import init_connection, keep_session, mask_dsn, pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, WrongExpectedVersion
 from backend.store.migrate import migrate
@@ -73,6 +73,7 @@ CEILING_INSERT_SQL = """
 insert into events (stream_id, version, type, data, event_id, recorded_at, hash) values ($1, $2, $3, $4, $5, $6, $7)
 """
 CEILING_HASH = bytes(32)
+CEILING_POOL = {"raw": {"init": init_connection}, "lean": {"init": init_connection, "reset": keep_session}}
 
 
 # ---------------------------------------------------------------- command line
@@ -282,9 +283,9 @@ def pool_size(clients: int) -> int:
     return min(clients + 2, POOL_CAP)
 
 
-async def open_pool(dsn: str, clients: int) -> asyncpg.Pool:
+async def open_pool(dsn: str, clients: int, **options: Any) -> asyncpg.Pool:
     size = pool_size(clients)
-    pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size, init=init_connection)
+    pool = await asyncpg.create_pool(dsn, min_size=size, max_size=size, **options)
     assert pool is not None
     return pool
 
@@ -298,7 +299,7 @@ async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
         await migrate(conn)
     finally:
         await conn.close()
-    pool = await open_pool(dsn, clients)
+    pool = await open_pool(dsn, clients, **pool_options())
     store = EventStore(pool)
 
     async def command(stream: str) -> int:
@@ -325,7 +326,7 @@ async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
 
 
 async def measure_ceiling(dsn: str, clients: int, plan: Plan) -> Sample:
-    pool = await open_pool(dsn, clients)
+    pool = await open_pool(dsn, clients, **CEILING_POOL[os.environ.get("CEIL", "raw")])
 
     async def command(stream: str) -> int:
         retries = 0

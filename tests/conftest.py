@@ -20,7 +20,7 @@ from backend.app import create_app
 from backend.appkeys import REPOSITORY
 from backend.commands.api_keys import mint
 from backend.config import Settings
-from backend.db import ensure_database, init_connection
+from backend.db import ensure_database, pool_options
 from backend.store.event_store import EventStore
 from backend.store.migrate import migrate
 
@@ -129,7 +129,7 @@ def settings(database_url: str) -> Settings:
 
 @pytest.fixture
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, init=init_connection)
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, **pool_options())
     assert pool is not None
     try:
         yield pool

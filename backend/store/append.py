@@ -97,6 +97,8 @@ class AppendBatcher:
         self._linger_s = linger_s
         self._queue: list[AppendRequest] = []
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # no batch is executing (a caller's own, or the worker's)
+        self._idle.set()
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
@@ -113,12 +115,26 @@ class AppendBatcher:
         if self._closing:
             raise StoreError("the event store is shutting down")
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.append(AppendRequest(encoded, count, size, claim, future))
+        request = AppendRequest(encoded, count, size, claim, future)
+        if self._idle.is_set() and not self._queue and not self._linger_s:
+            # Nothing in flight, nothing queued: this caller runs its batch of one itself (handing it
+            # to the worker would cost two turns of the event loop and batch nothing).
+            try:
+                await self._settle([request])
+            finally:
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved, even if this caller was cancelled meanwhile
+            return future.result()
+        self._queue.append(request)
         self._wake.set()
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="append-batcher")
-        # The batch goes on if this caller is cancelled: its outcome is then simply not awaited.
+        # A queued batch goes on if this caller is cancelled: its outcome is then simply not awaited.
         return await asyncio.shield(future)
+
+    def heads_seen(self, head: int, streams: dict[str, tuple[int, bytes]]) -> None:
+        """A read saw these stream heads at log head `head` (see KnownHeads.seen)."""
+        self._heads.seen(head, streams)
 
     async def close(self) -> None:
         """Finish what is queued, then stop."""
@@ -127,6 +143,7 @@ class AppendBatcher:
         if self._worker is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
+        await self._idle.wait()
         await self._release_connection()
 
     def _take_batch(self) -> list[AppendRequest]:
@@ -143,15 +160,20 @@ class AppendBatcher:
 
     async def _run(self) -> None:
         while True:
-            if not self._queue:
-                if self._closing:
+            if not self._queue or not self._idle.is_set():
+                if self._closing and not self._queue:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             if self._linger_s and len(self._queue) == 1:
                 await asyncio.sleep(self._linger_s)
-            batch = self._take_batch()
+            await self._settle(self._take_batch())
+
+    async def _settle(self, batch: list[AppendRequest]) -> None:
+        """Execute one batch (never two at once) and settle each request's future with its outcome."""
+        self._idle.clear()
+        try:
             try:
                 outcomes = await self._execute(batch)
             except BaseException as exc:
@@ -161,7 +183,7 @@ class AppendBatcher:
                 if not isinstance(exc, Exception):
                     raise
                 log.warning("append batch failed", extra={"requests": len(batch), "error": repr(exc)})
-                continue
+                return
             self.batches += 1
             self.batched_requests += len(batch)
             for request, outcome in zip(batch, outcomes, strict=True):
@@ -171,6 +193,10 @@ class AppendBatcher:
                     request.future.set_exception(outcome)
                 else:
                     request.future.set_result(outcome)
+        finally:
+            self._idle.set()
+            if self._queue:
+                self._wake.set()
 
     async def _execute(self, batch: list[AppendRequest]) -> list[AppendResult | Exception]:
         conn = await self._connection()
@@ -199,8 +225,11 @@ class AppendBatcher:
         outcomes = [planner.plan(request) for request in batch]
         if any(isinstance(o, Exception) for o in outcomes) or not (planner.rows or planner.responses):
             return None
-        code = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, self._heads.head, *planner.columns(),
-                                   *idempotency.insert_columns(planner.responses))
+        try:
+            code = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, self._heads.head, *planner.columns(),
+                                       *idempotency.insert_columns(planner.responses))
+        except asyncpg.UniqueViolationError:
+            code = -2  # an event id or idempotency key is taken: the general path says which, and how
         if code != 0:
             self.fence_misses += 1
             return None

@@ -15,22 +15,31 @@ from typing import Generic, TypeVar
 import asyncpg
 
 from backend.store.events import RecordedEvent
+from backend.store.hashing import GENESIS
 from backend.store.reads import to_event
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+# Both reads also return the log's head as of their snapshot: see StreamReads.
 TAILS_SQL = """
-select e.position, e.stream_id, e.version, e.type, e.data, e.metadata, e.event_id, e.recorded_at, e.hash
+select e.position, e.stream_id, e.version, e.type, e.data, e.metadata, e.event_id, e.recorded_at, e.hash,
+       (select max(position) from events) as head
 from unnest($1::text[], $2::int[]) with ordinality as s(sid, after, i)
 join events e on e.stream_id = s.sid and e.version > s.after
 order by s.i, e.version
 """
 
 VERSIONS_SQL = """
-select s.sid, coalesce((select max(version) from events where stream_id = s.sid), 0) as version
+select s.sid, coalesce(e.version, 0) as version, e.hash, coalesce((select max(position) from events), 0) as head
 from unnest($1::text[]) as s(sid)
+left join lateral (
+    select version, hash from events where events.stream_id = s.sid order by version desc limit 1
+) as e on true
 """
+
+HeadsSeen = Callable[[int, dict[str, tuple[int, bytes]]], None]
+"""Told, after each read, the log's head as of the read and the heads (version, hash) of the streams read."""
 
 
 class Coalescer(Generic[K, V]):
@@ -92,10 +101,14 @@ class Coalescer(Generic[K, V]):
 
 
 class StreamReads:
-    """Coalesced `version(stream)` and `tail(stream, after_version)` reads."""
+    """Coalesced `version(stream)` and `tail(stream, after_version)` reads.
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    What a read learns of stream heads goes to `heads_seen` with the log head of its snapshot: the
+    appender uses it to append to those streams on its one-round-trip path (backend/store/append.py)."""
+
+    def __init__(self, pool: asyncpg.Pool, heads_seen: HeadsSeen | None = None) -> None:
         self._pool = pool
+        self._heads_seen = heads_seen
         self._versions: Coalescer[str, int] = Coalescer(self._load_versions, int)
         self._tails: Coalescer[tuple[str, int], list[RecordedEvent]] = Coalescer(self._load_tails, list)
 
@@ -107,6 +120,10 @@ class StreamReads:
 
     async def _load_versions(self, streams: list[str]) -> dict[str, int]:
         rows = await self._pool.fetch(VERSIONS_SQL, streams)
+        if self._heads_seen is not None and rows:
+            self._heads_seen(rows[0]["head"], {
+                row["sid"]: (row["version"], GENESIS if row["hash"] is None else bytes(row["hash"])) for row in rows
+            })
         return {row["sid"]: row["version"] for row in rows}
 
     async def _load_tails(self, keys: list[tuple[str, int]]) -> dict[tuple[str, int], list[RecordedEvent]]:
@@ -126,4 +143,7 @@ class StreamReads:
                     tails.setdefault(key, []).append(event)
         for tail in tails.values():
             tail.sort(key=lambda event: event.version)
+        if self._heads_seen is not None and rows:
+            self._heads_seen(rows[0]["head"], {tail[-1].stream_id: (tail[-1].version, tail[-1].hash)
+                                               for tail in tails.values()})
         return tails

@@ -17,7 +17,7 @@ class EventStore:
     def __init__(self, pool: asyncpg.Pool, *, max_batch_events: int = 2000, linger_s: float = 0.0) -> None:
         self.pool = pool
         self.batcher = AppendBatcher(pool, max_batch_events=max_batch_events, linger_s=linger_s)
-        self.point_reads = StreamReads(pool)
+        self.point_reads = StreamReads(pool, self.batcher.heads_seen)
 
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append every write atomically; see backend.store.append for the guarantees."""

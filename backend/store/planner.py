@@ -70,6 +70,14 @@ class KnownHeads:
         self.head = planner.head
         self.recorded_at = planner.recorded_at
 
+    def seen(self, head: int, streams: dict[str, tuple[int, bytes]]) -> None:
+        """Stream heads read at log head `head`: exact while the log is where this process left it."""
+        if head != self.head:
+            return
+        self.streams.update(streams)
+        if len(self.streams) > self.capacity:
+            self.streams.clear()
+
     def forget(self) -> None:
         self.head = None
         self.recorded_at = None

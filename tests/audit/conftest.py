@@ -13,14 +13,14 @@ import asyncpg
 import pytest
 
 from backend.audit.export import export_pages
-from backend.db import init_connection
+from backend.db import pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, Write
 
 
 @pytest.fixture
 async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, init=init_connection)
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, **pool_options())
     assert pool is not None
     try:
         yield pool

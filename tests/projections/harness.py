@@ -12,7 +12,7 @@ import asyncpg
 
 from backend.commands.bus import CommandBus, Decision
 from backend.config import Settings
-from backend.db import connect_kwargs, init_connection
+from backend.db import connect_kwargs, pool_options
 from backend.domain.errors import DomainError
 from backend.store.event_store import EventStore
 from backend.store.events import AppendResult
@@ -67,7 +67,7 @@ class Node:
     @classmethod
     async def open(cls, dsn: str, settings: Settings | None = None) -> Node:
         node = cls(dsn, settings or settings_for(dsn))
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, init=init_connection)
+        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, **pool_options())
         assert pool is not None
         node.pool = pool
         node.store = EventStore(pool)

@@ -9,13 +9,13 @@ import time
 
 import asyncpg
 
-from backend.db import init_connection
+from backend.db import pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent, Write
 
 
 async def main(dsn: str, seconds: float, tasks: int) -> int:
-    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, init=init_connection)
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4, **pool_options())
     assert pool is not None
     store = EventStore(pool)
     deadline = time.monotonic() + seconds

@@ -1,0 +1,131 @@
+"""The appender's one-round-trip (fenced) path: when it is taken, and that falling back loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from backend.store.append import APPEND_LOCK_KEY
+from backend.store.event_store import EventStore
+from backend.store.events import ANY, NO_STREAM, DuplicateEventId, NewEvent, Write
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed
+
+
+def sid() -> str:
+    return f"fast-{uuid.uuid4()}"
+
+
+def ev(n: int = 1) -> NewEvent:
+    return NewEvent("Thing", {"n": n})
+
+
+def claim(key: str) -> IdempotencyClaim:
+    return IdempotencyClaim("scope", key, b"fp", lambda result: (201, str(result.position).encode(), "x/y"))
+
+
+async def count_stream(pool: asyncpg.Pool, stream_id: str) -> int:
+    return int(await pool.fetchval("select count(*) from events where stream_id = $1", stream_id))
+
+
+async def test_a_taken_event_id_on_the_fast_path_falls_back_and_is_told_apart(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    stream = sid()
+    first = ev()
+    original = await store.append_to(stream, NO_STREAM, [first])
+    await store.append_to(stream, 1, [ev(2)])
+    fenced, misses = store.batcher.fenced, store.batcher.fence_misses
+
+    again = await store.append_to(stream, ANY, [first])  # the fast path plans an insert: the index refuses it
+    assert again.replayed and again.streams == original.streams
+    changed = NewEvent("Thing", {"n": 99}, event_id=first.event_id)
+    with pytest.raises(DuplicateEventId, match="different content"):
+        await store.append_to(stream, ANY, [changed])
+    assert store.batcher.fence_misses - misses == 2
+    assert store.batcher.fenced == fenced
+    assert await count_stream(pool, stream) == 2
+    await store.append_to(stream, 2, [ev(3)])  # and the fast path is back
+    assert store.batcher.fenced == fenced + 1
+
+
+async def test_a_used_idempotency_key_on_the_fast_path_is_refused_and_appends_nothing(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    stream, key = sid(), uuid.uuid4().hex
+    await store.append_to(stream, NO_STREAM, [ev()])
+    first = await store.append([Write(stream, 1, [ev(2)])], claim(key))
+    misses = store.batcher.fence_misses
+    with pytest.raises(IdempotencyKeyUsed) as used:
+        await store.append([Write(stream, 2, [ev(3)])], claim(key))
+    assert used.value.stored.position == first.position
+    assert store.batcher.fence_misses == misses + 1
+    assert await count_stream(pool, stream) == 2
+
+
+async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(pool: asyncpg.Pool) -> None:
+    """Another process's stream, read after this process's last append, can be appended in one round trip."""
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        foreign, own = sid(), sid()
+        await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
+        await mine.append_to(own, NO_STREAM, [ev()])  # general path; the log is now where `mine` left it
+        assert await mine.stream_version(foreign) == 2
+        fenced = mine.batcher.fenced
+        await mine.append_to(foreign, 2, [ev(3)])
+        assert mine.batcher.fenced == fenced + 1
+
+        # A read made after someone else appended teaches nothing: the general path checks for itself.
+        await theirs.append_to(foreign, 3, [ev(4)])
+        assert await mine.stream_version(foreign) == 4
+        fenced = mine.batcher.fenced
+        await mine.append_to(foreign, 4, [ev(5)])
+        assert mine.batcher.fenced == fenced
+        assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_a_tail_read_opens_the_fast_path_too(pool: asyncpg.Pool) -> None:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        foreign = sid()
+        await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
+        await mine.append_to(sid(), NO_STREAM, [ev()])
+        assert [e.version for e in await mine.read_tail(foreign, 1)] == [2]
+        fenced = mine.batcher.fenced
+        await mine.append_to(foreign, 2, [ev(3)])
+        assert mine.batcher.fenced == fenced + 1
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """With nothing to batch with, a caller runs its append itself; cancelling it mid-flight must not
+    wedge the appender, and whatever the database did, the log stays exact."""
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        stuck = asyncio.create_task(store.append_to(stream, 1, [ev(2)]))
+        for _ in range(200):
+            waiting = await pool.fetchval(
+                "select count(*) from pg_locks where locktype = 'advisory' and not granted")
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting, "the append never reached the lock"
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+    version = await store.stream_version(stream)
+    assert version in (1, 2)
+    result = await store.append_to(stream, version, [ev(3)])
+    assert result.streams[0].version == version + 1
+    assert [e.version for e in await store.read_stream(stream)] == list(range(1, version + 2))
