@@ -13,6 +13,8 @@ and each round repeats them all; the report shows medians over rounds.
   triggers, no hash chain, identity positions with no ordering guarantee). A command is
   `select max(version)` for its stream (autocommit, like Tally's stream_version read), then ONE INSERT as
   its own transaction; a unique (stream_id, version) violation is the conflict.
+  Its pool is asyncpg's default (whose reset costs a round trip per release); `--ceiling-pool tally`
+  gives it Tally's pool options instead (see backend.db.keep_session).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
 
-from backend.db import init_connection, keep_session, mask_dsn, pool_options
+from backend.db import init_connection, mask_dsn, pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, WrongExpectedVersion
 from backend.store.migrate import migrate
@@ -73,7 +75,6 @@ CEILING_INSERT_SQL = """
 insert into events (stream_id, version, type, data, event_id, recorded_at, hash) values ($1, $2, $3, $4, $5, $6, $7)
 """
 CEILING_HASH = bytes(32)
-CEILING_POOL = {"raw": {"init": init_connection}, "lean": {"init": init_connection, "reset": keep_session}}
 
 
 # ---------------------------------------------------------------- command line
@@ -88,6 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wallets", type=int, default=1000, help="wallet streams (default 1000)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     parser.add_argument("--quick", action="store_true", help="1.5 s phases, 1 round: under a minute in all")
+    parser.add_argument("--ceiling-pool", choices=("asyncpg", "tally"), default="asyncpg",
+                        help="the ceiling's pool: asyncpg's defaults (default) or Tally's (no reset round trip)")
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Plan:
     warmup: float
     rounds: int
     wallets: int
+    ceiling_pool: str = "asyncpg"
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -112,6 +116,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         warmup=args.warmup if args.warmup is not None else (0.5 if args.quick else 1.0),
         rounds=args.rounds or (1 if args.quick else 2),
         wallets=args.wallets,
+        ceiling_pool=args.ceiling_pool,
     )
 
 
@@ -326,7 +331,11 @@ async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
 
 
 async def measure_ceiling(dsn: str, clients: int, plan: Plan) -> Sample:
-    pool = await open_pool(dsn, clients, **CEILING_POOL[os.environ.get("CEIL", "raw")])
+    # asyncpg's default pool (its reset costs a round trip per release), unless --ceiling-pool tally.
+    options: dict[str, Any] = {"init": init_connection}
+    if plan.ceiling_pool == "tally":
+        options = pool_options()
+    pool = await open_pool(dsn, clients, **options)
 
     async def command(stream: str) -> int:
         retries = 0
