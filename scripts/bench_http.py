@@ -172,6 +172,36 @@ def loadgen_process(conn: Any, *args: Any) -> None:
     conn.close()
 
 
+async def scrape(base: str, headers: dict[str, str]) -> dict[str, float]:
+    """The server's /metrics as {series: value} (for batch sizes and server-side latency per route)."""
+    async with aiohttp.ClientSession(base, headers=headers) as session, session.get("/metrics") as reply:
+        text = await reply.text()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            values[series] = float(value)
+    return values
+
+
+def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server saw during the run: append batching, and its own latency per route."""
+    def delta(series: str) -> float:
+        return after.get(series, 0.0) - before.get(series, 0.0)
+
+    batches, requests = delta("tally_append_batches_total"), delta("tally_append_requests_total")
+    routes = {}
+    for series in after:
+        if series.startswith("tally_http_request_duration_seconds_count{"):
+            route = series[series.index('"') + 1:series.rindex('"')]
+            count = delta(series)
+            total = delta(f'tally_http_request_duration_seconds_sum{{route="{route}"}}')
+            if count:
+                routes[route] = (int(count), total / count * 1000)
+    return {"append_batches": int(batches), "requests_per_batch": requests / batches if batches else 0.0,
+            "routes": routes}
+
+
 def cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for proc in processes:
@@ -203,6 +233,7 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             wallets = await seed_wallets(base, headers, args.wallets)
             server_proc = psutil.Process(proc.pid)
             pg = postgres_processes()
+            metrics_before = await scrape(base, headers)
             server_cpu0, pg_cpu0, t0 = cpu_seconds([server_proc]), cpu_seconds(pg), time.perf_counter()
             parent, child = multiprocessing.Pipe()
             loadgen = multiprocessing.get_context("spawn").Process(
@@ -214,6 +245,7 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             result["server_cpu_share"] = (cpu_seconds([server_proc]) - server_cpu0) / wall
             result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
             result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
+            result["server"] = server_view(metrics_before, await scrape(base, headers))
             return result
         finally:
             proc.terminate()
@@ -232,6 +264,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           f"p99 {result['p99_ms']:.1f} ms   errors {result['errors']} {result['error_kinds'] or ''}")
     print(f"CPU (cores busy): server {result['server_cpu_share']:.2f}, postgres {result['postgres_cpu_share']:.2f}, "
           f"load generator {result['loadgen_cpu_share']:.2f} (of 2)")
+    view = result["server"]
+    print(f"server side: {view['append_batches']} append batches, {view['requests_per_batch']:.1f} appends each; "
+          "mean latency per route (warm-up included):")
+    for route, (count, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
+        print(f"  {count:>7}  {mean_ms:7.1f} ms  {route}")
     target = result["commands_per_s"] >= 2000 and result["p99_ms"] <= 50 and result["errors"] == 0
     print(f"target >= 2,000 commands/s, p99 <= 50 ms, 0 errors: {'met' if target else 'NOT met'}")
     return {"bench": "http", "commands_per_s": round(result["commands_per_s"], 1),
