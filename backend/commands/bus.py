@@ -1,6 +1,12 @@
 """Running a command: lock its streams, decide, append with expected versions, retry on conflict,
 and honour Idempotency-Key (the first outcome is committed with the events and replayed on repeats).
 
+The first attempt is optimistic: it decides on this process's cached aggregates without reading their
+streams when this process appended last to them (Repository.find's trust_cache), which saves a round
+trip per command. That is safe because the answer only stands if the append succeeds with the cached
+versions as expected versions; a rejection, or an answer no append would check, is decided again on
+what the store holds before it is given.
+
 A repeated key costs nothing extra on the common path: the append checks the key under the store's
 lock and answers with the stored outcome instead of appending (IdempotencyKeyUsed), so the decision
 is simply re-made and thrown away. Only when the command cannot run at all is the key looked up.
@@ -69,9 +75,10 @@ Decide = Callable[[CommandContext], Awaitable[Decision]]
 
 
 class CommandBus:
-    def __init__(self, repository: Repository, *, max_attempts: int = 25) -> None:
+    def __init__(self, repository: Repository, *, max_attempts: int = 25, optimistic: bool = True) -> None:
         self.repository = repository
         self.max_attempts = max_attempts
+        self.optimistic = optimistic
         self.locks = StreamLocks()
         self._in_flight: set[tuple[str, str]] = set()
         self.conflicts = 0
@@ -106,15 +113,22 @@ class CommandBus:
         self, ctx: CommandContext, streams: Sequence[str], decide: Decide, renderer: Renderer,
         idem: IdempotencyKey | None,
     ) -> Reply:
+        optimistic = self.optimistic
+        now = ctx.now
         async with self.locks.hold(streams):
             for attempt in range(self.max_attempts):
-                now = ctx.now if attempt == 0 else datetime.now(UTC)
                 try:
-                    decision = await decide(ctx.at(now))
-                except DomainError as error:
-                    if idem is None:
+                    decision = await decide(ctx.at(now, optimistic=optimistic))
+                except (DomainError, CommandError) as error:
+                    if optimistic:  # decided on cached state that no append will check: read, decide again
+                        optimistic = False
+                        continue
+                    if idem is None or not isinstance(error, DomainError):
                         raise
                     return await self._store_failure(idem, renderer.failure(error), error)
+                if optimistic and not _checked_by_append(decision):
+                    optimistic = False
+                    continue
                 render = _Rendering(renderer, decision)
                 claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
                 try:
@@ -124,6 +138,8 @@ class CommandBus:
                     # Another process got there first. The next load reads the stream's tail after the
                     # cached copy, so it sees that write; a little jitter keeps two losers from colliding.
                     self.conflicts += 1
+                    optimistic = False
+                    now = datetime.now(UTC)
                     await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # noqa: S311 (jitter)
                     continue
                 except IdempotencyKeyUsed as used:
@@ -143,6 +159,12 @@ class CommandBus:
         except IdempotencyKeyUsed as used:
             return replay(used.stored, idem)
         raise error
+
+
+def _checked_by_append(decision: Decision) -> bool:
+    """Every aggregate the decision answers with appends, so its expected version vouches for the
+    state the command saw (a cached copy, on an optimistic attempt): a stale one fails the append."""
+    return bool(decision.aggregates) and all(aggregate.pending_events for aggregate in decision.aggregates)
 
 
 class _Rendering:

@@ -32,6 +32,9 @@ class CommandContext:
     request_id: str | None = None
     correlation_id: str | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    optimistic: bool = False
+    """Loads may trust this process's cache (Repository.find's trust_cache): set by the command bus
+    on a first attempt, whose answer only stands if its append's expected versions hold."""
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"actor": self.actor.key_id}
@@ -40,5 +43,10 @@ class CommandContext:
         meta["correlation_id"] = self.correlation_id or self.request_id
         return {k: v for k, v in meta.items() if v is not None}
 
-    def at(self, now: datetime) -> CommandContext:
-        return CommandContext(self.actor, self.request_id, self.correlation_id, now)
+    def verified(self) -> CommandContext:
+        """The same context with loads that read the store (for aggregates a command answers with but
+        does not append to, whose cached copy no expected version would check)."""
+        return self.at(self.now)
+
+    def at(self, now: datetime, *, optimistic: bool = False) -> CommandContext:
+        return CommandContext(self.actor, self.request_id, self.correlation_id, now, optimistic)

@@ -95,7 +95,7 @@ async def open_deposit(
     repo: Repository, ctx: CommandContext, deposit_id: UUID, wallet_id: UUID, currency: str, secret: bytes
 ) -> Decision:
     currency = require_currency(currency)
-    wallet = await load_wallet(repo, ctx, wallet_id)
+    wallet = await load_wallet(repo, ctx.verified(), wallet_id)  # answered with, not written: read it
     if currency != wallet.currency:
         raise CurrencyMismatch(expected=wallet.currency, actual=currency)
     address = derive_address(deposit_id, currency, secret)
@@ -117,7 +117,7 @@ async def set_status(
 ) -> Decision:
     """Apply a watcher's status report. No owner check: ``deposits:admin`` acts for every wallet."""
     deposit = await load_deposit(repo, deposit_id, expected_version=if_match)
-    wallet = await repo.find(Wallet, deposit.wallet_id)
+    wallet = await repo.find(Wallet, deposit.wallet_id)  # answered with, not always written: read
     if wallet is None:
         raise NotFound(f"wallet {deposit.wallet_id} of deposit {deposit_id} does not exist")
     extra_writes: list[Write] = []

@@ -132,6 +132,11 @@ class AppendBatcher:
         # A queued batch goes on if this caller is cancelled: its outcome is then simply not awaited.
         return await asyncio.shield(future)
 
+    def knows(self, stream_id: str, version: int) -> bool:
+        """This process last saw the stream at this version and has not seen anyone else append since;
+        the fenced append checks the second part in the database (see KnownHeads)."""
+        return self._heads.knows(stream_id, version)
+
     def heads_seen(self, head: int, streams: dict[str, tuple[int, bytes]]) -> None:
         """A read saw these stream heads at log head `head` (see KnownHeads.seen)."""
         self._heads.seen(head, streams)

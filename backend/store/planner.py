@@ -70,6 +70,11 @@ class KnownHeads:
         self.head = planner.head
         self.recorded_at = planner.recorded_at
 
+    def knows(self, stream_id: str, version: int) -> bool:
+        """As of this process's last append (or a read at that head), the stream was at this version."""
+        known = self.streams.get(stream_id) if self.head is not None else None
+        return known is not None and known[0] == version
+
     def seen(self, head: int, streams: dict[str, tuple[int, bytes]]) -> None:
         """Stream heads read at log head `head`: exact while the log is where this process left it."""
         if head != self.head:

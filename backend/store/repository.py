@@ -98,16 +98,24 @@ class Repository:
             raise AggregateNotFound(stream_of(cls, aggregate_id))
         return found
 
-    async def find(self, cls: type[A], aggregate_id: UUID) -> A | None:
+    async def find(self, cls: type[A], aggregate_id: UUID, *, trust_cache: bool = False) -> A | None:
+        """The aggregate with every committed event applied, or None if its stream is empty.
+
+        With trust_cache, a cached copy at the version this process last appended is used without
+        reading the stream's tail: no round trip, but possibly stale if another process appended since.
+        Only a command may ask for that, and only if its answer then stands or falls with an append
+        expecting that version (the command bus's optimistic first attempt)."""
         stream = stream_of(cls, aggregate_id)
         start: Aggregate | None
         cached = self._cache.get(stream)
+        trusted = False
         if cached is not None:
             self._cache.move_to_end(stream)
             start = clone(cached)
+            trusted = trust_cache and self.store.batcher.knows(stream, cached.version)
         else:
             start = await self._from_snapshot(cls, stream, aggregate_id)
-        tail = await self.store.read_tail(stream, start.version if start is not None else 0)
+        tail = [] if trusted else await self.store.read_tail(stream, start.version if start is not None else 0)
         aggregate = fold(tail, start, aggregate_id)
         if aggregate is None:
             return None

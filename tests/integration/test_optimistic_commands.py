@@ -1,0 +1,153 @@
+"""The command bus's optimistic first attempt: cached state saves a read, and never decides an answer
+that the store would contradict, with two "processes" (stores, repositories, buses) on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import orjson
+import pytest
+
+from backend.commands import deposits as deposit_commands
+from backend.commands import wallets as wallet_commands
+from backend.commands.bus import CommandBus, IdempotencyKey, Reply
+from backend.commands.context import SYSTEM, CommandContext
+from backend.domain import Wallet, wallet_stream
+from backend.domain.errors import InsufficientFunds
+from backend.http.commands import JsonRenderer
+from backend.store.event_store import EventStore
+from backend.store.repository import Repository
+
+
+@dataclass
+class Node:
+    store: EventStore
+    repository: Repository
+    bus: CommandBus
+
+    async def run(self, wallet_id: uuid.UUID, command: str, amount: int, *, if_match: int | None = None,
+                  idem: IdempotencyKey | None = None) -> Reply:
+        async def decide(ctx: CommandContext) -> wallet_commands.Decision:
+            handler = getattr(wallet_commands, command)
+            return await handler(self.repository, ctx, wallet_id, amount, f"{command}-{amount}", if_match)
+
+        return await self.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide,
+                                      JsonRenderer(None), idem)
+
+    def tail_reads(self) -> int:
+        return self.store.point_reads._tails.loads
+
+
+@pytest.fixture
+async def nodes(pool: asyncpg.Pool) -> AsyncIterator[tuple[Node, Node]]:
+    made = []
+    for _ in range(2):
+        store = EventStore(pool)
+        repository = Repository(store)
+        made.append(Node(store, repository, CommandBus(repository)))
+    try:
+        yield made[0], made[1]
+    finally:
+        for node in made:
+            await node.store.close()
+
+
+async def open_wallet(node: Node, balance: int) -> uuid.UUID:
+    wallet_id = uuid.uuid4()
+    decision = await wallet_commands.open_wallet(node.repository, CommandContext(SYSTEM), wallet_id, "o", "USD")
+    await node.repository.save(*decision.aggregates)
+    if balance:
+        await node.run(wallet_id, "credit", balance)
+    return wallet_id
+
+
+def balance_of(reply: Reply) -> int:
+    return int(orjson.loads(reply.body)["balance"])
+
+
+async def test_a_process_that_appended_last_decides_without_reading(nodes: tuple[Node, Node]) -> None:
+    one, _ = nodes
+    wallet_id = await open_wallet(one, 100)
+    reads = one.tail_reads()
+    for _ in range(5):
+        await one.run(wallet_id, "debit", 10)
+    assert one.tail_reads() == reads
+    assert one.store.batcher.fenced >= 5
+
+
+async def test_a_stale_cache_loses_its_append_and_the_retry_decides_on_the_store(nodes: tuple[Node, Node]) -> None:
+    one, two = nodes
+    wallet_id = await open_wallet(one, 100)
+    await two.run(wallet_id, "credit", 50)  # `one` does not know: its cache says 100 at version 2
+    reply = await one.run(wallet_id, "debit", 30)
+    assert balance_of(reply) == 120
+    assert one.bus.conflicts == 1
+    wallet = await one.repository.get(Wallet, wallet_id)
+    assert wallet.balance == 120
+
+
+async def test_a_rejection_decided_on_a_stale_cache_is_decided_again(nodes: tuple[Node, Node]) -> None:
+    """The cache says 10; another process credited 1,000: the debit of 500 must succeed, not be refused."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 10)
+    await two.run(wallet_id, "credit", 1000)
+    reply = await one.run(wallet_id, "debit", 500)
+    assert balance_of(reply) == 510
+    with pytest.raises(InsufficientFunds):  # and a real shortfall is still refused
+        await one.run(wallet_id, "debit", 511)
+
+
+async def test_if_match_on_a_version_written_elsewhere_is_honoured(nodes: tuple[Node, Node]) -> None:
+    one, two = nodes
+    wallet_id = await open_wallet(one, 10)
+    written = await two.run(wallet_id, "credit", 5)
+    version = int(orjson.loads(written.body)["version"])
+    reply = await one.run(wallet_id, "debit", 1, if_match=version)
+    assert balance_of(reply) == 14
+
+
+async def test_a_stored_rejection_is_never_one_the_store_contradicts(nodes: tuple[Node, Node]) -> None:
+    """With an Idempotency-Key a refusal is committed for good: it must be decided on the store's state."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 10)
+    await two.run(wallet_id, "credit", 100)
+    idem = IdempotencyKey("scope", uuid.uuid4().hex, b"fp")
+    reply = await one.run(wallet_id, "debit", 50, idem=idem)
+    assert reply.status == 200 and balance_of(reply) == 60
+
+
+async def test_two_processes_hammering_one_wallet_keep_it_exact(nodes: tuple[Node, Node]) -> None:
+    """Concurrent debits from both sides, each cache often stale: no overdraft, every success counted."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 1000)
+
+    async def debit(node: Node) -> bool:
+        try:
+            await node.run(wallet_id, "debit", 30)
+        except InsufficientFunds:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(*(debit(one if i % 2 else two) for i in range(60)))
+    assert sum(outcomes) == 1000 // 30
+    wallet = await two.repository.get(Wallet, wallet_id)
+    assert wallet.balance == 1000 - 30 * sum(outcomes)
+
+
+async def test_an_answer_about_an_aggregate_the_command_does_not_write_comes_from_the_store(
+    nodes: tuple[Node, Node],
+) -> None:
+    """Opening a deposit answers with its wallet, which it does not append to: no cached copy will do."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 10)
+    await two.run(wallet_id, "credit", 5)
+
+    async def decide(ctx: CommandContext) -> wallet_commands.Decision:
+        return await deposit_commands.open_deposit(one.repository, ctx, uuid.uuid4(), wallet_id, "USD", b"secret")
+
+    reply = await one.bus.execute(CommandContext(SYSTEM), [], decide, JsonRenderer(None))
+    assert orjson.loads(reply.body)["wallet"]["balance"] == 15
