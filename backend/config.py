@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     sse_heartbeat_s: float = Field(default=15.0, gt=0)
     sse_retry_ms: int = Field(default=3000, ge=0)
     sse_send_timeout_s: float = Field(default=10.0, gt=0)
+    sse_socket_send_buffer: int = Field(default=128 * 1024, ge=4096)
     sse_checkpoint_s: float = Field(default=5.0, gt=0)
     sse_max_streams_per_key: int = Field(default=32, ge=1)
     sse_max_streams: int = Field(default=10_000, ge=1)

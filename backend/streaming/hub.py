@@ -13,10 +13,11 @@ thousand subscribers that is one system call each per batch and little else. Eve
 busy, or with a socket that has stopped draining) is woken and serves itself, with back-pressure.
 
 A send that does not complete within the send timeout closes that stream. Rather than a timer around
-every write (nearly all complete at once), a stream whose socket stops taking bytes (more than
-STALL_BYTES waiting in its transport) arms one timer; if the socket has not drained when it fires, the
-connection is aborted. A ticker wakes everyone every checkpoint interval, so that idle streams notice a
-vanished client and filtered ones send the checkpoints they owe.
+every write (nearly all complete at once), a stream whose socket refuses bytes arms one timer, due when
+the send timeout has passed since data last left the socket; if by then nothing has left it since, the
+connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker wakes
+everyone every checkpoint interval, so that idle streams notice a vanished client and filtered ones
+send the checkpoints they owe.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from backend.config import Settings
 from backend.db import UNAVAILABLE_ERRORS, describe
@@ -36,7 +37,7 @@ from backend.store import reads
 from backend.store.events import RecordedEvent
 from backend.store.listener import Listener
 from backend.store.reads import Executor
-from backend.streaming import frames
+from backend.streaming import frames, tcp
 from backend.streaming.dashboard import StatsFeed, StatsSource
 from backend.streaming.filters import EventFilter
 from backend.streaming.owners import Owners
@@ -88,6 +89,8 @@ class Sink(Protocol):
 
 class Transport(Protocol):
     def is_closing(self) -> bool: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
     def abort(self) -> None: ...
 
@@ -145,8 +148,8 @@ class Subscriber:
     async def send(self, data: bytes) -> None:
         if self.sink is None:
             raise RuntimeError("the stream has not started")
-        if self.transport.get_write_buffer_size() + len(data) > STALL_BYTES:
-            self.stalled()  # this write may have to wait for the socket to drain
+        if self.transport.get_write_buffer_size() or len(data) > STALL_BYTES:
+            self.stalled()  # the socket has refused bytes, or this write may have to wait for it to drain
         self.send_started = time.monotonic()
         try:
             await self.sink.write(data)
@@ -163,28 +166,44 @@ class Subscriber:
 
     def push(self, chunk: bytes) -> bool:
         """Write a complete HTTP chunk now, unless the socket has stopped draining (False)."""
-        if self.transport.get_write_buffer_size() > STALL_BYTES:
-            self.stalled()
-            return False
+        unsent = self.transport.get_write_buffer_size()
+        if unsent:
+            self.stalled()  # the socket refused bytes: watch it
+            if unsent > STALL_BYTES:
+                return False
         self.transport.write(chunk)  # never blocks: the transport buffers what the socket refuses
         self.sent_at = time.monotonic()
         return True
 
     def stalled(self) -> None:
-        """The socket stopped taking bytes: a send that does not complete within the send timeout (that
-        is, a buffer still above the limit, or a write still waiting) ends the stream. One timer per
-        stalled stream, none for the others."""
+        """The socket refused bytes: a send that does not complete within the send timeout ends the
+        stream. The timeout counts from when data last left the socket (the kernel knows, see
+        backend.streaming.tcp), so the time the buffers took to fill is not added to it. One timer
+        per stalled stream, none for the others."""
         if self._stall is None:
-            self._stall = asyncio.get_running_loop().call_later(self.send_timeout_s, self._stall_expired)
+            idle = tcp.idle_s(self.transport) or 0.0
+            self._arm(self.send_timeout_s - idle)
+
+    def _arm(self, delay: float) -> None:
+        self._stall = asyncio.get_running_loop().call_later(max(0.0, delay), self._stall_expired)
 
     def _stall_expired(self) -> None:
         self._stall = None
         if self.transport.is_closing():
             return
-        if self.send_started or self.transport.get_write_buffer_size() > STALL_BYTES:
-            log.info("closing a stream whose client stopped reading", extra={"key_id": self.key_id})
-            self.transport.abort()
-            self.close()
+        unsent = self.transport.get_write_buffer_size()
+        if not (self.send_started or unsent):
+            return  # drained; the next refusal arms a new timer
+        idle = tcp.idle_s(self.transport)
+        if idle is None:  # no word from the kernel: the timer alone decides
+            if not (self.send_started or unsent > STALL_BYTES):
+                return
+        elif idle < self.send_timeout_s:  # still sending, slowly: a reader, not a frozen client
+            self._arm(self.send_timeout_s - idle)
+            return
+        log.info("closing a stream whose client stopped reading", extra={"key_id": self.key_id})
+        self.transport.abort()
+        self.close()
 
     async def sleep(self) -> None:
         """Until the hub has news for this subscriber (new events, a tick, or its close)."""

@@ -33,7 +33,7 @@ from backend.http.problems import Problem
 from backend.store import reads
 from backend.store.events import RecordedEvent
 from backend.store.repository import fold
-from backend.streaming import frames
+from backend.streaming import frames, tcp
 from backend.streaming.dashboard import projection_stats
 from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
 from backend.streaming.hub import Hub, HubConfig, Render, StreamRefused, Subscriber
@@ -231,6 +231,7 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
         subscriber = hub.subscribe(request[ACTOR].key_id, transport, position or 0, flt, render)
     except StreamRefused as exc:
         raise _refused(exc, request) from None
+    tcp.limit_send_buffer(transport, settings.sse_socket_send_buffer)
     try:
         if flt is None:
             await _stats_ready(hub)
