@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -45,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=64, help="concurrent client connections")
     parser.add_argument("--wallets", type=int, default=200, help="wallets the mix spreads over")
     parser.add_argument("--quick", action="store_true", help="8 s measured, whole run under 60 s")
+    parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
+                        help="wrk with scripts/bench_http.lua (auto: when wrk is installed, e.g. "
+                             "`apt-get install wrk`), or the Python load generator")
 
 
 def free_port() -> int:
@@ -164,6 +169,45 @@ async def drive(base: str, headers: dict[str, str], wallets: list[str], connecti
         "error_kinds": errors,
         "loadgen_cpu_s": cpu,
         "loadgen_wall_s": elapsed,
+        "loadgen": "Python aiohttp client (own process); a reservation and its confirm or rollback are one command",
+    }
+
+
+async def drive_wrk(base: str, token: str, wallets: list[str], connections: int, seconds: float,
+                    warmup: float) -> dict[str, Any]:
+    """The same mix from wrk (one thread, C connections): a warm-up run, then the measured one."""
+    async def run_wrk(duration: float) -> tuple[dict[str, Any], float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        proc = await asyncio.create_subprocess_exec(
+            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+            "-s", str(ROOT / "scripts" / "bench_http.lua"), base, "--", token, *wallets,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await proc.communicate()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        line = next((ln for ln in output.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{output.decode()}")
+        return json.loads(line.removeprefix("WRK_RESULT ")), cpu
+
+    if warmup:
+        await run_wrk(warmup)
+    result, cpu = await run_wrk(seconds)
+    wall = result["duration_us"] / 1e6
+    errors = result["errors"] + result["socket_errors"]
+    kinds = dict(result["error_kinds"])
+    if result["socket_errors"]:
+        kinds["socket"] = result["socket_errors"]
+    return {
+        "commands": result["requests"],
+        "commands_per_s": result["requests"] / wall,
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "errors": errors,
+        "error_kinds": kinds,
+        "loadgen_cpu_s": cpu,
+        "loadgen_wall_s": wall,
+        "loadgen": "wrk (1 thread, scripts/bench_http.lua); every request counts as one command",
     }
 
 
@@ -202,6 +246,13 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "routes": routes}
 
 
+def use_wrk(choice: str) -> bool:
+    found = shutil.which("wrk") is not None
+    if choice == "wrk" and not found:
+        raise SystemExit("wrk is not installed (Debian: apt-get install wrk)")
+    return choice == "wrk" or (choice == "auto" and found)
+
+
 def cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for proc in processes:
@@ -235,12 +286,15 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             pg = postgres_processes()
             metrics_before = await scrape(base, headers)
             server_cpu0, pg_cpu0, t0 = cpu_seconds([server_proc]), cpu_seconds(pg), time.perf_counter()
-            parent, child = multiprocessing.Pipe()
-            loadgen = multiprocessing.get_context("spawn").Process(
-                target=loadgen_process, args=(child, base, headers, wallets, args.connections, seconds, warmup))
-            loadgen.start()
-            result: dict[str, Any] = await asyncio.to_thread(parent.recv)
-            loadgen.join()
+            if use_wrk(args.loadgen):
+                result = await drive_wrk(base, token, wallets, args.connections, seconds, warmup)
+            else:
+                parent, child = multiprocessing.Pipe()
+                loadgen = multiprocessing.get_context("spawn").Process(
+                    target=loadgen_process, args=(child, base, headers, wallets, args.connections, seconds, warmup))
+                loadgen.start()
+                result = await asyncio.to_thread(parent.recv)
+                loadgen.join()
             wall = time.perf_counter() - t0
             result["server_cpu_share"] = (cpu_seconds([server_proc]) - server_cpu0) / wall
             result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
@@ -260,6 +314,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if server.stop is not None:
             server.stop()
     print(f"server: {server.description}; {args.connections} connections, {args.wallets} wallets")
+    print(f"load generator: {result['loadgen']}")
     print(f"commands/s {result['commands_per_s']:.0f}   p50 {result['p50_ms']:.1f} ms   "
           f"p99 {result['p99_ms']:.1f} ms   errors {result['errors']} {result['error_kinds'] or ''}")
     print(f"CPU (cores busy): server {result['server_cpu_share']:.2f}, postgres {result['postgres_cpu_share']:.2f}, "
