@@ -87,6 +87,7 @@ async def serve(settings: Settings) -> None:
     from aiohttp import web
 
     from backend.app import create_app
+    from backend.gc_tuning import tune_for_serving
     from backend.http.access_log import AccessLogger
 
     runner = web.AppRunner(
@@ -102,6 +103,7 @@ async def serve(settings: Settings) -> None:
     except BaseException:
         await runner.cleanup()
         raise
+    tune_for_serving()
     for address in runner.addresses:
         host, port = address[0], address[1]
         log.info(f"listening on http://{host}:{port}", extra={"url": f"http://{host}:{port}"})

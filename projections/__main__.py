@@ -12,6 +12,7 @@ import sys
 
 from backend.config import ConfigError, Settings, load_settings
 from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
+from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
 
 log = logging.getLogger("projections")
@@ -43,6 +44,7 @@ async def work(settings: Settings) -> None:
                 CheckpointWatcher(pool), settings, listener=listener,
             )
             await service.start()
+            tune_for_serving()
             log.info("projection worker running", extra={"projections": [r.name for r in service.runners]})
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()

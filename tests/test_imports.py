@@ -68,3 +68,15 @@ def test_importing_every_module_opens_nothing_and_reads_no_environment() -> None
     assert result.returncode == 0, result.stdout + result.stderr
     count = int(result.stdout.split()[0])
     assert count >= 10
+
+
+def test_serving_processes_freeze_what_startup_built() -> None:
+    """Run in a process of its own: freezing and thresholds are process-wide."""
+    code = (
+        "import gc\n"
+        "from backend.gc_tuning import YOUNG_THRESHOLD, tune_for_serving\n"
+        "tune_for_serving()\n"
+        "assert gc.get_freeze_count() > 1000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold()[0] == YOUNG_THRESHOLD, gc.get_threshold()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
