@@ -1,10 +1,12 @@
 """Resolve a Bearer token to an Actor, from an in-process cache of keys so that authenticating
 a request costs no database round trip once its key has been seen.
 
-The cache holds, per key id, the key's SHA-256 secret hash, its Actor and its expiry; every request
-re-checks the presented secret against the cached hash in constant time and the expiry against the
-clock. Unknown key ids are remembered only briefly (a negative TTL), so a key created a moment later
-by another process is found.
+The cache holds, per key id, the key's SHA-256 secret hash, its Actor and its expiry; a presented
+secret is checked against the cached hash in constant time, and a token that passed is remembered with
+the entry it passed against, so its next request skips parsing and hashing for as long as that very
+entry stays in the cache (a revocation or a reload replaces it). The expiry is checked every time.
+Unknown key ids are remembered only briefly (a negative TTL), so a key created a moment later by
+another process is found.
 
 Revocation reaches every process within a second: a background task tails the event log for
 `ApiKeyRevoked` (from the head at startup), woken by the Listener and polling as a fallback, and
@@ -83,6 +85,8 @@ class ApiKeyAuthenticator:
         self.loads = 0
         """Database lookups made (tests and metrics)."""
         self._cache: OrderedDict[UUID, Entry] = OrderedDict()
+        self._verified: dict[str, tuple[UUID, KnownKey]] = {}
+        """Token -> (key id, the cache entry it was verified against)."""
         self._loading: dict[UUID, asyncio.Task[Entry]] = {}
         self._task: asyncio.Task[None] | None = None
         self._failing = False
@@ -106,6 +110,10 @@ class ApiKeyAuthenticator:
     # ---------------------------------------------------------------- requests
 
     async def authenticate(self, token: str) -> Actor | None:
+        verified = self._verified.get(token)
+        if verified is not None and self._cache.get(verified[0]) is verified[1]:
+            self._cache.move_to_end(verified[0])
+            return self._unexpired(verified[1])
         key_id = parse_token(token)
         if key_id is None:
             return None
@@ -114,6 +122,13 @@ class ApiKeyAuthenticator:
             entry = await self._load_once(key_id)
         if not isinstance(entry, KnownKey) or not verify_secret(token, entry.secret_hash):
             return None
+        if len(self._verified) >= self.max_entries:
+            self._verified.clear()
+        self._verified[token] = (key_id, entry)
+        return self._unexpired(entry)
+
+    @staticmethod
+    def _unexpired(entry: KnownKey) -> Actor | None:
         if entry.expires_at is not None and datetime.now(UTC) >= entry.expires_at:
             return None
         return entry.actor

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
-import uuid
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -23,7 +23,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     offered = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = offered if _VALID_REQUEST_ID.match(offered) else uuid.uuid4().hex
+    request_id = offered if _VALID_REQUEST_ID.match(offered) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 from aiohttp import web
 
 from backend.appkeys import POOL, PROJECTIONS, SETTINGS
@@ -71,7 +72,8 @@ def answer(body: dict[str, Any], checkpoint: int, *, version: int | None = None)
     headers = {POSITION_HEADER: str(checkpoint)}
     if version is not None:
         headers["ETag"] = f'"{version}"'
-    return web.json_response(body, headers=headers)
+    return web.Response(body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), content_type="application/json",
+                        headers=headers)
 
 
 def not_found(what: str, checkpoint: int) -> Problem:

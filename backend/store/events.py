@@ -66,7 +66,7 @@ class AppendResult:
     @property
     def position(self) -> int:
         """The highest position of the call: read-your-writes waits for this."""
-        return max((p for s in self.streams for p in s.positions), default=0)
+        return max((max(s.positions) for s in self.streams if s.positions), default=0)
 
 
 class StoreError(Exception):

@@ -18,7 +18,10 @@ GENESIS = bytes(32)
 
 
 def format_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """YYYY-MM-DDTHH:MM:SS.ffffffZ in UTC (isoformat: half the cost of strftime, on every append)."""
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC)
+    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def encode_data(data: Any) -> bytes:

@@ -159,7 +159,10 @@ class Repository:
         extra_writes: Sequence[Write] = (),
     ) -> AppendResult:
         """Append the aggregates' pending events, plus ``extra_writes`` (streams that are not
-        aggregates, e.g. a uniqueness claim expecting NO_STREAM), all in one atomic append."""
+        aggregates, e.g. a uniqueness claim expecting NO_STREAM), all in one atomic append.
+
+        Once saved, the aggregates belong to the cache (every load hands out a copy): a caller must
+        not change them any more, but load the aggregate again for its next command."""
         writes = self.writes(aggregates, metadata or {})
         try:
             result = await self.store.append([*writes, *extra_writes], claim)
@@ -168,8 +171,7 @@ class Repository:
                 self._cache.pop(write.stream_id, None)
             raise
         for aggregate in aggregates:
-            stream = registry.stream_id(aggregate)
-            self._remember(stream, aggregate)
+            self._remember(registry.stream_id(aggregate), aggregate, owned=True)
         for write, appended in zip(writes, result.streams[: len(writes)], strict=True):
             crossed = appended.version // self.snapshot_every > write.expected_version // self.snapshot_every
             if crossed and not result.replayed:
@@ -180,8 +182,9 @@ class Repository:
         for stream in stream_ids:
             self._cache.pop(stream, None)
 
-    def _remember(self, stream: str, aggregate: Aggregate) -> None:
-        self._cache[stream] = clone(aggregate)
+    def _remember(self, stream: str, aggregate: Aggregate, *, owned: bool = False) -> None:
+        """Cache a copy, or with `owned` the instance itself (save's caller hands it over)."""
+        self._cache[stream] = aggregate if owned else clone(aggregate)
         self._cache.move_to_end(stream)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

@@ -129,3 +129,31 @@ async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
     result = await store.append_to(stream, version, [ev(3)])
     assert result.streams[0].version == version + 1
     assert [e.version for e in await store.read_stream(stream)] == list(range(1, version + 2))
+
+
+async def test_a_queued_caller_cancelled_before_its_batch_runs_is_still_appended(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """A queued append goes on when its caller is cancelled (its outcome is then simply not awaited);
+    the appender settles the rest of the batch and stays usable."""
+    first, queued = sid(), sid()
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        running = asyncio.create_task(store.append_to(first, NO_STREAM, [ev()]))
+        for _ in range(200):
+            if await pool.fetchval("select count(*) from pg_locks where locktype = 'advisory' and not granted"):
+                break
+            await asyncio.sleep(0.01)
+        cancelled = asyncio.create_task(store.append_to(queued, NO_STREAM, [ev()]))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    assert (await running).streams[0].version == 1
+    for _ in range(200):
+        if await count_stream(pool, queued):
+            break
+        await asyncio.sleep(0.01)
+    assert await count_stream(pool, queued) == 1
+    result = await store.append_to(queued, 1, [ev(2)])
+    assert result.streams[0].version == 2
