@@ -211,6 +211,36 @@ async def drive_wrk(base: str, token: str, wallets: list[str], connections: int,
     }
 
 
+async def run_bare(connections: int, seconds: float) -> float:
+    """Requests/s of the bare aiohttp handler (scripts/bench_http_bare.py) under the same wrk settings."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "bench_http_bare.py"), str(port)])  # noqa: ASYNC220
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the bare aiohttp reference did not start") from None
+                await asyncio.sleep(0.05)
+        wrk = await asyncio.create_subprocess_exec(
+            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s",
+            str(ROOT / "scripts" / "bench_http_bare.lua"), f"http://127.0.0.1:{port}",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await wrk.communicate()
+        line = next((ln for ln in output.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
+        if wrk.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed on the bare reference (exit {wrk.returncode}):\n{output.decode()}")
+        result = json.loads(line.removeprefix("WRK_RESULT "))
+        return float(result["requests"] / (result["duration_us"] / 1e6))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def loadgen_process(conn: Any, *args: Any) -> None:
     conn.send(asyncio.run(drive(*args)))
     conn.close()
@@ -300,6 +330,8 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
             result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
             result["server"] = server_view(metrics_before, await scrape(base, headers))
+            if use_wrk(args.loadgen):
+                result["bare_requests_per_s"] = await run_bare(args.connections, 3.0 if args.quick else 5.0)
             return result
         finally:
             proc.terminate()
@@ -324,8 +356,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           "mean latency per route (warm-up included):")
     for route, (count, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
         print(f"  {count:>7}  {mean_ms:7.1f} ms  {route}")
+    print(f"server CPU per command: {result['server_cpu_share'] / result['commands_per_s'] * 1e6:.0f} us")
+    bare = result.get("bare_requests_per_s")
+    if bare:
+        print(f"scale reference, same run: a bare aiohttp handler (scripts/bench_http_bare.py) answers {bare:.0f} "
+              f"requests/s under the same wrk settings; Tally's commands/s are {result['commands_per_s'] / bare:.1%} "
+              "of that")
     target = result["commands_per_s"] >= 2000 and result["p99_ms"] <= 50 and result["errors"] == 0
     print(f"target >= 2,000 commands/s, p99 <= 50 ms, 0 errors: {'met' if target else 'NOT met'}")
     return {"bench": "http", "commands_per_s": round(result["commands_per_s"], 1),
             "p50_ms": round(result["p50_ms"], 2), "p99_ms": round(result["p99_ms"], 2),
-            "errors": result["errors"]}
+            "errors": result["errors"], "bare_aiohttp_requests_per_s": round(bare, 1) if bare else None}
