@@ -20,6 +20,7 @@ Note: ``typing.get_type_hints`` on an event class reports ``originator_id`` as a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -114,7 +115,9 @@ def aggregate_type_of(name: str) -> str:
 # ---------------------------------------------------------------- streams
 
 
+@functools.lru_cache(maxsize=16_384)
 def stream_for(category: str, aggregate_id: UUID) -> str:
+    """Memoized: a command names its streams several times, and UUID.__str__ is slow Python."""
     if category not in AGGREGATE_TYPES:
         raise KeyError(f"unknown stream category {category!r}")
     if not isinstance(aggregate_id, UUID):
