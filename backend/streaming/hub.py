@@ -182,7 +182,13 @@ class Subscriber:
         per stalled stream, none for the others."""
         if self._stall is None:
             idle = tcp.idle_s(self.transport) or 0.0
-            self._arm(self.send_timeout_s - idle)
+            self._arm(self._stall_limit() - idle)
+
+    def _stall_limit(self) -> float:
+        """The idle time that ends the stream: the send timeout less a little slack (1 %, at most
+        100 ms), because a timer fires late on a busy event loop and the stream must be closed by the
+        time the timeout is over, not some tens of milliseconds after it."""
+        return self.send_timeout_s - min(0.1, self.send_timeout_s / 100)
 
     def _arm(self, delay: float) -> None:
         self._stall = asyncio.get_running_loop().call_later(max(0.0, delay), self._stall_expired)
@@ -198,8 +204,8 @@ class Subscriber:
         if idle is None:  # no word from the kernel: the timer alone decides
             if not (self.send_started or unsent > STALL_BYTES):
                 return
-        elif idle < self.send_timeout_s:  # still sending, slowly: a reader, not a frozen client
-            self._arm(self.send_timeout_s - idle)
+        elif idle < self._stall_limit():  # still sending, slowly: a reader, not a frozen client
+            self._arm(self._stall_limit() - idle)
             return
         log.info("closing a stream whose client stopped reading", extra={"key_id": self.key_id})
         self.transport.abort()
