@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from uuid import UUID, uuid4
 
@@ -22,9 +23,16 @@ from backend.store.repository import Repository
 routes = web.RouteTableDef()
 
 
+@functools.lru_cache(maxsize=16_384)
+def parse_uuid(text: str) -> UUID:
+    """UUID(text), memoized: the same wallet ids come back request after request, and UUID() parses in
+    Python (a malformed text raises each time; exceptions are not cached)."""
+    return UUID(text)
+
+
 def path_uuid(request: web.Request, name: str) -> UUID:
     try:
-        return UUID(request.match_info[name])
+        return parse_uuid(request.match_info[name])
     except ValueError:
         raise Problem(404, "not_found", f"{name} must be a UUID") from None
 
