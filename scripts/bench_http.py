@@ -178,26 +178,33 @@ async def drive(base: str, headers: dict[str, str], wallets: list[str], connecti
     }
 
 
+async def run_wrk(script: str, url: str, connections: int, duration: float,
+                  *script_args: str) -> tuple[dict[str, Any], float]:
+    """One wrk run (one thread, C connections) with a script that prints "WRK_RESULT {json}" when done:
+    that object, and the CPU seconds wrk used."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+        "-s", str(ROOT / "scripts" / script), url, "--", *script_args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    line = next((ln for ln in output.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk {script} failed (exit {proc.returncode}):\n{output.decode()}")
+    return json.loads(line.removeprefix("WRK_RESULT ")), cpu
+
+
 async def drive_wrk(base: str, token: str, wallets: list[str], connections: int, seconds: float,
                     warmup: float) -> dict[str, Any]:
     """The same mix from wrk (one thread, C connections): a warm-up run, then the measured one."""
-    async def run_wrk(duration: float) -> tuple[dict[str, Any], float]:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        proc = await asyncio.create_subprocess_exec(
-            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-            "-s", str(ROOT / "scripts" / "bench_http.lua"), base, "--", token, *wallets,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await proc.communicate()
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        line = next((ln for ln in output.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            raise RuntimeError(f"wrk failed (exit {proc.returncode}):\n{output.decode()}")
-        return json.loads(line.removeprefix("WRK_RESULT ")), cpu
+    async def run_mix(duration: float) -> tuple[dict[str, Any], float]:
+        return await run_wrk("bench_http.lua", base, connections, duration, token, *wallets)
 
     if warmup:
-        await run_wrk(warmup)
-    result, cpu = await run_wrk(seconds)
+        await run_mix(warmup)
+    result, cpu = await run_mix(seconds)
     wall = result["duration_us"] / 1e6
     errors = result["errors"] + result["socket_errors"]
     kinds = dict(result["error_kinds"])
@@ -231,15 +238,7 @@ async def run_bare(connections: int, seconds: float) -> float:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the bare aiohttp reference did not start") from None
                 await asyncio.sleep(0.05)
-        wrk = await asyncio.create_subprocess_exec(
-            "wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s",
-            str(ROOT / "scripts" / "bench_http_bare.lua"), f"http://127.0.0.1:{port}",
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await wrk.communicate()
-        line = next((ln for ln in output.decode().splitlines() if ln.startswith("WRK_RESULT ")), None)
-        if wrk.returncode != 0 or line is None:
-            raise RuntimeError(f"wrk failed on the bare reference (exit {wrk.returncode}):\n{output.decode()}")
-        result = json.loads(line.removeprefix("WRK_RESULT "))
+        result, _ = await run_wrk("bench_http_bare.lua", f"http://127.0.0.1:{port}", connections, seconds)
         return float(result["requests"] / (result["duration_us"] / 1e6))
     finally:
         proc.terminate()

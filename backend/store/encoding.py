@@ -37,7 +37,7 @@ def check_json(value: Any, path: str) -> None:
         if "\x00" in value:
             raise InvalidEvent(f"{path}: strings may not contain NUL characters")
     elif isinstance(value, bool) or value is None:
-        return
+        pass
     elif isinstance(value, int):
         if not -INT64_MAX - 1 <= value <= INT64_MAX:
             raise InvalidEvent(f"{path}: integer out of 64-bit range")

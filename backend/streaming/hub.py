@@ -204,8 +204,8 @@ class Subscriber:
         if idle is None:  # no word from the kernel: the timer alone decides
             if not (self.send_started or unsent > STALL_BYTES):
                 return
-        elif idle < self._stall_limit():  # still sending, slowly: a reader, not a frozen client
-            self._arm(self._stall_limit() - idle)
+        elif idle < (limit := self._stall_limit()):  # still sending, slowly: a reader, not a frozen client
+            self._arm(limit - idle)
             return
         log.info("closing a stream whose client stopped reading", extra={"key_id": self.key_id})
         self.transport.abort()
