@@ -70,14 +70,14 @@ async def create_key(
 ) -> Decision:
     """Record a key for a token made by new_token(); the answer leaves the token out (the caller
     adds it to the first response only, so it is never stored, not even for Idempotency-Key replays)."""
-    if await repo.find(ApiKey, key_id, trust_cache=ctx.optimistic) is not None:
+    if await repo.find(ApiKey, key_id, trust=ctx.trust) is not None:
         raise PreconditionFailed(f"api key {key_id} already exists")
     key = ApiKey.create(key_id, owner, name, scopes, hash_secret(token), expires_at, ctx.now)
     return Decision([key], key_body(key), status=201)
 
 
 async def revoke_key(repo: Repository, ctx: CommandContext, key_id: UUID) -> Decision:
-    key = await repo.find(ApiKey, key_id, trust_cache=ctx.optimistic)
+    key = await repo.find(ApiKey, key_id, trust=ctx.trust)
     if key is None:
         raise NotFound(f"api key {key_id} does not exist")
     key.revoke(ctx.now)  # InvalidTransition when already revoked

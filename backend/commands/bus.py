@@ -1,11 +1,13 @@
 """Running a command: lock its streams, decide, append with expected versions, retry on conflict,
 and honour Idempotency-Key (the first outcome is committed with the events and replayed on repeats).
 
-The first attempt is optimistic: it decides on this process's cached aggregates without reading their
-streams when this process appended last to them (Repository.find's trust_cache), which saves a round
-trip per command. That is safe because the answer only stands if the append succeeds with the cached
-versions as expected versions; a rejection, or an answer no append would check, is decided again on
-what the store holds before it is given.
+The first attempt is optimistic: it decides on this process's own state of its streams without reading
+them (Repository.find's trust): the cached aggregates when this process appended last to them, or the
+state its appends still in flight will leave. That saves a round trip per command, and commands on one
+hot wallet do not wait for each other's commit. It is safe because the answer only stands if the
+append succeeds with those versions as expected versions and every in-flight append it followed
+committed too; a rejection, or an answer no append would check, is decided again on what the store
+holds before it is given.
 
 A repeated key costs nothing extra on the common path: the append checks the key under the store's
 lock and answers with the stored outcome instead of appending (IdempotencyKeyUsed), so the decision
@@ -115,12 +117,17 @@ class CommandBus:
     ) -> Reply:
         optimistic = self.optimistic
         now = ctx.now
-        async with self.locks.hold(streams):
-            for attempt in range(self.max_attempts):
+        for attempt in range(self.max_attempts):
+            # The locks cover deciding and submitting the append, not its commit: the next command on
+            # these streams decides on the state this one leaves, and commits only if this one does.
+            async with self.locks.hold(streams):
+                if not optimistic:  # decide on what the store holds, once this process's appends settled
+                    await self.repository.settled(streams)
+                attempt_ctx = ctx.at(now, optimistic=optimistic)
                 try:
-                    decision = await decide(ctx.at(now, optimistic=optimistic))
+                    decision = await decide(attempt_ctx)
                 except (DomainError, CommandError) as error:
-                    if optimistic:  # decided on cached state that no append will check: read, decide again
+                    if optimistic:  # decided on this process's state, which no append will check: read, decide again
                         optimistic = False
                         continue
                     if idem is None or not isinstance(error, DomainError):
@@ -131,22 +138,23 @@ class CommandBus:
                     continue
                 render = _Rendering(renderer, decision)
                 claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
-                try:
-                    result = await self.repository.save(*decision.aggregates, metadata=ctx.metadata(), claim=claim,
-                                                        extra_writes=decision.extra_writes)
-                except WrongExpectedVersion:
-                    # Another process got there first. The next load reads the stream's tail after the
-                    # cached copy, so it sees that write; a little jitter keeps two losers from colliding.
-                    self.conflicts += 1
-                    optimistic = False
-                    now = datetime.now(UTC)
-                    await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # noqa: S311 (jitter)
-                    continue
-                except IdempotencyKeyUsed as used:
-                    assert idem is not None
-                    return replay(used.stored, idem)
-                status, body, content_type = render.output or render(result)
-                return Reply(status, body, content_type, result.position)
+                staged = self.repository.stage(*decision.aggregates, metadata=ctx.metadata(), claim=claim,
+                                               extra_writes=decision.extra_writes, trust=attempt_ctx.trust)
+            try:
+                result = await self.repository.committed(staged)
+            except WrongExpectedVersion:
+                # Another process got there first (or an append this one followed did not commit). The
+                # next attempt reads the streams' tails; a little jitter keeps two losers from colliding.
+                self.conflicts += 1
+                optimistic = False
+                now = datetime.now(UTC)
+                await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # noqa: S311 (jitter)
+                continue
+            except IdempotencyKeyUsed as used:
+                assert idem is not None
+                return replay(used.stored, idem)
+            status, body, content_type = render.output or render(result)
+            return Reply(status, body, content_type, result.position)
         raise TooMuchContention(f"gave up after {self.max_attempts} conflicting attempts; nothing was changed")
 
     async def _store_failure(

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from backend.store.repository import CacheTrust
+
 
 @dataclass(frozen=True, slots=True)
 class Actor:
@@ -32,9 +34,9 @@ class CommandContext:
     request_id: str | None = None
     correlation_id: str | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    optimistic: bool = False
-    """Loads may trust this process's cache (Repository.find's trust_cache): set by the command bus
-    on a first attempt, whose answer only stands if its append's expected versions hold."""
+    trust: CacheTrust | None = None
+    """Loads may trust this process's own state of a stream (Repository.find's trust): set by the
+    command bus on a first attempt, whose answer only stands if its append's expected versions hold."""
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"actor": self.actor.key_id}
@@ -49,4 +51,5 @@ class CommandContext:
         return self.at(self.now)
 
     def at(self, now: datetime, *, optimistic: bool = False) -> CommandContext:
-        return CommandContext(self.actor, self.request_id, self.correlation_id, now, optimistic)
+        return CommandContext(self.actor, self.request_id, self.correlation_id, now,
+                              CacheTrust() if optimistic else None)

@@ -1,4 +1,5 @@
-"""Per-stream locks: commands on one aggregate run one at a time in a process.
+"""Per-stream locks: commands on one aggregate decide one at a time in a process (the command bus
+holds them while deciding and submitting the append, not while it commits).
 
 Without them, N concurrent commands on one wallet would all load the same version and N-1 would
 lose the optimistic append and retry, again and again. With them, conflicts only happen between

@@ -24,7 +24,7 @@ def wallet_body(wallet: Wallet, ctx: CommandContext) -> dict[str, Any]:
 async def load_wallet(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, *, expected_version: int | None = None
 ) -> Wallet:
-    wallet = await repo.find(Wallet, wallet_id, trust_cache=ctx.optimistic)
+    wallet = await repo.find(Wallet, wallet_id, trust=ctx.trust)
     if wallet is None:
         raise NotFound(f"wallet {wallet_id} does not exist")
     if not ctx.actor.can_act_for(wallet.owner):
@@ -37,7 +37,7 @@ async def load_wallet(
 async def open_wallet(repo: Repository, ctx: CommandContext, wallet_id: UUID, owner: str, currency: str) -> Decision:
     if not ctx.actor.can_act_for(owner):
         raise Forbidden("this API key may only open wallets for its own owner")
-    if await repo.find(Wallet, wallet_id, trust_cache=ctx.optimistic) is not None:
+    if await repo.find(Wallet, wallet_id, trust=ctx.trust) is not None:
         raise PreconditionFailed(f"wallet {wallet_id} already exists")
     wallet = Wallet.open(wallet_id, owner, currency, ctx.now)
     return Decision([wallet], wallet_body(wallet, ctx), status=201)
@@ -87,7 +87,7 @@ async def settle(
     if to_wallet_id == wallet_id:
         to_wallet = wallet
     else:
-        found = await repo.find(Wallet, to_wallet_id, trust_cache=ctx.optimistic)
+        found = await repo.find(Wallet, to_wallet_id, trust=ctx.trust)
         if found is None:
             raise NotFound(f"wallet {to_wallet_id} does not exist")
         to_wallet = found

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -111,27 +111,67 @@ class AppendBatcher:
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append atomically; with a claim, also record its response, unless the key is already used
         (then raise IdempotencyKeyUsed and append nothing). A claim may come with no writes at all."""
+        return await self.wait(self.submit(writes, claim))
+
+    def submit(
+        self,
+        writes: Sequence[Write],
+        claim: IdempotencyClaim | None = None,
+        *,
+        after: Sequence[AppendRequest] = (),
+        on_settle: Callable[[AppendRequest], None] | None = None,
+    ) -> AppendRequest:
+        """Queue an append without waiting for it (`wait` gives its outcome). Requests settle in the
+        order they were submitted, so a caller may decide its next append on the state a submitted one
+        will leave, naming it in `after`: the next one then commits only if that one did."""
         encoded, count, size = encode_writes(writes, allow_empty=claim is not None)
         if self._closing:
             raise StoreError("the event store is shutting down")
-        future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        request = AppendRequest(encoded, count, size, claim, future)
-        if self._idle.is_set() and not self._queue and not self._linger_s:
-            # Nothing in flight, nothing queued: this caller runs its batch of one itself (handing it
+        loop = asyncio.get_running_loop()
+        request = AppendRequest(encoded, count, size, claim, loop.create_future(), tuple(after), on_settle=on_settle)
+        self._queue.append(request)
+        if self._runs_inline(request):
+            loop.call_soon(self._kick)  # the caller's wait normally runs it; if it never comes, the worker does
+        else:
+            self._wake_worker()
+        return request
+
+    async def wait(self, request: AppendRequest) -> AppendResult:
+        """The outcome of a submitted request. A queued request goes on if this caller is cancelled: its
+        future is then cancelled with it, and the batch leaves a done future alone."""
+        future = request.future
+        if self._runs_inline(request):
+            # Nothing in flight, nothing else queued: this caller runs its batch of one itself (handing it
             # to the worker would cost two turns of the event loop and batch nothing).
+            self._queue.pop()
             try:
                 await self._settle([request])
             finally:
                 if future.done() and not future.cancelled():
                     future.exception()  # retrieved, even if this caller was cancelled meanwhile
             return future.result()
-        self._queue.append(request)
+        self._wake_worker()
+        return await future
+
+    @staticmethod
+    async def settled(request: AppendRequest) -> None:
+        """Until the request's batch has settled (whatever its outcome, and even if its caller left)."""
+        if request.outcome is None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            request.waiters.append(waiter)
+            await waiter
+
+    def _runs_inline(self, request: AppendRequest) -> bool:
+        return self._idle.is_set() and len(self._queue) == 1 and self._queue[0] is request and not self._linger_s
+
+    def _kick(self) -> None:
+        if self._queue and self._idle.is_set():
+            self._wake_worker()
+
+    def _wake_worker(self) -> None:
         self._wake.set()
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="append-batcher")
-        # A queued batch goes on if this caller is cancelled: its future is then cancelled with it, and
-        # the batch leaves a done future alone (no shield needed, which costs a future per append).
-        return await future
 
     def knows(self, stream_id: str, version: int) -> bool:
         """This process last saw the stream at this version and has not seen anyone else append since;
@@ -183,9 +223,9 @@ class AppendBatcher:
             try:
                 outcomes = await self._execute(batch)
             except BaseException as exc:
+                failure = exc if isinstance(exc, Exception) else StoreError("cancelled")
                 for request in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc if isinstance(exc, Exception) else StoreError("cancelled"))
+                    self._finish(request, failure)
                 if not isinstance(exc, Exception):
                     raise
                 log.warning("append batch failed", extra={"requests": len(batch), "error": repr(exc)})
@@ -193,16 +233,30 @@ class AppendBatcher:
             self.batches += 1
             self.batched_requests += len(batch)
             for request, outcome in zip(batch, outcomes, strict=True):
-                if request.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    request.future.set_exception(outcome)
-                else:
-                    request.future.set_result(outcome)
+                self._finish(request, outcome)
         finally:
             self._idle.set()
             if self._queue:
                 self._wake.set()
+
+    @staticmethod
+    def _finish(request: AppendRequest, outcome: AppendResult | Exception) -> None:
+        request.outcome = outcome
+        request.after = ()  # planned: let the predecessors go (a hot stream's chain would grow forever)
+        if request.on_settle is not None:
+            try:
+                request.on_settle(request)
+            except Exception:
+                log.exception("an append's settle callback failed")
+        for waiter in request.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        future = request.future
+        if not future.done():
+            if isinstance(outcome, Exception):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
 
     async def _execute(self, batch: list[AppendRequest]) -> list[AppendResult | Exception]:
         conn = await self._connection()

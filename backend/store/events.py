@@ -85,6 +85,17 @@ class WrongExpectedVersion(StoreError):
         self.actual = actual
 
 
+class PredecessorFailed(WrongExpectedVersion):
+    """The append was decided on the state left by an earlier append of this process that was still in
+    flight, and that one did not commit. Its expected version proves nothing then (another writer may
+    have reached that version with different events), so it fails as if stale: decide again."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(stream_id, expected, actual)
+        self.args = (f"stream {stream_id!r}: the append expecting version {expected} was decided after an "
+                     "append that did not commit",)
+
+
 class DuplicateEventId(StoreError):
     def __init__(self, event_id: uuid.UUID, detail: str) -> None:
         super().__init__(f"event {event_id} is already stored {detail}")

@@ -1,14 +1,17 @@
 """Planning one append batch: versions, positions and hashes, request by request.
 
 Each request in a batch succeeds or fails on its own; the planner tracks the streams as accepted
-requests advance them, so a later request in the same batch sees the earlier ones' events.
+requests advance them, so a later request in the same batch sees the earlier ones' events. A request
+may name earlier requests it was decided after (``after``): it fails unless every one of them
+committed, in this batch or an earlier one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,18 +19,35 @@ import asyncpg
 
 from backend.store import idempotency
 from backend.store.encoding import EncodedEvent, EncodedWrite
-from backend.store.events import ANY, AppendResult, DuplicateEventId, StreamAppended, WrongExpectedVersion
+from backend.store.events import (
+    ANY,
+    AppendResult,
+    DuplicateEventId,
+    PredecessorFailed,
+    StreamAppended,
+    WrongExpectedVersion,
+)
 from backend.store.hashing import GENESIS, canonical_bytes, chain, encode_data
 from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class AppendRequest:
     writes: list[EncodedWrite]
     event_count: int
     size: int
     claim: IdempotencyClaim | None
     future: asyncio.Future[AppendResult]
+    after: tuple[AppendRequest, ...] = ()
+    """Earlier requests whose outcome this one was decided on: it commits only if they all did."""
+    outcome: AppendResult | Exception | None = None
+    """Set when the batch settles, whether or not anyone still awaits the future."""
+    on_settle: Callable[[AppendRequest], None] | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+
+    @property
+    def committed(self) -> bool:
+        return isinstance(self.outcome, AppendResult)
 
 
 @dataclass(slots=True)
@@ -110,6 +130,7 @@ class BatchPlanner:
         self.rows: list[Planned] = []
         self.used_keys = {(r.scope, r.key): r for r in used_keys}
         self.responses: list[StoredResponse] = []
+        self._planned: dict[int, bool] = {}  # id(request) -> accepted, for the requests of this batch
 
     @classmethod
     def from_state(cls, rows: list[asyncpg.Record]) -> BatchPlanner:
@@ -128,6 +149,24 @@ class BatchPlanner:
 
     def plan(self, request: AppendRequest) -> AppendResult | Exception:
         """The outcome of one request; accepted rows and claims join the batch, rejected ones leave no trace."""
+        failed = self._predecessor_failed(request) if request.after else None
+        outcome = self._plan(request) if failed is None else failed
+        self._planned[id(request)] = isinstance(outcome, AppendResult)
+        return outcome
+
+    def _predecessor_failed(self, request: AppendRequest) -> PredecessorFailed | None:
+        """A predecessor is either earlier in this batch (as planned so far) or in a batch that has
+        settled (batches run one at a time, in the order requests were queued)."""
+        for earlier in request.after:
+            accepted = self._planned.get(id(earlier))
+            if accepted if accepted is not None else earlier.committed:
+                continue
+            stream_id, expected = (request.writes[0].stream_id, request.writes[0].expected_version) \
+                if request.writes else ("", ANY)
+            return PredecessorFailed(stream_id, expected, self.streams.get(stream_id, (0, GENESIS))[0])
+        return None
+
+    def _plan(self, request: AppendRequest) -> AppendResult | Exception:
         claim = request.claim
         if claim is not None and (claim.scope, claim.key) in self.used_keys:
             return IdempotencyKeyUsed(self.used_keys[(claim.scope, claim.key)])

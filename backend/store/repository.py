@@ -4,6 +4,12 @@ Loading takes the cached copy (or the latest snapshot) and applies the stream's 
 a load always reflects every committed event; the cache and the snapshots only save work. Saving
 turns the aggregates' pending events into one atomic multi-stream append with expected versions.
 
+A command's optimistic attempt (a CacheTrust) may instead start from this process's own state of a
+stream: its cache when this process appended last, or the state an append of this process still in
+flight will leave (staged). A decision on staged state names that append as its predecessor, and
+the store commits it only if the predecessor committed: so commands on one hot stream follow each
+other without waiting for each other's commit, and never stand on a history that did not happen.
+
 Each event row carries the domain event's own time in data["occurred_at"] (inside the hash chain,
 because replaying expiry depends on it) and its payload schema version in metadata.
 """
@@ -24,6 +30,7 @@ from backend.domain import registry
 from backend.store.event_store import EventStore
 from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
 from backend.store.idempotency import IdempotencyClaim
+from backend.store.planner import AppendRequest
 from backend.store.state_codec import decode_state, encode_state
 
 log = logging.getLogger(__name__)
@@ -49,6 +56,16 @@ def clone(aggregate: A) -> A:
     state = {k: v.copy() if isinstance(v, dict | set | list) else v for k, v in vars(aggregate).items()}
     object.__setattr__(copied, "__dict__", state)
     return copied
+
+
+class CacheTrust:
+    """Leave for one attempt of a command to decide on this process's own state of streams without
+    reading them, and the record of the in-flight appends that state depends on (see the module)."""
+
+    __slots__ = ("after",)
+
+    def __init__(self) -> None:
+        self.after: dict[int, AppendRequest] = {}
 
 
 class AggregateNotFound(LookupError):
@@ -91,6 +108,8 @@ class Repository:
         self.snapshot_every = snapshot_every
         self.cache_size = cache_size
         self._cache: OrderedDict[str, Aggregate] = OrderedDict()
+        self._staged: dict[str, tuple[Aggregate, AppendRequest]] = {}
+        """Per stream, the latest append of this process still in flight, and the state it leaves."""
 
     async def get(self, cls: type[A], aggregate_id: UUID) -> A:
         found = await self.find(cls, aggregate_id)
@@ -98,31 +117,47 @@ class Repository:
             raise AggregateNotFound(stream_of(cls, aggregate_id))
         return found
 
-    async def find(self, cls: type[A], aggregate_id: UUID, *, trust_cache: bool = False) -> A | None:
+    async def find(self, cls: type[A], aggregate_id: UUID, *, trust: CacheTrust | None = None) -> A | None:
         """The aggregate with every committed event applied, or None if its stream is empty.
 
-        With trust_cache, a cached copy at the version this process last appended is used without
-        reading the stream's tail: no round trip, but possibly stale if another process appended since.
-        Only a command may ask for that, and only if its answer then stands or falls with an append
-        expecting that version (the command bus's optimistic first attempt)."""
+        With trust, the state this process last left the stream in is used without reading the stream's
+        tail: the state an append still in flight will leave (recorded in trust.after), or a cached copy
+        at the version this process last appended. No round trip, but possibly stale if another process
+        appended since. Only a command may ask for that, and only if its answer then stands or falls
+        with an append expecting that version (the command bus's optimistic first attempt)."""
         stream = stream_of(cls, aggregate_id)
+        if trust is not None and (staged := self._staged.get(stream)) is not None:
+            aggregate, request = staged
+            trust.after[id(request)] = request
+            return self._checked(cls, stream, clone(aggregate))
         start: Aggregate | None
         cached = self._cache.get(stream)
         trusted = False
         if cached is not None:
             self._cache.move_to_end(stream)
             start = clone(cached)
-            trusted = trust_cache and self.store.batcher.knows(stream, cached.version)
+            trusted = trust is not None and self.store.batcher.knows(stream, cached.version)
         else:
             start = await self._from_snapshot(cls, stream, aggregate_id)
         tail = [] if trusted else await self.store.read_tail(stream, start.version if start is not None else 0)
-        aggregate = fold(tail, start, aggregate_id)
-        if aggregate is None:
+        found = fold(tail, start, aggregate_id)
+        if found is None:
             return None
-        if not isinstance(aggregate, cls):
-            raise TypeError(f"{stream} holds a {type(aggregate).__name__}, not a {cls.__name__}")
+        aggregate = self._checked(cls, stream, found)
         if tail or cached is None:
             self._remember(stream, aggregate)
+        return aggregate
+
+    async def settled(self, streams: Sequence[str]) -> None:
+        """Until no append of this process to these streams is in flight."""
+        for stream in streams:
+            while (staged := self._staged.get(stream)) is not None:
+                await self.store.batcher.settled(staged[1])
+
+    @staticmethod
+    def _checked(expected: type[A], stream: str, aggregate: Aggregate) -> A:
+        if not isinstance(aggregate, expected):
+            raise TypeError(f"{stream} holds a {type(aggregate).__name__}, not a {expected.__name__}")
         return aggregate
 
     async def as_of(
@@ -157,33 +192,69 @@ class Repository:
         metadata: Mapping[str, Any] | None = None,
         claim: IdempotencyClaim | None = None,
         extra_writes: Sequence[Write] = (),
+        trust: CacheTrust | None = None,
     ) -> AppendResult:
         """Append the aggregates' pending events, plus ``extra_writes`` (streams that are not
         aggregates, e.g. a uniqueness claim expecting NO_STREAM), all in one atomic append.
 
-        Once saved, the aggregates belong to the cache (every load hands out a copy): a caller must
-        not change them any more, but load the aggregate again for its next command."""
+        Once saved, the aggregates belong to the repository (every load hands out a copy): a caller
+        must not change them any more, but load the aggregate again for its next command."""
+        return await self.committed(self.stage(*aggregates, metadata=metadata, claim=claim,
+                                               extra_writes=extra_writes, trust=trust))
+
+    def stage(
+        self,
+        *aggregates: Aggregate,
+        metadata: Mapping[str, Any] | None = None,
+        claim: IdempotencyClaim | None = None,
+        extra_writes: Sequence[Write] = (),
+        trust: CacheTrust | None = None,
+    ) -> AppendRequest:
+        """Submit the append of ``save`` without waiting for it (``committed`` does). Until it settles,
+        optimistic loads of its streams start from the state it leaves, and depend on it."""
+        staged = [(registry.stream_id(a), a) for a in aggregates if a.pending_events]
         writes = self.writes(aggregates, metadata or {})
-        try:
-            result = await self.store.append([*writes, *extra_writes], claim)
-        except Exception:
-            for write in writes:
-                self._cache.pop(write.stream_id, None)
-            raise
-        for aggregate in aggregates:
-            self._remember(registry.stream_id(aggregate), aggregate, owned=True)
-        for write, appended in zip(writes, result.streams[: len(writes)], strict=True):
-            crossed = appended.version // self.snapshot_every > write.expected_version // self.snapshot_every
-            if crossed and not result.replayed:
-                await self._snapshot(next(a for a in aggregates if registry.stream_id(a) == write.stream_id))
+        request = self.store.batcher.submit(
+            [*writes, *extra_writes], claim, after=tuple(trust.after.values()) if trust else (),
+            on_settle=lambda settled: self._settled(settled, staged),
+        )
+        for stream, aggregate in staged:
+            self._staged[stream] = (aggregate, request)
+        return request
+
+    async def committed(self, request: AppendRequest) -> AppendResult:
+        """The outcome of a staged append (and a snapshot when a stream crossed a multiple of snapshot_every)."""
+        result = await self.store.batcher.wait(request)
+        if not result.replayed:
+            for appended in result.streams:
+                staged = self._cache.get(appended.stream_id)
+                crossed = appended.version // self.snapshot_every > (appended.version - len(appended.positions)) \
+                    // self.snapshot_every
+                if crossed and staged is not None and staged.version == appended.version:
+                    await self._snapshot(staged)
         return result
+
+    def _settled(self, request: AppendRequest, staged: list[tuple[str, Aggregate]]) -> None:
+        """The batcher settled a staged append: what it leaves becomes the cached state, or, if it did
+        not commit, the cache forgets the stream (the next load reads it)."""
+        for stream, aggregate in staged:
+            if (entry := self._staged.get(stream)) is not None and entry[1] is request:
+                del self._staged[stream]
+            if request.committed:
+                self._remember(stream, aggregate, owned=True)
+            else:
+                self._cache.pop(stream, None)
 
     def forget(self, *stream_ids: str) -> None:
         for stream in stream_ids:
             self._cache.pop(stream, None)
 
     def _remember(self, stream: str, aggregate: Aggregate, *, owned: bool = False) -> None:
-        """Cache a copy, or with `owned` the instance itself (save's caller hands it over)."""
+        """Cache a copy, or with `owned` the instance itself (save's caller hands it over); never an
+        older version than the cached one (a load that read before an append settled comes back late)."""
+        cached = self._cache.get(stream)
+        if cached is not None and cached.version > aggregate.version:
+            return
         self._cache[stream] = aggregate if owned else clone(aggregate)
         self._cache.move_to_end(stream)
         while len(self._cache) > self.cache_size:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from backend.commands import deposits as deposit_commands
 from backend.commands import wallets as wallet_commands
@@ -151,3 +153,80 @@ async def test_an_answer_about_an_aggregate_the_command_does_not_write_comes_fro
 
     reply = await one.bus.execute(CommandContext(SYSTEM), [], decide, JsonRenderer(None))
     assert orjson.loads(reply.body)["wallet"]["balance"] == 15
+
+
+async def test_commands_on_one_wallet_follow_each_other_without_waiting_for_commits(
+    nodes: tuple[Node, Node],
+) -> None:
+    """The second and later debits decide on the state the first leaves while it commits: they share
+    a batch instead of each waiting for the previous commit."""
+    one, _ = nodes
+    wallet_id = await open_wallet(one, 1000)
+    reads, batches = one.tail_reads(), one.store.batcher.batches
+    replies = await asyncio.gather(*(one.run(wallet_id, "debit", 10) for _ in range(20)))
+    assert sorted(balance_of(r) for r in replies) == list(range(800, 1000, 10))
+    assert one.store.batcher.batches - batches == 2  # the first alone, the 19 that followed it together
+    assert one.tail_reads() == reads and one.bus.conflicts == 0
+    assert (await Repository(one.store).get(Wallet, wallet_id)).balance == 800
+
+
+async def history_balances(node: Node, wallet_id: uuid.UUID) -> list[int]:
+    """The wallet's balance after each of its events, replayed from the store."""
+    events = await node.store.read_stream(wallet_stream(wallet_id))
+    balances, balance = [], 0
+    for event in events:
+        sign = {"WalletCredited": 1, "WalletDebited": -1}.get(event.type, 0)
+        balance += sign * int(event.data.get("amount", 0))
+        balances.append(balance)
+    return balances
+
+
+@pytest.mark.parametrize("same_batch", [False, True])
+async def test_a_command_decided_after_an_append_that_did_not_commit_does_not_commit(
+    nodes: tuple[Node, Node], same_batch: bool,
+) -> None:
+    """`one` caches 100 at version 2; `two` debits 90 (version 3). `one` then runs two debits of 50: the
+    first expects version 2 and fails; the second was decided on the 50 the first would leave, at
+    version 3, which the store's version 3 (two's debit) matches. Its expected version holds, but on a
+    different history: it must fail too and be decided again on the store, not overdraw the wallet.
+    The two debits land in consecutive batches, or (same_batch) in one batch behind another append."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 100)
+    other = await open_wallet(one, 0)
+    await two.run(wallet_id, "debit", 90)
+    commands = [one.run(wallet_id, "debit", 50), one.run(wallet_id, "debit", 50)]
+    if same_batch:  # this one runs alone first; both debits queue behind it and share the next batch
+        commands.insert(0, one.run(other, "credit", 1))
+    batches = one.store.batcher.batches
+    outcomes = await asyncio.gather(*commands, return_exceptions=True)
+    assert [type(o) for o in outcomes[-2:]] == [InsufficientFunds, InsufficientFunds]
+    assert one.store.batcher.batches - batches >= (2 if same_batch else 1)
+    assert await history_balances(one, wallet_id) == [0, 100, 10]
+    assert (await one.repository.get(Wallet, wallet_id)).balance == 10
+
+
+OPS = st.lists(st.tuples(st.sampled_from([0, 1]), st.sampled_from(["debit", "credit"]), st.integers(1, 60)),
+               min_size=2, max_size=40)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=OPS)
+async def test_two_processes_chaining_random_commands_keep_the_books(nodes: tuple[Node, Node], ops) -> None:  # type: ignore[no-untyped-def]
+    """Random debits and credits from both processes at once: each process chains its commands on its own
+    in-flight state while the other's writes make that state stale. Every reply is what the store did,
+    and the wallet is never overdrawn at any version."""
+    wallet_id = await open_wallet(nodes[0], 100)
+
+    async def run(node: int, command: str, amount: int) -> int:
+        try:
+            await nodes[node].run(wallet_id, command, amount)
+        except InsufficientFunds:
+            return 0
+        return amount if command == "credit" else -amount
+
+    changes = await asyncio.gather(*(run(*op) for op in ops))
+    balances = await history_balances(nodes[0], wallet_id)
+    assert min(balances) >= 0
+    assert balances[-1] == 100 + sum(changes)
+    for node in nodes:
+        assert (await node.repository.get(Wallet, wallet_id)).balance == balances[-1]
