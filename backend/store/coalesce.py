@@ -64,6 +64,12 @@ class Coalescer(Generic[K, V]):
             self._in_flight += 1
             try:
                 await self._load_pending()
+            except BaseException:
+                # Cancelled mid-load: the others' reads went back in the queue; this one's leaves it
+                # (answered later, an error would sit in a future nobody awaits).
+                future.cancel()
+                self._pending = [(key, f) for key, f in self._pending if f is not future]
+                raise
             finally:
                 self._in_flight -= 1
                 if self._pending and self._in_flight < self._max_in_flight:
