@@ -227,11 +227,11 @@ class Repository:
         result = await self.store.batcher.wait(request)
         if not result.replayed:
             for appended in result.streams:
-                staged = self._cache.get(appended.stream_id)
-                crossed = appended.version // self.snapshot_every > (appended.version - len(appended.positions)) \
-                    // self.snapshot_every
-                if crossed and staged is not None and staged.version == appended.version:
-                    await self._snapshot(staged)
+                before = appended.version - len(appended.positions)
+                cached = self._cache.get(appended.stream_id)  # what the append left, for aggregates
+                if appended.version // self.snapshot_every > before // self.snapshot_every \
+                        and cached is not None and cached.version == appended.version:
+                    await self._snapshot(cached)
         return result
 
     def _settled(self, request: AppendRequest, staged: list[tuple[str, Aggregate]]) -> None:
