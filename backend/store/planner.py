@@ -158,8 +158,7 @@ class BatchPlanner:
         """A predecessor is either earlier in this batch (as planned so far) or in a batch that has
         settled (batches run one at a time, in the order requests were queued)."""
         for earlier in request.after:
-            accepted = self._planned.get(id(earlier))
-            if accepted if accepted is not None else earlier.committed:
+            if self._planned.get(id(earlier), earlier.committed):
                 continue
             stream_id, expected = (request.writes[0].stream_id, request.writes[0].expected_version) \
                 if request.writes else ("", ANY)
