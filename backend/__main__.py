@@ -87,6 +87,7 @@ async def serve(settings: Settings) -> None:
     from aiohttp import web
 
     from backend.app import create_app
+    from backend.event_loop import loop_name
     from backend.gc_tuning import tune_for_serving
     from backend.http.access_log import AccessLogger
 
@@ -106,7 +107,8 @@ async def serve(settings: Settings) -> None:
     tune_for_serving()
     for address in runner.addresses:
         host, port = address[0], address[1]
-        log.info(f"listening on http://{host}:{port}", extra={"url": f"http://{host}:{port}"})
+        log.info(f"listening on http://{host}:{port}",
+                 extra={"url": f"http://{host}:{port}", "event_loop": loop_name()})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -200,9 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backend.audit import cli as audit_cli
 
         return audit_cli.run(settings, args)
+    from backend.event_loop import EventLoopUnavailable, run
+
     command = {"serve": serve, "migrate": run_migrations}[args.command]
     try:
-        asyncio.run(command(settings))
+        run(command(settings), settings.event_loop)
+    except EventLoopUnavailable as exc:
+        print(f"tally: {exc}", file=sys.stderr)
+        return 2
     except DatabaseUnavailable as exc:
         print(f"tally: error: {exc}", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from backend.appkeys import (
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
+from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
 from backend.http import api_keys, audit, deposits, health, queries, wallets
 from backend.http.auth import auth_middleware
@@ -117,6 +118,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
+    metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
+                 lambda: {"loop": loop_name()})
     middlewares: list[Middleware] = [request_id_middleware, metrics_middleware(metrics), error_middleware,
                                      auth_middleware]
     if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key

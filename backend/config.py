@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     shutdown_timeout_s: float = Field(default=10.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # backend.event_loop: uvloop when installed (auto), required (uvloop), or the standard loop (asyncio).
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     apply_migrations: bool = True
     append_batch_max_events: int = Field(default=2000, ge=1, le=100_000)
     listener_poll_s: float = Field(default=1.0, gt=0)
@@ -57,7 +59,7 @@ class Settings(BaseSettings):
     read_wait_default_s: float = Field(default=2.0, ge=0)
     read_wait_max_s: float = Field(default=10.0, ge=0)
 
-    @field_validator("log_level", "log_format", mode="before")
+    @field_validator("log_level", "log_format", "event_loop", mode="before")
     @classmethod
     def _normalise_case(cls, value: object) -> object:
         if not isinstance(value, str):

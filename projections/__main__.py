@@ -12,6 +12,7 @@ import sys
 
 from backend.config import ConfigError, Settings, load_settings
 from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
+from backend.event_loop import EventLoopUnavailable, loop_name, run
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
 
@@ -45,7 +46,8 @@ async def work(settings: Settings) -> None:
             )
             await service.start()
             tune_for_serving()
-            log.info("projection worker running", extra={"projections": [r.name for r in service.runners]})
+            log.info("projection worker running",
+                     extra={"projections": [r.name for r in service.runners], "event_loop": loop_name()})
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -67,7 +69,10 @@ def main() -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(work(settings))
+        run(work(settings), settings.event_loop)
+    except EventLoopUnavailable as exc:
+        print(f"projections: {exc}", file=sys.stderr)
+        return 2
     except DatabaseUnavailable as exc:
         print(f"projections: error: {exc}", file=sys.stderr)
         return 1

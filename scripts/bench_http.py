@@ -277,7 +277,13 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             if count:
                 routes[route] = (int(count), total / count * 1000)
     return {"append_batches": int(batches), "requests_per_batch": requests / batches if batches else 0.0,
-            "routes": routes}
+            "routes": routes, "event_loop": event_loop_of(after)}
+
+
+def event_loop_of(metrics: dict[str, float]) -> str:
+    """The server's event loop (uvloop or asyncio), from its scraped /metrics."""
+    return next((series.partition('loop="')[2].partition('"')[0] for series in metrics
+                 if series.startswith("tally_event_loop_info{")), "unknown")
 
 
 def use_wrk(choice: str) -> bool:
@@ -362,7 +368,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if server.stop is not None:
             server.stop()
-    print(f"server: {server.description}; {args.connections} connections, {args.wallets} wallets")
+    print(f"server: {server.description}; event loop {result['server']['event_loop']} (EVENT_LOOP: "
+          f"{os.environ.get('EVENT_LOOP', 'auto')}); {args.connections} connections, {args.wallets} wallets")
     print(f"load generator: {result['loadgen']}")
     for i, r in enumerate(result["rounds"], 1):
         bare_text = f"; bare aiohttp {r['bare_requests_per_s']:.0f} requests/s" if "bare_requests_per_s" in r else ""

@@ -45,7 +45,7 @@ from typing import Any
 
 import asyncpg
 import psutil
-from bench_http import admin_token, cpu_seconds, free_port, postgres_processes, wait_ready
+from bench_http import admin_token, cpu_seconds, event_loop_of, free_port, postgres_processes, scrape, wait_ready
 from bench_store import Server, choose_server, fresh_database, percentile
 
 from backend.commands import wallets as wallet_commands
@@ -566,6 +566,7 @@ async def measure(db: Server, args: argparse.Namespace) -> dict[str, Any]:
         wallets = await seed_wallets(dsn, args.wallets)
         result: dict[str, Any] = {"started": datetime.now(UTC).isoformat()}
         async with serving(dsn, args.subscribers + 100) as (server, port):  # (a) and (c)
+            result["event_loop"] = event_loop_of(await scrape(f"http://127.0.0.1:{port}", {}))
             result.update(await delivery(server, port, token, dsn, wallets, args, seconds, 3))
             result.update(await eviction(server, port, token, dsn, wallets, args.rate))
         async with serving(dsn, idle + 200) as (server, port):  # (b) on a fresh process: nothing freed to reuse
@@ -581,7 +582,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if db.stop is not None:
             db.stop()
-    print(f"server: {db.description}; {os.cpu_count()} cores")
+    print(f"server: {db.description}; {os.cpu_count()} cores; event loop {r['event_loop']} "
+          f"(EVENT_LOOP: {os.environ.get('EVENT_LOOP', 'auto')})")
     print(f"(a) {r['subscribers']} subscribers, {args.rate} events/s ({args.writer}), {len(r['rounds'])} rounds "
           f"({r['probes']} probes, {sum(run['missing'] for run in r['rounds'])} events missing, "
           f"{r['dropped']} streams dropped, {r['mib_per_s']:.0f} MiB/s to clients)")

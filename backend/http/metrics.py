@@ -36,10 +36,15 @@ class Metrics:
         self.requests: defaultdict[tuple[str, str, int], int] = defaultdict(int)
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.infos: dict[str, tuple[str, Callable[[], dict[str, str]]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Register a value read at scrape time (e.g. the store's head, a batcher's counters)."""
         self.gauges[name] = (help_text, read)
+
+    def info(self, name: str, help_text: str, read: Callable[[], dict[str, str]]) -> None:
+        """Register a constant-1 gauge whose labels describe the process (read at scrape time)."""
+        self.infos[name] = (help_text, read)
 
     def render(self) -> str:
         lines = ["# HELP tally_http_requests_total HTTP requests by route and status",
@@ -58,6 +63,9 @@ class Metrics:
             lines.append(f'tally_http_request_duration_seconds_count{{route="{route}"}} {hist.count}')
         for name, (help_text, read) in sorted(self.gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        for name, (help_text, read_labels) in sorted(self.infos.items()):
+            labels = ",".join(f'{key}="{value}"' for key, value in sorted(read_labels().items()))
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{{{labels}}} 1"]
         return "\n".join(lines) + "\n"
 
 

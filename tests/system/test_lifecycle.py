@@ -88,17 +88,22 @@ def test_two_concurrent_migrators_apply_each_migration_once(fresh_database_url: 
     assert asyncio.run(versions()) == [m.version for m in available_migrations()]
 
 
-def test_sigterm_drains_and_exits_zero(database_url: str) -> None:
+@pytest.mark.parametrize(("choice", "loop"), [("auto", "uvloop"), ("asyncio", "asyncio")])
+def test_sigterm_drains_and_exits_zero(database_url: str, choice: str, loop: str) -> None:
+    """On either event loop (the test extra installs uvloop, so EVENT_LOOP=auto takes it)."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port), "LOG_FORMAT": "json"}
+    env = {**os.environ, "DATABASE_URL": database_url, "PORT": str(port), "LOG_FORMAT": "json", "EVENT_LOOP": choice}
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until_ready(f"http://127.0.0.1:{port}", proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            assert f'tally_event_loop_info{{loop="{loop}"}} 1' in reply.read().decode()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 0, stderr
-        assert f"listening on http://127.0.0.1:{port}" in stderr
+        listening = [json.loads(line) for line in stderr.splitlines() if "listening on" in line]
+        assert [(entry["url"], entry["event_loop"]) for entry in listening] == [(f"http://127.0.0.1:{port}", loop)]
         assert "stopped" in stderr
     finally:
         if proc.poll() is None:

@@ -1,0 +1,52 @@
+"""Which asyncio event loop the long-running processes use (EVENT_LOOP: auto, uvloop or asyncio).
+
+uvloop (libuv, the loop asyncpg's authors wrote) is an optional speed-up and never a requirement:
+`auto` takes it when it is installed (`./scripts/serve` installs the `fast` extra) and the standard
+loop otherwise; `uvloop` insists on it and fails with a clear message when it is missing; `asyncio`
+keeps the standard loop. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
+T = TypeVar("T")
+
+
+class EventLoopUnavailable(Exception):
+    """EVENT_LOOP names a loop that is not installed."""
+
+
+def loop_factory(choice: EventLoopChoice) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The factory for `asyncio.Runner`, or None for the standard loop."""
+    if choice == "asyncio":
+        return None
+    if importlib.util.find_spec("uvloop") is None:
+        if choice == "uvloop":
+            raise EventLoopUnavailable("EVENT_LOOP=uvloop but uvloop is not installed "
+                                       "(pip install 'tally[fast]', or set EVENT_LOOP=asyncio)")
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
+    """`asyncio.run` on the chosen loop."""
+    try:
+        factory = loop_factory(choice)
+    except EventLoopUnavailable:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
+
+
+def loop_name() -> str:
+    """The running loop's implementation, as logs and /metrics report it."""
+    loop = asyncio.get_running_loop()
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
