@@ -209,10 +209,15 @@ class ApiKeyAuthenticator:
             await asyncio.sleep(max(0.0, started + self.min_interval_s - time.monotonic()))
 
     async def catch_up(self) -> int:
-        """Apply every ApiKeyRevoked after the checkpoint; return how many were applied."""
+        """Apply every ApiKeyRevoked after the checkpoint; return how many were applied.
+
+        A page that is not full saw every revocation up to the head read before it (readers never
+        skip), so the checkpoint moves to that head: revocations are rare, and a checkpoint left at
+        the last one would make every later read scan the whole log after it."""
         store = self.repository.store
         applied = 0
         while True:
+            head = await store.head()
             page = await store.read_all(self.checkpoint, self.page_size, types=[REVOKED_EVENT])
             for event in page:
                 _, key_id = parse_stream_id(event.stream_id)
@@ -220,4 +225,5 @@ class ApiKeyAuthenticator:
                 self.checkpoint = event.position
             applied += len(page)
             if len(page) < self.page_size:
+                self.checkpoint = max(self.checkpoint, head)
                 return applied

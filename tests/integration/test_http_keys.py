@@ -261,6 +261,29 @@ async def test_revocation_without_notifications_is_found_by_polling(client: Test
     assert seen - started < 1.0
 
 
+async def test_the_revocation_tailer_moves_past_the_events_it_does_not_want(
+    client: TestClient, admin_token: str
+) -> None:
+    """Its checkpoint follows the head, not the last revocation: else each read would scan every
+    event appended since that revocation (measured: 25-35 ms a read after 100k events)."""
+    authenticator = client.server.app[AUTHENTICATOR]
+    created = await call(client, "POST", "/v1/wallets", admin_token, status=201,
+                         body={"owner": "alice", "currency": "USD"})
+    for _ in range(3):
+        await call(client, "POST", f"/v1/wallets/{created['wallet_id']}/credits", admin_token, status=200,
+                   body={"amount": 5, "reference": "r"})
+    head = await client.server.app[REPOSITORY].store.head()
+    assert await authenticator.catch_up() == 0
+    assert authenticator.checkpoint == head
+
+    revoked_key = await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=new_key_body())
+    response = await client.delete(f"/v1/api-keys/{revoked_key['key_id']}", headers=bearer(admin_token))
+    assert response.status == 204
+    await authenticator.catch_up()
+    assert authenticator.checkpoint == await client.server.app[REPOSITORY].store.head()
+    assert await probe(client, revoked_key["secret"]) == 401
+
+
 async def test_expired_keys_get_401(client: TestClient) -> None:
     app = client.server.app
     past = datetime.now(UTC) - timedelta(hours=2)
