@@ -41,8 +41,8 @@ async def work(settings: Settings) -> None:
             await listener.start(timeout=settings.connect_timeout_s + 5)
             bus = CommandBus(Repository(store, snapshot_every=settings.snapshot_every))
             service = ProjectionService(
-                all_projections(bus, expiry_batch_size=settings.expiry_batch_size), connector(dsn, settings),
-                CheckpointWatcher(pool), settings, listener=listener,
+                all_projections(bus, expiry_batch_size=settings.expiry_batch_size),
+                connector(dsn, settings, durable_commits=False), CheckpointWatcher(pool), settings, listener=listener,
             )
             await service.start()
             tune_for_serving()

@@ -20,8 +20,8 @@ async def projections_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     chosen = all_projections(app[COMMANDS], expiry_batch_size=settings.expiry_batch_size) \
         if settings.run_projections else []
-    service = ProjectionService(chosen, connector(app[DATABASE_DSN], settings), CheckpointWatcher(app[POOL]),
-                                settings, listener=app[LISTENER])
+    service = ProjectionService(chosen, connector(app[DATABASE_DSN], settings, durable_commits=False),
+                                CheckpointWatcher(app[POOL]), settings, listener=app[LISTENER])
     app[PROJECTIONS] = service
     await service.start()
     try:

@@ -19,12 +19,21 @@ from projections.waiting import CheckpointWatcher
 log = logging.getLogger(__name__)
 
 
-def connector(dsn: str, settings: Settings) -> Connect:
-    """Dedicated connections, set up like the pool's and named for pg_stat_activity."""
+def connector(dsn: str, settings: Settings, *, durable_commits: bool = True) -> Connect:
+    """Dedicated connections, set up like the pool's and named for pg_stat_activity.
+
+    `durable_commits=False` is for runners following the log: their commits then do not wait for the
+    WAL to reach the disk (synchronous_commit off). That is safe because each batch's rows and its
+    checkpoint commit together: a crash can only lose whole batches, which the runner applies again
+    from the log (whose appends stay durable). It keeps a dozen projection commits a second out of
+    the queue for the disk flush that every append's answer waits for."""
     base = connect_kwargs(settings)
+    settings_for_server = {**base["server_settings"]}
+    if not durable_commits:
+        settings_for_server["synchronous_commit"] = "off"
 
     async def connect(application_name: str) -> asyncpg.Connection[asyncpg.Record]:
-        kwargs = {**base, "server_settings": {**base["server_settings"], "application_name": application_name}}
+        kwargs = {**base, "server_settings": {**settings_for_server, "application_name": application_name}}
         conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(dsn, **kwargs)
         try:
             await init_connection(conn)

@@ -78,8 +78,8 @@ class Node:
 
     async def start(self, projections: Sequence[Projection] | None = None) -> ProjectionService:
         chosen = registry.all_projections(self.bus) if projections is None else projections
-        self.service = ProjectionService(chosen, connector(self.dsn, self.settings), CheckpointWatcher(self.pool),
-                                         self.settings, listener=self.listener)
+        self.service = ProjectionService(chosen, connector(self.dsn, self.settings, durable_commits=False),
+                                         CheckpointWatcher(self.pool), self.settings, listener=self.listener)
         await self.service.start()
         return self.service
 
