@@ -33,7 +33,7 @@ from backend.store import reads
 from projections import checkpoints, leader
 from projections.base import Projection
 from projections.events import Event, read_batch
-from projections.runner import Connect
+from projections.runner import Connect, analyze
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +101,7 @@ class _Target:
 
     async def analyze(self) -> None:
         """Fresh tables have no statistics; without them a big one can get a sequential-scan plan."""
-        for table in self.projection.tables:
-            await self.conn.execute(f"analyze {self.schema}.{table}")
+        await analyze(self.conn, self.projection.tables, self.schema)
 
     async def swap(self, position: int, batch_size: int) -> int:
         """Catch up from position and swap the copies in, in one transaction; return the checkpoint."""
