@@ -20,6 +20,7 @@ from uuid import UUID
 from eventsourcing.domain import Aggregate
 
 from . import errors
+from .closed import AppendOnlyMap
 from .errors import require_text, require_utc, require_uuid
 from .money import MAX_AMOUNT, require_amount, require_currency
 
@@ -60,6 +61,9 @@ class WalletView:
 
 
 class Wallet(Aggregate):
+    class_version = 2
+    """2: the closed ids are AppendOnlyMaps (snapshots of version 1 are ignored, the stream replayed)."""
+
     # ------------------------------------------------------------------ events
 
     class Event(Aggregate.Event):
@@ -168,7 +172,7 @@ class Wallet(Aggregate):
 
         def apply(self, aggregate: Wallet) -> None:
             aggregate.balance += self.amount
-            aggregate.credited_deposits.add(self.deposit_id)
+            aggregate.credited_deposits[self.deposit_id] = self.chain_tx_id
 
     # ------------------------------------------------------------------ state
 
@@ -181,10 +185,11 @@ class Wallet(Aggregate):
         self.reserved = 0
         self.locks: dict[UUID, int] = {}
         self.reservations: dict[UUID, Reservation] = {}
-        # Closed ids are kept so an id is never reused and each closes exactly once.
-        self.closed_locks: dict[UUID, str] = {}
-        self.closed_reservations: dict[UUID, str] = {}
-        self.credited_deposits: set[UUID] = set()
+        # Closed ids are kept so an id is never reused and each closes exactly once (terminal state,
+        # or the chain transaction a deposit was credited by); copying these costs O(log n).
+        self.closed_locks: AppendOnlyMap[UUID, str] = AppendOnlyMap()
+        self.closed_reservations: AppendOnlyMap[UUID, str] = AppendOnlyMap()
+        self.credited_deposits: AppendOnlyMap[UUID, str] = AppendOnlyMap()
 
     @property
     def available(self) -> int:

@@ -1,4 +1,5 @@
-"""A tagged JSON encoding of aggregate state for snapshots (UUIDs, datetimes, sets, tuples, maps).
+"""A tagged JSON encoding of aggregate state for snapshots (UUIDs, datetimes, sets, tuples, maps,
+append-only maps).
 
 Only types listed here round-trip; anything else fails loudly when the snapshot is taken, and a
 snapshot that cannot be decoded is ignored (the aggregate is rebuilt from its events instead).
@@ -10,6 +11,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from backend.domain.closed import AppendOnlyMap
 from backend.domain.wallet import Reservation
 
 NAMED_TUPLES: dict[str, type[tuple[Any, ...]]] = {"Reservation": Reservation}
@@ -36,6 +38,8 @@ def encode_state(value: Any) -> Any:
         return {"$frozenset" if isinstance(value, frozenset) else "$set": items}
     if isinstance(value, dict):
         return {"$map": [[encode_state(k), encode_state(v)] for k, v in value.items()]}
+    if isinstance(value, AppendOnlyMap):
+        return {"$appendonly": [[encode_state(k), encode_state(v)] for k, v in value.items()]}
     raise TypeError(f"cannot snapshot a {type(value).__name__}")
 
 
@@ -58,4 +62,6 @@ def decode_state(value: Any) -> Any:
         return frozenset(decode_state(v) for v in value["$frozenset"])
     if "$map" in value:
         return {decode_state(k): decode_state(v) for k, v in value["$map"]}
+    if "$appendonly" in value:
+        return AppendOnlyMap((decode_state(k), decode_state(v)) for k, v in value["$appendonly"])
     raise ValueError(f"unknown state tag in {sorted(value)}")

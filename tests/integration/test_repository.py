@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from backend.domain import Wallet
+from backend.domain.closed import AppendOnlyMap
 from backend.store.event_store import EventStore
 from backend.store.events import WrongExpectedVersion
 from backend.store.repository import AggregateNotFound, Repository
@@ -89,6 +90,33 @@ async def test_snapshots_are_only_a_cache(store: EventStore) -> None:
     await store.pool.execute("delete from snapshots where stream_id = $1", stream)
     from_events = await Repository(store).get(Wallet, wallet.id)
     assert state(from_snapshot) == state(from_events)
+
+
+async def test_snapshots_keep_a_long_past_and_ignore_an_older_class_version(store: EventStore) -> None:
+    """70 closed locks (more than one AppendOnlyMap level) survive a snapshot; a snapshot written by
+    an older Wallet (class_version 1, plain dicts) is skipped and the stream replayed instead."""
+    repo = Repository(store, snapshot_every=25)
+    wallet = Wallet.open(uuid.uuid4(), "fay", "USD", NOW)
+    wallet.credit(1000, "seed", NOW)
+    await repo.save(wallet)
+    for _ in range(35):
+        loaded = await repo.get(Wallet, wallet.id)
+        lock_id = uuid.uuid4()
+        loaded.lock(lock_id, 5, "hold", NOW)
+        loaded.release(lock_id, NOW)
+        await repo.save(loaded)
+    stream = f"wallet-{wallet.id}"
+    from_snapshot = await Repository(store).get(Wallet, wallet.id)
+    assert isinstance(from_snapshot.closed_locks, AppendOnlyMap) and len(from_snapshot.closed_locks) == 35
+    await store.pool.execute("delete from snapshots where stream_id = $1", stream)
+    from_events = await Repository(store).get(Wallet, wallet.id)
+    assert state(from_snapshot) == state(from_events)
+
+    old = {"class_version": 1, "state": {"owner": "fay", "currency": "USD", "balance": 1,
+                                         "closed_locks": {"$map": []}}}
+    await store.pool.execute("insert into snapshots (stream_id, version, type, state) values ($1, $2, $3, $4)",
+                             stream, from_events.version, "Wallet", old)
+    assert state(await Repository(store).get(Wallet, wallet.id)) == state(from_events)
 
 
 async def test_state_as_of_a_position(store: EventStore) -> None:
