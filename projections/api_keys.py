@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from uuid import UUID
 
 from backend.db import Connection
 from backend.store.reads import Executor
@@ -62,10 +61,18 @@ def _scopes(data: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- queries
 
-KEY_COLUMNS = "key_id, owner, name, scopes, secret_hash, expires_at, revoked, revoked_at, created_at, version"
-FIND_SQL = f"select {KEY_COLUMNS} from api_keys where key_id = $1"
-LIST_SQL = f"select {KEY_COLUMNS} from api_keys where owner = $1 order by created_at, key_id"
-LIST_ALL_SQL = f"select {KEY_COLUMNS} from api_keys order by created_at, key_id"
+# The listing, with the checkpoint it reflects read in the same statement (one shape per filter).
+_LISTED = "key_id, owner, name, scopes, expires_at, revoked, revoked_at, created_at"
+LIST_BY_OWNER_SQL = f"""
+select c.position as checkpoint, k.* from projection_checkpoints c
+left join lateral (select {_LISTED} from api_keys where owner = $1 order by created_at, key_id) k on true
+where c.name = 'api_keys'
+"""
+LIST_ALL_SQL = f"""
+select c.position as checkpoint, k.* from projection_checkpoints c
+left join lateral (select {_LISTED} from api_keys order by created_at, key_id) k on true
+where c.name = 'api_keys'
+"""
 
 
 def key_view(row: Any) -> dict[str, Any]:
@@ -82,11 +89,8 @@ def key_view(row: Any) -> dict[str, Any]:
     }
 
 
-async def find_key(db: Executor, key_id: UUID) -> Any:
-    """The key's row (with secret_hash, for authentication), or None."""
-    return await db.fetchrow(FIND_SQL, key_id)
-
-
-async def list_keys(db: Executor, owner: str | None = None) -> list[dict[str, Any]]:
-    rows = await (db.fetch(LIST_ALL_SQL) if owner is None else db.fetch(LIST_SQL, owner))
-    return [key_view(row) for row in rows]
+async def list_keys(db: Executor, owner: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """(checkpoint, every key of one owner or of all, oldest first)."""
+    rows = await (db.fetch(LIST_ALL_SQL) if owner is None else db.fetch(LIST_BY_OWNER_SQL, owner))
+    checkpoint = rows[0]["checkpoint"] if rows else 0
+    return checkpoint, [key_view(row) for row in rows if row["key_id"] is not None]

@@ -13,10 +13,9 @@ from uuid import UUID, uuid4
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
 from backend.commands.errors import NotFound, PreconditionFailed
-from backend.domain import ApiKey, hash_secret, parse_stream_id, upcast
+from backend.domain import ApiKey, hash_secret
 from backend.domain.api_key import verify_secret
-from backend.store.event_store import EventStore
-from backend.store.repository import OCCURRED_AT, Repository
+from backend.store.repository import Repository
 
 TOKEN_PREFIX = "tly_"  # noqa: S105 (a prefix that makes leaked keys recognisable, not a secret)
 _TOKEN = re.compile(r"^tly_([0-9a-f]{32})_([A-Za-z0-9_-]{32,128})$")
@@ -82,32 +81,3 @@ async def revoke_key(repo: Repository, ctx: CommandContext, key_id: UUID) -> Dec
         raise NotFound(f"api key {key_id} does not exist")
     key.revoke(ctx.now)  # InvalidTransition when already revoked
     return Decision([key], key_body(key))
-
-
-async def list_keys(store: EventStore, owner: str | None = None) -> list[dict[str, Any]]:
-    """Every key (of one owner), oldest first, folded from ApiKeyCreated/ApiKeyRevoked events.
-
-    A stopgap until the API-key read model lands with the projections: it scans the key events
-    (the (type, position) index keeps that to the key events only), which is fine for the few
-    thousand keys a deployment has, not for millions.
-    """
-    keys: dict[str, dict[str, Any]] = {}
-    async for event in store.iter_all(types=["ApiKeyCreated", "ApiKeyRevoked"]):
-        key_id = str(parse_stream_id(event.stream_id)[1])
-        data = dict(event.data)
-        occurred_at = data.pop(OCCURRED_AT, None)
-        _, data = upcast(event.type, event.metadata.get("schema_version", 1), data)
-        if event.type == "ApiKeyCreated":
-            keys[key_id] = {
-                "key_id": key_id,
-                "owner": data["owner"],
-                "name": data["name"],
-                "scopes": sorted(data["scopes"]),
-                "created_at": occurred_at,
-                "expires_at": data["expires_at"],
-                "revoked": False,
-                "revoked_at": None,
-            }
-        elif key_id in keys:
-            keys[key_id].update(revoked=True, revoked_at=occurred_at)
-    return [key for key in keys.values() if owner is None or key["owner"] == owner]

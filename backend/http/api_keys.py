@@ -7,7 +7,7 @@ from uuid import UUID
 import orjson
 from aiohttp import web
 
-from backend.appkeys import AUTHENTICATOR, REPOSITORY, STORE
+from backend.appkeys import AUTHENTICATOR, POOL, REPOSITORY
 from backend.commands import api_keys
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
@@ -17,6 +17,8 @@ from backend.http.auth import require
 from backend.http.bodies import read_json
 from backend.http.commands import run_command
 from backend.http.problems import Problem
+from backend.http.queries import answer, reach
+from projections import api_keys as api_keys_model
 
 routes = web.RouteTableDef()
 
@@ -57,10 +59,12 @@ async def create_key(request: web.Request) -> web.Response:
 
 @routes.get("/v1/api-keys")
 async def list_keys(request: web.Request) -> web.Response:
+    """From the api_keys read model, with read-your-writes (`min_position`) like every read."""
     require(request, "admin")
     owner = request.query.get("owner") or None
-    keys = await api_keys.list_keys(request.app[STORE], owner)
-    return web.json_response({"keys": keys})
+    await reach(request, api_keys_model.ApiKeys.name)
+    checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner)
+    return answer({"keys": keys}, checkpoint)
 
 
 @routes.delete("/v1/api-keys/{key_id}")

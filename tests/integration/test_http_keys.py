@@ -87,10 +87,12 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     secret = created["secret"]
     assert await probe(client, secret) == 403  # authenticated, but not admin
 
-    await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=new_key_body(unique("bob")))
-    response = await client.get("/v1/api-keys", headers=bearer(admin_token))
+    bob = await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=new_key_body(unique("bob")))
+    # Listings come from the api_keys read model: min_position waits for it to have seen that write.
+    response = await client.get(f"/v1/api-keys?min_position={bob['position']}", headers=bearer(admin_token))
     listing = await response.text()
     assert response.status == 200, listing
+    assert int(response.headers["X-Projection-Position"]) >= bob["position"]
     assert secret not in listing and secret.split("_", 2)[2] not in listing  # tly_<key id>_<secret>
     assert hash_secret(secret) not in listing
     keys = (await response.json())["keys"]
@@ -101,9 +103,11 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     assert alice_only[0]["revoked"] is False
     assert alice_only[0]["scopes"] == ["wallets:read", "wallets:write"]
 
-    await call(client, "DELETE", f"/v1/api-keys/{created['key_id']}", admin_token, status=204)
+    revoked = await client.delete(f"/v1/api-keys/{created['key_id']}", headers=bearer(admin_token))
+    assert revoked.status == 204
     assert await probe(client, secret) == 401  # the very next request
-    after = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200))["keys"]
+    after = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200,
+                        headers={"X-Min-Position": revoked.headers["X-Position"]}))["keys"]
     assert after[0]["revoked"] is True and after[0]["revoked_at"] is not None
 
     again = await call(client, "DELETE", f"/v1/api-keys/{created['key_id']}", admin_token, status=409)
@@ -137,7 +141,8 @@ async def test_secret_is_not_replayed_for_an_idempotency_key(client: TestClient,
     assert "secret" not in replayed
     assert replayed == {k: v for k, v in created.items() if k != "secret"}
     assert created["secret"] not in await second.text()
-    owned = (await call(client, "GET", f"/v1/api-keys?owner={owner}", admin_token, status=200))["keys"]
+    owned = (await call(client, "GET", f"/v1/api-keys?owner={owner}&min_position={created['position']}",
+                        admin_token, status=200))["keys"]
     assert [key["key_id"] for key in owned] == [created["key_id"]]  # one key, not two
 
 
