@@ -14,6 +14,7 @@ import uuid
 import pytest
 from aiohttp.test_utils import TestClient
 
+from backend.appkeys import REPOSITORY
 from tests.conftest import ROOT, bearer, mint_token
 
 pytestmark = pytest.mark.system
@@ -46,7 +47,8 @@ async def test_cli_bootstraps_a_working_admin_key(client: TestClient, database_u
     made = await client.post("/v1/api-keys", headers=bearer(token),
                              json={"owner": "alice", "name": "svc", "scopes": ["wallets:read"]})
     assert made.status == 201, await made.text()
-    listed = await client.get(f"/v1/api-keys?owner={owner}", headers=bearer(token))
+    after = (await made.json())["position"]  # listings come from the read model: wait for it to see both keys
+    listed = await client.get(f"/v1/api-keys?owner={owner}&min_position={after}", headers=bearer(token))
     keys = (await listed.json())["keys"]
     assert [(k["key_id"], k["name"], k["scopes"], k["revoked"]) for k in keys] == [
         (key_id, "bootstrap", ["admin"], False)]
@@ -85,5 +87,6 @@ async def test_cli_rejects_bad_input(client: TestClient, database_url: str) -> N
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr
     # the app still answers as before (the failed commands changed nothing it can see)
     token = await mint_token(client.server.app, "x", ["admin"])
-    listed = await client.get("/v1/api-keys?owner=x", headers=bearer(token))
+    head = await client.server.app[REPOSITORY].store.head()  # listings come from the read model: wait for it
+    listed = await client.get(f"/v1/api-keys?owner=x&min_position={head}", headers=bearer(token))
     assert [k["name"] for k in (await listed.json())["keys"]] == ["test key of x"]
