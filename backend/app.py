@@ -101,6 +101,9 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.gauge("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
     metrics.gauge("tally_append_requests_total", "Append calls carried by those transactions",
                   lambda: store.batcher.batched_requests)
+    store.batcher.on_batch_done = metrics.histogram(
+        "tally_append_batch_duration_seconds",
+        "Append transactions from start to commit (the disk flush included), as this process saw them").observe
     metrics.gauge("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
                   lambda: commands.conflicts)
     metrics.gauge("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",

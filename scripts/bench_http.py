@@ -280,6 +280,19 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "routes": routes, "event_loop": event_loop_of(after)}
 
 
+def slow_batches(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    """Append transactions that took over 50 ms and over 100 ms between two scrapes. With 64 connections
+    each one holds every in-flight command, so two or three of them in a round decide its p99."""
+    name = "tally_append_batch_duration_seconds"
+
+    def over(bound: str) -> int:
+        within = f'{name}_bucket{{le="{bound}"}}'
+        total = f"{name}_count"
+        return int((after.get(total, 0) - before.get(total, 0)) - (after.get(within, 0) - before.get(within, 0)))
+
+    return {"over_50ms": over("0.05"), "over_100ms": over("0.1")}
+
+
 def event_loop_of(metrics: dict[str, float]) -> str:
     """The server's event loop (uvloop or asyncio), from its scraped /metrics."""
     return next((series.partition('loop="')[2].partition('"')[0] for series in metrics
@@ -343,9 +356,11 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             metrics_before = await scrape(base, headers)
             results = []
             for i in range(rounds):
+                round_before = await scrape(base, headers)
                 server_cpu0, pg_cpu0, t0 = cpu_seconds([server_proc]), cpu_seconds(pg), time.perf_counter()
                 result = await drive_round(base, token, headers, wallets, args, seconds, warmup if i == 0 else 0.0)
                 wall = time.perf_counter() - t0
+                result["slow_batches"] = slow_batches(round_before, await scrape(base, headers))
                 result["server_cpu_share"] = (cpu_seconds([server_proc]) - server_cpu0) / wall
                 result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
                 result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
@@ -374,7 +389,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for i, r in enumerate(result["rounds"], 1):
         bare_text = f"; bare aiohttp {r['bare_requests_per_s']:.0f} requests/s" if "bare_requests_per_s" in r else ""
         print(f"  round {i}: {r['commands_per_s']:.0f} commands/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
-              f"server CPU {r['server_cpu_share'] / r['commands_per_s'] * 1e6:.0f} us per command{bare_text}")
+              f"server CPU {r['server_cpu_share'] / r['commands_per_s'] * 1e6:.0f} us per command; "
+              f"appends over 50 ms {r['slow_batches']['over_50ms']} (over 100 ms {r['slow_batches']['over_100ms']})"
+              f"{bare_text}")
     print(f"median round: commands/s {result['commands_per_s']:.0f}   p50 {result['p50_ms']:.1f} ms   "
           f"p99 {result['p99_ms']:.1f} ms   errors {sum(r['errors'] for r in result['rounds'])} "
           f"{result['error_kinds'] or ''}")

@@ -30,6 +30,20 @@ class Histogram:
         self.count += 1
         self.total += seconds
 
+    def render(self, name: str, labels: str = "") -> list[str]:
+        """The exposition lines: cumulative buckets, sum and count."""
+        lines = []
+        cumulative = 0
+        prefix = f"{labels}," if labels else ""
+        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+            cumulative += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'{name}_bucket{{{prefix}le="{le}"}} {cumulative}')
+        suffix = f"{{{labels}}}" if labels else ""
+        lines.append(f"{name}_sum{suffix} {self.total:.6f}")
+        lines.append(f"{name}_count{suffix} {self.count}")
+        return lines
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -37,10 +51,16 @@ class Metrics:
         self.latency: defaultdict[str, Histogram] = defaultdict(Histogram)
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.infos: dict[str, tuple[str, Callable[[], dict[str, str]]]] = {}
+        self.histograms: dict[str, tuple[str, Histogram]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Register a value read at scrape time (e.g. the store's head, a batcher's counters)."""
         self.gauges[name] = (help_text, read)
+
+    def histogram(self, name: str, help_text: str) -> Histogram:
+        """Register a histogram (seconds, the BUCKETS bounds) that a component observes into."""
+        self.histograms[name] = (help_text, Histogram())
+        return self.histograms[name][1]
 
     def info(self, name: str, help_text: str, read: Callable[[], dict[str, str]]) -> None:
         """Register a constant-1 gauge whose labels describe the process (read at scrape time)."""
@@ -54,13 +74,9 @@ class Metrics:
         lines += ["# HELP tally_http_request_duration_seconds HTTP request latency by route",
                   "# TYPE tally_http_request_duration_seconds histogram"]
         for route, hist in sorted(self.latency.items()):
-            cumulative = 0
-            for bound, count in zip((*BUCKETS, float("inf")), hist.counts, strict=True):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'tally_http_request_duration_seconds_bucket{{route="{route}",le="{le}"}} {cumulative}')
-            lines.append(f'tally_http_request_duration_seconds_sum{{route="{route}"}} {hist.total:.6f}')
-            lines.append(f'tally_http_request_duration_seconds_count{{route="{route}"}} {hist.count}')
+            lines += hist.render("tally_http_request_duration_seconds", f'route="{route}"')
+        for name, (help_text, hist) in sorted(self.histograms.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *hist.render(name)]
         for name, (help_text, read) in sorted(self.gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
         for name, (help_text, read_labels) in sorted(self.infos.items()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import asyncpg
@@ -107,6 +108,8 @@ class AppendBatcher:
         self.fence_misses = 0
         self.batches = 0
         self.batched_requests = 0
+        self.on_batch_done: Callable[[float], None] | None = None
+        """Called with each committed batch's seconds, from taking it to its commit (for /metrics)."""
 
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append atomically; with a claim, also record its response, unless the key is already used
@@ -219,6 +222,7 @@ class AppendBatcher:
     async def _settle(self, batch: list[AppendRequest]) -> None:
         """Execute one batch (never two at once) and settle each request's future with its outcome."""
         self._idle.clear()
+        started = time.perf_counter()
         try:
             try:
                 outcomes = await self._execute(batch)
@@ -232,6 +236,8 @@ class AppendBatcher:
                 return
             self.batches += 1
             self.batched_requests += len(batch)
+            if self.on_batch_done is not None:
+                self.on_batch_done(time.perf_counter() - started)
             for request, outcome in zip(batch, outcomes, strict=True):
                 self._finish(request, outcome)
         finally:

@@ -21,3 +21,9 @@ async def test_metrics_count_requests_by_route_and_expose_store_gauges(
     head = next(line for line in text.splitlines() if line.startswith("tally_event_store_head "))
     assert int(float(head.split()[1])) >= 1
     assert "tally_append_batches_total" in text
+    assert "# TYPE tally_append_batch_duration_seconds histogram" in text
+    batches = int(float(next(line for line in text.splitlines()
+                             if line.startswith("tally_append_batches_total ")).split()[1]))
+    timed = next(line for line in text.splitlines() if line.startswith("tally_append_batch_duration_seconds_count"))
+    assert int(timed.split()[1]) == batches >= 1  # every committed batch is timed
+    assert f'tally_append_batch_duration_seconds_bucket{{le="+Inf"}} {batches}' in text
