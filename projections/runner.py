@@ -223,7 +223,7 @@ class Runner:
         Each connection prepares a statement once, and PostgreSQL soon settles on a generic plan made
         for the tables' size at that moment: a sequential scan joined to the batch is right for a new,
         small table and stays in use, scanning more each batch, until the statistics change. Autovacuum
-        would change them, but it may be off: it is on the bench machine, where under `bench.py http`
+        would change them, but it may be disabled, as on the bench machine, where under `bench.py http`
         the reservations runner read that whole table 16 times a second. Doubling keeps the number of
         ANALYZEs logarithmic in the events applied."""
         self._analyze_at = max(self._analyze_at, self.applied) * 2
