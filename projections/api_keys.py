@@ -1,4 +1,5 @@
-"""Read model "api_keys": what authentication and key listings need, one row per key, no aggregates.
+"""Read model "api_keys": one row per key, for key listings (GET /v1/api-keys). Authentication does
+not read it: it loads the ApiKey aggregate (backend.http.authenticator), current to the last event.
 
 Times are the domain's own (occurred_at), so a key reads the same here as from its aggregate.
 """
