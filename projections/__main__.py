@@ -4,6 +4,7 @@ running both is safe too (each projection has one leader across all processes)."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import logging
@@ -61,7 +62,17 @@ async def work(settings: Settings) -> None:
             await pool.close()
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m projections",
+        description="Run every projection runner and the reservation-expiry process manager until SIGTERM "
+                    "or SIGINT. Configured from the environment like `serve` (DATABASE_URL; unset: the "
+                    "embedded PostgreSQL under ./.data/). Status and rebuilds: `python -m backend projections`.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except ConfigError as exc:

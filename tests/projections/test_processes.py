@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +105,18 @@ async def test_status_and_rebuild_commands(own_database_url: str) -> None:
     assert (await asyncio.to_thread(backend, own_database_url, "rebuild")).returncode == 2
     unknown = await asyncio.to_thread(backend, own_database_url, "rebuild", "nosuch")
     assert unknown.returncode == 1 and "unknown projection" in unknown.stderr
+
+
+def test_worker_help_prints_usage_and_starts_nothing(tmp_path: os.PathLike[str]) -> None:
+    """`--help` answers and exits; an unknown argument is refused. Neither opens a database: with
+    DATABASE_URL unset the worker would otherwise start an embedded server under ./.data/."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    shown = subprocess.run([sys.executable, "-m", "projections", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: python -m projections")
+    refused = subprocess.run([sys.executable, "-m", "projections", "--bogus"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --bogus" in refused.stderr
+    assert not (Path(tmp_path) / ".data").exists()
