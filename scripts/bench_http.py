@@ -41,6 +41,7 @@ from backend.store.repository import Repository
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED = 10**12
+QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p999", 0.999))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,8 +169,8 @@ async def drive(base: str, headers: dict[str, str], wallets: list[str], connecti
     return {
         "commands": commands,
         "commands_per_s": commands / seconds,
-        "p50_ms": percentile(latencies, 0.50) * 1000,
-        "p99_ms": percentile(latencies, 0.99) * 1000,
+        **{f"{name}_ms": percentile(latencies, q) * 1000 for name, q in QUANTILES},
+        "max_ms": latencies[-1] * 1000 if latencies else 0.0,
         "errors": sum(errors.values()),
         "error_kinds": errors,
         "loadgen_cpu_s": cpu,
@@ -213,8 +214,8 @@ async def drive_wrk(base: str, token: str, wallets: list[str], connections: int,
     return {
         "commands": result["requests"],
         "commands_per_s": result["requests"] / wall,
-        "p50_ms": result["p50_us"] / 1000,
-        "p99_ms": result["p99_us"] / 1000,
+        **{f"{name}_ms": result[f"{name}_us"] / 1000 for name, _ in QUANTILES},
+        "max_ms": result["max_us"] / 1000,
         "errors": errors,
         "error_kinds": kinds,
         "loadgen_cpu_s": cpu,
@@ -388,13 +389,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"load generator: {result['loadgen']}")
     for i, r in enumerate(result["rounds"], 1):
         bare_text = f"; bare aiohttp {r['bare_requests_per_s']:.0f} requests/s" if "bare_requests_per_s" in r else ""
-        print(f"  round {i}: {r['commands_per_s']:.0f} commands/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+        print(f"  round {i}: {r['commands_per_s']:.0f} commands/s, p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f}, "
+              f"p99 {r['p99_ms']:.1f}, p99.9 {r['p999_ms']:.1f}, max {r['max_ms']:.1f} ms, "
               f"server CPU {r['server_cpu_share'] / r['commands_per_s'] * 1e6:.0f} us per command; "
               f"appends over 50 ms {r['slow_batches']['over_50ms']} (over 100 ms {r['slow_batches']['over_100ms']})"
               f"{bare_text}")
     print(f"median round: commands/s {result['commands_per_s']:.0f}   p50 {result['p50_ms']:.1f} ms   "
           f"p99 {result['p99_ms']:.1f} ms   errors {sum(r['errors'] for r in result['rounds'])} "
           f"{result['error_kinds'] or ''}")
+    print(f"closed loop: {args.connections} connections at {result['commands_per_s']:.0f} commands/s keep each "
+          f"request {args.connections / result['commands_per_s'] * 1000:.1f} ms on average (Little's law), "
+          "whatever the server does; only the spread around that mean is the server's to narrow")
     print(f"CPU (cores busy): server {result['server_cpu_share']:.2f}, postgres {result['postgres_cpu_share']:.2f}, "
           f"load generator {result['loadgen_cpu_share']:.2f} (of 2)")
     view = result["server"]
