@@ -89,6 +89,7 @@ async def serve(settings: Settings) -> None:
     from backend.app import create_app
     from backend.event_loop import loop_name
     from backend.gc_tuning import tune_for_serving
+    from backend.http.accept import BatchAcceptSite
     from backend.http.access_log import AccessLogger
 
     runner = web.AppRunner(
@@ -99,7 +100,7 @@ async def serve(settings: Settings) -> None:
     )
     try:
         await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = BatchAcceptSite(runner, settings.host, settings.port)
         await site.start()
     except BaseException:
         await runner.cleanup()

@@ -1,0 +1,143 @@
+"""A listening site that accepts every pending connection each time the socket is readable.
+
+libuv, under uvloop, accepts one connection per event-loop iteration (libuv 1.45, pull request 3696).
+Under load an iteration takes 5 to 20 ms, so a burst of new connections queues in the kernel: under
+`scripts/bench.py http` the 64 connections a client opens at once took 300 ms to be accepted, and
+their first requests made the run's p99.9 150 to 340 ms (asyncio's loop, which accepts up to the
+backlog per wake-up: 59 ms). Dashboards reconnecting after a deploy and load balancers refilling their
+pools open connections in exactly such bursts.
+
+So this site owns its listening sockets. When one is readable it accepts up to `backlog` connections
+at once and hands each to the running loop's own transport machinery (``connect_accepted_socket``),
+on uvloop and on asyncio alike. Like asyncio, it stops accepting for a second when the process is
+out of file descriptors or memory, rather than spinning on the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Any
+
+from aiohttp import web
+from yarl import URL
+
+log = logging.getLogger(__name__)
+
+RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+PAUSE_ON_RESOURCE_ERROR_S = 1.0
+
+
+class Listening(asyncio.AbstractServer):
+    """What aiohttp's runner asks of a server: its sockets (for runner.addresses) and close()."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sockets: list[socket.socket]) -> None:
+        self._loop = loop
+        self._sockets = sockets
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return any(sock.fileno() != -1 for sock in self._sockets)
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            if sock.fileno() != -1:
+                self._loop.remove_reader(sock.fileno())
+                sock.close()
+
+    async def start_serving(self) -> None:
+        return None  # it serves from the moment the site starts
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("the aiohttp runner drives this server")
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+class BatchAcceptSite(web.BaseSite):
+    __slots__ = ("_connecting", "_host", "_port")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._connecting: set[asyncio.Task[Any]] = set()
+
+    @property
+    def name(self) -> str:
+        return str(URL.build(scheme="http", host=self._host, port=self._port))
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio does: no IPv4-mapped addresses on a v6 socket
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(self._backlog)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._server = Listening(loop, sockets)
+        for sock in sockets:
+            loop.add_reader(sock.fileno(), self.accept_pending, sock)
+
+    def accept_pending(self, listening: socket.socket) -> int:
+        """Accept every connection waiting on this socket (up to the backlog); how many were taken."""
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        accepted = 0
+        while accepted < self._backlog:
+            try:
+                conn, _ = listening.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return accepted
+            except OSError as exc:
+                if exc.errno not in RESOURCE_ERRORS:
+                    raise
+                log.error("cannot accept connections, pausing for a second", extra={"reason": str(exc)})
+                loop.remove_reader(listening.fileno())
+                loop.call_later(PAUSE_ON_RESOURCE_ERROR_S, self._resume, listening)
+                return accepted
+            conn.setblocking(False)
+            task = loop.create_task(_hand_over(loop, server, conn))
+            self._connecting.add(task)
+            task.add_done_callback(self._connected)
+            accepted += 1
+        return accepted
+
+    def _resume(self, listening: socket.socket) -> None:
+        if self._server is not None and listening.fileno() != -1:
+            asyncio.get_running_loop().add_reader(listening.fileno(), self.accept_pending, listening)
+
+    def _connected(self, task: asyncio.Task[Any]) -> None:
+        self._connecting.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.warning("an accepted connection could not be set up", extra={"reason": str(exc)})
+
+
+async def _hand_over(loop: asyncio.AbstractEventLoop, server: web.Server, conn: socket.socket) -> None:
+    """Make the accepted socket a transport of the loop, served by aiohttp's protocol."""
+    try:
+        await loop.connect_accepted_socket(server, conn)
+    except BaseException:
+        conn.close()
+        raise
