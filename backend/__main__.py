@@ -204,6 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return audit_cli.run(settings, args)
     from backend.event_loop import EventLoopUnavailable, run
+    from backend.http.accept import CannotListen
 
     command = {"serve": serve, "migrate": run_migrations}[args.command]
     try:
@@ -211,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EventLoopUnavailable as exc:
         print(f"tally: {exc}", file=sys.stderr)
         return 2
+    except CannotListen as exc:
+        print(f"tally: error: {exc}", file=sys.stderr)
+        return 1
     except DatabaseUnavailable as exc:
         print(f"tally: error: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,10 @@ RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.EN
 PAUSE_ON_RESOURCE_ERROR_S = 1.0
 
 
+class CannotListen(OSError):
+    """The site could not bind its address (in use, not this host's, not permitted)."""
+
+
 class Listening(asyncio.AbstractServer):
     """What aiohttp's runner asks of a server: its sockets (for runner.addresses) and close()."""
 
@@ -83,14 +87,23 @@ class BatchAcceptSite(web.BaseSite):
         sockets: list[socket.socket] = []
         try:
             for family, kind, proto, _, address in dict.fromkeys(infos):
-                sock = socket.socket(family, kind, proto)
+                try:
+                    sock = socket.socket(family, kind, proto)
+                except OSError:
+                    continue  # as asyncio does: this host lacks the family (IPv6, say); the others serve
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:  # as asyncio does: no IPv4-mapped addresses on a v6 socket
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                sock.bind(address)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    ip = address[0] if isinstance(address[0], str) else self._host
+                    raise CannotListen(f"cannot listen on {ip} port {self._port}: {exc.strerror or exc}") from exc
                 sock.listen(self._backlog)
                 sock.setblocking(False)
+            if not sockets:
+                raise CannotListen(f"cannot listen on {self._host} port {self._port}: no usable address")
         except BaseException:
             for sock in sockets:
                 sock.close()

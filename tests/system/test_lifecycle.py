@@ -61,6 +61,19 @@ def test_wait_for_db_retries_with_backoff_then_gives_up() -> None:
     assert "s3cret-pw" not in result.stderr
 
 
+def test_a_port_in_use_fails_with_one_line(database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_backend("serve", env={"DATABASE_URL": database_url, "PORT": str(port)})
+    assert result.returncode == 1, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("tally:")]
+    assert error_lines == [f"tally: error: cannot listen on 127.0.0.1 port {port}: Address already in use"], \
+        result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_bad_setting_fails_naming_the_variable() -> None:
     result = run_backend("serve", env={"PORT": "not-a-port"})
     assert result.returncode == 2
