@@ -177,11 +177,13 @@ class Runner:
         return full
 
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
-        async with conn.transaction():
-            await checkpoints.fence(conn, self.name, self.checkpoint)
-            if events:
+        if not events:
+            await checkpoints.advance_from(conn, self.name, self.checkpoint, target)
+        else:
+            async with conn.transaction():
+                await checkpoints.fence(conn, self.name, self.checkpoint)
                 await self.projection.apply(conn, events)
-            await checkpoints.advance(conn, self.name, target)
+                await checkpoints.advance(conn, self.name, target)
         self.checkpoint = target
         self.applied += len(events)
         if self.state == FAILED:
