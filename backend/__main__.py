@@ -203,24 +203,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backend.audit import cli as audit_cli
 
         return audit_cli.run(settings, args)
-    from backend.event_loop import EventLoopUnavailable, run
+    from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
     command = {"serve": serve, "migrate": run_migrations}[args.command]
-    try:
-        run(command(settings), settings.event_loop)
-    except EventLoopUnavailable as exc:
-        print(f"tally: {exc}", file=sys.stderr)
-        return 2
-    except CannotListen as exc:
-        print(f"tally: error: {exc}", file=sys.stderr)
-        return 1
-    except DatabaseUnavailable as exc:
-        print(f"tally: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_main(command(settings), settings.event_loop, "tally", (DatabaseUnavailable, CannotListen))
 
 
 if __name__ == "__main__":

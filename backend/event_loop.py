@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -44,6 +45,24 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(main)
+
+
+def run_main(main: Coroutine[Any, Any, Any], choice: EventLoopChoice, prog: str,
+             fatal: tuple[type[Exception], ...] = ()) -> int:
+    """Run a process's main coroutine on the chosen loop and give its exit status, each known failure
+    as one line on stderr: 2 when EVENT_LOOP names a missing loop, 1 for one of `fatal` (the database
+    unreachable, the port taken...), 0 otherwise, Ctrl-C included."""
+    try:
+        run(main, choice)
+    except EventLoopUnavailable as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    except fatal as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def loop_name() -> str:

@@ -13,7 +13,7 @@ import sys
 
 from backend.config import ConfigError, Settings, load_settings
 from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
-from backend.event_loop import EventLoopUnavailable, loop_name, run
+from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
 
@@ -79,15 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"projections: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
-    try:
-        run(work(settings), settings.event_loop)
-    except EventLoopUnavailable as exc:
-        print(f"projections: {exc}", file=sys.stderr)
-        return 2
-    except DatabaseUnavailable as exc:
-        print(f"projections: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable,))
 
 
 if __name__ == "__main__":
