@@ -9,7 +9,7 @@ The filter and order are read_all's (so are the indexes it uses).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,6 +24,12 @@ READ_SQL = f"select {_COLUMNS} from events where position > $1 order by position
 READ_TYPES_SQL = f"""
 select {_COLUMNS} from events where position > $1 and type = any($3::text[]) order by position limit $2
 """
+_WITH_HEAD = """
+select h.head, e.* from (select coalesce(max(position), 0) as head from events) as h
+left join lateral ({}) as e on true
+"""
+READ_TO_HEAD_SQL = _WITH_HEAD.format(READ_SQL)
+READ_TYPES_TO_HEAD_SQL = _WITH_HEAD.format(READ_TYPES_SQL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +47,20 @@ async def read_batch(conn: Connection, after: int, limit: int, types: Sequence[s
     """Up to limit events after position `after` (of the given types), in log order."""
     rows = await (conn.fetch(READ_SQL, after, limit) if types is None else
                   conn.fetch(READ_TYPES_SQL, after, limit, list(types)))
+    return _events(rows)
+
+
+async def read_to_head(conn: Connection, after: int, limit: int,
+                       types: Sequence[str] | None = None) -> tuple[list[Event], int]:
+    """read_batch and the log's head, in one round trip and one snapshot: when fewer than limit events
+    come back, every event up to the head has been examined (positions become visible in order)."""
+    rows = await (conn.fetch(READ_TO_HEAD_SQL, after, limit) if types is None else
+                  conn.fetch(READ_TYPES_TO_HEAD_SQL, after, limit, list(types)))
+    head = int(rows[0][0])
+    return ([] if rows[0][1] is None else _events(row[1:] for row in rows)), head
+
+
+def _events(rows: Iterable[Any]) -> list[Event]:
     events = []
     for position, stream_id, version, kind, stored, recorded_at, schema_version in rows:
         latest = SCHEMA_VERSIONS.get(kind)

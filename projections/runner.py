@@ -28,11 +28,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import asyncpg
 
 from backend.db import UNAVAILABLE_ERRORS, Connection, describe
-from backend.store import reads
 from backend.store.listener import Listener
 from projections import checkpoints, leader
 from projections.base import Projection
-from projections.events import Event, read_batch
+from projections.events import Event, read_to_head
+from projections.feed import LogFeed
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Runner:
         min_backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,
         on_advance: OnAdvance | None = None,
+        feed: LogFeed | None = None,
     ) -> None:
         self.projection = projection
         self.name = projection.name
@@ -87,6 +88,8 @@ class Runner:
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.on_advance = on_advance
+        self.feed = feed
+        """The process's shared read of the log's newest events (None: this runner reads alone)."""
         self.state = STARTING
         self.checkpoint = 0
         self.applied = 0
@@ -136,8 +139,7 @@ class Runner:
             self.state = STOPPED
 
     async def _lead(self, conn: Connection) -> None:
-        self.checkpoint = await checkpoints.load(conn, self.name)
-        self._advanced()
+        await self._load_checkpoint(conn)
         backoff = self.min_backoff_s
         while not self.stopping:
             try:
@@ -154,12 +156,15 @@ class Runner:
 
     # ------------------------------------------------------------------ following the log
 
+    async def _load_checkpoint(self, conn: Connection) -> None:
+        self.checkpoint = await checkpoints.load(conn, self.name)
+        self.projection.resume()
+        self._advanced()
+
     async def _step(self, conn: Connection) -> bool:
         """Apply the next batch; True when it was full (more may be waiting)."""
-        head = await reads.head(conn)
-        events = await read_batch(conn, self.checkpoint, self.batch_size, self.types)
+        events, target = await self._read(conn)
         full = len(events) == self.batch_size
-        target = events[-1].position if full else max(head, events[-1].position if events else 0)
         if target <= self.checkpoint:
             return False
         try:
@@ -168,22 +173,37 @@ class Runner:
             raise
         except checkpoints.Fenced as fenced:
             log.info("projection checkpoint moved, reloading", extra={"projection": self.name, "detail": str(fenced)})
-            self.checkpoint = await checkpoints.load(conn, self.name)
-            self._advanced()
+            await self._load_checkpoint(conn)
             return True
         except Exception as exc:
             await self._isolate(conn, events, exc)
             return True
         return full
 
+    async def _read(self, conn: Connection) -> tuple[list[Event], int]:
+        """The next batch after the checkpoint, and the position up to which the log was examined for
+        it: the last event's when the batch is full, else the head (nothing up to it was left out)."""
+        if self.feed is not None:
+            found = await self.feed.after(conn, self.checkpoint, self.batch_size, self.projection.types)
+            if found is not None:
+                return found
+        events, head = await read_to_head(conn, self.checkpoint, self.batch_size, self.types)
+        if len(events) == self.batch_size:
+            return events, events[-1].position
+        return events, max(head, events[-1].position if events else 0)
+
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
+        """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
         if not events:
             await checkpoints.advance_from(conn, self.name, self.checkpoint, target)
         else:
-            async with conn.transaction():
-                await checkpoints.fence(conn, self.name, self.checkpoint)
+            await checkpoints.begin_batch(conn, self.name, self.checkpoint, target)
+            try:
                 await self.projection.apply(conn, events)
-                await checkpoints.advance(conn, self.name, target)
+                await conn.execute("commit")
+            except BaseException:
+                await checkpoints.rollback(conn)
+                raise
         self.checkpoint = target
         self.applied += len(events)
         if self.state == FAILED:

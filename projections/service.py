@@ -13,6 +13,7 @@ from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
 from backend.store.listener import Listener
 from projections.base import Projection
+from projections.feed import LogFeed
 from projections.runner import Connect, Runner
 from projections.waiting import CheckpointWatcher
 
@@ -55,6 +56,8 @@ class ProjectionService:
         listener: Listener | None = None,
     ) -> None:
         self.watcher = watcher
+        self.feed = LogFeed(page_size=settings.projection_batch_size,
+                            capacity=max(10_000, 2 * settings.projection_batch_size))
         self.runners = [
             Runner(
                 projection,
@@ -65,6 +68,7 @@ class ProjectionService:
                 standby_retry_s=settings.projection_standby_retry_s,
                 max_backoff_s=settings.projection_max_backoff_s,
                 on_advance=watcher.advanced,
+                feed=self.feed,
             )
             for projection in projections
         ]
