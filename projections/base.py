@@ -38,6 +38,10 @@ class Projection:
         """Called when caught up; returns seconds until it wants to run again (None: no wish)."""
         return None
 
+    def resume(self) -> None:
+        """The runner (re)loaded its checkpoint and follows the log from there: forget anything learned
+        from earlier batches (a rebuild or another process may have applied events in between)."""
+
     def handles(self, event_type: str) -> bool:
         return self.types is None or event_type in self.types
 

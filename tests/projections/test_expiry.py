@@ -9,6 +9,8 @@ from uuid import UUID, uuid4
 from backend.commands import wallets
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
+from projections.events import read_batch
+from projections.expiry import Expiry
 from tests.projections.harness import Node, Quiet, eventually
 
 
@@ -80,3 +82,35 @@ async def test_many_reservations_expire_once_each_with_two_processes_running_exp
     finally:
         await first.close()
         await second.close()
+
+
+async def test_ticks_read_the_schedule_only_when_a_deadline_may_be_due_and_after_a_reload(node: Node) -> None:
+    """The process manager remembers the next deadline instead of reading the schedule on every tick;
+    what it remembers is lowered by the reservations it applies, and dropped when the runner reloads its
+    checkpoint (here: another instance, as a rebuild would, applied a reservation this one never saw)."""
+    expiry = Expiry(node.bus)
+    wallet_id = await funded_wallet(node)
+    async with node.pool.acquire() as conn:
+        assert await expiry.tick(conn) is None  # nothing scheduled, and now it knows
+        reservation_id = str(await reserve(node, wallet_id, ttl_seconds=1))
+        events = await read_batch(conn, 0, 100, sorted(Expiry.types))
+        async with conn.transaction():
+            await Expiry(None).apply(conn, events)  # applied elsewhere: this instance never saw it
+
+        async def due() -> bool:
+            return bool(await conn.fetchval("select count(*) from expiry_schedule where expires_at <= now()"))
+
+        await eventually(due, timeout=5, what="the deadline")
+        assert await expiry.tick(conn) is None and reservation_id not in await expiries(node)  # read nothing
+        expiry.resume()
+        assert await expiry.tick(conn) == 0.0  # read the schedule, expired what was due
+        assert reservation_id in await expiries(node)
+
+        await expiry.apply(conn, await read_batch(conn, 0, 100, ["ReservationExpired"]))
+        assert await expiry.tick(conn) is None  # the schedule is empty again
+        later = str(await reserve(node, wallet_id, ttl_seconds=60))
+        reserved = [e for e in await read_batch(conn, 0, 100, ["CreditReserved"]) if e.data["reservation_id"] == later]
+        async with conn.transaction():
+            await expiry.apply(conn, reserved)
+        remaining = await expiry.tick(conn)  # lowered by the reservation it applied, without a read
+        assert remaining is not None and 55 < remaining <= 60
