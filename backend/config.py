@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     projection_poll_s: float = Field(default=1.0, gt=0)
     projection_standby_retry_s: float = Field(default=1.0, gt=0)
     projection_max_backoff_s: float = Field(default=30.0, gt=0)
+    # A runner whose new events are all of types it ignores moves its checkpoint in memory, and writes
+    # it to projection_checkpoints at most this often (readers in other processes lag by up to this).
+    projection_idle_checkpoint_s: float = Field(default=0.2, ge=0, le=5)
     expiry_batch_size: int = Field(default=100, ge=1, le=10_000)
     # Read-your-writes: how long a GET with min_position waits by default, and at most (Prefer: wait=N).
     read_wait_default_s: float = Field(default=2.0, ge=0)

@@ -12,6 +12,13 @@ event, or to the head when the batch was not full: the store's readers-never-ski
 everything up to that head has been seen). So each event takes effect exactly once, whatever
 crashes. When caught up, wait for the Listener (a NOTIFY) or the poll timer, whichever comes first.
 
+Most steps of most runners find nothing to apply (the new events are of types the projection does not
+handle): such a step moves the checkpoint in memory at once, which is what this process's readers wait
+on (on_advance), and writes it to the table at most every `idle_checkpoint_s`, and when the runner
+falls idle. Under load that saves each such runner dozens of writes a second; it costs readers in
+other processes, which poll the table, at most that interval on positions the projection has no
+events for, and a crash only re-examines those events.
+
 Failures: if a batch fails, its events are applied one per transaction up to the one that fails;
 that event's position and error are logged and recorded in projection_checkpoints (status shows
 them), and the runner retries it with exponential backoff. Other projections carry on.
@@ -23,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
@@ -76,6 +84,7 @@ class Runner:
         max_backoff_s: float = 30.0,
         on_advance: OnAdvance | None = None,
         feed: LogFeed | None = None,
+        idle_checkpoint_s: float = 0.2,
     ) -> None:
         self.projection = projection
         self.name = projection.name
@@ -90,8 +99,14 @@ class Runner:
         self.on_advance = on_advance
         self.feed = feed
         """The process's shared read of the log's newest events (None: this runner reads alone)."""
+        self.idle_checkpoint_s = idle_checkpoint_s
         self.state = STARTING
         self.checkpoint = 0
+        """Every event up to here has been applied (or is not of the projection's types)."""
+        self.written = 0
+        """The checkpoint as the table has it: a step that applies nothing may leave it behind."""
+        self._written_at = 0.0
+        self.checkpoint_writes = 0
         self.applied = 0
         self._analyze_at = ANALYZE_FIRST_AT
         self.error: str | None = None
@@ -152,12 +167,13 @@ class Runner:
             if self.applied >= self._analyze_at:
                 await self._refresh_statistics(conn)
             if not full:
+                await self._write_checkpoint_when_due(conn)
                 await self._idle(await self._tick(conn))
 
     # ------------------------------------------------------------------ following the log
 
     async def _load_checkpoint(self, conn: Connection) -> None:
-        self.checkpoint = await checkpoints.load(conn, self.name)
+        self.checkpoint = self.written = await checkpoints.load(conn, self.name)
         self.projection.resume()
         self._advanced()
 
@@ -194,22 +210,45 @@ class Runner:
 
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
         """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
-        if not events:
-            await checkpoints.advance_from(conn, self.name, self.checkpoint, target)
-        else:
-            await checkpoints.begin_batch(conn, self.name, self.checkpoint, target)
+        if events:
+            await checkpoints.begin_batch(conn, self.name, self.written, target)
             try:
                 await self.projection.apply(conn, events)
                 await conn.execute("commit")
             except BaseException:
                 await checkpoints.rollback(conn)
                 raise
+            self._wrote(target)
+        elif self._write_due() <= 0:
+            await checkpoints.advance_from(conn, self.name, self.written, target)
+            self._wrote(target)
         self.checkpoint = target
         self.applied += len(events)
         if self.state == FAILED:
             log.info("projection recovered", extra={"projection": self.name, "position": target})
             self.state, self.error, self.failed_position = LEADING, None, None
         self._advanced()
+
+    def _wrote(self, position: int) -> None:
+        self.written = position
+        self._written_at = time.monotonic()
+        self.checkpoint_writes += 1
+
+    def _write_due(self) -> float:
+        """Seconds until the checkpoint may be written again after a step that applied nothing."""
+        return self._written_at + self.idle_checkpoint_s - time.monotonic()
+
+    async def _write_checkpoint_when_due(self, conn: Connection) -> None:
+        """Write the checkpoint that steps with nothing to apply left in memory, once it is due."""
+        if self.written < self.checkpoint and self._write_due() <= 0:
+            try:
+                await checkpoints.advance_from(conn, self.name, self.written, self.checkpoint)
+            except checkpoints.Fenced as fenced:
+                log.info("projection checkpoint moved, reloading", extra={"projection": self.name,
+                                                                          "detail": str(fenced)})
+                await self._load_checkpoint(conn)
+                return
+            self._wrote(self.checkpoint)
 
     async def _isolate(self, conn: Connection, events: Sequence[Event], batch_error: Exception) -> None:
         """Apply the batch one event per transaction, to pin the failure on the event that causes it."""
@@ -270,6 +309,8 @@ class Runner:
     async def _idle(self, delay: float | None) -> None:
         """Sleep until the log moves past the checkpoint, the poll timer fires, or `delay` is over."""
         timeout = self.poll_s if delay is None else max(0.0, min(self.poll_s, delay))
+        if self.written < self.checkpoint:  # wake to write it
+            timeout = max(0.0, min(timeout, self._write_due()))
         if timeout <= 0:
             return
         if self.listener is None:

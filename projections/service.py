@@ -69,6 +69,7 @@ class ProjectionService:
                 max_backoff_s=settings.projection_max_backoff_s,
                 on_advance=watcher.advanced,
                 feed=self.feed,
+                idle_checkpoint_s=settings.projection_idle_checkpoint_s,
             )
             for projection in projections
         ]
