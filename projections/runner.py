@@ -3,14 +3,16 @@
 Leadership: the runner holds its own connection and takes the projection's session advisory lock on
 it (leader.py). Without the lock it stands by, trying again every `standby_retry_s`; the lock is
 released when the leader's connection closes, so a standby takes over within a retry interval of
-the leader's death. Every read and write of a leader goes through that same connection, so a runner
-that has lost its lock (its connection is gone) cannot write anything more.
+the leader's death. Every write of a leader goes through that same connection (its reads may come
+through another runner's, see feed.py), so a runner that has lost its lock (its connection is gone)
+cannot write anything more.
 
-Following the log: read the head, then up to `batch_size` handled events after the checkpoint; in
-ONE transaction fence the checkpoint row, apply the batch and advance the checkpoint (to the last
-event, or to the head when the batch was not full: the store's readers-never-skip guarantee means
-everything up to that head has been seen). So each event takes effect exactly once, whatever
-crashes. When caught up, wait for the Listener (a NOTIFY) or the poll timer, whichever comes first.
+Following the log: read up to `batch_size` handled events after the checkpoint, with the head (one
+query, or the process's shared feed: feed.py); in ONE transaction fence the checkpoint row and advance
+it (to the last event, or to the head when the batch was not full: the store's readers-never-skip
+guarantee means everything up to that head has been seen), and apply the batch. So each event takes
+effect exactly once, whatever crashes. When caught up, wait for the Listener (a NOTIFY) or the poll
+timer, whichever comes first.
 
 Most steps of most runners find nothing to apply (the new events are of types the projection does not
 handle): such a step moves the checkpoint in memory at once, which is what this process's readers wait
@@ -177,6 +179,10 @@ class Runner:
         self.projection.resume()
         self._advanced()
 
+    async def _reload(self, conn: Connection, fenced: checkpoints.Fenced) -> None:
+        log.info("projection checkpoint moved, reloading", extra={"projection": self.name, "detail": str(fenced)})
+        await self._load_checkpoint(conn)
+
     async def _step(self, conn: Connection) -> bool:
         """Apply the next batch; True when it was full (more may be waiting)."""
         events, target = await self._read(conn)
@@ -188,8 +194,7 @@ class Runner:
         except LOST:
             raise
         except checkpoints.Fenced as fenced:
-            log.info("projection checkpoint moved, reloading", extra={"projection": self.name, "detail": str(fenced)})
-            await self._load_checkpoint(conn)
+            await self._reload(conn, fenced)
             return True
         except Exception as exc:
             await self._isolate(conn, events, exc)
@@ -244,9 +249,7 @@ class Runner:
             try:
                 await checkpoints.advance_from(conn, self.name, self.written, self.checkpoint)
             except checkpoints.Fenced as fenced:
-                log.info("projection checkpoint moved, reloading", extra={"projection": self.name,
-                                                                          "detail": str(fenced)})
-                await self._load_checkpoint(conn)
+                await self._reload(conn, fenced)
                 return
             self._wrote(self.checkpoint)
 

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "sse": "bench_sse",
     "audit": "bench_audit",
     "replay": "bench_replay",
+    "instructions": "bench_instructions",
 }
 """Subcommand name -> module in scripts/."""
 
