@@ -65,6 +65,7 @@ async def begin_batch(conn: Connection, name: str, expected: int, position: int)
     """Open a batch's transaction with the checkpoint fenced and already advanced to position (the batch
     commits both or neither), in one round trip; or roll back and raise Fenced, when the checkpoint is
     no longer at expected. A simple query takes no parameters, hence the literals."""
+    await rollback(conn)  # never open a batch inside what a failed one may have left (no round trip if clean)
     update = _ADVANCE.format(position=int(position), name=_literal(name)) + f" and position = {int(expected)}"
     if await conn.execute(f"begin; {update}") != "UPDATE 1":
         await rollback(conn)

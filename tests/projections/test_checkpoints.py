@@ -41,5 +41,9 @@ async def test_begin_batch_fences_and_advances_with_the_batch(own_database_url: 
         with pytest.raises(checkpoints.Fenced, match="checkpoint is 5, expected 0"):
             await checkpoints.begin_batch(conn, "it's", 0, 7)  # a stale runner: nothing changes
         assert not conn.is_in_transaction() and await checkpoints.load(conn, "it's") == 5
+        await conn.execute("begin; update projection_checkpoints set position = 99")  # left by a failed batch
+        await checkpoints.begin_batch(conn, "it's", 5, 6)  # not inside that one
+        await conn.execute("commit")
+        assert await conn.fetch("select name, position from projection_checkpoints") == [("it's", 6)]
     finally:
         await conn.close()
