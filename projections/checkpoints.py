@@ -43,13 +43,6 @@ async def load(conn: Connection, name: str) -> int:
     return int(await conn.fetchval(LOAD_SQL, name))
 
 
-async def fence(conn: Connection, name: str, expected: int) -> None:
-    """Inside a transaction: lock the row until commit, and check nobody moved it."""
-    position = await conn.fetchval(FENCE_SQL, name)
-    if position != expected:
-        raise Fenced(f"{name}: checkpoint is {position}, expected {expected}")
-
-
 async def advance(conn: Connection, name: str, position: int) -> None:
     await conn.execute(ADVANCE_SQL, name, position)
 
@@ -58,7 +51,7 @@ async def advance_from(conn: Connection, name: str, expected: int, position: int
     """Fence and advance in one statement (no transaction needed): moves the checkpoint from expected
     to position, or raises Fenced, changing nothing, when it is no longer at expected."""
     if await conn.fetchval(ADVANCE_FROM_SQL, name, position, expected) is None:
-        raise Fenced(f"{name}: checkpoint is {await conn.fetchval(LOAD_SQL, name)}, expected {expected}")
+        raise await _fenced(conn, name, expected)
 
 
 async def begin_batch(conn: Connection, name: str, expected: int, position: int) -> None:
@@ -69,7 +62,7 @@ async def begin_batch(conn: Connection, name: str, expected: int, position: int)
     update = _ADVANCE.format(position=int(position), name=_literal(name)) + f" and position = {int(expected)}"
     if await conn.execute(f"begin; {update}") != "UPDATE 1":
         await rollback(conn)
-        raise Fenced(f"{name}: checkpoint is {await conn.fetchval(LOAD_SQL, name)}, expected {expected}")
+        raise await _fenced(conn, name, expected)
 
 
 async def rollback(conn: Connection) -> None:
@@ -77,6 +70,10 @@ async def rollback(conn: Connection) -> None:
     if conn.is_in_transaction():
         with contextlib.suppress(Exception):
             await conn.execute("rollback")
+
+
+async def _fenced(conn: Connection, name: str, expected: int) -> Fenced:
+    return Fenced(f"{name}: checkpoint is {await conn.fetchval(LOAD_SQL, name)}, expected {expected}")
 
 
 def _literal(text: str) -> str:
