@@ -96,15 +96,20 @@ async def wait_ready(base: str, proc: subprocess.Popen[bytes], timeout: float = 
 
 
 async def seed_wallets(base: str, headers: dict[str, str], count: int) -> list[str]:
+    """Open and fund the wallets, then wait until the read model has them (the mix reads them at once)."""
     async with aiohttp.ClientSession(base, headers=headers) as session:
-        async def one(i: int) -> str:
+        async def one(i: int) -> tuple[str, int]:
             async with session.post("/v1/wallets", json={"owner": f"owner-{i % 20}", "currency": "USD"}) as r:
                 wallet_id = str((await r.json())["wallet_id"])
-            async with session.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": SEED, "reference": "seed"}):
-                pass
-            return wallet_id
+            async with session.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": SEED, "reference": "seed"}) as r:
+                return wallet_id, int((await r.json())["position"])
 
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
+        seeded = await asyncio.gather(*(one(i) for i in range(count)))
+        last = max(position for _, position in seeded)
+        async with session.get(f"/v1/wallets/{seeded[0][0]}", params={"min_position": str(last)},
+                               headers={"Prefer": "wait=10"}) as reply:
+            reply.raise_for_status()
+        return [wallet_id for wallet_id, _ in seeded]
 
 
 # ---------------------------------------------------------------- the load generator (own process)
