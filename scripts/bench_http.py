@@ -101,7 +101,8 @@ async def seed_wallets(base: str, headers: dict[str, str], count: int) -> list[s
         async def one(i: int) -> tuple[str, int]:
             async with session.post("/v1/wallets", json={"owner": f"owner-{i % 20}", "currency": "USD"}) as r:
                 wallet_id = str((await r.json())["wallet_id"])
-            async with session.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": SEED, "reference": "seed"}) as r:
+            credit = {"amount": SEED, "reference": "seed"}
+            async with session.post(f"/v1/wallets/{wallet_id}/credits", json=credit) as r:
                 return wallet_id, int((await r.json())["position"])
 
         seeded = await asyncio.gather(*(one(i) for i in range(count)))
