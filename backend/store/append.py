@@ -58,27 +58,9 @@ select 'claim', null, null, null, position, null, null, null, null, scope, key, 
 from idempotency_keys where (scope, key) in (select * from unnest($3::text[], $4::text[]))
 """
 
-FENCED_SQL = """
-select tally_append_fenced($1, $2, $3::bigint[], $4::text[], $5::int[], $6::text[], $7::text[], $8::text[],
-                           $9::uuid[], $10::timestamptz[], $11::bytea[], $12::text[], $13::text[], $14::bytea[],
-                           $15::int[], $16::bytea[], $17::text[], $18::bigint[])
-"""
-
-WRITE_SQL = """
-with inserted as (
-    insert into events (position, stream_id, version, type, data, metadata, event_id, recorded_at, hash)
-    select p, s, v, t, d::jsonb, m::jsonb, i, r, h
-    from unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[], $7::uuid[],
-                $8::timestamptz[], $9::bytea[]) as x(p, s, v, t, d, m, i, r, h)
-    returning 1
-), claimed as (
-    insert into idempotency_keys (scope, key, fingerprint, status, body, content_type, position)
-    select * from unnest($10::text[], $11::text[], $12::bytea[], $13::int[], $14::bytea[], $15::text[],
-                         $16::bigint[])
-    returning 1
-)
-select pg_notify('tally_events', $17::text), (select count(*) from inserted), (select count(*) from claimed)
-"""
+# The rows travel as two jsonb documents (migration 0006 says why and how they are laid out).
+FENCED_SQL = "select tally_append_fenced_rows($1, $2, $3::jsonb, $4::jsonb)"
+WRITE_SQL = "select tally_insert_appended($1::jsonb, $2::jsonb), pg_notify('tally_events', $3::text)"
 
 
 class AppendBatcher:
@@ -292,8 +274,8 @@ class AppendBatcher:
         if any(isinstance(o, Exception) for o in outcomes) or not (planner.rows or planner.responses):
             return None
         try:
-            code = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, self._heads.head, *planner.columns(),
-                                       *idempotency.insert_columns(planner.responses))
+            code = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, self._heads.head, planner.event_rows(),
+                                       idempotency.claim_rows(planner.responses))
         except asyncpg.UniqueViolationError:
             code = -2  # an event id or idempotency key is taken: the general path says which, and how
         if code != 0:
@@ -316,7 +298,7 @@ class AppendBatcher:
         foreign_writes = planner.head != self._heads.head
         outcomes = [planner.plan(request) for request in batch]
         if planner.rows or planner.responses:
-            await conn.execute(WRITE_SQL, *planner.columns(), *idempotency.insert_columns(planner.responses),
+            await conn.execute(WRITE_SQL, planner.event_rows(), idempotency.claim_rows(planner.responses),
                                str(planner.head))
         await conn.execute("commit")
         self._heads.advance(planner, set(stream_ids), foreign_writes=foreign_writes)

@@ -18,10 +18,6 @@ LOOKUP_SQL = """
 select scope, key, fingerprint, status, body, content_type, position
 from idempotency_keys where (scope, key) in (select * from unnest($1::text[], $2::text[]))
 """
-INSERT_SQL = """
-insert into idempotency_keys (scope, key, fingerprint, status, body, content_type, position)
-select * from unnest($1::text[], $2::text[], $3::bytea[], $4::int[], $5::bytea[], $6::text[], $7::bigint[])
-"""
 PURGE_SQL = "delete from idempotency_keys where created_at < now() - $1::interval"
 
 
@@ -71,12 +67,10 @@ async def lookup(db: asyncpg.Pool, scope: str, key: str) -> StoredResponse | Non
     return to_stored(rows[0]) if rows else None
 
 
-def insert_columns(records: list[StoredResponse]) -> tuple[list[object], ...]:
-    return (
-        [r.scope for r in records], [r.key for r in records], [r.fingerprint for r in records],
-        [r.status for r in records], [r.body for r in records], [r.content_type for r in records],
-        [r.position for r in records],
-    )
+def claim_rows(records: list[StoredResponse]) -> list[list[object]]:
+    """The records as `claim_rows` of tally_insert_appended (migration 0006), a jsonb parameter."""
+    return [[r.scope, r.key, r.fingerprint.hex(), r.status, r.body.hex(), r.content_type, r.position]
+            for r in records]
 
 
 async def purge(db: asyncpg.Pool, older_than: timedelta) -> int:

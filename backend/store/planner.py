@@ -13,9 +13,9 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
+import orjson
 
 from backend.store import idempotency
 from backend.store.encoding import EncodedEvent, EncodedWrite
@@ -237,16 +237,11 @@ class BatchPlanner:
             results.append(StreamAppended(write.stream_id, tuple(m[0] for m in stored), stored[-1][2]))
         return AppendResult(tuple(results), replayed=True)
 
-    def columns(self) -> tuple[list[Any], ...]:
-        rows = self.rows
-        return (
-            [r.position for r in rows],
-            [r.stream_id for r in rows],
-            [r.version for r in rows],
-            [r.event.type for r in rows],
-            [r.event.data.decode() for r in rows],
-            [r.event.metadata.decode() for r in rows],
-            [r.event.event_id for r in rows],
-            [r.recorded_at for r in rows],
-            [r.hash for r in rows],
-        )
+    def event_rows(self) -> list[list[object]]:
+        """The planned events as `event_rows` of tally_insert_appended (migration 0006): one jsonb
+        parameter, not one array per column (asyncpg checks each array element in Python)."""
+        return [
+            [r.position, r.stream_id, r.version, r.event.type, orjson.Fragment(r.event.data),
+             orjson.Fragment(r.event.metadata), r.event.event_id, r.recorded_at, r.hash.hex()]
+            for r in self.rows
+        ]
