@@ -11,18 +11,19 @@ from typing import Any
 
 from backend.db import Connection
 from backend.store.reads import Executor
-from projections.base import APIKEY, MalformedEvent, Projection, aggregate_id, columns, expect_count
+from projections.base import APIKEY, MalformedEvent, Projection, Rows, aggregate_id, expect_count
 from projections.events import Event
 
-INSERT_SQL = """
+CREATED = Rows(id="uuid", o="text", n="text", s="text", h="text", e="timestamptz", t="timestamptz", v="int")
+INSERT_SQL = f"""
 insert into api_keys (key_id, owner, name, scopes, secret_hash, expires_at, created_at, version)
-select x.id, x.o, x.n, string_to_array(x.s, ' '), x.h, x.e::timestamptz, x.t::timestamptz, x.v
-from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int[])
-    as x(id, o, n, s, h, e, t, v)
+select x.id, x.o, x.n, string_to_array(x.s, ' '), x.h, x.e, x.t, x.v
+from {CREATED.source("$1")} as x
 """
-REVOKE_SQL = """
-update api_keys k set revoked = true, revoked_at = x.t::timestamptz, version = x.v
-from unnest($1::uuid[], $2::text[], $3::int[]) as x(id, t, v)
+REVOKED = Rows(id="uuid", t="timestamptz", v="int")
+REVOKE_SQL = f"""
+update api_keys k set revoked = true, revoked_at = x.t, version = x.v
+from {REVOKED.source("$1")} as x
 where k.key_id = x.id and not k.revoked
 """
 
@@ -45,15 +46,14 @@ class ApiKeys(Projection):
             else:
                 revoked[key_id] = (data["occurred_at"], event.version)
         if created:
-            await conn.execute(INSERT_SQL, *columns(created, 8))
+            await conn.execute(INSERT_SQL, CREATED.of(created))
         if revoked:
-            rows = list(revoked.values())
-            status = await conn.execute(REVOKE_SQL, list(revoked), *columns(rows, 2))
+            status = await conn.execute(REVOKE_SQL, REVOKED.of((k, *row) for k, row in revoked.items()))
             expect_count(status, len(revoked), "a key revoked that does not exist or is already revoked")
 
 
 def _scopes(data: dict[str, Any]) -> str:
-    """Scopes as one space-separated string (a text[] of arrays cannot be passed through unnest)."""
+    """Scopes as one space-separated string (a row's values are scalars; SQL splits it again)."""
     scopes = data["scopes"]
     if not isinstance(scopes, list) or not all(type(s) is str and s and " " not in s for s in scopes):
         raise MalformedEvent("scopes must be a list of scope names")

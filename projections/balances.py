@@ -17,32 +17,35 @@ from uuid import UUID
 
 from backend.db import Connection
 from backend.store.reads import Executor
-from projections.base import WALLET, Projection, aggregate_id, expect_count, integer
+from projections.base import WALLET, Projection, Rows, aggregate_id, expect_count, id_array, integer
 from projections.events import Event
 
-INSERT_WALLETS_SQL = """
+OPENED = Rows(w="uuid", o="text", c="text", t="timestamptz")
+INSERT_WALLETS_SQL = f"""
 insert into wallet_balances (wallet_id, owner, currency, version, opened_at, updated_at)
-select w, o, c, 0, t, t from unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[]) as x(w, o, c, t)
+select w, o, c, 0, t, t from {OPENED.source("$1")} as x
 """
-UPDATE_WALLETS_SQL = """
+CHANGES = Rows(wallet_id="uuid", balance="bigint", locked="bigint", reserved="bigint", version="int",
+               updated_at="timestamptz")
+UPDATE_WALLETS_SQL = f"""
 update wallet_balances b
 set balance = b.balance + x.balance, locked = b.locked + x.locked, reserved = b.reserved + x.reserved,
     version = x.version, updated_at = x.updated_at
-from unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::timestamptz[])
-    as x(wallet_id, balance, locked, reserved, version, updated_at)
+from {CHANGES.source("$1")} as x
 where b.wallet_id = x.wallet_id
 """
-INSERT_LOCKS_SQL = """
+LOCKS = Rows(lock_id="uuid", wallet_id="uuid", amount="bigint", reason="text", locked_at="timestamptz")
+INSERT_LOCKS_SQL = f"""
 insert into wallet_locks (lock_id, wallet_id, amount, reason, locked_at)
-select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::timestamptz[])
+select * from {LOCKS.source("$1")} as x
 """
-DELETE_LOCKS_SQL = "delete from wallet_locks where lock_id = any($1::uuid[])"
-INSERT_RESERVATIONS_SQL = """
+DELETE_LOCKS_SQL = f"delete from wallet_locks where lock_id = any({id_array('$1')})"
+RESERVATIONS = Rows(r="uuid", w="uuid", a="bigint", e="timestamptz", t="timestamptz")
+INSERT_RESERVATIONS_SQL = f"""
 insert into wallet_reservations (reservation_id, wallet_id, amount, expires_at, reserved_at)
-select r, w, a, e::timestamptz, t from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::timestamptz[])
-    as x(r, w, a, e, t)
+select r, w, a, e, t from {RESERVATIONS.source("$1")} as x
 """
-DELETE_RESERVATIONS_SQL = "delete from wallet_reservations where reservation_id = any($1::uuid[])"
+DELETE_RESERVATIONS_SQL = f"delete from wallet_reservations where reservation_id = any({id_array('$1')})"
 
 # How each event's `amount` moves (balance, locked, reserved); ReservationConfirmed has two amounts.
 _DELTAS: dict[str, tuple[int, int, int]] = {
@@ -116,30 +119,21 @@ class _Batch:
 
     async def write(self, conn: Connection) -> None:
         if self.opened:
-            ids = list(self.opened)
-            rows = list(self.opened.values())
-            await conn.execute(INSERT_WALLETS_SQL, ids, [r[0] for r in rows], [r[1] for r in rows],
-                               [r[2] for r in rows])
-        changes = list(self.wallets.values())
-        updated = await conn.execute(
-            UPDATE_WALLETS_SQL, list(self.wallets), [c.balance for c in changes], [c.locked for c in changes],
-            [c.reserved for c in changes], [c.version for c in changes], [c.updated_at for c in changes],
-        )
-        expect_count(updated, len(changes), "events for wallets that were never opened")
+            await conn.execute(INSERT_WALLETS_SQL, OPENED.of((w, *row) for w, row in self.opened.items()))
+        updated = await conn.execute(UPDATE_WALLETS_SQL, CHANGES.of(
+            (w, c.balance, c.locked, c.reserved, c.version, c.updated_at) for w, c in self.wallets.items()))
+        expect_count(updated, len(self.wallets), "events for wallets that were never opened")
         if self.closed_locks:
             deleted = await conn.execute(DELETE_LOCKS_SQL, self.closed_locks)
             expect_count(deleted, len(self.closed_locks), "a lock closed that is not open")
         if self.new_locks:
-            rows_l = list(self.new_locks.values())
-            await conn.execute(INSERT_LOCKS_SQL, list(self.new_locks), [r[0] for r in rows_l],
-                               [r[1] for r in rows_l], [r[2] for r in rows_l], [r[3] for r in rows_l])
+            await conn.execute(INSERT_LOCKS_SQL, LOCKS.of((k, *row) for k, row in self.new_locks.items()))
         if self.closed_reservations:
             deleted = await conn.execute(DELETE_RESERVATIONS_SQL, self.closed_reservations)
             expect_count(deleted, len(self.closed_reservations), "a reservation closed that is not open")
         if self.new_reservations:
-            rows_r = list(self.new_reservations.values())
-            await conn.execute(INSERT_RESERVATIONS_SQL, list(self.new_reservations), [r[0] for r in rows_r],
-                               [r[1] for r in rows_r], [r[2] for r in rows_r], [r[3] for r in rows_r])
+            await conn.execute(INSERT_RESERVATIONS_SQL,
+                               RESERVATIONS.of((r, *row) for r, row in self.new_reservations.items()))
 
 
 class Balances(Projection):

@@ -2,10 +2,10 @@
 
 `apply(conn, events)` (events.Event, payloads already at their current schema version) runs inside the
 runner's transaction, which also advances the checkpoint, so it must only write its own tables and
-must not commit. It gets a whole batch and should turn it into a few set-based statements (arrays
-through `unnest`), never one round trip per event: that is what makes a rebuild fast. It raises on
-an event it cannot make sense of; the runner then finds the exact event, records it and retries
-later (see runner.py).
+must not commit. It gets a whole batch and should turn it into a few set-based statements (each
+batch of rows one jsonb parameter, see `Rows`), never one round trip per event: that is what makes a
+rebuild fast. It raises on an event it cannot make sense of; the runner then finds the exact event,
+records it and retries later (see runner.py).
 
 Process managers (expiry.py) also implement `tick`, which the runner calls whenever it has caught
 up with the log.
@@ -13,7 +13,7 @@ up with the log.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 from backend.db import Connection
@@ -49,9 +49,36 @@ class Projection:
 # ---------------------------------------------------------------- helpers for apply()
 
 
-def columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    """Rows to the column arrays that `unnest` takes."""
-    return [[row[i] for row in rows] for i in range(width)]
+class Rows:
+    """A batch of rows passed as one jsonb parameter: a JSON array of row arrays, which `source`
+    unpacks in SQL by position and casts to the declared types (JSON null is SQL NULL).
+
+    Not one array per column through `unnest`: asyncpg checks every element of an array parameter
+    against collections.abc ABCs, in Python, at some 3,000 instructions an element, more than the
+    statement costs; the jsonb document is written by orjson, in C (backend/db.py's codec)."""
+
+    def __init__(self, **columns: str) -> None:
+        self.columns = tuple(columns.items())
+        """(name, SQL type) in row order."""
+
+    def source(self, param: str) -> str:
+        """A FROM item (alias it) whose columns are the declared ones, read from jsonb parameter `param`."""
+        fields = ", ".join(f"(r->>{i})::{sql_type} as {name}" for i, (name, sql_type) in enumerate(self.columns))
+        return f"(select {fields} from jsonb_array_elements({param}::jsonb) as r)"
+
+    def of(self, rows: Iterable[Sequence[Any]]) -> list[Sequence[Any]]:
+        """The parameter for rows, each as wide as the declaration (a short row would read as NULLs)."""
+        batch = list(rows)
+        width = len(self.columns)
+        for row in batch:
+            if len(row) != width:
+                raise ValueError(f"a row of {len(row)} values where {width} columns are declared")
+        return batch
+
+
+def id_array(param: str, sql_type: str = "uuid") -> str:
+    """SQL for the array of ids in jsonb parameter `param` (a JSON array), e.g. for `= any(...)`."""
+    return f"array(select jsonb_array_elements_text({param}::jsonb)::{sql_type})"
 
 
 def expect_count(status: str, expected: int, problem: str) -> None:

@@ -17,8 +17,8 @@ from projections.base import (
     DEPOSIT,
     WALLET,
     Projection,
+    Rows,
     aggregate_id,
-    columns,
     expect_count,
     integer,
 )
@@ -33,23 +33,24 @@ STATUS_OF = {
     "DepositExpired": EXPIRED,
 }
 
-INSERT_WALLETS_SQL = "insert into deposit_wallets (wallet_id, owner) select * from unnest($1::uuid[], $2::text[])"
-INSERT_SQL = """
+WALLETS = Rows(wallet_id="uuid", owner="text")
+INSERT_WALLETS_SQL = f"insert into deposit_wallets (wallet_id, owner) select * from {WALLETS.source('$1')} as x"
+CREATED = Rows(id="uuid", w="uuid", cur="text", addr="text", s="text", c="int", a="bigint", tx="text", f="text",
+               v="int", t0="timestamptz", t="timestamptz")
+INSERT_SQL = f"""
 insert into deposits (deposit_id, wallet_id, owner, currency, address, status, confirmations, amount, chain_tx_id,
                       failure_reason, version, created_at, updated_at)
 select x.id, x.w, dw.owner, x.cur, x.addr, x.s, x.c, x.a, x.tx, x.f, x.v, x.t0, x.t
-from unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::int[], $7::bigint[], $8::text[],
-            $9::text[], $10::int[], $11::timestamptz[], $12::timestamptz[])
-    as x(id, w, cur, addr, s, c, a, tx, f, v, t0, t)
+from {CREATED.source("$1")} as x
 left join deposit_wallets dw on dw.wallet_id = x.w
 """
-UPDATE_SQL = """
+CHANGED = Rows(id="uuid", s="text", c="int", a="bigint", tx="text", f="text", v="int", t="timestamptz")
+UPDATE_SQL = f"""
 update deposits d
 set status = x.s, confirmations = coalesce(x.c, d.confirmations), amount = coalesce(x.a, d.amount),
     chain_tx_id = coalesce(x.tx, d.chain_tx_id), failure_reason = coalesce(x.f, d.failure_reason),
     version = x.v, updated_at = x.t
-from unnest($1::uuid[], $2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[], $7::int[], $8::timestamptz[])
-    as x(id, s, c, a, tx, f, v, t)
+from {CHANGED.source("$1")} as x
 where d.deposit_id = x.id
 """
 
@@ -84,16 +85,16 @@ class Deposits(Projection):
             else:
                 _fold(change, event.type, data)
         if wallets:
-            await conn.execute(INSERT_WALLETS_SQL, *columns(wallets, 2))
+            await conn.execute(INSERT_WALLETS_SQL, WALLETS.of(wallets))
         if created:
             rows = []
             for deposit, (wallet, currency, address, created_at) in created.items():
                 status, confirmations, amount, tx, reason, version, updated_at = changes.pop(deposit)
                 rows.append((deposit, wallet, currency, address, status, confirmations, amount, tx, reason, version,
                              created_at, updated_at))
-            await conn.execute(INSERT_SQL, *columns(rows, 12))
+            await conn.execute(INSERT_SQL, CREATED.of(rows))
         if changes:
-            status = await conn.execute(UPDATE_SQL, list(changes), *columns([tuple(c) for c in changes.values()], 7))
+            status = await conn.execute(UPDATE_SQL, CHANGED.of((d, *change) for d, change in changes.items()))
             expect_count(status, len(changes), "events for deposits that were never created")
 
 

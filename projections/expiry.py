@@ -33,16 +33,17 @@ from backend.db import Connection
 from backend.domain.errors import DomainError, ReservationNotOpen
 from backend.domain.registry import wallet_stream
 from backend.store.events import AppendResult
-from projections.base import WALLET, Projection, aggregate_id, columns
+from projections.base import WALLET, Projection, Rows, aggregate_id, id_array
 from projections.events import Event
 
 log = logging.getLogger(__name__)
 
-INSERT_SQL = """
+SCHEDULED = Rows(r="uuid", w="uuid", e="timestamptz")
+INSERT_SQL = f"""
 insert into expiry_schedule (reservation_id, wallet_id, expires_at)
-select r, w, e::timestamptz from unnest($1::uuid[], $2::uuid[], $3::text[]) as x(r, w, e)
+select r, w, e from {SCHEDULED.source("$1")} as x
 """
-DELETE_SQL = "delete from expiry_schedule where reservation_id = any($1::uuid[])"
+DELETE_SQL = f"delete from expiry_schedule where reservation_id = any({id_array('$1')})"
 DUE_SQL = """
 select reservation_id, wallet_id from expiry_schedule where expires_at <= $1 order by expires_at limit $2
 """
@@ -96,7 +97,7 @@ class Expiry(Projection):
         if closed:
             await conn.execute(DELETE_SQL, closed)
         if opened:
-            await conn.execute(INSERT_SQL, list(opened), *columns(list(opened.values()), 2))
+            await conn.execute(INSERT_SQL, SCHEDULED.of((r, *row) for r, row in opened.items()))
 
     def _scheduled(self, expires_at: str) -> None:
         """A reservation applied: remember its deadline if it is the earliest (or forget the earliest,

@@ -14,26 +14,29 @@ from uuid import UUID
 
 from backend.db import Connection
 from backend.store.reads import Executor
-from projections.base import WALLET, Projection, aggregate_id, columns, expect_count, integer
+from projections.base import WALLET, Projection, Rows, aggregate_id, expect_count, integer
 from projections.events import Event
 
 OPEN, CONFIRMED, ROLLED_BACK, EXPIRED = "open", "confirmed", "rolled_back", "expired"
 CLOSING = {"ReservationConfirmed": CONFIRMED, "ReservationRolledBack": ROLLED_BACK, "ReservationExpired": EXPIRED}
 
-INSERT_WALLETS_SQL = """
+WALLETS = Rows(wallet_id="uuid", owner="text", currency="text")
+INSERT_WALLETS_SQL = f"""
 insert into reservation_wallets (wallet_id, owner, currency)
-select * from unnest($1::uuid[], $2::text[], $3::text[])
+select * from {WALLETS.source("$1")} as x
 """
 # A left join: a reservation on an unknown wallet fails on owner's NOT NULL instead of vanishing.
-INSERT_SQL = """
+OPENED = Rows(r="uuid", w="uuid", a="bigint", e="timestamptz", t="timestamptz")
+INSERT_SQL = f"""
 insert into reservations (reservation_id, wallet_id, owner, currency, amount, status, expires_at, created_at)
-select x.r, x.w, rw.owner, rw.currency, x.a, 'open', x.e::timestamptz, x.t::timestamptz
-from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::text[]) as x(r, w, a, e, t)
+select x.r, x.w, rw.owner, rw.currency, x.a, 'open', x.e, x.t
+from {OPENED.source("$1")} as x
 left join reservation_wallets rw on rw.wallet_id = x.w
 """
-CLOSE_SQL = """
-update reservations r set status = x.s, confirmed_amount = x.c, closed_at = x.t::timestamptz
-from unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[]) as x(id, s, c, t)
+CLOSED = Rows(id="uuid", s="text", c="bigint", t="timestamptz")
+CLOSE_SQL = f"""
+update reservations r set status = x.s, confirmed_amount = x.c, closed_at = x.t
+from {CLOSED.source("$1")} as x
 where r.reservation_id = x.id and r.status = 'open'
 """
 
@@ -59,12 +62,11 @@ class Reservations(Projection):
                 charged = integer(data, "amount") if kind == "ReservationConfirmed" else None
                 closed[data["reservation_id"]] = (CLOSING[kind], charged, data["occurred_at"])
         if wallets:
-            await conn.execute(INSERT_WALLETS_SQL, *columns(wallets, 3))
+            await conn.execute(INSERT_WALLETS_SQL, WALLETS.of(wallets))
         if opened:
-            await conn.execute(INSERT_SQL, *columns(opened, 5))
+            await conn.execute(INSERT_SQL, OPENED.of(opened))
         if closed:
-            rows = list(closed.values())
-            status = await conn.execute(CLOSE_SQL, list(closed), *columns(rows, 3))
+            status = await conn.execute(CLOSE_SQL, CLOSED.of((r, *row) for r, row in closed.items()))
             expect_count(status, len(closed), "a reservation closed that is not open")
 
 

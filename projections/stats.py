@@ -21,21 +21,23 @@ from projections.base import (
     WALLET,
     MalformedEvent,
     Projection,
+    Rows,
     aggregate_id,
-    columns,
     expect_count,
+    id_array,
     integer,
 )
 from projections.deposits import PENDING, STATUS_OF
 from projections.events import Event
 
-INSERT_WALLETS_SQL = "insert into stats_wallets (wallet_id, currency) select * from unnest($1::uuid[], $2::text[])"
+WALLETS = Rows(wallet_id="uuid", currency="text")
+INSERT_WALLETS_SQL = f"insert into stats_wallets (wallet_id, currency) select * from {WALLETS.source('$1')} as x"
 # A left join, so a movement on an unknown wallet fails on currency's NOT NULL instead of vanishing.
-ADD_MONEY_SQL = """
+MONEY = Rows(id="uuid", n="int", c="bigint", d="bigint", s="bigint", l="bigint", r="bigint")
+ADD_MONEY_SQL = f"""
 insert into stats_currencies as s (currency, wallets, credited, debited, settled, locked, reserved)
 select w.currency, sum(x.n), sum(x.c), sum(x.d), sum(x.s), sum(x.l), sum(x.r)
-from unnest($1::uuid[], $2::int[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
-    as x(id, n, c, d, s, l, r)
+from {MONEY.source("$1")} as x
 left join stats_wallets w on w.wallet_id = x.id
 group by w.currency
 on conflict (currency) do update set
@@ -43,27 +45,33 @@ on conflict (currency) do update set
     debited = s.debited + excluded.debited, settled = s.settled + excluded.settled,
     locked = s.locked + excluded.locked, reserved = s.reserved + excluded.reserved
 """
-INSERT_RESERVATIONS_SQL = """
+RESERVATIONS = Rows(id="uuid", wallet="uuid", a="bigint", e="timestamptz")
+INSERT_RESERVATIONS_SQL = f"""
 insert into stats_reservations (reservation_id, currency, amount, expires_at)
-select x.id, w.currency, x.a, x.e::timestamptz
-from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[]) as x(id, wallet, a, e)
+select x.id, w.currency, x.a, x.e
+from {RESERVATIONS.source("$1")} as x
 left join stats_wallets w on w.wallet_id = x.wallet
 """
-DELETE_RESERVATIONS_SQL = "delete from stats_reservations where reservation_id = any($1::uuid[])"
-DEPOSIT_STATUS_SQL = "select deposit_id::text, currency, status from stats_deposits where deposit_id = any($1::uuid[])"
-UPSERT_DEPOSITS_SQL = """
-insert into stats_deposits (deposit_id, currency, status) select * from unnest($1::uuid[], $2::text[], $3::text[])
+DELETE_RESERVATIONS_SQL = f"delete from stats_reservations where reservation_id = any({id_array('$1')})"
+DEPOSIT_STATUS_SQL = f"""
+select deposit_id::text, currency, status from stats_deposits where deposit_id = any({id_array("$1")})
+"""
+DEPOSITS = Rows(deposit_id="uuid", currency="text", status="text")
+UPSERT_DEPOSITS_SQL = f"""
+insert into stats_deposits (deposit_id, currency, status) select * from {DEPOSITS.source("$1")} as x
 on conflict (deposit_id) do update set status = excluded.status
 """
-ADD_DEPOSIT_COUNTS_SQL = """
+DEPOSIT_COUNTS = Rows(currency="text", status="text", count="bigint")
+ADD_DEPOSIT_COUNTS_SQL = f"""
 insert into stats_deposit_counts as s (currency, status, count)
-select * from unnest($1::text[], $2::text[], $3::bigint[])
+select * from {DEPOSIT_COUNTS.source("$1")} as x
 on conflict (currency, status) do update set count = s.count + excluded.count
 """
 # Zero rows go, so that the table is the same however the log was cut into batches.
 DROP_ZERO_COUNTS_SQL = "delete from stats_deposit_counts where count = 0"
-ADD_EVENT_TYPES_SQL = """
-insert into stats_event_types as s (type, count) select * from unnest($1::text[], $2::bigint[])
+EVENT_TYPES = Rows(type="text", count="bigint")
+ADD_EVENT_TYPES_SQL = f"""
+insert into stats_event_types as s (type, count) select * from {EVENT_TYPES.source("$1")} as x
 on conflict (type) do update set count = s.count + excluded.count
 """
 
@@ -149,17 +157,17 @@ class _Batch:
 
     async def write(self, conn: Connection) -> None:
         if self.wallets:
-            await conn.execute(INSERT_WALLETS_SQL, *columns(self.wallets, 2))
+            await conn.execute(INSERT_WALLETS_SQL, WALLETS.of(self.wallets))
         if self.money:
-            await conn.execute(ADD_MONEY_SQL, list(self.money), *columns([tuple(r) for r in self.money.values()], 6))
+            await conn.execute(ADD_MONEY_SQL, MONEY.of((w, *row) for w, row in self.money.items()))
         if self.closed:
             status = await conn.execute(DELETE_RESERVATIONS_SQL, self.closed)
             expect_count(status, len(self.closed), "a reservation closed that is not open")
         if self.opened:
-            await conn.execute(INSERT_RESERVATIONS_SQL, list(self.opened), *columns(list(self.opened.values()), 3))
+            await conn.execute(INSERT_RESERVATIONS_SQL, RESERVATIONS.of((r, *row) for r, row in self.opened.items()))
         if self.deposits:
             await self._count_deposits(conn)
-        await conn.execute(ADD_EVENT_TYPES_SQL, list(self.by_type), list(self.by_type.values()))
+        await conn.execute(ADD_EVENT_TYPES_SQL, EVENT_TYPES.of(self.by_type.items()))
 
     async def _count_deposits(self, conn: Connection) -> None:
         """Move each deposit from its earlier status (read from stats_deposits) to its final one."""
@@ -177,10 +185,10 @@ class _Batch:
                 counts[(currency, before)] -= 1
             counts[(currency, status)] += 1
             final.append((deposit, currency, status))
-        await conn.execute(UPSERT_DEPOSITS_SQL, *columns(final, 3))
+        await conn.execute(UPSERT_DEPOSITS_SQL, DEPOSITS.of(final))
         changed = [(c, s, n) for (c, s), n in counts.items() if n]
         if changed:
-            await conn.execute(ADD_DEPOSIT_COUNTS_SQL, *columns(changed, 3))
+            await conn.execute(ADD_DEPOSIT_COUNTS_SQL, DEPOSIT_COUNTS.of(changed))
         if any(n < 0 for _, _, n in changed):
             await conn.execute(DROP_ZERO_COUNTS_SQL)
 
