@@ -18,10 +18,19 @@ GENESIS = bytes(32)
 
 
 def format_time(moment: datetime) -> str:
-    """YYYY-MM-DDTHH:MM:SS.ffffffZ in UTC (isoformat: half the cost of strftime, on every append)."""
+    """YYYY-MM-DDTHH:MM:SS.ffffffZ in UTC."""
+    return quoted_time(moment)[1:-1].decode()
+
+
+def quoted_time(moment: datetime) -> bytes:
+    """format_time as a JSON string, as the canonical encoding holds it. orjson writes it, in C (a
+    seventh of isoformat's cost, on every append), except for a whole second: orjson drops a zero
+    fraction, the format keeps all six digits."""
     if moment.tzinfo is not UTC:
         moment = moment.astimezone(UTC)
-    return moment.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if moment.microsecond:
+        return orjson.dumps(moment, option=orjson.OPT_UTC_Z)
+    return b'"' + moment.replace(tzinfo=None).isoformat(timespec="microseconds").encode() + b'Z"'
 
 
 def encode_data(data: Any) -> bytes:
@@ -35,9 +44,9 @@ def canonical_bytes(stream_id: str, version: int, type_: str, data_bytes: bytes,
         (
             b'{"data":',
             data_bytes,
-            b',"recorded_at":"',
-            format_time(recorded_at).encode(),
-            b'","stream_id":',
+            b',"recorded_at":',
+            quoted_time(recorded_at),
+            b',"stream_id":',
             orjson.dumps(stream_id),
             b',"type":',
             orjson.dumps(type_),
