@@ -33,6 +33,7 @@ from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.metrics import routes as metrics_routes
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
+from backend.http.routing import add_routes
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
@@ -119,6 +120,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await listener.close()
 
 
+ROUTE_TABLES = (health.routes, metrics_routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
+                queries.routes, streaming.routes)
+
+
 def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
@@ -137,12 +142,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(projections_ctx)
     app.cleanup_ctx.append(streaming.hub_ctx)
     app.on_shutdown.append(streaming.close_streams)
-    app.add_routes(health.routes)
-    app.add_routes(metrics_routes)
-    app.add_routes(wallets.routes)
-    app.add_routes(deposits.routes)
-    app.add_routes(api_keys.routes)
-    app.add_routes(audit.routes)
-    app.add_routes(queries.routes)
-    app.add_routes(streaming.routes)
+    for table in ROUTE_TABLES:
+        add_routes(app, table)
     return app
