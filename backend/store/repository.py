@@ -16,6 +16,7 @@ because replaying expiry depends on it) and its payload schema version in metada
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -50,6 +51,12 @@ on conflict do nothing
 COPIED = (dict, set, list, AppendOnlyMap)
 
 
+@functools.cache
+def _is_copied(cls: type) -> bool:
+    """Per type, not per value: isinstance against AppendOnlyMap, an ABC, runs Python code each time."""
+    return issubclass(cls, COPIED)
+
+
 def clone(aggregate: A) -> A:
     """A copy whose containers are copied one level deep.
 
@@ -57,7 +64,7 @@ def clone(aggregate: A) -> A:
     NamedTuples) inside its dicts, sets, lists and AppendOnlyMaps; and much cheaper than deepcopy.
     What grows forever (a wallet's closed ids) is kept in AppendOnlyMaps, whose copy is O(log n)."""
     copied = object.__new__(type(aggregate))
-    state = {k: v.copy() if isinstance(v, COPIED) else v for k, v in vars(aggregate).items()}
+    state = {k: v.copy() if _is_copied(v.__class__) else v for k, v in vars(aggregate).items()}
     object.__setattr__(copied, "__dict__", state)
     return copied
 
