@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "audit": "bench_audit",
     "replay": "bench_replay",
     "instructions": "bench_instructions",
+    "ab": "bench_ab",
 }
 """Subcommand name -> module in scripts/."""
 
