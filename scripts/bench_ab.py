@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from bench_http import ROOT, free_port, run_wrk, seed_wallets, use_wrk, wait_ready
+from bench_http import ROOT, free_port, run_wrk, seed_wallets, serve_env, use_wrk, wait_ready
 from bench_store import choose_server, fresh_database
 
 
@@ -83,8 +82,7 @@ def admin_token(root: Path, env: dict[str, str]) -> str:
 @contextlib.asynccontextmanager
 async def side(name: str, root: Path, dsn: str, wallets: int) -> AsyncIterator[Side]:
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING", "POOL_MAX_SIZE": "20",
-           "RATE_LIMIT_PER_S": "0", "PYTHONPATH": str(root)}
+    env = serve_env(dsn, port, PYTHONPATH=str(root))
     token = admin_token(root, env)
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=root, env=env)  # noqa: ASYNC220
     base_url = f"http://127.0.0.1:{port}"

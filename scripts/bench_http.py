@@ -64,6 +64,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def serve_env(dsn: str, port: int, **extra: str) -> dict[str, str]:
+    """The environment a bench's `serve` runs with: its database and port, quiet logs, a pool as large as
+    the bench needs and no rate limit (the load is the point), plus extra settings."""
+    return {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING", "POOL_MAX_SIZE": "20",
+            "RATE_LIMIT_PER_S": "0", **extra}
+
+
 async def admin_token(dsn: str) -> str:
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, init=init_connection)
     assert pool is not None
@@ -366,8 +373,7 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
         token = await admin_token(dsn)
         headers = {"Authorization": f"Bearer {token}"}
         port = free_port()
-        env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING",
-               "POOL_MAX_SIZE": "20", "RATE_LIMIT_PER_S": "0"}
+        env = serve_env(dsn, port)
         proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
         base = f"http://127.0.0.1:{port}"
         try:

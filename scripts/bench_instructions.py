@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from bench_http import ROOT, Mix, admin_token, free_port, seed_wallets, wait_ready
+from bench_http import ROOT, Mix, admin_token, free_port, seed_wallets, serve_env, wait_ready
 from bench_store import choose_server, fresh_database
 
 BARE_BODY = {"amount": 250, "reference": "d"}
@@ -102,9 +102,7 @@ async def tally(dsn: str, args: argparse.Namespace, count: int) -> tuple[int, in
     token = await admin_token(dsn)
     headers = {"Authorization": f"Bearer {token}"}
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING", "POOL_MAX_SIZE": "20",
-           "RATE_LIMIT_PER_S": "0"}
-    server = Callgrind([sys.executable, "-m", "backend", "serve"], env)
+    server = Callgrind([sys.executable, "-m", "backend", "serve"], serve_env(dsn, port))
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(base, server.proc, timeout=600)

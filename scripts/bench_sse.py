@@ -45,7 +45,16 @@ from typing import Any
 
 import asyncpg
 import psutil
-from bench_http import admin_token, cpu_seconds, event_loop_of, free_port, postgres_processes, scrape, wait_ready
+from bench_http import (
+    admin_token,
+    cpu_seconds,
+    event_loop_of,
+    free_port,
+    postgres_processes,
+    scrape,
+    serve_env,
+    wait_ready,
+)
 from bench_store import Server, choose_server, fresh_database, percentile
 
 from backend.commands import wallets as wallet_commands
@@ -547,8 +556,7 @@ def finish_profile(profile: tuple[subprocess.Popen[bytes], str] | None) -> list[
 async def serving(dsn: str, streams: int) -> AsyncIterator[tuple[psutil.Process, int]]:
     """A `python -m backend serve` process on a free port, as ./scripts/serve starts it."""
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": dsn, "PORT": str(port), "LOG_LEVEL": "WARNING", "POOL_MAX_SIZE": "20",
-           "RATE_LIMIT_PER_S": "0", "SSE_MAX_STREAMS": str(streams), "SSE_MAX_STREAMS_PER_KEY": str(streams)}
+    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams))
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc)
