@@ -105,6 +105,14 @@ async def run_command(request: web.Request, streams: list[str], decide: Decide) 
     return reply_response(reply)
 
 
+def locate_created(response: web.Response, collection: str, id_field: str) -> web.Response:
+    """Location of what a 201 created, named by the answer's body: a replay's body names what the first
+    request created, not the id this request drew and never used."""
+    if response.status == 201 and isinstance(response.body, bytes):
+        response.headers["Location"] = f"{collection}/{orjson.loads(response.body)[id_field]}"
+    return response
+
+
 def reply_response(reply: Reply) -> web.Response:
     response = web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
     if reply.replayed:

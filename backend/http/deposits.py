@@ -18,7 +18,7 @@ from backend.domain import Deposit, deposit_stream
 from backend.http import models
 from backend.http.auth import require
 from backend.http.bodies import read_json
-from backend.http.commands import if_match, run_command
+from backend.http.commands import if_match, locate_created, run_command
 from backend.http.problems import Problem
 from backend.http.wallets import path_uuid
 
@@ -37,9 +37,7 @@ async def open_deposit(request: web.Request) -> web.Response:
         return await deposits.open_deposit(repo, ctx, deposit_id, body.wallet_id, body.currency, secret)
 
     response = await run_command(request, [deposit_stream(deposit_id)], decide)
-    if response.status == 201:
-        response.headers["Location"] = f"/v1/deposits/{deposit_id}"
-    return response
+    return locate_created(response, "/v1/deposits", "deposit_id")
 
 
 @routes.post("/v1/deposits/{deposit_id}/status")

@@ -16,7 +16,7 @@ from backend.domain import wallet_stream
 from backend.http import models
 from backend.http.auth import require
 from backend.http.bodies import read_json
-from backend.http.commands import if_match, run_command
+from backend.http.commands import if_match, locate_created, run_command
 from backend.http.problems import Problem
 from backend.store.repository import Repository
 
@@ -48,9 +48,7 @@ async def open_wallet(request: web.Request) -> web.Response:
         return await wallets.open_wallet(repo, ctx, wallet_id, body.owner, body.currency)
 
     response = await run_command(request, [wallet_stream(wallet_id)], decide)
-    if response.status == 201:
-        response.headers["Location"] = f"/v1/wallets/{wallet_id}"
-    return response
+    return locate_created(response, "/v1/wallets", "wallet_id")
 
 
 WalletCommand = Callable[[Repository, CommandContext, UUID, int | None], Awaitable[Decision]]
