@@ -63,7 +63,7 @@ def _scopes(data: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- queries
 
 # The listing, with the checkpoint it reflects read in the same statement (one shape per filter).
-_LISTED = "key_id, owner, name, scopes, expires_at, revoked, revoked_at, created_at"
+_LISTED = "key_id, owner, name, scopes, expires_at, revoked, revoked_at, created_at, version"
 LIST_BY_OWNER_SQL = f"""
 select c.position as checkpoint, k.* from projection_checkpoints c
 left join lateral (select {_LISTED} from api_keys where owner = $1 order by created_at, key_id) k on true
@@ -87,6 +87,7 @@ def key_view(row: Any) -> dict[str, Any]:
         "expires_at": row["expires_at"].isoformat() if row["expires_at"] else None,
         "revoked": row["revoked"],
         "revoked_at": row["revoked_at"].isoformat() if row["revoked_at"] else None,
+        "version": row["version"],
     }
 
 

@@ -60,6 +60,8 @@ def key_body(key: ApiKey) -> dict[str, Any]:
         "created_at": key.created_on.isoformat(),
         "expires_at": key.expires_at.isoformat() if key.expires_at else None,
         "revoked": key.revoked,
+        "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+        "version": key.version,
     }
 
 
@@ -75,9 +77,13 @@ async def create_key(
     return Decision([key], key_body(key), status=201)
 
 
-async def revoke_key(repo: Repository, ctx: CommandContext, key_id: UUID) -> Decision:
+async def revoke_key(
+    repo: Repository, ctx: CommandContext, key_id: UUID, expected_version: int | None = None
+) -> Decision:
     key = await repo.find(ApiKey, key_id, trust=ctx.trust)
     if key is None:
         raise NotFound(f"api key {key_id} does not exist")
+    if expected_version is not None and key.version != expected_version:
+        raise PreconditionFailed(f"api key {key_id} is at version {key.version}, not {expected_version}")
     key.revoke(ctx.now)  # InvalidTransition when already revoked
     return Decision([key], key_body(key))

@@ -15,7 +15,7 @@ from backend.domain import apikey_stream
 from backend.http import models
 from backend.http.auth import require
 from backend.http.bodies import read_json
-from backend.http.commands import run_command
+from backend.http.commands import if_match, run_command
 from backend.http.problems import Problem
 from backend.http.queries import answer, reach
 from projections import api_keys as api_keys_model
@@ -72,10 +72,11 @@ async def revoke_key(request: web.Request) -> web.Response:
     """204; the key stops working in this process at once and in every other within a second."""
     require(request, "admin")
     key_id = key_id_of(request)
+    version = if_match(request)
     repo = request.app[REPOSITORY]
 
     async def decide(ctx: CommandContext) -> Decision:
-        return await api_keys.revoke_key(repo, ctx, key_id)
+        return await api_keys.revoke_key(repo, ctx, key_id, version)
 
     response = await run_command(request, [apikey_stream(key_id)], decide)
     if response.status >= 300:

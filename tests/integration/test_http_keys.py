@@ -100,15 +100,20 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     alice_only = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200))["keys"]
     assert [key["key_id"] for key in alice_only] == [created["key_id"]]
     assert set(alice_only[0]) >= {"key_id", "owner", "name", "scopes", "created_at", "expires_at", "revoked"}
-    assert alice_only[0]["revoked"] is False
+    assert alice_only[0]["revoked"] is False and alice_only[0]["version"] == created["version"] == 1
     assert alice_only[0]["scopes"] == ["wallets:read", "wallets:write"]
 
-    revoked = await client.delete(f"/v1/api-keys/{created['key_id']}", headers=bearer(admin_token))
+    stale = await call(client, "DELETE", f"/v1/api-keys/{created['key_id']}", admin_token, status=412,
+                       headers={"If-Match": '"2"'})
+    assert stale["code"] == "precondition_failed"
+    assert await probe(client, secret) == 403  # If-Match failed: still a working key
+    revoked = await client.delete(f"/v1/api-keys/{created['key_id']}",
+                                  headers={**bearer(admin_token), "If-Match": '"1"'})
     assert revoked.status == 204
     assert await probe(client, secret) == 401  # the very next request
     after = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200,
                         headers={"X-Min-Position": revoked.headers["X-Position"]}))["keys"]
-    assert after[0]["revoked"] is True and after[0]["revoked_at"] is not None
+    assert after[0]["revoked"] is True and after[0]["revoked_at"] is not None and after[0]["version"] == 2
 
     again = await call(client, "DELETE", f"/v1/api-keys/{created['key_id']}", admin_token, status=409)
     assert again["code"] == "invalid_transition"
