@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
-from backend.appkeys import STORE
+from backend.appkeys import COMMANDS, STORE
+from backend.domain import Wallet
+from backend.store.event_store import EventStore
+from backend.store.repository import Repository
 from tests.conftest import bearer, mint_token
 
 PROBLEM = "application/problem+json"
@@ -97,6 +102,45 @@ async def test_reservations_confirm_partial_and_rollback(admin: Api) -> None:
     assert (rolled["reserved"], rolled["available"]) == (0, 750)
     closed = await admin.post(f"/v1/wallets/{wid}/reservations/{too_much['reservation_id']}/rollback", status=409)
     assert closed["code"] == "reservation_not_open"
+
+
+async def test_a_reservation_past_its_expiry_is_409_expired_to_confirm_and_rollback(admin: Api) -> None:
+    """Whether or not the expiry process has recorded it yet: the answer is the same."""
+    wid = await open_funded(admin, amount=1000)
+    reserved = await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 400, "ttl_seconds": 1}, status=201)
+    await asyncio.sleep(1.1)
+    for action, body in (("confirm", {"amount": 400}), ("rollback", {})):
+        late = await admin.post(f"/v1/wallets/{wid}/reservations/{reserved['reservation_id']}/{action}", body,
+                                status=409)
+        assert late["code"] == "reservation_expired", late
+    read = await admin.get(f"/v1/wallets/{wid}")
+    assert (read["balance"], read["reserved"], read["available"]) == (1000, 0, 1000)
+
+
+async def test_giving_up_under_contention_is_409_wrong_expected_version_and_changes_nothing(
+    admin: Api, client: TestClient, pool: asyncpg.Pool
+) -> None:
+    """Another process appends between this one's load and its append; with one attempt allowed, the
+    command gives up instead of retrying on fresh state."""
+    wid = await open_funded(admin, amount=1000)
+    other = EventStore(pool)
+    try:
+        repository = Repository(other)
+        wallet = await repository.get(Wallet, uuid.UUID(wid))
+        wallet.credit(5, "from another process", datetime.now(UTC))
+        await repository.save(wallet)
+    finally:
+        await other.close()
+    bus = client.server.app[COMMANDS]
+    bus.max_attempts = 1
+    try:
+        gave_up = await admin.post(f"/v1/wallets/{wid}/debits", {"amount": 1, "reference": "x"}, status=409)
+    finally:
+        bus.max_attempts = 25
+    assert gave_up["code"] == "wrong_expected_version"
+    assert (await admin.get(f"/v1/wallets/{wid}"))["balance"] == 1005
+    retried = await admin.post(f"/v1/wallets/{wid}/debits", {"amount": 1, "reference": "x"}, status=200)
+    assert retried["balance"] == 1004
 
 
 async def test_domain_errors_have_stable_codes(admin: Api) -> None:
