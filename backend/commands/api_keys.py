@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
-from backend.commands.errors import NotFound, PreconditionFailed
+from backend.commands.errors import NotFound, PreconditionFailed, check_if_match
 from backend.domain import ApiKey, hash_secret
 from backend.domain.api_key import verify_secret
 from backend.store.repository import Repository
@@ -83,7 +83,6 @@ async def revoke_key(
     key = await repo.find(ApiKey, key_id, trust=ctx.trust)
     if key is None:
         raise NotFound(f"api key {key_id} does not exist")
-    if expected_version is not None and key.version != expected_version:
-        raise PreconditionFailed(f"api key {key_id} is at version {key.version}, not {expected_version}")
+    check_if_match(f"api key {key_id}", key.version, expected_version)
     key.revoke(ctx.now)  # InvalidTransition when already revoked
     return Decision([key], key_body(key))

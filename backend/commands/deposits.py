@@ -17,7 +17,7 @@ from uuid import UUID
 
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
-from backend.commands.errors import NotFound, PreconditionFailed
+from backend.commands.errors import NotFound, check_if_match
 from backend.commands.wallets import load_wallet, wallet_body
 from backend.domain import Deposit, Wallet, deposit_stream, derive_address, wallet_stream
 from backend.domain.errors import CurrencyMismatch, InvalidTransition, ValidationError
@@ -76,8 +76,7 @@ async def load_deposit(repo: Repository, deposit_id: UUID, *, expected_version: 
     deposit = await repo.find(Deposit, deposit_id)
     if deposit is None:
         raise NotFound(f"deposit {deposit_id} does not exist")
-    if expected_version is not None and deposit.version != expected_version:
-        raise PreconditionFailed(f"deposit {deposit_id} is at version {deposit.version}, not {expected_version}")
+    check_if_match(f"deposit {deposit_id}", deposit.version, expected_version)
     return deposit
 
 

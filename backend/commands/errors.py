@@ -25,6 +25,12 @@ class PreconditionFailed(CommandError):
     code = "precondition_failed"
 
 
+def check_if_match(what: str, version: int, expected: int | None) -> None:
+    """The If-Match check of every write: none asked (None), or the version it names."""
+    if expected is not None and version != expected:
+        raise PreconditionFailed(f"{what} is at version {version}, not {expected}")
+
+
 class TooMuchContention(CommandError):
     """Optimistic appends kept losing to other writers; the command changed nothing."""
 

@@ -12,7 +12,7 @@ from uuid import UUID, uuid4
 
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
-from backend.commands.errors import Forbidden, NotFound, PreconditionFailed
+from backend.commands.errors import Forbidden, NotFound, PreconditionFailed, check_if_match
 from backend.domain import Wallet
 from backend.store.repository import Repository
 
@@ -29,8 +29,7 @@ async def load_wallet(
         raise NotFound(f"wallet {wallet_id} does not exist")
     if not ctx.actor.can_act_for(wallet.owner):
         raise Forbidden(f"wallet {wallet_id} belongs to another owner")
-    if expected_version is not None and wallet.version != expected_version:
-        raise PreconditionFailed(f"wallet {wallet_id} is at version {wallet.version}, not {expected_version}")
+    check_if_match(f"wallet {wallet_id}", wallet.version, expected_version)
     return wallet
 
 
