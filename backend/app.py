@@ -30,7 +30,6 @@ from backend.http import api_keys, audit, deposits, health, queries, wallets
 from backend.http.auth import auth_middleware
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics, metrics_middleware
-from backend.http.metrics import routes as metrics_routes
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
@@ -120,7 +119,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await listener.close()
 
 
-ROUTE_TABLES = (health.routes, metrics_routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
+ROUTE_TABLES = (health.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
                 queries.routes, streaming.routes)
 
 

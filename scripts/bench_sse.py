@@ -62,6 +62,7 @@ from backend.commands.bus import CommandBus
 from backend.commands.context import SYSTEM, CommandContext
 from backend.db import pool_options
 from backend.domain import wallet_stream
+from backend.http import replies
 from backend.http.commands import JsonRenderer
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent
@@ -259,7 +260,7 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
     store = EventStore(pool)
     repository = Repository(store)
     bus = CommandBus(repository)
-    renderer = JsonRenderer(None)
+    renderer = JsonRenderer(None, replies.WalletWrite)
     committed: list[tuple[int, float, float]] = []
     ids = [uuid.UUID(w) for w in wallets]
 

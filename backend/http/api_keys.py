@@ -12,10 +12,9 @@ from backend.commands import api_keys
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
 from backend.domain import apikey_stream
-from backend.http import models
-from backend.http.auth import require
-from backend.http.bodies import read_json
-from backend.http.commands import if_match, run_command
+from backend.http import models, replies
+from backend.http.commands import if_match, locate_created, run_command
+from backend.http.endpoint import Param, command, endpoint
 from backend.http.problems import Problem
 from backend.http.queries import answer, reach
 from projections import api_keys as api_keys_model
@@ -31,14 +30,13 @@ def key_id_of(request: web.Request) -> UUID:
 
 
 @routes.post("/v1/api-keys")
-async def create_key(request: web.Request) -> web.Response:
-    """201 with the token as `secret`, in this response only.
+@command(models.CreateApiKey, scope="admin", reply=replies.CreatedApiKey, status=201, conditional=False)
+async def create_key(request: web.Request, body: models.CreateApiKey) -> web.Response:
+    """Create an API key: 201 with the token as `secret`, in this response only.
 
     An Idempotency-Key replay answers the same key without `secret`: the stored reply never holds
     the token, so the database keeps only its hash. A client that lost it revokes and creates again.
     """
-    require(request, "admin")
-    body = await read_json(request, models.CreateApiKey)
     key_id, token = api_keys.new_token()
     repo = request.app[REPOSITORY]
 
@@ -47,30 +45,27 @@ async def create_key(request: web.Request) -> web.Response:
                                          body.expires_at)
 
     response = await run_command(request, [apikey_stream(key_id)], decide)
-    if response.status != 201:
-        return response
-    created = orjson.loads(response.body)  # type: ignore[arg-type]
-    if "Idempotent-Replayed" not in response.headers:
-        created["secret"] = token
-    response.body = orjson.dumps(created)
-    response.headers["Location"] = f"/v1/api-keys/{created['key_id']}"
-    return response
+    if response.status == 201 and "Idempotent-Replayed" not in response.headers:
+        created = orjson.loads(response.body)  # type: ignore[arg-type]
+        response.body = replies.render(replies.CreatedApiKey, {**created, "secret": token})
+    return locate_created(response, "/v1/api-keys", "key_id")
 
 
 @routes.get("/v1/api-keys")
+@endpoint(scope="admin", reply=replies.ApiKeyList, reads_model=True,
+          params=(Param("owner", "only this owner's keys (default: every owner's)"),))
 async def list_keys(request: web.Request) -> web.Response:
-    """From the api_keys read model, with read-your-writes (`min_position`) like every read."""
-    require(request, "admin")
+    """List keys, without secrets, from the api_keys read model."""
     owner = request.query.get("owner") or None
     await reach(request, api_keys_model.ApiKeys.name)
     checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner)
-    return answer({"keys": keys}, checkpoint)
+    return answer(request, {"keys": keys}, checkpoint)
 
 
 @routes.delete("/v1/api-keys/{key_id}")
+@endpoint(scope="admin", reply=replies.ApiKeyWrite, status=204, conditional=True, errors=("invalid_transition",))
 async def revoke_key(request: web.Request) -> web.Response:
-    """204; the key stops working in this process at once and in every other within a second."""
-    require(request, "admin")
+    """Revoke a key: 204; it stops working in this process at once and in every other within a second."""
     key_id = key_id_of(request)
     version = if_match(request)
     repo = request.app[REPOSITORY]

@@ -15,8 +15,9 @@ from backend.audit import history
 from backend.audit.export import export_pages
 from backend.audit.verify import head, verify_database
 from backend.domain import Wallet
-from backend.http.auth import require
+from backend.http import replies
 from backend.http.bodies import validate
+from backend.http.endpoint import JSON, endpoint
 from backend.http.problems import Problem
 from backend.http.wallets import path_uuid
 from backend.store.events import MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
@@ -95,13 +96,16 @@ def invalid(field: str, message: str) -> Problem:
 
 
 def json_body(events: list[bytes], **fields: Any) -> web.Response:
+    """A page of events already encoded by event_json: spliced in, not decoded and validated again
+    (a test holds these pages to replies.EventPage and replies.StreamPage)."""
     body = orjson.dumps({"events": [orjson.Fragment(e) for e in events], **fields})
-    return web.Response(body=body, content_type="application/json")
+    return web.Response(body=body, content_type=JSON)
 
 
 @routes.get("/v1/events")
+@endpoint(scope=SCOPE, reply=replies.EventPage, query=LogQuery)
 async def log_events(request: web.Request) -> web.Response:
-    require(request, SCOPE)
+    """A page of the global log in position order, optionally filtered."""
     q = query(request, LogQuery)
     async with request.app[POOL].acquire() as conn:
         page = await history.log_page(conn, after=q.after, limit=q.limit, types=q.types,
@@ -110,8 +114,9 @@ async def log_events(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/streams/{stream_id}/events")
+@endpoint(scope=SCOPE, reply=replies.StreamPage, query=StreamQuery)
 async def stream_events(request: web.Request) -> web.Response:
-    require(request, SCOPE)
+    """A page of one stream's history in version order."""
     stream_id = request.match_info["stream_id"]
     q = query(request, StreamQuery)
     async with request.app[POOL].acquire() as conn:
@@ -122,10 +127,10 @@ async def stream_events(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/events/export")
+@endpoint(scope=SCOPE, reply=replies.RecordedEvent, query=ExportQuery, content_type=NDJSON)
 async def export(request: web.Request) -> web.StreamResponse:
     """NDJSON of the events in (after, to], `to` defaulting to the head when the request arrives.
     Errors after the first byte can only cut the stream short: check the last line's position."""
-    require(request, SCOPE)
     q = query(request, ExportQuery)
     async with request.app[POOL].acquire() as conn:
         to = q.to if q.to is not None else await head(conn)
@@ -143,10 +148,10 @@ async def export(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/wallets/{wallet_id}/state")
+@endpoint(scope=SCOPE, reply=replies.WalletState, query=StateQuery)
 async def wallet_state(request: web.Request) -> web.Response:
     """The wallet rebuilt from its own events up to a position or a recorded time (never from a
     snapshot or cache), viewed at that moment: reservations already due then count as expired."""
-    require(request, SCOPE)
     wallet_id = path_uuid(request, "wallet_id")
     q = query(request, StateQuery)
     if (q.at_position is None) == (q.as_of is None):
@@ -166,17 +171,17 @@ async def wallet_state(request: web.Request) -> web.Response:
     if wallet is None:
         raise Problem(404, "not_found", f"wallet {wallet_id} did not exist at that point")
     view = wallet.view(moment.astimezone(UTC)).as_dict()
-    body = {**view, "position": position, "as_of": moment.astimezone(UTC).isoformat()}
-    return web.Response(body=orjson.dumps(body), content_type="application/json")
+    body = {**view, "position": position, "as_of": moment.astimezone(UTC)}
+    return web.Response(body=replies.render(replies.WalletState, body), content_type=JSON)
 
 
 @routes.get("/v1/audit/verify")
+@endpoint(scope=SCOPE, reply=replies.VerifyReport, query=VerifyQuery)
 async def verify(request: web.Request) -> web.Response:
     """Verify one stream's hash chain, or the whole log's (slow on a big log: prefer the CLI)."""
-    require(request, SCOPE)
     q = query(request, VerifyQuery)
     async with request.app[POOL].acquire() as conn:
         report = await verify_database(conn, q.stream)
     if q.stream is not None and report.events_checked == 0:
         raise Problem(404, "not_found", f"stream {q.stream!r} has no events")
-    return web.Response(body=orjson.dumps(report.as_dict()), content_type="application/json")
+    return web.Response(body=replies.render(replies.VerifyReport, report.as_dict()), content_type=JSON)

@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import BaseModel
 
 from backend.appkeys import COMMANDS
 from backend.commands.bus import Decide, Decision, IdempotencyKey, Reply
@@ -14,11 +15,11 @@ from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
+from backend.http.endpoint import JSON, reply_model
 from backend.http.middlewares import REQUEST_ID
 from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from backend.http.replies import render
 from backend.store.events import AppendResult
-
-JSON = "application/json"
 
 DOMAIN_STATUS = {
     "insufficient_funds": 422,
@@ -52,13 +53,17 @@ def command_problem(error: CommandError) -> Problem:
 
 
 class JsonRenderer:
-    """Success: the decision's body plus the append's position. Failure: problem+json."""
+    """Success: the decision's body plus the append's position, as the reply model. Failure: problem+json.
 
-    def __init__(self, request_id: str | None) -> None:
+    A body that does not fit the model fails its own request before anything of it is appended when
+    an Idempotency-Key stores the answer (the planner isolates a broken renderer), else after."""
+
+    def __init__(self, request_id: str | None, reply: type[BaseModel]) -> None:
         self.request_id = request_id
+        self.reply = reply
 
     def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return decision.status, orjson.dumps({**decision.body, "position": result.position}), JSON
+        return decision.status, render(self.reply, {**decision.body, "position": result.position}), JSON
 
     def failure(self, error: DomainError) -> tuple[int, bytes, str]:
         problem = domain_problem(error)
@@ -97,7 +102,8 @@ async def run_command(request: web.Request, streams: list[str], decide: Decide) 
                          correlation_id=request.headers.get("X-Correlation-ID") or request_id)
     idem = idempotency_key(request, await request.read())
     try:
-        reply = await request.app[COMMANDS].execute(ctx, streams, decide, JsonRenderer(request_id), idem)
+        renderer = JsonRenderer(request_id, reply_model(request))
+        reply = await request.app[COMMANDS].execute(ctx, streams, decide, renderer, idem)
     except DomainError as error:
         raise domain_problem(error) from None
     except CommandError as error:

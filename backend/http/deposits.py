@@ -15,10 +15,9 @@ from backend.commands import deposits
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
 from backend.domain import Deposit, deposit_stream
-from backend.http import models
-from backend.http.auth import require
-from backend.http.bodies import read_json
+from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
+from backend.http.endpoint import command
 from backend.http.problems import Problem
 from backend.http.wallets import path_uuid
 
@@ -26,9 +25,10 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/v1/deposits")
-async def open_deposit(request: web.Request) -> web.Response:
-    require(request, "deposits:write")
-    body = await read_json(request, models.OpenDeposit)
+@command(models.OpenDeposit, scope="deposits:write", reply=replies.DepositWrite, status=201, conditional=False,
+         errors=("currency_mismatch",))
+async def open_deposit(request: web.Request, body: models.OpenDeposit) -> web.Response:
+    """Open a deposit on a wallet: a fresh address to pay into, pending until the chain watcher reports."""
     deposit_id = uuid4()
     secret = request.app[SETTINGS].deposit_address_secret.get_secret_value().encode()
     repo = request.app[REPOSITORY]
@@ -41,10 +41,11 @@ async def open_deposit(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/deposits/{deposit_id}/status")
-async def set_status(request: web.Request) -> web.Response:
-    require(request, "deposits:admin")
+@command(models.DepositStatusChange, scope="deposits:admin", reply=replies.DepositWrite,
+         errors=("invalid_transition",))
+async def set_status(request: web.Request, body: models.DepositStatusChange) -> web.Response:
+    """The chain watcher's report; `confirmed` credits the wallet once, in the same atomic append."""
     deposit_id = path_uuid(request, "deposit_id")
-    body = await read_json(request, models.DepositStatusChange)
     version = if_match(request)
     repo = request.app[REPOSITORY]
     known = await repo.find(Deposit, deposit_id)

@@ -1,4 +1,4 @@
-"""Liveness (the process answers) and readiness (the database answers within a timeout)."""
+"""Liveness (the process answers), readiness (the database answers within a timeout) and metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from backend.appkeys import POOL, SETTINGS
+from backend.appkeys import METRICS, POOL, SETTINGS
 from backend.db import UNAVAILABLE_ERRORS, Connection, describe
+from backend.http.endpoint import endpoint
 from backend.http.problems import Problem
 from projections import registry
 from projections.status import status
@@ -16,12 +17,16 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/health/live")
+@endpoint(public=True)
 async def live(request: web.Request) -> web.Response:
+    """The process answers."""
     return web.json_response({"status": "live"})
 
 
 @routes.get("/health/ready")
+@endpoint(public=True)
 async def ready(request: web.Request) -> web.Response:
+    """The database answers within the timeout (else 503); each projection's lag."""
     timeout = request.app[SETTINGS].ready_timeout_s
     try:
         async with asyncio.timeout(timeout):
@@ -41,3 +46,11 @@ async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:
         s.name: {"state": s.state, "lag_events": s.lag_events, "lag_s": s.lag_s}
         for s in await status(conn, registry.names())
     }
+
+
+@routes.get("/metrics")
+@endpoint(public=True, content_type="text/plain")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format."""
+    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})

@@ -108,14 +108,3 @@ def metrics_middleware(metrics: Metrics) -> Middleware:
             metrics.latency[route].observe(time.perf_counter() - started)
 
     return middleware
-
-
-routes = web.RouteTableDef()
-
-
-@routes.get("/metrics")
-async def metrics_endpoint(request: web.Request) -> web.Response:
-    from backend.appkeys import METRICS
-
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})

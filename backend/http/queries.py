@@ -16,12 +16,14 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-import orjson
 from aiohttp import web
 
 from backend.appkeys import POOL, PROJECTIONS, SETTINGS
-from backend.http.auth import require
+from backend.http import replies
+from backend.http.auth import ACTOR
+from backend.http.endpoint import JSON, Param, endpoint, reply_model
 from backend.http.problems import Problem
+from backend.http.replies import render
 from backend.http.wallets import path_uuid
 from projections import balances, deposits, registry, reservations, stats, status
 
@@ -68,12 +70,13 @@ async def reach(request: web.Request, projection: str) -> None:
         )
 
 
-def answer(body: dict[str, Any], checkpoint: int, *, version: int | None = None) -> web.Response:
+def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None
+           ) -> web.Response:
+    """body as the endpoint's reply model, with the checkpoint it reflects (and its ETag, if versioned)."""
     headers = {POSITION_HEADER: str(checkpoint)}
     if version is not None:
         headers["ETag"] = f'"{version}"'
-    return web.Response(body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), content_type="application/json",
-                        headers=headers)
+    return web.Response(body=render(reply_model(request), body), content_type=JSON, headers=headers)
 
 
 def not_found(what: str, checkpoint: int) -> Problem:
@@ -88,8 +91,10 @@ def forbidden(what: str) -> Problem:
 
 
 @routes.get("/v1/wallets/{wallet_id}")
+@endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True)
 async def get_wallet(request: web.Request) -> web.Response:
-    actor = require(request, "wallets:read")
+    """A wallet with its open locks and reservations (ETag: its version)."""
+    actor = request[ACTOR]
     wallet_id = path_uuid(request, "wallet_id")
     await reach(request, balances.Balances.name)
     checkpoint, wallet = await balances.get_wallet(request.app[POOL], wallet_id, datetime.now(UTC))
@@ -97,12 +102,18 @@ async def get_wallet(request: web.Request) -> web.Response:
         raise not_found(f"wallet {wallet_id}", checkpoint)
     if not actor.can_act_for(wallet["owner"]):
         raise forbidden(f"wallet {wallet_id}")
-    return answer(wallet, checkpoint, version=wallet["version"])
+    return answer(request, wallet, checkpoint, version=wallet["version"])
 
 
 @routes.get("/v1/wallets")
+@endpoint(scope="wallets:read", reply=replies.WalletPage, reads_model=True, params=(
+    Param("owner", "this owner's wallets (default: the key's owner; every owner's for admin keys)"),
+    Param("cursor", "next_cursor of the previous page"),
+    Param("limit", f"wallets per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT})", "integer"),
+))
 async def list_wallets(request: web.Request) -> web.Response:
-    actor = require(request, "wallets:read")
+    """Page through wallets in wallet_id order."""
+    actor = request[ACTOR]
     owner = request.query.get("owner")
     if owner is None and not actor.allows("admin"):
         owner = actor.owner
@@ -115,7 +126,7 @@ async def list_wallets(request: web.Request) -> web.Response:
     more = len(page) > limit
     page = page[:limit]
     cursor = encode_cursor(UUID(page[-1]["wallet_id"])) if more else None
-    return answer({"wallets": page, "next_cursor": cursor}, checkpoint)
+    return answer(request, {"wallets": page, "next_cursor": cursor}, checkpoint)
 
 
 def page_limit(request: web.Request) -> int:
@@ -148,8 +159,10 @@ def decode_cursor(cursor: str | None) -> UUID | None:
 
 
 @routes.get("/v1/reservations/{reservation_id}")
+@endpoint(scope="wallets:read", reply=replies.Reservation, reads_model=True)
 async def get_reservation(request: web.Request) -> web.Response:
-    actor = require(request, "wallets:read")
+    """A reservation; one past its expires_at reads as expired even before the expiry is recorded."""
+    actor = request[ACTOR]
     reservation_id = path_uuid(request, "reservation_id")
     await reach(request, reservations.Reservations.name)
     checkpoint, found = await reservations.get_reservation(request.app[POOL], reservation_id, datetime.now(UTC))
@@ -157,12 +170,14 @@ async def get_reservation(request: web.Request) -> web.Response:
         raise not_found(f"reservation {reservation_id}", checkpoint)
     if not actor.can_act_for(found["owner"]):
         raise forbidden(f"reservation {reservation_id}")
-    return answer(found, checkpoint)
+    return answer(request, found, checkpoint)
 
 
 @routes.get("/v1/deposits/{deposit_id}")
+@endpoint(scope="wallets:read", reply=replies.Deposit, reads_model=True)
 async def get_deposit(request: web.Request) -> web.Response:
-    actor = require(request, "wallets:read")
+    """A deposit of one of the key's owner's wallets (ETag: its version)."""
+    actor = request[ACTOR]
     deposit_id = path_uuid(request, "deposit_id")
     await reach(request, deposits.Deposits.name)
     checkpoint, found = await deposits.get_deposit(request.app[POOL], deposit_id)
@@ -171,20 +186,23 @@ async def get_deposit(request: web.Request) -> web.Response:
     owner = found.pop("owner")
     if not actor.can_act_for(owner):
         raise forbidden(f"deposit {deposit_id}")
-    return answer(found, checkpoint, version=found["version"])
+    return answer(request, found, checkpoint, version=found["version"])
 
 
 @routes.get("/v1/stats")
+@endpoint(scope="wallets:read", reply=replies.Stats, reads_model=True)
 async def get_stats(request: web.Request) -> web.Response:
-    require(request, "wallets:read")
+    """Totals per currency and event counts, as of one instant of the stats read model."""
     await reach(request, stats.Stats.name)
     async with request.app[POOL].acquire() as conn:
         checkpoint, body = await stats.get_stats(conn, datetime.now(UTC))
-    return answer(body, checkpoint)
+    return answer(request, body, checkpoint)
 
 
 @routes.get("/v1/projections")
+@endpoint(scope="admin", reply=replies.Projections)
 async def get_projections(request: web.Request) -> web.Response:
-    require(request, "admin")
+    """Each projection's checkpoint, lag, leader and failures."""
     found = await status.status(request.app[POOL], registry.names())
-    return web.json_response({"projections": [item.as_dict() for item in found]})
+    body = render(replies.Projections, {"projections": [item.as_dict() for item in found]})
+    return web.Response(body=body, content_type=JSON)

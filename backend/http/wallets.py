@@ -13,10 +13,9 @@ from backend.commands import wallets
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
 from backend.domain import wallet_stream
-from backend.http import models
-from backend.http.auth import require
-from backend.http.bodies import read_json
+from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
+from backend.http.endpoint import command
 from backend.http.problems import Problem
 from backend.store.repository import Repository
 
@@ -38,9 +37,9 @@ def path_uuid(request: web.Request, name: str) -> UUID:
 
 
 @routes.post("/v1/wallets")
-async def open_wallet(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
-    body = await read_json(request, models.OpenWallet)
+@command(models.OpenWallet, scope="wallets:write", reply=replies.WalletWrite, status=201, conditional=False)
+async def open_wallet(request: web.Request, body: models.OpenWallet) -> web.Response:
+    """Open a wallet for an owner in a currency, with nothing in it."""
     wallet_id = uuid4()
     repo = request.app[REPOSITORY]
 
@@ -67,43 +66,47 @@ async def on_wallet(request: web.Request, command: WalletCommand, also: Sequence
 
 
 @routes.post("/v1/wallets/{wallet_id}/credits")
-async def credit(request: web.Request) -> web.Response:
-    require(request, "admin")
-    body = await read_json(request, models.Movement)
+@command(models.Movement, scope="admin", reply=replies.WalletWrite)
+async def credit(request: web.Request, body: models.Movement) -> web.Response:
+    """Add money to a wallet (an operator's correction or a transfer in from outside Tally)."""
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.credit(repo, ctx, wid, body.amount,
                                                                              body.reference, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/debits")
-async def debit(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
-    body = await read_json(request, models.Movement)
+@command(models.Movement, scope="wallets:write", reply=replies.WalletWrite,
+         errors=("insufficient_funds",))
+async def debit(request: web.Request, body: models.Movement) -> web.Response:
+    """Take money out of a wallet's available funds (422 insufficient_funds beyond them)."""
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.debit(repo, ctx, wid, body.amount,
                                                                             body.reference, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/locks")
-async def lock(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
-    body = await read_json(request, models.LockFunds)
+@command(models.LockFunds, scope="wallets:write", reply=replies.LockWrite, status=201,
+         errors=("insufficient_funds",))
+async def lock(request: web.Request, body: models.LockFunds) -> web.Response:
+    """Hold an amount in escrow until it is released or settled."""
     lock_id = uuid4()
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.lock(repo, ctx, wid, lock_id, body.amount,
                                                                            body.reason, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/locks/{lock_id}/release")
-async def release(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
+@command(models.Empty, scope="wallets:write", reply=replies.LockWrite,
+         errors=("lock_not_open",))
+async def release(request: web.Request, _: models.Empty) -> web.Response:
+    """Return a lock's amount to the wallet's available funds."""
     lock_id = path_uuid(request, "lock_id")
-    await read_json(request, models.Empty)
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.release(repo, ctx, wid, lock_id, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/locks/{lock_id}/settle")
-async def settle(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
+@command(models.Settle, scope="wallets:write", reply=replies.SettleWrite,
+         errors=("lock_not_open", "same_wallet", "currency_mismatch"))
+async def settle(request: web.Request, body: models.Settle) -> web.Response:
+    """Pay a lock's amount into another wallet of the same currency, both in one atomic append."""
     lock_id = path_uuid(request, "lock_id")
-    body = await read_json(request, models.Settle)
     return await on_wallet(
         request,
         lambda repo, ctx, wid, v: wallets.settle(repo, ctx, wid, lock_id, body.to_wallet_id, v),
@@ -112,26 +115,29 @@ async def settle(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations")
-async def reserve(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
-    body = await read_json(request, models.Reserve)
+@command(models.Reserve, scope="wallets:write", reply=replies.ReserveWrite, status=201,
+         errors=("insufficient_funds",))
+async def reserve(request: web.Request, body: models.Reserve) -> web.Response:
+    """Reserve credit until expires_at; confirm or roll it back before then, or it expires."""
     reservation_id = uuid4()
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.reserve(
         repo, ctx, wid, body.amount, body.ttl_seconds, v, reservation_id))
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/confirm")
-async def confirm(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
+@command(models.Confirm, scope="wallets:write", reply=replies.ReservationWrite,
+         errors=("reservation_not_open", "reservation_expired", "amount_exceeds_reserved"))
+async def confirm(request: web.Request, body: models.Confirm) -> web.Response:
+    """Spend a reservation (all of it, or `amount` of it; the rest returns to available)."""
     reservation_id = path_uuid(request, "reservation_id")
-    body = await read_json(request, models.Confirm)
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.confirm(
         repo, ctx, wid, reservation_id, body.amount, v))
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/rollback")
-async def rollback(request: web.Request) -> web.Response:
-    require(request, "wallets:write")
+@command(models.Empty, scope="wallets:write", reply=replies.ReservationWrite,
+         errors=("reservation_not_open", "reservation_expired"))
+async def rollback(request: web.Request, _: models.Empty) -> web.Response:
+    """Return a reservation to the wallet's available funds."""
     reservation_id = path_uuid(request, "reservation_id")
-    await read_json(request, models.Empty)
     return await on_wallet(request, lambda repo, ctx, wid, v: wallets.rollback(repo, ctx, wid, reservation_id, v))

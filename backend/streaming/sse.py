@@ -28,6 +28,7 @@ from backend.commands.context import Actor
 from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
+from backend.http.endpoint import Param, endpoint
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.problems import Problem
 from backend.store import reads
@@ -126,7 +127,22 @@ def _refused(exc: StreamRefused, request: web.Request) -> Problem:
 # ---------------------------------------------------------------- endpoints
 
 
+SSE = "text/event-stream"
+ACCESS = "a key with wallets:read follows its owner's wallets; one with audit:read follows every stream"
+RESUME = (
+    Param(LAST_EVENT_ID, "resume after this position (the id of the last event received)", "integer", "header"),
+    Param("after", "resume after this position, or 'now' for new events only (the later of this and Last-Event-ID)"),
+    Param("access_token", "the API key, for clients such as EventSource that cannot send Authorization"),
+)
+
+
 @routes.get("/v1/streams/events")
+@endpoint(access=ACCESS, content_type=SSE, params=(
+    *RESUME,
+    Param("stream", "only this stream's events"),
+    Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')"),
+    Param("types", "only these event types, comma separated"),
+))
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """The event log, filtered by ``stream``, ``stream_prefix`` and ``types``."""
     owner = viewer_owner(request[ACTOR])
@@ -140,6 +156,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/streams/wallets/{wallet_id}")
+@endpoint(access=ACCESS, content_type=SSE, params=RESUME)
 async def stream_wallet(request: web.Request) -> web.StreamResponse:
     """One wallet's events, each with the wallet's figures right after it."""
     owner = viewer_owner(request[ACTOR])
@@ -160,6 +177,7 @@ async def stream_wallet(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/streams/dashboard")
+@endpoint(access=ACCESS, content_type=SSE, params=RESUME[2:])
 async def stream_dashboard(request: web.Request) -> web.StreamResponse:
     """A ``snapshot`` of the stats read model, then ``stats`` deltas at a bounded rate."""
     viewer_owner(request[ACTOR])

@@ -20,6 +20,7 @@ from backend.commands.bus import CommandBus, IdempotencyKey, Reply
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain import Wallet, wallet_stream
 from backend.domain.errors import InsufficientFunds
+from backend.http import replies
 from backend.http.commands import JsonRenderer
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
@@ -38,7 +39,7 @@ class Node:
             return await handler(self.repository, ctx, wallet_id, amount, f"{command}-{amount}", if_match)
 
         return await self.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide,
-                                      JsonRenderer(None), idem)
+                                      JsonRenderer(None, replies.WalletWrite), idem)
 
     def tail_reads(self) -> int:
         return self.store.point_reads._tails.loads
@@ -151,7 +152,7 @@ async def test_an_answer_about_an_aggregate_the_command_does_not_write_comes_fro
     async def decide(ctx: CommandContext) -> wallet_commands.Decision:
         return await deposit_commands.open_deposit(one.repository, ctx, uuid.uuid4(), wallet_id, "USD", b"secret")
 
-    reply = await one.bus.execute(CommandContext(SYSTEM), [], decide, JsonRenderer(None))
+    reply = await one.bus.execute(CommandContext(SYSTEM), [], decide, JsonRenderer(None, replies.DepositWrite))
     assert orjson.loads(reply.body)["wallet"]["balance"] == 15
 
 

@@ -1,0 +1,126 @@
+"""Declaring an endpoint once: its scope, request body and reply model drive the handler and /openapi.json.
+
+    @routes.post("/v1/wallets/{wallet_id}/debits")
+    @command(models.Movement, scope="wallets:write", reply=replies.WalletWrite)
+    async def debit(request: web.Request, body: models.Movement) -> web.Response: ...
+
+The wrapper checks the scope (403 before anything else is read), parses and validates the body (422
+naming the field), and leaves the declaration on the request, where run_command() and answer() find
+the reply model that renders the answer. backend.http.openapi reads the same declarations off the
+router, so the document describes exactly what the handlers enforce.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from backend.http.auth import require
+from backend.http.bodies import read_json
+
+JSON = "application/json"
+
+B = TypeVar("B", bound=BaseModel)
+R = TypeVar("R", bound=web.StreamResponse)
+Handler = Callable[[web.Request], Awaitable[R]]
+
+
+@dataclass(frozen=True, slots=True)
+class Param:
+    """A query parameter or header the handler reads itself (documented, not validated here)."""
+
+    name: str
+    description: str
+    schema_type: str = "string"
+    location: str = "query"
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    scope: str | None = None
+    """The scope the wrapper requires; None: public, or the handler decides (see `access`)."""
+    body: type[BaseModel] | None = None
+    reply: type[BaseModel] | None = None
+    status: int = 200
+    content_type: str = JSON
+    query: type[BaseModel] | None = None
+    """A model the handler validates its query string with."""
+    params: tuple[Param, ...] = ()
+    access: str | None = None
+    """How the handler authorizes, where a single scope does not say it."""
+    conditional: bool = False
+    """Takes If-Match: <version> (412 precondition_failed on a mismatch)."""
+    reads_model: bool = False
+    """Served from a read model: takes min_position / X-Min-Position and Prefer: wait=N."""
+    public: bool = False
+    errors: tuple[str, ...] = ()
+    """The domain error codes the command can answer with, besides those every command can."""
+
+
+ENDPOINT = web.RequestKey("endpoint", Endpoint)
+ATTRIBUTE = "tally_endpoint"
+
+
+def declared(handler: object) -> Endpoint | None:
+    """The declaration of a route's handler, if it was declared with endpoint() or command()."""
+    found = getattr(handler, ATTRIBUTE, None)
+    return found if isinstance(found, Endpoint) else None
+
+
+def endpoint(
+    *, scope: str | None = None, reply: type[BaseModel] | None = None, status: int = 200,
+    content_type: str = JSON, query: type[BaseModel] | None = None, params: tuple[Param, ...] = (),
+    access: str | None = None, conditional: bool = False, reads_model: bool = False, public: bool = False,
+    errors: tuple[str, ...] = (),
+) -> Callable[[Handler[R]], Handler[R]]:
+    """A handler without a request body; the arguments are Endpoint's fields."""
+    spec = Endpoint(scope=scope, reply=reply, status=status, content_type=content_type, query=query,
+                    params=params, access=access, conditional=conditional, reads_model=reads_model,
+                    public=public, errors=errors)
+
+    def wrap(handler: Handler[R]) -> Handler[R]:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> R:
+            if spec.scope is not None:
+                require(request, spec.scope)
+            request[ENDPOINT] = spec
+            return await handler(request)
+
+        setattr(checked, ATTRIBUTE, spec)
+        return checked
+
+    return wrap
+
+
+def command(
+    body: type[B], *, scope: str, reply: type[BaseModel], status: int = 200, conditional: bool = True,
+    errors: tuple[str, ...] = (),
+) -> Callable[[Callable[[web.Request, B], Awaitable[R]]], Handler[R]]:
+    """A handler of a JSON body, called with the validated model (an empty body reads as {})."""
+    spec = Endpoint(scope=scope, body=body, reply=reply, status=status, conditional=conditional, errors=errors)
+
+    def wrap(handler: Callable[[web.Request, B], Awaitable[R]]) -> Handler[R]:
+        @functools.wraps(handler)
+        async def checked(request: web.Request) -> R:
+            require(request, scope)
+            parsed = await read_json(request, body)
+            request[ENDPOINT] = spec
+            return await handler(request, parsed)
+
+        setattr(checked, ATTRIBUTE, spec)
+        return checked
+
+    return wrap
+
+
+def reply_model(request: web.Request) -> type[BaseModel]:
+    """The reply model its endpoint declared (a handler without one is a programming error)."""
+    reply = request[ENDPOINT].reply if ENDPOINT in request else None
+    if reply is None:
+        raise LookupError(f"{request.method} {request.path}: the endpoint declares no reply model")
+    return reply
