@@ -26,11 +26,12 @@ from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
 from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
-from backend.http import api_keys, audit, deposits, health, queries, wallets
+from backend.http import api_keys, audit, deposits, health, openapi, queries, wallets
 from backend.http.auth import auth_middleware
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
+from backend.http.openapi import OPENAPI
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.store.event_store import EventStore
@@ -119,7 +120,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await listener.close()
 
 
-ROUTE_TABLES = (health.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
+ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
                 queries.routes, streaming.routes)
 
 
@@ -143,4 +144,5 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(streaming.close_streams)
     for table in ROUTE_TABLES:
         add_routes(app, table)
+    app[OPENAPI] = openapi.document_bytes(app)
     return app

@@ -1,0 +1,209 @@
+"""GET /openapi.json: the OpenAPI 3.1 document, generated from the router and each handler's declaration
+(backend.http.endpoint): paths and methods as routed, scopes as enforced, bodies and replies as the
+pydantic models that validate them. Built once when the app is created; a route without a declaration
+fails create_app, so nothing can be served undocumented."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import hdrs, web
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from backend.http.commands import DOMAIN_STATUS
+from backend.http.endpoint import Endpoint, declared, endpoint
+from backend.http.problems import PROBLEM_CONTENT_TYPE
+from backend.http.replies import Problem
+
+OPENAPI = web.AppKey("openapi", bytes)
+API_VERSION = "1.0.0"
+REF = "#/components/schemas/{model}"
+_PATH_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/openapi.json")
+@endpoint(public=True)
+async def openapi(request: web.Request) -> web.Response:
+    """This document."""
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+def document_bytes(app: web.Application) -> bytes:
+    return orjson.dumps(document(app))
+
+
+def document(app: web.Application) -> dict[str, Any]:
+    operations = []
+    for route in app.router.routes():
+        if route.method == hdrs.METH_HEAD or route.resource is None:
+            continue
+        spec = declared(route.handler)
+        if spec is None:
+            raise LookupError(f"{route.method} {route.resource.canonical}: handler {route.handler!r} is not "
+                              "declared with backend.http.endpoint (endpoint or command)")
+        operations.append((route.method.lower(), route.resource.canonical, route.handler, spec))
+    refs, schemas = _schemas([spec for *_, spec in operations])
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, handler, spec in operations:
+        paths.setdefault(path, {})[method] = _operation(method, path, handler, spec, refs)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Tally",
+            "version": API_VERSION,
+            "description": "Event-sourced wallets, escrow locks, credit reservations, deposits and API keys. "
+                           "Amounts are integers of minor units; ids are UUIDs; times RFC 3339 in UTC. Every "
+                           "write answers with the global `position` of its events; a 2xx means they are "
+                           "committed. Errors are RFC 9457 problem+json with a stable `code`.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
+                                           "description": "an API key, tly_<key id>_<secret>"}},
+        },
+    }
+
+
+Refs = Mapping[tuple[Any, JsonSchemaMode], dict[str, Any]]
+
+
+def _schemas(specs: list[Endpoint]) -> tuple[Refs, dict[str, Any]]:
+    """A $ref for each (model, mode) and the component schemas they point at."""
+    wanted: set[tuple[type[BaseModel], JsonSchemaMode]] = {(Problem, "serialization")}
+    for spec in specs:
+        if spec.body is not None:
+            wanted.add((spec.body, "validation"))
+        if spec.reply is not None:
+            wanted.add((spec.reply, "serialization"))
+    ordered = sorted(wanted, key=lambda item: (item[0].__name__, item[1]))
+    refs, top = models_json_schema(ordered, ref_template=REF)
+    return refs, top.get("$defs", {})
+
+
+def _operation(method: str, path: str, handler: Any, spec: Endpoint, refs: Refs) -> dict[str, Any]:
+    summary, _, rest = (handler.__doc__ or handler.__name__).strip().partition("\n")
+    description = " ".join(line.strip() for line in rest.splitlines() if line.strip())
+    if spec.access:
+        description = f"{description} Access: {spec.access}.".strip()
+    operation: dict[str, Any] = {
+        "operationId": f"{handler.__module__.rsplit('.', 1)[-1]}.{handler.__name__}",
+        "summary": summary.strip(),
+        "tags": [_tag(path)],
+        "parameters": _parameters(method, path, spec),
+        "responses": _responses(method, path, spec, refs),
+    }
+    if description:
+        operation["description"] = description
+    if spec.public:
+        operation["security"] = []
+    else:
+        operation["security"] = [{"apiKey": []}]
+        if spec.scope:
+            operation["x-required-scope"] = spec.scope
+    if spec.body is not None:
+        operation["requestBody"] = {"required": False, "content": {
+            "application/json": {"schema": refs[(spec.body, "validation")]}}}
+    return operation
+
+
+def _tag(path: str) -> str:
+    parts = path.strip("/").split("/")
+    return parts[1] if parts[0] == "v1" and len(parts) > 1 else "operations"
+
+
+def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
+    params: list[dict[str, Any]] = []
+    for name in _PATH_PARAM.findall(path):
+        uuid = name.endswith("_id") and name != "stream_id"
+        params.append({"name": name, "in": "path", "required": True,
+                       "schema": {"type": "string", "format": "uuid"} if uuid else {"type": "string"}})
+    if spec.query is not None:
+        query = spec.query.model_json_schema(ref_template=REF)
+        required = set(query.get("required", ()))
+        properties: dict[str, Any] = query.get("properties", {})
+        for name, prop in properties.items():
+            param = {"name": name, "in": "query", "required": name in required, "schema": prop}
+            if "array" in orjson.dumps(prop).decode():
+                param.update(style="form", explode=False)  # comma separated
+            params.append(param)
+    for extra in spec.params:
+        params.append({"name": extra.name, "in": extra.location, "required": False,
+                       "description": extra.description, "schema": {"type": extra.schema_type}})
+    if spec.reads_model:
+        params += [
+            {"name": "min_position", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+             "description": "wait until the read model has applied this position (a write's `position`)"},
+            {"name": "X-Min-Position", "in": "header", "required": False, "schema": {"type": "integer"},
+             "description": "the same as min_position"},
+            {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "wait=N: how many seconds to wait for min_position (bounded by the server)"},
+        ]
+    if method == "post":
+        params.append({"name": "Idempotency-Key", "in": "header", "required": False,
+                       "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                       "description": "repeat the request safely: the first outcome is replayed byte for byte "
+                                      "(Idempotent-Replayed: true), for at least 24 hours, per API key"})
+    if spec.conditional:
+        params.append({"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                       "description": "the stream version the command expects, as \"3\" (412 if it moved on)"})
+    return params
+
+
+def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, Any]:
+    success: dict[str, Any] = {"description": "OK" if spec.status < 300 else "done"}
+    if spec.status != 204:
+        schema = refs[(spec.reply, "serialization")] if spec.reply is not None else {"type": "object"}
+        if spec.content_type not in ("application/json",):
+            schema = {"type": "string"} if spec.reply is None else schema
+        success["content"] = {spec.content_type: {"schema": schema}}
+    if method in ("post", "delete"):
+        success["headers"] = {"X-Position": {"schema": {"type": "integer"},
+                                             "description": "global position of the events appended"}}
+    if spec.status == 201:
+        success.setdefault("headers", {})["Location"] = {"schema": {"type": "string"},
+                                                         "description": "what was created"}
+    responses: dict[str, Any] = {str(spec.status): success}
+    problems = _problem_statuses(method, path, spec)
+    problem = {PROBLEM_CONTENT_TYPE: {"schema": refs[(Problem, "serialization")]}}
+    for status, codes in sorted(problems.items()):
+        responses[str(status)] = {"description": "codes: " + ", ".join(codes), "content": problem}
+    return responses
+
+
+def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[str]]:
+    statuses: dict[int, list[str]] = {}
+
+    def add(status: int, *codes: str) -> None:
+        statuses.setdefault(status, []).extend(code for code in codes if code not in statuses.get(status, ()))
+
+    if not spec.public:
+        add(401, "unauthorized")
+        add(403, "forbidden")
+        add(429, "rate_limited")
+        add(503, "unavailable")
+    if _PATH_PARAM.search(path):
+        add(404, "not_found")
+    if spec.query is not None or spec.reads_model or spec.params:
+        add(400, "validation_error")
+    if spec.reads_model:
+        add(503, "unavailable")
+    if spec.body is not None:
+        add(400, "validation_error")
+        add(413, "payload_too_large")
+        add(415, "unsupported_media_type")
+        add(422, "validation_error")
+    if method in ("post", "delete"):  # commands
+        add(409, "wrong_expected_version", "idempotency_in_flight")
+        add(422, "idempotency_conflict")
+    for code in spec.errors:
+        add(DOMAIN_STATUS[code], code)
+    if spec.conditional:
+        add(412, "precondition_failed")
+    return statuses
