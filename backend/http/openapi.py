@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 import orjson
@@ -14,8 +15,9 @@ from aiohttp import hdrs, web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from backend.http.audit import NDJSON
 from backend.http.commands import DOMAIN_STATUS
-from backend.http.endpoint import Endpoint, declared, endpoint
+from backend.http.endpoint import JSON, Endpoint, declared, endpoint
 from backend.http.problems import PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 
@@ -31,7 +33,7 @@ routes = web.RouteTableDef()
 @endpoint(public=True)
 async def openapi(request: web.Request) -> web.Response:
     """This document."""
-    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+    return web.Response(body=request.app[OPENAPI], content_type=JSON)
 
 
 def document_bytes(app: web.Application) -> bytes:
@@ -157,11 +159,14 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
 
 
 def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, Any]:
-    success: dict[str, Any] = {"description": "OK" if spec.status < 300 else "done"}
+    success: dict[str, Any] = {"description": HTTPStatus(spec.status).phrase}
+    if spec.reply is not None and spec.content_type == NDJSON:
+        success["description"] = "one JSON object per line, each of the schema given"
     if spec.status != 204:
-        schema = refs[(spec.reply, "serialization")] if spec.reply is not None else {"type": "object"}
-        if spec.content_type not in ("application/json",):
-            schema = {"type": "string"} if spec.reply is None else schema
+        if spec.reply is not None:
+            schema = refs[(spec.reply, "serialization")]
+        else:
+            schema = {"type": "object"} if spec.content_type == JSON else {"type": "string"}
         success["content"] = {spec.content_type: {"schema": schema}}
     if method in ("post", "delete"):
         success["headers"] = {"X-Position": {"schema": {"type": "integer"},
