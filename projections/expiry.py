@@ -27,12 +27,11 @@ from uuid import UUID
 import asyncpg
 
 from backend.commands import wallets
-from backend.commands.bus import CommandBus, Decision
+from backend.commands.bus import CommandBus, Decision, Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.db import Connection
-from backend.domain.errors import DomainError, ReservationNotOpen
+from backend.domain.errors import ReservationNotOpen
 from backend.domain.registry import wallet_stream
-from backend.store.events import AppendResult
 from projections.base import WALLET, Projection, Rows, aggregate_id, id_array
 from projections.events import Event
 
@@ -53,16 +52,6 @@ CLOSING = ("ReservationConfirmed", "ReservationRolledBack", "ReservationExpired"
 RETRY_AFTER_S = 5.0
 """A reservation attempted this recently is left alone (until its closing event arrives)."""
 RECHECK_S = 1.0
-
-
-class _Quiet:
-    """The bus wants response bytes; a process manager has no client to answer."""
-
-    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return 200, b"", "application/json"
-
-    def failure(self, error: DomainError) -> tuple[int, bytes, str]:  # pragma: no cover - no Idempotency-Key
-        return 409, b"", "application/json"
 
 
 class Expiry(Projection):
@@ -161,7 +150,7 @@ class Expiry(Projection):
 
         ctx = CommandContext(SYSTEM, correlation_id=f"expiry-{reservation_id}")
         try:
-            await self.bus.execute(ctx, [wallet_stream(wallet_id)], decide, _Quiet())
+            await self.bus.execute(ctx, [wallet_stream(wallet_id)], decide, Quiet())
         except ReservationNotOpen:
             return  # closed meanwhile (confirmed, rolled back, or expired by another command): done
         self.expired += 1

@@ -45,14 +45,14 @@ from eventsourcing.projection import ProjectionRunner
 from psycopg.sql import SQL, Identifier
 
 from backend.commands import wallets as wallet_commands
-from backend.commands.bus import CommandBus, Decision
+from backend.commands.bus import CommandBus, Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
 from backend.domain import ApiKey, Deposit, DomainError, Wallet, derive_address, hash_secret
 from backend.domain.registry import wallet_stream
 from backend.store.event_store import EventStore
-from backend.store.events import AppendResult, RecordedEvent, Write
+from backend.store.events import RecordedEvent, Write
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
 from backend.store.repository import Repository
@@ -547,16 +547,6 @@ async def lag_command(bus: CommandBus, rng: random.Random, wallet_id: UUID, comm
             repo, ctx, wallet_id, amount, 3600, None))
     if position:
         commits.append((position, time.perf_counter()))
-
-
-class Quiet:
-    """No client reads these answers."""
-
-    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return 200, b"", "application/json"
-
-    def failure(self, error: DomainError) -> tuple[int, bytes, str]:
-        return 409, b"", "application/json"
 
 
 async def run_command(bus: CommandBus, wallet_id: UUID, decide: Any) -> int:

@@ -57,6 +57,16 @@ class Renderer(Protocol):
     def failure(self, error: DomainError) -> tuple[int, bytes, str]: ...
 
 
+class Quiet:
+    """A renderer for callers with no client to answer (process managers, tests, benchmarks)."""
+
+    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
+        return 200, b"", "application/json"
+
+    def failure(self, error: DomainError) -> tuple[int, bytes, str]:
+        return 409, b"", "application/json"
+
+
 @dataclass(frozen=True, slots=True)
 class IdempotencyKey:
     scope: str

@@ -10,12 +10,10 @@ from typing import Any
 
 import asyncpg
 
-from backend.commands.bus import CommandBus, Decision
+from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, pool_options
-from backend.domain.errors import DomainError
 from backend.store.event_store import EventStore
-from backend.store.events import AppendResult
 from backend.store.listener import Listener
 from backend.store.repository import Repository
 from projections import registry
@@ -40,16 +38,6 @@ def settings_for(dsn: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {"rate_limit_per_s": 0, "projection_poll_s": 0.2, "projection_standby_retry_s": 0.2}
     values.update(overrides)
     return make_settings(dsn, **values)
-
-
-class Quiet:
-    """A CommandBus renderer for callers that want no response bytes."""
-
-    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return 200, b"", "application/json"
-
-    def failure(self, error: DomainError) -> tuple[int, bytes, str]:
-        return 409, b"", "application/json"
 
 
 class Node:

@@ -7,11 +7,12 @@ from datetime import datetime, timedelta
 from uuid import UUID, uuid4
 
 from backend.commands import wallets
+from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.events import read_batch
 from projections.expiry import Expiry
-from tests.projections.harness import Node, Quiet, eventually
+from tests.projections.harness import Node, eventually
 
 
 async def command(node: Node, wallet_id: UUID, decide) -> int:  # type: ignore[no-untyped-def]

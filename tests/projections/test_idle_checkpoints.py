@@ -8,10 +8,11 @@ import time
 from uuid import uuid4
 
 from backend.commands import wallets
+from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.deposits import Deposits
-from tests.projections.harness import Node, Quiet, eventually, settings_for
+from tests.projections.harness import Node, eventually, settings_for
 
 INTERVAL_S = 0.5
 

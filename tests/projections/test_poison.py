@@ -9,6 +9,7 @@ from uuid import uuid4
 import pytest
 
 from backend.commands import deposits, wallets
+from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import deposit_stream, wallet_stream
 from backend.store.events import ANY, NewEvent
@@ -17,7 +18,7 @@ from projections.rebuild import rebuild
 from projections.runner import FAILED
 from projections.service import connector
 from projections.status import status
-from tests.projections.harness import Node, Quiet, eventually
+from tests.projections.harness import Node, eventually
 from tests.projections.workload import SECRET
 
 

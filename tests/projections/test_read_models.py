@@ -9,12 +9,13 @@ from uuid import uuid4
 import pytest
 
 from backend.commands import wallets
+from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections import balances, registry, reservations, stats
 from projections.base import Projection
 from projections.expiry import Expiry
-from tests.projections.harness import Node, Quiet, eventually, settings_for
+from tests.projections.harness import Node, eventually, settings_for
 from tests.projections.oracle import actual_tables, assert_same, expected_tables
 from tests.projections.workload import Workload
 

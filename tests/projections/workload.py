@@ -10,12 +10,11 @@ from dataclasses import dataclass, field
 from uuid import UUID, uuid4
 
 from backend.commands import api_keys, deposits, wallets
-from backend.commands.bus import CommandBus, Decision
+from backend.commands.bus import CommandBus, Decision, Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
 from backend.domain.registry import apikey_stream, deposit_stream, wallet_stream
-from tests.projections.harness import Quiet
 
 OWNERS = ("alice", "bob", "carol")
 CURRENCIES = ("USD", "EUR", "BTC")
