@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from backend.appkeys import POOL, REPOSITORY
 from backend.audit import history
@@ -18,6 +18,7 @@ from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import validate
 from backend.http.endpoint import JSON, endpoint
+from backend.http.models import Rfc3339
 from backend.http.problems import Problem
 from backend.http.wallets import path_uuid
 from backend.store.events import MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
@@ -47,8 +48,8 @@ class LogQuery(Query):
     limit: Limit = 100
     types: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TYPE_LENGTH)]] | None = None
     stream_prefix: StreamId | None = None
-    from_time: AwareDatetime | None = None
-    to_time: AwareDatetime | None = None
+    from_time: Rfc3339 | None = None
+    to_time: Rfc3339 | None = None
 
     @field_validator("types", mode="before")
     @classmethod
@@ -68,7 +69,7 @@ class ExportQuery(Query):
 
 class StateQuery(Query):
     at_position: Annotated[int, Field(ge=1, le=MAX_POSITION)] | None = None
-    as_of: AwareDatetime | None = None
+    as_of: Rfc3339 | None = None
 
 
 class VerifyQuery(Query):
@@ -176,7 +177,7 @@ async def wallet_state(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/audit/verify")
-@endpoint(scope=SCOPE, reply=replies.VerifyReport, query=VerifyQuery)
+@endpoint(scope=SCOPE, reply=replies.VerifyReport, query=VerifyQuery, errors=("not_found",))
 async def verify(request: web.Request) -> web.Response:
     """Verify one stream's hash chain, or the whole log's (slow on a big log: prefer the CLI)."""
     q = query(request, VerifyQuery)

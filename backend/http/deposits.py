@@ -26,7 +26,7 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/deposits")
 @command(models.OpenDeposit, scope="deposits:write", reply=replies.DepositWrite, status=201, conditional=False,
-         errors=("currency_mismatch",))
+         errors=("not_found", "currency_mismatch"))
 async def open_deposit(request: web.Request, body: models.OpenDeposit) -> web.Response:
     """Open a deposit on a wallet: a fresh address to pay into, pending until the chain watcher reports."""
     deposit_id = uuid4()

@@ -13,8 +13,8 @@ router, so the document describes exactly what the handlers enforce.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from aiohttp import web
@@ -24,6 +24,7 @@ from backend.http.auth import require
 from backend.http.bodies import read_json
 
 JSON = "application/json"
+SSE = "text/event-stream"
 
 B = TypeVar("B", bound=BaseModel)
 R = TypeVar("R", bound=web.StreamResponse)
@@ -36,7 +37,7 @@ class Param:
 
     name: str
     description: str
-    schema_type: str = "string"
+    schema: Mapping[str, object] = field(default_factory=lambda: {"type": "string"})
     location: str = "query"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 from uuid import UUID
@@ -17,12 +18,16 @@ from pydantic import (
     field_validator,
 )
 
+from backend.domain.money import CURRENCIES
+
 MAX_AMOUNT = 2**63 - 1
 
-Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT)]
+Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT,
+                              description="minor units, a JSON integer (14.0 and \"14\" are refused)")]
 Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Owner = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-Currency = Annotated[str, StringConstraints(min_length=3, max_length=10)]
+Currency = Annotated[str, StringConstraints(min_length=3, max_length=10),
+                     Field(json_schema_extra={"enum": sorted(CURRENCIES)})]
 
 
 class Body(BaseModel):
@@ -99,11 +104,15 @@ class DepositStatusChange(Body):
         return value
 
 
+_RFC3339_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+
+
 def _rfc3339_string(value: object) -> object:
-    """JSON carries times as strings; a bare number would be read as a Unix time, so refuse it."""
+    """Times are RFC 3339 strings. pydantic would read a number, or a string of digits such as
+    "1700000000" or "0.5", as a Unix time: refuse anything that does not start like a date-time."""
     if isinstance(value, datetime):
         return value
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not _RFC3339_START.match(value):
         raise ValueError("must be an RFC 3339 date-time string such as 2030-01-01T00:00:00Z")
     return value
 

@@ -16,14 +16,22 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from backend.http.audit import NDJSON
-from backend.http.commands import DOMAIN_STATUS
-from backend.http.endpoint import JSON, Endpoint, declared, endpoint
+from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
+from backend.http.endpoint import JSON, SSE, Endpoint, declared, endpoint
 from backend.http.problems import PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 
 OPENAPI = web.AppKey("openapi", bytes)
 API_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
+POSITION = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+IF_MATCH = r'^\s*(W/)?"?[0-9]+"?\s*$'
+SSE_EVENT = {
+    "type": "object",
+    "description": "one Server-Sent Event; `data` is JSON, `id` the global position to resume after",
+    "properties": {"id": {"type": "string"}, "event": {"type": "string"}, "retry": {"type": "integer"},
+                   "data": {"type": "string", "contentMediaType": "application/json"}},
+}
 _PATH_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 routes = web.RouteTableDef()
@@ -110,7 +118,8 @@ def _operation(method: str, path: str, handler: Any, spec: Endpoint, refs: Refs)
         if spec.scope:
             operation["x-required-scope"] = spec.scope
     if spec.body is not None:
-        operation["requestBody"] = {"required": False, "content": {
+        required = bool(spec.body.model_json_schema().get("required"))  # else an empty body reads as {}
+        operation["requestBody"] = {"required": required, "content": {
             "application/json": {"schema": refs[(spec.body, "validation")]}}}
     return operation
 
@@ -137,12 +146,12 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
             params.append(param)
     for extra in spec.params:
         params.append({"name": extra.name, "in": extra.location, "required": False,
-                       "description": extra.description, "schema": {"type": extra.schema_type}})
+                       "description": extra.description, "schema": dict(extra.schema)})
     if spec.reads_model:
         params += [
-            {"name": "min_position", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 0},
+            {"name": "min_position", "in": "query", "required": False, "schema": POSITION,
              "description": "wait until the read model has applied this position (a write's `position`)"},
-            {"name": "X-Min-Position", "in": "header", "required": False, "schema": {"type": "integer"},
+            {"name": "X-Min-Position", "in": "header", "required": False, "schema": POSITION,
              "description": "the same as min_position"},
             {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "wait=N: how many seconds to wait for min_position (bounded by the server)"},
@@ -153,7 +162,8 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
                        "description": "repeat the request safely: the first outcome is replayed byte for byte "
                                       "(Idempotent-Replayed: true), for at least 24 hours, per API key"})
     if spec.conditional:
-        params.append({"name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+        params.append({"name": "If-Match", "in": "header", "required": False,
+                       "schema": {"type": "string", "pattern": IF_MATCH},
                        "description": "the stream version the command expects, as \"3\" (412 if it moved on)"})
     return params
 
@@ -165,6 +175,8 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
     if spec.status != 204:
         if spec.reply is not None:
             schema = refs[(spec.reply, "serialization")]
+        elif spec.content_type == SSE:
+            schema = SSE_EVENT
         else:
             schema = {"type": "object"} if spec.content_type == JSON else {"type": "string"}
         success["content"] = {spec.content_type: {"schema": schema}}
@@ -195,8 +207,10 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         add(503, "unavailable")
     if _PATH_PARAM.search(path):
         add(404, "not_found")
-    if spec.query is not None or spec.reads_model or spec.params:
+    if spec.reads_model or spec.params:
         add(400, "validation_error")
+    if spec.query is not None:  # the audit query models: unknown or malformed parameters
+        add(422, "validation_error")
     if spec.reads_model:
         add(503, "unavailable")
     if spec.body is not None:
@@ -208,7 +222,8 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         add(409, "wrong_expected_version", "idempotency_in_flight")
         add(422, "idempotency_conflict")
     for code in spec.errors:
-        add(DOMAIN_STATUS[code], code)
+        add(DOMAIN_STATUS.get(code) or COMMAND_STATUS[code], code)
     if spec.conditional:
+        add(400, "validation_error")  # an If-Match that names no version
         add(412, "precondition_failed")
     return statuses

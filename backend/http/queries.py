@@ -31,6 +31,7 @@ routes = web.RouteTableDef()
 
 POSITION_HEADER = "X-Projection-Position"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+MAX_POSITION = 2**63 - 1
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
 
@@ -42,7 +43,7 @@ def min_position(request: web.Request) -> int | None:
     if raw is None:
         return None
     raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 19:
+    if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
         raise Problem(400, "validation_error", "min_position must be a non-negative integer (a write's position)",
                       extra={"field": "min_position"})
     return int(raw)
@@ -109,18 +110,19 @@ async def get_wallet(request: web.Request) -> web.Response:
 @endpoint(scope="wallets:read", reply=replies.WalletPage, reads_model=True, params=(
     Param("owner", "this owner's wallets (default: the key's owner; every owner's for admin keys)"),
     Param("cursor", "next_cursor of the previous page"),
-    Param("limit", f"wallets per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT})", "integer"),
+    Param("limit", "wallets per page", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                                        "default": DEFAULT_LIMIT}),
 ))
 async def list_wallets(request: web.Request) -> web.Response:
     """Page through wallets in wallet_id order."""
     actor = request[ACTOR]
-    owner = request.query.get("owner")
+    owner = request.query.get("owner") or None  # an empty parameter counts as absent
     if owner is None and not actor.allows("admin"):
         owner = actor.owner
     if owner is not None and not actor.can_act_for(owner):
         raise Problem(403, "forbidden", "this API key may only list its own owner's wallets")
     limit = page_limit(request)
-    after = decode_cursor(request.query.get("cursor"))
+    after = decode_cursor(request.query.get("cursor") or None)
     await reach(request, balances.Balances.name)
     checkpoint, page = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
     more = len(page) > limit

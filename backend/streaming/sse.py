@@ -28,11 +28,11 @@ from backend.commands.context import Actor
 from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
-from backend.http.endpoint import Param, endpoint
+from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.problems import Problem
 from backend.store import reads
-from backend.store.events import RecordedEvent
+from backend.store.events import MAX_STREAM_ID_LENGTH, RecordedEvent
 from backend.store.repository import fold
 from backend.streaming import frames, tcp
 from backend.streaming.dashboard import projection_stats
@@ -127,11 +127,13 @@ def _refused(exc: StreamRefused, request: web.Request) -> Problem:
 # ---------------------------------------------------------------- endpoints
 
 
-SSE = "text/event-stream"
 ACCESS = "a key with wallets:read follows its owner's wallets; one with audit:read follows every stream"
+STREAM_ID = {"type": "string", "minLength": 1, "maxLength": MAX_STREAM_ID_LENGTH}
 RESUME = (
-    Param(LAST_EVENT_ID, "resume after this position (the id of the last event received)", "integer", "header"),
-    Param("after", "resume after this position, or 'now' for new events only (the later of this and Last-Event-ID)"),
+    Param(LAST_EVENT_ID, "resume after this position (the id of the last event received)",
+          {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}, "header"),
+    Param("after", "resume after this position, or 'now' for new events only (the later of this and Last-Event-ID)",
+          {"type": "string", "pattern": "^([0-9]{1,19}|now)$"}),
     Param("access_token", "the API key, for clients such as EventSource that cannot send Authorization"),
 )
 
@@ -139,8 +141,8 @@ RESUME = (
 @routes.get("/v1/streams/events")
 @endpoint(access=ACCESS, content_type=SSE, params=(
     *RESUME,
-    Param("stream", "only this stream's events"),
-    Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')"),
+    Param("stream", "only this stream's events", STREAM_ID),
+    Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')", STREAM_ID),
     Param("types", "only these event types, comma separated"),
 ))
 async def stream_events(request: web.Request) -> web.StreamResponse:

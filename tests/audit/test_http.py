@@ -142,6 +142,8 @@ async def test_event_shape(client: TestClient, auditor: Auditor) -> None:
     ({"after": "abc"}, "after"),
     ({"from_time": "2026-01-01T00:00:00"}, "from_time"),
     ({"to_time": "yesterday"}, "to_time"),
+    ({"to_time": "0.5"}, "to_time"),  # pydantic alone would read digits as a Unix time
+    ({"from_time": "1700000000"}, "from_time"),
     ({"stream_prefix": "x" * 300}, "stream_prefix"),
     ({"types": "A,,B"}, "types.1"),
     ({"bogus": 1}, "bogus"),
@@ -252,6 +254,7 @@ async def test_wallet_state_at_a_position_and_at_a_time(admin: Auditor, auditor:
     await auditor.invalid(path, {"at_position": 2**62}, "at_position")
     await auditor.invalid(path, {"as_of": "2999-01-01T00:00:00Z"}, "as_of")
     await auditor.invalid(path, {"as_of": "2026-01-01T00:00:00"}, "as_of")
+    await auditor.invalid(path, {"as_of": "1700000000"}, "as_of")
     await auditor.get(f"/v1/wallets/{uuid.uuid4()}/state", {"at_position": 1}, status=404)
     await auditor.get("/v1/wallets/not-a-uuid/state", {"at_position": 1}, status=404)
 

@@ -66,8 +66,9 @@ async def test_read_your_writes_waits_for_a_projection_running_elsewhere(
                                        **{"X-Min-Position": str(position + 1000), "Prefer": "wait=0.2"})
     assert problem["code"] == "unavailable" and problem["min_position"] == position + 1000
     assert headers["Retry-After"] == "1" and int(headers["X-Projection-Position"]) >= position
-    problem, _ = await admin.get("/v1/stats?min_position=soon", 400)
-    assert problem["code"] == "validation_error"
+    for bad in ("soon", "-1", str(2**63)):  # 2**63: no position can ever reach it, so no waiting
+        problem, _ = await admin.get(f"/v1/stats?min_position={bad}", 400)
+        assert problem["code"] == "validation_error" and problem["field"] == "min_position"
 
 
 @pytest.fixture
@@ -138,6 +139,8 @@ async def test_wallet_pages_by_owner_with_a_cursor(live: tuple[TestClient, Api])
     assert [w["wallet_id"] for w in only_bob["wallets"]] == [last["wallet_id"]]
     problem, _ = await alice.get("/v1/wallets?owner=bob", 403)
     assert problem["code"] == "forbidden"
+    mine_again, _ = await alice.get("/v1/wallets?owner=&cursor=&limit=500")  # empty parameters are absent
+    assert [w["wallet_id"] for w in mine_again["wallets"]] == mine
     for bad in ("limit=0", "limit=501", "limit=x", "cursor=%%%"):
         problem, _ = await alice.get(f"/v1/wallets?{bad}", 400)
         assert problem["code"] == "validation_error"
