@@ -42,6 +42,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.get(REQUEST_ID)
     try:
+        if "%00" in request.raw_path:  # no id, owner or filter can hold NUL: PostgreSQL text cannot
+            raise Problem(400, "validation_error", "the path and query string may not contain NUL (%00)")
         return await handler(request)
     except Problem as problem:
         response = problem_response(problem, request_id)

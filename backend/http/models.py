@@ -24,9 +24,11 @@ MAX_AMOUNT = 2**63 - 1
 
 Amount = Annotated[int, Field(strict=True, gt=0, le=MAX_AMOUNT,
                               description="minor units, a JSON integer (14.0 and \"14\" are refused)")]
-Text = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Owner = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-Currency = Annotated[str, StringConstraints(min_length=3, max_length=10),
+NO_NUL = r"^[^\x00]*$"
+"""PostgreSQL text cannot hold NUL: refused here as a 422 naming the field, not failed in the store."""
+Text = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=NO_NUL)]
+Owner = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL)]
+Currency = Annotated[str, StringConstraints(min_length=3, max_length=10, pattern=NO_NUL),
                      Field(json_schema_extra={"enum": sorted(CURRENCIES)})]
 
 
@@ -83,7 +85,7 @@ class DepositStatusChange(Body):
     confirmations: Count = 0
     amount: Annotated[Amount | None, Field(validate_default=True)] = None
     chain_tx_id: Annotated[Text | None, Field(validate_default=True)] = None
-    reason: Annotated[str, StringConstraints(max_length=256)] | None = None
+    reason: Annotated[str, StringConstraints(max_length=256, pattern=NO_NUL)] | None = None
 
     @field_validator("amount", "chain_tx_id")
     @classmethod
@@ -124,6 +126,6 @@ Scope = Literal["wallets:read", "wallets:write", "deposits:write", "deposits:adm
 
 class CreateApiKey(Body):
     owner: Owner
-    name: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=NO_NUL)]
     scopes: Annotated[list[Scope], Field(min_length=1, max_length=16)]
     expires_at: Rfc3339 | None = None

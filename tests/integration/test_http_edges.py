@@ -80,3 +80,45 @@ async def test_liveness_and_readiness(client: TestClient) -> None:
     assert checks["database"] == "ok"
     assert {"balances", "stats"} <= set(checks["projections"])
     assert all({"state", "lag_events", "lag_s"} <= set(p) for p in checks["projections"].values())
+
+
+NUL_URLS = [
+    "/v1/wallets?owner=a%00b",
+    "/v1/api-keys?owner=a%00b",
+    "/v1/events?stream_prefix=a%00b",
+    "/v1/events?types=a%00b",
+    "/v1/streams/a%00b/events",
+    "/v1/audit/verify?stream=a%00b",
+    "/v1/streams/events?stream=a%00b",
+    "/v1/wallets/a%00b",
+]
+
+
+async def test_nul_in_a_path_or_query_is_a_400_not_a_500(client: TestClient) -> None:
+    """PostgreSQL text cannot hold NUL: such a parameter reached a query and failed as a 500."""
+    token = await mint_token(client.server.app, "nul-prober", ["admin", "audit:read"])
+    for url in NUL_URLS:
+        response = await client.get(url, headers=bearer(token))
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
+
+
+async def test_nul_in_a_body_field_is_a_422_naming_it_and_changes_nothing(client: TestClient) -> None:
+    token = await mint_token(client.server.app, "nul-writer", ["admin"])
+    created = await client.post("/v1/wallets", json={"owner": "nul-writer", "currency": "USD"},
+                                headers=bearer(token))
+    wallet = await created.json()
+    refused = [
+        ("/v1/wallets", {"owner": "a\x00b", "currency": "USD"}, "owner"),
+        (f"/v1/wallets/{wallet['wallet_id']}/credits", {"amount": 5, "reference": "a\x00b"}, "reference"),
+        (f"/v1/wallets/{wallet['wallet_id']}/locks", {"amount": 5, "reason": "\x00"}, "reason"),
+        ("/v1/api-keys", {"owner": "nul-writer", "name": "a\x00", "scopes": ["wallets:read"]}, "name"),
+    ]
+    for path, body, field in refused:
+        response = await client.post(path, json=body, headers=bearer(token))
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (422, "validation_error"), (path, problem)
+        assert [error["field"] for error in problem["errors"]] == [field]
+    after = await client.get(f"/v1/wallets/{wallet['wallet_id']}", headers=bearer(token),
+                             params={"min_position": str(wallet["position"])})
+    assert (await after.json())["version"] == 1
