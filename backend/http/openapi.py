@@ -191,6 +191,9 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
     problem = {PROBLEM_CONTENT_TYPE: {"schema": refs[(Problem, "serialization")]}}
     for status, codes in sorted(problems.items()):
         responses[str(status)] = {"description": "codes: " + ", ".join(codes), "content": problem}
+    responses["400"]["description"] += "; text/plain when the HTTP parser refuses the request itself " \
+                                       "(a request line or header over 8 KiB, a control character in a header)"
+    responses["400"]["content"] = {**problem, "text/plain": {"schema": {"type": "string"}}}
     return responses
 
 
@@ -198,8 +201,10 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
     statuses: dict[int, list[str]] = {}
 
     def add(status: int, *codes: str) -> None:
-        statuses.setdefault(status, []).extend(code for code in codes if code not in statuses.get(status, ()))
+        known = statuses.setdefault(status, [])
+        known += [code for code in codes if code not in known]
 
+    add(400, "validation_error")  # any request: a malformed one, or a NUL (%00) in its path or query
     if not spec.public:
         add(401, "unauthorized")
         add(403, "forbidden")
@@ -207,14 +212,11 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         add(503, "unavailable")
     if _PATH_PARAM.search(path):
         add(404, "not_found")
-    if spec.reads_model or spec.params:
-        add(400, "validation_error")
     if spec.query is not None:  # the audit query models: unknown or malformed parameters
         add(422, "validation_error")
     if spec.reads_model:
         add(503, "unavailable")
     if spec.body is not None:
-        add(400, "validation_error")
         add(413, "payload_too_large")
         add(415, "unsupported_media_type")
         add(422, "validation_error")
@@ -224,6 +226,5 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
     for code in spec.errors:
         add(DOMAIN_STATUS.get(code) or COMMAND_STATUS[code], code)
     if spec.conditional:
-        add(400, "validation_error")  # an If-Match that names no version
         add(412, "precondition_failed")
     return statuses
