@@ -9,7 +9,7 @@ Amounts are integers of minor units, ids UUIDs, times RFC 3339 in UTC.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -34,12 +34,13 @@ class Wallet(Reply):
     version: int = Field(ge=1, description="the wallet stream's version: send it as If-Match")
 
 
-class Written(Reply):
-    position: int = Field(ge=1, description="global position of the last event this command appended")
+Position = Annotated[int, Field(ge=1, description="global position of the last event this command appended")]
 
 
-class WalletWrite(Wallet, Written):
+class WalletWrite(Wallet):
     """The wallet after the command, and where its events landed."""
+
+    position: Position
 
 
 class LockWrite(WalletWrite):
@@ -112,9 +113,10 @@ class Deposit(Reply):
     version: int = Field(ge=1)
 
 
-class DepositWrite(Deposit, Written):
+class DepositWrite(Deposit):
     """The deposit after the command, and its wallet (credited when the status became confirmed)."""
 
+    position: Position
     wallet: Wallet
 
 
@@ -132,8 +134,10 @@ class ApiKey(Reply):
     version: int = Field(ge=1)
 
 
-class ApiKeyWrite(ApiKey, Written):
+class ApiKeyWrite(ApiKey):
     """A created key as stored for Idempotency-Key replays: without the secret."""
+
+    position: Position
 
 
 class CreatedApiKey(ApiKeyWrite):
