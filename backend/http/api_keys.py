@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from uuid import UUID
-
 import orjson
 from aiohttp import web
 
@@ -15,18 +13,11 @@ from backend.domain import apikey_stream
 from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import Param, command, endpoint
-from backend.http.problems import Problem
 from backend.http.queries import answer, reach
+from backend.http.wallets import path_uuid
 from projections import api_keys as api_keys_model
 
 routes = web.RouteTableDef()
-
-
-def key_id_of(request: web.Request) -> UUID:
-    try:
-        return UUID(request.match_info["key_id"])
-    except ValueError:
-        raise Problem(404, "not_found", "key_id must be a UUID") from None
 
 
 @routes.post("/v1/api-keys")
@@ -66,7 +57,7 @@ async def list_keys(request: web.Request) -> web.Response:
 @endpoint(scope="admin", reply=replies.ApiKeyWrite, status=204, conditional=True, errors=("invalid_transition",))
 async def revoke_key(request: web.Request) -> web.Response:
     """Revoke a key: 204; it stops working in this process at once and in every other within a second."""
-    key_id = key_id_of(request)
+    key_id = path_uuid(request, "key_id")
     version = if_match(request)
     repo = request.app[REPOSITORY]
 

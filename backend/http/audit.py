@@ -21,13 +21,12 @@ from backend.http.endpoint import JSON, endpoint
 from backend.http.models import Rfc3339
 from backend.http.problems import Problem
 from backend.http.wallets import path_uuid
-from backend.store.events import MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
+from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
 
 routes = web.RouteTableDef()
 
 SCOPE = "audit:read"
 NDJSON = "application/x-ndjson"
-MAX_POSITION = 2**63 - 1
 MAX_VERSION = 2**31 - 1
 
 Position = Annotated[int, Field(ge=0, le=MAX_POSITION)]

@@ -20,11 +20,12 @@ from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
 from backend.http.endpoint import JSON, SSE, Endpoint, declared, endpoint
 from backend.http.problems import PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
+from backend.store.events import MAX_POSITION
 
 OPENAPI = web.AppKey("openapi", bytes)
 API_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
-POSITION = {"type": "integer", "minimum": 0, "maximum": 2**63 - 1}
+POSITION = {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}
 IF_MATCH = r'^\s*(W/)?"?[0-9]+"?\s*$'
 SSE_EVENT = {
     "type": "object",
@@ -141,7 +142,7 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
         properties: dict[str, Any] = query.get("properties", {})
         for name, prop in properties.items():
             param = {"name": name, "in": "query", "required": name in required, "schema": prop}
-            if "array" in orjson.dumps(prop).decode():
+            if "array" in {prop.get("type"), *(choice.get("type") for choice in prop.get("anyOf", ()))}:
                 param.update(style="form", explode=False)  # comma separated
             params.append(param)
     for extra in spec.params:

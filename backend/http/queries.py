@@ -25,13 +25,13 @@ from backend.http.endpoint import JSON, Param, endpoint, reply_model
 from backend.http.problems import Problem
 from backend.http.replies import render
 from backend.http.wallets import path_uuid
+from backend.store.events import MAX_POSITION
 from projections import balances, deposits, registry, reservations, stats, status
 
 routes = web.RouteTableDef()
 
 POSITION_HEADER = "X-Projection-Position"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
-MAX_POSITION = 2**63 - 1
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
 

@@ -14,6 +14,8 @@ NO_STREAM: Final = 0
 """Expected version: the stream must not exist yet."""
 
 MAX_STREAM_ID_LENGTH: Final = 256
+MAX_POSITION: Final = 2**63 - 1
+"""Positions are bigint: no log reaches a position above this."""
 MAX_TYPE_LENGTH: Final = 128
 
 

@@ -31,8 +31,9 @@ from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.problems import Problem
+from backend.http.wallets import path_uuid
 from backend.store import reads
-from backend.store.events import MAX_STREAM_ID_LENGTH, RecordedEvent
+from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, RecordedEvent
 from backend.store.repository import fold
 from backend.streaming import frames, tcp
 from backend.streaming.dashboard import projection_stats
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
-MAX_POSITION = 2**63 - 1
 LAST_EVENT_ID = "Last-Event-ID"
 
 
@@ -162,10 +162,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 async def stream_wallet(request: web.Request) -> web.StreamResponse:
     """One wallet's events, each with the wallet's figures right after it."""
     owner = viewer_owner(request[ACTOR])
-    try:
-        wallet_id = UUID(request.match_info["wallet_id"])
-    except ValueError:
-        raise Problem(404, "not_found", "wallet_id must be a UUID") from None
+    wallet_id = path_uuid(request, "wallet_id")
     repository = request.app[REPOSITORY]
     wallet = await repository.find(Wallet, wallet_id)
     if wallet is None:
