@@ -22,9 +22,12 @@ from pydantic import BaseModel
 
 from backend.http.auth import require
 from backend.http.bodies import read_json
+from backend.http.problems import Problem
 
 JSON = "application/json"
 SSE = "text/event-stream"
+MIN_POSITION = "min_position"
+NONE: frozenset[str] = frozenset()
 
 B = TypeVar("B", bound=BaseModel)
 R = TypeVar("R", bound=web.StreamResponse)
@@ -62,6 +65,14 @@ class Endpoint:
     errors: tuple[str, ...] = ()
     """The domain error codes the command can answer with, besides those every command can."""
 
+    @property
+    def query_parameters(self) -> frozenset[str]:
+        """The query parameters the handler reads itself (a query model checks its own)."""
+        names = {param.name for param in self.params if param.location == "query"}
+        if self.reads_model:
+            names.add(MIN_POSITION)
+        return frozenset(names)
+
 
 ENDPOINT = web.RequestKey("endpoint", Endpoint)
 ATTRIBUTE = "tally_endpoint"
@@ -84,11 +95,15 @@ def endpoint(
                     params=params, access=access, conditional=conditional, reads_model=reads_model,
                     public=public, errors=errors)
 
+    known = None if public or query is not None else spec.query_parameters
+
     def wrap(handler: Handler[R]) -> Handler[R]:
         @functools.wraps(handler)
         async def checked(request: web.Request) -> R:
             if spec.scope is not None:
                 require(request, spec.scope)
+            if known is not None:
+                refuse_unknown_parameters(request, known)
             request[ENDPOINT] = spec
             return await handler(request)
 
@@ -109,6 +124,7 @@ def command(
         @functools.wraps(handler)
         async def checked(request: web.Request) -> R:
             require(request, scope)
+            refuse_unknown_parameters(request, NONE)
             parsed = await read_json(request, body)
             request[ENDPOINT] = spec
             return await handler(request, parsed)
@@ -117,6 +133,18 @@ def command(
         return checked
 
     return wrap
+
+
+def refuse_unknown_parameters(request: web.Request, known: frozenset[str]) -> None:
+    """400 for a query parameter the endpoint does not take: a misspelt `min_position` must not
+    quietly turn a read-your-writes read into a plain one. Public endpoints take whatever is sent."""
+    if not request.query_string:
+        return
+    unknown = sorted(set(request.query) - known)
+    if unknown:
+        errors = [{"field": name, "message": "this endpoint takes no such query parameter"} for name in unknown]
+        raise Problem(400, "validation_error", f"unknown query parameter: {', '.join(unknown)}",
+                      extra={"errors": errors})
 
 
 def reply_model(request: web.Request) -> type[BaseModel]:

@@ -17,7 +17,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from backend.http.audit import NDJSON
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
-from backend.http.endpoint import JSON, SSE, Endpoint, declared, endpoint
+from backend.http.endpoint import JSON, MIN_POSITION, SSE, Endpoint, declared, endpoint
 from backend.http.problems import PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
@@ -150,7 +150,7 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
                        "description": extra.description, "schema": dict(extra.schema)})
     if spec.reads_model:
         params += [
-            {"name": "min_position", "in": "query", "required": False, "schema": POSITION,
+            {"name": MIN_POSITION, "in": "query", "required": False, "schema": POSITION,
              "description": "wait until the read model has applied this position (a write's `position`)"},
             {"name": "X-Min-Position", "in": "header", "required": False, "schema": POSITION,
              "description": "the same as min_position"},
@@ -205,7 +205,7 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         known = statuses.setdefault(status, [])
         known += [code for code in codes if code not in known]
 
-    add(400, "validation_error")  # any request: a malformed one, or a NUL (%00) in its path or query
+    add(400, "validation_error")  # any request: a malformed one, a query parameter it does not take, a NUL (%00)
     if not spec.public:
         add(401, "unauthorized")
         add(403, "forbidden")

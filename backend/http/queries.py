@@ -21,7 +21,7 @@ from aiohttp import web
 from backend.appkeys import POOL, PROJECTIONS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
-from backend.http.endpoint import JSON, Param, endpoint, reply_model
+from backend.http.endpoint import JSON, MIN_POSITION, Param, endpoint, reply_model
 from backend.http.problems import Problem
 from backend.http.replies import render
 from backend.http.wallets import path_uuid
@@ -39,13 +39,13 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IG
 
 
 def min_position(request: web.Request) -> int | None:
-    raw = request.query.get("min_position", request.headers.get("X-Min-Position"))
+    raw = request.query.get(MIN_POSITION, request.headers.get("X-Min-Position"))
     if raw is None:
         return None
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
         raise Problem(400, "validation_error", "min_position must be a non-negative integer (a write's position)",
-                      extra={"field": "min_position"})
+                      extra={"field": MIN_POSITION})
     return int(raw)
 
 

@@ -122,3 +122,33 @@ async def test_nul_in_a_body_field_is_a_422_naming_it_and_changes_nothing(client
     after = await client.get(f"/v1/wallets/{wallet['wallet_id']}", headers=bearer(token),
                              params={"min_position": str(wallet["position"])})
     assert (await after.json())["version"] == 1
+
+
+async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(client: TestClient) -> None:
+    """A misspelt min_position read quietly as a plain read before: the client believed it read its writes."""
+    token = await mint_token(client.server.app, "typo", ["admin"])
+    created = await client.post("/v1/wallets", json={"owner": "typo", "currency": "USD"}, headers=bearer(token))
+    wallet = await created.json()
+    wallet_url = f"/v1/wallets/{wallet['wallet_id']}"
+    refused = [
+        ("GET", wallet_url, {"min_postion": str(wallet["position"])}, ["min_postion"]),
+        ("GET", "/v1/wallets", {"owner": "typo", "page": "2", "sort": "id"}, ["page", "sort"]),
+        ("GET", "/v1/stats", {"currency": "USD"}, ["currency"]),
+        ("POST", f"{wallet_url}/credits", {"amount": "5"}, ["amount"]),
+        ("GET", "/v1/streams/dashboard", {"after": "0"}, ["after"]),
+    ]
+    for method, url, params, unknown in refused:
+        response = await client.request(method, url, params=params, headers=bearer(token),
+                                         json={"amount": 5, "reference": "r"} if method == "POST" else None)
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
+        assert [error["field"] for error in problem["errors"]] == unknown, (url, problem)
+        assert ", ".join(unknown) in problem["detail"]
+    unchanged = await client.get(wallet_url, params={"min_position": str(wallet["position"])},
+                                 headers=bearer(token))
+    assert (unchanged.status, (await unchanged.json())["balance"]) == (200, 0)  # the refused credit appended nothing
+    listed = await client.get("/v1/wallets", params={"owner": "typo", "limit": "5", "cursor": ""},
+                              headers=bearer(token))
+    assert listed.status == 200
+    for public in ("/health/live", "/openapi.json"):  # public endpoints take no input, so nothing to misread
+        assert (await client.get(public, params={"cache": "1"})).status == 200
