@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from backend.appkeys import POOL, REPOSITORY
 from backend.audit import history
@@ -16,10 +16,10 @@ from backend.audit.export import export_pages
 from backend.audit.verify import head, verify_database
 from backend.domain import Wallet
 from backend.http import replies
-from backend.http.bodies import validate
+from backend.http.bodies import field_errors
 from backend.http.endpoint import JSON, endpoint
 from backend.http.models import Rfc3339
-from backend.http.problems import Problem
+from backend.http.problems import Problem, invalid_parameters
 from backend.http.wallets import path_uuid
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
 
@@ -83,16 +83,13 @@ def query(request: web.Request, model: type[M]) -> M:
     values: dict[str, str] = {}
     for name, value in request.query.items():
         if name in values:
-            raise invalid(name, "give this parameter once")
+            raise invalid_parameters((name, "give this parameter once"))
         if value != "":
             values[name] = value
-    return validate(model, values)
-
-
-def invalid(field: str, message: str) -> Problem:
-    """422 validation_error naming the parameter, shaped like the body validation errors."""
-    return Problem(422, "validation_error", f"{field}: {message}",
-                   extra={"errors": [{"field": field, "message": message}]})
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise invalid_parameters(*((e["field"], e["message"]) for e in field_errors(exc))) from None
 
 
 def json_body(events: list[bytes], **fields: Any) -> web.Response:
@@ -155,17 +152,17 @@ async def wallet_state(request: web.Request) -> web.Response:
     wallet_id = path_uuid(request, "wallet_id")
     q = query(request, StateQuery)
     if (q.at_position is None) == (q.as_of is None):
-        raise invalid("at_position", "give exactly one of at_position and as_of")
+        raise invalid_parameters(("at_position", "give exactly one of at_position and as_of"))
     if q.at_position is not None:
         async with request.app[POOL].acquire() as conn:
             log_head = await head(conn)
             if q.at_position > log_head:
-                raise invalid("at_position", f"beyond the head of the log ({log_head})")
+                raise invalid_parameters(("at_position", f"beyond the head of the log ({log_head})"))
             moment: datetime = await conn.fetchval(RECORDED_AT_SQL, q.at_position)
     else:
         assert q.as_of is not None
         if q.as_of > datetime.now(UTC):
-            raise invalid("as_of", "in the future: the answer could still change")
+            raise invalid_parameters(("as_of", "in the future: the answer could still change"))
         moment = q.as_of
     wallet, position = await request.app[REPOSITORY].as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of)
     if wallet is None:

@@ -29,12 +29,15 @@ async def read_json(request: web.Request, model: type[Model]) -> Model:
 
 
 def validate(model: type[Model], payload: Any) -> Model:
+    """payload as model; 422 naming each field that does not fit."""
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
-        errors = [
-            {"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
-            for error in exc.errors(include_url=False)
-        ]
+        errors = field_errors(exc)
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         raise Problem(422, "validation_error", detail, extra={"errors": errors}) from None
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    return [{"field": ".".join(str(part) for part in error["loc"]) or "body", "message": error["msg"]}
+            for error in exc.errors(include_url=False)]

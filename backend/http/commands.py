@@ -17,7 +17,7 @@ from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, reply_model
 from backend.http.middlewares import REQUEST_ID
-from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, invalid_parameters, problem_body
 from backend.http.replies import render
 from backend.store.events import AppendResult
 
@@ -77,7 +77,7 @@ def if_match(request: web.Request) -> int | None:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
     if not value.isdigit():
-        raise Problem(400, "validation_error", "If-Match must be a stream version such as \"3\"")
+        raise invalid_parameters(("If-Match", "must be a stream version such as \"3\""))
     return int(value)
 
 
@@ -86,7 +86,7 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise Problem(400, "validation_error", "Idempotency-Key must be 1 to 255 printable characters")
+        raise invalid_parameters(("Idempotency-Key", "must be 1 to 255 printable characters"))
     try:
         canonical: Any = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS) if body.strip() else b""
     except orjson.JSONDecodeError:

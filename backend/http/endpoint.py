@@ -22,7 +22,7 @@ from pydantic import BaseModel
 
 from backend.http.auth import require
 from backend.http.bodies import read_json
-from backend.http.problems import Problem
+from backend.http.problems import invalid_parameters
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -142,9 +142,7 @@ def refuse_unknown_parameters(request: web.Request, known: frozenset[str]) -> No
         return
     unknown = sorted(set(request.query) - known)
     if unknown:
-        errors = [{"field": name, "message": "this endpoint takes no such query parameter"} for name in unknown]
-        raise Problem(400, "validation_error", f"unknown query parameter: {', '.join(unknown)}",
-                      extra={"errors": errors})
+        raise invalid_parameters(*((name, "this endpoint takes no such query parameter") for name in unknown))
 
 
 def reply_model(request: web.Request) -> type[BaseModel]:

@@ -35,6 +35,15 @@ class Problem(Exception):
         self.extra = dict(extra or {})
 
 
+def invalid_parameters(*errors: tuple[str, str]) -> Problem:
+    """400 validation_error for query parameters or headers, each (field, message) listed in `errors`
+    as a body's 422 lists its fields, the first also as `field`. A request line or header that is
+    wrong is 400; a body that parses but does not fit its model is 422."""
+    detail = "; ".join(f"{field}: {message}" for field, message in errors)
+    listed = [{"field": field, "message": message} for field, message in errors]
+    return Problem(400, "validation_error", detail, extra={"field": errors[0][0], "errors": listed})
+
+
 def problem_body(problem: Problem, request_id: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": TYPE_BASE + problem.code.replace("_", "-"),

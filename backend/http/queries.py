@@ -22,7 +22,7 @@ from backend.appkeys import POOL, PROJECTIONS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, MIN_POSITION, Param, endpoint, reply_model
-from backend.http.problems import Problem
+from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
 from backend.http.wallets import path_uuid
 from backend.store.events import MAX_POSITION
@@ -44,8 +44,7 @@ def min_position(request: web.Request) -> int | None:
         return None
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
-        raise Problem(400, "validation_error", "min_position must be a non-negative integer (a write's position)",
-                      extra={"field": MIN_POSITION})
+        raise invalid_parameters((MIN_POSITION, "must be a non-negative integer (a write's position)"))
     return int(raw)
 
 
@@ -136,8 +135,7 @@ def page_limit(request: web.Request) -> int:
     if raw is None:
         return DEFAULT_LIMIT
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise Problem(400, "validation_error", f"limit must be an integer from 1 to {MAX_LIMIT}",
-                      extra={"field": "limit"})
+        raise invalid_parameters(("limit", f"must be an integer from 1 to {MAX_LIMIT}"))
     return int(raw)
 
 
@@ -153,8 +151,7 @@ def decode_cursor(cursor: str | None) -> UUID | None:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         return UUID(bytes=raw)
     except (binascii.Error, ValueError):
-        raise Problem(400, "validation_error", "cursor is not one this API returned",
-                      extra={"field": "cursor"}) from None
+        raise invalid_parameters(("cursor", "is not one this API returned")) from None
 
 
 # ---------------------------------------------------------------- reservations, deposits, stats, status

@@ -82,7 +82,7 @@ def parse_filter(query: Mapping[str, str]) -> EventFilter:
     if "types" in query:
         names = [name.strip() for name in query["types"].split(",") if name.strip()]
         if not names:
-            raise InvalidFilter("types", "types must name at least one event type")
+            raise InvalidFilter("types", "must name at least one event type")
         if len(names) > MAX_TYPES or any(len(name) > MAX_TYPE_LENGTH for name in names):
             raise InvalidFilter("types", f"at most {MAX_TYPES} types of at most {MAX_TYPE_LENGTH} characters")
         types = frozenset(names)
@@ -94,5 +94,5 @@ def _text(query: Mapping[str, str], name: str, max_length: int) -> str | None:
         return None
     value = query[name]
     if not value or len(value) > max_length:
-        raise InvalidFilter(name, f"{name} must be 1 to {max_length} characters")
+        raise InvalidFilter(name, f"must be 1 to {max_length} characters")
     return value

@@ -30,7 +30,7 @@ from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
-from backend.http.problems import Problem
+from backend.http.problems import Problem, invalid_parameters
 from backend.http.wallets import path_uuid
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, RecordedEvent
@@ -87,8 +87,8 @@ def viewer_owner(actor: Actor) -> str | None:
 def _position(raw: str, field: str) -> int:
     raw = raw.strip()
     if not raw.isdigit() or int(raw) > MAX_POSITION:
-        raise Problem(400, "validation_error", f"{field} must be a log position (a non-negative integer)"
-                      + (" or 'now'" if field == "after" else ""), extra={"field": field})
+        raise invalid_parameters((field, "must be a log position (a non-negative integer)"
+                                  + (" or 'now'" if field == "after" else "")))
     return int(raw)
 
 
@@ -108,7 +108,7 @@ def _filter(request: web.Request, owner: str | None) -> EventFilter:
     try:
         flt = parse_filter(request.query)
     except InvalidFilter as exc:
-        raise Problem(400, "validation_error", str(exc), extra={"field": exc.field}) from None
+        raise invalid_parameters((exc.field, str(exc))) from None
     return dataclasses.replace(flt, owner=owner) if owner is not None else flt
 
 
