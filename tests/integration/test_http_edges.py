@@ -152,3 +152,29 @@ async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(c
     assert listed.status == 200
     for public in ("/health/live", "/openapi.json"):  # public endpoints take no input, so nothing to misread
         assert (await client.get(public, params={"cache": "1"})).status == 200
+
+
+async def test_malformed_parameters_and_headers_are_400_listing_the_field(client: TestClient) -> None:
+    """Every query parameter and header error has one shape, the audit queries' included."""
+    token = await mint_token(client.server.app, "shapes", ["admin", "audit:read"])
+    created = await client.post("/v1/wallets", json={"owner": "shapes", "currency": "USD"}, headers=bearer(token))
+    wallet_url = f"/v1/wallets/{(await created.json())['wallet_id']}"
+    cases = [
+        ("GET", wallet_url, {"min_position": "-1"}, {}, "min_position"),
+        ("GET", "/v1/wallets", {"limit": "0"}, {}, "limit"),
+        ("GET", "/v1/wallets", {"cursor": "nope"}, {}, "cursor"),
+        ("GET", "/v1/events", {"after": "-1"}, {}, "after"),
+        ("GET", "/v1/events", {"from_time": "1700000000"}, {}, "from_time"),
+        ("GET", f"{wallet_url}/state", {"as_of": "2999-01-01T00:00:00Z"}, {}, "as_of"),
+        ("GET", "/v1/streams/events", {"types": ","}, {}, "types"),
+        ("GET", "/v1/streams/events", {}, {"Last-Event-ID": "x"}, "Last-Event-ID"),
+        ("POST", f"{wallet_url}/credits", {}, {"If-Match": "soon"}, "If-Match"),
+        ("POST", f"{wallet_url}/credits", {}, {"Idempotency-Key": "x" * 256}, "Idempotency-Key"),
+    ]
+    for method, url, params, headers, field in cases:
+        response = await client.request(method, url, params=params, headers={**bearer(token), **headers},
+                                         json={"amount": 5, "reference": "r"} if method == "POST" else None)
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
+        assert problem["field"] == field and problem["errors"][0]["field"] == field, (url, problem)
+        assert problem["detail"].startswith(f"{field}: "), problem
