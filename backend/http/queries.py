@@ -22,6 +22,7 @@ from backend.appkeys import POOL, PROJECTIONS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, MIN_POSITION, Param, endpoint, reply_model
+from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
 from backend.http.wallets import path_uuid
@@ -31,6 +32,7 @@ from projections import balances, deposits, registry, reservations, stats, statu
 routes = web.RouteTableDef()
 
 POSITION_HEADER = "X-Projection-Position"
+MIN_POSITION_HEADER = "X-Min-Position"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
@@ -38,14 +40,16 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IG
 # ---------------------------------------------------------------- read-your-writes
 
 
-def min_position(request: web.Request) -> int | None:
-    raw = request.query.get(MIN_POSITION, request.headers.get("X-Min-Position"))
+def min_position(request: web.Request) -> tuple[str, int] | None:
+    """The position to wait for, and where it was given (the query parameter wins over the header)."""
+    field = MIN_POSITION if MIN_POSITION in request.query else MIN_POSITION_HEADER
+    raw = request.query.get(MIN_POSITION, request.headers.get(MIN_POSITION_HEADER))
     if raw is None:
         return None
     raw = raw.strip()
     if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
-        raise invalid_parameters((MIN_POSITION, "must be a non-negative integer (a write's position)"))
-    return int(raw)
+        raise invalid_parameters((field, "must be a non-negative integer (a write's position)"))
+    return field, int(raw)
 
 
 def wait_budget(request: web.Request) -> float:
@@ -57,9 +61,11 @@ def wait_budget(request: web.Request) -> float:
 
 async def reach(request: web.Request, projection: str) -> None:
     """Wait until `projection` has applied min_position, if the request names one."""
-    position = min_position(request)
-    if position is None:
+    wanted = min_position(request)
+    if wanted is None:
         return
+    field, position = wanted
+    await check_within_log(request.app, position, field)
     seen = await request.app[PROJECTIONS].watcher.wait_for(projection, position, wait_budget(request))
     if seen < position:
         raise Problem(

@@ -30,6 +30,7 @@ from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.wallets import path_uuid
 from backend.store import reads
@@ -96,12 +97,16 @@ async def start_position(request: web.Request) -> int:
     """Where a log stream resumes: every matching event after this position is sent."""
     header = request.headers.get(LAST_EVENT_ID, "").strip()
     last = _position(header, LAST_EVENT_ID) if header else None
+    if last is not None:
+        await check_within_log(request.app, last, LAST_EVENT_ID)
     after = request.query.get("after")
     if after is None:
         return last if last is not None else 0
     if after.strip() == "now":
         return last if last is not None else await reads.head(request.app[POOL])
-    return max(_position(after, "after"), last or 0)
+    given = _position(after, "after")
+    await check_within_log(request.app, given, "after")
+    return max(given, last or 0)
 
 
 def _filter(request: web.Request, owner: str | None) -> EventFilter:

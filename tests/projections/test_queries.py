@@ -62,10 +62,19 @@ async def test_read_your_writes_waits_for_a_projection_running_elsewhere(
     assert body["balance"] == 700 and body["version"] == 2
     assert int(headers["X-Projection-Position"]) >= position
 
-    problem, headers = await admin.get(f"/v1/wallets/{wallet['wallet_id']}", 503,
-                                       **{"X-Min-Position": str(position + 1000), "Prefer": "wait=0.2"})
-    assert problem["code"] == "unavailable" and problem["min_position"] == position + 1000
+    later = await admin.post(f"/v1/wallets/{wallet['wallet_id']}/credits", {"amount": 1, "reference": "y"})
+    problem, headers = await admin.get(f"/v1/wallets/{wallet['wallet_id']}", 503,  # no runner is left to apply it
+                                       **{"X-Min-Position": str(later["position"]), "Prefer": "wait=0.2"})
+    assert problem["code"] == "unavailable" and problem["min_position"] == later["position"]
     assert headers["Retry-After"] == "1" and int(headers["X-Projection-Position"]) >= position
+    # Beyond the head: no answer ever gave such a position, so it is refused at once, not waited for.
+    beyond_header, _ = await admin.get(f"/v1/wallets/{wallet['wallet_id']}", 400, Prefer="wait=10",
+                                       **{"X-Min-Position": str(later["position"] + 1)})
+    beyond_query, _ = await admin.get(f"/v1/wallets/{wallet['wallet_id']}?min_position={later['position'] + 1000}",
+                                      400, Prefer="wait=10")
+    for problem, field in ((beyond_header, "X-Min-Position"), (beyond_query, "min_position")):
+        assert (problem["code"], problem["field"]) == ("validation_error", field), problem
+        assert f"head of the log ({later['position']})" in problem["detail"]
     for bad in ("soon", "-1", str(2**63)):  # 2**63: no position can ever reach it, so no waiting
         problem, _ = await admin.get(f"/v1/stats?min_position={bad}", 400)
         assert problem["code"] == "validation_error" and problem["field"] == "min_position"

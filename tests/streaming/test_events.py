@@ -121,3 +121,22 @@ async def test_heartbeat_comments(make_client: MakeClient) -> None:
             sse.parser.feed(await sse.response.content.readany())
     assert sse.parser.comments[0] == "ping"
     sse.close()
+
+
+async def test_a_resume_position_beyond_the_log_is_a_400_not_a_silent_skip(make_client: MakeClient,
+                                                                          store: EventStore) -> None:
+    """A stream resumed beyond the head would wait there and skip every event up to it when they come
+    (a Last-Event-ID kept across a restore from backup, say): refused, naming where the log ends."""
+    client = await make_client()
+    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    (last,) = await append(store, new_stream(), "E")
+    refused = [({"after": str(last + 5)}, {}, "after"), ({}, {"Last-Event-ID": str(last + 1)}, "Last-Event-ID"),
+               ({"after": "now"}, {"Last-Event-ID": str(last + 1)}, "Last-Event-ID")]
+    for params, headers, field in refused:
+        sse = await connect(client, "/v1/streams/events", token, headers=headers, **params)
+        problem = await sse.response.json()
+        assert (sse.status, problem["code"], problem["field"]) == (400, "validation_error", field), problem
+        assert f"head of the log ({last})" in problem["detail"]
+    sse = await connect(client, "/v1/streams/events", token, headers={"Last-Event-ID": str(last)})
+    assert sse.status == 200  # the head itself is where a caught-up client resumes
+    sse.close()
