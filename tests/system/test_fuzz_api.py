@@ -4,7 +4,7 @@ content types, headers and bodies that fit the published schemas, and never a 5x
 4xx (a read-your-writes position beyond the log's head was a 503 after a 2 s wait). Longer runs of
 the same tool found NUL characters reaching PostgreSQL and times given as digit strings read as Unix
 times (each has its own test now); this one is the broad net, with a fixed seed so CI replays the
-same cases."""
+same cases: single requests (coverage and fuzzing phases) and chains of them (the stateful phase)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ async def test_generated_requests_get_documented_answers(
         executable, "run", str(client.make_url("/openapi.json")),
         "--header", f"Authorization: Bearer {token}",
         "--checks", CHECKS, "--exclude-path-regex", ENDLESS,
-        "--phases", "coverage,fuzzing", "--max-examples", "15", "--seed", "20261124",
+        "--phases", "coverage,fuzzing,stateful", "--max-examples", "50", "--seed", "20261124",
         "--workers", "1", "--request-timeout", "10", "--no-color",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=tmp_path,  # its cache stays there
     )
