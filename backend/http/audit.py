@@ -19,6 +19,7 @@ from backend.http import replies
 from backend.http.bodies import field_errors
 from backend.http.endpoint import JSON, endpoint
 from backend.http.models import Rfc3339
+from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.wallets import path_uuid
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
@@ -154,11 +155,8 @@ async def wallet_state(request: web.Request) -> web.Response:
     if (q.at_position is None) == (q.as_of is None):
         raise invalid_parameters(("at_position", "give exactly one of at_position and as_of"))
     if q.at_position is not None:
-        async with request.app[POOL].acquire() as conn:
-            log_head = await head(conn)
-            if q.at_position > log_head:
-                raise invalid_parameters(("at_position", f"beyond the head of the log ({log_head})"))
-            moment: datetime = await conn.fetchval(RECORDED_AT_SQL, q.at_position)
+        await check_within_log(request.app, q.at_position, "at_position")
+        moment: datetime = await request.app[POOL].fetchval(RECORDED_AT_SQL, q.at_position)
     else:
         assert q.as_of is not None
         if q.as_of > datetime.now(UTC):
