@@ -144,9 +144,10 @@ async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(c
         assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
         assert [error["field"] for error in problem["errors"]] == unknown, (url, problem)
         assert problem["field"] == unknown[0] and all(f"{name}: " in problem["detail"] for name in unknown)
-    unchanged = await client.get(wallet_url, params={"min_position": str(wallet["position"])},
-                                 headers=bearer(token))
-    assert (unchanged.status, (await unchanged.json())["balance"]) == (200, 0)  # the refused credit appended nothing
+    credited = await client.post(f"{wallet_url}/credits", json={"amount": 7, "reference": "r"}, headers=bearer(token))
+    after = await client.get(wallet_url, params={"min_position": str((await credited.json())["position"])},
+                             headers=bearer(token))
+    assert (after.status, (await after.json())["balance"]) == (200, 7)  # the refused credit appended nothing
     listed = await client.get("/v1/wallets", params={"owner": "typo", "limit": "5", "cursor": ""},
                               headers=bearer(token))
     assert listed.status == 200
