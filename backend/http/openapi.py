@@ -17,7 +17,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from backend.http.audit import NDJSON
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
-from backend.http.endpoint import JSON, MIN_POSITION, SSE, Endpoint, declared, endpoint
+from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, SSE, Endpoint, declared, endpoint
 from backend.http.problems import PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
@@ -152,7 +152,7 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
         params += [
             {"name": MIN_POSITION, "in": "query", "required": False, "schema": POSITION,
              "description": "wait until the read model has applied this position (a write's `position`)"},
-            {"name": "X-Min-Position", "in": "header", "required": False, "schema": POSITION,
+            {"name": MIN_POSITION_HEADER, "in": "header", "required": False, "schema": POSITION,
              "description": "the same as min_position"},
             {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "wait=N: how many seconds to wait for min_position (bounded by the server)"},

@@ -21,7 +21,7 @@ from aiohttp import web
 from backend.appkeys import POOL, PROJECTIONS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
-from backend.http.endpoint import JSON, MIN_POSITION, Param, endpoint, reply_model
+from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, Param, endpoint, reply_model
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
@@ -32,7 +32,6 @@ from projections import balances, deposits, registry, reservations, stats, statu
 routes = web.RouteTableDef()
 
 POSITION_HEADER = "X-Projection-Position"
-MIN_POSITION_HEADER = "X-Min-Position"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
