@@ -1,1 +1,1 @@
-"""Audit: history, export, time travel and hash-chain verification (DESIGN.md section 7)."""
+"""Audit: history, export, time travel and hash-chain verification."""

@@ -1,4 +1,4 @@
-"""API key endpoints (DESIGN.md section 8), all for `admin` keys: create, list, revoke."""
+"""API key endpoints, all for `admin` keys: create, list, revoke."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Audit endpoints (DESIGN.md section 7), all behind the `audit:read` scope: history pages, the NDJSON
+"""Audit endpoints, all behind the `audit:read` scope: history pages, the NDJSON
 export, a wallet's state at a past position or time, and hash-chain verification."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Deposit endpoints (DESIGN.md section 8): open a deposit, report its status, read it.
+"""Deposit endpoints: open a deposit, report its status, read it.
 
 Answers are the deposit ``{deposit_id, wallet_id, currency, address, status, confirmations, amount,
 chain_tx_id, failure_reason, version}``; writes add ``position`` and the resulting ``wallet``.

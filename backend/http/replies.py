@@ -1,4 +1,4 @@
-"""Response bodies (DESIGN.md section 8). Every JSON answer of the command and read endpoints is
+"""Response bodies. Every JSON answer of the command and read endpoints is
 validated into one of these before it is written, and /openapi.json is generated from them, so the
 documented shape and the bytes on the wire cannot drift apart: a field a handler adds or drops
 without changing its model fails the request (a 500 the test suite catches), not a client.

@@ -1,4 +1,4 @@
-"""Wallet endpoints (DESIGN.md section 8): open, read, credit, debit, locks, reservations."""
+"""Wallet endpoints: open, read, credit, debit, locks, reservations."""
 
 from __future__ import annotations
 

@@ -24,8 +24,8 @@ from backend.http.commands import JsonRenderer
 from backend.http.openapi import document
 from tests.conftest import bearer, make_settings, mint_token
 
-# DESIGN.md section 8: the scope each route requires (the SSE streams decide by owner instead).
-DESIGN_SCOPES = {
+# The scope each route requires (README, HTTP API) (the SSE streams decide by owner instead).
+REQUIRED_SCOPES = {
     ("post", "/v1/wallets"): "wallets:write",
     ("get", "/v1/wallets/{wallet_id}"): "wallets:read",
     ("get", "/v1/wallets"): "wallets:read",
@@ -122,7 +122,7 @@ async def test_every_route_is_documented_and_every_operation_routed(
 async def test_scopes_are_the_design_contract(doc: dict[str, Any]) -> None:
     ops = operations(doc)
     documented = {key: op["x-required-scope"] for key, op in ops.items() if "x-required-scope" in op}
-    assert documented == DESIGN_SCOPES
+    assert documented == REQUIRED_SCOPES
     for (_, path), op in ops.items():
         assert (op["security"] == []) == (path in PUBLIC), path
     for path in ("/v1/streams/events", "/v1/streams/dashboard", "/v1/streams/wallets/{wallet_id}"):
