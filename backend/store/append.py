@@ -1,12 +1,7 @@
 """Appending: a per-process batcher that merges concurrent appends into one transaction.
 
-Readers never skip: every append transaction first takes one store-wide transaction lock, assigns the
-next positions under it and commits before releasing it, so positions become visible strictly in
-order across any number of processes (a reader that saw P never later sees an event below P), and
-they are gap-free. The lock is paid once per batch, not once per command: while one batch commits,
-the next fills up, so under load one transaction carries many commands and with one client nothing
-waits. Each request in a batch succeeds or fails on its own (a stale expected version or a
-conflicting duplicate fails only that request); all the writes of one request commit together.
+The protocol (the fenced one-round-trip path, the general locked path, and why positions are gap-free
+and never skipped) is described once, in docs/ARCHITECTURE.md, "The append protocol".
 """
 
 from __future__ import annotations
@@ -32,8 +27,8 @@ APPEND_LOCK_KEY = 0x7A11_0002
 NOTIFY_CHANNEL = "tally_events"
 INT64_MAX = 2**63 - 1
 
-# Four round trips per batch: BEGIN and the lock as one simple query, one read of everything the
-# planner needs, one write of everything planned (events, idempotency records, NOTIFY), COMMIT.
+# The general path's four round trips: BEGIN and the lock as one simple query, one read of everything
+# the planner needs, one write of everything planned (events, idempotency records, NOTIFY), COMMIT.
 BEGIN_AND_LOCK_SQL = f"begin; select pg_advisory_xact_lock({APPEND_LOCK_KEY})"
 
 _NULLS = "null::text, null::text, null::bytea, null::int, null::bytea, null::text"

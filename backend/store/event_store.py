@@ -20,7 +20,7 @@ class EventStore:
         self.point_reads = StreamReads(pool, self.batcher.heads_seen)
 
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
-        """Append every write atomically; see backend.store.append for the guarantees."""
+        """Append every write atomically; the guarantees are in docs/ARCHITECTURE.md, "The append protocol"."""
         return await self.batcher.append(writes, claim)
 
     async def append_to(self, stream_id: str, expected_version: int, events: Sequence[NewEvent]) -> AppendResult:

@@ -1,7 +1,6 @@
 """Idempotency records: a command's first outcome, committed atomically with the events it appended.
 
-The append batcher checks and inserts these rows under the store-wide append lock, so two requests
-with the same key can never both append: the later one finds the earlier one's record instead.
+Checked and inserted under the store-wide append lock (docs/ARCHITECTURE.md, "Idempotency records").
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """Planning one append batch: versions, positions and hashes, request by request.
 
-Each request in a batch succeeds or fails on its own; the planner tracks the streams as accepted
-requests advance them, so a later request in the same batch sees the earlier ones' events. A request
-may name earlier requests it was decided after (``after``): it fails unless every one of them
-committed, in this batch or an earlier one.
+Each request succeeds or fails on its own, and a later request sees the earlier ones' events; see
+docs/ARCHITECTURE.md ("The append protocol", "Chained commands") for ``after`` and the known heads.
 """
 
 from __future__ import annotations

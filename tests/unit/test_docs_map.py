@@ -1,0 +1,65 @@
+"""The code map cannot go stale silently: every path and dotted name docs/ARCHITECTURE.md cites exists."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from types import ModuleType
+
+from tests.conftest import ROOT
+
+DOC = ROOT / "docs" / "ARCHITECTURE.md"
+PACKAGES = ("backend", "projections")
+
+# `backend/store/append.py`, `projections/`, `backend/store/migrations/` (a path, in backticks).
+PATH = re.compile(r"`((?:backend|projections|scripts|tests|docs)/[\w./-]*)`")
+# `backend.store.append.AppendBatcher.submit` (a module, then attributes), in backticks.
+DOTTED = re.compile(r"`((?:backend|projections)(?:\.\w+)+)`")
+
+
+def cited(pattern: re.Pattern[str]) -> list[str]:
+    return sorted(set(pattern.findall(DOC.read_text())))
+
+
+def longest_module(parts: list[str]) -> tuple[ModuleType, list[str]]:
+    """The longest importable prefix of parts, and the attribute names after it."""
+    for end in range(len(parts), 0, -1):
+        name = ".".join(parts[:end])
+        relative = ROOT.joinpath(*parts[:end])
+        if relative.with_suffix(".py").is_file() or (relative / "__init__.py").is_file():
+            return importlib.import_module(name), parts[end:]
+    raise LookupError(".".join(parts))
+
+
+def test_the_map_cites_many_names() -> None:
+    assert len(cited(PATH)) >= 20
+    assert len(cited(DOTTED)) >= 40
+
+
+def test_every_cited_path_exists() -> None:
+    missing = [path for path in cited(PATH) if not (ROOT / path).exists()]
+    assert not missing, f"docs/ARCHITECTURE.md cites paths that do not exist: {missing}"
+
+
+def test_every_cited_dotted_name_resolves() -> None:
+    missing = []
+    for name in cited(DOTTED):
+        try:
+            target: object
+            target, attributes = longest_module(name.split("."))
+        except LookupError:
+            missing.append(name)
+            continue
+        for attribute in attributes:
+            if not hasattr(target, attribute):
+                missing.append(name)
+                break
+            target = getattr(target, attribute)
+    assert not missing, f"docs/ARCHITECTURE.md names modules or attributes that do not exist: {missing}"
+
+
+def test_a_renamed_function_would_be_caught() -> None:
+    module, rest = longest_module(["backend", "store", "append", "AppendBatcher", "no_such_method"])
+    assert module.__name__ == "backend.store.append"
+    assert rest == ["AppendBatcher", "no_such_method"]
+    assert not hasattr(module.AppendBatcher, "no_such_method")
