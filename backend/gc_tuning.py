@@ -1,9 +1,9 @@
 """Garbage collector settings for a long-running server process.
 
 Everything imported and built at startup lives as long as the process, yet every full collection
-walks it again: measured under `scripts/bench.py http`, each took 40 to 60 ms, twice a second, and no
-request moved meanwhile. Frozen after startup, those objects are never scanned (a full collection
-then takes about 6 ms), and a larger first-generation threshold makes collections rarer.
+walks it again, and no request moves meanwhile. Frozen after startup, those objects are never scanned
+(measured much shorter pauses; see docs/PERFORMANCE.md), and a larger first-generation threshold makes
+collections rarer.
 """
 
 from __future__ import annotations

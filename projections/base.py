@@ -54,8 +54,8 @@ class Rows:
     unpacks in SQL by position and casts to the declared types (JSON null is SQL NULL).
 
     Not one array per column through `unnest`: asyncpg checks every element of an array parameter
-    against collections.abc ABCs, in Python, at some 3,000 instructions an element, more than the
-    statement costs; the jsonb document is written by orjson, in C (backend/db.py's codec)."""
+    against collections.abc ABCs, in Python, which costs more than the statement (measured; see
+    docs/PERFORMANCE.md); the jsonb document is written by orjson, in C (backend/db.py's codec)."""
 
     def __init__(self, **columns: str) -> None:
         self.columns = tuple(columns.items())

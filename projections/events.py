@@ -2,8 +2,9 @@
 
 A projection needs each event's position, stream, version, type, payload and recorded time, with the
 payload at its current schema version. It does not need the metadata, the hash or the event id:
-leaving those out (and reading only the schema version out of the metadata) makes a batch cost less
-than half the client CPU of `backend.store.reads.read_all`, and that decides how fast a rebuild goes.
+leaving those out (and reading only the schema version out of the metadata) makes a batch cost far
+less client CPU than `backend.store.reads.read_all` (see docs/PERFORMANCE.md), and that decides how
+fast a rebuild goes.
 The filter and order are read_all's (so are the indexes it uses).
 """
 

@@ -288,7 +288,7 @@ class Runner:
         for the tables' size at that moment: a sequential scan joined to the batch is right for a new,
         small table and stays in use, scanning more each batch, until the statistics change. Autovacuum
         would change them, but it may be disabled, as on the bench machine, where under `bench.py http`
-        the reservations runner read that whole table 16 times a second. Doubling keeps the number of
+        the reservations runner read that whole table many times a second. Doubling keeps the number of
         ANALYZEs logarithmic in the events applied."""
         self._analyze_at = max(self._analyze_at, self.applied) * 2
         try:

@@ -1,7 +1,7 @@
 """This checkout against another commit, side by side: server CPU per command of `http`'s mix, interleaved.
 
-The machine's speed drifts by tens of percent within minutes, so two `bench.py http` runs a minute
-apart cannot tell a 5 % change from the drift, and `bench.py instructions` counts instructions, which
+The machine's speed drifts within minutes, so two `bench.py http` runs a minute apart cannot tell a
+small change from the drift (docs/PERFORMANCE.md), and `bench.py instructions` counts instructions, which
 overstate what interpreter-bound savings buy in time. Here both servers run at once, each on a fresh
 database: this checkout's (A) and the base commit's (B, from a temporary git worktree). wrk drives
 them in turn, in short slices ordered A B B A A B ..., so that a drift weighs on both alike; each

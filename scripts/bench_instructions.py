@@ -1,8 +1,8 @@
 """Instructions per command under valgrind (callgrind): `http`'s mix, a fixed number of commands, counted, not timed.
 
-On a machine whose speed drifts by a factor of two within minutes, commands/s cannot tell two commits
-apart by a few percent; instructions can: the same code, inputs and concurrency give the same count to
-within a few tenths of a percent, whatever else the machine is doing. The server (`python -m backend
+On a machine whose speed drifts within minutes, commands/s cannot tell two commits apart by a few
+percent; instructions can: the same code, inputs and concurrency give nearly the same count, whatever
+else the machine is doing (docs/PERFORMANCE.md says how nearly). The server (`python -m backend
 serve`) runs under callgrind with instrumentation off; after seeding and a warm-up, it is switched on
 for N commands of `bench.py http`'s mix (from a Python client in this process, C connections),
 then off. The same is done for the bare aiohttp handler of `bench.py http` (one small JSON request
@@ -10,8 +10,8 @@ each), the issue's scale reference: Tally's instructions per command over the ba
 request is the deterministic twin of `http`'s "commands/s as a share of the bare handler's".
 
 Counts are user-space instructions of the server process only (not the kernel's, not PostgreSQL's),
-and under callgrind the server runs some fifty times slower, so appends batch more than at full
-speed: compare counts with counts, from the same settings.
+and under callgrind the server runs many times slower, so appends batch more than at full speed:
+compare counts with counts, from the same settings.
 """
 
 from __future__ import annotations

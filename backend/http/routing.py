@@ -1,8 +1,8 @@
 """Adding routes so that a request is matched against few regular expressions.
 
 aiohttp files every route under the static prefix of its path ("/v1/wallets") and tries them in order,
-each with a regex fullmatch of the whole path, about 6,000 instructions: a wallet GET was matched
-against ten patterns before its own. A dynamic route added here first compares the number of segments
+each with a regex fullmatch of the whole path, which is costly (see docs/PERFORMANCE.md): a wallet GET
+was matched against every pattern filed before its own. A dynamic route added here first compares the number of segments
 and the literal text after its last placeholder, which rejects the other routes' paths for the cost of
 a string comparison; the regex then runs only where those agree. A placeholder matches no "/", so a
 path with another number of segments can never match; routes with a custom pattern

@@ -196,7 +196,7 @@ class EventStream(EventSourceResponse):
 
     aiohttp calls ``write_eof`` once the handler has returned its response. Streaming there, rather
     than inside the handler, lets the handler's frames and every middleware's go for as long as the
-    stream lasts: about 1.7 KiB per connection, an eighth of what an idle stream costs. The handler
+    stream lasts, a measurable share of what an idle stream costs (see docs/PERFORMANCE.md). The handler
     still makes every check and admits the stream first, so errors are problem+json answers.
     """
 

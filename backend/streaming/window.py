@@ -22,7 +22,8 @@ Item: TypeAlias = tuple[int, str, str, "str | None", bytes]
 wallet's owner for the per-owner filter (None outside wallet streams) and frame the event's ready-to-write
 ``/v1/streams/events`` frame. A plain tuple of atomic values on purpose: CPython's cyclic collector stops
 tracking such tuples, so the window's thousands of items, each living for seconds, never lengthen or
-multiply the collector's full passes (which showed up as 100 ms pauses in the delivery latency)."""
+multiply the collector's full passes (which showed up as pauses in the delivery latency; see
+docs/PERFORMANCE.md)."""
 
 POSITION: Final = 0
 FRAME: Final = 4
