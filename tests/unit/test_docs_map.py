@@ -1,15 +1,19 @@
-"""The code map cannot go stale silently: every path and dotted name docs/ARCHITECTURE.md cites exists."""
+"""The code map cannot go stale silently: every path and dotted name docs/ARCHITECTURE.md (and
+docs/PERFORMANCE.md, which says where each figure belongs) cites exists."""
 
 from __future__ import annotations
 
 import importlib
 import re
+from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 from tests.conftest import ROOT
 
-DOC = ROOT / "docs" / "ARCHITECTURE.md"
-PACKAGES = ("backend", "projections")
+ARCHITECTURE = ROOT / "docs" / "ARCHITECTURE.md"
+DOCS = (ARCHITECTURE, ROOT / "docs" / "PERFORMANCE.md")
 
 # `backend/store/append.py`, `projections/`, `backend/store/migrations/` (a path, in backticks).
 PATH = re.compile(r"`((?:backend|projections|scripts|tests|docs)/[\w./-]*)`")
@@ -17,8 +21,8 @@ PATH = re.compile(r"`((?:backend|projections|scripts|tests|docs)/[\w./-]*)`")
 DOTTED = re.compile(r"`((?:backend|projections)(?:\.\w+)+)`")
 
 
-def cited(pattern: re.Pattern[str]) -> list[str]:
-    return sorted(set(pattern.findall(DOC.read_text())))
+def cited(pattern: re.Pattern[str], doc: Path = ARCHITECTURE) -> list[str]:
+    return sorted(set(pattern.findall(doc.read_text())))
 
 
 def longest_module(parts: list[str]) -> tuple[ModuleType, list[str]]:
@@ -36,14 +40,16 @@ def test_the_map_cites_many_names() -> None:
     assert len(cited(DOTTED)) >= 40
 
 
-def test_every_cited_path_exists() -> None:
-    missing = [path for path in cited(PATH) if not (ROOT / path).exists()]
-    assert not missing, f"docs/ARCHITECTURE.md cites paths that do not exist: {missing}"
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_every_cited_path_exists(doc: Path) -> None:
+    missing = [path for path in cited(PATH, doc) if not (ROOT / path).exists()]
+    assert not missing, f"{doc.name} cites paths that do not exist: {missing}"
 
 
-def test_every_cited_dotted_name_resolves() -> None:
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_every_cited_dotted_name_resolves(doc: Path) -> None:
     missing = []
-    for name in cited(DOTTED):
+    for name in cited(DOTTED, doc):
         try:
             target: object
             target, attributes = longest_module(name.split("."))
@@ -55,7 +61,7 @@ def test_every_cited_dotted_name_resolves() -> None:
                 missing.append(name)
                 break
             target = getattr(target, attribute)
-    assert not missing, f"docs/ARCHITECTURE.md names modules or attributes that do not exist: {missing}"
+    assert not missing, f"{doc.name} names modules or attributes that do not exist: {missing}"
 
 
 def test_a_renamed_function_would_be_caught() -> None:
