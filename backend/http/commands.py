@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import orjson
@@ -16,10 +17,14 @@ from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, reply_model
+from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID
 from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, invalid_parameters, problem_body
 from backend.http.replies import render
-from backend.store.events import AppendResult
+from backend.store.events import MAX_POSITION, AppendResult
+
+_ETAG = re.compile(r'(?:W/)?"([^"]*)"|([^"]*)')
+"""An entity tag, strong or weak, or a bare version: the version is whichever group matched."""
 
 DOMAIN_STATUS = {
     "insufficient_funds": 422,
@@ -75,10 +80,9 @@ def if_match(request: web.Request) -> int | None:
     raw = request.headers.get("If-Match")
     if raw is None:
         return None
-    value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise invalid_parameters(("If-Match", "must be a stream version such as \"3\""))
-    return int(value)
+    match = _ETAG.fullmatch(raw)
+    return parse_int(match[1] or match[2] or "" if match else "", "If-Match", maximum=MAX_POSITION,
+                     message='must be a stream version such as "3" (ASCII digits)')
 
 
 def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
