@@ -67,6 +67,14 @@ class RateLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
+    def wait_s(self, key: str) -> float:
+        """The seconds until key could take a token (0.0: now), taking none and remembering nothing."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = bucket.tokens + (self.clock() - bucket.updated) * self.rate
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def _evict_idle(self, now: float) -> None:
         while self._buckets:
             oldest = next(iter(self._buckets.values()))
