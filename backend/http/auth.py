@@ -37,17 +37,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     token = bearer_token(request)
     authenticator = request.app[AUTHENTICATOR]
     failures = request.app.get(AUTH_FAILURES)
-    client = failures.client(request) if failures is not None and failures.active else None
-    refused = failures.blocked(client) if failures is not None and client is not None else None
-    if refused is not None:  # too many failures: only a key already cached may pass, at no cost
-        actor = authenticator.authenticate_cached(token) if token is not None else None
-        if actor is None:
-            raise refused
+    if failures is not None:
+        actor = await failures.authenticate(request, authenticator, token)
     else:
         actor = await authenticator.authenticate(token) if token is not None else None
     if actor is None:
-        if failures is not None:
-            failures.failed(client if client is not None else failures.client(request))
         if token is None:
             raise Problem(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
                           headers={"WWW-Authenticate": 'Bearer realm="tally"'})

@@ -1,11 +1,13 @@
 """Failed authentications, limited per client address.
 
 A made-up key id costs a database lookup (the key cache cannot know it), so a client sending new ones
-as fast as it can would spend the database on nothing. Each failure (no key, a malformed, unknown,
-revoked or expired one, a wrong secret) takes a token from its address's bucket (rate and burst from
-AUTH_FAILURE_RATE_PER_S and AUTH_FAILURE_BURST). While the bucket is empty, that address's requests
-are authenticated from the key cache only: a key in use there still works, anything else is 429 with
-Retry-After, and costs no lookup.
+as fast as it can would spend the database on nothing. A key the cache knows costs nothing and is not
+counted. Anything else takes a token from its client address's bucket (rate and burst from
+AUTH_FAILURE_RATE_PER_S and AUTH_FAILURE_BURST): a failure the cache can tell (no key, a malformed one,
+a wrong secret, an id just found unknown), and a lookup, before it is made; a lookup that finds a
+valid key gives its token back. Taking it first means concurrent requests cannot all slip through
+while the first lookups are still on their way. With the bucket empty, the answer is 429 with
+Retry-After and costs no lookup; a key already cached still works from that address.
 
 The client address is the peer's. Behind a reverse proxy every peer is the proxy, so when the peer is
 one of TRUSTED_PROXIES the address is read from X-Forwarded-For: the rightmost entry that is not a
@@ -22,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from backend.commands.context import Actor
+from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.problems import Problem
 
 if TYPE_CHECKING:  # backend.http.ratelimit imports backend.http.auth, which imports this (via appkeys)
@@ -40,10 +44,23 @@ class AuthFailures:
         self.refused = 0
         """Requests answered 429 without a lookup (metrics)."""
 
-    @property
-    def active(self) -> bool:
-        """Some address failed lately (else no request needs its address worked out first)."""
-        return len(self.limiter) > 0
+    async def authenticate(self, request: web.BaseRequest, authenticator: ApiKeyAuthenticator,
+                           token: str | None) -> Actor | None:
+        """The token's Actor or None (401), as authenticator.authenticate(); raises the 429."""
+        found = authenticator.authenticate_cached(token) if token is not None else None
+        if isinstance(found, Actor):
+            return found
+        client = self.client(request)
+        self.take(client)
+        if found is None or token is None:
+            self.failures += 1
+            return None
+        actor = await authenticator.authenticate(token)
+        if actor is None:
+            self.failures += 1
+        else:
+            self.limiter.refund(client)
+        return actor
 
     def client(self, request: web.BaseRequest) -> str:
         """The bucket key of the request's client address."""
@@ -73,21 +90,17 @@ class AuthFailures:
                 return client
         return client
 
-    def blocked(self, client: str) -> Problem | None:
-        """The 429 to answer if the client has no failure left, else None (taking nothing)."""
-        wait_s = self.limiter.wait_s(client)
+    def take(self, client: str) -> None:
+        """One token of client's bucket, or the 429 (raised) when there is none."""
+        wait_s = self.limiter.acquire(client)
         if wait_s <= 0:
-            return None
+            return
         self.refused += 1
         retry_after = max(1, math.ceil(wait_s))
-        return Problem(429, "rate_limited",
-                       f"too many failed authentications from this address (at most {self.limiter.rate:g}/s "
-                       f"after {self.limiter.burst}); retry in {retry_after} s",
-                       headers={"Retry-After": str(retry_after)})
-
-    def failed(self, client: str) -> None:
-        self.failures += 1
-        self.limiter.acquire(client)
+        raise Problem(429, "rate_limited",
+                      f"too many failed authentications from this address (at most {self.limiter.rate:g}/s "
+                      f"after {self.limiter.burst}); retry in {retry_after} s",
+                      headers={"Retry-After": str(retry_after)})
 
 
 def _address(text: str) -> Address | None:

@@ -60,10 +60,15 @@ class Unknown:
     """No such key when it was looked up: remembered in the negative table, until its TTL is over."""
 
 
+class NotCached:
+    """authenticate_cached()'s answer when only a database lookup can tell."""
+
+
 Entry = KnownKey | Revoked
 Found = Entry | Unknown
 REVOKED = Revoked()
 UNKNOWN = Unknown()
+NOT_CACHED = NotCached()
 
 
 class ApiKeyAuthenticator:
@@ -137,14 +142,18 @@ class ApiKeyAuthenticator:
             entry = await self._load_once(key_id)
         return self._check(token, key_id, entry)
 
-    def authenticate_cached(self, token: str) -> Actor | None:
-        """authenticate() without going to the database: None also when the key is not cached. For
-        a client that has failed too often, whose next made-up key must cost nothing."""
+    def authenticate_cached(self, token: str) -> Actor | NotCached | None:
+        """authenticate() as far as it goes without the database: NOT_CACHED when only a lookup can
+        tell (the caller decides whether this client may cost one)."""
         verified = self._verified.get(token)
         if verified is not None and self._cache.get(verified[0]) is verified[1]:
+            self._cache.move_to_end(verified[0])
             return self._unexpired(verified[1])
         key_id = parse_token(token)
-        return None if key_id is None else self._check(token, key_id, self._cached(key_id))
+        if key_id is None:
+            return None
+        entry = self._cached(key_id)
+        return NOT_CACHED if entry is None else self._check(token, key_id, entry)
 
     def _check(self, token: str, key_id: UUID, entry: Found | None) -> Actor | None:
         if not isinstance(entry, KnownKey) or not verify_secret(token, entry.secret_hash):

@@ -67,13 +67,11 @@ class RateLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
-    def wait_s(self, key: str) -> float:
-        """The seconds until key could take a token (0.0: now), taking none and remembering nothing."""
+    def refund(self, key: str) -> None:
+        """Give back a token taken by acquire() for something that turned out not to count."""
         bucket = self._buckets.get(key)
-        if bucket is None:
-            return 0.0
-        tokens = bucket.tokens + (self.clock() - bucket.updated) * self.rate
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
 
     def _evict_idle(self, now: float) -> None:
         while self._buckets:

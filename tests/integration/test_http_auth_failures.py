@@ -5,6 +5,7 @@ created through this process works at once even if its id was looked up as unkno
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -84,6 +85,18 @@ async def test_a_flood_of_made_up_keys_from_one_address_is_429_and_costs_no_look
     assert (await status_of(client, "garbage", OTHER))[0] == 401  # another address: failures of its own
     assert (await status_of(client, None, OTHER))[0] == 401
     assert (await status_of(client, cached, OTHER))[0] == 403
+
+
+async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
+    aiohttp_client: AIOHTTPClient, database_url: str,
+) -> None:
+    """Each request takes its token before its lookup, not after its failure: 60 at once, 10 lookups."""
+    app = create_app(make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.01))
+    client = await aiohttp_client(app)
+    before = app[AUTHENTICATOR].loads
+    answers = await asyncio.gather(*(status_of(client, new_token()[1]) for _ in range(60)))
+    assert sorted(status for status, _ in answers) == [401] * 10 + [429] * 50
+    assert app[AUTHENTICATOR].loads == before + 10
 
 
 async def test_without_trusted_proxies_x_forwarded_for_is_ignored(

@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from backend.http.auth_failures import AuthFailures
+from backend.http.problems import Problem
 from backend.http.ratelimit import RateLimiter
 
 
@@ -49,20 +50,23 @@ def test_an_address_is_refused_after_its_burst_until_a_failure_is_allowed_again(
     clock = Clock()
     limited = failures(burst=3, rate=0.5, clock=clock)
     for _ in range(3):
-        assert limited.blocked("a") is None
-        limited.failed("a")
-    refused = limited.blocked("a")
-    assert refused is not None and (refused.status, refused.code) == (429, "rate_limited")
-    assert refused.headers["Retry-After"] == "2"
-    assert limited.blocked("b") is None  # another address is not affected
+        limited.take("a")
+    with pytest.raises(Problem) as refused:
+        limited.take("a")
+    assert (refused.value.status, refused.value.code) == (429, "rate_limited")
+    assert refused.value.headers["Retry-After"] == "2"
+    assert limited.refused == 1
+    limited.take("b")  # another address is not affected
     clock.now += 2.0
-    assert limited.blocked("a") is None
-    limited.failed("a")
-    assert limited.blocked("a") is not None
+    limited.take("a")
+    with pytest.raises(Problem):
+        limited.take("a")
+    limited.limiter.refund("a")  # a lookup that found a valid key gives its token back
+    limited.take("a")
 
 
 def test_the_table_of_addresses_is_bounded() -> None:
     limited = failures(max_buckets=50)
     for n in range(10_000):
-        limited.failed(f"10.0.{n // 256}.{n % 256}")
+        limited.take(f"10.0.{n // 256}.{n % 256}")
     assert len(limited.limiter) == 50
