@@ -142,7 +142,8 @@ def create_app(settings: Settings) -> web.Application:
     if settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0:
         failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,
                                             max_buckets=settings.auth_failure_max_addresses),
-                                settings.trusted_networks())
+                                settings.trusted_networks(), hold_s=settings.auth_failure_hold_s,
+                                max_held=settings.auth_failure_max_held)
         app[AUTH_FAILURES] = failures
         metrics.gauge("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
         metrics.gauge("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",

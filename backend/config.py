@@ -50,11 +50,14 @@ class Settings(BaseSettings):
     # peer's, or, when the peer is one of TRUSTED_PROXIES (comma-separated addresses or CIDRs, e.g.
     # "127.0.0.1,10.0.0.0/8"), the rightmost X-Forwarded-For address that is not. An unknown key id is
     # remembered for AUTH_NEGATIVE_TTL_S (a key created by another process works after that at most).
+    # A 429 is held back AUTH_FAILURE_HOLD_S (0: answered at once) while fewer than AUTH_FAILURE_MAX_HELD are.
     auth_failure_rate_per_s: float = Field(default=20.0, ge=0)
     auth_failure_burst: int = Field(default=100, ge=0)
     auth_failure_max_addresses: int = Field(default=100_000, ge=1)
     trusted_proxies: str = ""
     auth_negative_ttl_s: float = Field(default=2.0, ge=0, le=60)
+    auth_failure_hold_s: float = Field(default=1.0, ge=0, le=10)
+    auth_failure_max_held: int = Field(default=1000, ge=0)
 
     @field_validator("trusted_proxies")
     @classmethod

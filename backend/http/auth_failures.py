@@ -17,6 +17,7 @@ their /64, the block one host is commonly given. The buckets live in a bounded R
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 from collections.abc import Sequence
@@ -36,9 +37,14 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class AuthFailures:
-    def __init__(self, limiter: RateLimiter, trusted_proxies: Sequence[Network] = ()) -> None:
+    def __init__(self, limiter: RateLimiter, trusted_proxies: Sequence[Network] = (), *,
+                 hold_s: float = 0.0, max_held: int = 1000) -> None:
         self.limiter = limiter
         self.trusted = tuple(trusted_proxies)
+        self.hold_s = hold_s
+        self.max_held = max_held
+        self.held = 0
+        """429 answers being held back now (at most max_held)."""
         self.failures = 0
         """Failed authentications counted (metrics)."""
         self.refused = 0
@@ -51,7 +57,7 @@ class AuthFailures:
         if isinstance(found, Actor):
             return found
         client = self.client(request)
-        self.take(client)
+        await self.take(client)
         if found is None or token is None:
             self.failures += 1
             return None
@@ -90,12 +96,21 @@ class AuthFailures:
                 return client
         return client
 
-    def take(self, client: str) -> None:
-        """One token of client's bucket, or the 429 (raised) when there is none."""
+    async def take(self, client: str) -> None:
+        """One token of client's bucket, or the 429 (raised) when there is none, held back hold_s first
+        (while fewer than max_held are): a client that keeps its connections busy failing is slowed to
+        a request per hold_s on each, at the cost of a sleeping coroutine, not of the event loop's time
+        that every other client shares."""
         wait_s = self.limiter.acquire(client)
         if wait_s <= 0:
             return
         self.refused += 1
+        if self.hold_s > 0 and self.held < self.max_held:
+            self.held += 1
+            try:
+                await asyncio.sleep(self.hold_s)
+            finally:
+                self.held -= 1
         retry_after = max(1, math.ceil(wait_s))
         raise Problem(429, "rate_limited",
                       f"too many failed authentications from this address (at most {self.limiter.rate:g}/s "

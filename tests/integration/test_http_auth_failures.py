@@ -58,7 +58,7 @@ async def test_a_flood_of_made_up_keys_from_one_address_is_429_and_costs_no_look
     aiohttp_client: AIOHTTPClient, database_url: str,
 ) -> None:
     settings = make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.5,
-                             trusted_proxies="127.0.0.1")
+                             trusted_proxies="127.0.0.1", auth_failure_hold_s=0)
     app = create_app(settings)
     client = await aiohttp_client(app)
     authenticator = app[AUTHENTICATOR]
@@ -91,7 +91,8 @@ async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
     aiohttp_client: AIOHTTPClient, database_url: str,
 ) -> None:
     """Each request takes its token before its lookup, not after its failure: 60 at once, 10 lookups."""
-    app = create_app(make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.01))
+    app = create_app(make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.01,
+                                   auth_failure_hold_s=0))
     client = await aiohttp_client(app)
     before = app[AUTHENTICATOR].loads
     answers = await asyncio.gather(*(status_of(client, new_token()[1]) for _ in range(60)))
@@ -102,7 +103,8 @@ async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
 async def test_without_trusted_proxies_x_forwarded_for_is_ignored(
     aiohttp_client: AIOHTTPClient, database_url: str,
 ) -> None:
-    app = create_app(make_settings(database_url, auth_failure_burst=3, auth_failure_rate_per_s=0.5))
+    app = create_app(make_settings(database_url, auth_failure_burst=3, auth_failure_rate_per_s=0.5,
+                                   auth_failure_hold_s=0))
     client = await aiohttp_client(app)
     for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
         assert (await status_of(client, "garbage", address))[0] == 401

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 
 import pytest
@@ -20,9 +21,10 @@ class Clock:
 
 
 def failures(trusted: str = "", *, burst: int = 3, rate: float = 1.0, max_buckets: int = 100,
-             clock: Clock | None = None) -> AuthFailures:
+             clock: Clock | None = None, hold_s: float = 0.0, max_held: int = 10) -> AuthFailures:
     networks = [ipaddress.ip_network(part, strict=False) for part in trusted.split(",") if part]
-    return AuthFailures(RateLimiter(rate, burst, max_buckets=max_buckets, clock=clock or Clock()), networks)
+    return AuthFailures(RateLimiter(rate, burst, max_buckets=max_buckets, clock=clock or Clock()), networks,
+                        hold_s=hold_s, max_held=max_held)
 
 
 @pytest.mark.parametrize(("trusted", "remote", "forwarded", "client"), [
@@ -46,27 +48,41 @@ def test_the_client_address(trusted: str, remote: str | None, forwarded: list[st
     assert failures(trusted).client_of(remote, forwarded) == client
 
 
-def test_an_address_is_refused_after_its_burst_until_a_failure_is_allowed_again() -> None:
+async def test_an_address_is_refused_after_its_burst_until_a_failure_is_allowed_again() -> None:
     clock = Clock()
     limited = failures(burst=3, rate=0.5, clock=clock)
     for _ in range(3):
-        limited.take("a")
+        await limited.take("a")
     with pytest.raises(Problem) as refused:
-        limited.take("a")
+        await limited.take("a")
     assert (refused.value.status, refused.value.code) == (429, "rate_limited")
     assert refused.value.headers["Retry-After"] == "2"
     assert limited.refused == 1
-    limited.take("b")  # another address is not affected
+    await limited.take("b")  # another address is not affected
     clock.now += 2.0
-    limited.take("a")
+    await limited.take("a")
     with pytest.raises(Problem):
-        limited.take("a")
+        await limited.take("a")
     limited.limiter.refund("a")  # a lookup that found a valid key gives its token back
-    limited.take("a")
+    await limited.take("a")
 
 
-def test_the_table_of_addresses_is_bounded() -> None:
+async def test_the_table_of_addresses_is_bounded() -> None:
     limited = failures(max_buckets=50)
     for n in range(10_000):
-        limited.take(f"10.0.{n // 256}.{n % 256}")
+        await limited.take(f"10.0.{n // 256}.{n % 256}")
     assert len(limited.limiter) == 50
+
+
+async def test_refusals_are_held_back_but_only_so_many_at_once() -> None:
+    limited = failures(burst=1, hold_s=30.0, max_held=2)
+    await limited.take("a")
+    refusals = [asyncio.ensure_future(limited.take("a")) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert limited.held == 2
+    done = [task for task in refusals if task.done()]
+    assert len(done) == 3 and all(isinstance(task.exception(), Problem) for task in done)
+    for task in refusals:
+        task.cancel()
+    await asyncio.gather(*refusals, return_exceptions=True)
+    assert limited.held == 0
