@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from backend.appkeys import (
+    AUTH_FAILURES,
     AUTHENTICATOR,
     COMMANDS,
     DATABASE_DSN,
@@ -28,6 +29,7 @@ from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
 from backend.http import api_keys, audit, deposits, health, openapi, queries, wallets
 from backend.http.auth import auth_middleware
+from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
@@ -109,8 +111,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
                   lambda: commands.conflicts)
     metrics.gauge("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
                   lambda: listener.reconnects)
-    authenticator = ApiKeyAuthenticator(repository, listener)
+    authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s)
     app[AUTHENTICATOR] = authenticator
+    metrics.gauge("tally_api_key_lookups_total", "API key lookups that went to the database",
+                  lambda: authenticator.loads)
     try:
         await authenticator.start()
         yield
@@ -135,6 +139,15 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    if settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0:
+        failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,
+                                            max_buckets=settings.auth_failure_max_addresses),
+                                settings.trusted_networks(), hold_s=settings.auth_failure_hold_s,
+                                max_held=settings.auth_failure_max_held)
+        app[AUTH_FAILURES] = failures
+        metrics.gauge("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
+        metrics.gauge("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
+                      lambda: failures.refused)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(store_ctx)

@@ -7,6 +7,7 @@ from aiohttp import web
 
 from backend.commands.bus import CommandBus
 from backend.config import Settings
+from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics
 from backend.store.event_store import EventStore
@@ -24,6 +25,7 @@ LISTENER = web.AppKey("listener", Listener)
 REPOSITORY = web.AppKey("repository", Repository)
 COMMANDS = web.AppKey("commands", CommandBus)
 AUTHENTICATOR = web.AppKey("authenticator", ApiKeyAuthenticator)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 
 PROJECTIONS = web.AppKey("projections", ProjectionService)
 HUB = web.AppKey("hub", Hub)

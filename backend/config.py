@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -42,6 +43,34 @@ class Settings(BaseSettings):
     # of RATE_LIMIT_BURST. Either one set to 0 disables rate limiting.
     rate_limit_per_s: float = Field(default=200.0, ge=0)
     rate_limit_burst: int = Field(default=400, ge=0)
+    # Failed authentications (backend.http.auth_failures), per client address: AUTH_FAILURE_RATE_PER_S
+    # after a burst of AUTH_FAILURE_BURST (either one 0: no limit); beyond that a request whose key this
+    # process has not cached is 429 rate_limited with Retry-After, without a lookup. At most
+    # AUTH_FAILURE_MAX_ADDRESSES addresses are tracked (IPv6 ones by /64). The client address is the
+    # peer's, or, when the peer is one of TRUSTED_PROXIES (comma-separated addresses or CIDRs, e.g.
+    # "127.0.0.1,10.0.0.0/8"), the rightmost X-Forwarded-For address that is not. An unknown key id is
+    # remembered for AUTH_NEGATIVE_TTL_S (a key created by another process works after that at most).
+    # A 429 is held back AUTH_FAILURE_HOLD_S (0: answered at once) while fewer than AUTH_FAILURE_MAX_HELD are.
+    auth_failure_rate_per_s: float = Field(default=20.0, ge=0)
+    auth_failure_burst: int = Field(default=100, ge=0)
+    auth_failure_max_addresses: int = Field(default=100_000, ge=1)
+    trusted_proxies: str = ""
+    auth_negative_ttl_s: float = Field(default=2.0, ge=0, le=60)
+    auth_failure_hold_s: float = Field(default=1.0, ge=0, le=10)
+    auth_failure_max_held: int = Field(default=1000, ge=0)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)  # a ValueError names the bad entry
+        return value
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in self.trusted_proxies.split(",") if part.strip())
+
     # HMAC key of deposit addresses (backend.domain.deposit.derive_address). The default is for
     # development and tests only: production MUST set DEPOSIT_ADDRESS_SECRET to a random value of
     # at least 32 bytes and keep it. Changing it changes the addresses of deposits opened afterwards;

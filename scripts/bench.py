@@ -26,6 +26,7 @@ SUBCOMMANDS: dict[str, str] = {
     "replay": "bench_replay",
     "instructions": "bench_instructions",
     "ab": "bench_ab",
+    "authflood": "bench_authflood",
 }
 """Subcommand name -> module in scripts/."""
 

@@ -91,7 +91,7 @@ async def settle(
             raise NotFound(f"wallet {to_wallet_id} does not exist")
         to_wallet = found
     wallet.settle(lock_id, to_wallet, ctx.now)
-    body = {"lock_id": str(lock_id), **wallet_body(wallet, ctx), "to_wallet": wallet_body(to_wallet, ctx)}
+    body = {"lock_id": str(lock_id), **wallet_body(wallet, ctx), "to_wallet_id": str(to_wallet_id)}
     return Decision([wallet, to_wallet], body)
 
 

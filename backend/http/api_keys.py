@@ -36,6 +36,8 @@ async def create_key(request: web.Request, body: models.CreateApiKey) -> web.Res
                                          body.expires_at)
 
     response = await run_command(request, [apikey_stream(key_id)], decide)
+    if response.status == 201:
+        request.app[AUTHENTICATOR].mark_created(key_id)
     if response.status == 201 and "Idempotent-Replayed" not in response.headers:
         created = orjson.loads(response.body)  # type: ignore[arg-type]
         response.body = replies.render(replies.CreatedApiKey, {**created, "secret": token})

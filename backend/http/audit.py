@@ -18,6 +18,7 @@ from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
 from backend.http.endpoint import JSON, endpoint
+from backend.http.integers import AsciiInt
 from backend.http.models import Rfc3339
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
@@ -30,8 +31,8 @@ SCOPE = "audit:read"
 NDJSON = "application/x-ndjson"
 MAX_VERSION = 2**31 - 1
 
-Position = Annotated[int, Field(ge=0, le=MAX_POSITION)]
-Limit = Annotated[int, Field(ge=1, le=1000)]
+Position = Annotated[AsciiInt, Field(ge=0, le=MAX_POSITION)]
+Limit = Annotated[AsciiInt, Field(ge=1, le=1000)]
 StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
 
 RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
@@ -58,7 +59,7 @@ class LogQuery(Query):
 
 
 class StreamQuery(Query):
-    after_version: Annotated[int, Field(ge=0, le=MAX_VERSION)] = 0
+    after_version: Annotated[AsciiInt, Field(ge=0, le=MAX_VERSION)] = 0
     limit: Limit = 100
 
 
@@ -68,7 +69,7 @@ class ExportQuery(Query):
 
 
 class StateQuery(Query):
-    at_position: Annotated[int, Field(ge=1, le=MAX_POSITION)] | None = None
+    at_position: Annotated[AsciiInt, Field(ge=1, le=MAX_POSITION)] | None = None
     as_of: Rfc3339 | None = None
 
 

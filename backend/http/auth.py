@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from backend.appkeys import AUTHENTICATOR
+from backend.appkeys import AUTH_FAILURES, AUTHENTICATOR
 from backend.commands.context import Actor
 from backend.http.problems import Problem
 
@@ -30,14 +30,21 @@ def bearer_token(request: web.Request) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The caller's Actor on the request, or 401; 429 from an address that failed too often
+    (backend.http.auth_failures), unless its key is already cached."""
     if request.path.startswith(PUBLIC_PREFIXES) or request.match_info.http_exception is not None:
         return await handler(request)
     token = bearer_token(request)
-    if token is None:
-        raise Problem(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
-                      headers={"WWW-Authenticate": 'Bearer realm="tally"'})
-    actor = await request.app[AUTHENTICATOR].authenticate(token)
+    authenticator = request.app[AUTHENTICATOR]
+    failures = request.app.get(AUTH_FAILURES)
+    if failures is not None:
+        actor = await failures.authenticate(request, authenticator, token)
+    else:
+        actor = await authenticator.authenticate(token) if token is not None else None
     if actor is None:
+        if token is None:
+            raise Problem(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
+                          headers={"WWW-Authenticate": 'Bearer realm="tally"'})
         raise Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
                       headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
     request[ACTOR] = actor

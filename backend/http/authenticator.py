@@ -5,8 +5,12 @@ The cache holds, per key id, the key's SHA-256 secret hash, its Actor and its ex
 secret is checked against the cached hash in constant time, and a token that passed is remembered with
 the entry it passed against, so its next request skips parsing and hashing for as long as that very
 entry stays in the cache (a revocation or a reload replaces it). The expiry is checked every time.
-Unknown key ids are remembered only briefly (a negative TTL), so a key created a moment later by
-another process is found.
+
+Unknown key ids are remembered too, apart from the known keys (a flood of made-up ids must not push
+the keys in use out of the cache), in a table of their own bounded like it, and only briefly (the
+negative TTL, AUTH_NEGATIVE_TTL_S): a key that another process creates is found here once the TTL has
+passed; one created through this process is found at once (mark_created). Key ids are drawn at random
+when a key is created, so remembering an id as unknown for that long denies no client anything.
 
 Revocation reaches every process within a second: a background task tails the event log for
 `ApiKeyRevoked` (from the head at startup), woken by the Listener and polling as a fallback, and
@@ -22,6 +26,7 @@ import functools
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from uuid import UUID
@@ -52,12 +57,18 @@ class Revoked:
 
 @dataclass(frozen=True, slots=True)
 class Unknown:
-    until: float
-    """time.monotonic() after which the database is asked again."""
+    """No such key when it was looked up: remembered in the negative table, until its TTL is over."""
 
 
-Entry = KnownKey | Revoked | Unknown
+class NotCached:
+    """authenticate_cached()'s answer when only a database lookup can tell."""
+
+
+Entry = KnownKey | Revoked
+Found = Entry | Unknown
 REVOKED = Revoked()
+UNKNOWN = Unknown()
+NOT_CACHED = NotCached()
 
 
 class ApiKeyAuthenticator:
@@ -68,6 +79,8 @@ class ApiKeyAuthenticator:
         *,
         max_entries: int = 10_000,
         negative_ttl_s: float = 2.0,
+        max_unknown: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
         poll_interval_s: float = 0.5,
         min_interval_s: float = 0.05,
         page_size: int = 1000,
@@ -76,6 +89,8 @@ class ApiKeyAuthenticator:
         self.listener = listener
         self.max_entries = max_entries
         self.negative_ttl_s = negative_ttl_s
+        self.max_unknown = max_unknown
+        self.clock = clock
         self.poll_interval_s = poll_interval_s
         self.min_interval_s = min_interval_s
         """Floor between two log scans: under write load the Listener wakes on every append."""
@@ -85,9 +100,13 @@ class ApiKeyAuthenticator:
         self.loads = 0
         """Database lookups made (tests and metrics)."""
         self._cache: OrderedDict[UUID, Entry] = OrderedDict()
+        self._unknown: OrderedDict[UUID, float] = OrderedDict()
+        """Key id -> clock() after which the database is asked again; oldest first."""
+        self._creations = 0
+        """Keys created through this process: a lookup that began before one does not remember "unknown"."""
         self._verified: dict[str, tuple[UUID, KnownKey]] = {}
         """Token -> (key id, the cache entry it was verified against)."""
-        self._loading: dict[UUID, asyncio.Task[Entry]] = {}
+        self._loading: dict[UUID, asyncio.Task[Found]] = {}
         self._task: asyncio.Task[None] | None = None
         self._failing = False
 
@@ -110,6 +129,7 @@ class ApiKeyAuthenticator:
     # ---------------------------------------------------------------- requests
 
     async def authenticate(self, token: str) -> Actor | None:
+        """The token's Actor, or None (unknown, revoked, expired, malformed or a wrong secret)."""
         verified = self._verified.get(token)
         if verified is not None and self._cache.get(verified[0]) is verified[1]:
             self._cache.move_to_end(verified[0])
@@ -120,6 +140,22 @@ class ApiKeyAuthenticator:
         entry = self._cached(key_id)
         if entry is None:
             entry = await self._load_once(key_id)
+        return self._check(token, key_id, entry)
+
+    def authenticate_cached(self, token: str) -> Actor | NotCached | None:
+        """authenticate() as far as it goes without the database: NOT_CACHED when only a lookup can
+        tell (the caller decides whether this client may cost one)."""
+        verified = self._verified.get(token)
+        if verified is not None and self._cache.get(verified[0]) is verified[1]:
+            self._cache.move_to_end(verified[0])
+            return self._unexpired(verified[1])
+        key_id = parse_token(token)
+        if key_id is None:
+            return None
+        entry = self._cached(key_id)
+        return NOT_CACHED if entry is None else self._check(token, key_id, entry)
+
+    def _check(self, token: str, key_id: UUID, entry: Found | None) -> Actor | None:
         if not isinstance(entry, KnownKey) or not verify_secret(token, entry.secret_hash):
             return None
         if len(self._verified) >= self.max_entries:
@@ -137,25 +173,47 @@ class ApiKeyAuthenticator:
         """Mark a key revoked in this process at once (the tailer does it for every other one)."""
         self._put(key_id, REVOKED)
 
+    def mark_created(self, key_id: UUID) -> None:
+        """A key was created through this process: forget that its id was unknown, at once."""
+        self._creations += 1
+        self._unknown.pop(key_id, None)
+
+    @property
+    def unknown_cached(self) -> int:
+        """Key ids remembered as unknown (bounded by max_unknown)."""
+        return len(self._unknown)
+
     # ---------------------------------------------------------------- cache
 
-    def _cached(self, key_id: UUID) -> Entry | None:
+    def _cached(self, key_id: UUID) -> Found | None:
         entry = self._cache.get(key_id)
-        if entry is None:
+        if entry is not None:
+            self._cache.move_to_end(key_id)
+            return entry
+        until = self._unknown.get(key_id)
+        if until is None:
             return None
-        if isinstance(entry, Unknown) and entry.until <= time.monotonic():
-            del self._cache[key_id]
+        if until <= self.clock():
+            del self._unknown[key_id]
             return None
-        self._cache.move_to_end(key_id)
-        return entry
+        return UNKNOWN
 
     def _put(self, key_id: UUID, entry: Entry) -> None:
+        self._unknown.pop(key_id, None)
         self._cache[key_id] = entry
         self._cache.move_to_end(key_id)
         while len(self._cache) > self.max_entries:
             self._cache.popitem(last=False)
 
-    async def _load_once(self, key_id: UUID) -> Entry:
+    def _put_unknown(self, key_id: UUID) -> None:
+        """Entries share one TTL, so insertion order is expiry order: the oldest go first."""
+        now = self.clock()
+        self._unknown.pop(key_id, None)
+        self._unknown[key_id] = now + self.negative_ttl_s
+        while self._unknown and (len(self._unknown) > self.max_unknown or next(iter(self._unknown.values())) <= now):
+            self._unknown.popitem(last=False)
+
+    async def _load_once(self, key_id: UUID) -> Found:
         """One database lookup per key id however many requests miss the cache together."""
         task = self._loading.get(key_id)
         if task is None:
@@ -164,19 +222,22 @@ class ApiKeyAuthenticator:
             task.add_done_callback(functools.partial(self._loaded, key_id))
         return await asyncio.shield(task)
 
-    def _loaded(self, key_id: UUID, task: asyncio.Task[Entry]) -> None:
+    def _loaded(self, key_id: UUID, task: asyncio.Task[Found]) -> None:
         if self._loading.get(key_id) is task:
             del self._loading[key_id]
         if not task.cancelled():
             task.exception()  # retrieved here too, in case every waiter was cancelled
 
-    async def _load(self, key_id: UUID) -> Entry:
+    async def _load(self, key_id: UUID) -> Found:
         self.loads += 1
+        creations = self._creations
         key = await self.repository.find(ApiKey, key_id)
         entry: Entry
         if key is None:
-            entry = Unknown(time.monotonic() + self.negative_ttl_s)
-        elif key.revoked or isinstance(self._cache.get(key_id), Revoked):
+            if creations == self._creations:
+                self._put_unknown(key_id)
+            return UNKNOWN
+        if key.revoked or isinstance(self._cache.get(key_id), Revoked):
             entry = REVOKED  # a tombstone that arrived while we were reading wins
         else:
             actor = Actor(key_id=str(key.id), owner=key.owner, scopes=frozenset(key.scopes))

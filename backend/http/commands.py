@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import orjson
@@ -16,10 +17,18 @@ from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, reply_model
-from backend.http.middlewares import REQUEST_ID
+from backend.http.integers import parse_int
+from backend.http.middlewares import REQUEST_ID, VALID_ID
 from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, invalid_parameters, problem_body
 from backend.http.replies import render
-from backend.store.events import AppendResult
+from backend.store.events import MAX_POSITION, AppendResult
+
+_ETAG = re.compile(r'(?:W/)?"([^"]*)"|([^"]*)')
+"""An entity tag, strong or weak, or a bare version: the version is whichever group matched."""
+
+CORRELATION_ID = "X-Correlation-ID"
+_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
+"""Visible ASCII: the key is stored and compared byte for byte, so nothing a client could send two ways."""
 
 DOMAIN_STATUS = {
     "insufficient_funds": 422,
@@ -75,18 +84,25 @@ def if_match(request: web.Request) -> int | None:
     raw = request.headers.get("If-Match")
     if raw is None:
         return None
-    value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise invalid_parameters(("If-Match", "must be a stream version such as \"3\""))
-    return int(value)
+    match = _ETAG.fullmatch(raw)
+    return parse_int(match[1] or match[2] or "" if match else "", "If-Match", maximum=MAX_POSITION,
+                     message='must be a stream version such as "3" (ASCII digits)')
+
+
+def correlation_id(request: web.Request) -> str | None:
+    """X-Correlation-ID, recorded in the metadata of every event the command appends."""
+    value = request.headers.get(CORRELATION_ID)
+    if value is not None and not VALID_ID.fullmatch(value):
+        raise invalid_parameters((CORRELATION_ID, "must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':', '-'"))
+    return value
 
 
 def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= 255 or not key.isprintable():
-        raise invalid_parameters(("Idempotency-Key", "must be 1 to 255 printable characters"))
+    if not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise invalid_parameters(("Idempotency-Key", "must be 1 to 255 visible ASCII characters (no space)"))
     try:
         canonical: Any = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS) if body.strip() else b""
     except orjson.JSONDecodeError:
@@ -98,8 +114,7 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
 async def run_command(request: web.Request, streams: list[str], decide: Decide) -> web.Response:
     """Execute through the bus and answer with its (possibly replayed) bytes."""
     request_id = request.get(REQUEST_ID)
-    ctx = CommandContext(request[ACTOR], request_id=request_id,
-                         correlation_id=request.headers.get("X-Correlation-ID") or request_id)
+    ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id)
     idem = idempotency_key(request, await request.read())
     try:
         renderer = JsonRenderer(request_id, reply_model(request))

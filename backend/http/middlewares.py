@@ -16,14 +16,15 @@ from backend.logs import request_id_var
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-ID"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+"""What a client-chosen id (X-Request-ID, X-Correlation-ID) may be: it reaches logs and event metadata."""
 REQUEST_ID = web.RequestKey("request_id", str)
 
 
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     offered = request.headers.get(REQUEST_ID_HEADER, "")
-    request_id = offered if _VALID_REQUEST_ID.match(offered) else os.urandom(16).hex()
+    request_id = offered if VALID_ID.fullmatch(offered) else os.urandom(16).hex()
     request[REQUEST_ID] = request_id
     token = request_id_var.set(request_id)
     try:

@@ -26,7 +26,7 @@ OPENAPI = web.AppKey("openapi", bytes)
 API_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
 POSITION = {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}
-IF_MATCH = r'^\s*(W/)?"?[0-9]+"?\s*$'
+IF_MATCH = r'^((W/)?"[0-9]{1,19}"|[0-9]{1,19})$'
 SSE_EVENT = {
     "type": "object",
     "description": "one Server-Sent Event; `data` is JSON, `id` the global position to resume after",
@@ -159,9 +159,13 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
         ]
     if method == "post":
         params.append({"name": "Idempotency-Key", "in": "header", "required": False,
-                       "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                       "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
                        "description": "repeat the request safely: the first outcome is replayed byte for byte "
                                       "(Idempotent-Replayed: true), for at least 24 hours, per API key"})
+        params.append({"name": "X-Correlation-ID", "in": "header", "required": False,
+                       "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+                       "description": "recorded in the metadata of the events the command appends "
+                                      "(default: the request id)"})
     if spec.conditional:
         params.append({"name": "If-Match", "in": "header", "required": False,
                        "schema": {"type": "string", "pattern": IF_MATCH},

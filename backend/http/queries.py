@@ -22,6 +22,7 @@ from backend.appkeys import POOL, PROJECTIONS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, Param, endpoint, reply_model
+from backend.http.integers import parse_int
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
@@ -45,10 +46,8 @@ def min_position(request: web.Request) -> tuple[str, int] | None:
     raw = request.query.get(MIN_POSITION, request.headers.get(MIN_POSITION_HEADER))
     if raw is None:
         return None
-    raw = raw.strip()
-    if not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_POSITION:
-        raise invalid_parameters((field, "must be a non-negative integer (a write's position)"))
-    return field, int(raw)
+    return field, parse_int(raw, field, maximum=MAX_POSITION,
+                            message="must be a non-negative integer of ASCII digits (a write's position)")
 
 
 def wait_budget(request: web.Request) -> float:
@@ -139,9 +138,7 @@ def page_limit(request: web.Request) -> int:
     raw = request.query.get("limit")
     if raw is None:
         return DEFAULT_LIMIT
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise invalid_parameters(("limit", f"must be an integer from 1 to {MAX_LIMIT}"))
-    return int(raw)
+    return parse_int(raw, "limit", minimum=1, maximum=MAX_LIMIT)
 
 
 def encode_cursor(last: UUID) -> str:

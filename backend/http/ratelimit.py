@@ -67,6 +67,12 @@ class RateLimiter:
             return 0.0
         return (1.0 - bucket.tokens) / self.rate
 
+    def refund(self, key: str) -> None:
+        """Give back a token taken by acquire() for something that turned out not to count."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(float(self.burst), bucket.tokens + 1.0)
+
     def _evict_idle(self, now: float) -> None:
         while self._buckets:
             oldest = next(iter(self._buckets.values()))

@@ -48,9 +48,11 @@ class LockWrite(WalletWrite):
 
 
 class SettleWrite(LockWrite):
-    """The paying wallet (top level) and the receiving one, both after the settlement."""
+    """The paying wallet after the settlement, and the id of the one paid. The payee's figures are not
+    in it: the payer's key may pay into anyone's wallet, and must not read it that way (a key of the
+    payee's owner reads it with GET)."""
 
-    to_wallet: Wallet
+    to_wallet_id: UUID
 
 
 class ReservationWrite(WalletWrite):

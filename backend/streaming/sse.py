@@ -29,6 +29,7 @@ from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
+from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
@@ -86,23 +87,21 @@ def viewer_owner(actor: Actor) -> str | None:
 
 
 def _position(raw: str, field: str) -> int:
-    raw = raw.strip()
-    if not raw.isdigit() or int(raw) > MAX_POSITION:
-        raise invalid_parameters((field, "must be a log position (a non-negative integer)"
-                                  + (" or 'now'" if field == "after" else "")))
-    return int(raw)
+    return parse_int(raw, field, maximum=MAX_POSITION,
+                     message="must be a log position (a non-negative integer of ASCII digits)"
+                     + (" or 'now'" if field == "after" else ""))
 
 
 async def start_position(request: web.Request) -> int:
     """Where a log stream resumes: every matching event after this position is sent."""
-    header = request.headers.get(LAST_EVENT_ID, "").strip()
-    last = _position(header, LAST_EVENT_ID) if header else None
+    header = request.headers.get(LAST_EVENT_ID)
+    last = _position(header, LAST_EVENT_ID) if header is not None else None
     if last is not None:
         await check_within_log(request.app, last, LAST_EVENT_ID)
     after = request.query.get("after")
     if after is None:
         return last if last is not None else 0
-    if after.strip() == "now":
+    if after == "now":
         return last if last is not None else await reads.head(request.app[POOL])
     given = _position(after, "after")
     await check_within_log(request.app, given, "after")

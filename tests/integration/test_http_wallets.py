@@ -80,7 +80,7 @@ async def test_locks_release_and_settle(admin: Api) -> None:
     settled = await admin.post(f"/v1/wallets/{payer}/locks/{locked['lock_id']}/settle",
                                {"to_wallet_id": payee}, status=200)
     assert (settled["balance"], settled["locked"]) == (700, 0)
-    assert settled["to_wallet"]["balance"] == 300
+    assert settled["to_wallet_id"] == payee and "to_wallet" not in settled
     again = await admin.post(f"/v1/wallets/{payer}/locks/{locked['lock_id']}/release", status=409)
     assert again["code"] == "lock_not_open"
     assert (await admin.get(f"/v1/wallets/{payee}"))["balance"] == 300
@@ -252,6 +252,26 @@ async def test_authentication_and_authorization_across_owners(client: TestClient
         response = await client.get(f"/v1/wallets/{wid}", headers=headers)
         assert response.status == 401
         assert (await response.json(content_type=PROBLEM))["code"] == "unauthorized"
+
+
+async def test_a_settle_answers_with_the_payers_wallet_only(client: TestClient, admin: Api) -> None:
+    """Owner B pays a lock into A's wallet: B learns A's wallet id (it named it), not A's figures; a key
+    of A's owner reads them with GET as usual."""
+    app = client.server.app
+    alice = Api(client, bearer(await mint_token(app, "alice", ["wallets:read", "wallets:write"])))
+    bob = Api(client, bearer(await mint_token(app, "bob", ["wallets:read", "wallets:write"])))
+    payee = await open_funded(admin, "alice", 5000)
+    payer = await open_funded(admin, "bob", 10)
+    locked = await bob.post(f"/v1/wallets/{payer}/locks", {"amount": 1, "reason": "probe"}, status=201)
+    settled = await bob.post(f"/v1/wallets/{payer}/locks/{locked['lock_id']}/settle",
+                             {"to_wallet_id": payee}, status=200)
+    assert set(settled) == {"wallet_id", "owner", "currency", "balance", "available", "locked", "reserved",
+                            "version", "position", "lock_id", "to_wallet_id"}
+    assert (settled["wallet_id"], settled["owner"], settled["balance"]) == (payer, "bob", 9)
+    assert settled["to_wallet_id"] == payee
+    assert "5001" not in str(settled)
+    assert (await bob.get(f"/v1/wallets/{payee}", status=403))["code"] == "forbidden"
+    assert (await alice.get(f"/v1/wallets/{payee}"))["balance"] == 5001
 
 
 async def test_replay_wins_over_a_precondition_that_no_longer_holds(admin: Api, client: TestClient) -> None:
