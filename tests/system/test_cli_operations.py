@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import os
 import pty
+import re
 import socket
 import subprocess
 import sys
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -229,3 +231,17 @@ def test_a_data_directory_of_another_postgresql_major_is_refused_before_starting
     [line] = error_lines(result)
     assert f"holds PostgreSQL {older} data" in line and "DATA_DIR" in line
     assert sorted(p.name for p in pgdata.iterdir()) == ["PG_VERSION"]
+
+
+def test_keys_create_prints_the_token_alone_or_as_json(database_url: str) -> None:
+    env: dict[str, str | None] = {"DATABASE_URL": database_url}
+    alone = tally("keys", "create", "--owner", "ops", "--scopes", "admin", "--token-only", env=env)
+    assert alone.returncode == 0, alone.stderr
+    assert re.fullmatch(r"tly_[0-9a-f]{32}_\S+\n", alone.stdout), alone.stdout
+    as_json = tally("keys", "create", "--owner", "ops", "--scopes", "admin", "--json", env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    made = orjson.loads(as_json.stdout)
+    assert set(made) == {"key_id", "token"} and made["token"].startswith(f"tly_{uuid.UUID(made['key_id']).hex}_")
+    assert made["token"] not in as_json.stderr
+    both = tally("keys", "create", "--owner", "ops", "--scopes", "admin", "--json", "--token-only", env=env)
+    assert both.returncode == 2 and "not allowed with" in both.stderr
