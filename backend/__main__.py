@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -12,7 +13,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from backend.config import ConfigError, Settings, load_settings
+from backend.config import ConfigError, Settings, check_environment, env_help, load_settings
 from backend.db import DatabaseUnavailable
 from backend.logs import configure_logging
 
@@ -21,27 +22,40 @@ log = logging.getLogger("backend")
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description="Tally wallet and credit ledger")
+    parser.add_argument("--version", action=VersionAction, help="print the version (and git commit) and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the HTTP service")
+    serve = commands.add_parser("serve", help="run the HTTP service",
+                                epilog=env_help("HOST, PORT, every other setting in README.md's Configuration "
+                                                "table"))
     serve.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: PORT or 8080)")
     serve.add_argument("--wait-for-db", type=float, metavar="SECONDS",
                        help="retry the database with backoff for this long instead of failing at once")
 
-    migrate = commands.add_parser("migrate", help="apply pending database migrations and exit")
+    migrate = commands.add_parser("migrate", help="apply pending database migrations and exit",
+                                  epilog=env_help() + ". Exit status 2: database unreachable; with --status, "
+                                  "1: migrations pending or changed")
     migrate.add_argument("--wait-for-db", type=float, metavar="SECONDS")
+    migrate.add_argument("--status", action="store_true",
+                         help="show applied, pending and changed migrations; apply nothing")
 
-    keys = commands.add_parser("keys", help="create or revoke API keys (bootstraps the first admin key)")
+    keys = commands.add_parser("keys", help="create or revoke API keys (bootstraps the first admin key)",
+                               epilog=env_help("APPLY_MIGRATIONS"))
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
-    create = key_commands.add_parser("create", help="create a key and print its token, once")
+    create = key_commands.add_parser("create", help="create a key and print its token, once",
+                                     epilog=env_help("APPLY_MIGRATIONS (true: migrate an empty database first)"))
     create.add_argument("--owner", required=True, help="the owner whose wallets the key acts on")
     create.add_argument("--scopes", required=True, type=scope_list, metavar="SCOPE[,SCOPE...]",
                         help="comma separated, e.g. admin or wallets:read,wallets:write")
     create.add_argument("--name", default="created by the command line", help="a label for people")
     create.add_argument("--expires-at", type=aware_time, metavar="TIME",
                         help="RFC 3339 time with an offset, e.g. 2030-01-01T00:00:00Z (default: never)")
-    revoke = key_commands.add_parser("revoke", help="revoke a key; every process rejects it within a second")
+    shown = create.add_mutually_exclusive_group()
+    shown.add_argument("--token-only", action="store_true", help="print only the token, for KEY=$(...)")
+    shown.add_argument("--json", action="store_true", help='print {"key_id": ..., "token": ...} on one line')
+    revoke = key_commands.add_parser("revoke", help="revoke a key; every process rejects it within a second",
+                                     epilog=env_help("APPLY_MIGRATIONS"))
     revoke.add_argument("key_id", type=uuid.UUID, metavar="KEY_ID")
 
     from projections import cli as projections_cli
@@ -52,6 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit_cli.add_subcommands(commands)
     return parser
+
+
+class VersionAction(argparse.Action):
+    """`--version`: the installed distribution's version, plus the git commit when run from a checkout."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        print(f"tally {version_text()}")
+        parser.exit()
+
+
+def version_text() -> str:
+    from importlib import metadata
+    from pathlib import Path
+
+    try:
+        text = metadata.version("tally")
+    except metadata.PackageNotFoundError:
+        text = "unknown (not installed)"
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / ".git").exists():
+        import subprocess
+
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"],
+                                   capture_output=True, text=True, timeout=5)
+            if found.returncode == 0 and found.stdout.strip():
+                text += f" (git {found.stdout.strip()})"
+    return text
 
 
 def scope_list(value: str) -> list[str]:
@@ -120,19 +166,35 @@ async def serve(settings: Settings) -> None:
     log.info("stopped")
 
 
-async def run_migrations(settings: Settings) -> None:
+async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
     from backend.app import database_dsn
     from backend.db import create_pool
-    from backend.store.migrate import migrate
+    from backend.store.migrate import migrate, migration_status
 
     async with database_dsn(settings) as dsn:
         pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
         try:
             async with pool.acquire() as conn:
-                applied = await migrate(conn)
+                if args.status:
+                    found = await migration_status(conn)
+                else:
+                    applied = await migrate(conn)
         finally:
             await pool.close()
-    print(f"applied {len(applied)} migration(s): {applied}" if applied else "database is up to date")
+    if not args.status:
+        print(f"applied {len(applied)} migration(s): {applied}" if applied else "database is up to date")
+        return 0
+    for version, name in found.applied:
+        changed = any(m.version == version for m in found.changed)
+        print(f"{version:04d}_{name}  {'CHANGED since applied' if changed else 'applied'}")
+    for migration in found.pending:
+        print(f"{migration.version:04d}_{migration.name}  pending")
+    for version, name in found.unknown:
+        print(f"{version:04d}_{name}  applied, unknown to this version of Tally")
+    print(f"{len(found.applied)} applied, {len(found.pending)} pending, {len(found.changed)} changed"
+          + ("" if found.up_to_date else "; run `python -m backend migrate`" if not found.changed else
+             "; a changed migration needs a person: restore its file"))
+    return 0 if found.up_to_date else 1
 
 
 async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
@@ -141,18 +203,20 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
     from backend.app import database_dsn
     from backend.commands import api_keys
     from backend.commands.context import SYSTEM, CommandContext
-    from backend.db import create_pool
+    from backend.db import create_pool, mask_dsn
     from backend.store.event_store import EventStore
-    from backend.store.migrate import migrate
+    from backend.store.migrate import migrate, require_migrated
     from backend.store.repository import Repository
 
     async with database_dsn(settings) as dsn:
         pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2}))
         store = EventStore(pool)
         try:
-            if settings.apply_migrations:
-                async with pool.acquire() as conn:
+            async with pool.acquire() as conn:
+                if settings.apply_migrations:
                     await migrate(conn)
+                else:
+                    await require_migrated(conn, mask_dsn(dsn))
             repo = Repository(store)
             ctx = CommandContext(SYSTEM)
             if args.keys_command == "create":
@@ -166,8 +230,13 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
             await store.close()
             await pool.close()
     if args.keys_command == "create":
-        print(f"key_id: {key_id}")
-        print(f"token: {token}")
+        if args.token_only:
+            print(token)
+        elif args.json:
+            print(json.dumps({"key_id": str(key_id), "token": token}))
+        else:
+            print(f"key_id: {key_id}")
+            print(f"token: {token}")
         print("tally: store the token now, it is not shown again", file=sys.stderr)
     else:
         print(f"revoked {args.key_id}")
@@ -179,35 +248,65 @@ def run_keys(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(manage_keys(settings, args))
-    except (DatabaseUnavailable, CommandError, DomainError) as exc:
+    except (CommandError, DomainError) as exc:
         print(f"tally: error: {getattr(exc, 'detail', exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def uses_database(args: argparse.Namespace) -> bool:
+    """Everything but an audit of an export file, which reads only the file."""
+    return not (args.command == "audit" and args.audit_command == "verify" and args.export is not None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
+        check_environment(settings, uses_database=uses_database(args), serves=args.command == "serve")
     except ConfigError as exc:
         print(f"tally: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
-    if args.command == "keys":
-        return run_keys(settings, args)
-    if args.command == "projections":
-        from projections import cli as projections_cli
-
-        return projections_cli.run(settings, args)
-    if args.command == "audit":
-        from backend.audit import cli as audit_cli
-
-        return audit_cli.run(settings, args)
+    configure_logging(settings.log_level, settings.log_format_choice())
+    if args.command != "serve":
+        return run_tool(settings, args)
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
-    command = {"serve": serve, "migrate": run_migrations}[args.command]
-    return run_main(command(settings), settings.event_loop, "tally", (DatabaseUnavailable, CannotListen))
+    return run_main(serve(settings), settings.event_loop, "tally", (DatabaseUnavailable, CannotListen))
+
+
+def run_tool(settings: Settings, args: argparse.Namespace) -> int:
+    """A one-shot subcommand. A database that cannot be reached, or lacks migrations a read needs, is
+    one line on stderr and exit status 2, whichever subcommand met it."""
+    import asyncpg
+
+    from backend.store.migrate import MigrationError
+
+    try:
+        if args.command == "keys":
+            return run_keys(settings, args)
+        if args.command == "projections":
+            from projections import cli as projections_cli
+
+            return projections_cli.run(settings, args)
+        if args.command == "audit":
+            from backend.audit import cli as audit_cli
+
+            return audit_cli.run(settings, args)
+        return asyncio.run(run_migrations(settings, args))
+    except (DatabaseUnavailable, MigrationError) as exc:
+        print(f"tally: error: {exc}", file=sys.stderr)
+    except asyncpg.UndefinedTableError as exc:  # a table dropped by hand under a migrated schema
+        print(f"tally: error: {exc}; is this Tally's database? `python -m backend migrate --status` "
+              "shows its migrations", file=sys.stderr)
+    except (OSError, asyncpg.PostgresError) as exc:  # the connection lost, or the server refusing, mid-way
+        from backend.db import describe
+
+        print(f"tally: error: database: {describe(exc)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        pass
+    return 2
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
+    # production refuses settings that are only safe on a developer's machine (check_environment).
+    environment: Literal["development", "production"] = "development"
     database_url: SecretStr | None = None
     data_dir: Path = Path(".data")
     host: str = "127.0.0.1"
@@ -30,7 +32,8 @@ class Settings(BaseSettings):
     ready_timeout_s: float = Field(default=1.0, gt=0)
     shutdown_timeout_s: float = Field(default=10.0, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    # auto: text when stderr is a terminal, else JSON (always JSON in production).
+    log_format: Literal["auto", "json", "text"] = "auto"
     # backend.event_loop: uvloop when installed (auto), required (uvloop), or the standard loop (asyncio).
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     apply_migrations: bool = True
@@ -91,7 +94,7 @@ class Settings(BaseSettings):
     read_wait_default_s: float = Field(default=2.0, ge=0)
     read_wait_max_s: float = Field(default=10.0, ge=0)
 
-    @field_validator("log_level", "log_format", "event_loop", mode="before")
+    @field_validator("log_level", "log_format", "event_loop", "environment", mode="before")
     @classmethod
     def _normalise_case(cls, value: object) -> object:
         if not isinstance(value, str):
@@ -109,6 +112,12 @@ class Settings(BaseSettings):
 
     def dsn(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None
+
+    def log_format_choice(self) -> str:
+        """LOG_FORMAT as configure_logging takes it: `auto` stays auto, except in production (JSON)."""
+        if self.log_format == "auto" and self.environment == "production":
+            return "json"
+        return self.log_format
 
     # Server-Sent Events (backend.streaming): a heartbeat comment every SSE_HEARTBEAT_S keeps proxies
     # from closing idle streams; SSE_RETRY_MS is the reconnection delay advised to browsers; a send that
@@ -141,3 +150,34 @@ def load_settings(**overrides: object) -> Settings:
             name = "_".join(str(part) for part in error["loc"]).upper() or "SETTINGS"
             problems.append(f"{name}: {error['msg']}")
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+DATABASE_ENV = ("DATABASE_URL (unset: an embedded PostgreSQL under DATA_DIR/pg), DATA_DIR, CONNECT_TIMEOUT_S, "
+                "COMMAND_TIMEOUT_S, STATEMENT_TIMEOUT_MS, WAIT_FOR_DB_S")
+COMMON_ENV = "ENVIRONMENT, LOG_LEVEL, LOG_FORMAT"
+
+
+def env_help(*names: str, database: bool = True) -> str:
+    """The `--help` epilog naming the environment variables a subcommand reads (see README's table)."""
+    listed = [*([DATABASE_ENV] if database else []), *names, COMMON_ENV]
+    return "environment: " + ", ".join(listed)
+
+
+def check_environment(settings: Settings, *, uses_database: bool, serves: bool) -> None:
+    """ENVIRONMENT=production refuses what is only meant for a developer's machine: an embedded server
+    started because DATABASE_URL is missing or misspelt, the published development deposit secret
+    (serving only), and text logs (serving only). Development accepts all of them."""
+    if settings.environment != "production":
+        return
+    problems = []
+    if uses_database and settings.database_url is None:
+        problems.append("DATABASE_URL: must be set in production (unset starts an embedded PostgreSQL under "
+                        f"{settings.data_dir / 'pg'})")
+    development_secret = Settings.model_fields["deposit_address_secret"].default
+    if serves and settings.deposit_address_secret == development_secret:
+        problems.append("DEPOSIT_ADDRESS_SECRET: the development default is refused in production; "
+                        "set a random value of at least 32 bytes")
+    if serves and settings.log_format == "text":
+        problems.append("LOG_FORMAT: text is refused in production; use json (or auto)")
+    if problems:
+        raise ConfigError("refused with ENVIRONMENT=production: " + "; ".join(problems))

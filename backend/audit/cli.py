@@ -19,6 +19,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
+from backend.config import env_help
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -29,10 +31,12 @@ OK, FOUND, FAILED = 0, 1, 2
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = subparsers.add_parser("audit", help="verify hash chains, export the log, replay a stream, diff projections")
+    audit = subparsers.add_parser("audit", help="verify hash chains, export the log, replay a stream, diff projections",
+                                  epilog=env_help())
     commands = audit.add_subparsers(dest="audit_command", required=True)
 
-    verify = commands.add_parser("verify", help="recompute every hash chain and report each break")
+    verify = commands.add_parser("verify", help="recompute every hash chain and report each break",
+                                 epilog=env_help() + " (none of them with --export, which reads only the file)")
     verify.add_argument("--stream", help="verify only this stream")
     verify.add_argument("--export", type=Path, metavar="FILE",
                         help="verify an NDJSON export file instead of the database (no database needed; - for stdin)")
@@ -41,19 +45,22 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    export = commands.add_parser("export", help="write the log (or a position range) as NDJSON with every hash")
+    export = commands.add_parser("export", help="write the log (or a position range) as NDJSON with every hash",
+                                 epilog=env_help())
     export.add_argument("--after", type=non_negative, default=0, metavar="P", help="start after position P")
     export.add_argument("--to", type=non_negative, metavar="P", help="stop at position P (default: the head now)")
     export.add_argument("--out", type=Path, metavar="FILE", help="write to FILE (default: stdout)")
     export.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    replay = commands.add_parser("replay", help="print a stream's events, each followed by the state after it")
+    replay = commands.add_parser("replay", help="print a stream's events, each followed by the state after it",
+                                 epilog=env_help())
     replay.add_argument("--stream", required=True, help="e.g. wallet-<uuid>")
     replay.add_argument("--to-position", type=non_negative, metavar="P", help="stop after position P")
     replay.add_argument("--json", action="store_true", help="one JSON object per event: {event, state}")
 
     diff = commands.add_parser("diff-projections",
-                               help="rebuild every read model from the log into scratch tables, compare with the live")
+                               help="rebuild every read model from the log into scratch tables, compare with the live",
+                               epilog=env_help())
     diff.add_argument("--json", action="store_true", help="print the differences as JSON")
     diff.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -90,6 +97,7 @@ async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection[asy
 
     from backend.app import database_dsn
     from backend.db import DatabaseUnavailable, connect_kwargs, describe, init_connection, mask_dsn
+    from backend.store.migrate import require_migrated
 
     async with database_dsn(settings) as dsn:
         try:
@@ -98,6 +106,7 @@ async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection[asy
             raise DatabaseUnavailable(f"cannot connect to database {mask_dsn(dsn)}: {describe(exc)}") from None
         try:
             await init_connection(conn)
+            await require_migrated(conn, mask_dsn(dsn))
             yield conn
         finally:
             await conn.close()

@@ -34,6 +34,10 @@ class MigrationError(Exception):
     pass
 
 
+class NotMigrated(MigrationError):
+    """The database lacks migrations this code needs; read-only commands say so instead of migrating."""
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -86,3 +90,40 @@ async def migrate(conn: Connection) -> list[int]:
     finally:
         await conn.execute("select pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
     return applied_now
+
+
+@dataclass(frozen=True)
+class MigrationStatus:
+    """What `migrate --status` shows: read without the lock and without creating anything."""
+
+    applied: list[tuple[int, str]]
+    pending: list[Migration]
+    changed: list[Migration]  # applied, but the file's checksum differs from the recorded one
+    unknown: list[tuple[int, str]]  # recorded by a newer version of Tally: no file here
+
+    @property
+    def up_to_date(self) -> bool:
+        return not (self.pending or self.changed)
+
+
+async def migration_status(conn: Connection) -> MigrationStatus:
+    exists = await conn.fetchval("select to_regclass('schema_migrations') is not null")
+    rows = await conn.fetch("select version, name, checksum from schema_migrations order by version") if exists else []
+    recorded = {row["version"]: (row["name"], row["checksum"]) for row in rows}
+    files = available_migrations()
+    known = {m.version for m in files}
+    return MigrationStatus(
+        applied=[(version, name) for version, (name, _) in recorded.items() if version in known],
+        pending=[m for m in files if m.version not in recorded],
+        changed=[m for m in files if m.version in recorded and recorded[m.version][1] != m.checksum],
+        unknown=[(version, name) for version, (name, _) in recorded.items() if version not in known],
+    )
+
+
+async def require_migrated(conn: Connection, where: str) -> None:
+    """Raise NotMigrated, naming the missing migrations, unless every migration here is applied."""
+    found = await migration_status(conn)
+    if found.pending:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in found.pending)
+        raise NotMigrated(f"database {where} is not migrated ({len(found.pending)} pending: {names}); "
+                          "run `python -m backend migrate` first")
