@@ -18,7 +18,6 @@ from typing import Any
 
 import asyncpg
 
-from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store.listener import Listener
 from projections.stats import get_stats
 
@@ -74,22 +73,10 @@ class StatsFeed:
         self._on_change()
 
     async def run(self) -> None:
-        failing = False
+        """Until cancelled (a failed read ends the run: the Hub's Supervisor starts another)."""
         while True:
             await self.active.wait()
-            try:
-                stats, position = await self._source()
-            except UNAVAILABLE_ERRORS as exc:
-                if not failing:
-                    log.warning("cannot read dashboard stats, retrying", extra={"reason": describe(exc)})
-                failing = True
-                await asyncio.sleep(1.0)
-                continue
-            except Exception:
-                log.exception("reading dashboard stats failed, retrying")
-                await asyncio.sleep(1.0)
-                continue
-            failing = False
+            stats, position = await self._source()
             self._update(stats, position)
             await asyncio.sleep(self.interval_s)  # at most one read, hence one frame, per interval
             if self.position >= self._listener.head:  # caught up: wait for the log to move
