@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -15,9 +16,11 @@ from aiohttp.test_utils import TestClient
 from asyncpg import exceptions as pgerr
 
 from backend.app import create_app
-from backend.appkeys import LISTENER, SUPERVISOR
+from backend.appkeys import LISTENER, PROJECTIONS, REPOSITORY, SUPERVISOR
+from backend.commands.api_keys import mint
 from backend.store.append import NOTIFY_CHANNEL
 from tests.conftest import bearer, make_settings, mint_token
+from tests.integration.test_db_faults import pooled_queries_raise
 
 STATE_ERROR = "cannot switch to state 12; another operation (2) is in progress"
 
@@ -114,3 +117,54 @@ async def test_a_task_failing_for_too_long_makes_the_process_unready_until_it_re
     ready = await fast_client.get("/health/ready")
     assert ready.status == 200
     assert (await ready.json())["tasks"]["listener"]["restarts"] == len(raised)
+
+
+async def test_the_revocation_watcher_survives_a_failed_read(
+    fast_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = fast_client.server.app
+    supervisor = app[SUPERVISOR]
+    minted = mint("watched", "watched key", ["wallets:read"], None, datetime.now(UTC))
+    await app[REPOSITORY].save(minted.key)
+
+    async def probe() -> int:
+        return (await fast_client.get("/v1/api-keys", headers=bearer(minted.token))).status
+
+    assert await probe() == 403  # valid (cached from here on), but not admin
+    with pooled_queries_raise(monkeypatch, pgerr.InternalClientError(STATE_ERROR)):
+        await until(lambda: supervisor.tasks["api-key-revocations"].restarts >= 1)
+    minted.key.revoke(datetime.now(UTC))
+    await app[REPOSITORY].save(minted.key)  # not through the endpoint: only the watcher can learn it
+    async with asyncio.timeout(10):
+        while await probe() != 401:
+            await asyncio.sleep(0.05)
+
+
+async def test_a_projection_runner_losing_its_connection_at_commit_does_not_blame_the_event(
+    fast_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The protocol-state error at commit is the connection's fault: the run ends and the batch is
+    applied on a new connection, recording no failure (before, the runner retried the batch event by
+    event on the broken connection, where the first event would fail and be recorded as failed)."""
+    app = fast_client.server.app
+    original = asyncpg.Connection.execute
+    hit: list[str] = []
+
+    async def execute(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+        if query == "commit" and self._proxy is None and not hit:
+            hit.append(str(self.get_settings().application_name))
+            raise pgerr.InternalClientError(STATE_ERROR)
+        return await original(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+    created = await fast_client.post("/v1/wallets", json={"owner": "runner", "currency": "USD"})
+    assert created.status == 201
+    position = int(created.headers["X-Position"])
+    await until(lambda: bool(hit))
+    name = hit[0].removeprefix("tally-projection-").rsplit("-", 1)[0]
+    service = app[PROJECTIONS]
+    await until(lambda: service.runner(name).checkpoint >= position)
+    assert app[SUPERVISOR].tasks[f"projection-{name}"].restarts == 1
+    ready = await (await fast_client.get("/health/ready")).json()
+    assert ready["checks"]["projections"][name]["state"] == "running"
+    assert service.runner(name).error is None
