@@ -59,16 +59,18 @@ def ident(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def pooled_queries_raise(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> Iterator[None]:
+def pooled_queries_raise(monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                         pool: asyncpg.Pool | None = None) -> Iterator[None]:
     """Make asyncpg's query methods raise `error` on connections borrowed from a pool (the app's; the
-    listener's and the projection runners' connections are their own and keep working)."""
+    listener's and the projection runners' connections are their own and keep working); from `pool`
+    only when given."""
     originals = {name: getattr(asyncpg.Connection, name) for name in QUERY_METHODS}
 
     def failing(name: str) -> Any:
         original = originals[name]
 
         async def method(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
-            if self._proxy is not None:
+            if self._proxy is not None and (pool is None or self._proxy._holder._pool is pool):
                 raise error
             return await original(self, *args, **kwargs)
 
