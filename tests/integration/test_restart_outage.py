@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from backend.app import create_app
@@ -16,13 +17,23 @@ from tests.conftest import bearer, make_settings, mint_token
 PROBLEM = "application/problem+json"
 
 
-async def credit(client: TestClient, wallet_id: str, n: int) -> int:
+async def credit(client: TestClient, wallet_id: str, opened: int, n: int) -> int:
+    """A credit, then reads of the wallet (the log, its read model, the stats): each 200 or 503 (the
+    credit's status is returned)."""
     response = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 1, "reference": f"r{n}"})
+    await ok_or_unavailable(response)
+    for path in (f"/v1/wallets/{wallet_id}/state?at_position={opened}",
+                 f"/v1/wallets/{wallet_id}?min_position={opened}", "/v1/stats",
+                 f"/v1/streams/wallet-{wallet_id}/events"):
+        await ok_or_unavailable(await client.get(path))
+    return response.status
+
+
+async def ok_or_unavailable(response: ClientResponse) -> None:
     if response.status != 200:
         body = await response.json(content_type=PROBLEM)
-        assert (response.status, body["code"]) == (503, "unavailable"), body
-        assert response.headers["Retry-After"] == "1"
-    return response.status
+        assert (response.status, body["code"]) == (503, "unavailable"), (response.url, body)
+        assert response.headers["Retry-After"]
 
 
 async def test_commands_are_503_across_a_server_restart_and_tasks_recover(
@@ -36,19 +47,20 @@ async def test_commands_are_503_across_a_server_restart_and_tasks_recover(
         created = await client.post("/v1/wallets", json={"owner": "restart", "currency": "USD"})
         assert created.status == 201
         wallet_id = (await created.json())["wallet_id"]
-        assert await credit(client, wallet_id, 0) == 200  # the batcher now holds a pooled connection
+        opened = int(created.headers["X-Position"])
+        assert await credit(client, wallet_id, opened, 0) == 200  # the batcher now holds a pooled connection
 
         await asyncio.to_thread(server.kill)
         for n in range(1, 4):
-            assert await credit(client, wallet_id, n) == 503
+            assert await credit(client, wallet_id, opened, n) == 503
         await asyncio.to_thread(server.restart)
         async with asyncio.timeout(30):
             n = 4
-            while await credit(client, wallet_id, n) != 200:  # 503s until it is back, never a 500
+            while await credit(client, wallet_id, opened, n) != 200:  # 503s until it is back, never a 500
                 n += 1
                 await asyncio.sleep(0.05)
             for later in range(n + 1, n + 6):  # and stays up: no connection left broken in the pool
-                assert await credit(client, wallet_id, later) == 200
+                assert await credit(client, wallet_id, opened, later) == 200
 
         supervisor = app[SUPERVISOR]
         async with asyncio.timeout(30):
