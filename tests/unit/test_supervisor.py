@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 
 import asyncpg
 import pytest
 
 from backend.supervisor import DONE, FAILING, RUNNING, STOPPED, Supervisor
+from tests.conftest import ROOT
 
 
 def quick(**overrides: float) -> Supervisor:
@@ -154,3 +157,9 @@ async def test_a_job_failing_beyond_stuck_after_is_stuck_until_it_recovers() -> 
 def test_backoff_doubles_up_to_the_maximum() -> None:
     supervisor = Supervisor(min_delay_s=0.1, max_delay_s=1.0)
     assert [supervisor.delay(n) for n in range(1, 7)] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_the_supervisor_does_not_import_aiohttp() -> None:
+    """It is shared by the HTTP process and `python -m projections`: no web framework in it."""
+    probe = "import sys, backend.supervisor; sys.exit('aiohttp' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, check=False).returncode == 0
