@@ -3,7 +3,6 @@ read-your-writes watcher they keep informed. Used by `serve` (runtime.py) and `p
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import asyncpg
@@ -16,8 +15,6 @@ from projections.base import Projection
 from projections.feed import LogFeed
 from projections.runner import Connect, Runner
 from projections.waiting import CheckpointWatcher
-
-log = logging.getLogger(__name__)
 
 
 def connector(dsn: str, settings: Settings, *, durable_commits: bool = True) -> Connect:

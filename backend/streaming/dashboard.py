@@ -11,7 +11,6 @@ between. A client merges each section of a delta into its copy of the snapshot.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -20,8 +19,6 @@ import asyncpg
 
 from backend.store.listener import Listener
 from projections.stats import get_stats
-
-log = logging.getLogger(__name__)
 
 Stats = dict[str, Any]
 StatsSource = Callable[[], Awaitable[tuple[Stats, int]]]
