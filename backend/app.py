@@ -21,6 +21,7 @@ from backend.appkeys import (
     REPOSITORY,
     SETTINGS,
     STORE,
+    SUPERVISOR,
 )
 from backend.commands.bus import CommandBus
 from backend.config import Settings
@@ -41,6 +42,7 @@ from backend.store.listener import Listener
 from backend.store.migrate import migrate
 from backend.store.repository import Repository
 from backend.streaming import sse as streaming
+from backend.supervisor import Supervisor
 from projections.runtime import projections_ctx
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(app[POOL], max_batch_events=settings.append_batch_max_events)
     listener = Listener(app[DATABASE_DSN], poll_interval_s=settings.listener_poll_s,
-                        connect_kwargs=connect_kwargs(settings))
+                        connect_kwargs=connect_kwargs(settings), supervisor=app[SUPERVISOR])
     await listener.start(timeout=settings.connect_timeout_s + 5)
     app[STORE] = store
     app[LISTENER] = listener
@@ -111,7 +113,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
                   lambda: commands.conflicts)
     metrics.gauge("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
                   lambda: listener.reconnects)
-    authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s)
+    authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s,
+                                        supervisor=app[SUPERVISOR])
     app[AUTHENTICATOR] = authenticator
     metrics.gauge("tally_api_key_lookups_total", "API key lookups that went to the database",
                   lambda: authenticator.loads)
@@ -122,6 +125,14 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         await authenticator.close()
         await store.close()
         await listener.close()
+
+
+async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Last to close: whatever background job a component left running is stopped (never raising)."""
+    try:
+        yield
+    finally:
+        await app[SUPERVISOR].close()
 
 
 ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
@@ -139,6 +150,12 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    supervisor = Supervisor()
+    app[SUPERVISOR] = supervisor
+    metrics.counters("tally_background_task_restarts_total",
+                     "Background tasks (listener, stream tail, projection runners...) restarted after a failure",
+                     "task", supervisor.restarts)
+    app.cleanup_ctx.append(supervisor_ctx)
     if settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0:
         failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,
                                             max_buckets=settings.auth_failure_max_addresses),

@@ -14,10 +14,13 @@ from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.repository import Repository
 from backend.streaming.hub import Hub
+from backend.supervisor import Supervisor
 from projections.service import ProjectionService
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
+"""Runs (and restarts) every background task of the process: backend.supervisor."""
 DATABASE_DSN = web.AppKey("database_dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", EventStore)

@@ -18,17 +18,48 @@ from backend.config import Settings
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the database is not there right now", as opposed to a bug or bad SQL.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
+    OSError,  # the socket: refused, reset, unreachable (TimeoutError is one too)
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08, and asyncpg's ConnectionDoesNotExistError
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: admin or crash shutdown, cannot connect
+    #  now, statement_timeout (QueryCanceledError), idle session timeout, database dropped
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
 )
+"""Errors that always mean "the database is not there right now": a bug or bad SQL is none of these
+(UndefinedTableError is class 42, asyncpg's DataError an InterfaceError). Catch with is_unavailable,
+which also recognises the two asyncpg client errors below by their message."""
+
+_CLOSED_MESSAGES = ("pool is closing", "pool is closed", "connection is closed",
+                    "another operation is cancelling")
+"""asyncpg.InterfaceError is "improper use of the API": mostly a bug (wrong argument count, an
+unsupported codec, a connection used by two tasks at once), so only these messages, which come from a
+pool being closed at shutdown or a connection lost under an operation, mean unavailable."""
+
+_PROTOCOL_STATE_MESSAGES = ("cannot switch to", "not connected", "cannot process message",
+                            "unknown error in protocol implementation")
+"""asyncpg.InternalClientError from the protocol's state machine. After a server restart a connection
+whose socket died under an operation is left in a state the next operation cannot leave ("cannot
+switch to state 12; another operation (2) is in progress"): the connection is broken, not the query,
+and the pool replaces it. Other InternalClientErrors (a codec without an encoder, a schema cache gone
+stale: OutdatedSchemaCacheError) point at our code or schema and stay 500s."""
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether exc means the database (or our connection to it) is down: answer 503, retry later."""
+    if isinstance(exc, UNAVAILABLE_ERRORS):
+        return True
+    message = str(exc)
+    if isinstance(exc, asyncpg.exceptions.DataError | asyncpg.exceptions.ClientConfigurationError):
+        return False
+    if isinstance(exc, asyncpg.InterfaceError):
+        return any(closed in message for closed in _CLOSED_MESSAGES)
+    if isinstance(exc, asyncpg.exceptions.ProtocolError):
+        return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError) and not isinstance(
+            exc, asyncpg.exceptions.OutdatedSchemaCacheError):
+        return message.startswith(_PROTOCOL_STATE_MESSAGES)
+    return False
+
 
 # At startup a database that does not exist (yet) is as unreachable as a server that is down.
 _STARTUP_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.InvalidCatalogNameError)

@@ -27,6 +27,7 @@ async def work(settings: Settings) -> None:
     from backend.store.listener import Listener
     from backend.store.migrate import migrate
     from backend.store.repository import Repository
+    from backend.supervisor import Supervisor
     from projections.registry import all_projections
     from projections.service import ProjectionService, connector
     from projections.waiting import CheckpointWatcher
@@ -34,7 +35,9 @@ async def work(settings: Settings) -> None:
     async with database_dsn(settings) as dsn:
         pool = await create_pool(dsn, settings)
         store = EventStore(pool, max_batch_events=settings.append_batch_max_events)
-        listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings))
+        supervisor = Supervisor()  # runs and restarts the listener and the runners
+        listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),
+                            supervisor=supervisor)
         try:
             if settings.apply_migrations:
                 async with pool.acquire() as conn:
@@ -44,6 +47,7 @@ async def work(settings: Settings) -> None:
             service = ProjectionService(
                 all_projections(bus, expiry_batch_size=settings.expiry_batch_size),
                 connector(dsn, settings, durable_commits=False), CheckpointWatcher(pool), settings, listener=listener,
+                supervisor=supervisor,
             )
             await service.start()
             tune_for_serving()
@@ -58,6 +62,7 @@ async def work(settings: Settings) -> None:
             await service.stop()
         finally:
             await listener.close()
+            await supervisor.close()
             await store.close()
             await pool.close()
 

@@ -21,6 +21,10 @@ falls idle. Under load that saves each such runner dozens of writes a second; it
 other processes, which poll the table, at most that interval on positions the projection has no
 events for, and a crash only re-examines those events.
 
+Lost connections: one connection's lifetime is one run of the runner, supervised (backend.supervisor):
+a lost connection, a protocol error after a server restart, or a bug ends the run and with it the
+lead; the Supervisor starts another with backoff.
+
 Failures: if a batch fails, its events are applied one per transaction up to the one that fails;
 that event's position and error are logged and recorded in projection_checkpoints (status shows
 them), and the runner retries it with exponential backoff. Other projections carry on.
@@ -37,7 +41,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from backend.db import UNAVAILABLE_ERRORS, Connection, describe
+from backend.db import Connection, describe, is_unavailable
 from backend.store.listener import Listener
 from projections import checkpoints, leader
 from projections.base import Projection
@@ -51,7 +55,11 @@ Connect = Callable[[str], Awaitable["asyncpg.Connection[asyncpg.Record]"]]
 OnAdvance = Callable[[str, int], None]
 
 STARTING, STANDBY, LEADING, FAILED, STOPPED = "starting", "standby", "leading", "failed", "stopped"
-LOST: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, ConnectionError)
+
+
+def lost(exc: BaseException) -> bool:
+    """The connection is gone (or unusable): end the run rather than blame an event."""
+    return is_unavailable(exc)
 
 
 ANALYZE_FIRST_AT = 1000
@@ -121,39 +129,32 @@ class Runner:
     # ------------------------------------------------------------------ leadership
 
     async def run(self) -> None:
-        """Until cancelled: connect, win the lock (or stand by), lead; on a lost connection, again."""
-        delay = 0.1
+        """One connection's lifetime: connect, win the lock (or stand by), lead until stopped.
+
+        Whatever ends it early (a lost connection, a bug) is raised, for the Supervisor to start
+        another run with backoff; the connection, and with it the lead, goes at once."""
+        conn: asyncpg.Connection[asyncpg.Record] | None = None
         try:
-            while not self.stopping:
-                conn: asyncpg.Connection[asyncpg.Record] | None = None
-                try:
-                    conn = await self._connect(f"tally-projection-{self.name}-{os.getpid()}")
-                    self.backend_pid = conn.get_server_pid()
-                    while not await leader.try_lock(conn, leader.LEADER, self.name):
-                        self.state = STANDBY
-                        await asyncio.sleep(self.standby_retry_s)
-                    self.state = LEADING
-                    log.info("projection runner leads", extra={"projection": self.name})
-                    delay = 0.1
-                    await self._lead(conn)
-                except LOST as exc:
+            if not self.stopping:
+                conn = await self._connect(f"tally-projection-{self.name}-{os.getpid()}")
+                self.backend_pid = conn.get_server_pid()
+                while not await leader.try_lock(conn, leader.LEADER, self.name):
                     self.state = STANDBY
-                    log.warning("projection runner lost its connection",
-                                extra={"projection": self.name, "reason": describe(exc), "retry_in_s": delay})
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                except Exception as exc:  # a bug or a broken schema: log it, give up the lead, try again
-                    self.state = STANDBY
-                    log.exception("projection runner crashed",
-                                  extra={"projection": self.name, "reason": describe(exc), "retry_in_s": delay})
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff_s)
-                finally:
-                    self.backend_pid = None
-                    if conn is not None:
-                        conn.terminate()  # ends the session at once, and with it the lock
-        finally:
+                    await asyncio.sleep(self.standby_retry_s)
+                self.state = LEADING
+                log.info("projection runner leads", extra={"projection": self.name})
+                await self._lead(conn)
             self.state = STOPPED
+        except asyncio.CancelledError:
+            self.state = STOPPED
+            raise
+        except Exception:
+            self.state = STANDBY
+            raise
+        finally:
+            self.backend_pid = None
+            if conn is not None:
+                conn.terminate()  # ends the session at once, and with it the lock
 
     async def _lead(self, conn: Connection) -> None:
         await self._load_checkpoint(conn)
@@ -191,12 +192,12 @@ class Runner:
             return False
         try:
             await self._commit(conn, events, target)
-        except LOST:
-            raise
         except checkpoints.Fenced as fenced:
             await self._reload(conn, fenced)
             return True
         except Exception as exc:
+            if lost(exc):
+                raise
             await self._isolate(conn, events, exc)
             return True
         return full
@@ -258,11 +259,11 @@ class Runner:
         for event in events:
             try:
                 await self._commit(conn, [event], event.position)
-            except LOST:
-                raise
             except checkpoints.Fenced:
                 return  # the next step reloads
             except Exception as exc:
+                if lost(exc):
+                    raise
                 await self._fail(conn, event, exc)
         if not events:
             await self._fail(conn, None, batch_error)
@@ -293,18 +294,18 @@ class Runner:
         self._analyze_at = max(self._analyze_at, self.applied) * 2
         try:
             await analyze(conn, self.projection.tables)
-        except LOST:
-            raise
         except Exception as exc:
+            if lost(exc):
+                raise
             log.warning("refreshing a projection's statistics failed", extra={"projection": self.name,
                                                                                "error": describe(exc)})
 
     async def _tick(self, conn: Connection) -> float | None:
         try:
             return await self.projection.tick(conn)
-        except LOST:
-            raise
         except Exception as exc:
+            if lost(exc):
+                raise
             log.warning("projection tick failed", extra={"projection": self.name, "error": describe(exc)},
                         exc_info=True)
             return self.max_backoff_s / 10

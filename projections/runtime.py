@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import COMMANDS, DATABASE_DSN, LISTENER, POOL, PROJECTIONS, SETTINGS
+from backend.appkeys import COMMANDS, DATABASE_DSN, LISTENER, POOL, PROJECTIONS, SETTINGS, SUPERVISOR
 from projections.registry import all_projections
 from projections.service import ProjectionService, connector
 from projections.waiting import CheckpointWatcher
@@ -21,7 +21,8 @@ async def projections_ctx(app: web.Application) -> AsyncIterator[None]:
     chosen = all_projections(app[COMMANDS], expiry_batch_size=settings.expiry_batch_size) \
         if settings.run_projections else []
     service = ProjectionService(chosen, connector(app[DATABASE_DSN], settings, durable_commits=False),
-                                CheckpointWatcher(app[POOL]), settings, listener=app[LISTENER])
+                                CheckpointWatcher(app[POOL]), settings, listener=app[LISTENER],
+                                supervisor=app[SUPERVISOR])
     app[PROJECTIONS] = service
     await service.start()
     try:

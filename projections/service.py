@@ -3,8 +3,6 @@ read-your-writes watcher they keep informed. Used by `serve` (runtime.py) and `p
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Sequence
 
 import asyncpg
@@ -12,12 +10,11 @@ import asyncpg
 from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
 from backend.store.listener import Listener
+from backend.supervisor import Supervised, Supervisor
 from projections.base import Projection
 from projections.feed import LogFeed
 from projections.runner import Connect, Runner
 from projections.waiting import CheckpointWatcher
-
-log = logging.getLogger(__name__)
 
 
 def connector(dsn: str, settings: Settings, *, durable_commits: bool = True) -> Connect:
@@ -54,6 +51,7 @@ class ProjectionService:
         watcher: CheckpointWatcher,
         settings: Settings,
         listener: Listener | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.watcher = watcher
         self.feed = LogFeed(page_size=settings.projection_batch_size,
@@ -73,28 +71,22 @@ class ProjectionService:
             )
             for projection in projections
         ]
-        self._tasks: list[asyncio.Task[None]] = []
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._jobs: list[Supervised] = []
 
     def runner(self, name: str) -> Runner:
         return next(r for r in self.runners if r.name == name)
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(r.run(), name=f"projection-{r.name}") for r in self.runners]
+        """One supervised job per runner: a run that fails is started again with backoff."""
+        self._jobs = [self._supervisor.spawn(f"projection-{r.name}", r.run) for r in self.runners]
 
     async def stop(self) -> None:
-        """Stop every runner; an unfinished batch rolls back with its connection.
+        """Stop every runner (an unfinished batch rolls back with its connection); never raises.
 
-        Cancelled again until done: on Python 3.11 asyncio.wait_for() (the Listener waits with it) can
-        swallow a cancellation that arrives as its inner wait completes; the runners' stopping flag
-        ends them at their next turn in any case."""
+        The runners' stopping flag ends them at their next turn even if a cancellation is lost."""
         for runner in self.runners:
             runner.stopping = True
-        pending = set(self._tasks)
-        while pending:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.5)
-        for task in self._tasks:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("projection runner ended with an error", exc_info=task.exception())
-        self._tasks = []
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            await self._supervisor.stop(job)

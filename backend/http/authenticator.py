@@ -21,7 +21,6 @@ read the key before it was revoked, so a stale "active" copy can never be instal
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -33,10 +32,10 @@ from uuid import UUID
 
 from backend.commands.api_keys import parse_token
 from backend.commands.context import Actor
-from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.domain import ApiKey, parse_stream_id, verify_secret
 from backend.store.listener import Listener
 from backend.store.repository import Repository
+from backend.supervisor import Supervised, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,7 @@ class ApiKeyAuthenticator:
         poll_interval_s: float = 0.5,
         min_interval_s: float = 0.05,
         page_size: int = 1000,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.repository = repository
         self.listener = listener
@@ -107,22 +107,20 @@ class ApiKeyAuthenticator:
         self._verified: dict[str, tuple[UUID, KnownKey]] = {}
         """Token -> (key id, the cache entry it was verified against)."""
         self._loading: dict[UUID, asyncio.Task[Found]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._job: Supervised | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Tail revocations from the current head (older ones are visible to any later load)."""
         self.checkpoint = await self.repository.store.head()
-        self._task = asyncio.create_task(self._watch(), name="api-key-revocations")
+        self._job = self._supervisor.spawn("api-key-revocations", self._watch)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop the revocation watcher (never raises what it went through) and pending loads."""
+        job, self._job = self._job, None
+        await self._supervisor.stop(job)
         for task in list(self._loading.values()):
             task.cancel()
 
@@ -248,21 +246,11 @@ class ApiKeyAuthenticator:
     # ---------------------------------------------------------------- revocations
 
     async def _watch(self) -> None:
+        """Until cancelled; a failed read ends the run, and the Supervisor starts another with backoff."""
         while True:
             seen_head = self.listener.head if self.listener is not None else 0
             started = time.monotonic()
-            failing = self._failing
-            self._failing = True
-            try:
-                await self.catch_up()
-                self._failing = False
-            except UNAVAILABLE_ERRORS as exc:
-                if not failing:  # once per outage, not every poll
-                    log.warning("cannot read API key revocations, retrying", extra={"reason": describe(exc)})
-            except Exception:
-                log.exception("reading API key revocations failed, retrying")
-            if failing and not self._failing:
-                log.info("reading API key revocations again", extra={"checkpoint": self.checkpoint})
+            await self.catch_up()
             if self.listener is None:
                 await asyncio.sleep(self.poll_interval_s)
             elif self.listener.head == seen_head:

@@ -1,4 +1,5 @@
-"""Liveness (the process answers), readiness (the database answers within a timeout) and metrics."""
+"""Liveness (the process answers), readiness (the database answers within a timeout, no background task
+stuck) and metrics."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import asyncio
 
 from aiohttp import web
 
-from backend.appkeys import METRICS, POOL, SETTINGS
-from backend.db import UNAVAILABLE_ERRORS, Connection, describe
+from backend.appkeys import METRICS, POOL, SETTINGS, SUPERVISOR
+from backend.db import Connection, describe, is_unavailable
 from backend.http.endpoint import endpoint
 from backend.http.problems import Problem
 from projections import registry
@@ -26,17 +27,32 @@ async def live(request: web.Request) -> web.Response:
 @routes.get("/health/ready")
 @endpoint(public=True)
 async def ready(request: web.Request) -> web.Response:
-    """The database answers within the timeout (else 503); each projection's lag."""
+    """The database answers within the timeout and no background task is stuck (else 503); each
+    projection's lag and each background task's state.
+
+    A task is stuck when it has kept failing, restart after restart, for longer than the supervisor's
+    stuck_after_s (30 s): with the database answering, a LISTEN connection or stream tail that cannot
+    recover means this process serves stale waits and silent streams, so it leaves the rotation. A
+    shorter outage only shows in `tasks` (state "failing", consecutive_failures)."""
     timeout = request.app[SETTINGS].ready_timeout_s
     try:
         async with asyncio.timeout(timeout):
             async with request.app[POOL].acquire() as conn:
                 await conn.fetchval("select 1")
                 lag = await projection_lag(conn)
-    except UNAVAILABLE_ERRORS as exc:
+    except Exception as exc:
+        if not is_unavailable(exc):
+            raise
         raise Problem(503, "unavailable", f"database check failed: {describe(exc)}",
                       headers={"Retry-After": "1"}) from None
-    return web.json_response({"status": "ready", "checks": {"database": "ok", "projections": lag}})
+    supervisor = request.app[SUPERVISOR]
+    stuck = supervisor.stuck()
+    if stuck:
+        raise Problem(503, "unavailable", f"background tasks failing for over {supervisor.stuck_after_s:g} s: "
+                      + ", ".join(f"{name} ({supervisor.tasks[name].last_error})" for name in stuck),
+                      headers={"Retry-After": "1"})
+    return web.json_response({"status": "ready", "checks": {"database": "ok", "projections": lag},
+                              "tasks": supervisor.report()})
 
 
 async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -52,6 +52,7 @@ class Metrics:
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
         self.infos: dict[str, tuple[str, Callable[[], dict[str, str]]]] = {}
         self.histograms: dict[str, tuple[str, Histogram]] = {}
+        self.families: dict[str, tuple[str, str, Callable[[], Mapping[str, float]]]] = {}
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
         """Register a value read at scrape time (e.g. the store's head, a batcher's counters)."""
@@ -61,6 +62,10 @@ class Metrics:
         """Register a histogram (seconds, the BUCKETS bounds) that a component observes into."""
         self.histograms[name] = (help_text, Histogram())
         return self.histograms[name][1]
+
+    def counters(self, name: str, help_text: str, label: str, read: Callable[[], Mapping[str, float]]) -> None:
+        """Register a counter per value of one label, read at scrape time (e.g. restarts per task)."""
+        self.families[name] = (help_text, label, read)
 
     def info(self, name: str, help_text: str, read: Callable[[], dict[str, str]]) -> None:
         """Register a constant-1 gauge whose labels describe the process (read at scrape time)."""
@@ -79,6 +84,9 @@ class Metrics:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram", *hist.render(name)]
         for name, (help_text, read) in sorted(self.gauges.items()):
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {read()}"]
+        for name, (help_text, label, read_family) in sorted(self.families.items()):
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+            lines += [f'{name}{{{label}="{value}"}} {count}' for value, count in sorted(read_family().items())]
         for name, (help_text, read_labels) in sorted(self.infos.items()):
             labels = ",".join(f'{key}="{value}"' for key, value in sorted(read_labels().items()))
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name}{{{labels}}} 1"]

@@ -9,7 +9,7 @@ import re
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.db import describe, is_unavailable
 from backend.http.problems import Problem, from_http_exception, problem_response
 from backend.logs import request_id_var
 
@@ -52,15 +52,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         response = problem_response(from_http_exception(exc), request_id)
-    except UNAVAILABLE_ERRORS as exc:
-        log.warning("database unavailable", extra={"reason": describe(exc), "path": request.path})
-        unavailable = Problem(503, "unavailable", "the database is unavailable, try again shortly",
-                              headers={"Retry-After": "1"})
-        response = problem_response(unavailable, request_id)
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path, "method": request.method})
-        internal = Problem(500, "internal_error", "an unexpected error occurred")
-        response = problem_response(internal, request_id)
+    except Exception as exc:
+        if is_unavailable(exc):
+            log.warning("database unavailable", extra={"reason": describe(exc), "path": request.path})
+            unavailable = Problem(503, "unavailable", "the database is unavailable, try again shortly",
+                                  headers={"Retry-After": "1"})
+            response = problem_response(unavailable, request_id)
+        else:
+            log.exception("unhandled error", extra={"path": request.path, "method": request.method})
+            internal = Problem(500, "internal_error", "an unexpected error occurred")
+            response = problem_response(internal, request_id)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -80,6 +81,7 @@ class AppendBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._closing = False
         self._conn: PoolConnectionProxy[asyncpg.Record] | None = None
+        self._on_lost: Callable[[Any], None] | None = None
         self._heads = KnownHeads()
         self.fenced = 0
         self.fence_misses = 0
@@ -300,20 +302,39 @@ class AppendBatcher:
         return outcomes
 
     async def _connection(self) -> PoolConnectionProxy[asyncpg.Record]:
-        """The batcher keeps one pooled connection for itself: no acquire and reset per batch."""
+        """The batcher keeps one pooled connection for itself: no acquire and reset per batch.
+
+        When the server drops that connection while the batcher holds it idle (a restart), asyncpg
+        hands it back to the pool at once, and any later call on it raises InterfaceError ("released
+        back to the pool"), which is no outage error: a termination listener forgets it, so the next
+        batch acquires another, or fails as unavailable while the server is down, instead of a 500."""
         if self._conn is None:
-            self._conn = await self._pool.acquire()
+            conn = await self._pool.acquire()
+
+            def forget(_: object) -> None:
+                if self._conn is conn:  # not a later one: the listener may run after a reacquire
+                    self._conn = None
+
+            conn.add_termination_listener(forget)
+            self._conn, self._on_lost = conn, forget
         return self._conn
+
+    def _drop(self) -> PoolConnectionProxy[asyncpg.Record] | None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._on_lost is not None:
+            with contextlib.suppress(Exception):  # a connection already handed back refuses calls
+                conn.remove_termination_listener(self._on_lost)
+        return conn
 
     async def _discard_connection(self) -> None:
         """After any failure: the pool rolls back (or replaces) the connection on release."""
-        conn, self._conn = self._conn, None
+        conn = self._drop()
         if conn is not None:
             with contextlib.suppress(Exception):
                 await self._pool.release(conn)
 
     async def _release_connection(self) -> None:
-        conn, self._conn = self._conn, None
+        conn = self._drop()
         if conn is not None:
             await self._pool.release(conn)
 

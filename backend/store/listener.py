@@ -2,8 +2,9 @@
 
 A NOTIFY only says "the head moved to P"; waiters always re-read from their own position, so a lost
 notification costs latency, never an event. The connection also polls the head on a timer (which
-doubles as its liveness check), and after a dropped connection it reconnects with backoff and wakes
-every waiter so that they re-read.
+doubles as its liveness check). One connection's lifetime is one run of a supervised job: whatever
+ends it (a drop, a protocol error after a server restart, a bug) makes the Supervisor start another
+with backoff, and each new connection wakes every waiter so that they re-read.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ from typing import Any
 
 import asyncpg
 
-from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store.append import NOTIFY_CHANNEL
 from backend.store.reads import HEAD_SQL
+from backend.supervisor import Supervised, Supervisor
 
 log = logging.getLogger(__name__)
 
-_RECONNECT_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, ConnectionError)
+TASK_NAME = "listener"
 
 
 class Listener:
-    def __init__(self, dsn: str, *, poll_interval_s: float = 1.0, connect_kwargs: dict[str, Any] | None = None):
+    def __init__(self, dsn: str, *, poll_interval_s: float = 1.0, connect_kwargs: dict[str, Any] | None = None,
+                 supervisor: Supervisor | None = None):
         self._dsn = dsn
         self._poll_interval_s = poll_interval_s
         self._connect_kwargs = connect_kwargs or {}
@@ -35,19 +37,23 @@ class Listener:
         self.reconnects = 0
         self._changed = asyncio.Event()
         self._lost = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._job: Supervised | None = None
         self._conn: asyncpg.Connection | None = None
 
     async def start(self, timeout: float = 10.0) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-listener")
-        async with asyncio.timeout(timeout):
-            await self.connected.wait()
+        self._job = self._supervisor.spawn(TASK_NAME, self._run)
+        try:
+            async with asyncio.timeout(timeout):
+                await self.connected.wait()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop listening; never raises, whatever the connection went through."""
+        job, self._job = self._job, None
+        await self._supervisor.stop(job)
         self._wake()
 
     def backend_pid(self) -> int | None:
@@ -95,33 +101,27 @@ class Listener:
         self._lost.set()
 
     async def _run(self) -> None:
-        delay = 0.1
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await asyncpg.connect(self._dsn, **self._connect_kwargs)
-                self._lost.clear()
-                conn.add_termination_listener(self._on_terminated)
-                await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                self._conn = conn
-                self.head = max(self.head, int(await conn.fetchval(HEAD_SQL)))
-                if self.connected.is_set():
-                    self.reconnects += 1
-                    log.info("event listener reconnected", extra={"head": self.head})
-                self.connected.set()
-                self._wake()  # anything may have been missed while disconnected: everyone re-reads
-                delay = 0.1
-                while not self._lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._lost.wait(), self._poll_interval_s)
-                    if not self._lost.is_set():
-                        self._advance(int(await conn.fetchval(HEAD_SQL)))
-                raise ConnectionError("listener connection lost")
-            except _RECONNECT_ERRORS as exc:
-                log.warning("event listener disconnected", extra={"reason": describe(exc), "retry_in_s": delay})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-            finally:
-                self._conn = None
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
+        """One connection, from connect until it is lost (raised, for the Supervisor to start another)."""
+        conn: asyncpg.Connection | None = None
+        try:
+            conn = await asyncpg.connect(self._dsn, **self._connect_kwargs)
+            self._lost.clear()
+            conn.add_termination_listener(self._on_terminated)
+            await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+            self._conn = conn
+            self.head = max(self.head, int(await conn.fetchval(HEAD_SQL)))
+            if self.connected.is_set():
+                self.reconnects += 1
+                log.info("event listener reconnected", extra={"head": self.head})
+            self.connected.set()
+            self._wake()  # anything may have been missed while disconnected: everyone re-reads
+            while not self._lost.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), self._poll_interval_s)
+                if not self._lost.is_set():
+                    self._advance(int(await conn.fetchval(HEAD_SQL)))
+            raise ConnectionError("listener connection lost")
+        finally:
+            self._conn = None
+            if conn is not None and not conn.is_closed():
+                conn.terminate()

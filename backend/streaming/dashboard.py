@@ -11,18 +11,14 @@ between. A client merges each section of a delta into its copy of the snapshot.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
-from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store.listener import Listener
 from projections.stats import get_stats
-
-log = logging.getLogger(__name__)
 
 Stats = dict[str, Any]
 StatsSource = Callable[[], Awaitable[tuple[Stats, int]]]
@@ -74,22 +70,10 @@ class StatsFeed:
         self._on_change()
 
     async def run(self) -> None:
-        failing = False
+        """Until cancelled (a failed read ends the run: the Hub's Supervisor starts another)."""
         while True:
             await self.active.wait()
-            try:
-                stats, position = await self._source()
-            except UNAVAILABLE_ERRORS as exc:
-                if not failing:
-                    log.warning("cannot read dashboard stats, retrying", extra={"reason": describe(exc)})
-                failing = True
-                await asyncio.sleep(1.0)
-                continue
-            except Exception:
-                log.exception("reading dashboard stats failed, retrying")
-                await asyncio.sleep(1.0)
-                continue
-            failing = False
+            stats, position = await self._source()
             self._update(stats, position)
             await asyncio.sleep(self.interval_s)  # at most one read, hence one frame, per interval
             if self.position >= self._listener.head:  # caught up: wait for the log to move

@@ -17,7 +17,8 @@ every write (nearly all complete at once), a stream whose socket refuses bytes a
 the send timeout has passed since data last left the socket; if by then nothing has left it since, the
 connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker wakes
 everyone every checkpoint interval, so that idle streams notice a vanished client and filtered ones
-send the checkpoints they owe.
+send the checkpoints they owe. The tail, the ticker and the dashboard feed run under the process's
+Supervisor: a failed read ends the run, and the supervisor starts it again with backoff.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from backend.config import Settings
-from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store import reads
 from backend.store.events import RecordedEvent
 from backend.store.listener import Listener
@@ -42,10 +42,9 @@ from backend.streaming.dashboard import StatsFeed, StatsSource
 from backend.streaming.filters import EventFilter
 from backend.streaming.owners import Owners
 from backend.streaming.window import FRAME, POSITION, Item, Window, make_item
+from backend.supervisor import Supervised, Supervisor
 
 log = logging.getLogger(__name__)
-
-RETRY_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +233,8 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self, db: Executor, listener: Listener, config: HubConfig, stats_source: StatsSource) -> None:
+    def __init__(self, db: Executor, listener: Listener, config: HubConfig, stats_source: StatsSource,
+                 supervisor: Supervisor | None = None) -> None:
         self.db = db
         self.listener = listener
         self.config = config
@@ -248,7 +248,8 @@ class Hub:
         self._tail_active = asyncio.Event()
         self._drained = asyncio.Event()
         self._closing = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._jobs: list[Supervised] = []
 
     @property
     def streams(self) -> int:
@@ -258,11 +259,9 @@ class Hub:
 
     async def start(self) -> None:
         self.window.reset(await reads.head(self.db))
-        self._tasks = [
-            asyncio.create_task(self._tail(), name="sse-tail"),
-            asyncio.create_task(self._tick(), name="sse-ticker"),
-            asyncio.create_task(self.stats.run(), name="sse-stats"),
-        ]
+        spawn = self._supervisor.spawn
+        self._jobs = [spawn("sse-tail", self._tail), spawn("sse-ticker", self._tick),
+                      spawn("dashboard-stats", self.stats.run)]
 
     async def shutdown(self) -> None:
         """Refuse new streams and end every open one, the closes spread evenly over the shutdown window
@@ -281,12 +280,11 @@ class Hub:
                 await self._drained.wait()
 
     async def close(self) -> None:
+        """End the streams, then the background jobs; never raises what those jobs went through."""
         await self.shutdown()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            await self._supervisor.stop(job)
 
     # ---------------------------------------------------------------- subscribers
 
@@ -394,32 +392,21 @@ class Hub:
 
     async def _tail(self) -> None:
         """Read each new batch of the log once into the window, then wake the log subscribers."""
-        failures = 0
         while True:
-            try:
-                if not self._tail_active.is_set():
-                    await self._tail_active.wait()
-                    self.window.reset(await reads.head(self.db))  # nobody needed what happened meanwhile
-                    continue
-                end = self.window.end
+            if not self._tail_active.is_set():
+                await self._tail_active.wait()
+                self.window.reset(await reads.head(self.db))  # nobody needed what happened meanwhile
+                continue
+            end = self.window.end
+            if self.listener.head <= end:
+                await self.listener.wait_beyond(end, self.config.checkpoint_s)
                 if self.listener.head <= end:
-                    await self.listener.wait_beyond(end, self.config.checkpoint_s)
-                    if self.listener.head <= end:
-                        continue
-                events = await reads.read_all(self.db, end, self.config.page_size)
-                if events:
-                    items = await self.items(events)
-                    self.window.extend(items)
-                    self._publish(items, end)
-                failures = 0
-            except UNAVAILABLE_ERRORS as exc:
-                if not failures:
-                    log.warning("cannot read the event log for streams, retrying", extra={"reason": describe(exc)})
-                await asyncio.sleep(RETRY_DELAYS_S[min(failures, len(RETRY_DELAYS_S) - 1)])
-                failures += 1
-            except Exception:
-                log.exception("reading the event log for streams failed, retrying")
-                await asyncio.sleep(RETRY_DELAYS_S[-1])
+                    continue
+            events = await reads.read_all(self.db, end, self.config.page_size)
+            if events:
+                items = await self.items(events)
+                self.window.extend(items)
+                self._publish(items, end)
 
     def _publish(self, items: list[Item], end: int) -> None:
         """New items follow position end: push them to the subscribers parked there, wake the others."""

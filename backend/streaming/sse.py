@@ -23,9 +23,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
-from backend.appkeys import HUB, LISTENER, POOL, REPOSITORY, SETTINGS
+from backend.appkeys import HUB, LISTENER, POOL, REPOSITORY, SETTINGS, SUPERVISOR
 from backend.commands.context import Actor
-from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.db import describe, is_unavailable
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
@@ -56,7 +56,8 @@ LAST_EVENT_ID = "Last-Event-ID"
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     """This process's hub, reading through the app's pool and woken by its one Listener."""
     pool = app[POOL]
-    hub = Hub(pool, app[LISTENER], HubConfig.from_settings(app[SETTINGS]), projection_stats(pool))
+    hub = Hub(pool, app[LISTENER], HubConfig.from_settings(app[SETTINGS]), projection_stats(pool),
+              app[SUPERVISOR])
     await hub.start()
     app[HUB] = hub
     try:
@@ -230,7 +231,9 @@ class EventStream(EventSourceResponse):
                 await pump_log(hub, subscriber, self.headers.get("Transfer-Encoding") == "chunked")
         except ConnectionError:
             pass  # the client left, or its stuck send was aborted: it resumes from its last id
-        except UNAVAILABLE_ERRORS as exc:
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
             log.warning("ending a stream: the database is unavailable", extra={"reason": describe(exc)})
         finally:
             hub.unsubscribe(subscriber)
