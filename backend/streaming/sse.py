@@ -173,7 +173,7 @@ RESUME = (
 
 
 @routes.get("/v1/streams/events")
-@endpoint(access=ACCESS, content_type=SSE, params=(
+@endpoint(access=ACCESS, content_type=SSE, frames="StreamEvent", params=(
     *RESUME,
     Param("stream", "only this stream's events", STREAM_ID),
     Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')", STREAM_ID),
@@ -193,7 +193,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/v1/streams/wallets/{wallet_id}")
-@endpoint(access=ACCESS, content_type=SSE, params=RESUME)
+@endpoint(access=ACCESS, content_type=SSE, frames="WalletStreamEvent", params=RESUME)
 async def stream_wallet(request: web.Request) -> web.StreamResponse:
     """One wallet's events, each with the wallet's figures right after it."""
     owner = viewer_owner(request[ACTOR])
