@@ -119,3 +119,16 @@ async def test_per_key_limit_and_process_cap_are_refusals_a_browser_retries(make
     again = await connect(client, "/v1/streams/events", one, after="now")
     assert again.status == 200
     again.close()
+
+
+async def test_a_stream_asked_for_during_shutdown_is_a_refusal_a_browser_retries(make_client: MakeClient) -> None:
+    client = await make_client(sse_retry_ms=1500)
+    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    await hub_of(client).shutdown()  # what on_shutdown does first: from here on new streams are refused
+    refused = await connect(client, "/v1/streams/events", token, after="now")
+    problem = await refusal(refused)
+    assert (problem["status"], problem["code"]) == (503, "unavailable")
+    assert "shutting down" in problem["detail"]
+    # authentication failures still stop a browser: an ordinary problem+json answer
+    unknown = await connect(client, "/v1/streams/events", "tly_nope.nope")
+    assert (unknown.status, unknown.response.content_type) == (401, PROBLEM)
