@@ -28,7 +28,7 @@ from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
 from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
-from backend.http import api_keys, audit, deposits, health, openapi, queries, wallets
+from backend.http import api_keys, audit, cors, deposits, health, openapi, queries, stream_tokens, wallets
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
@@ -37,6 +37,7 @@ from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.openapi import OPENAPI
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
+from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
@@ -136,7 +137,7 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
-                queries.routes, streaming.routes)
+                queries.routes, stream_tokens.routes, streaming.routes)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -147,8 +148,13 @@ def create_app(settings: Settings) -> web.Application:
                                      auth_middleware]
     if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key
         middlewares.append(rate_limit_middleware(RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)))
+    origins = settings.allowed_origins()
+    if origins:  # outermost: a preflight is answered before anything else looks at it
+        middlewares.insert(0, cors.cors_middleware(origins))
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
+    if origins:
+        app.on_response_prepare.append(cors.cors_headers(origins))
     app[METRICS] = metrics
     supervisor = Supervisor()
     app[SUPERVISOR] = supervisor
@@ -165,6 +171,7 @@ def create_app(settings: Settings) -> web.Application:
         metrics.gauge("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
         metrics.gauge("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
                       lambda: failures.refused)
+    app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(store_ctx)

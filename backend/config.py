@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -138,6 +139,25 @@ class Settings(BaseSettings):
     sse_shutdown_window_s: float = Field(default=2.0, ge=0)
     sse_window_events: int = Field(default=10_000, ge=16)
     sse_page_size: int = Field(default=500, ge=1, le=10_000)
+    # Browsers. CORS_ALLOWED_ORIGINS: exact origins (scheme://host[:port], comma separated) whose pages
+    # may call the API and open streams (backend.http.cors); empty: no CORS headers at all. Stream
+    # tokens (POST /v1/stream-tokens) open streams only and live STREAM_TOKEN_TTL_S; they are signed
+    # with STREAM_TOKEN_SECRET, which every process must share (unset: derived from
+    # DEPOSIT_ADDRESS_SECRET, itself shared; set it to rotate stream tokens on their own).
+    cors_allowed_origins: str = ""
+    stream_token_ttl_s: float = Field(default=60.0, gt=0, le=3600)
+    stream_token_secret: SecretStr | None = Field(default=None, min_length=16)
+
+    @field_validator("cors_allowed_origins")
+    @classmethod
+    def _exact_origins(cls, value: str) -> str:
+        for origin in (part.strip() for part in value.split(",")):
+            if origin and not re.fullmatch(r"https?://[^/\s*]+", origin):
+                raise ValueError(f"{origin!r} is not an origin such as https://dash.example.com (no path, no '*')")
+        return value
+
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset(part.strip() for part in self.cors_allowed_origins.split(",") if part.strip())
 
 
 def load_settings(**overrides: object) -> Settings:

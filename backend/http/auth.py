@@ -8,14 +8,18 @@ from aiohttp.typedefs import Handler
 from backend.appkeys import AUTH_FAILURES, AUTHENTICATOR
 from backend.commands.context import Actor
 from backend.http.problems import Problem
+from backend.http.signed_tokens import PREFIX as STREAM_TOKEN_PREFIX
+from backend.http.signed_tokens import STREAM_TOKENS
 
 ACTOR = web.RequestKey("actor", Actor)
 
 PUBLIC_PREFIXES = ("/health/", "/metrics", "/openapi.json")
 STREAM_PATHS = "/v1/streams/"
 """Browsers' EventSource cannot send headers, so GETs under this prefix (the SSE streams) may carry
-the key as ``?access_token=`` instead (RFC 6750 section 2.3). Logs record ``request.path``, which has
+a token as ``?access_token=`` instead (RFC 6750 section 2.3): preferably a short-lived stream token
+(backend.http.stream_tokens), an API key being discouraged. Logs record ``request.path``, which has
 no query string, so the token is never logged."""
+SSE = "text/event-stream"
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -35,12 +39,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if request.path.startswith(PUBLIC_PREFIXES) or request.match_info.http_exception is not None:
         return await handler(request)
     token = bearer_token(request)
-    authenticator = request.app[AUTHENTICATOR]
-    failures = request.app.get(AUTH_FAILURES)
-    if failures is not None:
-        actor = await failures.authenticate(request, authenticator, token)
+    if token is not None and token.startswith(STREAM_TOKEN_PREFIX):
+        actor = await stream_token_actor(request, token)
     else:
-        actor = await authenticator.authenticate(token) if token is not None else None
+        authenticator = request.app[AUTHENTICATOR]
+        failures = request.app.get(AUTH_FAILURES)
+        if failures is not None:
+            actor = await failures.authenticate(request, authenticator, token)
+        else:
+            actor = await authenticator.authenticate(token) if token is not None else None
     if actor is None:
         if token is None:
             raise Problem(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
@@ -57,3 +64,21 @@ def require(request: web.Request, scope: str) -> Actor:
     if not actor.allows(scope):
         raise Problem(403, "forbidden", f"this API key lacks the '{scope}' scope")
     return actor
+
+
+def opens_stream(request: web.Request) -> bool:
+    """A GET of an SSE endpoint (its declaration says text/event-stream), the one use of stream tokens."""
+    spec = getattr(request.match_info.handler, "tally_endpoint", None)
+    return request.method == "GET" and getattr(spec, "content_type", None) == SSE
+
+
+async def stream_token_actor(request: web.Request, token: str) -> Actor | None:
+    """The Actor of a genuine, unexpired stream token whose key is still valid, if the request opens
+    a stream (403 otherwise); None: 401."""
+    key_id = request.app[STREAM_TOKENS].verify(token)
+    if key_id is None:
+        return None
+    if not opens_stream(request):
+        raise Problem(403, "forbidden", "a stream token only opens streams (GET /v1/streams/events, "
+                      "/v1/streams/wallets/{wallet_id}, /v1/streams/dashboard); send an API key here")
+    return await request.app[AUTHENTICATOR].actor_of(key_id)

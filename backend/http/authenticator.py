@@ -161,6 +161,14 @@ class ApiKeyAuthenticator:
         self._verified[token] = (key_id, entry)
         return self._unexpired(entry)
 
+    async def actor_of(self, key_id: UUID) -> Actor | None:
+        """The key's Actor while it is neither revoked nor expired (a stream token's key, checked when
+        a stream opens with it)."""
+        entry = self._cached(key_id)
+        if entry is None:
+            entry = await self._load_once(key_id)
+        return self._unexpired(entry) if isinstance(entry, KnownKey) else None
+
     @staticmethod
     def _unexpired(entry: KnownKey) -> Actor | None:
         if entry.expires_at is not None and datetime.now(UTC) >= entry.expires_at:

@@ -65,6 +65,8 @@ class Endpoint:
     public: bool = False
     errors: tuple[str, ...] = ()
     """The domain error codes the command can answer with, besides those every command can."""
+    frames: str | None = None
+    """A stream's: the component schema (backend.streaming.schemas) of its event frames' data."""
 
     @property
     def query_parameters(self) -> frozenset[str]:
@@ -89,12 +91,12 @@ def endpoint(
     *, scope: str | None = None, reply: type[BaseModel] | None = None, status: int = 200,
     content_type: str = JSON, query: type[BaseModel] | None = None, params: tuple[Param, ...] = (),
     access: str | None = None, conditional: bool = False, reads_model: bool = False, public: bool = False,
-    errors: tuple[str, ...] = (),
+    errors: tuple[str, ...] = (), frames: str | None = None,
 ) -> Callable[[Handler[R]], Handler[R]]:
     """A handler without a request body; the arguments are Endpoint's fields."""
     spec = Endpoint(scope=scope, reply=reply, status=status, content_type=content_type, query=query,
                     params=params, access=access, conditional=conditional, reads_model=reads_model,
-                    public=public, errors=errors)
+                    public=public, errors=errors, frames=frames)
 
     known = None if public or query is not None else spec.query_parameters
 

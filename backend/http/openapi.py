@@ -21,6 +21,7 @@ from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, SSE, 
 from backend.http.problems import PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
+from backend.streaming import schemas as event_schemas
 
 OPENAPI = web.AppKey("openapi", bytes)
 API_VERSION = "1.0.0"
@@ -29,10 +30,26 @@ POSITION = {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}
 IF_MATCH = r'^((W/)?"[0-9]{1,19}"|[0-9]{1,19})$'
 SSE_EVENT = {
     "type": "object",
-    "description": "one Server-Sent Event; `data` is JSON, `id` the global position to resume after",
+    "description": "one Server-Sent Event; `data` is JSON, `id` the global position to resume after. Event "
+                   "frames are unnamed (onmessage receives them) unless ?event_names=true names them by type. "
+                   "A stream refused for want of room (the key's cap, the server's, a shutdown) is a 200 "
+                   "answer with `retry:` and one frame named `refused` whose data is problem+json, then its "
+                   "end (header X-Stream-Refused: <code>): a browser comes back after that delay",
     "properties": {"id": {"type": "string"}, "event": {"type": "string"}, "retry": {"type": "integer"},
                    "data": {"type": "string", "contentMediaType": "application/json"}},
 }
+
+
+def _sse_schema(frames: str | None) -> dict[str, Any]:
+    if frames is None:
+        return SSE_EVENT
+    data = {**SSE_EVENT["properties"]["data"], "contentSchema": {"$ref": REF.format(model=frames)}}  # type: ignore[index]
+    return {**SSE_EVENT, "properties": {**SSE_EVENT["properties"], "data": data}}  # type: ignore[dict-item]
+
+
+def _command(method: str, spec: Endpoint) -> bool:
+    """A POST or DELETE that runs a command (a POST without a body, such as a stream token's, does not)."""
+    return method == "delete" or (method == "post" and spec.body is not None)
 _PATH_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 routes = web.RouteTableDef()
@@ -60,6 +77,10 @@ def document(app: web.Application) -> dict[str, Any]:
                               "declared with backend.http.endpoint (endpoint or command)")
         operations.append((route.method.lower(), route.resource.canonical, route.handler, spec))
     refs, schemas = _schemas([spec for *_, spec in operations])
+    events = event_schemas.component_schemas(REF)
+    if events.keys() & schemas.keys():
+        raise LookupError(f"event schemas clash with reply models: {sorted(events.keys() & schemas.keys())}")
+    schemas = {**schemas, **events}
     paths: dict[str, dict[str, Any]] = {}
     for method, path, handler, spec in operations:
         paths.setdefault(path, {})[method] = _operation(method, path, handler, spec, refs)
@@ -157,7 +178,7 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
             {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "wait=N: how many seconds to wait for min_position (bounded by the server)"},
         ]
-    if method == "post":
+    if method == "post" and _command(method, spec):
         params.append({"name": "Idempotency-Key", "in": "header", "required": False,
                        "schema": {"type": "string", "pattern": "^[!-~]{1,255}$"},
                        "description": "repeat the request safely: the first outcome is replayed byte for byte "
@@ -181,11 +202,11 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
         if spec.reply is not None:
             schema = refs[(spec.reply, "serialization")]
         elif spec.content_type == SSE:
-            schema = SSE_EVENT
+            schema = _sse_schema(spec.frames)
         else:
             schema = {"type": "object"} if spec.content_type == JSON else {"type": "string"}
         success["content"] = {spec.content_type: {"schema": schema}}
-    if method in ("post", "delete"):
+    if _command(method, spec):
         success["headers"] = {"X-Position": {"schema": {"type": "integer"},
                                              "description": "global position of the events appended"}}
     if spec.status == 201:
@@ -223,7 +244,7 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         add(413, "payload_too_large")
         add(415, "unsupported_media_type")
         add(422, "validation_error")
-    if method in ("post", "delete"):  # commands
+    if _command(method, spec):
         add(409, "wrong_expected_version", "idempotency_in_flight")
         add(422, "idempotency_conflict")
     for code in spec.errors:

@@ -268,3 +268,8 @@ class Problem(BaseModel):
 def render(model: type[BaseModel], data: Mapping[str, Any]) -> bytes:
     """data validated into model, as JSON bytes (a mismatch raises: a server bug, never sent)."""
     return model.__pydantic_serializer__.to_json(model.model_validate(data))
+
+
+class StreamToken(Reply):
+    token: str = Field(description="pass as ?access_token= to open a stream; opens streams only")
+    expires_at: AwareDatetime = Field(description="after this no new stream opens with it (open ones go on)")

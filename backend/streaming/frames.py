@@ -4,6 +4,10 @@ aiohttp-sse's ``send`` builds each frame with a StringIO and two regular express
 subscribers times a thousand events a second that is too slow, so an event's frame is encoded once,
 when it enters the shared window, and every subscriber writes the same bytes. Data is always one
 line of JSON (orjson escapes newlines inside strings), so a frame never needs several ``data:`` lines.
+
+Event frames are unnamed by default: a browser's ``onmessage`` only receives frames without an
+``event:`` field, and the type travels in the data anyway. ``?event_names=true`` names them by type,
+for pages that register one listener per type.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def event_body(event: RecordedEvent) -> dict[str, Any]:
     """What a client sees of an event: never its metadata (actor, request ids) nor its hash."""
     return {
         "position": event.position,
-        "stream": event.stream_id,
+        "stream_id": event.stream_id,
         "version": event.version,
         "type": event.type,
         "data": event.data,
@@ -38,13 +42,27 @@ def _field(value: str) -> bytes:
     return value.replace("\r", " ").replace("\n", " ").encode()
 
 
-def frame(position: int, event: str, data: bytes) -> bytes:
-    """``id:`` (the global position, a browser's resume point), ``event:`` and one ``data:`` line."""
+def frame(position: int, event: str | None, data: bytes) -> bytes:
+    """``id:`` (the global position, a browser's resume point), ``event:`` unless None (an unnamed
+    frame reaches ``onmessage``) and one ``data:`` line."""
+    if event is None:
+        return b"id: %d\ndata: %s\n\n" % (position, data)
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (position, _field(event), data)
 
 
-def event_frame(event: RecordedEvent) -> bytes:
-    return frame(event.position, event.type, dumps(event_body(event)))
+def event_frame(event: RecordedEvent, named: bool = False) -> bytes:
+    return frame(event.position, event.type if named else None, dumps(event_body(event)))
+
+
+def named_frames(events: list[RecordedEvent]) -> bytes:
+    """The frames of ``?event_names=true`` streams: each named by its event type."""
+    return b"".join(event_frame(event, named=True) for event in events)
+
+
+def refusal(retry_ms: int, problem: bytes) -> bytes:
+    """A refused stream's whole body: ``retry:`` (when a browser comes back) and an ``event: refused``
+    frame whose data is the problem+json document (why, and ``retry_after``)."""
+    return b"retry: %d\nevent: refused\ndata: %s\n\n" % (retry_ms, problem)
 
 
 def checkpoint(position: int) -> bytes:

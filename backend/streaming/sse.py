@@ -1,6 +1,11 @@
 """The SSE endpoints (aiohttp-sse): every check happens before the response starts, so an
-authorization failure or a refused stream is an ordinary problem+json answer (a browser's EventSource
-then stops retrying); after that the stream only ends by the client leaving, a stuck send, or shutdown.
+authorization or input failure is an ordinary problem+json answer (a browser's EventSource then stops
+retrying); after that the stream only ends by the client leaving, a stuck send, or shutdown.
+
+A stream refused for want of room (the key's stream cap, the process's, a shutdown) is different: the
+client should come back, and a browser only reconnects after a 200 text/event-stream answer that ends.
+So the refusal is such an answer: ``retry:`` with the advised delay, one ``event: refused`` frame
+holding the problem+json document, and an ``X-Stream-Refused: <code>`` header for other clients.
 
 Resume position: ``?after=N`` (or ``after=now``, the head) positions a fresh connection; a browser
 reconnecting re-sends the same URL together with ``Last-Event-ID``, which is then further along and
@@ -32,7 +37,7 @@ from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.positions import check_within_log
-from backend.http.problems import Problem, invalid_parameters
+from backend.http.problems import Problem, invalid_parameters, problem_body
 from backend.http.wallets import path_uuid
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, RecordedEvent
@@ -117,16 +122,36 @@ def _filter(request: web.Request, owner: str | None) -> EventFilter:
     return dataclasses.replace(flt, owner=owner) if owner is not None else flt
 
 
+REFUSED_HEADER = "X-Stream-Refused"
+
+
 def _refused(exc: StreamRefused, request: web.Request) -> Problem:
     settings = request.app[SETTINGS]
-    retry_after = {"Retry-After": str(max(1, math.ceil(settings.sse_retry_ms / 1000)))}
+    retry_s = max(1, math.ceil(settings.sse_retry_ms / 1000))
+    retry_after = {"Retry-After": str(retry_s)}
+    extra = {"retry_after": retry_s}
     if exc.reason == "key":
         return Problem(429, "rate_limited", f"this API key already has {settings.sse_max_streams_per_key} "
-                       "open streams; close one first", headers=retry_after)
+                       "open streams; close one first", headers=retry_after, extra=extra)
     if exc.reason == "process":
         return Problem(503, "unavailable", "this server holds as many streams as it may; try again shortly",
-                       headers=retry_after)
-    return Problem(503, "unavailable", "this server is shutting down; reconnect", headers=retry_after)
+                       headers=retry_after, extra=extra)
+    return Problem(503, "unavailable", "this server is shutting down; reconnect", headers=retry_after, extra=extra)
+
+
+def refusal_response(problem: Problem, request: web.Request) -> web.Response:
+    """200 text/event-stream that advises ``retry:`` and ends: the one refusal a browser retries."""
+    body = frames.refusal(request.app[SETTINGS].sse_retry_ms, frames.dumps(problem_body(problem, request[REQUEST_ID])))
+    headers = {**problem.headers, REFUSED_HEADER: problem.code, "Cache-Control": "no-cache"}
+    return web.Response(status=200, body=body, content_type=SSE, headers=headers)
+
+
+def event_names(request: web.Request) -> bool:
+    """``?event_names=true`` names each event frame by its type; by default frames are unnamed."""
+    raw = request.query.get("event_names", "false")
+    if raw not in ("true", "false"):
+        raise invalid_parameters(("event_names", "must be 'true' or 'false'"))
+    return raw == "true"
 
 
 # ---------------------------------------------------------------- endpoints
@@ -139,12 +164,16 @@ RESUME = (
           {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}, "header"),
     Param("after", "resume after this position, or 'now' for new events only (the later of this and Last-Event-ID)",
           {"type": "string", "pattern": "^([0-9]{1,19}|now)$"}),
-    Param("access_token", "the API key, for clients such as EventSource that cannot send Authorization"),
+    Param("access_token", "a stream token from POST /v1/stream-tokens, for clients such as EventSource that "
+          "cannot send Authorization (an API key is also taken here, but discouraged: URLs get logged and kept)"),
+    Param("event_names", "true: name each frame by its event type (`event: WalletCredited`) for per-type "
+          "listeners; by default frames are unnamed, so `onmessage` receives every event (the type is in the data)",
+          {"type": "string", "enum": ["true", "false"]}),
 )
 
 
 @routes.get("/v1/streams/events")
-@endpoint(access=ACCESS, content_type=SSE, params=(
+@endpoint(access=ACCESS, content_type=SSE, frames="StreamEvent", params=(
     *RESUME,
     Param("stream", "only this stream's events", STREAM_ID),
     Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')", STREAM_ID),
@@ -154,20 +183,22 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     """The event log, filtered by ``stream``, ``stream_prefix`` and ``types``."""
     owner = viewer_owner(request[ACTOR])
     flt = _filter(request, owner)
+    named = event_names(request)
     if owner is not None and flt.stream is not None:
         stream_owner = await request.app[HUB].owners.owner_of(flt.stream)
         if stream_owner != owner:
             raise Problem(403, "forbidden", "this API key may only follow its owner's wallets")
     position = await start_position(request)
-    return await serve(request, position, flt, None)
+    return await serve(request, position, flt, frames.named_frames if named else None)
 
 
 @routes.get("/v1/streams/wallets/{wallet_id}")
-@endpoint(access=ACCESS, content_type=SSE, params=RESUME)
+@endpoint(access=ACCESS, content_type=SSE, frames="WalletStreamEvent", params=RESUME)
 async def stream_wallet(request: web.Request) -> web.StreamResponse:
     """One wallet's events, each with the wallet's figures right after it."""
     owner = viewer_owner(request[ACTOR])
     wallet_id = path_uuid(request, "wallet_id")
+    named = event_names(request)
     repository = request.app[REPOSITORY]
     wallet = await repository.find(Wallet, wallet_id)
     if wallet is None:
@@ -176,14 +207,15 @@ async def stream_wallet(request: web.Request) -> web.StreamResponse:
         raise Problem(403, "forbidden", f"wallet {wallet_id} belongs to another owner")
     position = await start_position(request)
     state, _ = await repository.as_of(Wallet, wallet_id, position=position)
-    follower = WalletFollower(wallet_id, state)
+    follower = WalletFollower(wallet_id, state, named)
     return await serve(request, position, EventFilter(stream=wallet_stream(wallet_id)), follower.render)
 
 
 @routes.get("/v1/streams/dashboard")
-@endpoint(access=ACCESS, content_type=SSE, params=RESUME[2:])
+@endpoint(access=ACCESS, content_type=SSE, params=RESUME[2:3])
 async def stream_dashboard(request: web.Request) -> web.StreamResponse:
-    """A ``snapshot`` of the stats read model, then ``stats`` deltas at a bounded rate."""
+    """A ``snapshot`` of the stats read model, then ``stats`` deltas at a bounded rate (frames named
+    ``snapshot`` and ``stats``)."""
     viewer_owner(request[ACTOR])
     return await serve(request, None, None, None)
 
@@ -254,7 +286,7 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
     try:
         subscriber = hub.subscribe(request[ACTOR].key_id, transport, position or 0, flt, render)
     except StreamRefused as exc:
-        raise _refused(exc, request) from None
+        return refusal_response(_refused(exc, request), request)
     tcp.limit_send_buffer(transport, settings.sse_socket_send_buffer)
     try:
         if flt is None:
@@ -327,9 +359,10 @@ async def pump_dashboard(hub: Hub, subscriber: Subscriber) -> None:
 class WalletFollower:
     """A wallet stream's running state: each event is folded in and sent with the figures after it."""
 
-    def __init__(self, wallet_id: UUID, state: Wallet | None) -> None:
+    def __init__(self, wallet_id: UUID, state: Wallet | None, named: bool = False) -> None:
         self.wallet_id = wallet_id
         self.state = state
+        self.named = named
 
     def render(self, events: list[RecordedEvent]) -> bytes:
         chunks = []
@@ -339,5 +372,5 @@ class WalletFollower:
             figures = {"balance": view.balance, "available": view.available, "locked": view.locked,
                        "reserved": view.reserved, "version": view.version}
             body = {**frames.event_body(event), "wallet": figures}
-            chunks.append(frames.frame(event.position, event.type, frames.dumps(body)))
+            chunks.append(frames.frame(event.position, event.type if self.named else None, frames.dumps(body)))
         return b"".join(chunks)

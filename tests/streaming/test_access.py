@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,7 @@ from backend.store.event_store import EventStore
 from backend.store.reads import head
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
+from tests.streaming.sse_client import Parser, Stream
 from tests.streaming.test_wallets_dashboard import open_wallet, post
 
 pytestmark = pytest.mark.timeout(120)
@@ -65,7 +67,7 @@ async def test_a_key_sees_only_its_owners_wallets(make_client: MakeClient, store
         sse = await connect(client, "/v1/streams/events", token, after=start)
         seen = await sse.until(lambda m: int(m.last_id) >= last["position"])
         sse.close()
-        return {m.json()["stream"] for m in seen if m.kind == "event"}
+        return {m.json()["stream_id"] for m in seen if m.kind == "event"}
 
     assert await streams_seen(frank) == {f"wallet-{mine}"}
     assert {f"wallet-{mine}", f"wallet-{theirs}"} <= await streams_seen(auditor)
@@ -81,21 +83,35 @@ async def test_a_key_sees_only_its_owners_wallets(make_client: MakeClient, store
     allowed.close()
 
 
-async def test_per_key_limit_is_429_and_process_cap_is_503(make_client: MakeClient) -> None:
-    client = await make_client(sse_max_streams_per_key=2, sse_max_streams=3)
+async def refusal(sse: Stream, retry_ms: int = 1500) -> dict[str, Any]:
+    """A refused stream: 200 text/event-stream with retry advice and one `refused` frame, then its end
+    (read() returns: the answer ended)."""
+    assert (sse.status, sse.response.content_type) == (200, "text/event-stream")
+    body = await sse.response.read()
+    parser = Parser()
+    messages = parser.feed(body)
+    assert parser.retry_ms == retry_ms
+    assert [m.event for m in messages] == ["refused"]
+    problem: dict[str, Any] = messages[0].json()
+    assert sse.response.headers["X-Stream-Refused"] == problem["code"]
+    assert int(sse.response.headers["Retry-After"]) == problem["retry_after"] >= 1
+    return problem
+
+
+async def test_per_key_limit_and_process_cap_are_refusals_a_browser_retries(make_client: MakeClient) -> None:
+    client = await make_client(sse_max_streams_per_key=2, sse_max_streams=3, sse_retry_ms=1500)
     one = await mint_token(client.server.app, "auditor", ["audit:read"])
     two = await mint_token(client.server.app, "auditor", ["audit:read"])
     open_streams = [await connect(client, "/v1/streams/events", one, after="now") for _ in range(2)]
     for sse in open_streams:
         await sse.next()
     refused = await connect(client, "/v1/streams/events", one, after="now")
-    assert (refused.status, refused.response.content_type) == (429, PROBLEM)
-    assert (await refused.response.json())["code"] == "rate_limited"
+    problem = await refusal(refused)
+    assert (problem["status"], problem["code"], problem["retry_after"]) == (429, "rate_limited", 2)
     open_streams.append(await connect(client, "/v1/streams/dashboard", two))
     await open_streams[-1].next()
     full = await connect(client, "/v1/streams/events", two, after="now")
-    assert (full.status, full.response.content_type) == (503, PROBLEM)
-    assert int(full.response.headers["Retry-After"]) >= 1
+    assert (await refusal(full))["code"] == "unavailable"
     for sse in open_streams:
         sse.close()
     hub = hub_of(client)
@@ -103,3 +119,16 @@ async def test_per_key_limit_is_429_and_process_cap_is_503(make_client: MakeClie
     again = await connect(client, "/v1/streams/events", one, after="now")
     assert again.status == 200
     again.close()
+
+
+async def test_a_stream_asked_for_during_shutdown_is_a_refusal_a_browser_retries(make_client: MakeClient) -> None:
+    client = await make_client(sse_retry_ms=1500)
+    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    await hub_of(client).shutdown()  # what on_shutdown does first: from here on new streams are refused
+    refused = await connect(client, "/v1/streams/events", token, after="now")
+    problem = await refusal(refused)
+    assert (problem["status"], problem["code"]) == (503, "unavailable")
+    assert "shutting down" in problem["detail"]
+    # authentication failures still stop a browser: an ordinary problem+json answer
+    unknown = await connect(client, "/v1/streams/events", "tly_nope.nope")
+    assert (unknown.status, unknown.response.content_type) == (401, PROBLEM)

@@ -26,13 +26,23 @@ async def test_frames_carry_position_type_and_the_event(make_client: MakeClient,
     assert (first.kind, first.last_id) == ("checkpoint", str(start))
     assert sse.parser.retry_ms == 3000
     events = await sse.events(2)
-    assert [(m.last_id, m.event) for m in events] == [(str(positions[0]), "Opened"), (str(positions[1]), "Moved")]
+    # unnamed frames (what onmessage receives): the type travels in the data
+    assert [(m.last_id, m.event, m.json()["type"]) for m in events] == [
+        (str(positions[0]), "message", "Opened"), (str(positions[1]), "message", "Moved")]
     body = events[1].json()
-    assert set(body) == {"position", "stream", "version", "type", "data", "recorded_at"}
-    assert (body["position"], body["stream"], body["version"], body["type"], body["data"]) == (
+    assert set(body) == {"position", "stream_id", "version", "type", "data", "recorded_at"}
+    assert (body["position"], body["stream_id"], body["version"], body["type"], body["data"]) == (
         positions[1], stream_id, 2, "Moved", {"n": 7})
     assert body["recorded_at"].endswith("Z")
     sse.close()
+    # ?event_names=true names each frame by its type (per-type listeners); same ids, same bodies
+    named = await connect(client, "/v1/streams/events", token, after=start, stream=stream_id, event_names="true")
+    again = await named.events(2)
+    assert [(m.last_id, m.event) for m in again] == [(str(positions[0]), "Opened"), (str(positions[1]), "Moved")]
+    assert again[1].json() == body
+    named.close()
+    bad = await connect(client, "/v1/streams/events", token, event_names="yes")
+    assert (bad.status, (await bad.response.json())["code"]) == (400, "validation_error")
 
 
 async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store: EventStore) -> None:

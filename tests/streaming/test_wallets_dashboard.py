@@ -33,16 +33,17 @@ async def test_wallet_stream_sends_figures_after_each_event(make_client: MakeCli
     await post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": 500, "reference": "seed"})
     sse = await connect(client, f"/v1/streams/wallets/{wallet}", reader)
     history = await sse.events(2)
-    assert [m.event for m in history] == ["WalletOpened", "WalletCredited"]
+    assert [(m.event, m.json()["type"]) for m in history] == [("message", "WalletOpened"),
+                                                             ("message", "WalletCredited")]
     assert history[1].json()["wallet"] == {"balance": 500, "available": 500, "locked": 0, "reserved": 0,
                                            "version": 2}
     await post(client, admin, f"/v1/wallets/{wallet}/locks", {"amount": 200, "reason": "escrow"})
     await post(client, admin, f"/v1/wallets/{wallet}/debits", {"amount": 100, "reference": "fee"})
     live = await sse.events(2)
-    assert [m.event for m in live] == ["FundsLocked", "WalletDebited"]
+    assert [(m.event, m.json()["type"]) for m in live] == [("message", "FundsLocked"), ("message", "WalletDebited")]
     assert live[1].json()["wallet"] == {"balance": 400, "available": 200, "locked": 200, "reserved": 0,
                                         "version": 4}
-    assert live[1].json()["stream"] == f"wallet-{wallet}"
+    assert live[1].json()["stream_id"] == f"wallet-{wallet}"
     sse.close()
     # Resuming mid-history folds the earlier events first: the figures are still right.
     resumed = await connect(client, f"/v1/streams/wallets/{wallet}", reader,
