@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     from backend.audit import cli as audit_cli
 
     audit_cli.add_subcommands(commands)
+
+    from backend import dbroles
+
+    dbroles.add_subcommands(commands)
     return parser
 
 
@@ -203,6 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backend.audit import cli as audit_cli
 
         return audit_cli.run(settings, args)
+    if args.command == "db":
+        from backend import dbroles
+
+        return dbroles.run(settings, args)
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
