@@ -152,6 +152,18 @@ async def test_the_app_role_serves_everything_but_cannot_rewrite_history(deploym
             assert positions == [0, *range(position - 3, position + 1)]
         await check_ledger(deployment.app_url, owner_dsn=deployment.owner_url)
 
+        # The owner rebuilds every read model (new tables); the app role still writes and reads them.
+        rebuilt = run_backend("projections", "rebuild", "--all", env={"DATABASE_URL": deployment.owner_url})
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        async with aiohttp.ClientSession(base_url=server.base, headers=headers) as http:
+            async with http.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 7, "reference": "after"}) as reply:
+                assert reply.status == 200, await reply.text()
+                position = (await reply.json())["position"]
+            async with http.get(f"/v1/wallets/{wallet_id}", params={"min_position": str(position)}) as reply:
+                assert reply.status == 200, await reply.text()
+                assert (await reply.json())["balance"] == 387
+        await check_ledger(deployment.app_url, owner_dsn=deployment.owner_url)
+
         conn = await asyncpg.connect(deployment.app_url)
         try:
             before = await conn.fetchval("select count(*) from events")
