@@ -62,6 +62,7 @@ class Movement:
     kind: str  # "credits" | "debits"
     amount: int
     status: int | None = None
+    code: str | None = None
     position: int | None = None
 
 
@@ -77,6 +78,8 @@ class Load:
     dropped: list[tuple[str, float]] = field(default_factory=list)
     """(server, time) of requests whose connection closed without an answer."""
     unanswered: list[Movement] = field(default_factory=list)
+    spanning: Counter[str] = field(default_factory=Counter)
+    """Per server: requests sent before the fault and answered after it (in flight when it struck)."""
     fault_at: float | None = None
     first_ok_after_fault: float | None = None
     _issuing: bool = True
@@ -121,9 +124,11 @@ class Load:
                 self.answers["timed out"] += 1
             else:
                 self.answers[str(status)] += 1
+                if self.fault_at is not None and sent_at < self.fault_at:
+                    self.spanning[server.name] += 1
                 code = answer.get("code") if isinstance(answer, dict) else None
                 if status < 500 and code != "idempotency_in_flight":
-                    movement.status = status
+                    movement.status, movement.code = status, code
                     if status < 300:
                         movement.position = answer["position"]
                         if self.fault_at is not None and sent_at >= self.fault_at and self.first_ok_after_fault is None:
@@ -203,11 +208,16 @@ def scenario(name: str, fleet: Fleet, fault: Fault, *, survivors: list[Process])
         "commands": len(load.movements), "acknowledged": len(acknowledged), "refused": len(refused),
         "unanswered": len(load.unanswered), "answers": dict(sorted(load.answers.items())),
         "first_2xx_after_fault_s": None if load.first_ok_after_fault is None else round(load.first_ok_after_fault, 2),
-        "dropped_by": dict(Counter(server for server, _ in load.dropped)), "exit_status": exits, "log_head": head,
+        "answered_across_fault_by": dict(load.spanning),
+        "dropped_by": dict(Counter(server for server, _ in load.dropped)),
+        "dropped_sent_after_fault": sum(1 for _, sent in load.dropped if load.fault_at and sent >= load.fault_at),
+        "exit_status": exits, "log_head": head,
     }
     print(f"\nFAULT {json.dumps(figures)}")
 
     assert not load.unanswered, f"{len(load.unanswered)} commands never got a final answer"
+    assert {(m.status, m.code) for m in refused} <= {(422, "insufficient_funds")}
+    assert [m.key for m in refused] == [m.key for m in load.movements if m.amount > SEED], "refused: only overdrafts"
     check_log(in_log, acknowledged, refused, load.unanswered)
     expected = dict.fromkeys(fleet.wallets, SEED)
     for m in acknowledged:
