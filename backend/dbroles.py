@@ -181,6 +181,8 @@ revoke all on all sequences in schema {SCHEMA} from {app};
 do $$
 declare
     t text;
+    -- PostgreSQL 17 and later: the runners' ANALYZE of their read models (earlier, only an owner may)
+    maintain text := case when current_setting('server_version_num')::int >= 170000 then ', maintain' else '' end;
 begin
     for t in
         select c.relname from pg_class c
@@ -189,8 +191,11 @@ begin
         execute format('grant %s on {SCHEMA}.%I to {app}',
                        case when t in ({append_only}) then 'select, insert'
                             when t in ({read_only}) then 'select'
-                            else 'select, insert, update, delete' end, t);
+                            else 'select, insert, update, delete' || maintain end, t);
     end loop;
+    if maintain <> '' then
+        execute 'alter default privileges for role {owner} grant maintain on tables to {app}';
+    end if;
 end
 $$;
 grant usage, select on all sequences in schema {SCHEMA} to {app};

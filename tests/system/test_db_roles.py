@@ -175,13 +175,17 @@ async def test_the_app_role_serves_everything_but_cannot_rewrite_history(deploym
                            "delete from events",
                            "truncate events",
                            "drop table events",
-                           "create table events_copy (like events)"):
+                           "create table events_copy (like events)",
+                           "lock table events in access exclusive mode"):
                 with pytest.raises(asyncpg.InsufficientPrivilegeError, match=r"permission denied|must be owner"):
                     async with conn.transaction():
                         await conn.execute(attack)
             assert await conn.fetchval("select count(*) from events") == before
             await conn.execute("grant update, delete on events to public")  # a warning: it holds no such grant
             assert not await conn.fetchval("select has_table_privilege('events', 'update')")
+            if await conn.fetchval("select current_setting('server_version_num')::int") >= 170000:
+                assert await conn.fetchval("select has_table_privilege('wallet_balances', 'maintain')")
+                assert not await conn.fetchval("select has_table_privilege('events', 'maintain')")
         finally:
             await conn.close()
         assert server.stop() == 0, server.output()
