@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     from backend.audit import cli as audit_cli
 
     audit_cli.add_subcommands(commands)
+
+    from backend import dbroles
+
+    dbroles.add_subcommands(commands)
     return parser
 
 
@@ -294,6 +298,10 @@ def run_tool(settings: Settings, args: argparse.Namespace) -> int:
             from backend.audit import cli as audit_cli
 
             return audit_cli.run(settings, args)
+        if args.command == "db":
+            from backend import dbroles
+
+            return dbroles.run(settings, args)
         return asyncio.run(run_migrations(settings, args))
     except (DatabaseUnavailable, MigrationError) as exc:
         print(f"tally: error: {exc}", file=sys.stderr)

@@ -1,0 +1,246 @@
+"""`python -m backend db roles --print | --apply`: the two PostgreSQL roles of a production deployment.
+
+The owner role owns the schema: it runs `migrate`, projection rebuilds and `audit diff-projections`.
+The app role is what `serve` and `python -m projections` connect as (with APPLY_MIGRATIONS=false). It
+reads every table and writes the ones the service writes, but on `events` it may only SELECT and
+INSERT: without UPDATE, DELETE or TRUNCATE, without ownership (ALTER TABLE ... DISABLE TRIGGER) and
+without superuser (SET session_replication_role = replica), it cannot rewrite history even around
+the immutability trigger.
+
+The grants are computed from the catalog when the SQL runs, so the command is re-run after every
+`migrate` (a new append-only table must be added to APPEND_ONLY first). Default privileges give the
+app role SELECT, INSERT, UPDATE and DELETE on tables the owner creates later, so the read models a
+rebuild swaps in stay writable; the re-run is what narrows a new append-only table.
+
+Passwords come from the environment only (TALLY_OWNER_PASSWORD, TALLY_APP_PASSWORD) and are turned
+into SCRAM-SHA-256 verifiers here: neither the printed SQL nor the server's statement log ever holds a
+password. Without one, a new role gets none (certificate or peer authentication) and an existing
+role keeps its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sys
+import unicodedata
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from backend.config import Settings
+
+SCHEMA = "public"
+APPEND_ONLY = ("events",)
+"""Tables whose rows are history: the app role may SELECT and INSERT them, nothing else."""
+READ_ONLY = ("schema_migrations",)
+"""Tables only `migrate` writes."""
+
+OWNER_ENV, APP_ENV = "TALLY_OWNER_ROLE", "TALLY_APP_ROLE"
+OWNER_PASSWORD_ENV, APP_PASSWORD_ENV = "TALLY_OWNER_PASSWORD", "TALLY_APP_PASSWORD"
+SCRAM_ITERATIONS = 4096
+_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class RolesError(Exception):
+    pass
+
+
+def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    db = subparsers.add_parser("db", help="database administration")
+    commands = db.add_subparsers(dest="db_command", required=True)
+    roles = commands.add_parser(
+        "roles", help="the owner role (migrations) and the least-privileged app role (serve, projections)",
+        description=f"Passwords are read from {OWNER_PASSWORD_ENV} and {APP_PASSWORD_ENV} (never options) and "
+                    "written as SCRAM-SHA-256 verifiers. Re-run --apply after every migrate.",
+    )
+    action = roles.add_mutually_exclusive_group(required=True)
+    action.add_argument("--print", action="store_true", dest="print_sql", help="print the SQL (for psql) and exit")
+    action.add_argument("--apply", action="store_true",
+                        help="run the SQL on DATABASE_URL's database, connected as a superuser")
+    roles.add_argument("--owner-role", default=os.environ.get(OWNER_ENV, "tally_owner"),
+                       help=f"owns the schema and runs migrations (default: {OWNER_ENV} or tally_owner)")
+    roles.add_argument("--app-role", default=os.environ.get(APP_ENV, "tally_app"),
+                       help=f"serve and python -m projections connect as it (default: {APP_ENV} or tally_app)")
+
+
+def role_name(value: str) -> str:
+    if not _ROLE_NAME.match(value):
+        raise RolesError(f"not a plain role name (lower case letters, digits, _): {value!r}")
+    return value
+
+
+def scram_verifier(password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
+    """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5803 layout), computed here."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", unicodedata.normalize("NFKC", password).encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+@dataclass(frozen=True)
+class Roles:
+    owner: str
+    app: str
+    owner_verifier: str | None = None
+    app_verifier: str | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: dict[str, str] | None = None) -> Roles:
+        env = os.environ if environ is None else environ
+        owner, app = role_name(args.owner_role), role_name(args.app_role)
+        if owner == app:
+            raise RolesError("the owner role and the app role must differ")
+        owner_password, app_password = env.get(OWNER_PASSWORD_ENV), env.get(APP_PASSWORD_ENV)
+        return cls(owner, app,
+                   scram_verifier(owner_password) if owner_password else None,
+                   scram_verifier(app_password) if app_password else None)
+
+    def sql(self) -> str:
+        """One transaction; safe to run again (it converges: creates what is missing, narrows what is wide)."""
+        owner, app = f'"{self.owner}"', f'"{self.app}"'
+        append_only = ", ".join(f"'{t}'" for t in APPEND_ONLY)
+        read_only = ", ".join(f"'{t}'" for t in READ_ONLY)
+        limits = "login nosuperuser nocreatedb nocreaterole noreplication nobypassrls"
+
+        def password(verifier: str | None) -> str:
+            return f" password '{verifier}'" if verifier else ""
+
+        return f"""\
+begin;
+do $$
+begin
+    if not exists (select from pg_roles where rolname = '{self.owner}') then
+        create role {owner};
+    end if;
+    if not exists (select from pg_roles where rolname = '{self.app}') then
+        create role {app};
+    end if;
+end
+$$;
+alter role {owner} with {limits}{password(self.owner_verifier)};
+alter role {app} with {limits}{password(self.app_verifier)};
+
+-- The owner creates and alters the schema's objects; the app role only connects and uses them.
+do $$
+begin
+    execute format('grant connect, create, temporary on database %I to {owner}', current_database());
+    execute format('grant connect on database %I to {app}', current_database());
+    execute format('revoke create on database %I from {app}', current_database());
+end
+$$;
+revoke create on schema {SCHEMA} from public;
+grant usage, create on schema {SCHEMA} to {owner};
+grant usage on schema {SCHEMA} to {app};
+revoke create on schema {SCHEMA} from {app};
+
+-- Tables, sequences and functions migrated by another role (e.g. the superuser) pass to the owner.
+do $$
+declare
+    r record;
+begin
+    for r in
+        select c.oid::regclass as name, c.relkind
+        from pg_class c
+        where c.relnamespace = '{SCHEMA}'::regnamespace and c.relkind in ('r', 'p', 'v', 'm', 'S')
+          and c.relowner <> '{self.owner}'::regrole
+          and not exists (select from pg_depend d where d.classid = 'pg_class'::regclass and d.objid = c.oid
+                          and d.deptype in ('e', 'a', 'i'))
+    loop
+        execute format('alter %s %s owner to {owner}',
+                       case r.relkind when 'S' then 'sequence' when 'v' then 'view'
+                                      when 'm' then 'materialized view' else 'table' end, r.name);
+    end loop;
+    for r in
+        select p.oid::regprocedure as name
+        from pg_proc p
+        where p.pronamespace = '{SCHEMA}'::regnamespace and p.proowner <> '{self.owner}'::regrole
+          and not exists (select from pg_depend d where d.classid = 'pg_proc'::regclass and d.objid = p.oid
+                          and d.deptype = 'e')
+    loop
+        execute format('alter routine %s owner to {owner}', r.name);
+    end loop;
+end
+$$;
+
+-- The app role: every privilege it had is recomputed from here.
+revoke all on all tables in schema {SCHEMA} from {app};
+revoke all on all sequences in schema {SCHEMA} from {app};
+do $$
+declare
+    t text;
+    -- PostgreSQL 17 and later: the runners' ANALYZE of their read models (earlier, only an owner may)
+    maintain text := case when current_setting('server_version_num')::int >= 170000 then ', maintain' else '' end;
+begin
+    for t in
+        select c.relname from pg_class c
+        where c.relnamespace = '{SCHEMA}'::regnamespace and c.relkind in ('r', 'p')
+    loop
+        execute format('grant %s on {SCHEMA}.%I to {app}',
+                       case when t in ({append_only}) then 'select, insert'
+                            when t in ({read_only}) then 'select'
+                            else 'select, insert, update, delete' || maintain end, t);
+    end loop;
+    if maintain <> '' then
+        execute 'alter default privileges for role {owner} grant maintain on tables to {app}';
+    end if;
+end
+$$;
+grant usage, select on all sequences in schema {SCHEMA} to {app};
+grant execute on all functions in schema {SCHEMA} to {app};
+alter default privileges for role {owner} grant select, insert, update, delete on tables to {app};
+alter default privileges for role {owner} grant usage, select on sequences to {app};
+commit;
+"""
+
+
+async def apply(settings: Settings, roles: Roles) -> None:
+    import asyncpg
+
+    from backend.app import database_dsn
+    from backend.db import connect_kwargs
+
+    async with database_dsn(settings) as dsn:
+        conn = await asyncpg.connect(dsn, **connect_kwargs(settings))
+        try:
+            missing = [t for t in APPEND_ONLY + READ_ONLY
+                       if await conn.fetchval("select to_regclass($1)", f"{SCHEMA}.{t}") is None]
+            await conn.execute(roles.sql())
+        finally:
+            await conn.close()
+    print(f"roles {roles.owner} (owner) and {roles.app} (app) are ready")
+    if missing:
+        print(f"tally: the database is not migrated yet ({', '.join(missing)} missing): run "
+              f"`python -m backend migrate` as {roles.owner}, then this command again", file=sys.stderr)
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from backend.db import DatabaseUnavailable
+
+    try:
+        roles = Roles.from_args(args)
+        if args.print_sql:
+            print(roles.sql(), end="")
+            return 0
+        asyncio.run(apply(settings, roles))
+    except RolesError as exc:
+        print(f"tally: error: {exc}", file=sys.stderr)
+        return 2
+    except (DatabaseUnavailable, asyncpg.PostgresError, OSError) as exc:
+        print(f"tally: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

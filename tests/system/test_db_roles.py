@@ -1,0 +1,195 @@
+"""Least privilege: `db roles` makes an owner role (migrations) and an app role that serves commands,
+reads, projections and streams, yet cannot rewrite the log by any way around the immutability trigger."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+import pytest
+
+from backend.dbroles import scram_verifier
+from tests.system.ledger_checks import check_ledger
+from tests.system.procs import Process, as_user, create_key, run_backend
+
+pytestmark = pytest.mark.system
+
+OWNER_PASSWORD = "owner-pw-Zq81"
+APP_PASSWORD = "app-pw-Kx27"
+
+
+@dataclass(frozen=True)
+class Deployment:
+    admin_url: str
+    owner: str
+    app: str
+
+    @property
+    def owner_url(self) -> str:
+        return as_user(self.admin_url, self.owner, OWNER_PASSWORD)
+
+    @property
+    def app_url(self) -> str:
+        return as_user(self.admin_url, self.app, APP_PASSWORD)
+
+    def roles(self, *flags: str) -> tuple[int, str, str]:
+        result = run_backend("db", "roles", *flags, "--owner-role", self.owner, "--app-role", self.app,
+                             env={"DATABASE_URL": self.admin_url, "TALLY_OWNER_PASSWORD": OWNER_PASSWORD,
+                                  "TALLY_APP_PASSWORD": APP_PASSWORD})
+        for text in (result.stdout, result.stderr):
+            assert OWNER_PASSWORD not in text and APP_PASSWORD not in text
+        return result.returncode, result.stdout, result.stderr
+
+
+async def drop_roles(admin_url: str, *roles: str) -> None:
+    """Roles are cluster-wide: revoke what they hold and drop them (before the database goes)."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        for role in roles:  # one at a time: both in one `drop owned` trips over their shared default ACL
+            if await conn.fetchval("select 1 from pg_roles where rolname = $1", role):
+                await conn.execute(f'drop owned by "{role}" cascade')
+        for role in roles:
+            await conn.execute(f'drop role if exists "{role}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def deployment(fresh_database_url: str) -> Iterator[Deployment]:
+    """An empty database set up as in production: roles, migrate as the owner, roles again."""
+    suffix = uuid.uuid4().hex[:10]
+    deployed = Deployment(fresh_database_url, f"t_owner_{suffix}", f"t_app_{suffix}")
+    try:
+        code, _, stderr = deployed.roles("--apply")
+        assert code == 0, stderr
+        assert "not migrated yet" in stderr
+        migrated = run_backend("migrate", env={"DATABASE_URL": deployed.owner_url})
+        assert migrated.returncode == 0, migrated.stderr
+        code, _, stderr = deployed.roles("--apply")
+        assert (code, stderr) == (0, ""), stderr
+        yield deployed
+    finally:
+        asyncio.run(drop_roles(fresh_database_url, deployed.owner, deployed.app))
+
+
+def test_print_gives_the_sql_without_a_password() -> None:
+    result = run_backend("db", "roles", "--print", "--owner-role", "ops_owner", "--app-role", "ops_app",
+                         env={"TALLY_OWNER_PASSWORD": OWNER_PASSWORD, "TALLY_APP_PASSWORD": APP_PASSWORD})
+    assert result.returncode == 0, result.stderr
+    assert OWNER_PASSWORD not in result.stdout and APP_PASSWORD not in result.stdout
+    assert 'alter role "ops_app" with login nosuperuser' in result.stdout
+    assert result.stdout.count("password 'SCRAM-SHA-256$4096:") == 2
+    refused = run_backend("db", "roles", "--print", "--app-role", "x; drop table events", env={})
+    assert refused.returncode == 2 and "not a plain role name" in refused.stderr
+
+
+async def test_the_verifier_is_the_one_postgresql_computes(deployment: Deployment) -> None:
+    """PostgreSQL stores our verifier as it is (a malformed one would be hashed as a password), and
+    hashing a password itself gives what scram_verifier computes from the same salt."""
+    conn = await asyncpg.connect(deployment.admin_url)
+    try:
+        stored = await conn.fetchval("select rolpassword from pg_authid where rolname = $1", deployment.app)
+        assert stored.startswith("SCRAM-SHA-256$4096:")
+        await conn.execute("set password_encryption = 'scram-sha-256'")
+        await conn.execute(f"alter role \"{deployment.app}\" password 'pencil'")
+        by_postgres = await conn.fetchval("select rolpassword from pg_authid where rolname = $1", deployment.app)
+    finally:
+        await conn.close()
+    import base64
+
+    salt = base64.b64decode(by_postgres.split("$")[1].split(":")[1])
+    assert scram_verifier("pencil", salt) == by_postgres
+    assert scram_verifier(APP_PASSWORD, base64.b64decode(stored.split("$")[1].split(":")[1])) == stored
+
+
+async def test_the_app_role_serves_everything_but_cannot_rewrite_history(deployment: Deployment) -> None:
+    app_env = {"APPLY_MIGRATIONS": "false"}
+    token = create_key(deployment.app_url, env=app_env)
+    server = Process.serve("serve", deployment.app_url, RUN_PROJECTIONS="false", **app_env).start()
+    worker = Process.projections("projections", deployment.app_url).start()  # APPLY_MIGRATIONS on: a check only
+    try:
+        server.wait_ready()
+        worker.wait_ready()
+        headers = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession(base_url=server.base, headers=headers) as http:
+            async with http.post("/v1/wallets", json={"owner": "roles", "currency": "USD"}) as reply:
+                assert reply.status == 201, await reply.text()
+                wallet_id = (await reply.json())["wallet_id"]
+            credit = {"amount": 500, "reference": "seed"}
+            answers = []
+            for _ in range(2):  # the second is a replay from idempotency_keys
+                async with http.post(f"/v1/wallets/{wallet_id}/credits", json=credit,
+                                     headers={"Idempotency-Key": "roles-credit"}) as reply:
+                    assert reply.status == 200, await reply.text()
+                    answers.append(await reply.json())
+            assert answers[0] == answers[1]
+            async with http.post(f"/v1/wallets/{wallet_id}/debits", json={"amount": 120, "reference": "d"}) as reply:
+                assert reply.status == 200, await reply.text()
+            async with http.post(f"/v1/wallets/{wallet_id}/reservations",
+                                 json={"amount": 30, "ttl_seconds": 600}) as reply:
+                assert reply.status in (200, 201), await reply.text()
+                position = (await reply.json())["position"]
+            async with http.get(f"/v1/wallets/{wallet_id}", params={"min_position": str(position)}) as reply:
+                assert reply.status == 200, await reply.text()
+                wallet = await reply.json()
+            assert (wallet["balance"], wallet["reserved"]) == (380, 30)
+            async with http.get("/v1/stats", params={"min_position": str(position)}) as reply:
+                assert reply.status == 200, await reply.text()
+            positions = []
+            async with http.get(f"/v1/streams/wallets/{wallet_id}", params={"after": "0"}) as stream:
+                assert stream.status == 200
+                async with asyncio.timeout(10):
+                    async for line in stream.content:
+                        if line.startswith(b"id:"):
+                            positions.append(int(line[3:]))
+                            if positions[-1] >= position:
+                                break
+            # the wallet's state at the start (id 0), then opened, credited, debited, reserved
+            assert positions == [0, *range(position - 3, position + 1)]
+        await check_ledger(deployment.app_url, owner_dsn=deployment.owner_url)
+
+        # The owner rebuilds every read model (new tables); the app role still writes and reads them.
+        rebuilt = run_backend("projections", "rebuild", "--all", env={"DATABASE_URL": deployment.owner_url})
+        assert rebuilt.returncode == 0, rebuilt.stderr
+        async with aiohttp.ClientSession(base_url=server.base, headers=headers) as http:
+            async with http.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 7, "reference": "after"}) as reply:
+                assert reply.status == 200, await reply.text()
+                position = (await reply.json())["position"]
+            async with http.get(f"/v1/wallets/{wallet_id}", params={"min_position": str(position)}) as reply:
+                assert reply.status == 200, await reply.text()
+                assert (await reply.json())["balance"] == 387
+        await check_ledger(deployment.app_url, owner_dsn=deployment.owner_url)
+
+        conn = await asyncpg.connect(deployment.app_url)
+        try:
+            before = await conn.fetchval("select count(*) from events")
+            for attack in ("set session_replication_role = replica",
+                           "set local session_replication_role = replica",
+                           "alter table events disable trigger all",
+                           "alter table events disable trigger events_no_update_delete",
+                           "update events set data = '{}'::jsonb",
+                           "delete from events",
+                           "truncate events",
+                           "drop table events",
+                           "create table events_copy (like events)",
+                           "lock table events in access exclusive mode"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError, match=r"permission denied|must be owner"):
+                    async with conn.transaction():
+                        await conn.execute(attack)
+            assert await conn.fetchval("select count(*) from events") == before
+            await conn.execute("grant update, delete on events to public")  # a warning: it holds no such grant
+            assert not await conn.fetchval("select has_table_privilege('events', 'update')")
+            if await conn.fetchval("select current_setting('server_version_num')::int") >= 170000:
+                assert await conn.fetchval("select has_table_privilege('wallet_balances', 'maintain')")
+                assert not await conn.fetchval("select has_table_privilege('events', 'maintain')")
+        finally:
+            await conn.close()
+        assert server.stop() == 0, server.output()
+        assert worker.stop() == 0, worker.output()
+    finally:
+        server.kill()
+        worker.kill()
