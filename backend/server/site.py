@@ -11,6 +11,10 @@ So this site owns its listening sockets. When one is readable it accepts up to `
 at once and hands each to the running loop's own transport machinery (``connect_accepted_socket``),
 on uvloop and on asyncio alike. Like asyncio, it stops accepting for a second when the process is
 out of file descriptors or memory, rather than spinning on the error.
+
+On shutdown, `stop_accepting` takes every connection the kernel has already completed before it
+closes the sockets: a client that connected before that gets answered; one that connects after is
+refused (and can retry another process), never accepted and then reset.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncio
 import errno
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -67,14 +72,21 @@ class Listening(asyncio.AbstractServer):
         return None
 
 
-class BatchAcceptSite(web.BaseSite):
-    __slots__ = ("_connecting", "_host", "_port")
+ProtocolFactory = Callable[[], asyncio.Protocol]
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128) -> None:
+
+class BatchAcceptSite(web.BaseSite):
+    __slots__ = ("_connecting", "_host", "_port", "_protocol_factory")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128,
+                 protocol_factory: ProtocolFactory | None = None) -> None:
+        """`protocol_factory` makes each connection's protocol (default: the runner's server, stock
+        aiohttp's RequestHandler)."""
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._connecting: set[asyncio.Task[Any]] = set()
+        self._protocol_factory = protocol_factory
 
     @property
     def name(self) -> str:
@@ -112,13 +124,29 @@ class BatchAcceptSite(web.BaseSite):
         for sock in sockets:
             loop.add_reader(sock.fileno(), self.accept_pending, sock)
 
-    def accept_pending(self, listening: socket.socket) -> int:
-        """Accept every connection waiting on this socket (up to the backlog); how many were taken."""
+    async def stop_accepting(self) -> None:
+        """Take every connection already queued in the kernel, close the listening sockets (new
+        connections are refused from here on), and wait until the taken ones are being served."""
+        if isinstance(self._server, Listening):
+            for sock in self._server.sockets:
+                if sock.fileno() != -1:
+                    asyncio.get_running_loop().remove_reader(sock.fileno())
+                    self.accept_pending(sock, limit=None)
+        if self._server is not None:
+            self._server.close()
+        if self._connecting:
+            await asyncio.wait(set(self._connecting))
+
+    def accept_pending(self, listening: socket.socket, *, limit: int | None = -1) -> int:
+        """Accept every connection waiting on this socket (up to the backlog, or up to `limit`, None
+        for no limit); how many were taken."""
         loop = asyncio.get_running_loop()
         server = self._runner.server
         assert server is not None
+        factory: ProtocolFactory = self._protocol_factory or server
+        most = self._backlog if limit == -1 else limit
         accepted = 0
-        while accepted < self._backlog:
+        while most is None or accepted < most:
             try:
                 conn, _ = listening.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
@@ -131,7 +159,7 @@ class BatchAcceptSite(web.BaseSite):
                 loop.call_later(PAUSE_ON_RESOURCE_ERROR_S, self._resume, listening)
                 return accepted
             conn.setblocking(False)
-            task = loop.create_task(_hand_over(loop, server, conn))
+            task = loop.create_task(_hand_over(loop, factory, conn))
             self._connecting.add(task)
             task.add_done_callback(self._connected)
             accepted += 1
@@ -147,10 +175,10 @@ class BatchAcceptSite(web.BaseSite):
             log.warning("an accepted connection could not be set up", extra={"reason": str(exc)})
 
 
-async def _hand_over(loop: asyncio.AbstractEventLoop, server: web.Server, conn: socket.socket) -> None:
+async def _hand_over(loop: asyncio.AbstractEventLoop, factory: ProtocolFactory, conn: socket.socket) -> None:
     """Make the accepted socket a transport of the loop, served by aiohttp's protocol."""
     try:
-        await loop.connect_accepted_socket(server, conn)
+        await loop.connect_accepted_socket(factory, conn)
     except BaseException:
         conn.close()
         raise
