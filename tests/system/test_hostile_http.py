@@ -4,6 +4,7 @@ in is cut off with a 408, and an API key sent through any channel never reaches 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -109,6 +110,33 @@ def test_a_request_head_that_dribbles_in_gets_408_and_the_connection_closes(serv
     assert status == 408
     assert headers["connection"] == "close"
     assert json.loads(body)["code"] == "request_timeout"
+
+
+def test_many_slow_heads_at_once_are_all_cut_off(server: Server) -> None:
+    """A slowloris client: 100 connections, each sending its head one byte every 0.25 s."""
+
+    async def dribble() -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(b"GET /health/live HTTP/1.1\r\n")
+            for byte in b"X-Slow: " + b"x" * 200:  # 50 s if never cut off
+                writer.write(bytes([byte]))
+                try:
+                    first = await asyncio.wait_for(reader.read(65536), 0.25)
+                except TimeoutError:
+                    continue
+                return first + await reader.read()
+            return b""
+        except ConnectionError:
+            return b""
+        finally:
+            writer.close()
+
+    async def attack() -> list[bytes]:
+        return await asyncio.wait_for(asyncio.gather(*(dribble() for _ in range(100))), 30)
+
+    replies = asyncio.run(attack())
+    assert [parse(reply)[0] if reply else None for reply in replies] == [408] * 100
 
 
 def test_a_connection_that_sends_nothing_is_closed_after_the_head_timeout(server: Server) -> None:
