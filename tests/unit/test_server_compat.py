@@ -4,14 +4,19 @@ this fails (and `serve` falls back to aiohttp's own behaviour, saying so in its 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
+import pytest
+from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.http_parser import HttpRequestParser
 
+from backend.config import Settings
 from backend.server import compat
 from backend.server.errors import TOO_MANY_HEADERS_MESSAGE, parser_problem
-from backend.server.run import MAX_FIELD_SIZE, MAX_LINE_SIZE
+from backend.server.protocol import STOCK, ProtocolOptions, TallyRequestHandler, protocol_factory
+from backend.server.run import MAX_FIELD_SIZE, MAX_LINE_SIZE, protocol_options
 
 
 def test_every_internal_the_server_relies_on_is_in_this_aiohttp() -> None:
@@ -61,3 +66,28 @@ def test_the_parser_errors_still_tell_which_limit_was_exceeded() -> None:
     assert parser_problem(400, too_long_field, max_line_size=MAX_LINE_SIZE).code == "header_too_large"
     too_many = parse(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(200)) + b"\r\n")
     assert isinstance(too_many, BadHttpMessage) and too_many.message == TOO_MANY_HEADERS_MESSAGE
+
+
+def test_without_an_internal_the_server_falls_back_to_stock_aiohttp(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings()
+    assert protocol_options(settings) == ProtocolOptions(
+        graceful_drain=True, drain_idle_close_s=settings.drain_idle_close_s,
+        header_read_timeout_s=settings.header_read_timeout_s, parser_error_problems=True)
+    monkeypatch.setattr(compat, "missing_internals", lambda: ["RequestHandler._waiter"])
+    with caplog.at_level(logging.WARNING):
+        assert protocol_options(settings) is STOCK
+    assert "lacks internals" in caplog.text
+
+
+async def test_stock_options_serve_with_aiohttp_s_own_request_handler() -> None:
+    app = web.Application()
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        assert runner.server is not None
+        assert protocol_factory(runner.server, STOCK, {}) is runner.server
+        made = protocol_factory(runner.server, ProtocolOptions(), {})()
+        assert isinstance(made, TallyRequestHandler)
+    finally:
+        await runner.cleanup()
