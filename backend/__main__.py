@@ -97,7 +97,7 @@ async def serve(settings: Settings) -> None:
             log.info(f"listening on http://{host}:{port}",
                      extra={"url": f"http://{host}:{port}", "event_loop": loop_name()})
 
-    await serve_app(create_app(settings), settings, ready=listening)
+    await serve_app(create_app(settings), settings, listening)
     log.info("stopped")
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -46,8 +48,22 @@ def protocol_options(settings: Settings) -> ProtocolOptions:
     return wanted
 
 
-async def serve_app(app: web.Application, settings: Settings, *, ready: Any = None) -> None:
-    """Serve `app` on settings.host:port until SIGTERM/SIGINT; `ready(runner)` once listening."""
+@dataclass(frozen=True, slots=True)
+class Serving:
+    runner: web.AppRunner
+    site: BatchAcceptSite
+    options: ProtocolOptions
+
+    @property
+    def port(self) -> int:
+        return int(self.runner.addresses[0][1])
+
+    async def stop(self, timeout_s: float) -> None:
+        await drain(self.runner, self.site, timeout_s, self.options)
+
+
+async def start(app: web.Application, settings: Settings) -> Serving:
+    """Run `app`'s startup and listen on settings.host:port with the Tally protocol."""
     from backend.http.access_log import AccessLogger
 
     options = protocol_options(settings)
@@ -65,8 +81,15 @@ async def serve_app(app: web.Application, settings: Settings, *, ready: Any = No
     except BaseException:
         await runner.cleanup()
         raise
+    return Serving(runner, site, options)
+
+
+async def serve_app(app: web.Application, settings: Settings,
+                    ready: Callable[[web.AppRunner], None] | None = None) -> None:
+    """Serve `app` until SIGTERM/SIGINT, then drain; `ready(runner)` once listening."""
+    serving = await start(app, settings)
     if ready is not None:
-        ready(runner)
+        ready(serving.runner)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -76,7 +99,7 @@ async def serve_app(app: web.Application, settings: Settings, *, ready: Any = No
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-    await drain(runner, site, settings.shutdown_timeout_s, options)
+    await serving.stop(settings.shutdown_timeout_s)
 
 
 async def drain(runner: web.AppRunner, site: BatchAcceptSite, timeout_s: float, options: ProtocolOptions) -> None:
