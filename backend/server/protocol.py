@@ -49,8 +49,8 @@ STOCK = ProtocolOptions(graceful_drain=False, header_read_timeout_s=0, parser_er
 
 
 class TallyRequestHandler(RequestHandler):
-    __slots__ = ("_closed", "_drain_deadline", "_draining", "_head_pending", "_head_timer", "_idle_timer",
-                 "_last_payload", "_options")
+    __slots__ = ("_closed", "_drain_deadline", "_draining", "_head_bytes", "_head_since", "_head_timer",
+                 "_idle_timer", "_last_payload", "_options")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, options: ProtocolOptions,
                  **kwargs: Any) -> None:
@@ -59,8 +59,12 @@ class TallyRequestHandler(RequestHandler):
         self._draining = False
         self._drain_deadline = 0.0
         self._closed: asyncio.Future[None] = loop.create_future()
+        # When the head being waited for became due (connecting, or its first byte), None when no head
+        # is due; whether any byte of it came. One timer per connection checks it (not one per request:
+        # it re-arms itself for what is left, as aiohttp's keep-alive timer does).
+        self._head_since: float | None = None
+        self._head_bytes = False
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_pending = False
         self._last_payload: Any = None
         self._idle_timer: asyncio.TimerHandle | None = None
 
@@ -68,7 +72,9 @@ class TallyRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._arm_head_timer()  # the first request head is due within the timeout of connecting
+        if self._options.header_read_timeout_s > 0:  # the first head is due within the timeout of connecting
+            self._head_since = self._loop.time()
+            self._arm_head_timer(self._options.header_read_timeout_s)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         for timer in (self._head_timer, self._idle_timer):
@@ -80,18 +86,18 @@ class TallyRequestHandler(RequestHandler):
             self._closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if data and not self._head_pending and self._between_messages():
-            self._head_pending = True  # these bytes begin a request head
-            if self._head_timer is None:
-                self._arm_head_timer()
+        if data and not self._head_bytes and self._between_messages():
+            self._head_bytes = True  # these bytes begin a request head
+            if self._head_since is None and self._options.header_read_timeout_s > 0:
+                self._head_since = self._loop.time()
+                if self._head_timer is None:
+                    self._arm_head_timer(self._options.header_read_timeout_s)
         count = self._request_count
         super().data_received(data)
         if self._request_count != count:  # the parser completed one head or more
             self._last_payload = self._messages[-1][1] if self._messages else None
-            self._head_pending = False
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._head_bytes = False
+            self._head_since = None
 
     def _between_messages(self) -> bool:
         """Whether new bytes start a request head rather than continue the last request's body."""
@@ -99,21 +105,26 @@ class TallyRequestHandler(RequestHandler):
             return False
         return self._last_payload is None or bool(self._last_payload.is_eof())
 
-    def _arm_head_timer(self) -> None:
-        timeout = self._options.header_read_timeout_s
-        if timeout > 0 and self.transport is not None:
-            self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
+    def _arm_head_timer(self, delay: float) -> None:
+        if self.transport is not None:
+            self._head_timer = self._loop.call_later(delay, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport is None or self._force_close:
+        since = self._head_since
+        if self.transport is None or self._force_close or since is None:
             return
+        timeout = self._options.header_read_timeout_s
         if self._request_in_progress or self._messages:
-            self._arm_head_timer()  # a head pipelined behind a request being served: judge it later
+            self._arm_head_timer(timeout)  # a head pipelined behind a request being served: judge it later
+            return
+        left = since + timeout - self._loop.time()
+        if left > 0:
+            self._arm_head_timer(left)  # this head became due after the timer was set
             return
         log.info("closed a connection whose request head did not arrive in time",
-                 extra={"remote": _peer(self.transport), "timeout_s": self._options.header_read_timeout_s})
-        self.transport.write(head_timeout_response(self._options.header_read_timeout_s))
+                 extra={"remote": _peer(self.transport), "timeout_s": timeout})
+        self.transport.write(head_timeout_response(timeout))
         self.force_close()
 
     # ------------------------------------------------------------------ drain
@@ -138,7 +149,7 @@ class TallyRequestHandler(RequestHandler):
     def _idle(self) -> bool:
         """Waiting for a request of which no byte has arrived."""
         waiter = self._waiter
-        return waiter is not None and not waiter.done() and not self._messages and not self._head_pending
+        return waiter is not None and not waiter.done() and not self._messages and not self._head_bytes
 
     def close(self) -> None:
         """aiohttp's shutdown calls this on every connection: stock, it drops whatever arrives next
