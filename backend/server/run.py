@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from backend.config import Settings
+from backend.http.access_log import AccessLogger
 from backend.server import compat
 from backend.server.protocol import STOCK, ProtocolOptions, TallyRequestHandler, protocol_factory
 from backend.server.site import BatchAcceptSite
@@ -64,8 +65,6 @@ class Serving:
 
 async def start(app: web.Application, settings: Settings) -> Serving:
     """Run `app`'s startup and listen on settings.host:port with the Tally protocol."""
-    from backend.http.access_log import AccessLogger
-
     options = protocol_options(settings)
     handler_kwargs: dict[str, Any] = {
         "access_log_class": AccessLogger, "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,

@@ -147,7 +147,7 @@ async def follow_stream(url: str, headers: dict[str, str], outcomes: Outcomes, o
             async with session.get(url) as reply:
                 assert reply.status == 200
                 opened.set()
-                async for _ in reply.content:
+                async for _ in reply.content.iter_any():
                     pass
                 outcomes.counts["stream: ended cleanly"] += 1
         except aiohttp.ClientError as exc:
@@ -194,7 +194,7 @@ def test_sigterm_under_load_answers_or_refuses_every_request(database_url: str, 
                     fresh = [asyncio.create_task(fresh_connections(server.base, outcomes, stop)) for _ in range(FRESH)]
                     stream_opened = asyncio.Event()
                     stream = asyncio.create_task(
-                        follow_stream(f"{server.base}/v1/streams/events", headers, outcomes, stream_opened))
+                        follow_stream(f"{server.base}/v1/streams/events?after=now", headers, outcomes, stream_opened))
                     await stream_opened.wait()
                     idle = [await RawConnection.open(server, wallet_path, token) for _ in range(IDLE + SILENT)]
                     for connection in idle:
