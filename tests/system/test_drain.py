@@ -56,10 +56,21 @@ async def credit(session: aiohttp.ClientSession, url: str, n: int, outcomes: Out
             outcomes.dropped("in-flight credit", exc)
 
 
-async def keep_sending(server: Server, url: str, headers: dict[str, str], outcomes: Outcomes,
+async def retry_elsewhere(session: aiohttp.ClientSession, url: str, outcomes: Outcomes) -> None:
+    """What a client (or a load balancer) does with a refused connection: send to another process."""
+    try:
+        async with session.get(url) as reply:
+            await reply.read()
+            outcomes.counts[f"refused, retried on the other process: answered {reply.status}"] += 1
+    except aiohttp.ClientError as exc:
+        outcomes.dropped("retry on the other process", exc)
+
+
+async def keep_sending(url: str, other_url: str, headers: dict[str, str], outcomes: Outcomes,
                        first_done: asyncio.Event, stop: asyncio.Event) -> list[str]:
     """One connection, one request after another, until an answer says Connection: close; then one
-    more request, which must find the port closed. The Connection header of each answer, in order."""
+    more request, which must find the port closed (and is sent to the other process). The Connection
+    header of each answer, in order."""
     seen: list[str] = []
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1), headers=headers) as session:
         while True:
@@ -71,6 +82,7 @@ async def keep_sending(server: Server, url: str, headers: dict[str, str], outcom
             except aiohttp.ClientError as exc:
                 if refused(exc):
                     outcomes.counts["kept alive: refused"] += 1
+                    await retry_elsewhere(session, other_url, outcomes)
                 else:
                     outcomes.dropped("kept-alive request", exc)
                 return seen
@@ -81,7 +93,7 @@ async def keep_sending(server: Server, url: str, headers: dict[str, str], outcom
                 return seen
 
 
-async def fresh_connections(base: str, outcomes: Outcomes, stop: asyncio.Event) -> None:
+async def fresh_connections(base: str, other_base: str, outcomes: Outcomes, stop: asyncio.Event) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         while not stop.is_set():
             try:
@@ -91,6 +103,7 @@ async def fresh_connections(base: str, outcomes: Outcomes, stop: asyncio.Event) 
             except aiohttp.ClientError as exc:
                 if refused(exc):
                     outcomes.counts["fresh: refused"] += 1
+                    await retry_elsewhere(session, f"{other_base}/health/live", outcomes)
                     return
                 outcomes.dropped("request on a fresh connection", exc)
                 return
@@ -173,7 +186,7 @@ def test_sigterm_under_load_answers_or_refuses_every_request(database_url: str, 
     token = create_key(database_url)
     headers = {"Authorization": f"Bearer {token}"}
     with serving(database_url, LOG_FORMAT="json", DRAIN_IDLE_CLOSE_S=str(DRAIN_IDLE_CLOSE_S),
-                 EVENT_LOOP=event_loop) as server:
+                 EVENT_LOOP=event_loop) as server, serving(database_url) as other:
         wallet = post(f"{server.base}/v1/wallets", {"owner": "drain", "currency": "USD"}, headers)
         wallet_url = f"{server.base}/v1/wallets/{wallet['wallet_id']}"
 
@@ -189,9 +202,11 @@ def test_sigterm_under_load_answers_or_refuses_every_request(database_url: str, 
                     credits = [asyncio.create_task(credit(session, f"{wallet_url}/credits", n, outcomes))
                                for n in range(IN_FLIGHT)]
                     started = [asyncio.Event() for _ in range(KEPT_ALIVE)]
-                    senders = [asyncio.create_task(keep_sending(server, wallet_url, headers, outcomes, first, stop))
+                    senders = [asyncio.create_task(keep_sending(wallet_url, other.base + wallet_path, headers, outcomes,
+                                                                first, stop))
                                for first in started]
-                    fresh = [asyncio.create_task(fresh_connections(server.base, outcomes, stop)) for _ in range(FRESH)]
+                    fresh = [asyncio.create_task(fresh_connections(server.base, other.base, outcomes, stop))
+                             for _ in range(FRESH)]
                     stream_opened = asyncio.Event()
                     stream = asyncio.create_task(
                         follow_stream(f"{server.base}/v1/streams/events?after=now", headers, outcomes, stream_opened))
@@ -240,4 +255,5 @@ def test_sigterm_under_load_answers_or_refuses_every_request(database_url: str, 
     assert outcomes.counts["idle then sent: answered Connection: close"] == IDLE
     assert outcomes.counts["idle: closed by the server"] == IDLE + SILENT
     assert outcomes.counts["stream: ended cleanly"] == 1
+    assert outcomes.counts["refused, retried on the other process: answered 200"] == KEPT_ALIVE + FRESH
     assert "draining" in logs and "stopped" in logs
