@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import signal
 import sys
 import uuid
 from collections.abc import Sequence
@@ -139,34 +138,16 @@ async def serve(settings: Settings) -> None:
     from backend.app import create_app
     from backend.event_loop import loop_name
     from backend.gc_tuning import tune_for_serving
-    from backend.http.accept import BatchAcceptSite
-    from backend.http.access_log import AccessLogger
+    from backend.server.run import serve_app
 
-    runner = web.AppRunner(
-        create_app(settings),
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        shutdown_timeout=settings.shutdown_timeout_s,
-    )
-    try:
-        await runner.setup()
-        site = BatchAcceptSite(runner, settings.host, settings.port)
-        await site.start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    tune_for_serving()
-    for address in runner.addresses:
-        host, port = address[0], address[1]
-        log.info(f"listening on http://{host}:{port}",
-                 extra={"url": f"http://{host}:{port}", "event_loop": loop_name()})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining requests")
-    await runner.cleanup()
+    def listening(runner: web.AppRunner) -> None:
+        tune_for_serving()
+        for address in runner.addresses:
+            host, port = address[0], address[1]
+            log.info(f"listening on http://{host}:{port}",
+                     extra={"url": f"http://{host}:{port}", "event_loop": loop_name()})
+
+    await serve_app(create_app(settings), settings, listening)
     log.info("stopped")
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from backend.http.middlewares import REQUEST_ID
+from backend.logs import redact
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -17,14 +18,15 @@ class AccessLogger(AbstractAccessLogger):
         return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        path = redact(request.path)  # a key pasted into a path must not reach the log
         self.logger.info(
             "%s %s %s",
             request.method,
-            request.path,
+            path,
             response.status,
             extra={
                 "method": request.method,
-                "path": request.path,
+                "path": path,
                 "status": response.status,
                 "duration_ms": round(time * 1000, 2),
                 "request_id": request.get(REQUEST_ID),

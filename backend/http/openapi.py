@@ -217,9 +217,6 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
     problem = {PROBLEM_CONTENT_TYPE: {"schema": refs[(Problem, "serialization")]}}
     for status, codes in sorted(problems.items()):
         responses[str(status)] = {"description": "codes: " + ", ".join(codes), "content": problem}
-    responses["400"]["description"] += "; text/plain when the HTTP parser refuses the request itself " \
-                                       "(a request line or header over 8 KiB, a control character in a header)"
-    responses["400"]["content"] = {**problem, "text/plain": {"schema": {"type": "string"}}}
     return responses
 
 
@@ -231,6 +228,12 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         known += [code for code in codes if code not in known]
 
     add(400, "validation_error")  # any request: a malformed one, a query parameter it does not take, a NUL (%00)
+    # Any request the HTTP parser refuses (backend.server.errors): bare CR/LF, control characters,
+    # bad framing; a request line over 8 KiB; a header over 8 KiB or too many; a head sent too slowly.
+    add(400, "bad_request")
+    add(408, "request_timeout")
+    add(414, "uri_too_long")
+    add(431, "header_too_large", "too_many_headers")
     if not spec.public:
         add(401, "unauthorized")
         add(403, "forbidden")

@@ -12,11 +12,9 @@ import asyncio
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
-
-from aiohttp.test_utils import TestClient
 
 from backend.app import create_app
+from backend.server.run import Serving, start
 from tests.conftest import make_settings, mint_token
 
 CHECKS = ",".join(("not_a_server_error", "status_code_conformance", "response_schema_conformance",
@@ -24,15 +22,22 @@ CHECKS = ",".join(("not_a_server_error", "status_code_conformance", "response_sc
 ENDLESS = r"^/v1/streams/(events|dashboard|wallets/)"
 
 
-async def test_generated_requests_get_documented_answers(
-    aiohttp_client: Any, database_url: str, tmp_path: Path
-) -> None:
-    client: TestClient = await aiohttp_client(create_app(make_settings(database_url, rate_limit_per_s=0)))
-    token = await mint_token(client.server.app, "fuzzer", ["admin", "audit:read"])
+async def test_generated_requests_get_documented_answers(database_url: str, tmp_path: Path) -> None:
+    """Served as `serve` serves (backend.server's protocol: what the HTTP parser refuses is problem+json)."""
+    settings = make_settings(database_url, rate_limit_per_s=0, host="127.0.0.1", port=0)
+    serving = await start(create_app(settings), settings)
+    try:
+        await fuzz(serving, tmp_path)
+    finally:
+        await serving.stop(5)
+
+
+async def fuzz(serving: Serving, tmp_path: Path) -> None:
+    token = await mint_token(serving.runner.app, "fuzzer", ["admin", "audit:read"])
     executable = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     assert executable is not None, "schemathesis is a test dependency (setup.cfg [test])"
     process = await asyncio.create_subprocess_exec(
-        executable, "run", str(client.make_url("/openapi.json")),
+        executable, "run", f"http://127.0.0.1:{serving.port}/openapi.json",
         "--header", f"Authorization: Bearer {token}",
         "--checks", CHECKS, "--exclude-path-regex", ENDLESS,
         "--phases", "coverage,fuzzing,stateful", "--max-examples", "50", "--seed", "20261124",

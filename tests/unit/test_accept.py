@@ -14,8 +14,8 @@ import pytest
 from aiohttp import web
 
 from backend import event_loop
-from backend.http import accept
-from backend.http.accept import BatchAcceptSite
+from backend.server import site as accept
+from backend.server.site import BatchAcceptSite
 
 LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
     event_loop.importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
