@@ -203,11 +203,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from backend.audit import cli as audit_cli
 
         return audit_cli.run(settings, args)
+    from backend.audit.signing import SigningKeyError
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
     command = {"serve": serve, "migrate": run_migrations}[args.command]
-    return run_main(command(settings), settings.event_loop, "tally", (DatabaseUnavailable, CannotListen))
+    return run_main(command(settings), settings.event_loop, "tally",
+                    (DatabaseUnavailable, CannotListen, SigningKeyError))
 
 
 if __name__ == "__main__":
