@@ -132,9 +132,10 @@ def subtrees(start: int, end: int) -> list[Node]:
     exactly MTH's own split, so `range_hash` of them is MTH(D[start:end])."""
     found = []
     while start < end:
-        level = (start & -start).bit_length() - 1 if start else 62
-        while start + (1 << level) > end:
-            level -= 1
+        level = (end - start).bit_length() - 1  # the largest that fits...
+        if start:
+            aligned = (start & -start).bit_length() - 1  # ...and is aligned where it starts
+            level = min(level, aligned)
         found.append((level, start >> level))
         start += 1 << level
     return found
@@ -188,16 +189,21 @@ def consistency_ranges(old: int, new: int) -> list[Range]:
     return path + tail[::-1]
 
 
-def needed(ranges: Iterable[Range]) -> list[Node]:
-    """Every stored subtree the ranges are made of (what one read must fetch)."""
+def plan(ranges: Iterable[Range]) -> list[list[Node]]:
+    """Each range as its subtrees (`subtrees`), computed once for both the read and the assembly."""
+    return [subtrees(start, end) for start, end in ranges]
+
+
+def needed(parts: Iterable[Sequence[Node]]) -> list[Node]:
+    """Every stored subtree the planned ranges are made of (what one read must fetch), each once."""
     found: dict[Node, None] = {}
-    for start, end in ranges:
-        found.update(dict.fromkeys(subtrees(start, end)))
+    for nodes in parts:
+        found.update(dict.fromkeys(nodes))
     return list(found)
 
 
-def assemble(ranges: Sequence[Range], hashes: Mapping[Node, bytes]) -> list[bytes]:
-    return [range_hash(subtrees(start, end), hashes) for start, end in ranges]
+def assemble(parts: Iterable[Sequence[Node]], hashes: Mapping[Node, bytes]) -> list[bytes]:
+    return [hashes[nodes[0]] if len(nodes) == 1 else range_hash(nodes, hashes) for nodes in parts]
 
 
 def verify_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes], root: bytes) -> bool:
@@ -279,10 +285,10 @@ class MemoryTree:
         return reference_root(self.leaves[:size])
 
     def inclusion(self, index: int, size: int) -> list[bytes]:
-        ranges = inclusion_ranges(index, size)
-        return assemble(ranges, self.hashes(needed(ranges)))
+        parts = plan(inclusion_ranges(index, size))
+        return assemble(parts, self.hashes(needed(parts)))
 
     def consistency(self, old: int, new: int) -> list[bytes]:
-        ranges = consistency_ranges(old, new)
-        return assemble(ranges, self.hashes(needed(ranges)))
+        parts = plan(consistency_ranges(old, new))
+        return assemble(parts, self.hashes(needed(parts)))
 

@@ -25,6 +25,7 @@ from backend.audit.merkle import (
     inclusion_ranges,
     leaf_hash,
     needed,
+    plan,
     range_hash,
     subtrees,
 )
@@ -95,18 +96,18 @@ async def root(db: Executor, size: int) -> bytes:
 
 async def inclusion(db: Executor, index: int, size: int) -> tuple[bytes, list[bytes], bytes]:
     """(leaf hash, audit path, root) of leaf `index` in the tree of `size` leaves: one read."""
-    ranges = inclusion_ranges(index, size)
+    parts = plan(inclusion_ranges(index, size))
     top = subtrees(0, size)
-    hashes = await complete(db, list(dict.fromkeys([*needed(ranges), (0, index), *top])), size)
-    return hashes[(0, index)], assemble(ranges, hashes), range_hash(top, hashes)
+    hashes = await complete(db, needed([*parts, [(0, index)], top]), size)
+    return hashes[(0, index)], assemble(parts, hashes), range_hash(top, hashes)
 
 
 async def consistency(db: Executor, old: int, new: int) -> tuple[list[bytes], bytes, bytes]:
     """(audit path, old root, new root) proving the tree of `new` leaves extends that of `old`: one read."""
-    ranges = consistency_ranges(old, new)
+    parts = plan(consistency_ranges(old, new))
     old_top, new_top = subtrees(0, old), subtrees(0, new)
-    hashes = await complete(db, list(dict.fromkeys([*needed(ranges), *old_top, *new_top])), new)
-    return assemble(ranges, hashes), range_hash(old_top, hashes), range_hash(new_top, hashes)
+    hashes = await complete(db, needed([*parts, old_top, new_top]), new)
+    return assemble(parts, hashes), range_hash(old_top, hashes), range_hash(new_top, hashes)
 
 
 async def load_frontier(db: Executor, size: int) -> Frontier:
