@@ -110,6 +110,11 @@ class Settings(BaseSettings):
     audit_signing_key_file: Path | None = None
     audit_checkpoint_s: float = Field(default=60.0, gt=0)
 
+    @field_validator("audit_signing_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read Settings from the environment, turning a bad value into one line naming the variable."""
