@@ -174,6 +174,11 @@ async def test_without_a_key_nothing_is_signed_and_the_endpoints_say_so(
     leaves = await log_leaves(own_database_url)
     tree = await folded_to(admin, len(leaves))
     assert tree["root_hash"] == MemoryTree(leaves).root().hex(), "the tree is kept without a key"
+    metrics = await (await client.get("/metrics")).text()
+    gauges = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines()
+              if line.startswith("tally_audit_")}
+    assert gauges == {"tally_audit_folder_leading": 1, "tally_audit_tree_size": len(leaves),
+                      "tally_audit_checkpoints_signed_total": 0}
 
 
 def test_a_bad_key_file_stops_startup_with_one_line(tmp_path: Path) -> None:
