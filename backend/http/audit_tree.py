@@ -86,7 +86,7 @@ class ConsistencyQuery(Query):
 
 
 class CheckpointsQuery(Query):
-    before: Annotated[int, Field(ge=1)] | None = None
+    before: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
@@ -166,7 +166,7 @@ async def checkpoints(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/audit/checkpoints/latest")
-@endpoint(scope=SCOPE, reply=SignedCheckpoint)
+@endpoint(scope=SCOPE, reply=SignedCheckpoint, errors=("not_found", NOT_CONFIGURED))
 async def latest_checkpoint(request: web.Request) -> web.Response:
     """The newest signed checkpoint."""
     found = await tree_store.latest(request.app[POOL])
@@ -178,12 +178,12 @@ async def latest_checkpoint(request: web.Request) -> web.Response:
 
 
 @routes.post("/v1/audit/checkpoints")
-@endpoint(scope=ADMIN, reply=SignedCheckpoint, status=201)
+@endpoint(scope=ADMIN, reply=SignedCheckpoint, status=201, errors=(NOT_CONFIGURED,))
 async def sign_checkpoint(request: web.Request) -> web.Response:
     """Fold the tree up to the head as of this request, sign it and store the checkpoint, now."""
     signer = request.app.get(AUDIT_SIGNER)
     if signer is None:
-        raise Problem(409, NOT_CONFIGURED, NOT_CONFIGURED_DETAIL)
+        raise Problem(404, NOT_CONFIGURED, NOT_CONFIGURED_DETAIL)
     async with request.app[POOL].acquire() as conn:
         await tree_store.catch_up(conn, await head(conn), request.app[SETTINGS].audit_fold_batch)
         signed = await tree_store.sign(conn, signer)
@@ -191,7 +191,7 @@ async def sign_checkpoint(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/audit/public-key")
-@endpoint(scope=SCOPE, reply=PublicKey)
+@endpoint(scope=SCOPE, reply=PublicKey, errors=(NOT_CONFIGURED,))
 async def public_key(request: web.Request) -> web.Response:
     """The Ed25519 key checkpoints are signed with (pin it: fetch it once, over a channel you trust)."""
     signer = request.app.get(AUDIT_SIGNER)

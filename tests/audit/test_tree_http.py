@@ -140,6 +140,7 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
         ("/v1/audit/proofs/consistency", {"first": 3, "second": 2}, "first"),
         ("/v1/audit/proofs/consistency", {"first": 1, "second": size + 1000}, "second"),
         ("/v1/audit/checkpoints", {"limit": 0}, "limit"),
+        ("/v1/audit/checkpoints", {"before": 2**63}, "before"),
     ):
         problem = await auditor.get(path, params, status=400)
         assert problem["code"] == "validation_error" and problem["field"] == field, problem
@@ -167,7 +168,7 @@ async def test_without_a_key_nothing_is_signed_and_the_endpoints_say_so(
     for path in ("/v1/audit/public-key", "/v1/audit/checkpoints/latest"):
         problem = await admin.get(path, status=404)
         assert problem["code"] == "signing_not_configured" and "AUDIT_SIGNING_KEY_FILE" in problem["detail"]
-    problem = await admin.call("POST", "/v1/audit/checkpoints", status=409)
+    problem = await admin.call("POST", "/v1/audit/checkpoints", status=404)
     assert problem["code"] == "signing_not_configured"
     assert (await admin.get("/v1/audit/checkpoints"))["checkpoints"] == []
     await append(client, streams=2, rounds=2)
