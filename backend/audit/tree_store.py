@@ -143,12 +143,15 @@ async def fold(conn: Connection, frontier: Frontier | None, limit: int) -> tuple
     return frontier, folded
 
 
-async def catch_up(conn: Connection, to: int, limit: int) -> int:
-    """Fold until the tree reaches position `to` (or the log ends short of it); return the size."""
+async def catch_up(conn: Connection, to: int, limit: int, max_batches: int | None = None) -> int:
+    """Fold until the tree reaches position `to` (or the log ends short of it, or max_batches batches
+    have been folded); return the size."""
     frontier: Frontier | None = None
+    batches = 0
     while True:
         frontier, folded = await fold(conn, frontier, limit)
-        if frontier.size >= to or not folded:
+        batches += 1
+        if frontier.size >= to or not folded or (max_batches is not None and batches >= max_batches):
             return frontier.size
 
 

@@ -24,6 +24,8 @@ routes = web.RouteTableDef()
 
 Hex32 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
 Size = Annotated[int, Field(ge=1, le=MAX_POSITION)]
+MAX_CATCH_UP_BATCHES = 20
+"""A request folds at most this many batches itself; far behind, it signs what the folder has reached."""
 NOT_CONFIGURED = "signing_not_configured"
 NOT_CONFIGURED_DETAIL = "this server signs no checkpoints: AUDIT_SIGNING_KEY_FILE is not set"
 
@@ -180,12 +182,13 @@ async def latest_checkpoint(request: web.Request) -> web.Response:
 @routes.post("/v1/audit/checkpoints")
 @endpoint(scope=ADMIN, reply=SignedCheckpoint, status=201, errors=(NOT_CONFIGURED,))
 async def sign_checkpoint(request: web.Request) -> web.Response:
-    """Fold the tree up to the head as of this request, sign it and store the checkpoint, now."""
+    """Fold the tree up to the head as of this request (at most 20 batches of AUDIT_FOLD_BATCH events:
+    beyond that, up to where the folder has reached), sign it and store the checkpoint, now."""
     signer = request.app.get(AUDIT_SIGNER)
     if signer is None:
         raise Problem(404, NOT_CONFIGURED, NOT_CONFIGURED_DETAIL)
     async with request.app[POOL].acquire() as conn:
-        await tree_store.catch_up(conn, await head(conn), request.app[SETTINGS].audit_fold_batch)
+        await tree_store.catch_up(conn, await head(conn), request.app[SETTINGS].audit_fold_batch, MAX_CATCH_UP_BATCHES)
         signed = await tree_store.sign(conn, signer)
     return reply(SignedCheckpoint, signed, status=201)
 

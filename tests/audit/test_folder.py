@@ -62,3 +62,12 @@ async def test_one_folder_leads_and_another_takes_over(own_database_url: str, ow
         for folder in folders:
             await folder.stop()
         await listener.close()
+
+
+async def test_an_on_demand_catch_up_is_bounded(own_pool: asyncpg.Pool) -> None:
+    log = await fill_log(own_pool, streams=4, versions=5)
+    async with own_pool.acquire() as conn:
+        assert await tree_store.catch_up(conn, log.events, 3, max_batches=2) == 6
+        assert await tree_store.catch_up(conn, log.events, 3) == log.events
+        assert await tree_store.catch_up(conn, log.events + 5, 3) == log.events, "stops where the log ends"
+    assert await stored_tree_is_the_log(own_pool) == log.events
