@@ -31,7 +31,8 @@ OK, FOUND, FAILED = 0, 1, 2
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = subparsers.add_parser("audit", help="verify hash chains, export the log, replay a stream, diff projections")
+    audit = subparsers.add_parser(
+        "audit", help="verify hash chains and signed checkpoints, export the log, replay a stream, diff projections")
     commands = audit.add_subparsers(dest="audit_command", required=True)
 
     verify = commands.add_parser("verify", help="recompute every hash chain and report each break")
