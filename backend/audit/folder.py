@@ -87,13 +87,13 @@ class Folder:
         while True:
             frontier, folded = await tree_store.fold(conn, frontier, self.batch_size)
             self.size = frontier.size
-            if folded == self.batch_size:
-                continue  # behind: keep folding before waiting
             now = time.monotonic()
-            if self.signer is not None and now >= next_checkpoint:
+            if self.signer is not None and now >= next_checkpoint:  # on time even while catching up
                 await tree_store.sign(conn, self.signer)
                 self.signed += 1
                 next_checkpoint = now + self.checkpoint_s
+            if folded == self.batch_size:
+                continue  # behind: keep folding before waiting
             wait = max(0.0, min(next_checkpoint - now if self.signer is not None else 5.0, 5.0))
             if not folded and self.listener.head > frontier.size:
                 await asyncio.sleep(min(wait, 0.5))  # not visible yet (or a gap): do not spin
