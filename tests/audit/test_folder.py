@@ -4,12 +4,14 @@ fold racing the leader folds every batch once; the stored tree is the RFC tree o
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import asyncpg
 
 from backend.audit import tree_store
 from backend.audit.folder import Folder
 from backend.audit.merkle import MemoryTree, leaf_hash
+from backend.audit.signing import Checkpoint, Signer, keygen
 from backend.store.listener import Listener
 from projections.service import connector
 from tests.audit.conftest import fill_log
@@ -71,3 +73,32 @@ async def test_an_on_demand_catch_up_is_bounded(own_pool: asyncpg.Pool) -> None:
         assert await tree_store.catch_up(conn, log.events, 3) == log.events
         assert await tree_store.catch_up(conn, log.events + 5, 3) == log.events, "stops where the log ends"
     assert await stored_tree_is_the_log(own_pool) == log.events
+
+
+async def test_checkpoints_are_signed_on_time_while_the_folder_catches_up(own_database_url: str,
+                                                                           own_pool: asyncpg.Pool,
+                                                                           tmp_path: Path) -> None:
+    keygen(tmp_path / "key.pem")
+    signer = Signer.from_file(tmp_path / "key.pem")
+    log = await fill_log(own_pool, streams=4, versions=3)
+    listener = Listener(own_database_url, poll_interval_s=0.2)
+    await listener.start()
+    folder = Folder(connector(own_database_url, make_settings(own_database_url), durable_commits=False), listener,
+                    signer=signer, checkpoint_s=0.001, batch_size=1)
+    try:
+        folder.start()
+
+        async def signed_twice() -> bool:
+            return len(await tree_store.checkpoints(own_pool, None, 10)) >= 2
+
+        await eventually(signed_twice, what="two checkpoints")
+    finally:
+        await folder.stop()
+        await listener.close()
+    oldest = (await tree_store.checkpoints(own_pool, None, 100))[-1]
+    assert oldest["tree_size"] == 1, "the first is signed after the first batch, not once the log is folded"
+    assert 1 < log.events
+    for served in await tree_store.checkpoints(own_pool, None, 100):
+        checkpoint = Checkpoint.from_dict(served)
+        assert checkpoint.verify(signer.public)
+        assert checkpoint.root_hash == await tree_store.root(own_pool, checkpoint.tree_size)
