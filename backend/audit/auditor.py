@@ -168,6 +168,18 @@ def problem_text(body: bytes) -> str:
         return body[:200].decode(errors="replace")
 
 
+def first_difference_offline(checkpoint: Checkpoint, baseline: Sequence[bytes], leaves: Sequence[bytes]) -> int | None:
+    """The index of the first leaf of `leaves` that differs from `baseline` (an earlier export's leaves),
+    once `baseline` is shown to give the checkpoint's root; None when it does not."""
+    size = checkpoint.tree_size
+    if len(baseline) < size or root_of(baseline[:size]) != checkpoint.root_hash:
+        return None
+    for index in range(size):
+        if index >= len(leaves) or leaves[index] != baseline[index]:
+            return index
+    return None
+
+
 async def first_difference(client: Client, checkpoint: Checkpoint, leaves: Sequence[bytes]) -> int:
     """The index of the first leaf of `leaves` that differs from the tree the checkpoint signed.
 

@@ -46,6 +46,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                              "root at its size")
     verify.add_argument("--public-key", type=Path, metavar="KEY",
                         help="the pinned public key (PEM or hex; default: the one in the checkpoint file)")
+    verify.add_argument("--baseline", type=Path, metavar="OLD_EXPORT",
+                        help="with --checkpoint: an export that matches the checkpoint (checked), to name the first "
+                             "differing position offline")
     verify.add_argument("--url", help="with --checkpoint: on a mismatch, locate the first differing position "
                                       "with the server's inclusion proofs")
     verify.add_argument("--key", help="API key for --url (default: TALLY_API_KEY)")
@@ -177,7 +180,8 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
 
 async def verify_against_checkpoint(args: argparse.Namespace, progress: Callable[[Report], None]) -> int:
     """Signature first (nothing else is worth checking against a forged checkpoint), then every chain
-    and the tree; on a mismatch with --url, the first differing position from the server's proofs."""
+    and the tree; on a mismatch, the first differing position from a baseline export that matches the
+    checkpoint (--baseline), or else from the server's proofs (--url)."""
     from backend.audit import auditor
     from backend.audit.export import read_export
     from backend.audit.verify import Report, verify
@@ -199,7 +203,17 @@ async def verify_against_checkpoint(args: argparse.Namespace, progress: Callable
     with open_input(args.export) as file:
         await verify(auditor.collecting(read_export(file), collector), report, contiguous=True, progress=progress)
     check = auditor.compare(checkpoint, collector.leaves)
-    if not check.root_ok and args.url:
+    if not check.root_ok and args.baseline is not None:
+        baseline = auditor.LeafCollector(checkpoint.tree_size)
+        with open_input(args.baseline) as file:
+            async for batch in read_export(file):
+                baseline.add(batch)
+        index = auditor.first_difference_offline(checkpoint, baseline.leaves, collector.leaves)
+        if index is None:
+            check.detail += f"; the baseline {args.baseline} does not give the checkpoint's root either"
+        else:
+            check.first_differing_position = index + 1
+    elif not check.root_ok and args.url:
         async with http_session() as session:
             client = auditor.Client(session, args.url, api_key(args))
             try:

@@ -116,6 +116,7 @@ async def test_a_rewritten_event_with_its_chain_recomputed(scene: Scene) -> None
     checkpoint = await scene.signed_checkpoint("before.json")
     code, report = await scene.verify(checkpoint)
     assert code == 0 and report["ok"] and report["checkpoint"]["root_ok"], report
+    baseline = await export_file(scene.pool, scene.tmp / "baseline.ndjson")
 
     stream = scene.log.streams[2]
     position = scene.log.position(stream, 2)
@@ -132,6 +133,8 @@ async def test_a_rewritten_event_with_its_chain_recomputed(scene: Scene) -> None
 
     code, report = await scene.verify(checkpoint, "--url", scene.url)
     assert code == 1 and report["checkpoint"]["first_differing_position"] == position, report["checkpoint"]
+    code, report = await scene.verify(checkpoint, "--baseline", str(baseline))
+    assert code == 1 and report["checkpoint"]["first_differing_position"] == position, "offline too"
 
     # text output names it too, and the old fields are all still there
     export = await export_file(scene.pool, scene.tmp / "text.ndjson")
@@ -230,6 +233,7 @@ async def test_forged_and_altered_checkpoints_fail_their_signature(scene: Scene)
 
 async def test_consistency_between_checkpoints(scene: Scene) -> None:
     old = await scene.signed_checkpoint("old.json")
+    kept = await export_file(scene.pool, scene.tmp / "kept.ndjson")
     store = scene.client.server.app[STORE]
     await store.append([Write(f"more-{n}", ANY, [NewEvent("AuditProbe", {"n": n})]) for n in range(9)])
     new = await scene.signed_checkpoint("new.json")
@@ -248,9 +252,15 @@ async def test_consistency_between_checkpoints(scene: Scene) -> None:
     result = await scene.cli("consistency", str(old), str(rebuilt), "--url", scene.url, "--json")
     assert result.returncode == 1, result.stdout
     assert orjson.loads(result.stdout)["ok"] is False
-    # and the rebuilt server's proofs no longer lead to the old root: detected, though not located online
+    # and the rebuilt server's proofs no longer lead to the old root: detected, though not located online;
+    # an export kept from then locates it offline (and is itself checked against the checkpoint)
     code, report = await scene.verify(old, "--url", scene.url)
     assert code == 1 and "cannot locate the change" in report["checkpoint"]["detail"]
+    code, report = await scene.verify(old, "--baseline", str(kept))
+    assert code == 1 and report["checkpoint"]["first_differing_position"] == scene.log.position(stream, 3)
+    code, report = await scene.verify(old, "--baseline", str(await export_file(scene.pool, scene.tmp / "now.ndjson")))
+    assert report["checkpoint"]["first_differing_position"] is None
+    assert "does not give the checkpoint's root either" in report["checkpoint"]["detail"]
 
 
 async def test_keygen_writes_a_private_key_file_only_its_owner_reads(tmp_path: Path) -> None:
