@@ -255,10 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format_choice())
     if args.command != "serve":
         return run_tool(settings, args)
+    from backend.audit.signing import SigningKeyError
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
-    return run_main(serve(settings), settings.event_loop, "tally", (DatabaseUnavailable, CannotListen))
+    return run_main(serve(settings), settings.event_loop, "tally",
+                    (DatabaseUnavailable, CannotListen, SigningKeyError))
 
 
 def run_tool(settings: Settings, args: argparse.Namespace) -> int:

@@ -23,12 +23,13 @@ from backend.appkeys import (
     STORE,
     SUPERVISOR,
 )
+from backend.audit.runtime import audit_ctx
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
 from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
-from backend.http import api_keys, audit, cors, deposits, health, openapi, queries, stream_tokens, wallets
+from backend.http import api_keys, audit, audit_tree, cors, deposits, health, openapi, queries, stream_tokens, wallets
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
@@ -137,7 +138,7 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
-                queries.routes, stream_tokens.routes, streaming.routes)
+                audit_tree.routes, queries.routes, stream_tokens.routes, streaming.routes)
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -177,6 +178,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(projections_ctx)
+    app.cleanup_ctx.append(audit_ctx)
     app.cleanup_ctx.append(streaming.hub_ctx)
     app.on_shutdown.append(streaming.close_streams)
     for table in ROUTE_TABLES:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from backend.audit.folder import Folder
+from backend.audit.signing import Signer
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.http.auth_failures import AuthFailures
@@ -32,3 +34,6 @@ AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 
 PROJECTIONS = web.AppKey("projections", ProjectionService)
 HUB = web.AppKey("hub", Hub)
+AUDIT_SIGNER = web.AppKey("audit_signer", Signer)
+"""Present only with AUDIT_SIGNING_KEY_FILE."""
+AUDIT_FOLDER = web.AppKey("audit_folder", Folder)

@@ -167,6 +167,20 @@ class Settings(BaseSettings):
     def allowed_origins(self) -> frozenset[str]:
         return frozenset(part.strip() for part in self.cors_allowed_origins.split(",") if part.strip())
 
+    # Audit tree (backend/audit/folder.py, docs/AUDIT.md): RUN_AUDIT_FOLDER keeps the RFC 9162 Merkle tree
+    # of the log at the head (one leader across processes), AUDIT_FOLD_BATCH events per transaction.
+    # With AUDIT_SIGNING_KEY_FILE (an Ed25519 PKCS#8 PEM file from `python -m backend audit keygen`)
+    # the leader signs a checkpoint every AUDIT_CHECKPOINT_S seconds; without it nothing is signed.
+    run_audit_folder: bool = True
+    audit_fold_batch: int = Field(default=5000, ge=1, le=100_000)
+    audit_signing_key_file: Path | None = None
+    audit_checkpoint_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("audit_signing_key_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read Settings from the environment, turning a bad value into one line naming the variable."""

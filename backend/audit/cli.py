@@ -1,9 +1,10 @@
-"""`python -m backend audit verify | export | replay | diff-projections`.
+"""`python -m backend audit verify | export | replay | diff-projections | keygen | checkpoint | consistency`.
 
 `audit verify --export FILE` reads only the file: it needs no DATABASE_URL and starts no embedded
-server. Every other subcommand connects like the rest of the CLI (DATABASE_URL, else the embedded
-server). Exit status: 0 clean, 1 breaks or differences found, 2 could not check (bad input, no database).
-Reports go to stdout (JSON with --json), progress to stderr.
+server; nor do keygen, checkpoint and consistency (the last two ask a server over HTTP, with the API key
+in TALLY_API_KEY or --key). Every other subcommand connects like the rest of the CLI (DATABASE_URL,
+else the embedded server). Exit status: 0 clean, 1 breaks or differences found, 2 could not check (bad
+input, no database, no server). Reports go to stdout (JSON with --json), progress to stderr.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ import orjson
 from backend.config import env_help
 
 if TYPE_CHECKING:
+    import aiohttp
     import asyncpg
 
     from backend.audit.verify import Report
@@ -31,8 +33,9 @@ OK, FOUND, FAILED = 0, 1, 2
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = subparsers.add_parser("audit", help="verify hash chains, export the log, replay a stream, diff projections",
-                                  epilog=env_help())
+    audit = subparsers.add_parser(
+        "audit", help="verify hash chains and signed checkpoints, export the log, replay a stream, diff projections",
+        epilog=env_help())
     commands = audit.add_subparsers(dest="audit_command", required=True)
 
     verify = commands.add_parser("verify", help="recompute every hash chain and report each break",
@@ -42,6 +45,17 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                         help="verify an NDJSON export file instead of the database (no database needed; - for stdin)")
     verify.add_argument("--partial", action="store_true",
                         help="the export starts mid-log (made with --after): anchor each stream at its first event")
+    verify.add_argument("--checkpoint", type=Path, metavar="CP.json",
+                        help="with --export: check the signature, then that the export's tree has the checkpoint's "
+                             "root at its size")
+    verify.add_argument("--public-key", type=Path, metavar="KEY",
+                        help="the pinned public key (PEM or hex; default: the one in the checkpoint file)")
+    verify.add_argument("--baseline", type=Path, metavar="OLD_EXPORT",
+                        help="with --checkpoint: an export that matches the checkpoint (checked), to name the first "
+                             "differing position offline")
+    verify.add_argument("--url", help="with --checkpoint: on a mismatch, locate the first differing position "
+                                      "with the server's inclusion proofs")
+    verify.add_argument("--key", help="API key for --url (default: TALLY_API_KEY)")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
     verify.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
@@ -64,6 +78,29 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     diff.add_argument("--json", action="store_true", help="print the differences as JSON")
     diff.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
+    keygen = commands.add_parser("keygen", help="write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600)")
+    keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="the key file (never overwritten)")
+
+    checkpoint = commands.add_parser("checkpoint", help="fetch the latest signed checkpoint, verify it, save it")
+    add_server_options(checkpoint)
+    checkpoint.add_argument("--out", type=Path, required=True, metavar="FILE", help="write the checkpoint here")
+    checkpoint.add_argument("--public-key", type=Path, metavar="KEY",
+                            help="the pinned public key (default: fetched from the server and saved with it)")
+
+    consistency = commands.add_parser("consistency", help="check with the server's proof that NEW extends OLD")
+    consistency.add_argument("old", type=Path, metavar="OLD.json")
+    consistency.add_argument("new", type=Path, metavar="NEW.json")
+    add_server_options(consistency)
+    consistency.add_argument("--public-key", type=Path, metavar="KEY",
+                             help="the pinned public key (default: the one in the checkpoint files)")
+    consistency.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("TALLY_URL", "http://127.0.0.1:8080"),
+                        help="the Tally server (default: TALLY_URL or http://127.0.0.1:8080)")
+    parser.add_argument("--key", help="API key with audit:read (default: TALLY_API_KEY)")
+
 
 def non_negative(value: str) -> int:
     try:
@@ -76,14 +113,16 @@ def non_negative(value: str) -> int:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.audit.auditor import AuditError
     from backend.audit.export import ExportFormatError
     from backend.audit.replay import ReplayError
     from backend.db import DatabaseUnavailable
 
-    handlers = {"verify": verify, "export": export, "replay": replay, "diff-projections": diff_projections}
+    handlers = {"verify": verify, "export": export, "replay": replay, "diff-projections": diff_projections,
+                "keygen": keygen, "checkpoint": checkpoint, "consistency": consistency}
     try:
         return asyncio.run(handlers[args.audit_command](settings, args))
-    except (DatabaseUnavailable, ExportFormatError, ReplayError, OSError) as exc:
+    except (DatabaseUnavailable, ExportFormatError, ReplayError, AuditError, OSError) as exc:
         print(f"tally: error: {exc}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:
@@ -130,6 +169,12 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
                   f"{report.events_per_s:,.0f} events/s, {report.break_count} break(s)")
 
     total = 0
+    if args.checkpoint is not None:
+        if args.export is None or args.stream is not None or args.partial:
+            print("tally: error: --checkpoint needs --export of the whole log (no --stream, no --partial)",
+                  file=sys.stderr)
+            return FAILED
+        return await verify_against_checkpoint(args, progress)
     if args.export is not None:
         report = Report(source="export", stream=args.stream, partial=args.partial)
         with open_input(args.export) as file:
@@ -140,6 +185,82 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
             report = await verify_database(conn, args.stream, progress=progress)
     print_report(report, args.json)
     return OK if report.ok else FOUND
+
+
+async def verify_against_checkpoint(args: argparse.Namespace, progress: Callable[[Report], None]) -> int:
+    """Signature first (nothing else is worth checking against a forged checkpoint), then every chain
+    and the tree; on a mismatch, the first differing position from a baseline export that matches the
+    checkpoint (--baseline), or else from the server's proofs (--url)."""
+    from backend.audit import auditor
+    from backend.audit.export import read_export
+    from backend.audit.verify import Report, verify
+
+    checkpoint, document = auditor.load_checkpoint(args.checkpoint.read_bytes(), str(args.checkpoint))
+    pinned = args.public_key.read_bytes() if args.public_key is not None else None
+    public = auditor.public_key_for(document, pinned)
+    if not checkpoint.verify(public):
+        check = auditor.TreeCheck(checkpoint.tree_size, checkpoint.root_hash.hex(), checkpoint.timestamp,
+                                  checkpoint.key_id, signature_ok=False, detail="signature invalid")
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps({"ok": False, "checkpoint": check.as_dict()},
+                                                 option=orjson.OPT_INDENT_2) + b"\n")
+        print(f"FAILED: checkpoint {args.checkpoint}: signature invalid", file=sys.stdout if not args.json
+              else sys.stderr)
+        return FOUND
+    report = Report(source="export")
+    collector = auditor.LeafCollector(checkpoint.tree_size)
+    with open_input(args.export) as file:
+        await verify(auditor.collecting(read_export(file), collector), report, contiguous=True, progress=progress)
+    check = auditor.compare(checkpoint, collector.leaves)
+    if not check.root_ok and args.baseline is not None:
+        baseline = auditor.LeafCollector(checkpoint.tree_size)
+        with open_input(args.baseline) as file:
+            async for batch in read_export(file):
+                baseline.add(batch)
+        index = auditor.first_difference_offline(checkpoint, baseline.leaves, collector.leaves)
+        if index is None:
+            check.detail += f"; the baseline {args.baseline} does not give the checkpoint's root either"
+        else:
+            check.first_differing_position = index + 1
+    elif not check.root_ok and args.url:
+        async with http_session() as session:
+            client = auditor.Client(session, args.url, api_key(args))
+            try:
+                index = await auditor.first_difference(client, checkpoint, collector.leaves)
+                check.first_differing_position = index + 1
+            except auditor.ServerTreeMismatch as exc:
+                check.detail += f"; cannot locate the change: {exc}"
+    elif not check.root_ok and check.export_leaves < check.tree_size and report.ok:
+        check.first_differing_position = check.export_leaves + 1  # every chain holds: the log was cut short
+    if args.json:
+        body = {**report.as_dict(), "ok": report.ok and check.ok, "checkpoint": check.as_dict()}
+        sys.stdout.buffer.write(orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        print_report(report, False)
+        print_tree_check(check)
+    return OK if report.ok and check.ok else FOUND
+
+
+def print_tree_check(check: Any) -> None:
+    print(f"checkpoint:      tree_size {check.tree_size} root {check.root_hash} at {check.timestamp}")
+    print(f"signature:       {'valid' if check.signature_ok else 'INVALID'} (key {check.key_id})")
+    print(f"tree:            {check.detail}")
+    if check.first_differing_position is not None:
+        print(f"first differing position: {check.first_differing_position}")
+    print("OK: the export matches the signed checkpoint" if check.ok
+          else "FAILED: the export does not match the signed checkpoint")
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    return args.key or os.environ.get("TALLY_API_KEY") or None
+
+
+@asynccontextmanager
+async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        yield session
 
 
 def open_input(path: Path) -> IO[bytes]:
@@ -247,3 +368,69 @@ async def diff_projections(settings: Settings, args: argparse.Namespace) -> int:
     differences = sum(t.count for t in report.tables)
     print(f"{differences} differing row(s) in {len(report.differences)} table(s), {len(report.errors)} error(s)")
     return OK if report.ok else FOUND
+
+
+# ---------------------------------------------------------------- the Merkle tree's checkpoints
+
+
+async def keygen(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.audit.signing import keygen as write_key
+
+    try:
+        key_id = write_key(args.out)
+    except FileExistsError:
+        print(f"tally: error: {args.out} exists: a signing key is never overwritten", file=sys.stderr)
+        return FAILED
+    print(f"wrote an Ed25519 signing key to {args.out} (mode 0600); key_id {key_id}")
+    print(f"tally: set AUDIT_SIGNING_KEY_FILE={args.out} and keep the file out of backups you do not trust",
+          file=sys.stderr)
+    return OK
+
+
+async def checkpoint(settings: Settings, args: argparse.Namespace) -> int:
+    """Fetch the latest checkpoint and the public key (or use the pinned one), check the signature,
+    write the checkpoint with the key it was checked with."""
+    from backend.audit import auditor
+    from backend.audit.signing import raw_public
+
+    async with http_session() as session:
+        client = auditor.Client(session, args.url, api_key(args))
+        if args.public_key is not None:
+            public = auditor.public_key_for({}, args.public_key.read_bytes())
+        else:
+            served = await client.get("/v1/audit/public-key")
+            public = auditor.public_key_for({"public_key": served.get("public_key_hex", "")}, None)
+        document = await client.get("/v1/audit/checkpoints/latest")
+    found, _ = auditor.load_checkpoint(orjson.dumps(document), f"{args.url} latest checkpoint")
+    if not found.verify(public):
+        print(f"FAILED: the server's latest checkpoint (tree_size {found.tree_size}): signature invalid")
+        return FOUND
+    document["public_key"] = raw_public(public).hex()
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
+    partial.replace(args.out)
+    print(f"checkpoint tree_size {found.tree_size} root {found.root_hash.hex()} at {found.timestamp}: "
+          f"signature valid; written to {args.out}")
+    return OK
+
+
+async def consistency(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.audit import auditor
+
+    pinned = args.public_key.read_bytes() if args.public_key is not None else None
+    loaded = []
+    for path in (args.old, args.new):
+        found, document = auditor.load_checkpoint(path.read_bytes(), str(path))
+        if not found.verify(auditor.public_key_for(document, pinned)):
+            print(f"FAILED: checkpoint {path}: signature invalid")
+            return FOUND
+        loaded.append(found)
+    old, new = loaded
+    async with http_session() as session:
+        ok, detail = await auditor.check_consistency(auditor.Client(session, args.url, api_key(args)), old, new)
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps({"ok": ok, "old": old.tree_size, "new": new.tree_size,
+                                              "detail": detail}) + b"\n")
+    else:
+        print(("OK: " if ok else "FAILED: ") + detail)
+    return OK if ok else FOUND

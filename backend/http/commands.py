@@ -49,6 +49,7 @@ COMMAND_STATUS = {
     "wrong_expected_version": 409,
     "idempotency_in_flight": 409,
     "idempotency_conflict": 422,
+    "signing_not_configured": 404,  # backend.http.audit_tree: no AUDIT_SIGNING_KEY_FILE
 }
 
 

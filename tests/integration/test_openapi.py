@@ -51,6 +51,13 @@ REQUIRED_SCOPES = {
     ("get", "/v1/events/export"): "audit:read",
     ("get", "/v1/wallets/{wallet_id}/state"): "audit:read",
     ("get", "/v1/audit/verify"): "audit:read",
+    ("get", "/v1/audit/tree"): "audit:read",
+    ("get", "/v1/audit/proofs/inclusion"): "audit:read",
+    ("get", "/v1/audit/proofs/consistency"): "audit:read",
+    ("get", "/v1/audit/checkpoints"): "audit:read",
+    ("get", "/v1/audit/checkpoints/latest"): "audit:read",
+    ("post", "/v1/audit/checkpoints"): "admin",
+    ("get", "/v1/audit/public-key"): "audit:read",
 }
 PUBLIC = {"/health/live", "/health/ready", "/metrics", "/openapi.json"}
 

@@ -1,0 +1,101 @@
+"""The background folder: one leader across all processes keeps the stored Merkle tree at the log's
+head and, with a signing key, signs a checkpoint every AUDIT_CHECKPOINT_S.
+
+It leads while it holds a session advisory lock on its own connection (as projection runners do),
+so a dead process hands the lead over at once; the others stand by and retry. It follows the log
+after appends commit and on its own connection, with synchronous_commit off (a crash loses only
+folded batches, which are folded again from the durable log), so appends never wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import asyncpg
+
+from backend.audit import tree_store
+from backend.audit.merkle import Frontier
+from backend.audit.signing import Signer
+from backend.db import UNAVAILABLE_ERRORS, describe
+from backend.store.listener import Listener
+from projections.leader import try_lock
+from projections.runner import Connect
+
+log = logging.getLogger(__name__)
+
+LEADER = 0x7A11_0007
+"""Advisory lock namespace of "folds the Merkle tree" (0x7A11_0005 and _0006 are the projections')."""
+NAME = "merkle"
+RETRY_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
+
+
+class Folder:
+    def __init__(self, connect: Connect, listener: Listener, *, signer: Signer | None, checkpoint_s: float,
+                 batch_size: int, standby_retry_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+        self.connect = connect
+        self.listener = listener
+        self.signer = signer
+        self.checkpoint_s = checkpoint_s
+        self.batch_size = batch_size
+        self.standby_retry_s = standby_retry_s
+        self.max_backoff_s = max_backoff_s
+        self.leading = False
+        self.size = 0
+        self.signed = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="merkle-folder")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                conn = await self.connect("tally-merkle-folder")
+                try:
+                    if await try_lock(conn, LEADER, NAME):
+                        await self._lead(conn)
+                finally:
+                    self.leading = False
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(conn.close(timeout=2))
+                await asyncio.sleep(self.standby_retry_s)
+                backoff = 0.1
+                continue
+            except RETRY_ERRORS as exc:
+                log.warning("merkle folder paused", extra={"reason": describe(exc), "retry_s": backoff})
+            except Exception:  # a bug or a broken log: say so and retry, never stop folding for good
+                log.exception("merkle folder failed", extra={"retry_s": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.max_backoff_s)
+
+    async def _lead(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        self.leading = True
+        log.info("merkle folder leading")
+        frontier: Frontier | None = None
+        next_checkpoint = time.monotonic()  # a new leader signs at once, then every checkpoint_s
+        while True:
+            frontier, folded = await tree_store.fold(conn, frontier, self.batch_size)
+            self.size = frontier.size
+            now = time.monotonic()
+            if self.signer is not None and now >= next_checkpoint:  # on time even while catching up
+                await tree_store.sign(conn, self.signer)
+                self.signed += 1
+                next_checkpoint = now + self.checkpoint_s
+            if folded == self.batch_size:
+                continue  # behind: keep folding before waiting
+            wait = max(0.0, min(next_checkpoint - now if self.signer is not None else 5.0, 5.0))
+            if not folded and self.listener.head > frontier.size:
+                await asyncio.sleep(min(wait, 0.5))  # not visible yet (or a gap): do not spin
+            else:
+                await self.listener.wait_beyond(frontier.size, wait)

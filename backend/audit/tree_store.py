@@ -1,0 +1,180 @@
+"""The stored tree (merkle_nodes, merkle_state) and stored checkpoints: folding new events into it,
+and answering roots and proofs from complete subtrees in one read each.
+
+A fold step runs in one transaction that first locks merkle_state's row: whoever folds (the leading
+folder, or an on-demand checkpoint catching up) waits for the other and then continues from the size
+it finds, so a batch is folded exactly once. The events are read after the stored size in position
+order; positions are gap-free and become visible in order, so nothing is skipped. Appends never
+wait for any of this.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from backend.audit.merkle import (
+    EMPTY_ROOT,
+    Frontier,
+    Node,
+    ProofError,
+    assemble,
+    consistency_ranges,
+    inclusion_ranges,
+    leaf_hash,
+    needed,
+    plan,
+    range_hash,
+    subtrees,
+)
+from backend.audit.signing import Checkpoint, Signer
+from backend.db import Connection
+from backend.store.hashing import format_time
+from backend.store.reads import Executor
+
+log = logging.getLogger(__name__)
+
+SIZE_SQL = "select tree_size from merkle_state"
+LOCK_SIZE_SQL = "select tree_size from merkle_state for update"
+ADVANCE_SQL = "update merkle_state set tree_size = $1, updated_at = now()"
+EVENTS_SQL = "select position, hash from events where position > $1 order by position limit $2"
+INSERT_SQL = """
+insert into merkle_nodes (level, index, hash) select * from unnest($1::smallint[], $2::bigint[], $3::bytea[])
+"""
+NODES_SQL = """
+select n.level, n.index, n.hash from unnest($1::smallint[], $2::bigint[]) as w(level, index)
+join merkle_nodes n on n.level = w.level and n.index = w.index
+"""
+CHECKPOINT_COLUMNS = "id, tree_size, root_hash, signed_at, key_id, signature"
+INSERT_CHECKPOINT_SQL = f"""
+insert into audit_checkpoints (tree_size, root_hash, signed_at, key_id, signature)
+values ($1, $2, $3, $4, $5) returning {CHECKPOINT_COLUMNS}
+"""
+CHECKPOINTS_SQL = f"""
+select {CHECKPOINT_COLUMNS} from audit_checkpoints where id < $1 order by id desc limit $2
+"""
+LATEST_CHECKPOINT_SQL = f"select {CHECKPOINT_COLUMNS} from audit_checkpoints order by id desc limit 1"
+
+
+class TreeTooSmall(ProofError):
+    """The folded tree does not reach the size asked for (yet)."""
+
+    def __init__(self, asked: int, size: int) -> None:
+        super().__init__(f"the tree has {size} leaves so far, not {asked}")
+        self.asked = asked
+        self.size = size
+
+
+async def tree_size(db: Executor) -> int:
+    return int(await db.fetchval(SIZE_SQL))
+
+
+async def fetch_nodes(db: Executor, nodes: list[Node]) -> dict[Node, bytes]:
+    if not nodes:
+        return {}
+    rows = await db.fetch(NODES_SQL, [level for level, _ in nodes], [index for _, index in nodes])
+    return {(row[0], row[1]): bytes(row[2]) for row in rows}
+
+
+async def complete(db: Executor, nodes: list[Node], size: int) -> Mapping[Node, bytes]:
+    """The subtrees of a tree of `size` leaves, or TreeTooSmall when they are not all folded yet (the
+    subtree holding leaf size - 1 is among them, so a missing one means the tree is smaller)."""
+    found = await fetch_nodes(db, nodes)
+    if len(found) != len(nodes):
+        raise TreeTooSmall(size, await tree_size(db))
+    return found
+
+
+async def root(db: Executor, size: int) -> bytes:
+    if size == 0:
+        return EMPTY_ROOT
+    nodes = subtrees(0, size)
+    return range_hash(nodes, await complete(db, nodes, size))
+
+
+async def inclusion(db: Executor, index: int, size: int) -> tuple[bytes, list[bytes], bytes]:
+    """(leaf hash, audit path, root) of leaf `index` in the tree of `size` leaves: one read."""
+    parts = plan(inclusion_ranges(index, size))
+    top = subtrees(0, size)
+    hashes = await complete(db, needed([*parts, [(0, index)], top]), size)
+    return hashes[(0, index)], assemble(parts, hashes), range_hash(top, hashes)
+
+
+async def consistency(db: Executor, old: int, new: int) -> tuple[list[bytes], bytes, bytes]:
+    """(audit path, old root, new root) proving the tree of `new` leaves extends that of `old`: one read."""
+    parts = plan(consistency_ranges(old, new))
+    old_top, new_top = subtrees(0, old), subtrees(0, new)
+    hashes = await complete(db, needed([*parts, old_top, new_top]), new)
+    return assemble(parts, hashes), range_hash(old_top, hashes), range_hash(new_top, hashes)
+
+
+async def load_frontier(db: Executor, size: int) -> Frontier:
+    nodes = Frontier.nodes(size)
+    found = await complete(db, nodes, size)
+    return Frontier(size, [found[node] for node in nodes])
+
+
+async def fold(conn: Connection, frontier: Frontier | None, limit: int) -> tuple[Frontier, int]:
+    """Fold up to `limit` new events into the stored tree in one transaction; return the frontier (to
+    pass to the next call) and how many events were folded."""
+    async with conn.transaction():
+        size = int(await conn.fetchval(LOCK_SIZE_SQL))
+        if frontier is None or frontier.size != size:
+            frontier = await load_frontier(conn, size)
+        rows = await conn.fetch(EVENTS_SQL, size, limit)
+        levels: list[int] = []
+        indexes: list[int] = []
+        hashes: list[bytes] = []
+        for position, event_hash in rows:
+            if position != frontier.size + 1:
+                log.error("the log skips positions: the tree stops before the gap",
+                          extra={"expected": frontier.size + 1, "found": position})
+                break
+            for level, index, value in frontier.push(leaf_hash(position, event_hash)):
+                levels.append(level)
+                indexes.append(index)
+                hashes.append(value)
+        folded = frontier.size - size
+        if folded:
+            await conn.execute(INSERT_SQL, levels, indexes, hashes)
+            await conn.execute(ADVANCE_SQL, frontier.size)
+    return frontier, folded
+
+
+async def catch_up(conn: Connection, to: int, limit: int, max_batches: int | None = None) -> int:
+    """Fold until the tree reaches position `to` (or the log ends short of it, or max_batches batches
+    have been folded); return the size."""
+    frontier: Frontier | None = None
+    batches = 0
+    while True:
+        frontier, folded = await fold(conn, frontier, limit)
+        batches += 1
+        if frontier.size >= to or not folded or (max_batches is not None and batches >= max_batches):
+            return frontier.size
+
+
+async def sign(db: Executor, signer: Signer) -> dict[str, Any]:
+    """Sign the folded tree as it stands and store the checkpoint; return it as served."""
+    size = await tree_size(db)
+    checkpoint = signer.sign(size, await root(db, size), format_time(datetime.now(UTC)))
+    row = await db.fetchrow(INSERT_CHECKPOINT_SQL, checkpoint.tree_size, checkpoint.root_hash,
+                            datetime.fromisoformat(checkpoint.timestamp), checkpoint.key_id, checkpoint.signature)
+    return served(row)
+
+
+def served(row: Any) -> dict[str, Any]:
+    checkpoint = Checkpoint(row["tree_size"], bytes(row["root_hash"]), format_time(row["signed_at"]),
+                            row["key_id"], bytes(row["signature"]))
+    return {"id": row["id"], **checkpoint.as_dict()}
+
+
+async def checkpoints(db: Executor, before: int | None, limit: int) -> list[dict[str, Any]]:
+    rows = await db.fetch(CHECKPOINTS_SQL, before if before is not None else 2**63 - 1, limit)
+    return [served(row) for row in rows]
+
+
+async def latest(db: Executor) -> dict[str, Any] | None:
+    row = await db.fetchrow(LATEST_CHECKPOINT_SQL)
+    return served(row) if row is not None else None
