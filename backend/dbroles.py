@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from backend.config import Settings
 
 SCHEMA = "public"
-APPEND_ONLY = ("events",)
-"""Tables whose rows are history: the app role may SELECT and INSERT them, nothing else."""
+APPEND_ONLY = ("events", "merkle_nodes", "audit_checkpoints")
+"""Tables whose rows are history (the log, the Merkle tree's stored subtrees, signed checkpoints): the
+app role may SELECT and INSERT them, nothing else."""
 READ_ONLY = ("schema_migrations",)
 """Tables only `migrate` writes."""
 
