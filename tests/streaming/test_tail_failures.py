@@ -32,7 +32,7 @@ async def test_the_tail_restarts_after_a_protocol_state_error_and_keeps_streamin
         await wait_until(lambda: tail.restarts >= 1)
     after = await append(store, stream_id, "After")
     events = await sse.events(2)
-    assert [(m.last_id, m.event) for m in events] == [(str(during[0]), "During"), (str(after[0]), "After")]
+    assert [(m.last_id, m.json()["type"]) for m in events] == [(str(during[0]), "During"), (str(after[0]), "After")]
     await wait_until(lambda: tail.state == "running")
     assert tail.last_error is not None and tail.last_error.startswith("InternalClientError")
     sse.close()
