@@ -1,11 +1,9 @@
 """A listening site that accepts every pending connection each time the socket is readable.
 
 libuv, under uvloop, accepts one connection per event-loop iteration (libuv 1.45, pull request 3696).
-Under load an iteration takes 5 to 20 ms, so a burst of new connections queues in the kernel: under
-`scripts/bench.py http` the 64 connections a client opens at once took 300 ms to be accepted, and
-their first requests made the run's p99.9 150 to 340 ms (asyncio's loop, which accepts up to the
-backlog per wake-up: 59 ms). Dashboards reconnecting after a deploy and load balancers refilling their
-pools open connections in exactly such bursts.
+Under load an iteration takes milliseconds, so a burst of new connections queues in the kernel and
+their first requests make the tail latency (measured: docs/PERFORMANCE.md). Dashboards reconnecting
+after a deploy and load balancers refilling their pools open connections in exactly such bursts.
 
 So this site owns its listening sockets. When one is readable it accepts up to `backlog` connections
 at once and hands each to the running loop's own transport machinery (``connect_accepted_socket``),
