@@ -206,6 +206,16 @@ def assemble(parts: Iterable[Sequence[Node]], hashes: Mapping[Node, bytes]) -> l
     return [hashes[nodes[0]] if len(nodes) == 1 else range_hash(nodes, hashes) for nodes in parts]
 
 
+def _up_the_right_edge(fn: int, sn: int) -> tuple[int, int]:
+    """RFC 9162's step shared by both verifications: right-shift fn and sn together until fn's lowest
+    bit is set or fn is 0."""
+    while True:
+        fn >>= 1
+        sn >>= 1
+        if fn & 1 or fn == 0:
+            return fn, sn
+
+
 def verify_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes], root: bytes) -> bool:
     """RFC 9162 2.1.3.2: does `path` prove leaf hash `leaf` at `index` in the tree of `size` with `root`?"""
     if not 0 <= index < size:
@@ -217,11 +227,7 @@ def verify_inclusion(index: int, size: int, leaf: bytes, path: Sequence[bytes], 
         if fn & 1 or fn == sn:
             r = node_hash(p, r)
             if not fn & 1:
-                while True:
-                    fn >>= 1
-                    sn >>= 1
-                    if fn & 1 or fn == 0:
-                        break
+                fn, sn = _up_the_right_edge(fn, sn)
         else:
             r = node_hash(r, p)
         fn >>= 1
@@ -252,11 +258,7 @@ def verify_consistency(old: int, new: int, old_root: bytes, new_root: bytes, pat
             fr = node_hash(c, fr)
             sr = node_hash(c, sr)
             if not fn & 1:
-                while True:
-                    fn >>= 1
-                    sn >>= 1
-                    if fn & 1 or fn == 0:
-                        break
+                fn, sn = _up_the_right_edge(fn, sn)
         else:
             sr = node_hash(sr, c)
         fn >>= 1

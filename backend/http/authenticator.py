@@ -128,17 +128,12 @@ class ApiKeyAuthenticator:
 
     async def authenticate(self, token: str) -> Actor | None:
         """The token's Actor, or None (unknown, revoked, expired, malformed or a wrong secret)."""
-        verified = self._verified.get(token)
-        if verified is not None and self._cache.get(verified[0]) is verified[1]:
-            self._cache.move_to_end(verified[0])
-            return self._unexpired(verified[1])
+        found = self.authenticate_cached(token)
+        if not isinstance(found, NotCached):
+            return found
         key_id = parse_token(token)
-        if key_id is None:
-            return None
-        entry = self._cached(key_id)
-        if entry is None:
-            entry = await self._load_once(key_id)
-        return self._check(token, key_id, entry)
+        assert key_id is not None  # authenticate_cached() answers None for a malformed token
+        return self._check(token, key_id, await self._load_once(key_id))
 
     def authenticate_cached(self, token: str) -> Actor | NotCached | None:
         """authenticate() as far as it goes without the database: NOT_CACHED when only a lookup can
