@@ -13,7 +13,7 @@ from backend.domain import apikey_stream
 from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import Param, command, endpoint
-from backend.http.queries import answer, reach
+from backend.http.queries import answer, decode_cursor, page_limit, page_of, page_params, reach
 from backend.http.wallets import path_uuid
 from projections import api_keys as api_keys_model
 
@@ -45,14 +45,16 @@ async def create_key(request: web.Request, body: models.CreateApiKey) -> web.Res
 
 
 @routes.get("/v1/api-keys")
-@endpoint(scope="admin", reply=replies.ApiKeyList, reads_model=True,
-          params=(Param("owner", "only this owner's keys (default: every owner's)"),))
+@endpoint(scope="admin", reply=replies.ApiKeyPage, reads_model=True,
+          params=(Param("owner", "only this owner's keys (default: every owner's)"), *page_params("keys")))
 async def list_keys(request: web.Request) -> web.Response:
-    """List keys, without secrets, from the api_keys read model."""
+    """Page through keys, without secrets, oldest first, from the api_keys read model."""
     owner = request.query.get("owner") or None
+    limit = page_limit(request)
+    after = decode_cursor(request.query.get("cursor") or None)
     await reach(request, api_keys_model.ApiKeys.name)
-    checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner)
-    return answer(request, {"keys": keys}, checkpoint)
+    checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner, after, limit + 1)
+    return answer(request, page_of(keys, limit, "key_id"), checkpoint)
 
 
 @routes.delete("/v1/api-keys/{key_id}")

@@ -45,7 +45,8 @@ class Query(BaseModel):
 
 
 class LogQuery(Query):
-    after: Position = 0
+    cursor: Annotated[Position, Field(description="next_cursor of the previous page: a position, the page "
+                                                  "starts after it (default 0: the start of the log)")] = 0
     limit: Limit = 100
     types: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TYPE_LENGTH)]] | None = None
     stream_prefix: StreamId | None = None
@@ -59,7 +60,8 @@ class LogQuery(Query):
 
 
 class StreamQuery(Query):
-    after_version: Annotated[AsciiInt, Field(ge=0, le=MAX_VERSION)] = 0
+    cursor: Annotated[AsciiInt, Field(ge=0, le=MAX_VERSION, description="next_cursor of the previous page: a "
+                                      "version, the page starts after it (default 0: the first event)")] = 0
     limit: Limit = 100
 
 
@@ -95,9 +97,9 @@ def query(request: web.Request, model: type[M]) -> M:
 
 
 def json_body(events: list[bytes], **fields: Any) -> web.Response:
-    """A page of events already encoded by event_json: spliced in, not decoded and validated again
-    (a test holds these pages to replies.EventPage and replies.StreamPage)."""
-    body = orjson.dumps({"events": [orjson.Fragment(e) for e in events], **fields})
+    """A page of events already encoded by event_json, as `data`: spliced in, not decoded and validated
+    again (a test holds these pages to replies.EventPage and replies.StreamPage)."""
+    body = orjson.dumps({"data": [orjson.Fragment(e) for e in events], **fields})
     return web.Response(body=body, content_type=JSON)
 
 
@@ -107,9 +109,9 @@ async def log_events(request: web.Request) -> web.Response:
     """A page of the global log in position order, optionally filtered."""
     q = query(request, LogQuery)
     async with request.app[POOL].acquire() as conn:
-        page = await history.log_page(conn, after=q.after, limit=q.limit, types=q.types,
+        page = await history.log_page(conn, after=q.cursor, limit=q.limit, types=q.types,
                                       stream_prefix=q.stream_prefix, from_time=q.from_time, to_time=q.to_time)
-    return json_body(page.events, next=page.next, has_more=page.has_more, head=page.head)
+    return json_body(page.events, has_more=page.has_more, next_cursor=str(page.next), head=page.head)
 
 
 @routes.get("/v1/streams/{stream_id}/events")
@@ -119,10 +121,10 @@ async def stream_events(request: web.Request) -> web.Response:
     stream_id = request.match_info["stream_id"]
     q = query(request, StreamQuery)
     async with request.app[POOL].acquire() as conn:
-        page = await history.stream_page(conn, stream_id, after_version=q.after_version, limit=q.limit)
+        page = await history.stream_page(conn, stream_id, after_version=q.cursor, limit=q.limit)
     if page is None:
         raise Problem(404, "not_found", f"stream {stream_id!r} has no events")
-    return json_body(page.events, stream_id=stream_id, next=page.next, has_more=page.has_more)
+    return json_body(page.events, stream_id=stream_id, has_more=page.has_more, next_cursor=str(page.next))
 
 
 @routes.get("/v1/events/export")

@@ -94,6 +94,14 @@ def forbidden(what: str) -> Problem:
 # ---------------------------------------------------------------- wallets
 
 
+def page_params(what: str) -> tuple[Param, Param]:
+    """`cursor` and `limit`, as every list endpoint names them."""
+    return (Param("cursor", "next_cursor of the previous page (absent: the first page)"),
+            Param("limit", f"{what} per page", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                                                "default": DEFAULT_LIMIT}))
+
+
+
 @routes.get("/v1/wallets/{wallet_id}")
 @endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True)
 async def get_wallet(request: web.Request) -> web.Response:
@@ -112,9 +120,7 @@ async def get_wallet(request: web.Request) -> web.Response:
 @routes.get("/v1/wallets")
 @endpoint(scope="wallets:read", reply=replies.WalletPage, reads_model=True, params=(
     Param("owner", "this owner's wallets (default: the key's owner; every owner's for admin keys)"),
-    Param("cursor", "next_cursor of the previous page"),
-    Param("limit", "wallets per page", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
-                                        "default": DEFAULT_LIMIT}),
+    *page_params("wallets"),
 ))
 async def list_wallets(request: web.Request) -> web.Response:
     """Page through wallets in wallet_id order."""
@@ -127,11 +133,17 @@ async def list_wallets(request: web.Request) -> web.Response:
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
     await reach(request, balances.Balances.name)
-    checkpoint, page = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
-    more = len(page) > limit
-    page = page[:limit]
-    cursor = encode_cursor(UUID(page[-1]["wallet_id"])) if more else None
-    return answer(request, {"wallets": page, "next_cursor": cursor}, checkpoint)
+    checkpoint, found = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
+    return answer(request, page_of(found, limit, "wallet_id"), checkpoint)
+
+
+def page_of(found: list[dict[str, Any]], limit: int, id_field: str) -> dict[str, Any]:
+    """The list answer of up to limit + 1 rows read in id order: the first `limit` of them, and the cursor
+    of the last when there was one more."""
+    more = len(found) > limit
+    data = found[:limit]
+    return {"data": data, "has_more": more,
+            "next_cursor": encode_cursor(UUID(str(data[-1][id_field]))) if more else None}
 
 
 def page_limit(request: web.Request) -> int:
@@ -142,7 +154,7 @@ def page_limit(request: web.Request) -> int:
 
 
 def encode_cursor(last: UUID) -> str:
-    """Opaque to clients: the last wallet id of the page (keyset pagination by wallet_id)."""
+    """Opaque to clients: the last id of the page (keyset pagination)."""
     return base64.urlsafe_b64encode(last.bytes).decode().rstrip("=")
 
 

@@ -195,7 +195,7 @@ async def test_request_schemas_are_the_validating_models(doc: dict[str, Any]) ->
     assert {"reservation_expired", "reservation_not_open"} <= set(
         confirm["responses"]["409"]["description"].removeprefix("codes: ").split(", "))
     events = operations(doc)[("get", "/v1/events")]
-    assert [p["name"] for p in events["parameters"]] == ["after", "limit", "types", "stream_prefix", "from_time",
+    assert [p["name"] for p in events["parameters"]] == ["cursor", "limit", "types", "stream_prefix", "from_time",
                                                         "to_time"]
 
 
@@ -270,7 +270,7 @@ async def test_answers_match_the_documented_schemas(client: TestClient, doc: dic
     await c.call(client, "get", "/v1/projections", "/v1/projections", admin, status=200)
     auditor = await mint_token(app, owner, ["audit:read"])
     await c.call(client, "get", "/v1/events", "/v1/events", auditor, status=200,
-                 params={"after": str(max(0, payer["position"] - 1)), "limit": "50"})
+                 params={"cursor": str(max(0, payer["position"] - 1)), "limit": "50"})
     await c.call(client, "get", "/v1/streams/{stream_id}/events", f"/v1/streams/{wallet_stream(uuid.UUID(wid))}"
                  "/events", auditor, status=200)
     await c.call(client, "get", wallet_path("/state"), f"/v1/wallets/{wid}/state", auditor, status=200,
@@ -286,7 +286,7 @@ async def test_answers_match_the_documented_schemas(client: TestClient, doc: dic
 
     assert c.checked >= {
         "WalletWrite", "LockWrite", "SettleWrite", "ReserveWrite", "ReservationWrite", "DepositWrite",
-        "CreatedApiKey", "WalletDetail", "WalletPage", "Reservation", "Deposit", "ApiKeyList", "Stats",
+        "CreatedApiKey", "WalletDetail", "WalletPage", "Reservation", "Deposit", "ApiKeyPage", "Stats",
         "Projections", "EventPage", "StreamPage", "WalletState", "VerifyReport", "RecordedEvent", "Problem"}
 
 
