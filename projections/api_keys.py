@@ -79,6 +79,11 @@ left join lateral (select {_LISTED} from api_keys where $1::text is null and {_A
                    order by created_at, key_id limit $3) k on true
 where c.name = 'api_keys'
 """
+GET_SQL = f"""
+select c.position as checkpoint, k.* from projection_checkpoints c
+left join lateral (select {_LISTED} from api_keys where key_id = $1) k on true
+where c.name = 'api_keys'
+"""
 
 
 def key_view(row: Any) -> dict[str, Any]:
@@ -102,3 +107,10 @@ async def list_keys(db: Executor, owner: str | None = None, after: UUID | None =
     rows = await db.fetch(LIST_ALL_SQL if owner is None else LIST_BY_OWNER_SQL, owner, after, limit)
     checkpoint = rows[0]["checkpoint"] if rows else 0
     return checkpoint, [key_view(row) for row in rows if row["key_id"] is not None]
+
+
+async def get_key(db: Executor, key_id: UUID) -> tuple[int, dict[str, Any] | None]:
+    """(checkpoint, the key as clients may see it, or None)."""
+    row = await db.fetchrow(GET_SQL, key_id)
+    checkpoint = row["checkpoint"] if row is not None else 0
+    return checkpoint, key_view(row) if row is not None and row["key_id"] is not None else None

@@ -17,8 +17,9 @@ from backend.audit.verify import head, verify_database
 from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
-from backend.http.endpoint import JSON, endpoint
+from backend.http.endpoint import JSON, Header, endpoint
 from backend.http.integers import AsciiInt
+from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
@@ -128,7 +129,12 @@ async def stream_events(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/events/export")
-@endpoint(scope=SCOPE, reply=replies.RecordedEvent, query=ExportQuery, content_type=NDJSON)
+@endpoint(scope=SCOPE, reply=replies.RecordedEvent, query=ExportQuery, content_type=NDJSON, headers=(
+    Header("Content-Disposition", 'attachment; filename="tally-events-<after>-<to>.ndjson"'),
+    Header("X-Export-After", "the range exported is (after, to]", schema={"type": "string", "pattern": "^[0-9]+$"}),
+    Header("X-Export-To", "the range's end: `to`, or the head when the request arrived",
+           schema={"type": "string", "pattern": "^[0-9]+$"}),
+))
 async def export(request: web.Request) -> web.StreamResponse:
     """NDJSON of the events in (after, to], `to` defaulting to the head when the request arrives.
     Errors after the first byte can only cut the stream short: check the last line's position."""
@@ -140,6 +146,7 @@ async def export(request: web.Request) -> web.StreamResponse:
             "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',
             "X-Export-After": str(q.after),
             "X-Export-To": str(to),
+            REQUEST_ID_HEADER: request[REQUEST_ID],  # sent by the handler: the middleware cannot add it
         })
         await response.prepare(request)
         async for chunk in export_pages(conn, q.after, to):

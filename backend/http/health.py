@@ -25,7 +25,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 @routes.get("/health/ready")
-@endpoint(public=True)
+@endpoint(public=True, errors=("unavailable",))
 async def ready(request: web.Request) -> web.Response:
     """The database answers within the timeout and no background task is stuck (else 503); each
     projection's lag and each background task's state.

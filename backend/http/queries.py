@@ -76,11 +76,23 @@ async def reach(request: web.Request, projection: str) -> None:
 
 def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None
            ) -> web.Response:
-    """body as the endpoint's reply model, with the checkpoint it reflects (and its ETag, if versioned)."""
+    """body as the endpoint's reply model, with the checkpoint it reflects; if versioned, its ETag, and
+    304 without a body when If-None-Match names that version (the client's copy is current)."""
     headers = {POSITION_HEADER: str(checkpoint)}
     if version is not None:
-        headers["ETag"] = f'"{version}"'
+        headers["ETag"] = etag = f'"{version}"'
+        if none_match(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
     return web.Response(body=render(reply_model(request), body), content_type=JSON, headers=headers)
+
+
+def none_match(header: str | None, etag: str) -> bool:
+    """Whether If-None-Match matches etag: `*`, or any tag of the list by weak comparison (RFC 9110
+    13.1.2: W/"3" matches "3"). A malformed header matches nothing, so the answer is a full 200."""
+    if header is None:
+        return False
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or etag in (tag.removeprefix("W/") for tag in tags)
 
 
 def not_found(what: str, checkpoint: int) -> Problem:
@@ -103,7 +115,7 @@ def page_params(what: str) -> tuple[Param, Param]:
 
 
 @routes.get("/v1/wallets/{wallet_id}")
-@endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True)
+@endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True, etag=True)
 async def get_wallet(request: web.Request) -> web.Response:
     """A wallet with its open locks and reservations (ETag: its version)."""
     actor = request[ACTOR]
@@ -187,7 +199,7 @@ async def get_reservation(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/deposits/{deposit_id}")
-@endpoint(scope="wallets:read", reply=replies.Deposit, reads_model=True)
+@endpoint(scope="wallets:read", reply=replies.Deposit, reads_model=True, etag=True)
 async def get_deposit(request: web.Request) -> web.Response:
     """A deposit of one of the key's owner's wallets (ETag: its version)."""
     actor = request[ACTOR]
