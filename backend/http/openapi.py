@@ -18,7 +18,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from backend.http.audit import NDJSON
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, SSE, Endpoint, declared, endpoint
-from backend.http.problems import PROBLEM_CONTENT_TYPE
+from backend.http.problems import HTTP_ERROR_CODES, PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
 from backend.streaming import schemas as event_schemas
@@ -84,8 +84,12 @@ def document(app: web.Application) -> dict[str, Any]:
         raise LookupError(f"event schemas clash with reply models: {sorted(events.keys() & schemas.keys())}")
     schemas = {**schemas, **events}
     paths: dict[str, dict[str, Any]] = {}
+    codes = set(UNROUTED_CODES)
     for method, path, handler, spec in operations:
         paths.setdefault(path, {})[method] = _operation(method, path, handler, spec, refs)
+        codes.update(*_problem_statuses(method, path, spec).values())
+    code = schemas["Problem"]["properties"]["code"]
+    schemas["Problem"]["properties"]["code"] = {**code, "enum": sorted(codes)}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -227,6 +231,8 @@ HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
     "X-Stream-Refused": ("on a stream refused for want of room: the problem's code (the body is one `refused` "
                          "frame, then the end)", {"type": "string", "enum": ["rate_limited", "unavailable"]}),
 }
+UNROUTED_CODES = frozenset({*HTTP_ERROR_CODES.values(), "http_error", "internal_error", "timeout"})
+"""Codes no operation documents: an unknown path or method, a server bug (500), a handler too slow (504)."""
 EXTRA_STATUS = {"unavailable": 503}
 """Codes an endpoint may declare that neither a domain nor a command error carries."""
 
