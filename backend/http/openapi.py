@@ -1,7 +1,8 @@
 """GET /openapi.json: the OpenAPI 3.1 document, generated from the router and each handler's declaration
-(backend.http.endpoint): paths and methods as routed, scopes as enforced, bodies and replies as the
-pydantic models that validate them. Built once when the app is created; a route without a declaration
-fails create_app, so nothing can be served undocumented."""
+(backend.http.endpoint): paths and methods as routed, scopes as enforced (the roles of each bearer
+security requirement), bodies and replies as the pydantic models that validate them, each status's
+problem codes as an enum, and the headers each answer carries (required where always sent). Built
+once when the app is created; a route without a declaration fails create_app, so nothing can be served undocumented."""
 
 from __future__ import annotations
 
@@ -108,8 +109,8 @@ def document(app: web.Application) -> dict[str, Any]:
                          "description": "an API key, tly_<key id>_<secret>; an operation's security requirement "
                                         "names the scope the key must hold (admin holds every scope)"},
                 SSE_SCHEME: {"type": "apiKey", "in": "query", "name": "access_token",
-                               "description": "streams only: a stream token (POST /v1/stream-tokens), for "
-                                              "EventSource, which cannot send Authorization"},
+                             "description": "streams only: a stream token (POST /v1/stream-tokens), for "
+                                            "EventSource, which cannot send Authorization"},
             },
         },
     }

@@ -174,9 +174,10 @@ async def test_a_tour_of_the_api_answers_as_documented(api: ContractClient) -> N
 
 @pytest.fixture
 async def tight(aiohttp_client: Any, database_url: str) -> AsyncIterator[ContractClient]:
-    """An app of its own whose keys may make two requests and hold one stream."""
+    """An app of its own whose keys may make two requests and hold one stream, and whose read models
+    stand still (it runs no projections)."""
     app = create_app(make_settings(database_url, rate_limit_per_s=0.001, rate_limit_burst=2,
-                                   sse_max_streams_per_key=1))
+                                   sse_max_streams_per_key=1, run_projections=False))
     client = await aiohttp_client(app)
     yield ContractClient(client, await served_contract(client))
 
@@ -188,6 +189,13 @@ async def test_rate_limits_and_refused_streams_answer_as_documented(tight: Contr
     await tight.request("GET", "/v1/stats", limited, status=200)
     answer, _ = await tight.request("GET", "/v1/stats", limited, status=429)
     assert int(answer.headers["Retry-After"]) >= 1
+
+    owner = f"behind-{uuid.uuid4().hex[:8]}"
+    writer = await mint_token(app, owner, ["wallets:write", "wallets:read"])
+    opened = await tight.json("POST", "/v1/wallets", writer, status=201, json={"owner": owner, "currency": "USD"})
+    late, _ = await tight.request("GET", f"/v1/wallets/{opened['wallet_id']}", writer, status=503,
+                                  params={"min_position": str(opened["position"])}, headers={"Prefer": "wait=0"})
+    assert late.headers["Retry-After"] == "1" and int(late.headers["X-Projection-Position"]) < opened["position"]
 
     streamer = await mint_token(app, f"streamer-{uuid.uuid4().hex[:8]}", ["wallets:read"])
     holding = await tight.client.get("/v1/streams/events", params={"access_token": streamer})
