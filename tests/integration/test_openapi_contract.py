@@ -167,6 +167,7 @@ async def test_a_tour_of_the_api_answers_as_documented(api: ContractClient) -> N
     await api.request("GET", "/health/live", status=200)
     await api.request("GET", "/health/ready", status=200)
     await api.request("GET", "/openapi.json", status=200)
+    await api.request("GET", "/metrics", status=200)
 
     statuses = {status for _, _, status in api.contract.seen}
     assert statuses >= {200, 201, 204, 304, 400, 401, 403, 404, 409, 412, 415, 422}
