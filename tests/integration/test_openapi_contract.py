@@ -171,6 +171,10 @@ async def test_a_tour_of_the_api_answers_as_documented(api: ContractClient) -> N
 
     statuses = {status for _, _, status in api.contract.seen}
     assert statuses >= {200, 201, 204, 304, 400, 401, 403, 404, 409, 412, 415, 422}
+    operations = {(method, path) for path, item in api.contract.doc["paths"].items() for method in item}
+    streams = {("get", "/v1/streams/events"), ("get", "/v1/streams/dashboard"),
+               ("get", "/v1/streams/wallets/{wallet_id}")}
+    assert operations - {(method, path) for method, path, _ in api.contract.seen} == streams  # the next test's
 
 
 @pytest.fixture
@@ -206,6 +210,15 @@ async def test_rate_limits_and_refused_streams_answer_as_documented(tight: Contr
         refusal, body = await tight.request("GET", "/v1/streams/events", None, status=200,
                                             params={"access_token": streamer})
         assert refusal.headers["X-Stream-Refused"] == "rate_limited" and b"event: refused" in body
+        # the streamer's two requests are spent: a third is rate limited, streams or not
+        await tight.request("GET", "/v1/streams/dashboard", None, status=429, params={"access_token": streamer})
+        other = await mint_token(app, f"other-{uuid.uuid4().hex[:8]}", ["wallets:read"])
+        await tight.request("GET", f"/v1/streams/wallets/{uuid.uuid4()}", None, status=404,
+                            params={"access_token": other})
+        await tight.request("GET", "/v1/streams/events", None, status=400, params={"access_token": other, "after": "x"})
+        await tight.request("GET", "/v1/streams/events", None, status=401, params={"access_token": "tly_x_y"})
+        seen = {(method, path) for method, path, _ in tight.contract.seen}
+        assert {("get", "/v1/streams/dashboard"), ("get", "/v1/streams/wallets/{wallet_id}")} <= seen
     finally:
         holding.close()
         await asyncio.sleep(0)
