@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from uuid import UUID
 
 from backend.db import Connection
 from backend.store.reads import Executor
@@ -62,16 +63,25 @@ def _scopes(data: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- queries
 
-# The listing, with the checkpoint it reflects read in the same statement (one shape per filter).
+# A page of the listing in (created_at, key_id) order after a key (keys are never deleted, so the
+# cursor's row is always there), with the checkpoint it reflects read in the same statement.
 _LISTED = "key_id, owner, name, scopes, expires_at, revoked, revoked_at, created_at, version"
+_AFTER = "($2::uuid is null or (created_at, key_id) > (select created_at, key_id from api_keys where key_id = $2))"
 LIST_BY_OWNER_SQL = f"""
 select c.position as checkpoint, k.* from projection_checkpoints c
-left join lateral (select {_LISTED} from api_keys where owner = $1 order by created_at, key_id) k on true
+left join lateral (select {_LISTED} from api_keys where owner = $1 and {_AFTER}
+                   order by created_at, key_id limit $3) k on true
 where c.name = 'api_keys'
 """
 LIST_ALL_SQL = f"""
 select c.position as checkpoint, k.* from projection_checkpoints c
-left join lateral (select {_LISTED} from api_keys order by created_at, key_id) k on true
+left join lateral (select {_LISTED} from api_keys where $1::text is null and {_AFTER}
+                   order by created_at, key_id limit $3) k on true
+where c.name = 'api_keys'
+"""
+GET_SQL = f"""
+select c.position as checkpoint, k.* from projection_checkpoints c
+left join lateral (select {_LISTED} from api_keys where key_id = $1) k on true
 where c.name = 'api_keys'
 """
 
@@ -91,8 +101,16 @@ def key_view(row: Any) -> dict[str, Any]:
     }
 
 
-async def list_keys(db: Executor, owner: str | None = None) -> tuple[int, list[dict[str, Any]]]:
-    """(checkpoint, every key of one owner or of all, oldest first)."""
-    rows = await (db.fetch(LIST_ALL_SQL) if owner is None else db.fetch(LIST_BY_OWNER_SQL, owner))
+async def list_keys(db: Executor, owner: str | None = None, after: UUID | None = None, limit: int = 2**31 - 1
+                    ) -> tuple[int, list[dict[str, Any]]]:
+    """(checkpoint, up to limit keys of one owner or of all after the key `after`, oldest first)."""
+    rows = await db.fetch(LIST_ALL_SQL if owner is None else LIST_BY_OWNER_SQL, owner, after, limit)
     checkpoint = rows[0]["checkpoint"] if rows else 0
     return checkpoint, [key_view(row) for row in rows if row["key_id"] is not None]
+
+
+async def get_key(db: Executor, key_id: UUID) -> tuple[int, dict[str, Any] | None]:
+    """(checkpoint, the key as clients may see it, or None)."""
+    row = await db.fetchrow(GET_SQL, key_id)
+    checkpoint = row["checkpoint"] if row is not None else 0
+    return checkpoint, key_view(row) if row is not None and row["key_id"] is not None else None

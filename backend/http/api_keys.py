@@ -1,4 +1,4 @@
-"""API key endpoints, all for `admin` keys: create, list, revoke."""
+"""API key endpoints, all for `admin` keys: create, list, read, revoke."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from backend.domain import apikey_stream
 from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import Param, command, endpoint
-from backend.http.queries import answer, reach
+from backend.http.queries import answer, decode_cursor, not_found, page_limit, page_of, page_params, reach
 from backend.http.wallets import path_uuid
 from projections import api_keys as api_keys_model
 
@@ -21,7 +21,8 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/v1/api-keys")
-@command(models.CreateApiKey, scope="admin", reply=replies.CreatedApiKey, status=201, conditional=False)
+@command(models.CreateApiKey, scope="admin", reply=replies.CreatedApiKey, status=201, conditional=False,
+         creates="/v1/api-keys/{key_id}")
 async def create_key(request: web.Request, body: models.CreateApiKey) -> web.Response:
     """Create an API key: 201 with the token as `secret`, in this response only.
 
@@ -41,18 +42,32 @@ async def create_key(request: web.Request, body: models.CreateApiKey) -> web.Res
     if response.status == 201 and "Idempotent-Replayed" not in response.headers:
         created = orjson.loads(response.body)  # type: ignore[arg-type]
         response.body = replies.render(replies.CreatedApiKey, {**created, "secret": token})
-    return locate_created(response, "/v1/api-keys", "key_id")
+    return locate_created(request, response)
 
 
 @routes.get("/v1/api-keys")
-@endpoint(scope="admin", reply=replies.ApiKeyList, reads_model=True,
-          params=(Param("owner", "only this owner's keys (default: every owner's)"),))
+@endpoint(scope="admin", reply=replies.ApiKeyPage, reads_model=True,
+          params=(Param("owner", "only this owner's keys (default: every owner's)"), *page_params("keys")))
 async def list_keys(request: web.Request) -> web.Response:
-    """List keys, without secrets, from the api_keys read model."""
+    """Page through keys, without secrets, oldest first, from the api_keys read model."""
     owner = request.query.get("owner") or None
+    limit = page_limit(request)
+    after = decode_cursor(request.query.get("cursor") or None)
     await reach(request, api_keys_model.ApiKeys.name)
-    checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner)
-    return answer(request, {"keys": keys}, checkpoint)
+    checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner, after, limit + 1)
+    return answer(request, page_of(keys, limit, "key_id"), checkpoint)
+
+
+@routes.get("/v1/api-keys/{key_id}")
+@endpoint(scope="admin", reply=replies.ApiKey, reads_model=True, etag=True)
+async def get_key(request: web.Request) -> web.Response:
+    """A key, without its secret (ETag: its version, the If-Match of a revocation)."""
+    key_id = path_uuid(request, "key_id")
+    await reach(request, api_keys_model.ApiKeys.name)
+    checkpoint, key = await api_keys_model.get_key(request.app[POOL], key_id)
+    if key is None:
+        raise not_found(f"API key {key_id}", checkpoint)
+    return answer(request, key, checkpoint, version=key["version"])
 
 
 @routes.delete("/v1/api-keys/{key_id}")

@@ -17,8 +17,9 @@ from backend.audit.verify import head, verify_database
 from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
-from backend.http.endpoint import JSON, endpoint
+from backend.http.endpoint import JSON, Header, endpoint
 from backend.http.integers import AsciiInt
+from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
@@ -45,7 +46,8 @@ class Query(BaseModel):
 
 
 class LogQuery(Query):
-    after: Position = 0
+    cursor: Annotated[Position, Field(description="next_cursor of the previous page: a position, the page "
+                                                  "starts after it (default 0: the start of the log)")] = 0
     limit: Limit = 100
     types: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TYPE_LENGTH)]] | None = None
     stream_prefix: StreamId | None = None
@@ -59,7 +61,8 @@ class LogQuery(Query):
 
 
 class StreamQuery(Query):
-    after_version: Annotated[AsciiInt, Field(ge=0, le=MAX_VERSION)] = 0
+    cursor: Annotated[AsciiInt, Field(ge=0, le=MAX_VERSION, description="next_cursor of the previous page: a "
+                                      "version, the page starts after it (default 0: the first event)")] = 0
     limit: Limit = 100
 
 
@@ -95,9 +98,9 @@ def query(request: web.Request, model: type[M]) -> M:
 
 
 def json_body(events: list[bytes], **fields: Any) -> web.Response:
-    """A page of events already encoded by event_json: spliced in, not decoded and validated again
-    (a test holds these pages to replies.EventPage and replies.StreamPage)."""
-    body = orjson.dumps({"events": [orjson.Fragment(e) for e in events], **fields})
+    """A page of events already encoded by event_json, as `data`: spliced in, not decoded and validated
+    again (a test holds these pages to replies.EventPage and replies.StreamPage)."""
+    body = orjson.dumps({"data": [orjson.Fragment(e) for e in events], **fields})
     return web.Response(body=body, content_type=JSON)
 
 
@@ -107,9 +110,9 @@ async def log_events(request: web.Request) -> web.Response:
     """A page of the global log in position order, optionally filtered."""
     q = query(request, LogQuery)
     async with request.app[POOL].acquire() as conn:
-        page = await history.log_page(conn, after=q.after, limit=q.limit, types=q.types,
+        page = await history.log_page(conn, after=q.cursor, limit=q.limit, types=q.types,
                                       stream_prefix=q.stream_prefix, from_time=q.from_time, to_time=q.to_time)
-    return json_body(page.events, next=page.next, has_more=page.has_more, head=page.head)
+    return json_body(page.events, has_more=page.has_more, next_cursor=str(page.next), head=page.head)
 
 
 @routes.get("/v1/streams/{stream_id}/events")
@@ -119,14 +122,19 @@ async def stream_events(request: web.Request) -> web.Response:
     stream_id = request.match_info["stream_id"]
     q = query(request, StreamQuery)
     async with request.app[POOL].acquire() as conn:
-        page = await history.stream_page(conn, stream_id, after_version=q.after_version, limit=q.limit)
+        page = await history.stream_page(conn, stream_id, after_version=q.cursor, limit=q.limit)
     if page is None:
         raise Problem(404, "not_found", f"stream {stream_id!r} has no events")
-    return json_body(page.events, stream_id=stream_id, next=page.next, has_more=page.has_more)
+    return json_body(page.events, stream_id=stream_id, has_more=page.has_more, next_cursor=str(page.next))
 
 
 @routes.get("/v1/events/export")
-@endpoint(scope=SCOPE, reply=replies.RecordedEvent, query=ExportQuery, content_type=NDJSON)
+@endpoint(scope=SCOPE, reply=replies.RecordedEvent, query=ExportQuery, content_type=NDJSON, headers=(
+    Header("Content-Disposition", 'attachment; filename="tally-events-<after>-<to>.ndjson"'),
+    Header("X-Export-After", "the range exported is (after, to]", schema={"type": "string", "pattern": "^[0-9]+$"}),
+    Header("X-Export-To", "the range's end: `to`, or the head when the request arrived",
+           schema={"type": "string", "pattern": "^[0-9]+$"}),
+))
 async def export(request: web.Request) -> web.StreamResponse:
     """NDJSON of the events in (after, to], `to` defaulting to the head when the request arrives.
     Errors after the first byte can only cut the stream short: check the last line's position."""
@@ -138,6 +146,7 @@ async def export(request: web.Request) -> web.StreamResponse:
             "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',
             "X-Export-After": str(q.after),
             "X-Export-To": str(to),
+            REQUEST_ID_HEADER: request[REQUEST_ID],  # sent by the handler: the middleware cannot add it
         })
         await response.prepare(request)
         async for chunk in export_pages(conn, q.after, to):

@@ -48,9 +48,10 @@ class SignedCheckpoint(replies.Reply):
     signature: str
 
 
-class CheckpointPage(replies.Reply):
-    checkpoints: list[SignedCheckpoint]
-    next: int | None = Field(description="pass as `before` for the next (older) page; null at the oldest")
+class CheckpointPage(replies.Page):
+    """Newest first; next_cursor (an id) leads to older ones."""
+
+    data: list[SignedCheckpoint]
 
 
 class PublicKey(replies.Reply):
@@ -88,7 +89,8 @@ class ConsistencyQuery(Query):
 
 
 class CheckpointsQuery(Query):
-    before: Annotated[int, Field(ge=1, le=2**63 - 1)] | None = None
+    cursor: Annotated[int, Field(ge=1, le=2**63 - 1, description="next_cursor of the previous page: the "
+                                 "page holds checkpoints older than it (default: from the newest)")] | None = None
     limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
@@ -161,10 +163,10 @@ async def consistency(request: web.Request) -> web.Response:
 async def checkpoints(request: web.Request) -> web.Response:
     """Stored checkpoints, newest first; kept (and served) even after the key is removed."""
     q = query(request, CheckpointsQuery)
-    found = await tree_store.checkpoints(request.app[POOL], q.before, q.limit + 1)
+    found = await tree_store.checkpoints(request.app[POOL], q.cursor, q.limit + 1)
     page = found[:q.limit]
     more = len(found) > q.limit
-    return reply(CheckpointPage, {"checkpoints": page, "next": page[-1]["id"] if more else None})
+    return reply(CheckpointPage, {"data": page, "has_more": more, "next_cursor": str(page[-1]["id"]) if more else None})
 
 
 @routes.get("/v1/audit/checkpoints/latest")

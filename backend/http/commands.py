@@ -16,7 +16,7 @@ from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
-from backend.http.endpoint import JSON, reply_model
+from backend.http.endpoint import ENDPOINT, JSON, reply_model
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, VALID_ID
 from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, invalid_parameters, problem_body
@@ -127,11 +127,12 @@ async def run_command(request: web.Request, streams: list[str], decide: Decide) 
     return reply_response(reply)
 
 
-def locate_created(response: web.Response, collection: str, id_field: str) -> web.Response:
-    """Location of what a 201 created, named by the answer's body: a replay's body names what the first
-    request created, not the id this request drew and never used."""
-    if response.status == 201 and isinstance(response.body, bytes):
-        response.headers["Location"] = f"{collection}/{orjson.loads(response.body)[id_field]}"
+def locate_created(request: web.Request, response: web.Response) -> web.Response:
+    """Location of what a 201 created (the endpoint's `creates`), named by the answer's body: a replay's
+    body names what the first request created, not the id this request drew and never used."""
+    creates = request[ENDPOINT].creates
+    if creates is not None and response.status == 201 and isinstance(response.body, bytes):
+        response.headers["Location"] = creates.format_map(orjson.loads(response.body))
     return response
 
 

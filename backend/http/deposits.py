@@ -26,7 +26,7 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/deposits")
 @command(models.OpenDeposit, scope="deposits:write", reply=replies.DepositWrite, status=201, conditional=False,
-         errors=("not_found", "currency_mismatch"))
+         errors=("not_found", "currency_mismatch"), creates="/v1/deposits/{deposit_id}")
 async def open_deposit(request: web.Request, body: models.OpenDeposit) -> web.Response:
     """Open a deposit on a wallet: a fresh address to pay into, pending until the chain watcher reports."""
     deposit_id = uuid4()
@@ -37,7 +37,7 @@ async def open_deposit(request: web.Request, body: models.OpenDeposit) -> web.Re
         return await deposits.open_deposit(repo, ctx, deposit_id, body.wallet_id, body.currency, secret)
 
     response = await run_command(request, [deposit_stream(deposit_id)], decide)
-    return locate_created(response, "/v1/deposits", "deposit_id")
+    return locate_created(request, response)
 
 
 @routes.post("/v1/deposits/{deposit_id}/status")

@@ -46,6 +46,17 @@ class Param:
 
 
 @dataclass(frozen=True, slots=True)
+class Header:
+    """A response header the handler sets on its success answer (those every endpoint of a kind sends,
+    such as X-Position on commands, backend.http.openapi adds itself)."""
+
+    name: str
+    description: str
+    required: bool = True
+    schema: Mapping[str, object] = field(default_factory=lambda: {"type": "string"})
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     scope: str | None = None
     """The scope the wrapper requires; None: public, or the handler decides (see `access`)."""
@@ -67,6 +78,12 @@ class Endpoint:
     """The domain error codes the command can answer with, besides those every command can."""
     frames: str | None = None
     """A stream's: the component schema (backend.streaming.schemas) of its event frames' data."""
+    creates: str | None = None
+    """A 201's Location: the path of what it created, its placeholders filled from the answer's fields."""
+    etag: bool = False
+    """Answers carry ETag: "<version>" and take If-None-Match (304 when it matches)."""
+    headers: tuple[Header, ...] = ()
+    """Further headers of the success answer."""
 
     @property
     def query_parameters(self) -> frozenset[str]:
@@ -91,12 +108,12 @@ def endpoint(
     *, scope: str | None = None, reply: type[BaseModel] | None = None, status: int = 200,
     content_type: str = JSON, query: type[BaseModel] | None = None, params: tuple[Param, ...] = (),
     access: str | None = None, conditional: bool = False, reads_model: bool = False, public: bool = False,
-    errors: tuple[str, ...] = (), frames: str | None = None,
+    errors: tuple[str, ...] = (), frames: str | None = None, etag: bool = False, headers: tuple[Header, ...] = (),
 ) -> Callable[[Handler[R]], Handler[R]]:
     """A handler without a request body; the arguments are Endpoint's fields."""
     spec = Endpoint(scope=scope, reply=reply, status=status, content_type=content_type, query=query,
                     params=params, access=access, conditional=conditional, reads_model=reads_model,
-                    public=public, errors=errors, frames=frames)
+                    public=public, errors=errors, frames=frames, etag=etag, headers=headers)
 
     known = None if public or query is not None else spec.query_parameters
 
@@ -118,10 +135,11 @@ def endpoint(
 
 def command(
     body: type[B], *, scope: str, reply: type[BaseModel], status: int = 200, conditional: bool = True,
-    errors: tuple[str, ...] = (),
+    errors: tuple[str, ...] = (), creates: str | None = None,
 ) -> Callable[[Callable[[web.Request, B], Awaitable[R]]], Handler[R]]:
     """A handler of a JSON body, called with the validated model (an empty body reads as {})."""
-    spec = Endpoint(scope=scope, body=body, reply=reply, status=status, conditional=conditional, errors=errors)
+    spec = Endpoint(scope=scope, body=body, reply=reply, status=status, conditional=conditional, errors=errors,
+                    creates=creates)
 
     def wrap(handler: Callable[[web.Request, B], Awaitable[R]]) -> Handler[R]:
         @functools.wraps(handler)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from backend.appkeys import METRICS, POOL, SETTINGS, SUPERVISOR
 from backend.db import Connection, describe, is_unavailable
-from backend.http.endpoint import endpoint
+from backend.http.endpoint import Header, endpoint
 from backend.http.problems import Problem
 from projections import registry
 from projections.status import status
@@ -25,7 +25,7 @@ async def live(request: web.Request) -> web.Response:
 
 
 @routes.get("/health/ready")
-@endpoint(public=True)
+@endpoint(public=True, errors=("unavailable",))
 async def ready(request: web.Request) -> web.Response:
     """The database answers within the timeout and no background task is stuck (else 503); each
     projection's lag and each background task's state.
@@ -65,7 +65,7 @@ async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:
 
 
 @routes.get("/metrics")
-@endpoint(public=True, content_type="text/plain")
+@endpoint(public=True, content_type="text/plain", headers=(Header("X-Content-Type-Options", "nosniff"),))
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format."""
     return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",

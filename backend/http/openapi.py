@@ -1,7 +1,8 @@
 """GET /openapi.json: the OpenAPI 3.1 document, generated from the router and each handler's declaration
-(backend.http.endpoint): paths and methods as routed, scopes as enforced, bodies and replies as the
-pydantic models that validate them. Built once when the app is created; a route without a declaration
-fails create_app, so nothing can be served undocumented."""
+(backend.http.endpoint): paths and methods as routed, scopes as enforced (the roles of each bearer
+security requirement), bodies and replies as the pydantic models that validate them, each status's
+problem codes as an enum, and the headers each answer carries (required where always sent). Built
+once when the app is created; a route without a declaration fails create_app, so nothing can be served undocumented."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from backend.http.audit import NDJSON
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, SSE, Endpoint, declared, endpoint
-from backend.http.problems import PROBLEM_CONTENT_TYPE
+from backend.http.problems import HTTP_ERROR_CODES, PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
 from backend.streaming import schemas as event_schemas
 
 OPENAPI = web.AppKey("openapi", bytes)
+BEARER = "bearer"
+SSE_SCHEME = "streamToken"
 API_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
 POSITION = {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}
@@ -82,8 +85,12 @@ def document(app: web.Application) -> dict[str, Any]:
         raise LookupError(f"event schemas clash with reply models: {sorted(events.keys() & schemas.keys())}")
     schemas = {**schemas, **events}
     paths: dict[str, dict[str, Any]] = {}
+    codes = set(UNROUTED_CODES)
     for method, path, handler, spec in operations:
         paths.setdefault(path, {})[method] = _operation(method, path, handler, spec, refs)
+        codes.update(*_problem_statuses(method, path, spec).values())
+    code = schemas["Problem"]["properties"]["code"]
+    schemas["Problem"]["properties"]["code"] = {**code, "enum": sorted(codes)}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -97,8 +104,14 @@ def document(app: web.Application) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"apiKey": {"type": "http", "scheme": "bearer",
-                                           "description": "an API key, tly_<key id>_<secret>"}},
+            "securitySchemes": {
+                BEARER: {"type": "http", "scheme": "bearer",
+                         "description": "an API key, tly_<key id>_<secret>; an operation's security requirement "
+                                        "names the scope the key must hold (admin holds every scope)"},
+                SSE_SCHEME: {"type": "apiKey", "in": "query", "name": "access_token",
+                             "description": "streams only: a stream token (POST /v1/stream-tokens), for "
+                                            "EventSource, which cannot send Authorization"},
+            },
         },
     }
 
@@ -136,9 +149,9 @@ def _operation(method: str, path: str, handler: Any, spec: Endpoint, refs: Refs)
     if spec.public:
         operation["security"] = []
     else:
-        operation["security"] = [{"apiKey": []}]
-        if spec.scope:
-            operation["x-required-scope"] = spec.scope
+        operation["security"] = [{BEARER: [spec.scope] if spec.scope else []}]
+        if spec.content_type == SSE:
+            operation["security"].append({SSE_SCHEME: []})
     if spec.body is not None:
         required = bool(spec.body.model_json_schema().get("required"))  # else an empty body reads as {}
         operation["requestBody"] = {"required": required, "content": {
@@ -187,11 +200,49 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
                        "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
                        "description": "recorded in the metadata of the events the command appends "
                                       "(default: the request id)"})
+    if spec.etag:
+        params.append({"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                       "description": "the ETag of the copy the client holds: 304 without a body while it is "
+                                      "current (`*` always)"})
     if spec.conditional:
         params.append({"name": "If-Match", "in": "header", "required": False,
                        "schema": {"type": "string", "pattern": IF_MATCH},
                        "description": "the stream version the command expects, as \"3\" (412 if it moved on)"})
     return params
+
+
+# Problems the HTTP parser answers itself (backend.server.errors), before any middleware: no X-Request-ID.
+PARSER_CODES = frozenset({"bad_request", "request_timeout", "uri_too_long", "header_too_large", "too_many_headers"})
+HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "X-Request-ID": ("the request's id (the client's X-Request-ID if it is valid, else a fresh one), also in "
+                     "problem bodies as request_id and in the server's logs", {"type": "string"}),
+    "X-Position": ("global position of the last event the command appended", {"type": "string", "pattern": "^[0-9]+$"}),
+    "Idempotent-Replayed": ("true: a replay of the first outcome of this Idempotency-Key",
+                            {"type": "string", "enum": ["true"]}),
+    "Location": ("what was created", {"type": "string"}),
+    "X-Projection-Position": ("the read model's checkpoint this answer reflects (wait for a later one with "
+                              "min_position)", {"type": "string", "pattern": "^[0-9]+$"}),
+    "ETag": ('the version, as "3": send it as If-Match to write, as If-None-Match to read (304)',
+             {"type": "string", "pattern": '^"[0-9]+"$'}),
+    "Retry-After": ("seconds to wait before trying again", {"type": "string", "pattern": "^[0-9]+$"}),
+    "WWW-Authenticate": ('Bearer realm="tally" (error="invalid_token" when a key was sent)', {"type": "string"}),
+    "Cache-Control": ("no-cache", {"type": "string"}),
+    "X-Accel-Buffering": ("no: a proxy (nginx) must pass the stream on as it comes",
+                          {"type": "string", "enum": ["no"]}),
+    "X-Stream-Refused": ("on a stream refused for want of room: the problem's code (the body is one `refused` "
+                         "frame, then the end)", {"type": "string", "enum": ["rate_limited", "unavailable"]}),
+}
+UNROUTED_CODES = frozenset({*HTTP_ERROR_CODES.values(), "http_error", "internal_error", "timeout"})
+"""Codes no operation documents: an unknown path or method, a server bug (500), a handler too slow (504)."""
+EXTRA_STATUS = {"unavailable": 503}
+"""Codes an endpoint may declare that neither a domain nor a command error carries."""
+
+
+def _header(name: str, required: bool, description: str | None = None,
+            schema: Mapping[str, object] | None = None) -> dict[str, Any]:
+    known_description, known_schema = HEADERS.get(name, ("", {"type": "string"}))
+    return {"description": description or known_description, "required": required,
+            "schema": dict(schema or known_schema)}
 
 
 def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, Any]:
@@ -206,18 +257,53 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
         else:
             schema = {"type": "object"} if spec.content_type == JSON else {"type": "string"}
         success["content"] = {spec.content_type: {"schema": schema}}
-    if _command(method, spec):
-        success["headers"] = {"X-Position": {"schema": {"type": "integer"},
-                                             "description": "global position of the events appended"}}
-    if spec.status == 201:
-        success.setdefault("headers", {})["Location"] = {"schema": {"type": "string"},
-                                                         "description": "what was created"}
+    success["headers"] = headers = _success_headers(method, spec)
     responses: dict[str, Any] = {str(spec.status): success}
-    problems = _problem_statuses(method, path, spec)
-    problem = {PROBLEM_CONTENT_TYPE: {"schema": refs[(Problem, "serialization")]}}
-    for status, codes in sorted(problems.items()):
-        responses[str(status)] = {"description": "codes: " + ", ".join(codes), "content": problem}
+    if spec.etag:
+        responses["304"] = {"description": "Not Modified: If-None-Match names the current version (no body)",
+                            "headers": {name: headers[name] for name in
+                                        ("X-Request-ID", "ETag", "X-Projection-Position") if name in headers}}
+    problem = refs[(Problem, "serialization")]
+    for status, codes in sorted(_problem_statuses(method, path, spec).items()):
+        schema = {"allOf": [problem, {"properties": {"code": {"enum": codes}}}]}
+        responses[str(status)] = {"description": "codes: " + ", ".join(codes),
+                                  "headers": _problem_headers(status, codes, method, spec),
+                                  "content": {PROBLEM_CONTENT_TYPE: {"schema": schema}}}
     return responses
+
+
+def _success_headers(method: str, spec: Endpoint) -> dict[str, Any]:
+    headers = {"X-Request-ID": _header("X-Request-ID", True)}
+    if _command(method, spec):
+        headers["X-Position"] = _header("X-Position", True)
+        headers["Idempotent-Replayed"] = _header("Idempotent-Replayed", False)
+    if spec.creates is not None:
+        headers["Location"] = _header("Location", True, f"what was created: {spec.creates}")
+    if spec.reads_model:
+        headers["X-Projection-Position"] = _header("X-Projection-Position", True)
+    if spec.etag:
+        headers["ETag"] = _header("ETag", True)
+    if spec.content_type == SSE:
+        headers["Cache-Control"] = _header("Cache-Control", True)
+        headers["X-Accel-Buffering"] = _header("X-Accel-Buffering", False)
+        headers["X-Stream-Refused"] = _header("X-Stream-Refused", False)
+        headers["Retry-After"] = _header("Retry-After", False, "on a refused stream: seconds before coming back")
+    for extra in spec.headers:
+        headers[extra.name] = _header(extra.name, extra.required, extra.description, extra.schema)
+    return headers
+
+
+def _problem_headers(status: int, codes: list[str], method: str, spec: Endpoint) -> dict[str, Any]:
+    headers = {"X-Request-ID": _header("X-Request-ID", not PARSER_CODES & set(codes))}
+    if status == 401:
+        headers["WWW-Authenticate"] = _header("WWW-Authenticate", True)
+    if status in (429, 503):
+        headers["Retry-After"] = _header("Retry-After", True)
+    if spec.reads_model and status in (404, 503):
+        headers["X-Projection-Position"] = _header("X-Projection-Position", False)
+    if _command(method, spec) and any(code in DOMAIN_STATUS for code in codes):
+        headers["Idempotent-Replayed"] = _header("Idempotent-Replayed", False)
+    return headers
 
 
 def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[str]]:
@@ -251,7 +337,7 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
         add(409, "wrong_expected_version", "idempotency_in_flight")
         add(422, "idempotency_conflict")
     for code in spec.errors:
-        add(DOMAIN_STATUS.get(code) or COMMAND_STATUS[code], code)
+        add(DOMAIN_STATUS.get(code) or COMMAND_STATUS.get(code) or EXTRA_STATUS[code], code)
     if spec.conditional:
         add(412, "precondition_failed")
     return statuses

@@ -76,11 +76,23 @@ async def reach(request: web.Request, projection: str) -> None:
 
 def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None
            ) -> web.Response:
-    """body as the endpoint's reply model, with the checkpoint it reflects (and its ETag, if versioned)."""
+    """body as the endpoint's reply model, with the checkpoint it reflects; if versioned, its ETag, and
+    304 without a body when If-None-Match names that version (the client's copy is current)."""
     headers = {POSITION_HEADER: str(checkpoint)}
     if version is not None:
-        headers["ETag"] = f'"{version}"'
+        headers["ETag"] = etag = f'"{version}"'
+        if none_match(request.headers.get("If-None-Match"), etag):
+            return web.Response(status=304, headers=headers)
     return web.Response(body=render(reply_model(request), body), content_type=JSON, headers=headers)
+
+
+def none_match(header: str | None, etag: str) -> bool:
+    """Whether If-None-Match matches etag: `*`, or any tag of the list by weak comparison (RFC 9110
+    13.1.2: W/"3" matches "3"). A malformed header matches nothing, so the answer is a full 200."""
+    if header is None:
+        return False
+    tags = [tag.strip() for tag in header.split(",")]
+    return "*" in tags or etag in (tag.removeprefix("W/") for tag in tags)
 
 
 def not_found(what: str, checkpoint: int) -> Problem:
@@ -94,8 +106,16 @@ def forbidden(what: str) -> Problem:
 # ---------------------------------------------------------------- wallets
 
 
+def page_params(what: str) -> tuple[Param, Param]:
+    """`cursor` and `limit`, as every list endpoint names them."""
+    return (Param("cursor", "next_cursor of the previous page (absent: the first page)"),
+            Param("limit", f"{what} per page", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
+                                                "default": DEFAULT_LIMIT}))
+
+
+
 @routes.get("/v1/wallets/{wallet_id}")
-@endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True)
+@endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True, etag=True)
 async def get_wallet(request: web.Request) -> web.Response:
     """A wallet with its open locks and reservations (ETag: its version)."""
     actor = request[ACTOR]
@@ -112,9 +132,7 @@ async def get_wallet(request: web.Request) -> web.Response:
 @routes.get("/v1/wallets")
 @endpoint(scope="wallets:read", reply=replies.WalletPage, reads_model=True, params=(
     Param("owner", "this owner's wallets (default: the key's owner; every owner's for admin keys)"),
-    Param("cursor", "next_cursor of the previous page"),
-    Param("limit", "wallets per page", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT,
-                                        "default": DEFAULT_LIMIT}),
+    *page_params("wallets"),
 ))
 async def list_wallets(request: web.Request) -> web.Response:
     """Page through wallets in wallet_id order."""
@@ -127,11 +145,17 @@ async def list_wallets(request: web.Request) -> web.Response:
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
     await reach(request, balances.Balances.name)
-    checkpoint, page = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
-    more = len(page) > limit
-    page = page[:limit]
-    cursor = encode_cursor(UUID(page[-1]["wallet_id"])) if more else None
-    return answer(request, {"wallets": page, "next_cursor": cursor}, checkpoint)
+    checkpoint, found = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
+    return answer(request, page_of(found, limit, "wallet_id"), checkpoint)
+
+
+def page_of(found: list[dict[str, Any]], limit: int, id_field: str) -> dict[str, Any]:
+    """The list answer of up to limit + 1 rows read in id order: the first `limit` of them, and the cursor
+    of the last when there was one more."""
+    more = len(found) > limit
+    data = found[:limit]
+    return {"data": data, "has_more": more,
+            "next_cursor": encode_cursor(UUID(str(data[-1][id_field]))) if more else None}
 
 
 def page_limit(request: web.Request) -> int:
@@ -142,7 +166,7 @@ def page_limit(request: web.Request) -> int:
 
 
 def encode_cursor(last: UUID) -> str:
-    """Opaque to clients: the last wallet id of the page (keyset pagination by wallet_id)."""
+    """Opaque to clients: the last id of the page (keyset pagination)."""
     return base64.urlsafe_b64encode(last.bytes).decode().rstrip("=")
 
 
@@ -175,7 +199,7 @@ async def get_reservation(request: web.Request) -> web.Response:
 
 
 @routes.get("/v1/deposits/{deposit_id}")
-@endpoint(scope="wallets:read", reply=replies.Deposit, reads_model=True)
+@endpoint(scope="wallets:read", reply=replies.Deposit, reads_model=True, etag=True)
 async def get_deposit(request: web.Request) -> web.Response:
     """A deposit of one of the key's owner's wallets (ETag: its version)."""
     actor = request[ACTOR]

@@ -84,9 +84,16 @@ class WalletDetail(Wallet):
     reservations: list[OpenReservation]
 
 
-class WalletPage(Reply):
-    wallets: list[Wallet]
+class Page(Reply):
+    """Every list answer: `data`, `has_more` and `next_cursor` (pass it as ?cursor= for the next page),
+    plus what a list adds (a log page's `head`)."""
+
+    has_more: bool = Field(description="true when a next page may hold more: fetch it with next_cursor")
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class WalletPage(Page):
+    data: list[Wallet]
 
 
 class Reservation(Reply):
@@ -150,8 +157,8 @@ class CreatedApiKey(ApiKeyWrite):
     )
 
 
-class ApiKeyList(Reply):
-    keys: list[ApiKey]
+class ApiKeyPage(Page):
+    data: list[ApiKey]
 
 
 class CurrencyStats(Reply):
@@ -205,18 +212,24 @@ class RecordedEvent(Reply):
     hash: str = Field(description="hex SHA-256 chaining this event to its stream's previous one")
 
 
-class EventPage(Reply):
-    events: list[RecordedEvent]
-    next: int = Field(description="pass as ?after= for the next page")
-    has_more: bool
+LogCursor = Annotated[str, Field(
+    pattern="^[0-9]{1,19}$",
+    description="pass as ?cursor= for the next page; never null: on the last page it is where to poll from "
+                "later (the page's last position or version, or the head the page was read at)")]
+
+
+class EventPage(Page):
+    data: list[RecordedEvent]
+    next_cursor: LogCursor
+    has_more: bool = Field(description="true when the page was full")
     head: int = Field(description="the log's highest position when the page was read")
 
 
-class StreamPage(Reply):
-    events: list[RecordedEvent]
+class StreamPage(Page):
+    data: list[RecordedEvent]
     stream_id: str
-    next: int = Field(description="pass as ?after_version= for the next page")
-    has_more: bool
+    next_cursor: LogCursor
+    has_more: bool = Field(description="true when the page was full")
 
 
 class WalletState(Wallet):

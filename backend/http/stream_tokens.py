@@ -14,7 +14,7 @@ from aiohttp import web
 
 from backend.http import replies
 from backend.http.auth import ACTOR
-from backend.http.endpoint import JSON, endpoint, reply_model
+from backend.http.endpoint import JSON, Header, endpoint, reply_model
 from backend.http.signed_tokens import STREAM_TOKENS
 
 routes = web.RouteTableDef()
@@ -22,7 +22,8 @@ routes = web.RouteTableDef()
 
 @routes.post("/v1/stream-tokens")
 @endpoint(reply=replies.StreamToken, access="any API key; the token opens streams with that key's owner and "
-          "scopes, as ?access_token=, until expires_at, and is refused everywhere else")
+          "scopes, as ?access_token=, until expires_at, and is refused everywhere else",
+          headers=(Header("Cache-Control", "no-store: the token is a credential"),))
 async def create_stream_token(request: web.Request) -> web.Response:
     """A short-lived token for EventSource URLs, so that no long-lived API key travels in a URL."""
     tokens = request.app[STREAM_TOKENS]

@@ -37,7 +37,8 @@ def path_uuid(request: web.Request, name: str) -> UUID:
 
 
 @routes.post("/v1/wallets")
-@command(models.OpenWallet, scope="wallets:write", reply=replies.WalletWrite, status=201, conditional=False)
+@command(models.OpenWallet, scope="wallets:write", reply=replies.WalletWrite, status=201, conditional=False,
+         creates="/v1/wallets/{wallet_id}")
 async def open_wallet(request: web.Request, body: models.OpenWallet) -> web.Response:
     """Open a wallet for an owner in a currency, with nothing in it."""
     wallet_id = uuid4()
@@ -47,7 +48,7 @@ async def open_wallet(request: web.Request, body: models.OpenWallet) -> web.Resp
         return await wallets.open_wallet(repo, ctx, wallet_id, body.owner, body.currency)
 
     response = await run_command(request, [wallet_stream(wallet_id)], decide)
-    return locate_created(response, "/v1/wallets", "wallet_id")
+    return locate_created(request, response)
 
 
 WalletCommand = Callable[[Repository, CommandContext, UUID, int | None], Awaitable[Decision]]
@@ -116,12 +117,12 @@ async def settle(request: web.Request, body: models.Settle) -> web.Response:
 
 @routes.post("/v1/wallets/{wallet_id}/reservations")
 @command(models.Reserve, scope="wallets:write", reply=replies.ReserveWrite, status=201,
-         errors=("insufficient_funds",))
+         errors=("insufficient_funds",), creates="/v1/reservations/{reservation_id}")
 async def reserve(request: web.Request, body: models.Reserve) -> web.Response:
     """Reserve credit until expires_at; confirm or roll it back before then, or it expires."""
     reservation_id = uuid4()
-    return await on_wallet(request, lambda repo, ctx, wid, v: wallets.reserve(
-        repo, ctx, wid, body.amount, body.ttl_seconds, v, reservation_id))
+    return locate_created(request, await on_wallet(request, lambda repo, ctx, wid, v: wallets.reserve(
+        repo, ctx, wid, body.amount, body.ttl_seconds, v, reservation_id)))
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations/{reservation_id}/confirm")

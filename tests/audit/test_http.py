@@ -86,13 +86,13 @@ async def test_paging_is_stable_while_appends_continue(client: TestClient, audit
     async with asyncio.timeout(60):
         while True:
             finished = done.is_set()
-            page = await auditor.get("/v1/events", {"after": cursor, "limit": 7, "stream_prefix": prefix})
-            positions = [e["position"] for e in page["events"]]
+            page = await auditor.get("/v1/events", {"cursor": cursor, "limit": 7, "stream_prefix": prefix})
+            positions = [e["position"] for e in page["data"]]
             assert positions == sorted(positions) and all(p > cursor for p in positions)
-            assert all(e["stream_id"].startswith(prefix) for e in page["events"])
-            assert page["next"] >= cursor and page["head"] >= page["next"]
+            assert all(e["stream_id"].startswith(prefix) for e in page["data"])
+            assert int(page["next_cursor"]) >= cursor and page["head"] >= int(page["next_cursor"])
             seen.extend(positions)
-            cursor = page["next"]
+            cursor = int(page["next_cursor"])
             pages_while_appending += not finished
             if finished and not page["has_more"]:
                 break
@@ -106,28 +106,28 @@ async def test_filters_by_type_and_recorded_time(client: TestClient, auditor: Au
     prefix, streams = probe_streams(2)
     for n in range(6):  # one append per call: each gets its own, later recorded_at
         await store.append([Write(streams[n % 2], ANY, [NewEvent("AuditProbe" if n % 3 else "AuditOther", {"n": n})])])
-    everything = (await auditor.get("/v1/events", {"stream_prefix": prefix}))["events"]
+    everything = (await auditor.get("/v1/events", {"stream_prefix": prefix}))["data"]
     assert [e["data"]["n"] for e in everything] == list(range(6))
 
     others = await auditor.get("/v1/events", {"stream_prefix": prefix, "types": "AuditOther,Nothing"})
-    assert [e["data"]["n"] for e in others["events"]] == [0, 3]
+    assert [e["data"]["n"] for e in others["data"]] == [0, 3]
 
     middle = everything[3]["recorded_at"]
     later = await auditor.get("/v1/events", {"stream_prefix": prefix, "from_time": middle})
-    assert [e["data"]["n"] for e in later["events"]] == [3, 4, 5]
+    assert [e["data"]["n"] for e in later["data"]] == [3, 4, 5]
     earlier = await auditor.get("/v1/events", {"stream_prefix": prefix, "to_time": middle})
-    assert [e["data"]["n"] for e in earlier["events"]] == [0, 1, 2]
-    assert earlier["next"] == everything[2]["position"] and not earlier["has_more"]
+    assert [e["data"]["n"] for e in earlier["data"]] == [0, 1, 2]
+    assert earlier["next_cursor"] == str(everything[2]["position"]) and not earlier["has_more"]
     window = await auditor.get("/v1/events", {"stream_prefix": prefix, "from_time": everything[1]["recorded_at"],
                                               "to_time": middle, "types": "AuditProbe"})
-    assert [e["data"]["n"] for e in window["events"]] == [1, 2]
+    assert [e["data"]["n"] for e in window["data"]] == [1, 2]
 
 
 async def test_event_shape(client: TestClient, auditor: Auditor) -> None:
     store = client.server.app[STORE]
     _, (stream,) = probe_streams(1)
     await store.append([Write(stream, ANY, [NewEvent("AuditProbe", {"b": 1, "a": "é"}, {"actor": "x"})])])
-    (event,) = (await auditor.get(f"/v1/streams/{stream}/events"))["events"]
+    (event,) = (await auditor.get(f"/v1/streams/{stream}/events"))["data"]
     assert list(event) == ["position", "stream_id", "version", "type", "data", "metadata", "event_id",
                            "recorded_at", "hash"]
     assert event["data"] == {"a": "é", "b": 1} and event["metadata"] == {"actor": "x"}
@@ -138,8 +138,8 @@ async def test_event_shape(client: TestClient, auditor: Auditor) -> None:
 @pytest.mark.parametrize(("params", "field"), [
     ({"limit": 0}, "limit"),
     ({"limit": 1001}, "limit"),
-    ({"after": -1}, "after"),
-    ({"after": "abc"}, "after"),
+    ({"cursor": -1}, "cursor"),
+    ({"cursor": "abc"}, "cursor"),
     ({"from_time": "2026-01-01T00:00:00"}, "from_time"),
     ({"to_time": "yesterday"}, "to_time"),
     ({"to_time": "0.5"}, "to_time"),  # pydantic alone would read digits as a Unix time
@@ -153,8 +153,8 @@ async def test_bad_log_queries_name_the_parameter(auditor: Auditor, params: dict
 
 
 async def test_a_repeated_parameter_is_rejected(auditor: Auditor) -> None:
-    body = await auditor.get("/v1/events?after=1&after=2", status=400)
-    assert body["errors"][0]["field"] == "after"
+    body = await auditor.get("/v1/events?cursor=1&cursor=2", status=400)
+    assert body["errors"][0]["field"] == "cursor"
 
 
 async def test_audit_scope_is_required(client: TestClient, auditor: Auditor) -> None:
@@ -173,15 +173,15 @@ async def test_audit_scope_is_required(client: TestClient, auditor: Auditor) -> 
 async def test_stream_history_pages_by_version(client: TestClient, auditor: Auditor) -> None:
     _, (stream,) = probe_streams(1)
     await client.server.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": n}) for n in range(5)])])
-    page = await auditor.get(f"/v1/streams/{stream}/events", {"after_version": 1, "limit": 2})
-    assert [e["version"] for e in page["events"]] == [2, 3]
-    assert (page["stream_id"], page["next"], page["has_more"]) == (stream, 3, True)
-    rest = await auditor.get(f"/v1/streams/{stream}/events", {"after_version": page["next"]})
-    assert [e["version"] for e in rest["events"]] == [4, 5] and not rest["has_more"]
-    empty = await auditor.get(f"/v1/streams/{stream}/events", {"after_version": 9})
-    assert empty["events"] == [] and empty["next"] == 9
+    page = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 1, "limit": 2})
+    assert [e["version"] for e in page["data"]] == [2, 3]
+    assert (page["stream_id"], page["next_cursor"], page["has_more"]) == (stream, "3", True)
+    rest = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": page["next_cursor"]})
+    assert [e["version"] for e in rest["data"]] == [4, 5] and not rest["has_more"]
+    empty = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 9})
+    assert empty["data"] == [] and empty["next_cursor"] == "9"
     await auditor.get(f"/v1/streams/auditprobe-{uuid.uuid4().hex}/events", status=404)
-    await auditor.invalid(f"/v1/streams/{stream}/events", {"after_version": -1}, "after_version")
+    await auditor.invalid(f"/v1/streams/{stream}/events", {"cursor": -1}, "cursor")
 
 
 # ---------------------------------------------------------------- export
@@ -206,10 +206,10 @@ async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client:
     await verify(read_export(io.BytesIO(body)), report, contiguous=True)
     assert report.ok and report.first_position == after + 1 and report.last_position == to
 
-    page = await auditor.get("/v1/events", {"after": after, "limit": 5})
-    assert [e["position"] for e in page["events"]] == list(range(after + 1, after + 6))
+    page = await auditor.get("/v1/events", {"cursor": after, "limit": 5})
+    assert [e["position"] for e in page["data"]] == list(range(after + 1, after + 6))
     exported = [orjson.loads(line) for line in lines[:5]]
-    assert exported == page["events"]
+    assert exported == page["data"]
 
     bounded = await client.get("/v1/events/export", params={"after": after, "to": after + 2},
                                headers=auditor.headers)
@@ -238,7 +238,7 @@ async def test_wallet_state_at_a_position_and_at_a_time(admin: Auditor, auditor:
     assert (await auditor.get(path, {"at_position": opened["position"]}))["balance"] == 0
     await auditor.get(path, {"at_position": opened["position"] - 1}, status=404)
 
-    history = (await auditor.get(f"/v1/streams/wallet-{wid}/events"))["events"]
+    history = (await auditor.get(f"/v1/streams/wallet-{wid}/events"))["data"]
     credit_time = datetime.fromisoformat(history[1]["recorded_at"])
     by_time = await auditor.get(path, {"as_of": history[1]["recorded_at"]})
     assert (by_time["balance"], by_time["version"], by_time["position"]) == (500, 2, credited["position"])

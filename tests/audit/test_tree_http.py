@@ -120,16 +120,17 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
     assert default["tree_size"] == size
 
     page = await auditor.get("/v1/audit/checkpoints", {"limit": 1})
-    assert [c["id"] for c in page["checkpoints"]] == [latest["id"]] or page["checkpoints"][0]["id"] > latest["id"]
+    assert [c["id"] for c in page["data"]] == [latest["id"]] or page["data"][0]["id"] > latest["id"]
     everything: list[int] = []
-    before: int | None = None
+    cursor: str | None = None
     while True:
-        params = {"limit": 2, **({"before": before} if before else {})}
+        params = {"limit": 2, **({"cursor": cursor} if cursor else {})}
         page = await auditor.get("/v1/audit/checkpoints", params)
-        everything += [c["id"] for c in page["checkpoints"]]
-        if page["next"] is None:
+        everything += [c["id"] for c in page["data"]]
+        assert page["has_more"] == (page["next_cursor"] is not None)
+        if page["next_cursor"] is None:
             break
-        before = page["next"]
+        cursor = page["next_cursor"]
     assert everything == sorted(everything, reverse=True) and first["id"] in everything
 
     # bad requests change nothing and say which parameter
@@ -140,7 +141,7 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
         ("/v1/audit/proofs/consistency", {"first": 3, "second": 2}, "first"),
         ("/v1/audit/proofs/consistency", {"first": 1, "second": size + 1000}, "second"),
         ("/v1/audit/checkpoints", {"limit": 0}, "limit"),
-        ("/v1/audit/checkpoints", {"before": 2**63}, "before"),
+        ("/v1/audit/checkpoints", {"cursor": 2**63}, "cursor"),
     ):
         problem = await auditor.get(path, params, status=400)
         assert problem["code"] == "validation_error" and problem["field"] == field, problem
@@ -170,7 +171,7 @@ async def test_without_a_key_nothing_is_signed_and_the_endpoints_say_so(
         assert problem["code"] == "signing_not_configured" and "AUDIT_SIGNING_KEY_FILE" in problem["detail"]
     problem = await admin.call("POST", "/v1/audit/checkpoints", status=404)
     assert problem["code"] == "signing_not_configured"
-    assert (await admin.get("/v1/audit/checkpoints"))["checkpoints"] == []
+    assert (await admin.get("/v1/audit/checkpoints"))["data"] == []
     await append(client, streams=2, rounds=2)
     leaves = await log_leaves(own_database_url)
     tree = await folded_to(admin, len(leaves))

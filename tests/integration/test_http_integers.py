@@ -30,9 +30,9 @@ FIELDS = [
     ("GET", "/v1/streams/events", "header", "Last-Event-ID"),
     ("GET", "/v1/streams/wallets/{wallet}", "query", "after"),
     ("POST", "/v1/wallets/{wallet}/credits", "header", "If-Match"),
-    ("GET", "/v1/events", "query", "after"),
+    ("GET", "/v1/events", "query", "cursor"),
     ("GET", "/v1/events", "query", "limit"),
-    ("GET", "/v1/streams/wallet-{wallet}/events", "query", "after_version"),
+    ("GET", "/v1/streams/wallet-{wallet}/events", "query", "cursor"),
     ("GET", "/v1/events/export", "query", "to"),
     ("GET", "/v1/wallets/{wallet}/state", "query", "at_position"),
 ]

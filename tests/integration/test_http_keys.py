@@ -95,9 +95,9 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     assert int(response.headers["X-Projection-Position"]) >= bob["position"]
     assert secret not in listing and secret.split("_", 2)[2] not in listing  # tly_<key id>_<secret>
     assert hash_secret(secret) not in listing
-    keys = (await response.json())["keys"]
+    keys = (await response.json())["data"]
     assert all("secret" not in key and "secret_hash" not in key for key in keys)
-    alice_only = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200))["keys"]
+    alice_only = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200))["data"]
     assert [key["key_id"] for key in alice_only] == [created["key_id"]]
     assert set(alice_only[0]) >= {"key_id", "owner", "name", "scopes", "created_at", "expires_at", "revoked"}
     assert alice_only[0]["revoked"] is False and alice_only[0]["version"] == created["version"] == 1
@@ -112,7 +112,7 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     assert revoked.status == 204
     assert await probe(client, secret) == 401  # the very next request
     after = (await call(client, "GET", f"/v1/api-keys?owner={alice}", admin_token, status=200,
-                        headers={"X-Min-Position": revoked.headers["X-Position"]}))["keys"]
+                        headers={"X-Min-Position": revoked.headers["X-Position"]}))["data"]
     assert after[0]["revoked"] is True and after[0]["revoked_at"] is not None and after[0]["version"] == 2
 
     again = await call(client, "DELETE", f"/v1/api-keys/{created['key_id']}", admin_token, status=409)
@@ -121,6 +121,28 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     assert missing["code"] == "not_found"
     malformed = await call(client, "DELETE", "/v1/api-keys/not-a-uuid", admin_token, status=404)
     assert malformed["code"] == "not_found"
+
+
+async def test_the_listing_pages_with_cursor_and_limit(client: TestClient, admin_token: str) -> None:
+    """GET /v1/api-keys pages like every list: {data, has_more, next_cursor}, oldest first, each key once."""
+    owner = unique("paged")
+    made = [await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=new_key_body(owner))
+            for _ in range(5)]
+    seen: list[str] = []
+    cursor: str | None = None
+    while True:
+        params = f"owner={owner}&limit=2&min_position={made[-1]['position']}" + (f"&cursor={cursor}" if cursor else "")
+        page = await call(client, "GET", f"/v1/api-keys?{params}", admin_token, status=200)
+        assert set(page) == {"data", "has_more", "next_cursor"} and len(page["data"]) <= 2
+        seen += [key["key_id"] for key in page["data"]]
+        cursor = page["next_cursor"]
+        assert page["has_more"] == (cursor is not None)
+        if cursor is None:
+            break
+    assert seen == [key["key_id"] for key in made]
+    for bad in ("limit=0", "limit=501", "cursor=%%%"):
+        problem = await call(client, "GET", f"/v1/api-keys?{bad}", admin_token, status=400)
+        assert problem["code"] == "validation_error"
 
 
 async def test_created_key_works_and_expires_at_is_kept(client: TestClient, admin_token: str) -> None:
@@ -147,7 +169,7 @@ async def test_secret_is_not_replayed_for_an_idempotency_key(client: TestClient,
     assert replayed == {k: v for k, v in created.items() if k != "secret"}
     assert created["secret"] not in await second.text()
     owned = (await call(client, "GET", f"/v1/api-keys?owner={owner}&min_position={created['position']}",
-                        admin_token, status=200))["keys"]
+                        admin_token, status=200))["data"]
     assert [key["key_id"] for key in owned] == [created["key_id"]]  # one key, not two
 
 

@@ -43,6 +43,7 @@ REQUIRED_SCOPES = {
     ("get", "/v1/deposits/{deposit_id}"): "wallets:read",
     ("post", "/v1/api-keys"): "admin",
     ("get", "/v1/api-keys"): "admin",
+    ("get", "/v1/api-keys/{key_id}"): "admin",
     ("delete", "/v1/api-keys/{key_id}"): "admin",
     ("get", "/v1/stats"): "wallets:read",
     ("get", "/v1/projections"): "admin",
@@ -94,7 +95,8 @@ class Conformance:
         schema = {**content["schema"], "components": self.doc["components"]}
         errors = sorted(Draft202012Validator(schema).iter_errors(body), key=str)
         assert not errors, f"{method} {path} {status}: {[e.message for e in errors]}"
-        self.checked.add(content["schema"].get("$ref", "").rpartition("/")[2])
+        schema = content["schema"].get("allOf", [content["schema"]])[0]  # a problem: allOf [Problem, its codes]
+        self.checked.add(schema.get("$ref", "").rpartition("/")[2])
 
     async def call(self, client: TestClient, method: str, template: str, path: str, token: str, *,
                    status: int, body: Any = None, params: dict[str, str] | None = None,
@@ -113,8 +115,9 @@ class Conformance:
 async def test_the_document_is_public_and_valid_openapi_3_1(client: TestClient, doc: dict[str, Any]) -> None:
     validate_openapi(doc)
     assert doc["openapi"].startswith("3.1")
-    assert doc["components"]["securitySchemes"]["apiKey"] == {
-        "type": "http", "scheme": "bearer", "description": "an API key, tly_<key id>_<secret>"}
+    schemes = doc["components"]["securitySchemes"]
+    assert (schemes["bearer"]["type"], schemes["bearer"]["scheme"]) == ("http", "bearer")
+    assert (schemes["streamToken"]["in"], schemes["streamToken"]["name"]) == ("query", "access_token")
     assert len({op["operationId"] for op in operations(doc).values()}) == len(operations(doc))
 
 
@@ -126,12 +129,23 @@ async def test_every_route_is_documented_and_every_operation_routed(
     assert set(operations(doc)) == routed
 
 
+def required_scope(op: dict[str, Any]) -> str | None:
+    """The scope an operation's bearer security requirement names (OpenAPI 3.1: roles of any scheme)."""
+    scopes = [scope for requirement in op["security"] for scope in requirement.get("bearer", [])]
+    assert len(scopes) <= 1, op["security"]
+    return scopes[0] if scopes else None
+
+
 async def test_scopes_are_the_design_contract(doc: dict[str, Any]) -> None:
     ops = operations(doc)
-    documented = {key: op["x-required-scope"] for key, op in ops.items() if "x-required-scope" in op}
+    documented = {key: scope for key, op in ops.items() if (scope := required_scope(op)) is not None}
     assert documented == REQUIRED_SCOPES
+    assert not any(name.startswith("x-") for op in ops.values() for name in op)
     for (_, path), op in ops.items():
         assert (op["security"] == []) == (path in PUBLIC), path
+        streams = path in ("/v1/streams/events", "/v1/streams/dashboard", "/v1/streams/wallets/{wallet_id}")
+        assert {name for requirement in op["security"] for name in requirement} == (
+            set() if path in PUBLIC else {"bearer", "streamToken"} if streams else {"bearer"}), path
     for path in ("/v1/streams/events", "/v1/streams/dashboard", "/v1/streams/wallets/{wallet_id}"):
         assert "audit:read" in ops[("get", path)]["description"]
 
@@ -143,7 +157,7 @@ async def test_each_documented_scope_is_enforced_before_anything_else(
     refused and ids that do not exist; a key holding just that scope gets past the check."""
     app = client.server.app
     for (method, path), op in operations(doc).items():
-        scope = op.get("x-required-scope")
+        scope = required_scope(op)
         if scope is None:
             continue
         others = sorted(SCOPES - {scope, "admin"})
@@ -195,7 +209,7 @@ async def test_request_schemas_are_the_validating_models(doc: dict[str, Any]) ->
     assert {"reservation_expired", "reservation_not_open"} <= set(
         confirm["responses"]["409"]["description"].removeprefix("codes: ").split(", "))
     events = operations(doc)[("get", "/v1/events")]
-    assert [p["name"] for p in events["parameters"]] == ["after", "limit", "types", "stream_prefix", "from_time",
+    assert [p["name"] for p in events["parameters"]] == ["cursor", "limit", "types", "stream_prefix", "from_time",
                                                         "to_time"]
 
 
@@ -270,7 +284,7 @@ async def test_answers_match_the_documented_schemas(client: TestClient, doc: dic
     await c.call(client, "get", "/v1/projections", "/v1/projections", admin, status=200)
     auditor = await mint_token(app, owner, ["audit:read"])
     await c.call(client, "get", "/v1/events", "/v1/events", auditor, status=200,
-                 params={"after": str(max(0, payer["position"] - 1)), "limit": "50"})
+                 params={"cursor": str(max(0, payer["position"] - 1)), "limit": "50"})
     await c.call(client, "get", "/v1/streams/{stream_id}/events", f"/v1/streams/{wallet_stream(uuid.UUID(wid))}"
                  "/events", auditor, status=200)
     await c.call(client, "get", wallet_path("/state"), f"/v1/wallets/{wid}/state", auditor, status=200,
@@ -286,7 +300,7 @@ async def test_answers_match_the_documented_schemas(client: TestClient, doc: dic
 
     assert c.checked >= {
         "WalletWrite", "LockWrite", "SettleWrite", "ReserveWrite", "ReservationWrite", "DepositWrite",
-        "CreatedApiKey", "WalletDetail", "WalletPage", "Reservation", "Deposit", "ApiKeyList", "Stats",
+        "CreatedApiKey", "WalletDetail", "WalletPage", "Reservation", "Deposit", "ApiKeyPage", "Stats",
         "Projections", "EventPage", "StreamPage", "WalletState", "VerifyReport", "RecordedEvent", "Problem"}
 
 

@@ -135,21 +135,22 @@ async def test_wallet_pages_by_owner_with_a_cursor(live: tuple[TestClient, Api])
         query = f"/v1/wallets?limit=3&min_position={last['position']}" + (f"&cursor={cursor}" if cursor else "")
         body, _ = await alice.get(query)
         pages += 1
-        seen += [w["wallet_id"] for w in body["wallets"]]
-        assert all(set(w) == WALLET_FIELDS and w["owner"] == "alice" for w in body["wallets"])
+        seen += [w["wallet_id"] for w in body["data"]]
+        assert all(set(w) == WALLET_FIELDS and w["owner"] == "alice" for w in body["data"])
         cursor = body["next_cursor"]
+        assert body["has_more"] == (cursor is not None)
         if cursor is None:
             break
     assert (seen, pages) == (mine, 3)
 
     everyone, _ = await admin.get("/v1/wallets?limit=500")
-    assert set(mine) | {last["wallet_id"]} <= {w["wallet_id"] for w in everyone["wallets"]}
+    assert set(mine) | {last["wallet_id"]} <= {w["wallet_id"] for w in everyone["data"]}
     only_bob, _ = await admin.get("/v1/wallets?owner=bob")
-    assert [w["wallet_id"] for w in only_bob["wallets"]] == [last["wallet_id"]]
+    assert [w["wallet_id"] for w in only_bob["data"]] == [last["wallet_id"]]
     problem, _ = await alice.get("/v1/wallets?owner=bob", 403)
     assert problem["code"] == "forbidden"
     mine_again, _ = await alice.get("/v1/wallets?owner=&cursor=&limit=500")  # empty parameters are absent
-    assert [w["wallet_id"] for w in mine_again["wallets"]] == mine
+    assert [w["wallet_id"] for w in mine_again["data"]] == mine
     for bad in ("limit=0", "limit=501", "limit=x", "cursor=%%%"):
         problem, _ = await alice.get(f"/v1/wallets?{bad}", 400)
         assert problem["code"] == "validation_error"

@@ -49,7 +49,7 @@ async def test_cli_bootstraps_a_working_admin_key(client: TestClient, database_u
     assert made.status == 201, await made.text()
     after = (await made.json())["position"]  # listings come from the read model: wait for it to see both keys
     listed = await client.get(f"/v1/api-keys?owner={owner}&min_position={after}", headers=bearer(token))
-    keys = (await listed.json())["keys"]
+    keys = (await listed.json())["data"]
     assert [(k["key_id"], k["name"], k["scopes"], k["revoked"]) for k in keys] == [
         (key_id, "bootstrap", ["admin"], False)]
 
@@ -89,4 +89,4 @@ async def test_cli_rejects_bad_input(client: TestClient, database_url: str) -> N
     token = await mint_token(client.server.app, "x", ["admin"])
     head = await client.server.app[REPOSITORY].store.head()  # listings come from the read model: wait for it
     listed = await client.get(f"/v1/api-keys?owner=x&min_position={head}", headers=bearer(token))
-    assert [k["name"] for k in (await listed.json())["keys"]] == ["test key of x"]
+    assert [k["name"] for k in (await listed.json())["data"]] == ["test key of x"]
