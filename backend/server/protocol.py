@@ -48,9 +48,13 @@ class ProtocolOptions:
 STOCK = ProtocolOptions(graceful_drain=False, header_read_timeout_s=0, parser_error_problems=False)
 
 
+LINGER_S = 2.0
+"""How long a connection cut off for a slow head stays half-closed before it is closed."""
+
+
 class TallyRequestHandler(RequestHandler):
     __slots__ = ("_closed", "_drain_deadline", "_draining", "_head_bytes", "_head_since", "_head_timer",
-                 "_idle_timer", "_last_payload", "_options")
+                 "_idle_timer", "_last_payload", "_lingering", "_options")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, options: ProtocolOptions,
                  **kwargs: Any) -> None:
@@ -67,6 +71,7 @@ class TallyRequestHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._last_payload: Any = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
 
     # ------------------------------------------------------------------ connection and head reading
 
@@ -86,6 +91,8 @@ class TallyRequestHandler(RequestHandler):
             self._closed.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # answered and half-closed: what the client still sends is discarded
         if data and not self._head_bytes and self._between_messages():
             self._head_bytes = True  # these bytes begin a request head
             if self._head_since is None and self._options.header_read_timeout_s > 0:
@@ -125,7 +132,20 @@ class TallyRequestHandler(RequestHandler):
         log.info("closed a connection whose request head did not arrive in time",
                  extra={"remote": _peer(self.transport), "timeout_s": timeout})
         self.transport.write(head_timeout_response(timeout))
-        self.force_close()
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Half-close after the answer, discard what the client still sends, and close a moment later
+        (a lingering close, as nginx and Apache do): closing at once while a slow client keeps sending
+        makes the kernel answer its next bytes with a reset, which can destroy the 408 before the
+        client has read it."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._lingering = True
+        if isinstance(transport, asyncio.WriteTransport) and transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER_S, self.force_close)
 
     # ------------------------------------------------------------------ drain
 
