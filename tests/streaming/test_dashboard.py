@@ -245,10 +245,10 @@ async def test_the_dashboard_survives_a_server_restart(database_url: str, browse
         server.kill()
 
 
-async def test_the_docs_render_the_operations_offline(make_client: MakeClient, browser: Any) -> None:
+async def test_the_docs_render_the_operations_offline(make_client: MakeClient, browser: Any, tmp_path: Path) -> None:
     client = await make_client()
     base = api_of(client)
-    page = await browser.new_page()
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
     watched = Watched(page)
     await page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(base)
                      else route.abort())  # offline: nothing but this server answers
@@ -259,6 +259,7 @@ async def test_the_docs_render_the_operations_offline(make_client: MakeClient, b
     for path in ("/v1/wallets/{wallet_id}/credits", "/v1/stream-tokens", "/v1/streams/dashboard"):
         await expect(page.locator(f'.opblock-summary-path[data-path="{path}"]').first).to_be_visible()
     await expect(page.locator(".opblock-summary-description").first).not_to_be_empty()
+    await page.screenshot(path=str(tmp_path / "docs.png"))
     assert all(url.startswith(base) for url in watched.urls), watched.urls
     assert not [line for line in watched.console if "Content Security Policy" in line or "pageerror" in line], \
         watched.console
