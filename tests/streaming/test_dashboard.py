@@ -282,3 +282,22 @@ async def test_amounts_are_major_units_by_integer_arithmetic(make_client: MakeCl
     exact = await page.evaluate("(text) => window.tallyMoney.formatMoney(window.tallyMoney.parseJSON(text).a, 'USD')",
                                 f'{{"a": {2**63 - 1}}}')
     assert exact == "92,233,720,368,547,758.07"
+
+
+async def test_a_refused_key_is_said_on_screen_not_retried_for_ever(make_client: MakeClient, browser: Any) -> None:
+    client = await make_client()
+    writer = await mint_token(client.server.app, "wendy", ["wallets:write"])  # may not follow any stream
+    from playwright.async_api import expect
+
+    watched = await open_dashboard(browser, api_of(client), writer)
+    status = watched.page.locator("#status")
+    await expect(status).to_have_text("This API key may not follow the dashboard: streams need an API key with "
+                                      "the 'wallets:read' or 'audit:read' scope", timeout=10_000)
+    await expect(watched.page.get_by_role("button", name="Connect")).to_be_visible()
+    await assert_key_kept_secret(watched, writer)
+
+    unknown = writer.rpartition("_")[0] + "_" + "x" * 43
+    await watched.page.get_by_label("API key").fill(unknown)
+    await watched.page.get_by_role("button", name="Connect").click()
+    await expect(status).to_have_text("The API key was refused", timeout=10_000)
+    await assert_key_kept_secret(watched, writer, unknown)

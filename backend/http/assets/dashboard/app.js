@@ -165,9 +165,19 @@
         source.close();
         this.retry(problem.detail || "refused", (problem.retry_after || 1) * 1000);
       });
-      source.onerror = () => {
+      let opened = false;
+      source.addEventListener("open", () => { opened = true; });
+      source.onerror = async () => {
         if (this.source !== source) return;
         source.close(); // we come back ourselves, with a fresh token and our own resume point
+        const refusal = opened ? null : await refusalOf(url);
+        if (this.closed || this.source !== source) return;
+        if (refusal) {
+          this.closed = true;
+          this.session.trouble(this.name, null);
+          if (this.handlers.refused) this.handlers.refused(refusal); else fatal(refusal);
+          return;
+        }
         this.retry("the stream was cut");
       };
     }
@@ -186,6 +196,27 @@
       this.closed = true;
       clearTimeout(this.timer);
       if (this.source) this.source.close();
+    }
+  }
+
+  /** Why a stream that never opened was answered with an error for good (401, 403, 404, 400), if it was:
+   * EventSource does not tell, so the same URL (it carries a stream token, never the key) is asked once
+   * with fetch. Anything else (unreachable, 5xx, 429) is worth retrying: null. */
+  async function refusalOf(url) {
+    const abort = new AbortController();
+    try {
+      const answer = await fetch(url, { cache: "no-store", signal: abort.signal });
+      if (answer.ok || answer.status === 429 || answer.status >= 500) return null;
+      let body = null;
+      try { body = await answer.json(); } catch (error) { body = null; }
+      const error = new Error((body && body.detail) || "HTTP " + answer.status);
+      error.status = answer.status;
+      error.code = body && body.code;
+      return error;
+    } catch (error) {
+      return null;
+    } finally {
+      abort.abort();
     }
   }
 
@@ -258,7 +289,7 @@
     const now = Math.floor(Date.now() / 1000);
     for (const second of buckets.keys()) if (second <= now - WINDOW_S) buckets.delete(second);
     const series = { events: [], commands: [] };
-    let top = 1;
+    let top = 4; // so that the axis counts whole events
     for (let s = now - WINDOW_S + 1; s <= now; s += 1) {
       const b = buckets.get(s) || { events: 0, commands: 0 };
       series.events.push(b.events); series.commands.push(b.commands);
@@ -289,6 +320,10 @@
       });
       g.stroke();
     };
+    g.fillStyle = "rgba(47, 111, 222, 0.12)"; // the events' area, so that one busy second shows
+    g.beginPath(); g.moveTo(left, topPad + plotH);
+    series.events.forEach((v, i) => g.lineTo(left + (plotW * i) / (series.events.length - 1), topPad + plotH - (plotH * v) / top));
+    g.lineTo(left + plotW, topPad + plotH); g.closePath(); g.fill();
     line(series.events, "#2f6fde", 3); // under commands, wider: both show where they coincide
     line(series.commands, "#e0812f", 1.5);
     const minute = (values) => values.slice(-60).reduce((a, b) => a + b, 0);
@@ -352,6 +387,8 @@
     const start = Math.max(0, Number(position) - 50);
     feedStream = session.follow("events", (last) => "/v1/streams/events?after=" + (last || start), {
       message: onEvent,
+      refused: (error) => $("feed-body").replaceChildren(el("tr", {}, el("td", { colspan: "5", class: "error-text" },
+        "The event feed was refused: " + error.message))),
     });
   }
 
@@ -444,6 +481,7 @@
           el("td", {}, e.type), el("td", { class: "num" }, e.data && e.data.amount != null ? formatMoney(e.data.amount, wallet.currency) : "")));
         $("wallet-events").replaceChildren(...rows);
       },
+      refused: (error) => view.append(el("p", { class: "error-text" }, "Live updates refused: " + error.message)),
     });
   }
 
@@ -467,7 +505,7 @@
 
   function fatal(error) {
     setStatus("error", error.status === 401 ? "The API key was refused"
-      : error.status === 403 ? "This API key may not follow the dashboard (it needs wallets:read or audit:read)"
+      : error.status === 403 ? "This API key may not follow the dashboard: " + error.message
         : "Error: " + error.message);
     disconnect(false);
   }
