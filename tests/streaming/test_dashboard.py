@@ -85,6 +85,7 @@ async def assert_key_kept_secret(watched: Watched, *keys: str) -> None:
         "() => JSON.stringify([Object.entries(localStorage), Object.entries(sessionStorage)])")
     for key in keys:
         assert key.rpartition("_")[2] not in stored
+        assert not [line for line in watched.console if key.rpartition("_")[2] in line]  # nor in its console
     assert stored == "[[],[]]"
     assert not [url for url in watched.urls if "tly_" in url]
     assert all("/v1/streams/" in url for url in watched.urls if "access_token=" in url)
