@@ -39,6 +39,7 @@ from backend.http.openapi import OPENAPI
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
+from backend.http.static import routes as static_routes
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
@@ -138,7 +139,7 @@ async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, api_keys.routes, audit.routes,
-                audit_tree.routes, queries.routes, stream_tokens.routes, streaming.routes)
+                audit_tree.routes, queries.routes, stream_tokens.routes, streaming.routes, static_routes)
 
 
 def create_app(settings: Settings) -> web.Application:

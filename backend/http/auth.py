@@ -13,7 +13,8 @@ from backend.http.signed_tokens import STREAM_TOKENS
 
 ACTOR = web.RequestKey("actor", Actor)
 
-PUBLIC_PREFIXES = ("/health/", "/metrics", "/openapi.json")
+PUBLIC_PREFIXES = ("/health/", "/metrics", "/openapi.json", "/dashboard", "/docs")
+"""/dashboard and /docs: static pages (backend.http.static); the dashboard asks for a key itself."""
 STREAM_PATHS = "/v1/streams/"
 """Browsers' EventSource cannot send headers, so GETs under this prefix (the SSE streams) may carry
 a token as ``?access_token=`` instead (RFC 6750 section 2.3): preferably a short-lived stream token

@@ -19,7 +19,7 @@ from backend.appkeys import COMMANDS, POOL, REPOSITORY
 from backend.commands.bus import Decision, IdempotencyKey
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain import SCOPES, Wallet, wallet_stream
-from backend.http import replies
+from backend.http import replies, static
 from backend.http.commands import JsonRenderer
 from backend.http.openapi import document
 from tests.conftest import bearer, make_settings, mint_token
@@ -60,7 +60,7 @@ REQUIRED_SCOPES = {
     ("post", "/v1/audit/checkpoints"): "admin",
     ("get", "/v1/audit/public-key"): "audit:read",
 }
-PUBLIC = {"/health/live", "/health/ready", "/metrics", "/openapi.json"}
+PUBLIC = {"/health/live", "/health/ready", "/metrics", "/openapi.json"} | {route for route, *_ in static.FILES}
 
 
 @pytest.fixture
