@@ -14,7 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from backend.http.endpoint import endpoint
+from backend.http.endpoint import Header, endpoint
 
 STATIC = Path(__file__).parent / "assets"
 
@@ -51,6 +51,12 @@ HEADERS = {
     "Cache-Control": "no-cache",
 }
 
+DECLARED = (
+    *(Header(name, f"always `{value}`") for name, value in HEADERS.items()),
+    Header("ETag", "the file's version (aiohttp's file response; If-None-Match then answers 304)"),
+)
+"""What /openapi.json says these answers carry."""
+
 routes = web.RouteTableDef()
 
 
@@ -71,5 +77,5 @@ def _file_handler(relative: str, name: str, summary: str) -> Callable[[web.Reque
 
 
 for _route, _relative, _name, _summary in FILES:
-    routes.get(_route)(endpoint(public=True, content_type=content_type(_relative))(
+    routes.get(_route)(endpoint(public=True, content_type=content_type(_relative), headers=DECLARED)(
         _file_handler(_relative, _name, _summary)))
