@@ -212,7 +212,8 @@ async def positions_by_stream(dsn: str, after: int) -> dict[str, list[int]]:
 @contextlib.asynccontextmanager
 async def serving(dsn: str, streams: int, **settings: str) -> AsyncIterator[tuple[psutil.Process, int]]:
     port = free_port()
-    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams), **settings)
+    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams),
+                    AUTH_FAILURE_RATE_PER_S="0", **settings)  # waves of first requests with one uncached key
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc)

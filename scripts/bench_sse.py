@@ -563,7 +563,8 @@ def finish_profile(profile: tuple[subprocess.Popen[bytes], str] | None) -> list[
 async def serving(dsn: str, streams: int) -> AsyncIterator[tuple[psutil.Process, int]]:
     """A `python -m backend serve` process on a free port, as ./scripts/serve starts it."""
     port = free_port()
-    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams))
+    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams),
+                    AUTH_FAILURE_RATE_PER_S="0")  # a wave of 200 first requests with one uncached key
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc)
