@@ -35,7 +35,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from backend.config import Settings
 from backend.store import reads
@@ -109,6 +109,10 @@ STALL_BYTES = 64 * 1024
 """Unsent bytes beyond which a transport counts as stalled: where asyncio pauses writers, and where the
 tail stops writing to it (aiohttp's own limit)."""
 
+
+RECENT_EVENTS = 1024
+"""Whole events kept for wallet streams: a second's worth at a thousand events a second; kept apart from
+the window, whose items are atomic on purpose, and few enough that the cyclic collector hardly notices."""
 
 TICK_SLICE = 256
 """The ticker wakes this many subscribers at a time, then lets them run."""
@@ -252,6 +256,9 @@ class Hub:
         self.listener = listener
         self.config = config
         self.window = Window(config.window_events)
+        self._recent: list[RecordedEvent | None] = [None] * RECENT_EVENTS
+        """The latest whole events the tail read, by position modulo the size: a wallet stream woken for
+        its new events folds them from here rather than read them back from the store."""
         self.owners = Owners(db)
         self._log_subscribers: set[Subscriber] = set()
         self._scanned: set[Subscriber] = set()
@@ -391,8 +398,10 @@ class Hub:
         if self.window.covers(subscriber.position):
             if flt.stream is not None:
                 position = subscriber.position
-                if not any(flt.matches(item) for item in self._stream_items(subscriber, flt.stream)):
-                    return []
+                matching = [item for item in self._stream_items(subscriber, flt.stream) if flt.matches(item)]
+                recent = [self._recent_event(item[POSITION]) for item in matching]
+                if all(recent):
+                    return cast(list[RecordedEvent], recent)
                 subscriber.position = position  # the store has the whole events after it
                 return await self._page(subscriber, flt)
             items = self.window.after(subscriber.position, self.config.page_size)
@@ -401,6 +410,10 @@ class Hub:
                     subscriber.position = items[-1][POSITION]
                 return []
         return await self._page(subscriber, flt)
+
+    def _recent_event(self, position: int) -> RecordedEvent | None:
+        event = self._recent[position % RECENT_EVENTS]
+        return event if event is not None and event.position == position else None
 
     def _stream_items(self, subscriber: Subscriber, stream: str) -> list[Item]:
         """The stream's items after the subscriber's position (which the window covers), up to a page,
@@ -466,6 +479,9 @@ class Hub:
             events = await reads.read_all(self.db, end, self.config.page_size)
             if events:
                 items = await self.items(events)
+                recent = self._recent
+                for event in events[-RECENT_EVENTS:]:
+                    recent[event.position % RECENT_EVENTS] = event
                 self.window.extend(items)
                 self._publish(items, end)
 
