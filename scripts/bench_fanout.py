@@ -40,10 +40,12 @@ from bench_sse import (
     SO_TIMESTAMPNS,
     TIMESPEC,
     delivery,
+    finish_profile,
     head_of,
     receive,
     runqueue_seconds,
     spawn,
+    start_profile,
     writer_process,
 )
 from bench_store import choose_server, fresh_database, percentile
@@ -54,7 +56,7 @@ from backend.store.event_store import EventStore
 from backend.store.repository import Repository
 
 CLIENT_PROCESSES = 4
-FRAME = re.compile(rb"id: (\d+)\n(data: )?")
+FRAME = re.compile(rb"id: (\d+)(\ndata: )?")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +121,7 @@ class Follower:
                 continue
             if match[2]:
                 self.events.append((int(match[1]), arrived))
-            else:
+            elif b"retry: " not in frame:  # not the opening frame: an id-only checkpoint
                 self.checkpoints += 1
 
     def close(self) -> None:
@@ -271,9 +273,11 @@ async def followers_case(dsn: str, token: str, wallets: list[str], args: argpars
         writer, writer_proc = spawn(writer_process, dsn, wallets, args.rate, warmup + args.duration, args.writer)
         await asyncio.sleep(warmup)
         cpu0, queue0, t0, wall0 = cpu_seconds([server]), runqueue_seconds(server.pid), time.monotonic(), time.time()
+        profile = start_profile(server.pid, args.duration) if args.profile else None
         written = await receive(writer, 600)
         writer_proc.join()
         cpu1, queue1, t1, wall1 = cpu_seconds([server]), runqueue_seconds(server.pid), time.monotonic(), time.time()
+        profiled = finish_profile(profile) if profile else None
         await asyncio.sleep(3.0)  # the last events reach everyone
         rss2, tcp2 = server.memory_info().rss, tcp_memory_kib()
         received = []
@@ -320,7 +324,7 @@ async def followers_case(dsn: str, token: str, wallets: list[str], args: argpars
         "rss_kib_per_follower_after_load": (rss2 - rss0) / n / 1024,
         "tcp_kib_per_follower_idle": (tcp1 - tcp0) / n, "tcp_kib_per_follower_after_load": (tcp2 - tcp0) / n,
         "send_buffer": args.send_buffer, "writer_cpu_cores": written["cpu_s"] / (warmup + args.duration),
-        "clients_cpu_cores": sum(got["cpu_s"] for got in received) / (t1 - t0 + warmup + 3.0),
+        "profile": profiled, "clients_cpu_cores": sum(got["cpu_s"] for got in received) / (t1 - t0 + warmup + 3.0),
     }
 
 
@@ -362,6 +366,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           f"idle, {f['rss_kib_per_follower_after_load']:.1f} KiB after the load; kernel TCP buffers (both ends) "
           f"{f['tcp_kib_per_follower_idle']:.1f} / {f['tcp_kib_per_follower_after_load']:.1f} KiB per follower "
           f"(SSE_SOCKET_SEND_BUFFER {f['send_buffer'] or 'default'})")
+    if f["profile"]:
+        print("    server CPU by function during the followers case (own time, py-spy):")
+        for name, share in f["profile"]:
+            print(f"      {share * 100:5.1f} %  {name}")
     for target, met in (("every event delivered", f["followers_complete"] == f["followers"] and not f["extra"]),
                         ("delivery p99 <= 100 ms", f["delivery_p99_ms"] <= 100),
                         ("<= 20 KiB per follower", f["rss_kib_per_follower_after_load"] <= 20)):
