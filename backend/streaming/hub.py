@@ -4,12 +4,13 @@ One tailing task, woken by the process's Listener (its one LISTEN connection), r
 of events once into the shared ``Window`` and wakes the subscribers it concerns. Subscribers that
 follow one stream (a wallet's, or ``?stream=``) are indexed by that stream: a batch reaches only those
 of its own streams, and they find their events in the window by the window's per-stream links; so an
-event costs work in proportion to the subscribers that want it, not to all of them, and ten thousand
-followers of ten thousand wallets cost each event about one subscriber's work. The others (the whole
-log, a prefix, some types) are examined for every batch, as they may want anything. A subscriber keeps only its
-position (and a few numbers): its own task takes what follows that position from the window, or,
-when it has fallen behind the window, pages through the store; there is no per-subscriber queue, so
-an idle subscriber costs the same small amount however busy the log is, and a slow one just lags.
+event costs work in proportion to the subscribers that want it, not to all of them. The others (the
+whole log, a prefix, some types) are examined for every batch, as they may want anything.
+
+A subscriber keeps only its position (and a few numbers): its own task takes what follows that
+position from the window, or, when it has fallen behind the window, pages through the store; there
+is no per-subscriber queue, so an idle subscriber costs the same small amount however busy the log
+is, and a slow one just lags.
 
 The tail also serves the common case itself: a subscriber parked at the old end of the window (caught
 up, its task asleep, its socket draining) gets the new events written straight to its transport as one
@@ -111,8 +112,9 @@ tail stops writing to it (aiohttp's own limit)."""
 
 
 RECENT_EVENTS = 1024
-"""Whole events kept for wallet streams: a second's worth at a thousand events a second; kept apart from
-the window, whose items are atomic on purpose, and few enough that the cyclic collector hardly notices."""
+"""Whole events kept for wallet streams: the latest few batches, which is what a follower woken for its
+new events needs; kept apart from the window, whose items are atomic on purpose, and few enough that the
+cyclic collector hardly notices them."""
 
 TICK_SLICE = 256
 """The ticker wakes this many subscribers at a time, then lets them run."""
