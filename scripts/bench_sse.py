@@ -18,6 +18,9 @@ runnable but waiting for a CPU (/proc schedstat), and with --profile the server'
     with the same measurement of a bare aiohttp-sse handler (no authentication, no hub): the peer.
 (c) A frozen client (stops reading, small receive buffer) while events flow: seconds from the moment its
     receive buffer stopped filling (no send to it can complete) until the server no longer holds the socket.
+
+`--followers N` runs another case instead (see bench_fanout): N followers, each of its own wallet's stream,
+with (a) beside it in the same run.
 """
 
 from __future__ import annotations
@@ -86,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "straight to the store: a lighter writer, for less CPU contention on a small machine")
     parser.add_argument("--profile", action="store_true", help="sample the server with py-spy during (a)")
     parser.add_argument("--quick", action="store_true", help="(a) 3 x 4 s, (b) 2,000 idle: whole run under 60 s")
+    import bench_fanout  # imports this module: here, not at the top
+
+    bench_fanout.add_arguments(parser)
 
 
 # ---------------------------------------------------------------- subscribers (their own process)
@@ -557,7 +563,8 @@ def finish_profile(profile: tuple[subprocess.Popen[bytes], str] | None) -> list[
 async def serving(dsn: str, streams: int) -> AsyncIterator[tuple[psutil.Process, int]]:
     """A `python -m backend serve` process on a free port, as ./scripts/serve starts it."""
     port = free_port()
-    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams))
+    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams),
+                    AUTH_FAILURE_RATE_PER_S="0")  # a wave of 200 first requests with one uncached key
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc)
@@ -585,6 +592,10 @@ async def measure(db: Server, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.followers:
+        import bench_fanout
+
+        return await bench_fanout.run(args)
     db = await choose_server(args.dsn)
     try:
         r = await measure(db, args)

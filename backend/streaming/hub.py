@@ -1,10 +1,16 @@
 """Per-process fan-out of the event log to stream subscribers.
 
 One tailing task, woken by the process's Listener (its one LISTEN connection), reads each new batch
-of events once into the shared ``Window`` and wakes the subscribers. A subscriber keeps only its
-position (and a few numbers): its own task takes what follows that position from the window, or,
-when it has fallen behind the window, pages through the store; there is no per-subscriber queue, so
-an idle subscriber costs the same small amount however busy the log is, and a slow one just lags.
+of events once into the shared ``Window`` and wakes the subscribers it concerns. Subscribers that
+follow one stream (a wallet's, or ``?stream=``) are indexed by that stream: a batch reaches only those
+of its own streams, and they find their events in the window by the window's per-stream links; so an
+event costs work in proportion to the subscribers that want it, not to all of them. The others (the
+whole log, a prefix, some types) are examined for every batch, as they may want anything.
+
+A subscriber keeps only its position (and a few numbers): its own task takes what follows that
+position from the window, or, when it has fallen behind the window, pages through the store; there
+is no per-subscriber queue, so an idle subscriber costs the same small amount however busy the log
+is, and a slow one just lags.
 
 The tail also serves the common case itself: a subscriber parked at the old end of the window (caught
 up, its task asleep, its socket draining) gets the new events written straight to its transport as one
@@ -28,9 +34,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from backend.config import Settings
 from backend.store import reads
@@ -41,7 +47,7 @@ from backend.streaming import frames, tcp
 from backend.streaming.dashboard import StatsFeed, StatsSource
 from backend.streaming.filters import EventFilter
 from backend.streaming.owners import Owners
-from backend.streaming.window import FRAME, POSITION, Item, Window, make_item
+from backend.streaming.window import FRAME, POSITION, STREAM, Item, Window, make_item
 from backend.supervisor import Supervised, Supervisor
 
 log = logging.getLogger(__name__)
@@ -105,6 +111,15 @@ STALL_BYTES = 64 * 1024
 tail stops writing to it (aiohttp's own limit)."""
 
 
+RECENT_EVENTS = 1024
+"""Whole events kept for wallet streams: the latest few batches, which is what a follower woken for its
+new events needs; kept apart from the window, whose items are atomic on purpose, and few enough that the
+cyclic collector hardly notices them."""
+
+TICK_SLICE = 256
+"""The ticker wakes this many subscribers at a time, then lets them run."""
+
+
 class Subscriber:
     """One stream's state. Slots only: thousands of these sit idle."""
 
@@ -161,7 +176,11 @@ class Subscriber:
 
     def parked_at(self, position: int) -> bool:
         """Asleep and caught up with position: the tail may write to it directly."""
-        return self._waiter is not None and self.position == position and self.pushable and self.alive
+        return self.position == position and self.parked()
+
+    def parked(self) -> bool:
+        """Asleep, alive, and sending the shared frames: the tail may write to it directly."""
+        return self._waiter is not None and self.pushable and self.alive
 
     def push(self, chunk: bytes) -> bool:
         """Write a complete HTTP chunk now, unless the socket has stopped draining (False)."""
@@ -239,8 +258,15 @@ class Hub:
         self.listener = listener
         self.config = config
         self.window = Window(config.window_events)
+        self._recent: list[RecordedEvent | None] = [None] * RECENT_EVENTS
+        """The latest whole events the tail read, by position modulo the size: a wallet stream woken for
+        its new events folds them from here rather than read them back from the store."""
         self.owners = Owners(db)
         self._log_subscribers: set[Subscriber] = set()
+        self._scanned: set[Subscriber] = set()
+        """Log subscribers that may want any stream's events: examined for every batch."""
+        self._by_stream: dict[str, set[Subscriber]] = {}
+        """Log subscribers that follow one stream, by its id: reached only by that stream's events."""
         self._stats_subscribers: set[Subscriber] = set()
         self._per_key: dict[str, int] = {}
         self.stats = StatsFeed(stats_source, listener, config.dashboard_interval_s,
@@ -254,6 +280,19 @@ class Hub:
     @property
     def streams(self) -> int:
         return len(self._log_subscribers) + len(self._stats_subscribers)
+
+    @property
+    def log_streams(self) -> int:
+        return len(self._log_subscribers)
+
+    @property
+    def followed_streams(self) -> int:
+        """Distinct streams followed by one-stream subscribers (the index's keys)."""
+        return len(self._by_stream)
+
+    def interested(self, stream_id: str) -> set[Subscriber]:
+        """The log subscribers an event of this stream is examined for: its followers and the scanned."""
+        return self._scanned | self._by_stream.get(stream_id, set())
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -299,6 +338,10 @@ class Hub:
             self.stats.active.set()
         else:
             self._log_subscribers.add(subscriber)
+            if flt.stream is None:
+                self._scanned.add(subscriber)
+            else:
+                self._by_stream.setdefault(flt.stream, set()).add(subscriber)
             self._tail_active.set()
         return subscriber
 
@@ -315,6 +358,13 @@ class Hub:
         if subscriber not in group:
             return
         group.discard(subscriber)
+        stream = subscriber.filter.stream if subscriber.filter is not None else None
+        if stream is None:
+            self._scanned.discard(subscriber)
+        elif (followers := self._by_stream.get(stream)) is not None:
+            followers.discard(subscriber)
+            if not followers:
+                del self._by_stream[stream]
         left = self._per_key[subscriber.key_id] - 1
         if left:
             self._per_key[subscriber.key_id] = left
@@ -333,6 +383,9 @@ class Hub:
         An empty answer with ``caught_up`` false means "examined some, none matched": ask again."""
         flt = self._filter(subscriber)
         if self.window.covers(subscriber.position):
+            if flt.stream is not None:
+                items = self._stream_items(subscriber, flt.stream)
+                return [item for item in items if flt.matches(item)]
             items = self.window.after(subscriber.position, self.config.page_size)
             if items:
                 subscriber.position = items[-1][POSITION]
@@ -345,12 +398,35 @@ class Hub:
         window, which keeps only frames, just tells whether anything is new for them; the store has it."""
         flt = self._filter(subscriber)
         if self.window.covers(subscriber.position):
+            if flt.stream is not None:
+                position = subscriber.position
+                matching = [item for item in self._stream_items(subscriber, flt.stream) if flt.matches(item)]
+                recent = [self._recent_event(item[POSITION]) for item in matching]
+                if all(recent):
+                    return cast(list[RecordedEvent], recent)
+                subscriber.position = position  # the store has the whole events after it
+                return await self._page(subscriber, flt)
             items = self.window.after(subscriber.position, self.config.page_size)
             if not any(flt.matches(item) for item in items):
                 if items:
                     subscriber.position = items[-1][POSITION]
                 return []
         return await self._page(subscriber, flt)
+
+    def _recent_event(self, position: int) -> RecordedEvent | None:
+        event = self._recent[position % RECENT_EVENTS]
+        return event if event is not None and event.position == position else None
+
+    def _stream_items(self, subscriber: Subscriber, stream: str) -> list[Item]:
+        """The stream's items after the subscriber's position (which the window covers), up to a page,
+        advancing the position past them, or to the window's end when that was all of them."""
+        limit = self.config.page_size
+        items = self.window.after_in(stream, subscriber.position, limit)
+        if len(items) == limit:
+            subscriber.position = items[-1][POSITION]
+        else:  # that was all of them up to the window's end (a position beyond it has nothing to read yet)
+            subscriber.position = max(subscriber.position, self.window.end)
+        return items
 
     @staticmethod
     def _filter(subscriber: Subscriber) -> EventFilter:
@@ -386,7 +462,7 @@ class Hub:
     # ---------------------------------------------------------------- background tasks
 
     @staticmethod
-    def _wake(subscribers: set[Subscriber]) -> None:
+    def _wake(subscribers: Iterable[Subscriber]) -> None:
         for subscriber in subscribers:
             subscriber.wake()
 
@@ -405,6 +481,9 @@ class Hub:
             events = await reads.read_all(self.db, end, self.config.page_size)
             if events:
                 items = await self.items(events)
+                recent = self._recent
+                for event in events[-RECENT_EVENTS:]:
+                    recent[event.position % RECENT_EVENTS] = event
                 self.window.extend(items)
                 self._publish(items, end)
 
@@ -415,7 +494,7 @@ class Hub:
             self._wake(self._log_subscribers)  # the window was reset: everyone reads for themselves
             return
         shared: bytes | None = None
-        for subscriber in self._log_subscribers:
+        for subscriber in self._scanned:
             flt = subscriber.filter
             if flt is None or not subscriber.parked_at(end):
                 subscriber.wake()
@@ -428,15 +507,37 @@ class Hub:
                 else:
                     subscriber.wake()  # it lags from here on, and reads for itself when the socket drains
                 continue
-            matching = [item for item in items if flt.matches(item)]
-            if matching and not subscriber.push(frames.chunk(b"".join(item[FRAME] for item in matching))):
-                subscriber.wake()
-                continue
-            subscriber.position = new_end
-            if matching:
-                subscriber.sent_position = matching[-1][POSITION]
-            if self.checkpoint_due(subscriber) and subscriber.push(frames.chunk(frames.checkpoint(new_end))):
-                subscriber.sent_position = new_end
+            self._push_matching(subscriber, flt, [item for item in items if flt.matches(item)], new_end)
+        if not self._by_stream:
+            return
+        for stream in dict.fromkeys(item[STREAM] for item in items):
+            for subscriber in self._by_stream.get(stream, ()):
+                self._publish_to_follower(subscriber, stream, end, new_end)
+
+    def _publish_to_follower(self, subscriber: Subscriber, stream: str, end: int, new_end: int) -> None:
+        """A one-stream subscriber whose stream has new events after end. Its position may lag (batches
+        without its stream's events leave it alone): if nothing of its stream lies between its position
+        and end, it is as good as parked at end, and the tail may push to it."""
+        flt = subscriber.filter
+        if flt is None or not subscriber.parked() or not self.window.covers(subscriber.position):
+            subscriber.wake()
+            return
+        items = self.window.after_in(stream, subscriber.position, self.config.page_size)
+        if not items or items[0][POSITION] <= end or len(items) == self.config.page_size:
+            subscriber.wake()
+            return
+        self._push_matching(subscriber, flt, [item for item in items if flt.matches(item)], new_end)
+
+    def _push_matching(self, subscriber: Subscriber, flt: EventFilter, matching: list[Item], new_end: int) -> None:
+        """Push a parked filtered subscriber's share of a batch (and a checkpoint, when one is owed)."""
+        if matching and not subscriber.push(frames.chunk(b"".join(item[FRAME] for item in matching))):
+            subscriber.wake()
+            return
+        subscriber.position = new_end
+        if matching:
+            subscriber.sent_position = matching[-1][POSITION]
+        if self.checkpoint_due(subscriber) and subscriber.push(frames.chunk(frames.checkpoint(new_end))):
+            subscriber.sent_position = new_end
 
     async def _tick(self) -> None:
         """Every checkpoint interval, wake everyone: idle streams notice a vanished client, and filtered
@@ -447,4 +548,7 @@ class Hub:
             for group in (self._log_subscribers, self._stats_subscribers):
                 for subscriber in [s for s in group if not s.started and s.transport.is_closing()]:
                     self.unsubscribe(subscriber)
-                self._wake(group)
+                woken = list(group)
+                for first in range(0, len(woken), TICK_SLICE):
+                    self._wake(woken[first:first + TICK_SLICE])
+                    await asyncio.sleep(0)  # the woken run before the next slice: no burst holds up the tail

@@ -4,11 +4,16 @@ The window always holds a contiguous run of positions (start, end] of the whole,
 store's positions are gap-free and become visible strictly in order, and one tailing task appends to
 the window only what it read after ``end``; so a subscriber at position p with start <= p can take
 everything after p from here and miss nothing. A subscriber behind ``start`` reads the store instead.
+
+Each held event also links back to the previous held event of its stream, and the window knows each
+stream's latest held event: a subscriber that follows one stream finds its events after p by walking
+that chain, in steps proportional to its own events, however many other streams' events lie between.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final, TypeAlias, cast
 
@@ -26,6 +31,7 @@ multiply the collector's full passes (which showed up as pauses in the delivery 
 docs/PERFORMANCE.md)."""
 
 POSITION: Final = 0
+STREAM: Final = 1
 FRAME: Final = 4
 
 
@@ -39,6 +45,11 @@ class Window:
             raise ValueError("capacity must be positive")
         self.capacity = capacity
         self._ring: list[Item | None] = [None] * capacity
+        self._previous: list[int] = [0] * capacity
+        """Per slot: the position of the previous event of the same stream (0: none known)."""
+        self._latest: OrderedDict[str, int] = OrderedDict()
+        """Stream id -> the position of its latest held event, least recently written first; streams with
+        nothing held any more are dropped, so this stays as small as the window."""
         self.start = 0
         """Positions after start are held (up to end); a subscriber at start or later reads from here."""
         self.end = 0
@@ -46,6 +57,8 @@ class Window:
     def reset(self, position: int) -> None:
         """Forget everything: the window now starts (empty) at position."""
         self._ring = [None] * self.capacity
+        self._previous = [0] * self.capacity
+        self._latest.clear()
         self.start = self.end = position
 
     def covers(self, position: int) -> bool:
@@ -59,10 +72,37 @@ class Window:
                 log.warning("event positions are not contiguous, restarting the stream window",
                             extra={"expected": self.end + 1, "got": position})
                 self.reset(position - 1)
-            self._ring[position % self.capacity] = item
+            stream = item[STREAM]
+            latest = self._latest
+            slot = position % self.capacity
+            self._ring[slot] = item
+            self._previous[slot] = latest.pop(stream, 0)
+            latest[stream] = position
             self.end = position
             if self.end - self.start > self.capacity:
                 self.start = self.end - self.capacity
+                while latest and next(iter(latest.values())) <= self.start:
+                    latest.popitem(last=False)
+
+    def latest_of(self, stream: str) -> int:
+        """The position of the stream's latest held event; at most ``start`` when none is held."""
+        return self._latest.get(stream, 0)
+
+    def after_in(self, stream: str, position: int, limit: int) -> list[Item]:
+        """Up to limit of the stream's items after position (which the window must cover), oldest first;
+        the cost follows the stream's own events in the window, not all of them."""
+        if position < self.start:
+            raise ValueError(f"position {position} is behind the window (starts at {self.start})")
+        found: list[Item] = []
+        at = self._latest.get(stream, 0)
+        floor = max(position, self.start)
+        ring, previous, capacity = self._ring, self._previous, self.capacity
+        while at > floor:
+            slot = at % capacity
+            found.append(cast("Item", ring[slot]))
+            at = previous[slot]
+        found.reverse()
+        return found[:limit]
 
     def after(self, position: int, limit: int) -> list[Item]:
         """Up to limit items after position (which the window must cover), oldest first."""
