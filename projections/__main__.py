@@ -28,6 +28,7 @@ async def work(settings: Settings) -> None:
     from backend.store.migrate import migrate
     from backend.store.repository import Repository
     from backend.supervisor import Supervisor
+    from projections.http import serve_worker_http, worker_app, worker_metrics
     from projections.registry import all_projections
     from projections.service import ProjectionService, connector
     from projections.waiting import CheckpointWatcher
@@ -49,16 +50,24 @@ async def work(settings: Settings) -> None:
                 connector(dsn, settings, durable_commits=False), CheckpointWatcher(pool), settings, listener=listener,
                 supervisor=supervisor,
             )
+            metrics = worker_metrics(pool, store, listener, supervisor)
             await service.start()
+            http = None
+            if settings.projections_metrics_port:
+                http = await serve_worker_http(worker_app(settings, pool, metrics, supervisor), settings.host,
+                                               settings.projections_metrics_port)
             tune_for_serving()
             log.info("projection worker running",
-                     extra={"projections": [r.name for r in service.runners], "event_loop": loop_name()})
+                     extra={"projections": [r.name for r in service.runners], "event_loop": loop_name(),
+                            "metrics_port": settings.projections_metrics_port or None})
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, stop.set)
             await stop.wait()
             log.info("projection worker stopping")
+            if http is not None:
+                await http.cleanup()
             await service.stop()
         finally:
             await listener.close()
@@ -67,19 +76,32 @@ async def work(settings: Settings) -> None:
             await pool.close()
 
 
+def port_number(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m projections",
         description="Run every projection runner and the reservation-expiry process manager until SIGTERM "
                     "or SIGINT. Configured from the environment like `serve` (DATABASE_URL; unset: the "
                     "embedded PostgreSQL under ./.data/). Status and rebuilds: `python -m backend projections`.",
     )
+    parser.add_argument("--port", type=port_number, default=None, metavar="PORT",
+                        help="serve /metrics and /health/* on HOST:PORT (default: PROJECTIONS_METRICS_PORT, "
+                             "whose default 0 serves nothing)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        if args.port is not None:
+            settings = settings.model_copy(update={"projections_metrics_port": args.port})
         check_environment(settings, uses_database=True, serves=True)
     except ConfigError as exc:
         print(f"projections: {exc}", file=sys.stderr)
