@@ -4,10 +4,13 @@ requests by method, route and status, the append batcher, the pool, projections,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from typing import Any
 
 from aiohttp.test_utils import TestClient
 
+from backend.appkeys import POOL
 from backend.version import git_commit, version
 from projections import registry
 from tests.conftest import mint_token
@@ -123,3 +126,35 @@ async def test_stream_subscribers_are_counted_by_kind(client: TestClient) -> Non
     assert found.value("tally_stream_subscribers", kind="dashboard") == 0
     stream.close()
     await eventually_scraped(client, r'^tally_stream_subscribers\{kind="log"\} 0\.0$')
+
+
+async def test_pool_saturation_shows_as_in_use_and_waiting(client: TestClient) -> None:
+    """Every connection held, one more acquire waits: the scrape still answers (its projection status
+    read times out, and says so) and shows the pool full with waiters."""
+    pool = client.server.app[POOL]
+    held: list[Any] = []
+
+    async def take() -> Any:
+        return await pool.acquire()
+
+    waiting: asyncio.Task[Any] | None = None
+    try:
+        with contextlib.suppress(TimeoutError):
+            while len(held) < pool.get_max_size():  # whatever the app's own tasks do not hold at the moment
+                async with asyncio.timeout(0.5):
+                    held.append(await take())
+        waiting = asyncio.create_task(take())
+        await asyncio.sleep(0.05)
+        found = await scrape(client)
+        assert found.value("tally_db_pool_in_use") == found.value("tally_db_pool_max_size")
+        assert found.value("tally_db_pool_waiting") >= 1
+        assert found.value("tally_projection_status_up") == 0
+        assert not found.labels("tally_projection_lag_events")
+    finally:
+        for conn in held:
+            await pool.release(conn)
+        if waiting is not None:
+            await pool.release(await waiting)
+    found = await scrape(client)
+    assert found.value("tally_db_pool_waiting") == 0
+    assert found.value("tally_projection_status_up") == 1
