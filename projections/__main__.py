@@ -11,11 +11,14 @@ import logging
 import signal
 import sys
 
+from aiohttp import web
+
 from backend.config import ConfigError, Settings, check_environment, load_settings
 from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
 from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
+from backend.server.site import CannotListen
 
 log = logging.getLogger("projections")
 
@@ -39,6 +42,7 @@ async def work(settings: Settings) -> None:
         supervisor = Supervisor()  # runs and restarts the listener and the runners
         listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),
                             supervisor=supervisor)
+        http: web.AppRunner | None = None
         try:
             if settings.apply_migrations:
                 async with pool.acquire() as conn:
@@ -50,12 +54,11 @@ async def work(settings: Settings) -> None:
                 connector(dsn, settings, durable_commits=False), CheckpointWatcher(pool), settings, listener=listener,
                 supervisor=supervisor,
             )
-            metrics = worker_metrics(pool, store, listener, supervisor)
+            if settings.projections_metrics_port:  # first: a port that is taken fails before any work starts
+                http = await serve_worker_http(
+                    worker_app(settings, pool, worker_metrics(pool, store, listener, supervisor), supervisor),
+                    settings.host, settings.projections_metrics_port)
             await service.start()
-            http = None
-            if settings.projections_metrics_port:
-                http = await serve_worker_http(worker_app(settings, pool, metrics, supervisor), settings.host,
-                                               settings.projections_metrics_port)
             tune_for_serving()
             log.info("projection worker running",
                      extra={"projections": [r.name for r in service.runners], "event_loop": loop_name(),
@@ -66,10 +69,10 @@ async def work(settings: Settings) -> None:
                 loop.add_signal_handler(signum, stop.set)
             await stop.wait()
             log.info("projection worker stopping")
-            if http is not None:
-                await http.cleanup()
             await service.stop()
         finally:
+            if http is not None:
+                await http.cleanup()
             await listener.close()
             await supervisor.close()
             await store.close()
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"projections: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format_choice())
-    return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable,))
+    return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable, CannotListen))
 
 
 if __name__ == "__main__":

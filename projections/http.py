@@ -13,6 +13,7 @@ from backend.http import health
 from backend.http.metrics import SIZES, Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.metric_sources import watch_build, watch_pool
+from backend.server.site import CannotListen
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.supervisor import Supervisor
@@ -62,8 +63,12 @@ def worker_app(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, supervi
 
 
 async def serve_worker_http(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Started after the runners; the caller cleans the runner up (which stops the site)."""
+    """Listening on host:port (else CannotListen, one line); the caller cleans the runner up."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
     return runner

@@ -4,6 +4,8 @@ its pool, its restarts and its process."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -70,3 +72,17 @@ def test_a_bad_port_is_refused_at_once() -> None:
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2
     assert "not a port number: '70000'" in refused.stderr
+
+
+def test_a_port_in_use_fails_with_one_line_before_any_work(own_database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "projections", "--port", str(port)], cwd=ROOT,
+                                 env={**os.environ, "DATABASE_URL": own_database_url, "LOG_FORMAT": "text"},
+                                 capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1, refused.stderr
+    assert f"projections: error: cannot serve metrics on 127.0.0.1:{port}: " in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "projection worker running" not in refused.stderr
