@@ -84,23 +84,9 @@ class VersionAction(argparse.Action):
 
 
 def version_text() -> str:
-    from importlib import metadata
-    from pathlib import Path
+    from backend.version import version_text as text
 
-    try:
-        text = metadata.version("tally")
-    except metadata.PackageNotFoundError:
-        text = "unknown (not installed)"
-    checkout = Path(__file__).resolve().parent.parent
-    if (checkout / ".git").exists():
-        import subprocess
-
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"],
-                                   capture_output=True, text=True, timeout=5)
-            if found.returncode == 0 and found.stdout.strip():
-                text += f" (git {found.stdout.strip()})"
-    return text
+    return text()
 
 
 def scope_list(value: str) -> list[str]:

@@ -33,13 +33,14 @@ from backend.http import api_keys, audit, audit_tree, cors, deposits, health, op
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
-from backend.http.metrics import Metrics, metrics_middleware
+from backend.http.metrics import SIZES, Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.openapi import OPENAPI
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
+from backend.metric_sources import watch_build, watch_pool, watch_streams
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
@@ -82,6 +83,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(dsn, settings)
     log.info("database pool open", extra={"database": mask_dsn(dsn), "max_size": settings.pool_max_size})
     app[POOL] = pool
+    watch_pool(app[METRICS], pool)
     try:
         if settings.apply_migrations:
             async with pool.acquire() as conn:
@@ -106,21 +108,28 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[COMMANDS] = commands
     metrics = app[METRICS]
     metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
-    metrics.gauge("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
-    metrics.gauge("tally_append_requests_total", "Append calls carried by those transactions",
-                  lambda: store.batcher.batched_requests)
-    store.batcher.on_batch_done = metrics.histogram(
+    metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
+    metrics.counter("tally_append_requests_total", "Append calls carried by those transactions",
+                    lambda: store.batcher.batched_requests)
+    durations = metrics.histogram(
         "tally_append_batch_duration_seconds",
-        "Append transactions from start to commit (the disk flush included), as this process saw them").observe
-    metrics.gauge("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
-                  lambda: commands.conflicts)
-    metrics.gauge("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
-                  lambda: listener.reconnects)
+        "Append transactions from start to commit (the disk flush included), as this process saw them")
+    sizes = metrics.histogram("tally_append_batch_size", "Append calls per committed transaction", SIZES)
+
+    def batch_done(seconds: float, requests: int) -> None:
+        durations.observe(seconds)
+        sizes.observe(requests)
+
+    store.batcher.on_batch_done = batch_done
+    metrics.counter("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
+                    lambda: commands.conflicts)
+    metrics.counter("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
+                    lambda: listener.reconnects)
     authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s,
                                         supervisor=app[SUPERVISOR])
     app[AUTHENTICATOR] = authenticator
-    metrics.gauge("tally_api_key_lookups_total", "API key lookups that went to the database",
-                  lambda: authenticator.loads)
+    metrics.counter("tally_api_key_lookups_total", "API key lookups that went to the database",
+                    lambda: authenticator.loads)
     try:
         await authenticator.start()
         yield
@@ -146,6 +155,7 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
                  lambda: {"loop": loop_name()})
+    watch_build(metrics)
     middlewares: list[Middleware] = [request_id_middleware, metrics_middleware(metrics), error_middleware,
                                      auth_middleware]
     if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key
@@ -164,15 +174,16 @@ def create_app(settings: Settings) -> web.Application:
                      "Background tasks (listener, stream tail, projection runners...) restarted after a failure",
                      "task", supervisor.restarts)
     app.cleanup_ctx.append(supervisor_ctx)
+    watch_streams(metrics, app)
     if settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0:
         failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,
                                             max_buckets=settings.auth_failure_max_addresses),
                                 settings.trusted_networks(), hold_s=settings.auth_failure_hold_s,
                                 max_held=settings.auth_failure_max_held)
         app[AUTH_FAILURES] = failures
-        metrics.gauge("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
-        metrics.gauge("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
-                      lambda: failures.refused)
+        metrics.counter("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
+        metrics.counter("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
+                        lambda: failures.refused)
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(pool_ctx)

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
                                               min_length=16)
     # Projections (projections/): run them inside `serve` (else run `python -m projections`).
     run_projections: bool = True
+    # `python -m projections` serves /metrics and /health/* on this port (0: it serves nothing).
+    projections_metrics_port: int = Field(default=0, ge=0, le=65535)
     projection_batch_size: int = Field(default=1000, ge=1, le=100_000)
     projection_poll_s: float = Field(default=1.0, gt=0)
     projection_standby_retry_s: float = Field(default=1.0, gt=0)

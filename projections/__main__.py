@@ -11,11 +11,14 @@ import logging
 import signal
 import sys
 
+from aiohttp import web
+
 from backend.config import ConfigError, Settings, check_environment, load_settings
 from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
 from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
+from backend.server.site import CannotListen
 
 log = logging.getLogger("projections")
 
@@ -28,6 +31,7 @@ async def work(settings: Settings) -> None:
     from backend.store.migrate import migrate
     from backend.store.repository import Repository
     from backend.supervisor import Supervisor
+    from projections.http import serve_worker_http, worker_app, worker_metrics
     from projections.registry import all_projections
     from projections.service import ProjectionService, connector
     from projections.waiting import CheckpointWatcher
@@ -38,6 +42,7 @@ async def work(settings: Settings) -> None:
         supervisor = Supervisor()  # runs and restarts the listener and the runners
         listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),
                             supervisor=supervisor)
+        http: web.AppRunner | None = None
         try:
             if settings.apply_migrations:
                 async with pool.acquire() as conn:
@@ -49,10 +54,15 @@ async def work(settings: Settings) -> None:
                 connector(dsn, settings, durable_commits=False), CheckpointWatcher(pool), settings, listener=listener,
                 supervisor=supervisor,
             )
+            if settings.projections_metrics_port:  # first: a port that is taken fails before any work starts
+                http = await serve_worker_http(
+                    worker_app(settings, pool, worker_metrics(pool, store, listener, supervisor), supervisor),
+                    settings.host, settings.projections_metrics_port)
             await service.start()
             tune_for_serving()
             log.info("projection worker running",
-                     extra={"projections": [r.name for r in service.runners], "event_loop": loop_name()})
+                     extra={"projections": [r.name for r in service.runners], "event_loop": loop_name(),
+                            "metrics_port": settings.projections_metrics_port or None})
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -61,31 +71,46 @@ async def work(settings: Settings) -> None:
             log.info("projection worker stopping")
             await service.stop()
         finally:
+            if http is not None:
+                await http.cleanup()
             await listener.close()
             await supervisor.close()
             await store.close()
             await pool.close()
 
 
+def port_number(text: str) -> int:
+    port = int(text) if text.isdigit() else -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="python -m projections",
         description="Run every projection runner and the reservation-expiry process manager until SIGTERM "
                     "or SIGINT. Configured from the environment like `serve` (DATABASE_URL; unset: the "
                     "embedded PostgreSQL under ./.data/). Status and rebuilds: `python -m backend projections`.",
     )
+    parser.add_argument("--port", type=port_number, default=None, metavar="PORT",
+                        help="serve /metrics and /health/* on HOST:PORT (default: PROJECTIONS_METRICS_PORT, "
+                             "whose default 0 serves nothing)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
+        if args.port is not None:
+            settings = settings.model_copy(update={"projections_metrics_port": args.port})
         check_environment(settings, uses_database=True, serves=True)
     except ConfigError as exc:
         print(f"projections: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format_choice())
-    return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable,))
+    return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable, CannotListen))
 
 
 if __name__ == "__main__":

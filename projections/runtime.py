@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import COMMANDS, DATABASE_DSN, LISTENER, POOL, PROJECTIONS, SETTINGS, SUPERVISOR
+from backend.appkeys import COMMANDS, DATABASE_DSN, LISTENER, METRICS, POOL, PROJECTIONS, SETTINGS, SUPERVISOR
+from projections import registry
+from projections.metrics import ProjectionMetrics
 from projections.registry import all_projections
 from projections.service import ProjectionService, connector
 from projections.waiting import CheckpointWatcher
@@ -24,6 +26,9 @@ async def projections_ctx(app: web.Application) -> AsyncIterator[None]:
                                 CheckpointWatcher(app[POOL]), settings, listener=app[LISTENER],
                                 supervisor=app[SUPERVISOR])
     app[PROJECTIONS] = service
+    watch = ProjectionMetrics(app[POOL], registry.names())
+    app[METRICS].register(watch)
+    app[METRICS].before_scrape.append(watch.refresh)
     await service.start()
     try:
         yield

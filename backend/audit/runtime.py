@@ -27,8 +27,8 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
                   lambda: int(folder.leading))
     metrics.gauge("tally_audit_tree_size", "Leaves this process has folded into the Merkle tree (0 unless leading)",
                   lambda: folder.size if folder.leading else 0)
-    metrics.gauge("tally_audit_checkpoints_signed_total", "Checkpoints this process's folder has signed",
-                  lambda: folder.signed)
+    metrics.counter("tally_audit_checkpoints_signed_total", "Checkpoints this process's folder has signed",
+                    lambda: folder.signed)
     if settings.run_audit_folder:
         folder.start()
     try:

@@ -67,6 +67,7 @@ async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:
 @routes.get("/metrics")
 @endpoint(public=True, content_type="text/plain", headers=(Header("X-Content-Type-Options", "nosniff"),))
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format."""
-    return web.Response(text=request.app[METRICS].render(), content_type="text/plain", charset="utf-8",
+    """Prometheus text format (version 0.0.4), from this process's own registry."""
+    body = await request.app[METRICS].render(request.app[SETTINGS].ready_timeout_s)
+    return web.Response(body=body, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})

@@ -87,8 +87,9 @@ class AppendBatcher:
         self.fence_misses = 0
         self.batches = 0
         self.batched_requests = 0
-        self.on_batch_done: Callable[[float], None] | None = None
-        """Called with each committed batch's seconds, from taking it to its commit (for /metrics)."""
+        self.on_batch_done: Callable[[float, int], None] | None = None
+        """Called with each committed batch's seconds, from taking it to its commit, and its number of
+        append calls (for /metrics)."""
 
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append atomically; with a claim, also record its response, unless the key is already used
@@ -216,7 +217,7 @@ class AppendBatcher:
             self.batches += 1
             self.batched_requests += len(batch)
             if self.on_batch_done is not None:
-                self.on_batch_done(time.perf_counter() - started)
+                self.on_batch_done(time.perf_counter() - started, len(batch))
             for request, outcome in zip(batch, outcomes, strict=True):
                 self._finish(request, outcome)
         finally:

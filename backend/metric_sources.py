@@ -1,0 +1,57 @@
+"""What /metrics reads from components that do not know about metrics: the pool, the stream hub, the build.
+
+Wired by the composition root (backend/app.py) and the projections worker; read at scrape time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+import asyncpg
+from aiohttp import web
+
+from backend.appkeys import HUB
+from backend.http.metrics import Metrics
+from backend.version import git_commit, version
+
+
+def pool_waiting(pool: asyncpg.Pool) -> int:
+    """Tasks waiting in acquire(): asyncpg keeps them as getters of its holder queue (no public API)."""
+    queue = getattr(pool, "_queue", None)
+    return len(getattr(queue, "_getters", ()))
+
+
+def watch_pool(metrics: Metrics, pool: asyncpg.Pool) -> None:
+    metrics.gauge("tally_db_pool_size", "Connections the pool holds open", pool.get_size)
+    metrics.gauge("tally_db_pool_max_size", "Connections the pool may open (POOL_MAX_SIZE)", pool.get_max_size)
+    metrics.gauge("tally_db_pool_in_use", "Pool connections acquired by a request or a task",
+                  lambda: pool.get_size() - pool.get_idle_size())
+    metrics.gauge("tally_db_pool_waiting", "Tasks waiting for a pool connection", lambda: pool_waiting(pool))
+
+
+def watch_streams(metrics: Metrics, app: web.Application) -> None:
+    """Open streams per kind (log: /v1/stream and its filtered forms; dashboard: the stats stream)."""
+    def subscribers() -> Iterable[tuple[tuple[str, ...], float]]:
+        hub = app.get(HUB)
+        if hub is None:
+            return []
+        return [(("log",), hub.log_streams), (("dashboard",), hub.streams - hub.log_streams)]
+
+    metrics.labelled_gauges("tally_stream_subscribers", "Open event streams by kind", ("kind",), subscribers)
+
+
+def watch_build(metrics: Metrics) -> None:
+    """tally_build_info{version, commit}: the commit is read once, off the event loop, at the first scrape."""
+    build = {"version": version(), "commit": ""}
+    pending = [True]
+
+    async def read_commit() -> None:
+        if pending:
+            commit = await asyncio.to_thread(git_commit)
+            build["commit"] = commit or ""
+            pending.clear()
+
+    metrics.before_scrape.append(read_commit)
+    metrics.info("tally_build_info", "This build's version and git commit (empty when not run from a checkout)",
+                 lambda: build)

@@ -1,0 +1,74 @@
+"""The projections worker's own small HTTP server: /metrics, /health/live and /health/ready, the same
+handlers as `serve`'s, on PROJECTIONS_METRICS_PORT (or `python -m projections --port`); off when 0."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+
+from backend.appkeys import METRICS, POOL, SETTINGS, SUPERVISOR
+from backend.config import Settings
+from backend.event_loop import loop_name
+from backend.http import health
+from backend.http.metrics import SIZES, Metrics, metrics_middleware
+from backend.http.middlewares import error_middleware, request_id_middleware
+from backend.metric_sources import watch_build, watch_pool
+from backend.server.site import CannotListen
+from backend.store.event_store import EventStore
+from backend.store.listener import Listener
+from backend.supervisor import Supervisor
+from projections import registry
+from projections.metrics import ProjectionMetrics
+
+
+def worker_metrics(pool: asyncpg.Pool, store: EventStore, listener: Listener, supervisor: Supervisor) -> Metrics:
+    """The worker's registry: the metrics of `serve` that apply to it (no HTTP API, no streams)."""
+    metrics = Metrics()
+    metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
+                 lambda: {"loop": loop_name()})
+    watch_build(metrics)
+    watch_pool(metrics, pool)
+    metrics.counters("tally_background_task_restarts_total",
+                     "Background tasks (listener, projection runners...) restarted after a failure",
+                     "task", supervisor.restarts)
+    metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
+    metrics.counter("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
+                    lambda: listener.reconnects)
+    metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
+    metrics.counter("tally_append_requests_total", "Append calls carried by those transactions",
+                    lambda: store.batcher.batched_requests)
+    durations = metrics.histogram("tally_append_batch_duration_seconds",
+                                  "Append transactions from start to commit, as this process saw them")
+    sizes = metrics.histogram("tally_append_batch_size", "Append calls per committed transaction", SIZES)
+
+    def batch_done(seconds: float, requests: int) -> None:
+        durations.observe(seconds)
+        sizes.observe(requests)
+
+    store.batcher.on_batch_done = batch_done
+    watch = ProjectionMetrics(pool, registry.names())
+    metrics.register(watch)
+    metrics.before_scrape.append(watch.refresh)
+    return metrics
+
+
+def worker_app(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, supervisor: Supervisor) -> web.Application:
+    app = web.Application(middlewares=[request_id_middleware, metrics_middleware(metrics), error_middleware])
+    app[SETTINGS] = settings
+    app[POOL] = pool
+    app[METRICS] = metrics
+    app[SUPERVISOR] = supervisor
+    app.add_routes(health.routes)
+    return app
+
+
+async def serve_worker_http(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Listening on host:port (else CannotListen, one line); the caller cleans the runner up."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+    return runner
