@@ -20,9 +20,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from backend.app import create_app
 from backend.domain.money import CURRENCIES
 from backend.http.static import CSP
-from tests.conftest import bearer, mint_token
+from tests.conftest import bearer, make_settings, mint_token
 from tests.streaming.conftest import MakeClient
 from tests.streaming.test_browser import CHROMIUM, CHROMIUM_ARGS, api_of
 from tests.system.procs import Process, create_key
@@ -142,8 +143,9 @@ def total_cell(page: Any, currency: str, column: int = 2) -> Any:
 
 
 async def test_a_credit_shows_in_major_units_within_a_second_and_no_key_leaks(
-        make_client: MakeClient, browser: Any, tmp_path: Path) -> None:
-    client = await make_client()
+        aiohttp_client: Any, own_database_url: str, browser: Any, tmp_path: Path) -> None:
+    # a database of its own: the page's head position and per-minute counts see no other test's events
+    client = await aiohttp_client(create_app(make_settings(own_database_url, sse_shutdown_window_s=0.2)))
     app = client.server.app
     admin = await mint_token(app, "operator", ["admin"])
     viewer = await mint_token(app, "ana", ["wallets:read", "audit:read"])  # ana's wallets, every total
