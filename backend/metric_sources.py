@@ -39,6 +39,9 @@ def watch_streams(metrics: Metrics, app: web.Application) -> None:
         return [(("log",), hub.log_streams), (("dashboard",), hub.streams - hub.log_streams)]
 
     metrics.labelled_gauges("tally_stream_subscribers", "Open event streams by kind", ("kind",), subscribers)
+    metrics.counter("tally_stream_evictions_total",
+                    "Streams closed because their client stopped reading (the hub's stall watchdog)",
+                    lambda: hub.evictions if (hub := app.get(HUB)) is not None else 0)
 
 
 def watch_build(metrics: Metrics) -> None:

@@ -123,7 +123,7 @@ TICK_SLICE = 256
 class Subscriber:
     """One stream's state. Slots only: thousands of these sit idle."""
 
-    __slots__ = ("_stall", "_waiter", "closing", "filter", "key_id", "position", "pushable", "render",
+    __slots__ = ("_stall", "_waiter", "closing", "evicted", "filter", "key_id", "position", "pushable", "render",
                  "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started", "transport")
 
     def __init__(self, key_id: str, transport: Transport, position: int, flt: EventFilter | None,
@@ -148,6 +148,8 @@ class Subscriber:
         self.started = False
         """Streaming: from here on its own loop ends it (and leaves the hub)."""
         self.closing = False
+        self.evicted = False
+        """Closed by the stall watchdog: its client stopped reading."""
         self._waiter: asyncio.Future[None] | None = None
         self._stall: asyncio.TimerHandle | None = None
 
@@ -226,6 +228,7 @@ class Subscriber:
             self._arm(limit - idle)
             return
         log.info("closing a stream whose client stopped reading", extra={"key_id": self.key_id})
+        self.evicted = True
         self.transport.abort()
         self.close()
 
@@ -269,6 +272,9 @@ class Hub:
         """Log subscribers that follow one stream, by its id: reached only by that stream's events."""
         self._stats_subscribers: set[Subscriber] = set()
         self._per_key: dict[str, int] = {}
+        self.evictions = 0
+        """Streams the stall watchdog closed because their client stopped reading (a connection the
+        kernel aborts first, after TCP_USER_TIMEOUT, ends as a client that left and is not counted)."""
         self.stats = StatsFeed(stats_source, listener, config.dashboard_interval_s,
                                lambda: self._wake(self._stats_subscribers))
         self._tail_active = asyncio.Event()
@@ -358,6 +364,7 @@ class Hub:
         if subscriber not in group:
             return
         group.discard(subscriber)
+        self.evictions += subscriber.evicted
         stream = subscriber.filter.stream if subscriber.filter is not None else None
         if stream is None:
             self._scanned.discard(subscriber)

@@ -76,6 +76,10 @@ async def test_frozen_client_is_evicted_while_another_keeps_receiving(
     finally:
         stop.set()
         await writer
+    if not kernel_timeout:  # closed by the hub's watchdog: counted, and shown in /metrics
+        assert hub.evictions == 1
+        scrape = await (await client.get("/metrics")).text()
+        assert "tally_stream_evictions_total 1.0" in scrape.splitlines()
     await wait_until(lambda: len(received) >= len(written) or reader.done(), timeout=30)
     reader.cancel()
     assert received == written  # the healthy client missed nothing meanwhile
