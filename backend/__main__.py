@@ -152,8 +152,8 @@ async def serve(settings: Settings) -> None:
 
 
 async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.app import database_dsn
     from backend.db import create_pool
+    from backend.dsn import database_dsn
     from backend.store.migrate import migrate, migration_status
 
     async with database_dsn(settings) as dsn:
@@ -185,10 +185,10 @@ async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
 async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
     """Create or revoke a key straight through the Repository (no server needed, migrating first
     so that the very first admin key can be made on an empty database)."""
-    from backend.app import database_dsn
     from backend.commands import api_keys
     from backend.commands.context import SYSTEM, CommandContext
     from backend.db import create_pool, mask_dsn
+    from backend.dsn import database_dsn
     from backend.store.event_store import EventStore
     from backend.store.migrate import migrate, require_migrated
     from backend.store.repository import Repository

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -26,10 +24,12 @@ from backend.appkeys import (
 from backend.audit.runtime import audit_ctx
 from backend.commands.bus import CommandBus
 from backend.config import Settings
-from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
+from backend.db import connect_kwargs, create_pool, mask_dsn
+from backend.dsn import database_dsn
 from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
 from backend.http import api_keys, audit, audit_tree, cors, deposits, health, openapi, queries, stream_tokens, wallets
+from backend.http import streams as streaming
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
@@ -40,35 +40,14 @@ from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
+from backend.projections_runtime import projections_ctx
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
 from backend.store.repository import Repository
-from backend.streaming import sse as streaming
 from backend.supervisor import Supervisor
-from projections.runtime import projections_ctx
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_DATABASE = "tally"
-
-
-@contextlib.asynccontextmanager
-async def database_dsn(settings: Settings) -> AsyncIterator[str]:
-    """Yield DATABASE_URL, or start the embedded PostgreSQL under DATA_DIR/pg when it is unset."""
-    dsn = settings.dsn()
-    if dsn is not None:
-        yield dsn
-        return
-    from backend.embedded_pg import start_embedded
-
-    server = await asyncio.to_thread(start_embedded, settings.data_dir / "pg")
-    try:
-        await ensure_database(server.dsn("postgres"), EMBEDDED_DATABASE)
-        yield server.dsn(EMBEDDED_DATABASE)
-    finally:
-        await asyncio.to_thread(server.stop)
-
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     async with database_dsn(app[SETTINGS]) as dsn:

@@ -21,8 +21,8 @@ log = logging.getLogger("projections")
 
 
 async def work(settings: Settings) -> None:
-    from backend.app import database_dsn
     from backend.commands.bus import CommandBus
+    from backend.dsn import database_dsn
     from backend.store.event_store import EventStore
     from backend.store.listener import Listener
     from backend.store.migrate import migrate
