@@ -138,8 +138,8 @@ async def serve(settings: Settings) -> None:
 
 
 async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.app import database_dsn
     from backend.db import create_pool
+    from backend.dsn import database_dsn
     from backend.store.migrate import migrate, migration_status
 
     async with database_dsn(settings) as dsn:
@@ -171,35 +171,21 @@ async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
 async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
     """Create or revoke a key straight through the Repository (no server needed, migrating first
     so that the very first admin key can be made on an empty database)."""
-    from backend.app import database_dsn
+    from backend.bootstrap import open_core
     from backend.commands import api_keys
     from backend.commands.context import SYSTEM, CommandContext
-    from backend.db import create_pool, mask_dsn
-    from backend.store.event_store import EventStore
-    from backend.store.migrate import migrate, require_migrated
-    from backend.store.repository import Repository
 
-    async with database_dsn(settings) as dsn:
-        pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2}))
-        store = EventStore(pool)
-        try:
-            async with pool.acquire() as conn:
-                if settings.apply_migrations:
-                    await migrate(conn)
-                else:
-                    await require_migrated(conn, mask_dsn(dsn))
-            repo = Repository(store)
-            ctx = CommandContext(SYSTEM)
-            if args.keys_command == "create":
-                key_id, token = api_keys.new_token()
-                decision = await api_keys.create_key(repo, ctx, key_id, token, args.owner, args.name, args.scopes,
-                                                     args.expires_at)
-            else:
-                decision = await api_keys.revoke_key(repo, ctx, args.key_id)
-            await repo.save(*decision.aggregates, metadata={**ctx.metadata(), "via": "cli"})
-        finally:
-            await store.close()
-            await pool.close()
+    small = settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
+    async with open_core(small, require_migrations=True) as core:
+        repo = core.repository
+        ctx = CommandContext(SYSTEM, now=core.clock.now())
+        if args.keys_command == "create":
+            key_id, token = api_keys.new_token()
+            decision = await api_keys.create_key(repo, ctx, key_id, token, args.owner, args.name, args.scopes,
+                                                 args.expires_at)
+        else:
+            decision = await api_keys.revoke_key(repo, ctx, args.key_id)
+        await repo.save(*decision.aggregates, metadata={**ctx.metadata(), "via": "cli"})
     if args.keys_command == "create":
         if args.token_only:
             print(token)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,7 +11,9 @@ from aiohttp.typedefs import Middleware
 from backend.appkeys import (
     AUTH_FAILURES,
     AUTHENTICATOR,
+    CLOCK,
     COMMANDS,
+    CORE,
     DATABASE_DSN,
     LISTENER,
     METRICS,
@@ -24,12 +24,13 @@ from backend.appkeys import (
     SUPERVISOR,
 )
 from backend.audit.runtime import audit_ctx
-from backend.commands.bus import CommandBus
+from backend.bootstrap import open_core
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.config import Settings
-from backend.db import connect_kwargs, create_pool, ensure_database, mask_dsn
 from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
 from backend.http import api_keys, audit, audit_tree, cors, deposits, health, openapi, queries, stream_tokens, wallets
+from backend.http import streams as streaming
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
@@ -41,71 +42,31 @@ from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
 from backend.metric_sources import watch_build, watch_pool, watch_streams
-from backend.store.event_store import EventStore
-from backend.store.listener import Listener
-from backend.store.migrate import migrate
-from backend.store.repository import Repository
-from backend.streaming import sse as streaming
+from backend.projections_runtime import projections_ctx
 from backend.supervisor import Supervisor
-from projections.runtime import projections_ctx
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_DATABASE = "tally"
 
-
-@contextlib.asynccontextmanager
-async def database_dsn(settings: Settings) -> AsyncIterator[str]:
-    """Yield DATABASE_URL, or start the embedded PostgreSQL under DATA_DIR/pg when it is unset."""
-    dsn = settings.dsn()
-    if dsn is not None:
-        yield dsn
-        return
-    from backend.embedded_pg import start_embedded
-
-    server = await asyncio.to_thread(start_embedded, settings.data_dir / "pg")
-    try:
-        await ensure_database(server.dsn("postgres"), EMBEDDED_DATABASE)
-        yield server.dsn(EMBEDDED_DATABASE)
-    finally:
-        await asyncio.to_thread(server.stop)
-
-
-async def database_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with database_dsn(app[SETTINGS]) as dsn:
-        app[DATABASE_DSN] = dsn
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The core (backend.bootstrap.open_core: database, pool, store, listener, repository, bus), keyed for
+    the handlers; it closes after every context added later."""
+    async with open_core(app[SETTINGS], clock=app[CLOCK], supervisor=app[SUPERVISOR]) as core:
+        app[CORE] = core
+        app[DATABASE_DSN] = core.dsn
+        app[POOL] = core.pool
+        app[STORE] = core.store
+        app[LISTENER] = core.listener
+        app[REPOSITORY] = core.repository
+        app[COMMANDS] = core.bus
+        watch_pool(app[METRICS], core.pool)
         yield
-
-
-async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    dsn = app[DATABASE_DSN]
-    pool = await create_pool(dsn, settings)
-    log.info("database pool open", extra={"database": mask_dsn(dsn), "max_size": settings.pool_max_size})
-    app[POOL] = pool
-    watch_pool(app[METRICS], pool)
-    try:
-        if settings.apply_migrations:
-            async with pool.acquire() as conn:
-                await migrate(conn)
-        yield
-    finally:
-        await pool.close()
 
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The event store (with its append batcher) and this process's one LISTEN connection."""
+    """The core's gauges, and the API key authenticator that follows the log."""
     settings = app[SETTINGS]
-    store = EventStore(app[POOL], max_batch_events=settings.append_batch_max_events)
-    listener = Listener(app[DATABASE_DSN], poll_interval_s=settings.listener_poll_s,
-                        connect_kwargs=connect_kwargs(settings), supervisor=app[SUPERVISOR])
-    await listener.start(timeout=settings.connect_timeout_s + 5)
-    app[STORE] = store
-    app[LISTENER] = listener
-    repository = Repository(store, snapshot_every=settings.snapshot_every)
-    app[REPOSITORY] = repository
-    commands = CommandBus(repository)
-    app[COMMANDS] = commands
+    store, listener, repository, commands = app[STORE], app[LISTENER], app[REPOSITORY], app[COMMANDS]
     metrics = app[METRICS]
     metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
     metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
@@ -126,7 +87,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.counter("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
                     lambda: listener.reconnects)
     authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s,
-                                        supervisor=app[SUPERVISOR])
+                                        supervisor=app[SUPERVISOR], wall_clock=app[CLOCK])
     app[AUTHENTICATOR] = authenticator
     metrics.counter("tally_api_key_lookups_total", "API key lookups that went to the database",
                     lambda: authenticator.loads)
@@ -135,8 +96,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await authenticator.close()
-        await store.close()
-        await listener.close()
 
 
 async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -151,7 +110,8 @@ ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, 
                 audit_tree.routes, queries.routes, stream_tokens.routes, streaming.routes, static_routes)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> web.Application:
+    """The web application around the core; clock: what every part of it takes as now (tests move it)."""
     metrics = Metrics()
     metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
                  lambda: {"loop": loop_name()})
@@ -165,6 +125,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.insert(0, cors.cors_middleware(origins))
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
+    app[CLOCK] = clock
     if origins:
         app.on_response_prepare.append(cors.cors_headers(origins))
     app[METRICS] = metrics
@@ -185,8 +146,7 @@ def create_app(settings: Settings) -> web.Application:
         metrics.counter("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
                         lambda: failures.refused)
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
-    app.cleanup_ctx.append(database_ctx)
-    app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(projections_ctx)

@@ -7,6 +7,8 @@ from aiohttp import web
 
 from backend.audit.folder import Folder
 from backend.audit.signing import Signer
+from backend.bootstrap import Core
+from backend.clock import Clock
 from backend.commands.bus import CommandBus
 from backend.config import Settings
 from backend.http.auth_failures import AuthFailures
@@ -20,6 +22,8 @@ from backend.supervisor import Supervisor
 from projections.service import ProjectionService
 
 SETTINGS = web.AppKey("settings", Settings)
+CLOCK = web.AppKey("clock", Clock)
+"""Now, for every part of the app outside the domain (backend.clock; tests pass a ManualClock)."""
 METRICS = web.AppKey("metrics", Metrics)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 """Runs (and restarts) every background task of the process: backend.supervisor."""
@@ -29,6 +33,8 @@ STORE = web.AppKey("store", EventStore)
 LISTENER = web.AppKey("listener", Listener)
 REPOSITORY = web.AppKey("repository", Repository)
 COMMANDS = web.AppKey("commands", CommandBus)
+CORE = web.AppKey("core", Core)
+"""The whole core (backend.bootstrap); the keys above name its parts for the handlers."""
 AUTHENTICATOR = web.AppKey("authenticator", ApiKeyAuthenticator)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 

@@ -210,8 +210,8 @@ commit;
 async def apply(settings: Settings, roles: Roles) -> None:
     import asyncpg
 
-    from backend.app import database_dsn
     from backend.db import connect_kwargs
+    from backend.dsn import database_dsn
 
     async with database_dsn(settings) as dsn:
         conn = await asyncpg.connect(dsn, **connect_kwargs(settings))

@@ -14,7 +14,7 @@ import sys
 from aiohttp import web
 
 from backend.config import ConfigError, Settings, check_environment, load_settings
-from backend.db import DatabaseUnavailable, connect_kwargs, create_pool
+from backend.db import DatabaseUnavailable
 from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
@@ -24,39 +24,24 @@ log = logging.getLogger("projections")
 
 
 async def work(settings: Settings) -> None:
-    from backend.app import database_dsn
-    from backend.commands.bus import CommandBus
-    from backend.store.event_store import EventStore
-    from backend.store.listener import Listener
-    from backend.store.migrate import migrate
-    from backend.store.repository import Repository
-    from backend.supervisor import Supervisor
-    from projections.http import serve_worker_http, worker_app, worker_metrics
+    from backend.bootstrap import open_core
+    from backend.http.worker import serve_worker_http, worker_app, worker_metrics
     from projections.registry import all_projections
     from projections.service import ProjectionService, connector
     from projections.waiting import CheckpointWatcher
 
-    async with database_dsn(settings) as dsn:
-        pool = await create_pool(dsn, settings)
-        store = EventStore(pool, max_batch_events=settings.append_batch_max_events)
-        supervisor = Supervisor()  # runs and restarts the listener and the runners
-        listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),
-                            supervisor=supervisor)
+    async with open_core(settings) as core:  # its supervisor runs and restarts the listener and the runners
+        service = ProjectionService(
+            all_projections(core.bus, expiry_batch_size=settings.expiry_batch_size, clock=core.clock),
+            connector(core.dsn, settings, durable_commits=False), CheckpointWatcher(core.pool), settings,
+            listener=core.listener, supervisor=core.supervisor,
+        )
         http: web.AppRunner | None = None
         try:
-            if settings.apply_migrations:
-                async with pool.acquire() as conn:
-                    await migrate(conn)
-            await listener.start(timeout=settings.connect_timeout_s + 5)
-            bus = CommandBus(Repository(store, snapshot_every=settings.snapshot_every))
-            service = ProjectionService(
-                all_projections(bus, expiry_batch_size=settings.expiry_batch_size),
-                connector(dsn, settings, durable_commits=False), CheckpointWatcher(pool), settings, listener=listener,
-                supervisor=supervisor,
-            )
             if settings.projections_metrics_port:  # first: a port that is taken fails before any work starts
                 http = await serve_worker_http(
-                    worker_app(settings, pool, worker_metrics(pool, store, listener, supervisor), supervisor),
+                    worker_app(settings, core.pool, worker_metrics(core.pool, core.store, core.listener,
+                                                                   core.supervisor), core.supervisor),
                     settings.host, settings.projections_metrics_port)
             await service.start()
             tune_for_serving()
@@ -73,10 +58,6 @@ async def work(settings: Settings) -> None:
         finally:
             if http is not None:
                 await http.cleanup()
-            await listener.close()
-            await supervisor.close()
-            await store.close()
-            await pool.close()
 
 
 def port_number(text: str) -> int:

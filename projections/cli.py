@@ -49,7 +49,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def show_status(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.app import database_dsn
+    from backend.dsn import database_dsn
 
     async with database_dsn(settings) as dsn:
         pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
@@ -78,7 +78,7 @@ def format_table(found: list[ProjectionStatus]) -> str:
 
 
 async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.app import database_dsn
+    from backend.dsn import database_dsn
 
     if args.all == bool(args.names):
         print("tally: error: name the projections to rebuild, or give --all", file=sys.stderr)

@@ -19,13 +19,13 @@ wallet is enough, because expiring one due reservation records every due one of 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
 
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands import wallets
 from backend.commands.bus import CommandBus, Decision, Quiet
 from backend.commands.context import SYSTEM, CommandContext
@@ -59,12 +59,14 @@ class Expiry(Projection):
     types = frozenset({"CreditReserved", *CLOSING})
     tables = ("expiry_schedule",)
 
-    def __init__(self, bus: CommandBus | None = None, *, batch_size: int = 100) -> None:
+    def __init__(self, bus: CommandBus | None = None, *, batch_size: int = 100, clock: Clock = SYSTEM_CLOCK) -> None:
         self.bus = bus
         """None: only project the schedule (rebuilds, status), never issue commands."""
         self.batch_size = batch_size
+        self.clock = clock
+        """What is due is due by this clock, and expired at its time (the command's now)."""
         self.expired = 0
-        self._attempted: dict[UUID, float] = {}
+        self._attempted: dict[UUID, datetime] = {}
         self._next_due: datetime | None = None
         self._next_due_known = False
         """Whether _next_due (None: nothing scheduled) is the earliest deadline in expiry_schedule, or earlier."""
@@ -103,7 +105,7 @@ class Expiry(Projection):
     async def tick(self, conn: Connection) -> float | None:
         if self.bus is None:
             return None
-        now = datetime.now(UTC)
+        now = self.clock.now()
         if self._next_due_known:
             if self._next_due is None:
                 return None
@@ -121,13 +123,14 @@ class Expiry(Projection):
         if upcoming <= now:  # due, but attempted a moment ago: wait for its closing event
             return RECHECK_S
         self._next_due, self._next_due_known = upcoming, True
-        return (upcoming - datetime.now(UTC)).total_seconds()
+        return (upcoming - self.clock.now()).total_seconds()
 
     async def _expire(self, due: Sequence[asyncpg.Record]) -> int:
         """Issue one expire per wallet with a due reservation; return how many were issued."""
         assert self.bus is not None
-        clock = time.monotonic()
-        self._attempted = {r: t for r, t in self._attempted.items() if clock - t < RETRY_AFTER_S}
+        clock = self.clock.now()
+        self._attempted = {r: t for r, t in self._attempted.items()
+                           if timedelta(0) <= clock - t < timedelta(seconds=RETRY_AFTER_S)}
         seen: set[UUID] = set()
         issued = 0
         for row in due:
@@ -148,7 +151,7 @@ class Expiry(Projection):
         async def decide(ctx: CommandContext) -> Decision:
             return await wallets.expire(repo, ctx, wallet_id, reservation_id)
 
-        ctx = CommandContext(SYSTEM, correlation_id=f"expiry-{reservation_id}")
+        ctx = CommandContext(SYSTEM, correlation_id=f"expiry-{reservation_id}", now=self.clock.now())
         try:
             await self.bus.execute(ctx, [wallet_stream(wallet_id)], decide, Quiet())
         except ReservationNotOpen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.bus import CommandBus
 from projections.api_keys import ApiKeys
 from projections.balances import Balances
@@ -15,9 +16,11 @@ from projections.reservations import Reservations
 from projections.stats import Stats
 
 
-def all_projections(bus: CommandBus | None = None, *, expiry_batch_size: int = 100) -> list[Projection]:
+def all_projections(bus: CommandBus | None = None, *, expiry_batch_size: int = 100,
+                    clock: Clock = SYSTEM_CLOCK) -> list[Projection]:
     """Every projection; with no bus, the expiry process manager only projects (never commands)."""
-    return [Balances(), Reservations(), Deposits(), ApiKeys(), Stats(), Expiry(bus, batch_size=expiry_batch_size)]
+    return [Balances(), Reservations(), Deposits(), ApiKeys(), Stats(),
+            Expiry(bus, batch_size=expiry_batch_size, clock=clock)]
 
 
 def names() -> list[str]:

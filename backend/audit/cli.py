@@ -134,8 +134,8 @@ async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection[asy
     """One connection to DATABASE_URL (or the embedded server), jsonb decoded like the app's pool."""
     import asyncpg
 
-    from backend.app import database_dsn
     from backend.db import DatabaseUnavailable, connect_kwargs, describe, init_connection, mask_dsn
+    from backend.dsn import database_dsn
     from backend.store.migrate import require_migrated
 
     async with database_dsn(settings) as dsn:

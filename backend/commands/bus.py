@@ -21,11 +21,11 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from eventsourcing.domain import Aggregate
 
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError, IdempotencyConflict, IdempotencyInFlight, TooMuchContention
 from backend.commands.locks import StreamLocks
@@ -87,8 +87,11 @@ Decide = Callable[[CommandContext], Awaitable[Decision]]
 
 
 class CommandBus:
-    def __init__(self, repository: Repository, *, max_attempts: int = 25, optimistic: bool = True) -> None:
+    def __init__(self, repository: Repository, *, max_attempts: int = 25, optimistic: bool = True,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
         self.repository = repository
+        self.clock = clock
+        """A retry decides again at this clock's now (the first attempt at the context's)."""
         self.max_attempts = max_attempts
         self.optimistic = optimistic
         self.locks = StreamLocks()
@@ -157,7 +160,7 @@ class CommandBus:
                 # next attempt reads the streams' tails; a little jitter keeps two losers from colliding.
                 self.conflicts += 1
                 optimistic = False
-                now = datetime.now(UTC)
+                now = self.clock.now()
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # noqa: S311 (jitter)
                 continue
             except IdempotencyKeyUsed as used:

@@ -22,13 +22,12 @@ from backend.commands.wallets import load_wallet, wallet_body
 from backend.domain import Deposit, Wallet, deposit_stream, derive_address, wallet_stream
 from backend.domain.errors import CurrencyMismatch, InvalidTransition, ValidationError
 from backend.domain.money import require_currency
+from backend.domain.registry import CHAIN_TX_CLAIMED
 from backend.store.events import NO_STREAM, NewEvent, Write
 from backend.store.repository import Repository
 
 PENDING, CONFIRMING, CONFIRMED, FAILED, EXPIRED = "pending", "confirming", "confirmed", "failed", "expired"
 
-CHAIN_TX_CLAIMED = "ChainTxClaimed"
-"""Type of the one event in a claim stream. Not an aggregate event: projections can ignore it."""
 CLAIM_SCHEMA_VERSION = 1
 
 

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from backend.appkeys import POOL, REPOSITORY
+from backend.appkeys import CLOCK, POOL, REPOSITORY
 from backend.audit import history
 from backend.audit.export import export_pages
 from backend.audit.verify import head, verify_database
@@ -169,7 +169,7 @@ async def wallet_state(request: web.Request) -> web.Response:
         moment: datetime = await request.app[POOL].fetchval(RECORDED_AT_SQL, q.at_position)
     else:
         assert q.as_of is not None
-        if q.as_of > datetime.now(UTC):
+        if q.as_of > request.app[CLOCK].now():
             raise invalid_parameters(("as_of", "in the future: the answer could still change"))
         moment = q.as_of
     wallet, position = await request.app[REPOSITORY].as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of)

@@ -27,9 +27,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from uuid import UUID
 
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.api_keys import parse_token
 from backend.commands.context import Actor
 from backend.domain import ApiKey, parse_stream_id, verify_secret
@@ -84,6 +85,7 @@ class ApiKeyAuthenticator:
         min_interval_s: float = 0.05,
         page_size: int = 1000,
         supervisor: Supervisor | None = None,
+        wall_clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.repository = repository
         self.listener = listener
@@ -91,6 +93,8 @@ class ApiKeyAuthenticator:
         self.negative_ttl_s = negative_ttl_s
         self.max_unknown = max_unknown
         self.clock = clock
+        self.wall_clock = wall_clock
+        """Judges keys' expires_at (clock, monotonic, paces the cache)."""
         self.poll_interval_s = poll_interval_s
         self.min_interval_s = min_interval_s
         """Floor between two log scans: under write load the Listener wakes on every append."""
@@ -164,9 +168,8 @@ class ApiKeyAuthenticator:
             entry = await self._load_once(key_id)
         return self._unexpired(entry) if isinstance(entry, KnownKey) else None
 
-    @staticmethod
-    def _unexpired(entry: KnownKey) -> Actor | None:
-        if entry.expires_at is not None and datetime.now(UTC) >= entry.expires_at:
+    def _unexpired(self, entry: KnownKey) -> Actor | None:
+        if entry.expires_at is not None and self.wall_clock.now() >= entry.expires_at:
             return None
         return entry.actor
 

@@ -10,7 +10,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
-from backend.appkeys import COMMANDS
+from backend.appkeys import CLOCK, COMMANDS
 from backend.commands.bus import Decide, Decision, IdempotencyKey, Reply
 from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError
@@ -115,7 +115,8 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
 async def run_command(request: web.Request, streams: list[str], decide: Decide) -> web.Response:
     """Execute through the bus and answer with its (possibly replayed) bytes."""
     request_id = request.get(REQUEST_ID)
-    ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id)
+    ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id,
+                         now=request.app[CLOCK].now())
     idem = idempotency_key(request, await request.read())
     try:
         renderer = JsonRenderer(request_id, reply_model(request))

@@ -12,13 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from aiohttp import web
 
-from backend.appkeys import POOL, PROJECTIONS, SETTINGS
+from backend.appkeys import CLOCK, POOL, PROJECTIONS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, Param, endpoint, reply_model
@@ -121,7 +120,7 @@ async def get_wallet(request: web.Request) -> web.Response:
     actor = request[ACTOR]
     wallet_id = path_uuid(request, "wallet_id")
     await reach(request, balances.Balances.name)
-    checkpoint, wallet = await balances.get_wallet(request.app[POOL], wallet_id, datetime.now(UTC))
+    checkpoint, wallet = await balances.get_wallet(request.app[POOL], wallet_id, request.app[CLOCK].now())
     if wallet is None:
         raise not_found(f"wallet {wallet_id}", checkpoint)
     if not actor.can_act_for(wallet["owner"]):
@@ -145,7 +144,8 @@ async def list_wallets(request: web.Request) -> web.Response:
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
     await reach(request, balances.Balances.name)
-    checkpoint, found = await balances.list_wallets(request.app[POOL], owner, after, limit + 1, datetime.now(UTC))
+    checkpoint, found = await balances.list_wallets(request.app[POOL], owner, after, limit + 1,
+                                                    request.app[CLOCK].now())
     return answer(request, page_of(found, limit, "wallet_id"), checkpoint)
 
 
@@ -190,7 +190,7 @@ async def get_reservation(request: web.Request) -> web.Response:
     actor = request[ACTOR]
     reservation_id = path_uuid(request, "reservation_id")
     await reach(request, reservations.Reservations.name)
-    checkpoint, found = await reservations.get_reservation(request.app[POOL], reservation_id, datetime.now(UTC))
+    checkpoint, found = await reservations.get_reservation(request.app[POOL], reservation_id, request.app[CLOCK].now())
     if found is None:
         raise not_found(f"reservation {reservation_id}", checkpoint)
     if not actor.can_act_for(found["owner"]):
@@ -220,7 +220,7 @@ async def get_stats(request: web.Request) -> web.Response:
     """Totals per currency and event counts, as of one instant of the stats read model."""
     await reach(request, stats.Stats.name)
     async with request.app[POOL].acquire() as conn:
-        checkpoint, body = await stats.get_stats(conn, datetime.now(UTC))
+        checkpoint, body = await stats.get_stats(conn, request.app[CLOCK].now())
     return answer(request, body, checkpoint)
 
 

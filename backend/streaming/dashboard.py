@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.store.listener import Listener
 from projections.stats import get_stats
 
@@ -80,12 +80,12 @@ class StatsFeed:
                 await self._listener.wait_beyond(self.position, IDLE_RECHECK_S)
 
 
-def projection_stats(db: asyncpg.Pool) -> StatsSource:
-    """The stats read model (projections/stats.py) and its checkpoint, read in one snapshot."""
+def projection_stats(db: asyncpg.Pool, clock: Clock = SYSTEM_CLOCK) -> StatsSource:
+    """The stats read model (projections/stats.py) and its checkpoint, read in one snapshot, as of clock's now."""
 
     async def read() -> tuple[Stats, int]:
         async with db.acquire() as conn:
-            checkpoint, stats = await get_stats(conn, datetime.now(UTC))
+            checkpoint, stats = await get_stats(conn, clock.now())
         return stats, checkpoint
 
     return read

@@ -8,8 +8,7 @@ from datetime import datetime
 from typing import Any, Union, get_args, get_origin
 from uuid import UUID
 
-from backend.commands.deposits import CHAIN_TX_CLAIMED
-from backend.domain.registry import EVENT_TYPES, event_fields
+from backend.domain.registry import CHAIN_TX_CLAIMED, EVENT_TYPES, event_fields
 
 UUID_SCHEMA = {"type": "string", "format": "uuid"}
 TIME_SCHEMA = {"type": "string", "format": "date-time"}

@@ -17,7 +17,9 @@ from aiohttp.test_utils import TestClient
 
 from backend.app import create_app
 from backend.appkeys import AUTHENTICATOR, REPOSITORY
+from backend.clock import ManualClock
 from backend.commands.api_keys import new_token
+from backend.config import Settings
 from backend.domain import SCOPES, ApiKey, hash_secret
 from backend.http import models
 from backend.http.ratelimit import RateLimiter
@@ -325,24 +327,28 @@ async def test_the_revocation_tailer_moves_past_the_events_it_does_not_want(
     assert await probe(client, revoked_key["secret"]) == 401
 
 
-async def test_expired_keys_get_401(client: TestClient) -> None:
+async def test_expired_keys_get_401(aiohttp_client: AIOHTTPClient, settings: Settings) -> None:
+    """A cached key stops working the moment the app's clock reaches its expires_at (the clock is moved)."""
+    clock = ManualClock()
+    client = await aiohttp_client(create_app(settings, clock))
     app = client.server.app
-    past = datetime.now(UTC) - timedelta(hours=2)
+    past = clock.now() - timedelta(hours=2)
     key_id, token = new_token()
     expired = ApiKey.create(key_id, "alice", "old", ["wallets:read"], hash_secret(token), past + timedelta(hours=1),
                             past)
     await app[REPOSITORY].save(expired)
     assert await probe(client, token) == 401
 
-    expires_at = datetime.now(UTC) + timedelta(seconds=1.5)
+    expires_at = clock.now() + timedelta(seconds=1.5)
     key_id, token = new_token()
-    soon = ApiKey.create(key_id, "alice", "soon", ["wallets:read"], hash_secret(token), expires_at,
-                         datetime.now(UTC))
+    soon = ApiKey.create(key_id, "alice", "soon", ["wallets:read"], hash_secret(token), expires_at, clock.now())
     await app[REPOSITORY].save(soon)
     assert await probe(client, token) == 403  # valid, and now cached
-    await wait_for_status(client, token, 401, timeout=5)
-    assert datetime.now(UTC) >= expires_at
-    assert datetime.now(UTC) - expires_at < timedelta(seconds=1)
+    clock.advance(timedelta(seconds=1.5) - timedelta(microseconds=1))
+    assert await probe(client, token) == 403  # a microsecond before its deadline
+    clock.advance(timedelta(microseconds=1))
+    assert clock.now() == expires_at
+    assert await probe(client, token) == 401
 
 
 # ---------------------------------------------------------------- rate limits

@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from backend.app import create_app
 from backend.appkeys import COMMANDS, STORE
+from backend.clock import ManualClock
+from backend.config import Settings
 from backend.domain import Wallet
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
 from tests.conftest import bearer, mint_token
 
 PROBLEM = "application/problem+json"
+AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 
 
 class Api:
@@ -104,11 +110,18 @@ async def test_reservations_confirm_partial_and_rollback(admin: Api) -> None:
     assert closed["code"] == "reservation_not_open"
 
 
-async def test_a_reservation_past_its_expiry_is_409_expired_to_confirm_and_rollback(admin: Api) -> None:
-    """Whether or not the expiry process has recorded it yet: the answer is the same."""
+async def test_a_reservation_past_its_expiry_is_409_expired_to_confirm_and_rollback(
+    aiohttp_client: AIOHTTPClient, settings: Settings
+) -> None:
+    """Whether or not the expiry process has recorded it yet: the answer is the same. The app's clock is
+    moved to the deadline (no waiting)."""
+    clock = ManualClock()
+    client = await aiohttp_client(create_app(settings, clock))
+    admin = Api(client, bearer(await mint_token(client.server.app, "operator", ["admin"])))
     wid = await open_funded(admin, amount=1000)
     reserved = await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 400, "ttl_seconds": 1}, status=201)
-    await asyncio.sleep(1.1)
+    assert datetime.fromisoformat(reserved["expires_at"]) == clock.now() + timedelta(seconds=1)
+    clock.advance(1)
     for action, body in (("confirm", {"amount": 400}), ("rollback", {})):
         late = await admin.post(f"/v1/wallets/{wid}/reservations/{reserved['reservation_id']}/{action}", body,
                                 status=409)

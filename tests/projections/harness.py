@@ -1,21 +1,22 @@
-"""Test harness for projections: a "node" (what one process holds: pool, store, listener, bus and
+"""Test harness for projections: a "node" (what one process holds: the core of backend.bootstrap and
 projection runners), condition waits, and apps whose read endpoints are the read-model ones."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
 
+from backend.bootstrap import Core, open_core
+from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.bus import CommandBus
 from backend.config import Settings
-from backend.db import connect_kwargs, pool_options
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
-from backend.store.repository import Repository
 from projections import registry
 from projections.base import Projection
 from projections.service import ProjectionService, connector
@@ -35,37 +36,52 @@ async def eventually(check: Check, timeout: float = 15.0, what: str = "condition
 
 
 def settings_for(dsn: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"rate_limit_per_s": 0, "projection_poll_s": 0.2, "projection_standby_retry_s": 0.2}
+    values: dict[str, Any] = {"rate_limit_per_s": 0, "projection_poll_s": 0.2, "projection_standby_retry_s": 0.2,
+                              "listener_poll_s": 0.5}
     values.update(overrides)
     return make_settings(dsn, **values)
 
 
 class Node:
-    """Everything one process holds: its own pool, store, listener, bus and projection runners."""
+    """Everything one process holds: its core (backend.bootstrap: pool, store, listener, bus, clock) and
+    its projection runners. Pass a ManualClock to move time instead of waiting for it."""
 
     def __init__(self, dsn: str, settings: Settings) -> None:
         self.dsn = dsn
         self.settings = settings
-        self.pool: asyncpg.Pool
-        self.store: EventStore
-        self.listener: Listener
-        self.bus: CommandBus
+        self.core: Core
         self.service: ProjectionService | None = None
+        self._closing = contextlib.AsyncExitStack()
 
     @classmethod
-    async def open(cls, dsn: str, settings: Settings | None = None) -> Node:
+    async def open(cls, dsn: str, settings: Settings | None = None, clock: Clock = SYSTEM_CLOCK) -> Node:
         node = cls(dsn, settings or settings_for(dsn))
-        pool = await asyncpg.create_pool(dsn, min_size=1, max_size=8, **pool_options())
-        assert pool is not None
-        node.pool = pool
-        node.store = EventStore(pool)
-        node.listener = Listener(dsn, poll_interval_s=0.5, connect_kwargs=connect_kwargs(node.settings))
-        await node.listener.start()
-        node.bus = CommandBus(Repository(node.store))
+        unmigrated = node.settings.model_copy(update={"apply_migrations": False})  # the fixture migrated
+        node.core = await node._closing.enter_async_context(open_core(unmigrated, dsn=dsn, clock=clock))
         return node
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self.core.pool
+
+    @property
+    def store(self) -> EventStore:
+        return self.core.store
+
+    @property
+    def listener(self) -> Listener:
+        return self.core.listener
+
+    @property
+    def bus(self) -> CommandBus:
+        return self.core.bus
+
+    @property
+    def clock(self) -> Clock:
+        return self.core.clock
+
     async def start(self, projections: Sequence[Projection] | None = None) -> ProjectionService:
-        chosen = registry.all_projections(self.bus) if projections is None else projections
+        chosen = registry.all_projections(self.bus, clock=self.clock) if projections is None else projections
         self.service = ProjectionService(chosen, connector(self.dsn, self.settings, durable_commits=False),
                                          CheckpointWatcher(self.pool), self.settings, listener=self.listener)
         await self.service.start()
@@ -78,9 +94,7 @@ class Node:
 
     async def close(self) -> None:
         await self.stop()
-        await self.listener.close()
-        await self.store.close()
-        await self.pool.close()
+        await self._closing.aclose()
 
     async def caught_up(self, names: Sequence[str] | None = None) -> bool:
         """Every named projection's checkpoint is at the head of the log."""

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import COMMANDS, DATABASE_DSN, LISTENER, METRICS, POOL, PROJECTIONS, SETTINGS, SUPERVISOR
+from backend.appkeys import CLOCK, COMMANDS, DATABASE_DSN, LISTENER, METRICS, POOL, PROJECTIONS, SETTINGS, SUPERVISOR
 from projections import registry
 from projections.metrics import ProjectionMetrics
 from projections.registry import all_projections
@@ -20,7 +20,7 @@ from projections.waiting import CheckpointWatcher
 
 async def projections_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    chosen = all_projections(app[COMMANDS], expiry_batch_size=settings.expiry_batch_size) \
+    chosen = all_projections(app[COMMANDS], expiry_batch_size=settings.expiry_batch_size, clock=app[CLOCK]) \
         if settings.run_projections else []
     service = ProjectionService(chosen, connector(app[DATABASE_DSN], settings, durable_commits=False),
                                 CheckpointWatcher(app[POOL]), settings, listener=app[LISTENER],
