@@ -106,12 +106,12 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[COMMANDS] = commands
     metrics = app[METRICS]
     metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
-    metrics.gauge("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
+    metrics.gauge("tally_append_batches_total", "Append transactions committed", lambda: store.counters().batches)
     metrics.gauge("tally_append_requests_total", "Append calls carried by those transactions",
-                  lambda: store.batcher.batched_requests)
-    store.batcher.on_batch_done = metrics.histogram(
+                  lambda: store.counters().batched_requests)
+    store.observe_batches(metrics.histogram(
         "tally_append_batch_duration_seconds",
-        "Append transactions from start to commit (the disk flush included), as this process saw them").observe
+        "Append transactions from start to commit (the disk flush included), as this process saw them").observe)
     metrics.gauge("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
                   lambda: commands.conflicts)
     metrics.gauge("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
