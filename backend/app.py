@@ -16,6 +16,7 @@ from backend.appkeys import (
     COMMANDS,
     DATABASE_DSN,
     LISTENER,
+    LOG_TAIL,
     METRICS,
     POOL,
     REPOSITORY,
@@ -44,6 +45,7 @@ from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate
 from backend.store.repository import Repository
+from backend.store.tail import LogTail
 from backend.streaming import sse as streaming
 from backend.supervisor import Supervisor
 from projections.runtime import projections_ctx
@@ -100,6 +102,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     await listener.start(timeout=settings.connect_timeout_s + 5)
     app[STORE] = store
     app[LISTENER] = listener
+    app[LOG_TAIL] = tail = LogTail(app[POOL], listener, page_size=settings.sse_page_size,
+                                   idle_s=settings.sse_checkpoint_s, supervisor=app[SUPERVISOR])
     repository = Repository(store, snapshot_every=settings.snapshot_every)
     app[REPOSITORY] = repository
     commands = CommandBus(repository)
@@ -126,6 +130,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await authenticator.close()
+        await tail.close()
         await store.close()
         await listener.close()
 

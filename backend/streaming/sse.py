@@ -28,7 +28,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp_sse import EventSourceResponse
 
-from backend.appkeys import HUB, LISTENER, POOL, REPOSITORY, SETTINGS, SUPERVISOR
+from backend.appkeys import HUB, LISTENER, LOG_TAIL, POOL, REPOSITORY, SETTINGS, SUPERVISOR
 from backend.commands.context import Actor
 from backend.db import describe, is_unavailable
 from backend.domain import Wallet, wallet_stream
@@ -62,7 +62,7 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     """This process's hub, reading through the app's pool and woken by its one Listener."""
     pool = app[POOL]
     hub = Hub(pool, app[LISTENER], HubConfig.from_settings(app[SETTINGS]), projection_stats(pool),
-              app[SUPERVISOR])
+              app[SUPERVISOR], tail=app[LOG_TAIL])
     await hub.start()
     app[HUB] = hub
     try:
