@@ -42,6 +42,14 @@ class EventStore:
         self._batcher = AppendBatcher(pool, max_batch_events=max_batch_events, linger_s=linger_s)
         self._point_reads = StreamReads(pool, self._batcher.heads_seen)
         self.snapshots = SnapshotStore(pool)
+        # The repository's path to the batcher, once per command each: bound here, not wrapped, so the
+        # closed store costs no extra call (AppendBatcher documents them).
+        self.submit = self._batcher.submit
+        """Queue an append without waiting for it (`outcome` waits): AppendBatcher.submit."""
+        self.outcome = self._batcher.wait
+        """The result of a submitted append (or its exception): AppendBatcher.wait."""
+        self.knows = self._batcher.knows
+        """This process last saw the stream at this version and saw no foreign append since."""
 
     async def append(self, writes: Sequence[Write], claim: IdempotencyClaim | None = None) -> AppendResult:
         """Append every write atomically; the guarantees are in docs/ARCHITECTURE.md, "The append protocol"."""
@@ -50,28 +58,9 @@ class EventStore:
     async def append_to(self, stream_id: str, expected_version: int, events: Sequence[NewEvent]) -> AppendResult:
         return await self._batcher.append([Write(stream_id, expected_version, events)])
 
-    def submit(
-        self,
-        writes: Sequence[Write],
-        claim: IdempotencyClaim | None = None,
-        *,
-        after: Sequence[AppendRequest] = (),
-        on_settle: Callable[[AppendRequest], None] | None = None,
-    ) -> AppendRequest:
-        """Queue an append without waiting for it (`outcome` waits); see AppendBatcher.submit."""
-        return self._batcher.submit(writes, claim, after=after, on_settle=on_settle)
-
-    async def outcome(self, request: AppendRequest) -> AppendResult:
-        """The result of a submitted append (or its exception)."""
-        return await self._batcher.wait(request)
-
     async def settled(self, request: AppendRequest) -> None:
         """Until a submitted append has settled, whatever its outcome."""
         await self._batcher.settled(request)
-
-    def knows(self, stream_id: str, version: int) -> bool:
-        """This process last saw the stream at this version and saw no foreign append since."""
-        return self._batcher.knows(stream_id, version)
 
     async def stored_outcome(self, scope: str, key: str) -> StoredResponse | None:
         """The outcome recorded for an Idempotency-Key, if any."""

@@ -17,12 +17,11 @@ because replaying expiry depends on it) and its payload schema version in metada
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar, Token
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -79,6 +78,26 @@ _ATTEMPT: ContextVar[tuple[Repository, CacheTrust] | None] = ContextVar("tally_c
 """The optimistic attempt the running task is inside of, and its repository (task-local, not shared)."""
 
 
+class Attempt:
+    """The context of one command attempt: sets, then resets, the running task's current attempt."""
+
+    __slots__ = ("repository", "token", "trust")
+
+    def __init__(self, repository: Repository, trust: CacheTrust | None) -> None:
+        self.repository = repository
+        self.trust = trust
+        self.token: Token[tuple[Repository, CacheTrust] | None] | None = None
+
+    def __enter__(self) -> CacheTrust | None:
+        trust = self.trust
+        self.token = _ATTEMPT.set((self.repository, trust) if trust is not None else None)
+        return trust
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _ATTEMPT.reset(self.token)
+
+
 class AggregateNotFound(LookupError):
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"{stream_id} does not exist")
@@ -128,19 +147,14 @@ class Repository:
             raise AggregateNotFound(stream_of(cls, aggregate_id))
         return found
 
-    @contextlib.contextmanager
-    def attempt(self, optimistic: bool) -> Iterator[CacheTrust | None]:
-        """One attempt of a command (the command bus's). Inside an optimistic one, `find` trusts this
-        process's own state of streams: the state an append still in flight will leave (recorded in the
-        trust's `after`), or a cached copy at the version this process last appended. No round trip, but
-        possibly stale if another process appended since; so the bus lets the answer stand only if it
-        stands or falls with an append expecting those versions (and passes the trust to `stage`)."""
-        trust = CacheTrust() if optimistic else None
-        token = _ATTEMPT.set((self, trust) if trust is not None else None)
-        try:
-            yield trust
-        finally:
-            _ATTEMPT.reset(token)
+    def attempt(self, optimistic: bool) -> Attempt:
+        """One attempt of a command (the command bus's), as a context manager giving its CacheTrust (None
+        when not optimistic). Inside an optimistic one, `find` trusts this process's own state of
+        streams: the state an append still in flight will leave (recorded in the trust's `after`), or a
+        cached copy at the version this process last appended. No round trip, but possibly stale if
+        another process appended since; so the bus lets the answer stand only if it stands or falls
+        with an append expecting those versions (and passes the trust to `stage`)."""
+        return Attempt(self, CacheTrust() if optimistic else None)
 
     async def find(self, cls: type[A], aggregate_id: UUID, *, verified: bool = False) -> A | None:
         """The aggregate with every committed event applied, or None if its stream is empty.
