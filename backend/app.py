@@ -16,6 +16,7 @@ from backend.appkeys import (
     CORE,
     DATABASE_DSN,
     LISTENER,
+    LOG_TAIL,
     METRICS,
     POOL,
     REPOSITORY,
@@ -34,15 +35,16 @@ from backend.http import streams as streaming
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
-from backend.http.metrics import SIZES, Metrics, metrics_middleware
+from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.openapi import OPENAPI
 from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
-from backend.metric_sources import watch_build, watch_pool, watch_streams
+from backend.metric_sources import watch_build, watch_pool, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
+from backend.store.tail import LogTail
 from backend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -67,25 +69,12 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The core's gauges, and the API key authenticator that follows the log."""
     settings = app[SETTINGS]
     store, listener, repository, commands = app[STORE], app[LISTENER], app[REPOSITORY], app[COMMANDS]
+    app[LOG_TAIL] = tail = LogTail(app[POOL], listener, page_size=settings.sse_page_size,
+                                   idle_s=settings.sse_checkpoint_s, supervisor=app[SUPERVISOR])
     metrics = app[METRICS]
-    metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
-    metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
-    metrics.counter("tally_append_requests_total", "Append calls carried by those transactions",
-                    lambda: store.batcher.batched_requests)
-    durations = metrics.histogram(
-        "tally_append_batch_duration_seconds",
-        "Append transactions from start to commit (the disk flush included), as this process saw them")
-    sizes = metrics.histogram("tally_append_batch_size", "Append calls per committed transaction", SIZES)
-
-    def batch_done(seconds: float, requests: int) -> None:
-        durations.observe(seconds)
-        sizes.observe(requests)
-
-    store.batcher.on_batch_done = batch_done
+    watch_store(metrics, store, listener)
     metrics.counter("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
                     lambda: commands.conflicts)
-    metrics.counter("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
-                    lambda: listener.reconnects)
     authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s,
                                         supervisor=app[SUPERVISOR], wall_clock=app[CLOCK])
     app[AUTHENTICATOR] = authenticator
@@ -96,6 +85,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await authenticator.close()
+        await tail.close()
 
 
 async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:

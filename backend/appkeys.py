@@ -17,6 +17,7 @@ from backend.http.metrics import Metrics
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.repository import Repository
+from backend.store.tail import LogTail
 from backend.streaming.hub import Hub
 from backend.supervisor import Supervisor
 from projections.service import ProjectionService
@@ -31,6 +32,8 @@ DATABASE_DSN = web.AppKey("database_dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", EventStore)
 LISTENER = web.AppKey("listener", Listener)
+LOG_TAIL = web.AppKey("log_tail", LogTail)
+"""The process's one reader of new events (backend.store.tail), shared by its followers of the log."""
 REPOSITORY = web.AppKey("repository", Repository)
 COMMANDS = web.AppKey("commands", CommandBus)
 CORE = web.AppKey("core", Core)

@@ -12,7 +12,9 @@ import asyncpg
 from aiohttp import web
 
 from backend.appkeys import HUB
-from backend.http.metrics import Metrics
+from backend.http.metrics import SIZES, Metrics
+from backend.store.event_store import EventStore
+from backend.store.listener import Listener
 from backend.version import git_commit, version
 
 
@@ -28,6 +30,27 @@ def watch_pool(metrics: Metrics, pool: asyncpg.Pool) -> None:
     metrics.gauge("tally_db_pool_in_use", "Pool connections acquired by a request or a task",
                   lambda: pool.get_size() - pool.get_idle_size())
     metrics.gauge("tally_db_pool_waiting", "Tasks waiting for a pool connection", lambda: pool_waiting(pool))
+
+
+def watch_store(metrics: Metrics, store: EventStore, listener: Listener) -> None:
+    """The log's head as this process saw it, LISTEN reconnects, and the append batches (serve and the
+    projections worker alike: the worker appends the expiries)."""
+    metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
+    metrics.counter("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
+                    lambda: listener.reconnects)
+    metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.counters().batches)
+    metrics.counter("tally_append_requests_total", "Append calls carried by those transactions",
+                    lambda: store.counters().batched_requests)
+    durations = metrics.histogram(
+        "tally_append_batch_duration_seconds",
+        "Append transactions from start to commit (the disk flush included), as this process saw them")
+    sizes = metrics.histogram("tally_append_batch_size", "Append calls per committed transaction", SIZES)
+
+    def batch_done(seconds: float, requests: int) -> None:
+        durations.observe(seconds)
+        sizes.observe(requests)
+
+    store.observe_batches(batch_done)
 
 
 def watch_streams(metrics: Metrics, app: web.Application) -> None:

@@ -321,9 +321,10 @@ async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
     try:
         await drive_tasks(command, clients, plan.warmup, plan.wallets)
         await analyze(dsn)
-        batches, requests = store.batcher.batches, store.batcher.batched_requests
+        batches, requests = store.counters()[:2]
         stats = await drive_tasks(command, clients, plan.seconds, plan.wallets)
-        batches, requests = store.batcher.batches - batches, store.batcher.batched_requests - requests
+        counters = store.counters()
+        batches, requests = counters.batches - batches, counters.batched_requests - requests
     finally:
         await store.close()
         await pool.close()

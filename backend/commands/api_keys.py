@@ -71,7 +71,7 @@ async def create_key(
 ) -> Decision:
     """Record a key for a token made by new_token(); the answer leaves the token out (the caller
     adds it to the first response only, so it is never stored, not even for Idempotency-Key replays)."""
-    if await repo.find(ApiKey, key_id, trust=ctx.trust) is not None:
+    if await repo.find(ApiKey, key_id) is not None:
         raise PreconditionFailed(f"api key {key_id} already exists")
     key = ApiKey.create(key_id, owner, name, scopes, hash_secret(token), expires_at, ctx.now)
     return Decision([key], key_body(key), status=201)
@@ -80,7 +80,7 @@ async def create_key(
 async def revoke_key(
     repo: Repository, ctx: CommandContext, key_id: UUID, expected_version: int | None = None
 ) -> Decision:
-    key = await repo.find(ApiKey, key_id, trust=ctx.trust)
+    key = await repo.find(ApiKey, key_id)
     if key is None:
         raise NotFound(f"api key {key_id} does not exist")
     check_if_match(f"api key {key_id}", key.version, expected_version)

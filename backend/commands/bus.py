@@ -2,7 +2,7 @@
 and honour Idempotency-Key (the first outcome is committed with the events and replayed on repeats).
 
 The first attempt is optimistic: it decides on this process's own state of its streams without reading
-them (Repository.find's trust): the cached aggregates when this process appended last to them, or the
+them (Repository.attempt): the cached aggregates when this process appended last to them, or the
 state its appends still in flight will leave. That saves a round trip per command, and commands on one
 hot wallet do not wait for each other's commit. It is safe because the answer only stands if the
 append succeeds with those versions as expected versions and every in-flight append it followed
@@ -30,7 +30,6 @@ from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError, IdempotencyConflict, IdempotencyInFlight, TooMuchContention
 from backend.commands.locks import StreamLocks
 from backend.domain.errors import DomainError
-from backend.store import idempotency
 from backend.store.events import AppendResult, Write, WrongExpectedVersion
 from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
 from backend.store.repository import Repository
@@ -117,7 +116,7 @@ class CommandBus:
         except CommandError:
             # The command could not run now (not found, forbidden, If-Match...). If the key already has
             # an outcome, that outcome is the answer: the first attempt ran when the command could.
-            stored = await idempotency.lookup(self.repository.store.pool, idem.scope, idem.key)
+            stored = await self.repository.store.stored_outcome(idem.scope, idem.key)
             if stored is not None:
                 return replay(stored, idem)
             raise
@@ -136,23 +135,23 @@ class CommandBus:
             async with self.locks.hold(streams):
                 if not optimistic:  # decide on what the store holds, once this process's appends settled
                     await self.repository.settled(streams)
-                attempt_ctx = ctx.at(now, optimistic=optimistic)
-                try:
-                    decision = await decide(attempt_ctx)
-                except (DomainError, CommandError) as error:
-                    if optimistic:  # decided on this process's state, which no append will check: read, decide again
-                        optimistic = False
-                        continue
-                    if idem is None or not isinstance(error, DomainError):
-                        raise
-                    return await self._store_failure(idem, renderer.failure(error), error)
+                with self.repository.attempt(optimistic) as trust:
+                    try:
+                        decision = await decide(ctx.at(now))
+                    except (DomainError, CommandError) as error:
+                        if optimistic:  # decided on state no append will check: read, decide again
+                            optimistic = False
+                            continue
+                        if idem is None or not isinstance(error, DomainError):
+                            raise
+                        return await self._store_failure(idem, renderer.failure(error), error)
                 if optimistic and not _checked_by_append(decision):
                     optimistic = False
                     continue
                 render = _Rendering(renderer, decision)
                 claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
                 staged = self.repository.stage(*decision.aggregates, metadata=ctx.metadata(), claim=claim,
-                                               extra_writes=decision.extra_writes, trust=attempt_ctx.trust)
+                                               extra_writes=decision.extra_writes, trust=trust)
             try:
                 result = await self.repository.committed(staged)
             except WrongExpectedVersion:

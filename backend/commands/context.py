@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from backend.store.repository import CacheTrust
-
 
 @dataclass(frozen=True, slots=True)
 class Actor:
@@ -34,9 +32,6 @@ class CommandContext:
     request_id: str | None = None
     correlation_id: str | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
-    trust: CacheTrust | None = None
-    """Loads may trust this process's own state of a stream (Repository.find's trust): set by the
-    command bus on a first attempt, whose answer only stands if its append's expected versions hold."""
 
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"actor": self.actor.key_id}
@@ -45,11 +40,5 @@ class CommandContext:
         meta["correlation_id"] = self.correlation_id or self.request_id
         return {k: v for k, v in meta.items() if v is not None}
 
-    def verified(self) -> CommandContext:
-        """The same context with loads that read the store (for aggregates a command answers with but
-        does not append to, whose cached copy no expected version would check)."""
-        return self.at(self.now)
-
-    def at(self, now: datetime, *, optimistic: bool = False) -> CommandContext:
-        return CommandContext(self.actor, self.request_id, self.correlation_id, now,
-                              CacheTrust() if optimistic else None)
+    def at(self, now: datetime) -> CommandContext:
+        return CommandContext(self.actor, self.request_id, self.correlation_id, now)

@@ -93,7 +93,7 @@ async def open_deposit(
     repo: Repository, ctx: CommandContext, deposit_id: UUID, wallet_id: UUID, currency: str, secret: bytes
 ) -> Decision:
     currency = require_currency(currency)
-    wallet = await load_wallet(repo, ctx.verified(), wallet_id)  # answered with, not written: read it
+    wallet = await load_wallet(repo, ctx, wallet_id, verified=True)  # answered with, not written: read it
     if currency != wallet.currency:
         raise CurrencyMismatch(expected=wallet.currency, actual=currency)
     address = derive_address(deposit_id, currency, secret)

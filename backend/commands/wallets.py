@@ -22,9 +22,10 @@ def wallet_body(wallet: Wallet, ctx: CommandContext) -> dict[str, Any]:
 
 
 async def load_wallet(
-    repo: Repository, ctx: CommandContext, wallet_id: UUID, *, expected_version: int | None = None
+    repo: Repository, ctx: CommandContext, wallet_id: UUID, *, expected_version: int | None = None,
+    verified: bool = False,
 ) -> Wallet:
-    wallet = await repo.find(Wallet, wallet_id, trust=ctx.trust)
+    wallet = await repo.find(Wallet, wallet_id, verified=verified)
     if wallet is None:
         raise NotFound(f"wallet {wallet_id} does not exist")
     if not ctx.actor.can_act_for(wallet.owner):
@@ -36,7 +37,7 @@ async def load_wallet(
 async def open_wallet(repo: Repository, ctx: CommandContext, wallet_id: UUID, owner: str, currency: str) -> Decision:
     if not ctx.actor.can_act_for(owner):
         raise Forbidden("this API key may only open wallets for its own owner")
-    if await repo.find(Wallet, wallet_id, trust=ctx.trust) is not None:
+    if await repo.find(Wallet, wallet_id) is not None:
         raise PreconditionFailed(f"wallet {wallet_id} already exists")
     wallet = Wallet.open(wallet_id, owner, currency, ctx.now)
     return Decision([wallet], wallet_body(wallet, ctx), status=201)
@@ -86,7 +87,7 @@ async def settle(
     if to_wallet_id == wallet_id:
         to_wallet = wallet
     else:
-        found = await repo.find(Wallet, to_wallet_id, trust=ctx.trust)
+        found = await repo.find(Wallet, to_wallet_id)
         if found is None:
             raise NotFound(f"wallet {to_wallet_id} does not exist")
         to_wallet = found

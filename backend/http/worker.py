@@ -10,9 +10,9 @@ from backend.appkeys import METRICS, POOL, SETTINGS, SUPERVISOR
 from backend.config import Settings
 from backend.event_loop import loop_name
 from backend.http import health
-from backend.http.metrics import SIZES, Metrics, metrics_middleware
+from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
-from backend.metric_sources import watch_build, watch_pool
+from backend.metric_sources import watch_build, watch_pool, watch_store
 from backend.server.site import CannotListen
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
@@ -31,21 +31,7 @@ def worker_metrics(pool: asyncpg.Pool, store: EventStore, listener: Listener, su
     metrics.counters("tally_background_task_restarts_total",
                      "Background tasks (listener, projection runners...) restarted after a failure",
                      "task", supervisor.restarts)
-    metrics.gauge("tally_event_store_head", "Highest position this process has seen", lambda: listener.head)
-    metrics.counter("tally_listener_reconnects_total", "Times the LISTEN connection was re-established",
-                    lambda: listener.reconnects)
-    metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.batcher.batches)
-    metrics.counter("tally_append_requests_total", "Append calls carried by those transactions",
-                    lambda: store.batcher.batched_requests)
-    durations = metrics.histogram("tally_append_batch_duration_seconds",
-                                  "Append transactions from start to commit, as this process saw them")
-    sizes = metrics.histogram("tally_append_batch_size", "Append calls per committed transaction", SIZES)
-
-    def batch_done(seconds: float, requests: int) -> None:
-        durations.observe(seconds)
-        sizes.observe(requests)
-
-    store.batcher.on_batch_done = batch_done
+    watch_store(metrics, store, listener)
     watch = ProjectionMetrics(pool, registry.names())
     metrics.register(watch)
     metrics.before_scrape.append(watch.refresh)

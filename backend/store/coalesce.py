@@ -118,6 +118,14 @@ class StreamReads:
         self._versions: Coalescer[str, int] = Coalescer(self._load_versions, int)
         self._tails: Coalescer[tuple[str, int], list[RecordedEvent]] = Coalescer(self._load_tails, list)
 
+    @property
+    def version_queries(self) -> int:
+        return self._versions.loads
+
+    @property
+    def tail_queries(self) -> int:
+        return self._tails.loads
+
     async def version(self, stream_id: str) -> int:
         return await self._versions.get(stream_id)
 

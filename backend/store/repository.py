@@ -4,11 +4,12 @@ Loading takes the cached copy (or the latest snapshot) and applies the stream's 
 a load always reflects every committed event; the cache and the snapshots only save work. Saving
 turns the aggregates' pending events into one atomic multi-stream append with expected versions.
 
-A command's optimistic attempt (a CacheTrust) may instead start from this process's own state of a
-stream: its cache when this process appended last, or the state an append of this process still in
-flight will leave (staged). A decision on staged state names that append as its predecessor, and
-the store commits it only if the predecessor committed: so commands on one hot stream follow each
-other without waiting for each other's commit, and never stand on a history that did not happen.
+A command's optimistic attempt (Repository.attempt, opened by the command bus around one attempt)
+may instead start from this process's own state of a stream: its cache when this process appended
+last, or the state an append of this process still in flight will leave (staged). A decision on
+staged state names that append as its predecessor, and the store commits it only if the predecessor
+committed: so commands on one hot stream follow each other without waiting for each other's commit,
+and never stand on a history that did not happen.
 
 Each event row carries the domain event's own time in data["occurred_at"] (inside the hash chain,
 because replaying expiry depends on it) and its payload schema version in metadata.
@@ -20,6 +21,7 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar, Token
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
@@ -40,13 +42,6 @@ log = logging.getLogger(__name__)
 A = TypeVar("A", bound=Aggregate)
 
 OCCURRED_AT = "occurred_at"
-
-SNAPSHOT_SQL = "select version, state from snapshots where stream_id = $1 order by version desc limit 1"
-SAVE_SNAPSHOT_SQL = """
-insert into snapshots (stream_id, version, type, state) values ($1, $2, $3, $4::text::jsonb)
-on conflict do nothing
-"""
-
 
 COPIED = (dict, set, list, AppendOnlyMap)
 
@@ -77,6 +72,30 @@ class CacheTrust:
 
     def __init__(self) -> None:
         self.after: dict[int, AppendRequest] = {}
+
+
+_ATTEMPT: ContextVar[tuple[Repository, CacheTrust] | None] = ContextVar("tally_command_attempt", default=None)
+"""The optimistic attempt the running task is inside of, and its repository (task-local, not shared)."""
+
+
+class Attempt:
+    """The context of one command attempt: sets, then resets, the running task's current attempt."""
+
+    __slots__ = ("repository", "token", "trust")
+
+    def __init__(self, repository: Repository, trust: CacheTrust | None) -> None:
+        self.repository = repository
+        self.trust = trust
+        self.token: Token[tuple[Repository, CacheTrust] | None] | None = None
+
+    def __enter__(self) -> CacheTrust | None:
+        trust = self.trust
+        self.token = _ATTEMPT.set((self.repository, trust) if trust is not None else None)
+        return trust
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _ATTEMPT.reset(self.token)
 
 
 class AggregateNotFound(LookupError):
@@ -128,15 +147,25 @@ class Repository:
             raise AggregateNotFound(stream_of(cls, aggregate_id))
         return found
 
-    async def find(self, cls: type[A], aggregate_id: UUID, *, trust: CacheTrust | None = None) -> A | None:
+    def attempt(self, optimistic: bool) -> Attempt:
+        """One attempt of a command (the command bus's), as a context manager giving its CacheTrust (None
+        when not optimistic). Inside an optimistic one, `find` trusts this process's own state of
+        streams: the state an append still in flight will leave (recorded in the trust's `after`), or a
+        cached copy at the version this process last appended. No round trip, but possibly stale if
+        another process appended since; so the bus lets the answer stand only if it stands or falls
+        with an append expecting those versions (and passes the trust to `stage`)."""
+        return Attempt(self, CacheTrust() if optimistic else None)
+
+    async def find(self, cls: type[A], aggregate_id: UUID, *, verified: bool = False) -> A | None:
         """The aggregate with every committed event applied, or None if its stream is empty.
 
-        With trust, the state this process last left the stream in is used without reading the stream's
-        tail: the state an append still in flight will leave (recorded in trust.after), or a cached copy
-        at the version this process last appended. No round trip, but possibly stale if another process
-        appended since. Only a command may ask for that, and only if its answer then stands or falls
-        with an append expecting that version (the command bus's optimistic first attempt)."""
+        Inside an optimistic attempt (see `attempt`) it may be this process's own state of the stream
+        instead, unless `verified`: for an aggregate a command answers with but does not append to,
+        whose cached copy no expected version would check."""
         stream = stream_of(cls, aggregate_id)
+        trust = None
+        if not verified and (current := _ATTEMPT.get()) is not None and current[0] is self:
+            trust = current[1]
         if trust is not None and (staged := self._staged.get(stream)) is not None:
             aggregate, request = staged
             trust.after[id(request)] = request
@@ -147,7 +176,7 @@ class Repository:
         if cached is not None:
             self._cache.move_to_end(stream)
             start = clone(cached)
-            trusted = trust is not None and self.store.batcher.knows(stream, cached.version)
+            trusted = trust is not None and self.store.knows(stream, cached.version)
         else:
             start = await self._from_snapshot(cls, stream, aggregate_id)
         tail = [] if trusted else await self.store.read_tail(stream, start.version if start is not None else 0)
@@ -163,7 +192,7 @@ class Repository:
         """Until no append of this process to these streams is in flight."""
         for stream in streams:
             while (staged := self._staged.get(stream)) is not None:
-                await self.store.batcher.settled(staged[1])
+                await self.store.settled(staged[1])
 
     @staticmethod
     def _checked(expected: type[A], stream: str, aggregate: Aggregate) -> A:
@@ -225,7 +254,7 @@ class Repository:
         optimistic loads of its streams start from the state it leaves, and depend on it."""
         staged = [(registry.stream_id(a), a) for a in aggregates if a.pending_events]
         writes = self.writes(aggregates, metadata or {})
-        request = self.store.batcher.submit(
+        request = self.store.submit(
             [*writes, *extra_writes], claim, after=tuple(trust.after.values()) if trust else (),
             on_settle=lambda settled: self._settled(settled, staged),
         )
@@ -235,7 +264,7 @@ class Repository:
 
     async def committed(self, request: AppendRequest) -> AppendResult:
         """The outcome of a staged append (and a snapshot when a stream crossed a multiple of snapshot_every)."""
-        result = await self.store.batcher.wait(request)
+        result = await self.store.outcome(request)
         if not result.replayed:
             for appended in result.streams:
                 before = appended.version - len(appended.positions)
@@ -274,16 +303,14 @@ class Repository:
     async def _snapshot(self, aggregate: Aggregate) -> None:
         state = {k: v for k, v in vars(aggregate).items() if k not in ("_id", "_version", "_pending_events")}
         payload = {"class_version": getattr(type(aggregate), "class_version", 1), "state": encode_state(state)}
-        await self.store.pool.execute(
-            SAVE_SNAPSHOT_SQL, registry.stream_id(aggregate), aggregate.version, type(aggregate).__name__,
-            orjson.dumps(payload).decode(),
-        )
+        await self.store.snapshots.save(registry.stream_id(aggregate), aggregate.version, type(aggregate).__name__,
+                                        orjson.dumps(payload).decode())
 
     async def _from_snapshot(self, cls: type[A], stream: str, aggregate_id: UUID) -> A | None:
-        row = await self.store.pool.fetchrow(SNAPSHOT_SQL, stream)
-        if row is None:
+        found = await self.store.snapshots.latest(stream)
+        if found is None:
             return None
-        payload = row["state"]
+        version, payload = found
         if payload.get("class_version") != getattr(cls, "class_version", 1):
             return None
         try:
@@ -291,7 +318,7 @@ class Repository:
         except (KeyError, TypeError, ValueError) as exc:
             log.warning("ignoring undecodable snapshot", extra={"stream": stream, "error": repr(exc)})
             return None
-        state.update({"_id": aggregate_id, "_version": row["version"], "_pending_events": []})
+        state.update({"_id": aggregate_id, "_version": version, "_pending_events": []})
         aggregate = object.__new__(cls)
         object.__setattr__(aggregate, "__dict__", state)
         return aggregate

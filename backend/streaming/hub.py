@@ -1,7 +1,8 @@
 """Per-process fan-out of the event log to stream subscribers.
 
-One tailing task, woken by the process's Listener (its one LISTEN connection), reads each new batch
-of events once into the shared ``Window`` and wakes the subscribers it concerns. Subscribers that
+The process's one tail of the log (backend/store/tail.py, woken by its one Listener) hands the hub
+each new batch of events once; the hub puts it into the shared ``Window`` and wakes the subscribers it
+concerns. Subscribers that
 follow one stream (a wallet's, or ``?stream=``) are indexed by that stream: a batch reaches only those
 of its own streams, and they find their events in the window by the window's per-stream links; so an
 event costs work in proportion to the subscribers that want it, not to all of them. The others (the
@@ -24,7 +25,8 @@ the send timeout has passed since data last left the socket; if by then nothing 
 connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker wakes
 everyone every checkpoint interval, so that idle streams notice a vanished client and filtered ones
 send the checkpoints they owe. The tail, the ticker and the dashboard feed run under the process's
-Supervisor: a failed read ends the run, and the supervisor starts it again with backoff.
+Supervisor: a failed read (or a failed batch here) ends the run, and the supervisor starts it again
+with backoff; the tail then hands the hub the events it has not taken yet.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from backend.store import reads
 from backend.store.events import RecordedEvent
 from backend.store.listener import Listener
 from backend.store.reads import Executor
+from backend.store.tail import LogTail
 from backend.streaming import frames, tcp
 from backend.streaming.dashboard import StatsFeed, StatsSource
 from backend.streaming.filters import EventFilter
@@ -256,7 +259,7 @@ class Subscriber:
 
 class Hub:
     def __init__(self, db: Executor, listener: Listener, config: HubConfig, stats_source: StatsSource,
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, tail: LogTail | None = None) -> None:
         self.db = db
         self.listener = listener
         self.config = config
@@ -277,11 +280,15 @@ class Hub:
         kernel aborts first, after TCP_USER_TIMEOUT, ends as a client that left and is not counted)."""
         self.stats = StatsFeed(stats_source, listener, config.dashboard_interval_s,
                                lambda: self._wake(self._stats_subscribers))
-        self._tail_active = asyncio.Event()
         self._drained = asyncio.Event()
         self._closing = False
         self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._jobs: list[Supervised] = []
+        self._own_tail = tail is None
+        """Without the process's tail (tests, tools), the hub makes and closes its own."""
+        self._log_tail = tail if tail is not None else LogTail(
+            db, listener, page_size=config.page_size, idle_s=config.checkpoint_s, supervisor=self._supervisor)
+        self._tail = self._log_tail.subscribe("sse-hub", self._receive)
 
     @property
     def streams(self) -> int:
@@ -304,9 +311,9 @@ class Hub:
 
     async def start(self) -> None:
         self.window.reset(await reads.head(self.db))
+        await self._log_tail.start()
         spawn = self._supervisor.spawn
-        self._jobs = [spawn("sse-tail", self._tail), spawn("sse-ticker", self._tick),
-                      spawn("dashboard-stats", self.stats.run)]
+        self._jobs = [spawn("sse-ticker", self._tick), spawn("dashboard-stats", self.stats.run)]
 
     async def shutdown(self) -> None:
         """Refuse new streams and end every open one, the closes spread evenly over the shutdown window
@@ -328,6 +335,9 @@ class Hub:
         """End the streams, then the background jobs; never raises what those jobs went through."""
         await self.shutdown()
         jobs, self._jobs = self._jobs, []
+        self._log_tail.unsubscribe(self._tail)
+        if self._own_tail:
+            await self._log_tail.close()
         for job in jobs:
             await self._supervisor.stop(job)
 
@@ -348,7 +358,8 @@ class Hub:
                 self._scanned.add(subscriber)
             else:
                 self._by_stream.setdefault(flt.stream, set()).add(subscriber)
-            self._tail_active.set()
+            if not self._tail.wanting and (joined := self._log_tail.want(self._tail, True)) > self.window.end:
+                self.window.reset(joined)  # the tail hands what follows joined; nobody needed the rest
         return subscriber
 
     def admit(self, key_id: str) -> None:
@@ -380,7 +391,7 @@ class Hub:
         if not self._stats_subscribers:
             self.stats.active.clear()
         if not self._log_subscribers:
-            self._tail_active.clear()
+            self._log_tail.want(self._tail, False)
         if self._closing and not self.streams:
             self._drained.set()
 
@@ -473,26 +484,22 @@ class Hub:
         for subscriber in subscribers:
             subscriber.wake()
 
-    async def _tail(self) -> None:
-        """Read each new batch of the log once into the window, then wake the log subscribers."""
-        while True:
-            if not self._tail_active.is_set():
-                await self._tail_active.wait()
-                self.window.reset(await reads.head(self.db))  # nobody needed what happened meanwhile
-                continue
-            end = self.window.end
-            if self.listener.head <= end:
-                await self.listener.wait_beyond(end, self.config.checkpoint_s)
-                if self.listener.head <= end:
-                    continue
-            events = await reads.read_all(self.db, end, self.config.page_size)
-            if events:
-                items = await self.items(events)
-                recent = self._recent
-                for event in events[-RECENT_EVENTS:]:
-                    recent[event.position % RECENT_EVENTS] = event
-                self.window.extend(items)
-                self._publish(items, end)
+    async def _receive(self, after: int, events: list[RecordedEvent]) -> None:
+        """The log tail's next batch: the events after position `after`, into the window, then published.
+        A batch that does not follow the window's end (the hub had no streams for a while) restarts the
+        window there: streams behind it read the store."""
+        if self.window.end != after:
+            self.window.reset(after)
+            if not events:
+                self._wake(self._log_subscribers)  # behind the window now: they read the store
+        if not events:
+            return
+        items = await self.items(events)
+        recent = self._recent
+        for event in events[-RECENT_EVENTS:]:
+            recent[event.position % RECENT_EVENTS] = event
+        self.window.extend(items)
+        self._publish(items, after)
 
     def _publish(self, items: list[Item], end: int) -> None:
         """New items follow position end: push them to the subscribers parked there, wake the others."""

@@ -42,7 +42,7 @@ class Node:
                                       JsonRenderer(None, replies.WalletWrite), idem)
 
     def tail_reads(self) -> int:
-        return self.store.point_reads._tails.loads
+        return self.store.counters().tail_queries
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ async def test_a_process_that_appended_last_decides_without_reading(nodes: tuple
     for _ in range(5):
         await one.run(wallet_id, "debit", 10)
     assert one.tail_reads() == reads
-    assert one.store.batcher.fenced >= 5
+    assert one.store.counters().fenced >= 5
 
 
 async def test_a_stale_cache_loses_its_append_and_the_retry_decides_on_the_store(nodes: tuple[Node, Node]) -> None:
@@ -163,10 +163,10 @@ async def test_commands_on_one_wallet_follow_each_other_without_waiting_for_comm
     a batch instead of each waiting for the previous commit."""
     one, _ = nodes
     wallet_id = await open_wallet(one, 1000)
-    reads, batches = one.tail_reads(), one.store.batcher.batches
+    reads, batches = one.tail_reads(), one.store.counters().batches
     replies = await asyncio.gather(*(one.run(wallet_id, "debit", 10) for _ in range(20)))
     assert sorted(balance_of(r) for r in replies) == list(range(800, 1000, 10))
-    assert one.store.batcher.batches - batches == 2  # the first alone, the 19 that followed it together
+    assert one.store.counters().batches - batches == 2  # the first alone, the 19 that followed it together
     assert one.tail_reads() == reads and one.bus.conflicts == 0
     assert (await Repository(one.store).get(Wallet, wallet_id)).balance == 800
 
@@ -198,10 +198,10 @@ async def test_a_command_decided_after_an_append_that_did_not_commit_does_not_co
     commands = [one.run(wallet_id, "debit", 50), one.run(wallet_id, "debit", 50)]
     if same_batch:  # this one runs alone first; both debits queue behind it and share the next batch
         commands.insert(0, one.run(other, "credit", 1))
-    batches = one.store.batcher.batches
+    batches = one.store.counters().batches
     outcomes = await asyncio.gather(*commands, return_exceptions=True)
     assert [type(o) for o in outcomes[-2:]] == [InsufficientFunds, InsufficientFunds]
-    assert one.store.batcher.batches - batches >= (2 if same_batch else 1)
+    assert one.store.counters().batches - batches >= (2 if same_batch else 1)
     assert await history_balances(one, wallet_id) == [0, 100, 10]
     assert (await one.repository.get(Wallet, wallet_id)).balance == 10
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import pytest
 
 from backend.domain import Wallet
@@ -71,7 +72,7 @@ async def test_failed_command_does_not_pollute_the_cache(store: EventStore) -> N
     assert (again.balance, again.version) == (100, 2)
 
 
-async def test_snapshots_are_only_a_cache(store: EventStore) -> None:
+async def test_snapshots_are_only_a_cache(store: EventStore, pool: asyncpg.Pool) -> None:
     repo = Repository(store, snapshot_every=5)
     wallet = Wallet.open(uuid.uuid4(), "dave", "USD", NOW)
     await repo.save(wallet)
@@ -82,17 +83,19 @@ async def test_snapshots_are_only_a_cache(store: EventStore) -> None:
             loaded.lock(uuid.uuid4(), 5, "hold", NOW)
         await repo.save(loaded)
     stream = f"wallet-{wallet.id}"
-    versions = [r["version"] for r in await store.pool.fetch(
+    versions = [r["version"] for r in await pool.fetch(
         "select version from snapshots where stream_id = $1 order by version", stream)]
     assert len(versions) >= 2  # 13 events with a snapshot every 5
 
     from_snapshot = await Repository(store).get(Wallet, wallet.id)
-    await store.pool.execute("delete from snapshots where stream_id = $1", stream)
+    await pool.execute("delete from snapshots where stream_id = $1", stream)
     from_events = await Repository(store).get(Wallet, wallet.id)
     assert state(from_snapshot) == state(from_events)
 
 
-async def test_snapshots_keep_a_long_past_and_ignore_an_older_class_version(store: EventStore) -> None:
+async def test_snapshots_keep_a_long_past_and_ignore_an_older_class_version(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
     """70 closed locks (more than one AppendOnlyMap level) survive a snapshot; a snapshot written by
     an older Wallet (class_version 1, plain dicts) is skipped and the stream replayed instead."""
     repo = Repository(store, snapshot_every=25)
@@ -108,13 +111,13 @@ async def test_snapshots_keep_a_long_past_and_ignore_an_older_class_version(stor
     stream = f"wallet-{wallet.id}"
     from_snapshot = await Repository(store).get(Wallet, wallet.id)
     assert isinstance(from_snapshot.closed_locks, AppendOnlyMap) and len(from_snapshot.closed_locks) == 35
-    await store.pool.execute("delete from snapshots where stream_id = $1", stream)
+    await pool.execute("delete from snapshots where stream_id = $1", stream)
     from_events = await Repository(store).get(Wallet, wallet.id)
     assert state(from_snapshot) == state(from_events)
 
     old = {"class_version": 1, "state": {"owner": "fay", "currency": "USD", "balance": 1,
                                          "closed_locks": {"$map": []}}}
-    await store.pool.execute("insert into snapshots (stream_id, version, type, state) values ($1, $2, $3, $4)",
+    await pool.execute("insert into snapshots (stream_id, version, type, state) values ($1, $2, $3, $4)",
                              stream, from_events.version, "Wallet", old)
     assert state(await Repository(store).get(Wallet, wallet.id)) == state(from_events)
 

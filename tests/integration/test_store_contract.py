@@ -114,7 +114,7 @@ async def test_a_conflict_in_a_batch_fails_only_its_own_request(store: EventStor
     taken = streams[::4]
     for stream in taken:
         await store.append_to(stream, NO_STREAM, [ev()])
-    batches_before = store.batcher.batches
+    batches_before = store.counters().batches
     outcomes = await asyncio.gather(
         *(store.append_to(stream, NO_STREAM, [ev()]) for stream in streams), return_exceptions=True
     )
@@ -122,7 +122,7 @@ async def test_a_conflict_in_a_batch_fails_only_its_own_request(store: EventStor
     assert failed == set(taken)
     assert all(not isinstance(o, BaseException) for s, o in zip(streams, outcomes, strict=True) if s not in failed)
     # 40 concurrent calls went through far fewer transactions than calls.
-    assert store.batcher.batches - batches_before < 40
+    assert store.counters().batches - batches_before < 40
 
 
 async def test_big_payloads_and_unicode_stream_ids(store: EventStore) -> None:
@@ -233,7 +233,7 @@ async def test_idempotency_claim_commits_with_events_and_blocks_a_second_use(sto
     key = uuid.uuid4().hex
     stream = sid()
     first = await store.append([Write(stream, NO_STREAM, [ev()])], claim(key))
-    stored = await idempotency.lookup(store.pool, "key-1", key)
+    stored = await store.stored_outcome("key-1", key)
     assert stored is not None
     assert (stored.status, stored.body, stored.position) == (201, b"ok" + str(first.position).encode(), first.position)
     with pytest.raises(IdempotencyKeyUsed) as used:
@@ -261,10 +261,10 @@ async def test_claim_without_events_and_failed_append_leaves_key_free(store: Eve
     await store.append_to(stream, NO_STREAM, [ev()])
     with pytest.raises(WrongExpectedVersion):
         await store.append([Write(stream, NO_STREAM, [ev()])], claim(key))
-    assert await idempotency.lookup(store.pool, "key-1", key) is None
+    assert await store.stored_outcome("key-1", key) is None
     outcome = await store.append([], claim(key, body=b"rejected"))
     assert outcome.streams == ()
-    stored = await idempotency.lookup(store.pool, "key-1", key)
+    stored = await store.stored_outcome("key-1", key)
     assert stored is not None and stored.body == b"rejected0"
 
 
@@ -282,10 +282,10 @@ async def test_concurrent_point_reads_share_queries_and_stay_exact(store: EventS
     streams = [sid() for _ in range(30)]
     for i, stream in enumerate(streams):
         await store.append_to(stream, NO_STREAM, [ev(n=k) for k in range(i % 4 + 1)])
-    loads_before = store.point_reads._versions.loads
+    loads_before = store.counters().version_queries
     versions = await asyncio.gather(*(store.stream_version(s) for s in [*streams, sid()]))
     assert versions == [i % 4 + 1 for i in range(30)] + [0]
-    assert store.point_reads._versions.loads - loads_before < 31
+    assert store.counters().version_queries - loads_before < 31
     tails = await asyncio.gather(*(store.read_tail(s, 1) for s in streams), store.read_tail(streams[3], 0))
     assert [[e.version for e in t] for t in tails[:30]] == [list(range(2, i % 4 + 2)) for i in range(30)]
     assert [e.version for e in tails[30]] == [1, 2, 3, 4]
@@ -312,7 +312,7 @@ async def test_two_appenders_interleaving_keep_versions_and_chains_exact(pool: a
                 # a stale expected version is still refused, whichever path the appender takes
                 with pytest.raises(WrongExpectedVersion):
                     await (two if writer is one else one).append_to(stream, round_, [ev()])
-        assert one.batcher.fenced + two.batcher.fenced > 0
+        assert one.counters().fenced + two.counters().fenced > 0
         for stream in streams:
             previous = GENESIS
             events = await one.read_stream(stream)

@@ -37,18 +37,18 @@ async def test_a_taken_event_id_on_the_fast_path_falls_back_and_is_told_apart(
     first = ev()
     original = await store.append_to(stream, NO_STREAM, [first])
     await store.append_to(stream, 1, [ev(2)])
-    fenced, misses = store.batcher.fenced, store.batcher.fence_misses
+    fenced, misses = store.counters().fenced, store.counters().fence_misses
 
     again = await store.append_to(stream, ANY, [first])  # the fast path plans an insert: the index refuses it
     assert again.replayed and again.streams == original.streams
     changed = NewEvent("Thing", {"n": 99}, event_id=first.event_id)
     with pytest.raises(DuplicateEventId, match="different content"):
         await store.append_to(stream, ANY, [changed])
-    assert store.batcher.fence_misses - misses == 2
-    assert store.batcher.fenced == fenced
+    assert store.counters().fence_misses - misses == 2
+    assert store.counters().fenced == fenced
     assert await count_stream(pool, stream) == 2
     await store.append_to(stream, 2, [ev(3)])  # and the fast path is back
-    assert store.batcher.fenced == fenced + 1
+    assert store.counters().fenced == fenced + 1
 
 
 async def test_a_used_idempotency_key_on_the_fast_path_is_refused_and_appends_nothing(
@@ -57,11 +57,11 @@ async def test_a_used_idempotency_key_on_the_fast_path_is_refused_and_appends_no
     stream, key = sid(), uuid.uuid4().hex
     await store.append_to(stream, NO_STREAM, [ev()])
     first = await store.append([Write(stream, 1, [ev(2)])], claim(key))
-    misses = store.batcher.fence_misses
+    misses = store.counters().fence_misses
     with pytest.raises(IdempotencyKeyUsed) as used:
         await store.append([Write(stream, 2, [ev(3)])], claim(key))
     assert used.value.stored.position == first.position
-    assert store.batcher.fence_misses == misses + 1
+    assert store.counters().fence_misses == misses + 1
     assert await count_stream(pool, stream) == 2
 
 
@@ -73,16 +73,16 @@ async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(pool: asyncp
         await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
         await mine.append_to(own, NO_STREAM, [ev()])  # general path; the log is now where `mine` left it
         assert await mine.stream_version(foreign) == 2
-        fenced = mine.batcher.fenced
+        fenced = mine.counters().fenced
         await mine.append_to(foreign, 2, [ev(3)])
-        assert mine.batcher.fenced == fenced + 1
+        assert mine.counters().fenced == fenced + 1
 
         # A read made after someone else appended teaches nothing: the general path checks for itself.
         await theirs.append_to(foreign, 3, [ev(4)])
         assert await mine.stream_version(foreign) == 4
-        fenced = mine.batcher.fenced
+        fenced = mine.counters().fenced
         await mine.append_to(foreign, 4, [ev(5)])
-        assert mine.batcher.fenced == fenced
+        assert mine.counters().fenced == fenced
         assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
     finally:
         await mine.close()
@@ -96,9 +96,9 @@ async def test_a_tail_read_opens_the_fast_path_too(pool: asyncpg.Pool) -> None:
         await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
         await mine.append_to(sid(), NO_STREAM, [ev()])
         assert [e.version for e in await mine.read_tail(foreign, 1)] == [2]
-        fenced = mine.batcher.fenced
+        fenced = mine.counters().fenced
         await mine.append_to(foreign, 2, [ev(3)])
-        assert mine.batcher.fenced == fenced + 1
+        assert mine.counters().fenced == fenced + 1
     finally:
         await mine.close()
         await theirs.close()

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 from backend.store.event_store import EventStore
-from backend.store.reads import head
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
 from tests.streaming.sse_client import Parser, Stream
@@ -57,7 +56,7 @@ async def test_a_key_sees_only_its_owners_wallets(make_client: MakeClient, store
     admin = await mint_token(client.server.app, "operator", ["admin"])
     frank = await mint_token(client.server.app, "frank", ["wallets:read"])
     auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
-    start = await head(store.pool)
+    start = await store.head()
     mine = await open_wallet(client, admin, "frank")
     theirs = await open_wallet(client, admin, "grace")
     await post(client, admin, f"/v1/wallets/{theirs}/credits", {"amount": 5, "reference": "x"})

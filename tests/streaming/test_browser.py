@@ -19,7 +19,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from backend.store.event_store import EventStore
-from backend.store.reads import head
 from tests.conftest import bearer, mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
 
@@ -157,7 +156,7 @@ async def test_a_page_on_another_origin_follows_every_event_with_onmessage_only(
     owner_key = await mint_token(client.server.app, "olga", ["wallets:read"])
     api = api_of(client)
     urls = await open_page(browser_page, page_origin)
-    start = await head(store.pool)
+    start = await store.head()
 
     token = await browser_page.evaluate("([api, key]) => streamToken(api, key)", [api, auditor])
     assert token.startswith("tst_")
@@ -213,7 +212,7 @@ async def test_a_refused_stream_is_retried_by_the_browser_until_the_slot_frees(
     auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
     api = api_of(client)
     await open_page(browser_page, page_origin)
-    start = await head(store.pool)
+    start = await store.head()
     holder = await connect(client, "/v1/streams/events", auditor, after="now")  # the key's one slot
     assert holder.status == 200 and (await holder.next()).kind == "checkpoint"
 

@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from backend.store.event_store import EventStore
-from backend.store.reads import head
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, append, connect, new_stream
 
@@ -17,7 +16,7 @@ pytestmark = pytest.mark.timeout(60)
 async def test_frames_carry_position_type_and_the_event(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client()
     token = await mint_token(client.server.app, "auditor", ["audit:read"])
-    start = await head(store.pool)
+    start = await store.head()
     stream_id = new_stream()
     positions = await append(store, stream_id, "Opened", "Moved", n=7)
     sse = await connect(client, "/v1/streams/events", token, after=start)
@@ -48,7 +47,7 @@ async def test_frames_carry_position_type_and_the_event(make_client: MakeClient,
 async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client(sse_checkpoint_s=0.2)  # a checkpoint tells when the filtered-out end is reached
     token = await mint_token(client.server.app, "auditor", ["audit:read"])
-    start = await head(store.pool)
+    start = await store.head()
     one, other = new_stream("alpha"), new_stream("beta")
     a = await append(store, one, "Red", "Green", "Blue")
     b = await append(store, other, "Red", "Green")
@@ -111,7 +110,7 @@ async def test_bad_parameters_are_problems_before_the_stream(make_client: MakeCl
 async def test_rarely_matching_filter_gets_checkpoints(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client(sse_checkpoint_s=0.2)
     token = await mint_token(client.server.app, "auditor", ["audit:read"])
-    start = await head(store.pool)
+    start = await store.head()
     sse = await connect(client, "/v1/streams/events", token, after=start, types="NeverHappens")
     assert (await sse.next()).last_id == str(start)
     positions = await append(store, new_stream(), *["Noise"] * 5)

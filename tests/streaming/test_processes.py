@@ -11,7 +11,6 @@ import aiohttp_sse
 import pytest
 
 from backend.store.event_store import EventStore
-from backend.store.reads import head
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, append, connect, hub_of, wait_until
 from tests.streaming.test_wallets_dashboard import open_wallet, post
@@ -48,7 +47,7 @@ async def test_frozen_client_is_evicted_while_another_keeps_receiving(
     token = await mint_token(client.server.app, "auditor", ["audit:read"])
     hub = hub_of(client)
     prefix = f"frozen{uuid.uuid4().hex[:8]}-"
-    start = await head(store.pool)
+    start = await store.head()
     path = f"/v1/streams/events?stream_prefix={prefix}&after={start}"
     frozen = await frozen_client(str(client.server.host), int(client.server.port or 0), token, path)
     healthy = await connect(client, "/v1/streams/events", token, stream_prefix=prefix, after=start)

@@ -9,7 +9,6 @@ import uuid
 import pytest
 
 from backend.store.event_store import EventStore
-from backend.store.reads import head
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, append, connect
 
@@ -25,7 +24,7 @@ async def test_random_disconnects_lose_nothing_and_repeat_nothing(
     token = await mint_token(client.server.app, "auditor", ["audit:read"])
     rng = random.Random(seed)
     prefix = f"resume{uuid.uuid4().hex[:8]}-"
-    start = await head(store.pool)
+    start = await store.head()
     matching: list[int] = []
     writers, appends_each = 4, 40
 

@@ -8,7 +8,6 @@ from asyncpg import exceptions as pgerr
 
 from backend.appkeys import POOL, SUPERVISOR
 from backend.store.event_store import EventStore
-from backend.store.reads import head
 from tests.conftest import mint_token
 from tests.integration.test_db_faults import pooled_queries_raise
 from tests.streaming.conftest import MakeClient, append, connect, new_stream, wait_until
@@ -21,7 +20,7 @@ async def test_the_tail_restarts_after_a_protocol_state_error_and_keeps_streamin
     app = client.server.app
     tail = app[SUPERVISOR].tasks["sse-tail"]
     token = await mint_token(app, "auditor", ["audit:read"])
-    start = await head(store.pool)
+    start = await store.head()
     stream_id = new_stream()
     sse = await connect(client, "/v1/streams/events", token, after=start, stream=stream_id)
     assert sse.status == 200

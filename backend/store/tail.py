@@ -1,0 +1,146 @@
+"""One tail of the log per process: one reader after each NOTIFY (or poll), for every in-process follower.
+
+Without it each follower (the SSE hub, and in time the projection runners, the revocation watcher and
+the dashboard feed) re-read the same new events after every notification, each with its own loop and
+error handling. Here one supervised task waits on the process's Listener, reads what follows its
+position once, in pages (`LogTail.read`, the one place that reads: the place that will learn to read
+from a replica), and hands each page to the subscribers that want it, in order.
+
+Each subscriber keeps the position up to which it was handed events. A page goes to a subscriber as
+the events after its position, with the position they follow: so after a failed run (a subscriber's
+handler raised, or a read did) the supervisor restarts the task with backoff, the page is read again
+and every subscriber gets exactly what it has not had yet: nothing skipped, nothing repeated. A
+subscriber that did not want pages for a while (`want(False)`), or joined late, is first handed an
+empty page at the tail's position (at the latest after the next event or `idle_s`): it must read the
+gap below it from the store itself (or decide nobody needs it), as a follower that falls behind always
+has. When nobody wants pages the task sleeps, and on
+waking it jumps to the head: what happened meanwhile was wanted by nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from backend.store import reads
+from backend.store.events import RecordedEvent
+from backend.store.listener import Listener
+from backend.store.reads import Executor
+from backend.supervisor import Supervised, Supervisor
+
+TASK = "sse-tail"
+"""The supervised task's name: kept from when only the SSE hub tailed the log (health and metrics
+report it under this name)."""
+
+Receive = Callable[[int, list[RecordedEvent]], Awaitable[None]]
+"""Called with (after, events): the events are the contiguous run of positions after `after`. An `after`
+beyond what the subscriber was handed so far means it was not handed what lies between (empty events:
+the tail just jumped to the head)."""
+
+
+class TailSubscriber:
+    __slots__ = ("name", "position", "receive", "wanting")
+
+    def __init__(self, name: str, receive: Receive) -> None:
+        self.name = name
+        self.receive = receive
+        self.position = -1
+        """Handed every event up to here (-1: nothing yet)."""
+        self.wanting = False
+
+
+class LogTail:
+    def __init__(self, db: Executor, listener: Listener, *, page_size: int = 500, idle_s: float = 5.0,
+                 supervisor: Supervisor | None = None) -> None:
+        self._db = db
+        self._listener = listener
+        self.page_size = page_size
+        self.idle_s = idle_s
+        self._supervisor = supervisor if supervisor is not None else Supervisor()
+        self._subscribers: list[TailSubscriber] = []
+        self._wanted = asyncio.Event()
+        self._job: Supervised | None = None
+        self.position = 0
+        """The log has been read, and handed to every wanting subscriber, up to here."""
+        self._placed = False
+        """Started: position was set to the head."""
+        self.reads = 0
+
+    def subscribe(self, name: str, receive: Receive) -> TailSubscriber:
+        """A new subscriber; it gets pages once it wants them (`want`)."""
+        subscriber = TailSubscriber(name, receive)
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: TailSubscriber) -> None:
+        if subscriber in self._subscribers:
+            self._subscribers.remove(subscriber)
+        self._update()
+
+    def want(self, subscriber: TailSubscriber, wanting: bool) -> int:
+        """Start or stop handing the subscriber pages. Returns the position after which it will be handed
+        events: one that starts wanting must take what lies below from elsewhere (the store)."""
+        if subscriber.wanting != wanting:
+            subscriber.wanting = wanting
+            if wanting and subscriber.position < self.position:
+                subscriber.position = self.position
+            self._update()
+        return subscriber.position
+
+    def _update(self) -> None:
+        if any(s.wanting for s in self._subscribers):
+            self._wanted.set()
+        else:
+            self._wanted.clear()
+
+    async def start(self) -> None:
+        """Place the tail at the head and start its task (once; a second call does nothing)."""
+        if self._job is None and not self._placed:
+            self._placed = True
+            self.position = await self.head()
+            self._job = self._supervisor.spawn(TASK, self._run)
+
+    async def close(self) -> None:
+        job, self._job = self._job, None
+        await self._supervisor.stop(job)
+
+    async def read(self, after: int, limit: int) -> list[RecordedEvent]:
+        """The tail's one read of the log: up to limit events after a position."""
+        self.reads += 1
+        return await reads.read_all(self._db, after, limit)
+
+    async def head(self) -> int:
+        return await reads.head(self._db)
+
+    async def _run(self) -> None:
+        while True:
+            if not self._wanted.is_set():
+                await self._wanted.wait()
+                self.position = await self.head()  # nobody wanted what happened meanwhile
+                continue
+            position = self.position
+            for subscriber in self._subscribers:
+                if subscriber.wanting and subscriber.position < position:  # joined late, or wants again
+                    await self._hand(subscriber, position, [], position)
+            if self._listener.head <= position:
+                await self._listener.wait_beyond(position, self.idle_s)
+                if self._listener.head <= position:
+                    continue
+            events = await self.read(position, self.page_size)
+            if not events:
+                continue
+            end = events[-1].position
+            for subscriber in [s for s in self._subscribers if s.wanting]:
+                await self._hand(subscriber, position, events, end)
+            self.position = end
+
+    @staticmethod
+    async def _hand(subscriber: TailSubscriber, after: int, events: list[RecordedEvent], end: int) -> None:
+        """The events the subscriber has not had yet (all of them when it lags: it sees after > its position)."""
+        if subscriber.position >= end:
+            return  # had them before a failed run
+        if subscriber.position > after:
+            events = events[subscriber.position - after:]
+            after = subscriber.position
+        await subscriber.receive(after, events)
+        subscriber.position = end
