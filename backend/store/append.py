@@ -308,7 +308,10 @@ class AppendBatcher:
         When the server drops that connection while the batcher holds it idle (a restart), asyncpg
         hands it back to the pool at once, and any later call on it raises InterfaceError ("released
         back to the pool"), which is no outage error: a termination listener forgets it, so the next
-        batch acquires another, or fails as unavailable while the server is down, instead of a 500."""
+        batch acquires another, or fails as unavailable while the server is down, instead of a 500.
+        The listener runs a loop iteration later, so a batch may come first: it checks too."""
+        if self._conn is not None and not _usable(self._conn):
+            self._drop()  # asyncpg has taken it back already: nothing to release
         if self._conn is None:
             conn = await self._pool.acquire()
 
@@ -340,3 +343,10 @@ class AppendBatcher:
             await self._pool.release(conn)
 
 
+def _usable(conn: PoolConnectionProxy[asyncpg.Record]) -> bool:
+    """Whether a held connection can still be called: one asyncpg handed back to the pool refuses
+    every call, is_closed() included."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
