@@ -157,3 +157,19 @@ async def test_a_queued_caller_cancelled_before_its_batch_runs_is_still_appended
     assert await count_stream(pool, queued) == 1
     result = await store.append_to(queued, 1, [ev(2)])
     assert result.streams[0].version == 2
+
+
+async def test_a_held_connection_asyncpg_took_back_is_replaced_not_used(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """After a server restart asyncpg hands the batcher's idle connection back to the pool, and the
+    termination listener that tells the batcher runs a loop iteration later; a batch that comes first
+    must take a new connection, not fail with "released back to the pool" (a 500)."""
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    held = store._batcher._conn  # the state a restart leaves behind, made without the race
+    assert held is not None
+    await pool.release(held)
+    result = await store.append_to(stream, 1, [ev(2)])
+    assert result.streams[0].version == 2
+    assert await count_stream(pool, stream) == 2
