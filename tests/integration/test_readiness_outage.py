@@ -24,10 +24,10 @@ async def wait_for_status(client: TestClient, status: int, timeout: float = 30.0
 
 
 async def test_readiness_turns_503_when_database_stops_and_200_after_restart(
-    aiohttp_client, tmp_path: Path  # type: ignore[no-untyped-def]
+    aiohttp_client, server_dir: Path  # type: ignore[no-untyped-def]
 ) -> None:
     # A server of this test's own, so stopping it disturbs nothing else.
-    server = await asyncio.to_thread(start_embedded, tmp_path / "pg")
+    server = await asyncio.to_thread(start_embedded, server_dir / "pg")
     try:
         client = await aiohttp_client(create_app(make_settings(server.dsn("postgres"))))
         await wait_for_status(client, 200)

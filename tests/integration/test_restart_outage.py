@@ -37,9 +37,9 @@ async def ok_or_unavailable(response: ClientResponse) -> None:
 
 
 async def test_commands_are_503_across_a_server_restart_and_tasks_recover(
-    aiohttp_client, tmp_path: Path  # type: ignore[no-untyped-def]
+    aiohttp_client, server_dir: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    server = await asyncio.to_thread(start_embedded, tmp_path / "pg")
+    server = await asyncio.to_thread(start_embedded, server_dir / "pg")
     try:
         app = create_app(make_settings(server.dsn("postgres"), listener_poll_s=0.1, wait_for_db_s=0))
         client: TestClient = await aiohttp_client(app)

@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from backend.store.event_store import EventStore
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, append, connect
+from tests.streaming.sse_client import Message, Stream
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def next_unless_finished(sse: Stream, writing: asyncio.Future[Any], finished: Callable[[], bool]
+                               ) -> Message | None:
+    """The next message, or None if the writers end while it is awaited and everything has arrived: the
+    last frame may have come before the writers were done, and then no other frame ever comes."""
+    reading = asyncio.ensure_future(sse.next(timeout=20))
+    await asyncio.wait({reading, writing}, return_when=asyncio.FIRST_COMPLETED)
+    if not reading.done() and finished():
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+        return None
+    return await reading
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -42,15 +60,21 @@ async def test_random_disconnects_lose_nothing_and_repeat_nothing(
     received: list[int] = []
     last_id = str(start)
     connections = 0
+
+    def finished() -> bool:
+        return writing.done() and len(received) >= len(matching)
+
     async with asyncio.timeout(90):
-        while not (writing.done() and len(received) >= len(matching)):
+        while not finished():
             sse = await connect(client, "/v1/streams/events", token, stream_prefix=prefix, after=start,
                                 headers={"Last-Event-ID": last_id})
             assert sse.status == 200
             connections += 1
             take = rng.randint(1, 12)
-            while take and not (writing.done() and len(received) >= len(matching)):
-                message = await sse.next(timeout=20)
+            while take and not finished():
+                message = await next_unless_finished(sse, writing, finished)
+                if message is None:
+                    break
                 last_id = message.last_id or last_id
                 if message.kind == "event":
                     received.append(int(message.last_id))

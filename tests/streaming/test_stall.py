@@ -92,11 +92,14 @@ async def test_a_frozen_peer_is_evicted_one_timeout_after_its_window_closed(pair
     sub.push(CHUNK)
     idle = tcp.idle_s(pair.transport)
     assert idle is not None and idle >= 0.45
+    # due when 1 s has passed since data last left (0.5 s or less after arming), not 1 s after arming;
+    # read off the timer, as a loaded machine may run it late
+    timer = sub._stall
+    assert timer is not None
+    assert timer.when() - asyncio.get_running_loop().time() < 1.0 - 0.45
     while not pair.transport.is_closing():
         assert time.monotonic() - armed_at < 3.0, "never evicted"
         await asyncio.sleep(0.01)
-    # due when 1 s had passed since data last left (about 0.5 s after arming), not 1 s after arming
-    assert time.monotonic() - armed_at < 0.85
     assert sub.closing
 
 

@@ -158,7 +158,7 @@ async def follow_stream(url: str, headers: dict[str, str], outcomes: Outcomes, o
     async with aiohttp.ClientSession(headers=headers) as session:
         try:
             async with session.get(url) as reply:
-                assert reply.status == 200
+                assert reply.status == 200, await reply.text()
                 opened.set()
                 async for _ in reply.content.iter_any():
                     pass
@@ -210,7 +210,11 @@ def test_sigterm_under_load_answers_or_refuses_every_request(database_url: str, 
                     stream_opened = asyncio.Event()
                     stream = asyncio.create_task(
                         follow_stream(f"{server.base}/v1/streams/events?after=now", headers, outcomes, stream_opened))
-                    await stream_opened.wait()
+                    opening = asyncio.create_task(stream_opened.wait())
+                    await asyncio.wait({opening, stream}, return_when=asyncio.FIRST_COMPLETED)
+                    if not opening.done():  # the stream failed before it opened: say why, not a timeout later
+                        opening.cancel()
+                        stream.result()
                     idle = [await RawConnection.open(server, wallet_path, token) for _ in range(IDLE + SILENT)]
                     for connection in idle:
                         assert await connection.exchange() is not None

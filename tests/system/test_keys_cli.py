@@ -74,19 +74,22 @@ async def test_cli_revocation_reaches_a_running_app_within_a_second(client: Test
 
 
 async def test_cli_rejects_bad_input(client: TestClient, database_url: str) -> None:
-    bad_scope = await keys_cli(database_url, "create", "--owner", "x", "--scopes", "admin,root")
+    owner = f"x-{uuid.uuid4().hex[:8]}"  # the session database holds other tests' keys
+    bad_scope = await keys_cli(database_url, "create", "--owner", owner, "--scopes", "admin,root")
     assert bad_scope.returncode == 2 and "root" in bad_scope.stderr
     assert "tly_" not in bad_scope.stdout
-    naive = await keys_cli(database_url, "create", "--owner", "x", "--scopes", "admin",
+    naive = await keys_cli(database_url, "create", "--owner", owner, "--scopes", "admin",
                            "--expires-at", "2030-01-01T00:00:00")
     assert naive.returncode == 2 and "offset" in naive.stderr
-    past = await keys_cli(database_url, "create", "--owner", "x", "--scopes", "admin",
+    past = await keys_cli(database_url, "create", "--owner", owner, "--scopes", "admin",
                           "--expires-at", "2001-01-01T00:00:00Z")
     assert past.returncode == 1 and "expires_at" in past.stderr and "tly_" not in past.stdout
     unknown = await keys_cli(database_url, "revoke", str(uuid.uuid4()))
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr
     # the app still answers as before (the failed commands changed nothing it can see)
-    token = await mint_token(client.server.app, "x", ["admin"])
+    token = await mint_token(client.server.app, owner, ["admin"])
     head = await client.server.app[REPOSITORY].store.head()  # listings come from the read model: wait for it
-    listed = await client.get(f"/v1/api-keys?owner=x&min_position={head}", headers=bearer(token))
-    assert [k["name"] for k in (await listed.json())["data"]] == ["test key of x"]
+    listed = await client.get(f"/v1/api-keys?owner={owner}&min_position={head}",
+                              headers={**bearer(token), "Prefer": "wait=10"})
+    assert listed.status == 200, await listed.text()
+    assert [k["name"] for k in (await listed.json())["data"]] == [f"test key of {owner}"]
