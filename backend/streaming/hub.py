@@ -484,7 +484,7 @@ class Hub:
         for subscriber in subscribers:
             subscriber.wake()
 
-    async def _receive(self, after: int, events: list[RecordedEvent]) -> None:
+    async def _receive(self, after: int, events: list[RecordedEvent], end: int) -> None:
         """The log tail's next batch: the events after position `after`, into the window, then published.
         A batch that does not follow the window's end (the hub had no streams for a while) restarts the
         window there: streams behind it read the store."""
