@@ -60,7 +60,7 @@ class TailSubscriber:
 
 class LogTail:
     def __init__(self, db: Executor, listener: Listener, *, page_size: int = 500, idle_s: float = 5.0,
-                 typed_interval_s: float = 0.05, supervisor: Supervisor | None = None) -> None:
+                 typed_interval_s: float = 0.2, supervisor: Supervisor | None = None) -> None:
         self._db = db
         self._listener = listener
         self.page_size = page_size
