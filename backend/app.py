@@ -75,8 +75,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     watch_store(metrics, store, listener)
     metrics.counter("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
                     lambda: commands.conflicts)
-    authenticator = ApiKeyAuthenticator(repository, listener, negative_ttl_s=settings.auth_negative_ttl_s,
-                                        supervisor=app[SUPERVISOR], wall_clock=app[CLOCK])
+    authenticator = ApiKeyAuthenticator(repository, tail, negative_ttl_s=settings.auth_negative_ttl_s,
+                                        wall_clock=app[CLOCK])
     app[AUTHENTICATOR] = authenticator
     metrics.counter("tally_api_key_lookups_total", "API key lookups that went to the database",
                     lambda: authenticator.loads)

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     apply_migrations: bool = True
     append_batch_max_events: int = Field(default=2000, ge=1, le=100_000)
-    listener_poll_s: float = Field(default=1.0, gt=0)
+    listener_poll_s: float = Field(default=0.5, gt=0)
     snapshot_every: int = Field(default=100, ge=2)
     idempotency_retention_h: float = Field(default=48, ge=24)
     housekeeping_interval_s: float = Field(default=3600, gt=0)

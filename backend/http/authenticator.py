@@ -12,10 +12,12 @@ negative TTL, AUTH_NEGATIVE_TTL_S): a key that another process creates is found 
 passed; one created through this process is found at once (mark_created). Key ids are drawn at random
 when a key is created, so remembering an id as unknown for that long denies no client anything.
 
-Revocation reaches every process within a second: a background task tails the event log for
-`ApiKeyRevoked` (from the head at startup), woken by the Listener and polling as a fallback, and
-replaces the key's entry with a tombstone. A tombstone also wins over a concurrent cache fill that
-read the key before it was revoked, so a stale "active" copy can never be installed after it.
+Revocation reaches every process within a second: the process's one tail of the log
+(backend/store/tail.py, woken by the Listener's NOTIFY or its poll) hands this cache the `ApiKeyRevoked`
+events after the head at startup, filtered in memory from the page it read anyway (or, while nobody
+follows the whole log, from a read of that one type), and each replaces the key's entry with a tombstone.
+A tombstone also wins over a concurrent cache fill that read the key before it was revoked, so a stale
+"active" copy can never be installed after it.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.api_keys import parse_token
 from backend.commands.context import Actor
 from backend.domain import ApiKey, parse_stream_id, verify_secret
-from backend.store.listener import Listener
+from backend.store.events import RecordedEvent
 from backend.store.repository import Repository
-from backend.supervisor import Supervised, Supervisor
+from backend.store.tail import LogTail, TailSubscriber
 
 log = logging.getLogger(__name__)
 
 REVOKED_EVENT = "ApiKeyRevoked"
+SUBSCRIBER = "api-key-revocations"
+"""Its name among the log tail's subscribers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,29 +79,24 @@ class ApiKeyAuthenticator:
     def __init__(
         self,
         repository: Repository,
-        listener: Listener | None = None,
+        tail: LogTail | None = None,
         *,
         max_entries: int = 10_000,
         negative_ttl_s: float = 2.0,
         max_unknown: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
-        poll_interval_s: float = 0.5,
-        min_interval_s: float = 0.05,
         page_size: int = 1000,
-        supervisor: Supervisor | None = None,
         wall_clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.repository = repository
-        self.listener = listener
+        self.tail = tail
+        """Without one (tests, tools) nothing follows revocations: only fresh lookups see them."""
         self.max_entries = max_entries
         self.negative_ttl_s = negative_ttl_s
         self.max_unknown = max_unknown
         self.clock = clock
         self.wall_clock = wall_clock
         """Judges keys' expires_at (clock, monotonic, paces the cache)."""
-        self.poll_interval_s = poll_interval_s
-        self.min_interval_s = min_interval_s
-        """Floor between two log scans: under write load the Listener wakes on every append."""
         self.page_size = page_size
         self.checkpoint = 0
         """Position up to which ApiKeyRevoked events have been applied."""
@@ -111,20 +110,23 @@ class ApiKeyAuthenticator:
         self._verified: dict[str, tuple[UUID, KnownKey]] = {}
         """Token -> (key id, the cache entry it was verified against)."""
         self._loading: dict[UUID, asyncio.Task[Found]] = {}
-        self._supervisor = supervisor if supervisor is not None else Supervisor()
-        self._job: Supervised | None = None
+        self._subscription: TailSubscriber | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        """Tail revocations from the current head (older ones are visible to any later load)."""
+        """Follow revocations from the current head (older ones are visible to any later load)."""
         self.checkpoint = await self.repository.store.head()
-        self._job = self._supervisor.spawn("api-key-revocations", self._watch)
+        if self.tail is not None:
+            self._subscription = self.tail.subscribe(SUBSCRIBER, self._receive, frozenset({REVOKED_EVENT}))
+            self.tail.want(self._subscription, True)
+            await self.tail.start()
 
     async def close(self) -> None:
-        """Stop the revocation watcher (never raises what it went through) and pending loads."""
-        job, self._job = self._job, None
-        await self._supervisor.stop(job)
+        """Stop following revocations, and pending loads."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None and self.tail is not None:
+            self.tail.unsubscribe(subscription)
         for task in list(self._loading.values()):
             task.cancel()
 
@@ -251,17 +253,15 @@ class ApiKeyAuthenticator:
 
     # ---------------------------------------------------------------- revocations
 
-    async def _watch(self) -> None:
-        """Until cancelled; a failed read ends the run, and the Supervisor starts another with backoff."""
-        while True:
-            seen_head = self.listener.head if self.listener is not None else 0
-            started = time.monotonic()
+    async def _receive(self, after: int, events: list[RecordedEvent], end: int) -> None:
+        """The tail's revocations in (after, end]; a gap below after (the tail joined, or jumped, past the
+        checkpoint) is read from the store first. A failure ends the tail's run: it hands them again."""
+        if after > self.checkpoint:
             await self.catch_up()
-            if self.listener is None:
-                await asyncio.sleep(self.poll_interval_s)
-            elif self.listener.head == seen_head:
-                await self.listener.wait_for_change(self.poll_interval_s)
-            await asyncio.sleep(max(0.0, started + self.min_interval_s - time.monotonic()))
+        for event in events:
+            _, key_id = parse_stream_id(event.stream_id)
+            self._put(key_id, REVOKED)
+        self.checkpoint = max(self.checkpoint, end)
 
     async def catch_up(self) -> int:
         """Apply every ApiKeyRevoked after the checkpoint; return how many were applied.

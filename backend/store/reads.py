@@ -74,6 +74,24 @@ async def read_all(
     return [to_event(row) for row in await db.fetch(sql, *args)]
 
 
+READ_TYPES_TO_HEAD_SQL = f"""
+select h.head, e.* from (select coalesce(max(position), 0) as head from events) as h
+left join lateral (
+    select {COLUMNS} from events where position > $1 and type = any($3::text[]) order by position limit $2
+) as e on true
+"""
+
+
+async def read_types_to_head(db: Executor, after_position: int, limit: int,
+                             types: Sequence[str]) -> tuple[list[RecordedEvent], int]:
+    """Up to limit events of the given types after a position, and the head, in one round trip and one
+    snapshot: when fewer than limit come back, every event up to the head has been examined (positions
+    become visible in order)."""
+    rows = await db.fetch(READ_TYPES_TO_HEAD_SQL, after_position, limit, list(types))
+    head = int(rows[0]["head"])
+    return ([] if rows[0]["position"] is None else [to_event(row) for row in rows]), head
+
+
 async def iter_all(
     db: Executor,
     after_position: int = 0,

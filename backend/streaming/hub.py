@@ -278,8 +278,6 @@ class Hub:
         self.evictions = 0
         """Streams the stall watchdog closed because their client stopped reading (a connection the
         kernel aborts first, after TCP_USER_TIMEOUT, ends as a client that left and is not counted)."""
-        self.stats = StatsFeed(stats_source, listener, config.dashboard_interval_s,
-                               lambda: self._wake(self._stats_subscribers))
         self._drained = asyncio.Event()
         self._closing = False
         self._supervisor = supervisor if supervisor is not None else Supervisor()
@@ -289,6 +287,8 @@ class Hub:
         self._log_tail = tail if tail is not None else LogTail(
             db, listener, page_size=config.page_size, idle_s=config.checkpoint_s, supervisor=self._supervisor)
         self._tail = self._log_tail.subscribe("sse-hub", self._receive)
+        self.stats = StatsFeed(stats_source, self._log_tail, config.dashboard_interval_s,
+                               lambda: self._wake(self._stats_subscribers))
 
     @property
     def streams(self) -> int:
@@ -336,6 +336,7 @@ class Hub:
         await self.shutdown()
         jobs, self._jobs = self._jobs, []
         self._log_tail.unsubscribe(self._tail)
+        self.stats.close()
         if self._own_tail:
             await self._log_tail.close()
         for job in jobs:
@@ -484,7 +485,7 @@ class Hub:
         for subscriber in subscribers:
             subscriber.wake()
 
-    async def _receive(self, after: int, events: list[RecordedEvent]) -> None:
+    async def _receive(self, after: int, events: list[RecordedEvent], end: int) -> None:
         """The log tail's next batch: the events after position `after`, into the window, then published.
         A batch that does not follow the window's end (the hub had no streams for a while) restarts the
         window there: streams behind it read the store."""

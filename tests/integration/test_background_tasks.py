@@ -16,9 +16,10 @@ from aiohttp.test_utils import TestClient
 from asyncpg import exceptions as pgerr
 
 from backend.app import create_app
-from backend.appkeys import LISTENER, PROJECTIONS, REPOSITORY, SUPERVISOR
+from backend.appkeys import DATABASE_DSN, LISTENER, PROJECTIONS, REPOSITORY, SUPERVISOR
 from backend.commands.api_keys import mint
 from backend.store.append import NOTIFY_CHANNEL
+from backend.store.tail import TASK as TAIL_TASK
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.test_db_faults import pooled_queries_raise
 
@@ -84,7 +85,7 @@ async def test_listener_reconnects_after_an_unlisted_error_and_keeps_delivering(
     tasks = (await ready.json())["tasks"]
     assert tasks["listener"] == {"state": "running", "restarts": 1, "consecutive_failures": 0,
                                  "last_error": f"InternalClientError: {STATE_ERROR}"}
-    assert {"api-key-revocations", "idempotency-purge", "sse-tail", "dashboard-stats",
+    assert {"idempotency-purge", "sse-tail", "dashboard-stats",
             "projection-balances"} <= tasks.keys()
     failed = [r for r in caplog.records if r.getMessage() == "background task failed, restarting it"]
     assert [(r.levelno, r.task) for r in failed] == [(logging.WARNING, "listener")]  # type: ignore[attr-defined]
@@ -132,7 +133,14 @@ async def test_the_revocation_watcher_survives_a_failed_read(
 
     assert await probe() == 403  # valid (cached from here on), but not admin
     with pooled_queries_raise(monkeypatch, pgerr.InternalClientError(STATE_ERROR)):
-        await until(lambda: supervisor.tasks["api-key-revocations"].restarts >= 1)
+        # The watcher is a subscriber of the process's log tail: a head that moves makes the tail read
+        # (its revocations), the read fails, and the tail's task restarts.
+        notifier = await asyncpg.connect(app[DATABASE_DSN])  # not pooled: it keeps working
+        try:
+            await notifier.execute(f"notify {NOTIFY_CHANNEL}, '{app[LISTENER].head + 1}'")
+        finally:
+            await notifier.close()
+        await until(lambda: supervisor.tasks[TAIL_TASK].restarts >= 1)
     minted.key.revoke(datetime.now(UTC))
     await app[REPOSITORY].save(minted.key)  # not through the endpoint: only the watcher can learn it
     async with asyncio.timeout(10):

@@ -23,6 +23,7 @@ from backend.config import Settings
 from backend.domain import SCOPES, ApiKey, hash_secret
 from backend.http import models
 from backend.http.ratelimit import RateLimiter
+from backend.store.listener import Listener
 from tests.conftest import bearer, make_settings, mint_token
 
 PROBLEM = "application/problem+json"
@@ -288,17 +289,19 @@ async def test_revocation_is_seen_by_a_second_instance_within_a_second(
     assert other.server.app[AUTHENTICATOR].checkpoint >= int(response.headers["X-Position"])
 
 
-async def test_revocation_without_notifications_is_found_by_polling(client: TestClient, admin_token: str) -> None:
-    """The tailer also polls: a revocation is applied even if no NOTIFY wakes it."""
-    authenticator = client.server.app[AUTHENTICATOR]
+async def test_revocation_without_notifications_is_found_by_polling(
+    aiohttp_client: AIOHTTPClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Listener also polls, and the log tail follows its head: a revocation is applied even if no
+    NOTIFY wakes anyone."""
+    monkeypatch.setattr(Listener, "_on_notify", lambda *args: None)  # deaf to notifications: only the poll
+    client = await aiohttp_client(create_app(make_settings(database_url)))
     key_id, token = new_token()
     key = ApiKey.create(key_id, "alice", "k", ["wallets:read"], hash_secret(token), None, datetime.now(UTC))
     await client.server.app[REPOSITORY].save(key)
     assert await probe(client, token) == 403
     key.revoke(datetime.now(UTC))
     await client.server.app[REPOSITORY].save(key)  # not through the endpoint: nothing marks it locally
-    assert authenticator.listener is not None
-    authenticator.listener = None  # the tailer now only polls
     started = time.monotonic()
     seen = await wait_for_status(client, token, 401, timeout=5)
     assert seen - started < 1.0

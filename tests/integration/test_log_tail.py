@@ -43,7 +43,7 @@ class Recorder:
         self.calls: list[tuple[int, list[int]]] = []
         self.fail_once_at = fail_once_at
 
-    async def receive(self, after: int, events: list[RecordedEvent]) -> None:
+    async def receive(self, after: int, events: list[RecordedEvent], end: int) -> None:
         positions = [e.position for e in events]
         if self.fail_once_at is not None and self.fail_once_at in positions:
             self.fail_once_at = None
@@ -97,5 +97,44 @@ async def test_a_late_subscriber_is_told_its_join_point_and_then_handed_only_new
         await until(lambda: late.positions()[-1:] == after[-1:])
         assert late.positions() == after
         assert early.positions() == before + after
+    finally:
+        await tail.close()
+
+
+async def test_a_subscriber_of_some_types_gets_each_of_them_once_read_alone_or_from_the_whole_log(
+    pool: asyncpg.Pool, store: EventStore, listener: Listener
+) -> None:
+    """Alone, it is served by reads of its types only (up to the head: it learns how far the log was
+    examined); beside a follower of the whole log, from that follower's pages, filtered in memory."""
+    tail = LogTail(pool, listener, page_size=2, idle_s=0.2, typed_interval_s=0.0, supervisor=Supervisor())
+    marks, ends = Recorder(), []
+
+    async def receive(after: int, events: list[RecordedEvent], end: int) -> None:
+        assert all(e.type == "Mark" and after < e.position <= end for e in events)
+        ends.append(end)
+        await marks.receive(after, events, end)
+
+    tail.want(tail.subscribe("marks", receive, frozenset({"Mark"})), True)
+    await tail.start()
+    stream = f"tail-{uuid.uuid4()}"
+
+    async def write(kinds: str) -> list[int]:
+        result = await store.append_to(stream, ANY, [NewEvent("Mark" if k == "M" else "Tick", {}) for k in kinds])
+        positions = [p for s in result.streams for p in s.positions]
+        return [p for p, k in zip(positions, kinds, strict=True) if k == "M"]
+
+    try:
+        alone = await write("TTMTTTMMMT")
+        head = await store.head()
+        await until(lambda: ends[-1:] == [head])
+        assert marks.positions() == alone
+
+        everything = Recorder()
+        tail.want(tail.subscribe("all", everything.receive), True)
+        beside = await write("TMTTM")
+        head = await store.head()
+        await until(lambda: everything.positions()[-1:] == [head] and ends[-1:] == [head])
+        assert marks.positions() == alone + beside  # nothing skipped, nothing repeated
+        assert everything.positions() == list(range(head - 4, head + 1))
     finally:
         await tail.close()

@@ -97,7 +97,7 @@ def test_window_items_are_invisible_to_the_cyclic_collector() -> None:
 
 def test_stats_feed_deltas_carry_what_changed_since_a_position() -> None:
     woken: list[int] = []
-    feed = StatsFeed(source=None, listener=None, interval_s=0.25,  # type: ignore[arg-type]
+    feed = StatsFeed(source=None, tail=None, interval_s=0.25,  # type: ignore[arg-type]
                      on_change=lambda: woken.append(feed.position))
     feed._update({"currencies": {"USD": {"credited": 1}, "EUR": {"credited": 5}}, "events": {"A": 2}}, 10)
     feed._update({"currencies": {"USD": {"credited": 3}, "EUR": {"credited": 5}}, "events": {"A": 3}}, 12)
