@@ -10,7 +10,8 @@ The parent imports no aiohttp and serves nothing. It starts the embedded Postgre
 DATABASE_URL is unset) and hands its address to the workers; restarts a worker that exits while not
 asked to stop, with backoff; forwards SIGTERM and SIGINT to every worker (each drains as a lone
 `serve` does) and waits up to SHUTDOWN_TIMEOUT_S plus a margin. Its exit status is 0 when every
-worker exited 0. Workers run in their own session, so a Ctrl-C reaches them once, through the parent.
+worker exited 0. Workers run in their own session, so a Ctrl-C reaches them once, through the parent;
+should the parent be killed outright, each worker gets SIGTERM from the kernel and drains.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 
@@ -37,6 +39,7 @@ BACKOFF_MAX_S = 10.0
 STEADY_S = 30.0
 """A worker that ran this long before it died is restarted after the shortest backoff again."""
 POLL_S = 0.05
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -57,6 +60,7 @@ class Supervisor:
         self.env = env
         self.workers = [Worker(index) for index in range(settings.workers)]
         self.stop_signal: int | None = None
+        self.orphaned = drain_when_orphaned(os.getpid())
 
     def request_stop(self, signum: int, frame: FrameType | None) -> None:
         if self.stop_signal is None:
@@ -64,7 +68,8 @@ class Supervisor:
 
     def start(self, worker: Worker) -> None:
         worker.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", WORKER_FLAG],
-                                       env=self.env, start_new_session=True)
+                                       env=self.env, start_new_session=True,
+                                       preexec_fn=self.orphaned)  # noqa: PLW1509 (the parent runs no threads)
         worker.started = time.monotonic()
         log.info("worker started", extra={"worker": worker.index, "pid": worker.proc.pid})
 
@@ -113,6 +118,24 @@ class Supervisor:
                 clean = False
         log.info("stopped")
         return 0 if clean else 1
+
+
+def drain_when_orphaned(parent: int) -> Callable[[], None] | None:
+    """What a worker runs before `exec` so that it gets SIGTERM (and drains) should the parent die
+    without forwarding one (kill -9): Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
 
 
 def worker_env(settings: Settings, database_url: str | None) -> dict[str, str]:

@@ -6,6 +6,7 @@ parent: it restarts a killed worker, and SIGTERM under load drops nothing and ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -87,8 +88,9 @@ async def alternate(database_url: str, token: str, a: str, b: str) -> None:
         outcomes = Counter((status, body.get("code")) for status, body in answers)
         won = BALANCE // AMOUNT
         assert outcomes == {(200, None): won, (422, "insufficient_funds"): RACERS - won}, outcomes
-        for base in (a, b):
-            status, read = await call(session, "GET", f"{base}/v1/wallets/{rid}")
+        last = max(body["position"] for status, body in answers if status == 200)
+        for base in (a, b):  # reads are of the read model: min_position asks for the writes made so far
+            status, read = await call(session, "GET", f"{base}/v1/wallets/{rid}?min_position={last}")
             assert (status, read["balance"]) == (200, BALANCE - won * AMOUNT)
         events = await wallet_events(database_url, rid)
         assert [version for version, _, _ in events] == list(range(1, len(events) + 1))
@@ -113,9 +115,10 @@ async def alternate(database_url: str, token: str, a: str, b: str) -> None:
         status, settled = await call(session, "POST", f"{a}/v1/wallets/{pid}/locks/{lock['lock_id']}/settle",
                                      {"to_wallet_id": qid})
         assert (status, settled["balance"]) == (200, 30), settled
-        status, read = await call(session, "GET", f"{b}/v1/wallets/{qid}")
+        after = settled["position"]
+        status, read = await call(session, "GET", f"{b}/v1/wallets/{qid}?min_position={after}")
         assert (status, read["balance"]) == (200, 25), read
-        status, read = await call(session, "GET", f"{b}/v1/wallets/{pid}")
+        status, read = await call(session, "GET", f"{b}/v1/wallets/{pid}?min_position={after}")
         assert (status, read["balance"], read["locked"]) == (200, 30, 0), read
 
 
@@ -207,3 +210,67 @@ async def load_then_sigterm(server: Server, token: str) -> Counter[str]:
     server.proc.send_signal(signal.SIGTERM)
     await asyncio.wait_for(asyncio.gather(*clients), timeout=60)
     return outcomes
+
+
+@pytest.mark.timeout(300)
+def test_workers_share_one_embedded_postgres(tmp_path: Path) -> None:
+    """DATABASE_URL unset: the parent starts the embedded server once, both workers use it, and it is
+    stopped when the parent exits."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
+    env.update(PORT=str(port), DATA_DIR=str(tmp_path / "data"), WORKERS="2", LOG_FORMAT="text")
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
+                                stdout=stdout, stderr=stderr)
+    server = Server(proc, port, out, err)
+    try:
+        wait_for(lambda: server.logs().count("listening on") == 2 or proc.poll() is not None,
+                 "two workers listening: " + server.logs(), timeout=240)
+        assert proc.poll() is None, server.logs()
+        assert ready(server.base)
+        assert server.logs().count("embedded PostgreSQL ready") == 1, server.logs()
+        assert len(children(proc.pid)) == 2
+        assert (tmp_path / "data" / "pg" / "postmaster.pid").exists()
+        assert server.stop(timeout=60) == 0, server.logs()
+        assert not (tmp_path / "data" / "pg" / "postmaster.pid").exists(), server.logs()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_drain_when_the_parent_is_killed(fresh_database_url: str) -> None:
+    """kill -9 of the parent forwards nothing: the kernel sends each worker SIGTERM (PR_SET_PDEATHSIG),
+    so no worker is left serving without a parent."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "backend", "serve", "--workers", "2"], cwd=ROOT,
+                env={**os.environ, "DATABASE_URL": fresh_database_url, "PORT": str(port), "LOG_FORMAT": "text"},
+                stdout=stdout, stderr=stderr)
+        server = Server(proc, port, out, err)
+        workers: list[int] = []
+        try:
+            wait_for(lambda: server.logs().count("listening on") == 2, "two workers listening")
+            workers = children(proc.pid)
+            assert len(workers) == 2
+            proc.kill()
+            proc.wait()
+            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and "Z" not in stat(pid) for pid in workers),
+                     "the workers stopped")
+            assert server.logs().count("shutting down: draining requests") == 2, server.logs()
+            assert not ready(server.base)
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def stat(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"
