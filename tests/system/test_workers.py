@@ -274,3 +274,13 @@ def stat(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except OSError:
         return "Z"
+
+
+def test_workers_settings_are_checked(fresh_database_url: str) -> None:
+    env = {**os.environ, "DATABASE_URL": fresh_database_url}
+    zero = subprocess.run([sys.executable, "-m", "backend", "serve", "--workers", "0"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert zero.returncode == 2 and "WORKERS" in zero.stderr.upper(), zero.stderr
+    any_port = subprocess.run([sys.executable, "-m", "backend", "serve", "--workers", "2", "--port", "0"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+    assert any_port.returncode == 2 and "needs a fixed PORT" in any_port.stderr, any_port.stderr
