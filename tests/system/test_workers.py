@@ -157,6 +157,15 @@ def test_workers_parent_restarts_and_drains(fresh_database_url: str) -> None:
             wait_for(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
                      "two workers listening: " + server.logs())
             first = children(proc.pid)
+            # One leader per projection and one Merkle folder across both workers (advisory locks).
+            with urllib.request.urlopen(f"{server.base}/health/ready", timeout=5) as reply:
+                projections = json.loads(reply.read())["checks"]["projections"]
+            wait_for(lambda: server.logs().count("projection runner leads") >= len(projections) > 0
+                     and "merkle folder leading" in server.logs(), "projections led")
+            time.sleep(1.0)  # time for a second leader, were there one, to say so
+            logs = server.logs()
+            assert logs.count("projection runner leads") == len(projections), logs
+            assert logs.count("merkle folder leading") == 1, logs
             os.kill(first[0], signal.SIGKILL)
             wait_for(lambda: len(children(proc.pid)) == 2 and first[0] not in children(proc.pid),
                      "the killed worker restarted: " + server.logs())
