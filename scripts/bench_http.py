@@ -349,6 +349,24 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def cpu_by_process(processes: list[psutil.Process]) -> dict[int, float]:
+    found = {}
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            found[proc.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def cpu_used(before: dict[int, float], processes: list[psutil.Process]) -> float:
+    """CPU seconds used since `before` by the processes alive at both ends (a PostgreSQL backend that
+    exits meanwhile takes its total with it: counting it would make the share negative)."""
+    after = cpu_by_process(processes)
+    return sum(after[pid] - before[pid] for pid in after if pid in before)
+
+
 def postgres_processes() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postgres:")]
 
@@ -414,13 +432,13 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[int, dict[st
                     # With several workers each answers /metrics for itself: two scrapes may reach two
                     # workers, so their difference would mean nothing. Only one worker's server side is shown.
                     round_before = await scrape(base, headers) if count == 1 else {}
-                    server_cpu0, pg_cpu0, t0 = cpu_seconds(served), cpu_seconds(pg), time.perf_counter()
+                    server_cpu0, pg_cpu0, t0 = cpu_by_process(served), cpu_by_process(pg), time.perf_counter()
                     result = await drive_round(base, token, headers, wallets, args, seconds, warmup)
                     wall = time.perf_counter() - t0
                     round_after = await scrape(base, headers) if count == 1 else {}
                     result["slow_batches"] = slow_batches(round_before, round_after)
-                    result["server_cpu_share"] = (cpu_seconds(served) - server_cpu0) / wall
-                    result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
+                    result["server_cpu_share"] = cpu_used(server_cpu0, served) / wall
+                    result["postgres_cpu_share"] = cpu_used(pg_cpu0, pg) / wall
                     result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
                     views[count] = server_view(round_before, round_after)
                 finally:
