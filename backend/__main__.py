@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "table"))
     serve.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: PORT or 8080)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="server processes on the one port (default: WORKERS or 1)")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
     serve.add_argument("--wait-for-db", type=float, metavar="SECONDS",
                        help="retry the database with backoff for this long instead of failing at once")
 
@@ -111,14 +114,15 @@ def aware_time(value: str) -> datetime:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     overrides: dict[str, object] = {}
-    for option, field in (("host", "host"), ("port", "port"), ("wait_for_db", "wait_for_db_s")):
+    for option, field in (("host", "host"), ("port", "port"), ("wait_for_db", "wait_for_db_s"),
+                            ("workers", "workers")):
         value = getattr(args, option, None)
         if value is not None:
             overrides[field] = value
     return load_settings(**overrides)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     from aiohttp import web
 
     from backend.app import create_app
@@ -133,7 +137,7 @@ async def serve(settings: Settings) -> None:
             log.info(f"listening on http://{host}:{port}",
                      extra={"url": f"http://{host}:{port}", "event_loop": loop_name()})
 
-    await serve_app(create_app(settings), settings, listening)
+    await serve_app(create_app(settings), settings, listening, reuse_port=reuse_port)
     log.info("stopped")
 
 
@@ -227,11 +231,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format_choice())
     if args.command != "serve":
         return run_tool(settings, args)
+    if settings.workers > 1 and not args.worker:
+        from backend.server.workers import run_workers
+
+        return run_workers(settings)
     from backend.audit.signing import SigningKeyError
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
-    return run_main(serve(settings), settings.event_loop, "tally",
+    return run_main(serve(settings, reuse_port=args.worker), settings.event_loop, "tally",
                     (DatabaseUnavailable, CannotListen, SigningKeyError))
 
 

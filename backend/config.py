@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # `serve` with WORKERS > 1: a supervisor (backend/server/workers.py) runs that many server processes
+    # on one port (SO_REUSEPORT).
+    workers: int = Field(default=1, ge=1, le=64)
     pool_min_size: int = Field(default=2, ge=0, le=200)
     pool_max_size: int = Field(default=10, ge=1, le=200)
     statement_timeout_ms: int = Field(default=5000, ge=0)

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds of Tally then the bare reference, sharing --seconds; the median is reported "
                              "(default 3; --quick: 1)")
     parser.add_argument("--quick", action="store_true", help="8 s measured, whole run under 60 s")
+    parser.add_argument("--workers", type=worker_counts, default=[1], metavar="N[,N...]",
+                        help="serve with each of these worker counts (serve --workers N), in alternating rounds "
+                             "on one database (default 1)")
     parser.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto",
                         help="wrk with scripts/bench_http.lua (auto: when wrk is installed, e.g. "
                              "`apt-get install wrk`), or the Python load generator")
@@ -346,6 +349,24 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
+def cpu_by_process(processes: list[psutil.Process]) -> dict[int, float]:
+    found = {}
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+            found[proc.pid] = times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def cpu_used(before: dict[int, float], processes: list[psutil.Process]) -> float:
+    """CPU seconds used since `before` by the processes alive at both ends (a PostgreSQL backend that
+    exits meanwhile takes its total with it: counting it would make the share negative)."""
+    after = cpu_by_process(processes)
+    return sum(after[pid] - before[pid] for pid in after if pid in before)
+
+
 def postgres_processes() -> list[psutil.Process]:
     return [p for p in psutil.process_iter(["name"]) if p.info["name"] in ("postgres", "postgres:")]
 
@@ -364,56 +385,103 @@ async def drive_round(base: str, token: str, headers: dict[str, str], wallets: l
     return result
 
 
-async def measure(server: Server, args: argparse.Namespace) -> dict[str, Any]:
-    """Rounds of Tally then the bare reference (A B A B: the machine's speed drifts), on one server."""
+def worker_counts(value: str) -> list[int]:
+    try:
+        counts = [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma separated list of worker counts: {value!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"worker counts must be distinct and at least 1: {value!r}")
+    return counts
+
+
+def start_serve(dsn: str, workers: int) -> tuple[subprocess.Popen[bytes], str]:
+    """`serve` (with --workers N when N > 1) on a fresh port: the process and its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "backend", "serve"] + (["--workers", str(workers)] if workers > 1 else [])
+    proc = subprocess.Popen(command, cwd=ROOT, env=serve_env(dsn, port))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def server_processes(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    """The server and, with --workers, its workers."""
+    parent = psutil.Process(proc.pid)
+    return [parent, *parent.children(recursive=True)]
+
+
+async def measure(server: Server, args: argparse.Namespace) -> dict[int, dict[str, Any]]:
+    """Rounds of Tally (once per worker count) then the bare reference (A B A B: the machine's speed
+    drifts), all on one database: the median round of each worker count."""
     rounds = 1 if args.quick else args.rounds
     seconds = 8.0 if args.quick else args.seconds / rounds
     warmup = 2.0 if args.quick else 3.0
     async with fresh_database(server, "http") as dsn:
         token = await admin_token(dsn)
         headers = {"Authorization": f"Bearer {token}"}
-        port = free_port()
-        env = serve_env(dsn, port)
-        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
-        base = f"http://127.0.0.1:{port}"
-        try:
-            await wait_ready(base, proc)
-            wallets = await seed_wallets(base, headers, args.wallets)
-            server_proc = psutil.Process(proc.pid)
-            pg = postgres_processes()
-            metrics_before = await scrape(base, headers)
-            results = []
-            for i in range(rounds):
-                round_before = await scrape(base, headers)
-                server_cpu0, pg_cpu0, t0 = cpu_seconds([server_proc]), cpu_seconds(pg), time.perf_counter()
-                result = await drive_round(base, token, headers, wallets, args, seconds, warmup if i == 0 else 0.0)
-                wall = time.perf_counter() - t0
-                result["slow_batches"] = slow_batches(round_before, await scrape(base, headers))
-                result["server_cpu_share"] = (cpu_seconds([server_proc]) - server_cpu0) / wall
-                result["postgres_cpu_share"] = (cpu_seconds(pg) - pg_cpu0) / wall
-                result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
-                if use_wrk(args.loadgen):
+        wallets: list[str] = []
+        results: dict[int, list[dict[str, Any]]] = {count: [] for count in args.workers}
+        views: dict[int, dict[str, Any]] = {}
+        for _ in range(rounds):
+            for count in args.workers:
+                proc, base = start_serve(dsn, count)
+                try:
+                    await wait_ready(base, proc)
+                    if not wallets:
+                        wallets = await seed_wallets(base, headers, args.wallets)
+                    served, pg = server_processes(proc), postgres_processes()
+                    # With several workers each answers /metrics for itself: two scrapes may reach two
+                    # workers, so their difference would mean nothing. Only one worker's server side is shown.
+                    round_before = await scrape(base, headers) if count == 1 else {}
+                    server_cpu0, pg_cpu0, t0 = cpu_by_process(served), cpu_by_process(pg), time.perf_counter()
+                    result = await drive_round(base, token, headers, wallets, args, seconds, warmup)
+                    wall = time.perf_counter() - t0
+                    round_after = await scrape(base, headers) if count == 1 else {}
+                    result["slow_batches"] = slow_batches(round_before, round_after)
+                    result["server_cpu_share"] = cpu_used(server_cpu0, served) / wall
+                    result["postgres_cpu_share"] = cpu_used(pg_cpu0, pg) / wall
+                    result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
+                    views[count] = server_view(round_before, round_after)
+                finally:
+                    proc.terminate()
+                    proc.wait(60)
+                if use_wrk(args.loadgen) and count == args.workers[-1]:
                     result["bare_requests_per_s"] = await run_bare(args.connections, 3.0 if args.quick else 5.0)
-                results.append(result)
-            median = sorted(results, key=lambda r: r["commands_per_s"])[len(results) // 2]
-            bares = sorted(r["bare_requests_per_s"] for r in results if "bare_requests_per_s" in r)
-            return {**median, "rounds": results, "bare_median": bares[len(bares) // 2] if bares else None,
-                    "server": server_view(metrics_before, await scrape(base, headers))}
-        finally:
-            proc.terminate()
-            proc.wait(30)
+                results[count].append(result)
+        measured = {}
+        for count, runs in results.items():
+            median = sorted(runs, key=lambda r: r["commands_per_s"])[len(runs) // 2]
+            bares = sorted(r["bare_requests_per_s"] for r in runs if "bare_requests_per_s" in r)
+            measured[count] = {**median, "rounds": runs, "bare_median": bares[len(bares) // 2] if bares else None,
+                               "server": views[count]}
+        return measured
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     server = await choose_server(args.dsn)
     try:
-        result = await measure(server, args)
+        measured = await measure(server, args)
     finally:
         if server.stop is not None:
             server.stop()
-    print(f"server: {server.description}; event loop {result['server']['event_loop']} (EVENT_LOOP: "
+    first = measured[args.workers[0]]
+    print(f"server: {server.description}; event loop {first['server']['event_loop']} (EVENT_LOOP: "
           f"{os.environ.get('EVENT_LOOP', 'auto')}); {args.connections} connections, {args.wallets} wallets")
-    print(f"load generator: {result['loadgen']}")
+    print(f"load generator: {first['loadgen']}")
+    per_count = []
+    for count, result in measured.items():
+        per_count.append(report(args, count, result))
+    if len(per_count) > 1:
+        base = per_count[0]["commands_per_s"]
+        for entry in per_count[1:]:
+            print(f"workers {entry['workers']}: {entry['commands_per_s'] / base:.2f}x the commands/s of "
+                  f"workers {per_count[0]['workers']} (same run, alternating rounds)")
+    return {"bench": "http", **{key: value for key, value in per_count[0].items() if key != "workers"},
+            "workers": per_count}
+
+
+def report(args: argparse.Namespace, count: int, result: dict[str, Any]) -> dict[str, Any]:
+    """Print one worker count's rounds and median; its JSON entry."""
+    print(f"workers {count}:")
     for i, r in enumerate(result["rounds"], 1):
         bare_text = f"; bare aiohttp {r['bare_requests_per_s']:.0f} requests/s" if "bare_requests_per_s" in r else ""
         print(f"  round {i}: {r['commands_per_s']:.0f} commands/s, p50 {r['p50_ms']:.1f} ms, p90 {r['p90_ms']:.1f}, "
@@ -421,27 +489,30 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
               f"server CPU {r['server_cpu_share'] / r['commands_per_s'] * 1e6:.0f} us per command; "
               f"appends over 50 ms {r['slow_batches']['over_50ms']} (over 100 ms {r['slow_batches']['over_100ms']})"
               f"{bare_text}")
-    print(f"median round: commands/s {result['commands_per_s']:.0f}   p50 {result['p50_ms']:.1f} ms   "
-          f"p99 {result['p99_ms']:.1f} ms   errors {sum(r['errors'] for r in result['rounds'])} "
-          f"{result['error_kinds'] or ''}")
-    print(f"closed loop: {args.connections} connections at {result['commands_per_s']:.0f} commands/s keep each "
+    errors = sum(r["errors"] for r in result["rounds"])
+    print(f"  median round: commands/s {result['commands_per_s']:.0f}   p50 {result['p50_ms']:.1f} ms   "
+          f"p99 {result['p99_ms']:.1f} ms   errors {errors} {result['error_kinds'] or ''}")
+    print(f"  closed loop: {args.connections} connections at {result['commands_per_s']:.0f} commands/s keep each "
           f"request {args.connections / result['commands_per_s'] * 1000:.1f} ms on average (Little's law), "
           "whatever the server does; only the spread around that mean is the server's to narrow")
-    print(f"CPU (cores busy): server {result['server_cpu_share']:.2f}, postgres {result['postgres_cpu_share']:.2f}, "
-          f"load generator {result['loadgen_cpu_share']:.2f} (of 2)")
+    print(f"  CPU (cores busy): server {result['server_cpu_share']:.2f} (all its processes), postgres "
+          f"{result['postgres_cpu_share']:.2f}, load generator {result['loadgen_cpu_share']:.2f} (of "
+          f"{os.cpu_count()}; other programs on the machine take the rest)")
     view = result["server"]
-    print(f"server side: {view['append_batches']} append batches, {view['requests_per_batch']:.1f} appends each; "
-          "mean latency per route (warm-up included):")
-    for route, (count, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
-        print(f"  {count:>7}  {mean_ms:7.1f} ms  {route}")
+    if count > 1:
+        print("  server side: not shown (each worker answers /metrics for itself)")
+    else:
+        print(f"  server side (last round): {view['append_batches']} append batches, "
+              f"{view['requests_per_batch']:.1f} appends each; mean latency per route (warm-up included):")
+    for route, (n, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
+        print(f"    {n:>7}  {mean_ms:7.1f} ms  {route}")
     bare = result["bare_median"]
     if bare:
-        print(f"scale reference, same run: a bare aiohttp handler (scripts/bench_http_bare.py) answers {bare:.0f} "
+        print(f"  scale reference, same run: a bare aiohttp handler (scripts/bench_http_bare.py) answers {bare:.0f} "
               f"requests/s (median) under the same wrk settings; Tally's commands/s are "
               f"{result['commands_per_s'] / bare:.1%} of that")
-    errors = sum(r["errors"] for r in result["rounds"])
     target = result["commands_per_s"] >= 2000 and result["p99_ms"] <= 50 and errors == 0
-    print(f"target >= 2,000 commands/s, p99 <= 50 ms, 0 errors: {'met' if target else 'NOT met'}")
-    return {"bench": "http", "commands_per_s": round(result["commands_per_s"], 1),
+    print(f"  target >= 2,000 commands/s, p99 <= 50 ms, 0 errors: {'met' if target else 'NOT met'}")
+    return {"workers": count, "commands_per_s": round(result["commands_per_s"], 1),
             "p50_ms": round(result["p50_ms"], 2), "p99_ms": round(result["p99_ms"], 2),
             "errors": errors, "bare_aiohttp_requests_per_s": round(bare, 1) if bare else None}

@@ -63,8 +63,9 @@ class Serving:
         await drain(self.runner, self.site, timeout_s, self.options)
 
 
-async def start(app: web.Application, settings: Settings) -> Serving:
-    """Run `app`'s startup and listen on settings.host:port with the Tally protocol."""
+async def start(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> Serving:
+    """Run `app`'s startup and listen on settings.host:port with the Tally protocol (with SO_REUSEPORT
+    when `reuse_port`: one of several workers on one port)."""
     options = protocol_options(settings)
     handler_kwargs: dict[str, Any] = {
         "access_log_class": AccessLogger, "max_line_size": MAX_LINE_SIZE, "max_field_size": MAX_FIELD_SIZE,
@@ -75,7 +76,8 @@ async def start(app: web.Application, settings: Settings) -> Serving:
         await runner.setup()
         assert runner.server is not None
         factory = protocol_factory(runner.server, options, handler_kwargs)
-        site = BatchAcceptSite(runner, settings.host, settings.port, protocol_factory=factory)
+        site = BatchAcceptSite(runner, settings.host, settings.port, protocol_factory=factory,
+                               reuse_port=reuse_port)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -84,9 +86,9 @@ async def start(app: web.Application, settings: Settings) -> Serving:
 
 
 async def serve_app(app: web.Application, settings: Settings,
-                    ready: Callable[[web.AppRunner], None] | None = None) -> None:
+                    ready: Callable[[web.AppRunner], None] | None = None, *, reuse_port: bool = False) -> None:
     """Serve `app` until SIGTERM/SIGINT, then drain; `ready(runner)` once listening."""
-    serving = await start(app, settings)
+    serving = await start(app, settings, reuse_port=reuse_port)
     if ready is not None:
         ready(serving.runner)
     stop = asyncio.Event()

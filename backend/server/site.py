@@ -74,17 +74,19 @@ ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
 class BatchAcceptSite(web.BaseSite):
-    __slots__ = ("_connecting", "_host", "_port", "_protocol_factory")
+    __slots__ = ("_connecting", "_host", "_port", "_protocol_factory", "_reuse_port")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128,
-                 protocol_factory: ProtocolFactory | None = None) -> None:
+                 protocol_factory: ProtocolFactory | None = None, reuse_port: bool = False) -> None:
         """`protocol_factory` makes each connection's protocol (default: the runner's server, stock
-        aiohttp's RequestHandler)."""
+        aiohttp's RequestHandler). `reuse_port`: bind with SO_REUSEPORT, so that the several worker
+        processes of one `serve --workers N` listen on one port and the kernel spreads connections."""
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._connecting: set[asyncio.Task[Any]] = set()
         self._protocol_factory = protocol_factory
+        self._reuse_port = reuse_port
 
     @property
     def name(self) -> str:
@@ -103,6 +105,8 @@ class BatchAcceptSite(web.BaseSite):
                     continue  # as asyncio does: this host lacks the family (IPv6, say); the others serve
                 sockets.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self._reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:  # as asyncio does: no IPv4-mapped addresses on a v6 socket
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:

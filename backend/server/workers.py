@@ -1,0 +1,189 @@
+"""`serve --workers N`: a parent process that runs N server processes on one port.
+
+One Python process serves on one core; several share a host's cores. Each worker is an ordinary
+`python -m backend serve --worker` that binds its port with SO_REUSEPORT, so the kernel spreads new
+connections over the workers. Correctness does not depend on which worker a request reaches: every
+append is checked by the store, and projections and the Merkle folder elect one leader across
+processes by advisory locks.
+
+The parent imports no aiohttp and serves nothing. It starts the embedded PostgreSQL once (when
+DATABASE_URL is unset) and hands its address to the workers; restarts a worker that exits while not
+asked to stop, with backoff; forwards SIGTERM and SIGINT to every worker (each drains as a lone
+`serve` does) and waits up to SHUTDOWN_TIMEOUT_S plus a margin. Its exit status is 0 when every
+worker exited 0. Workers run in their own session, so a Ctrl-C reaches them once, through the parent;
+should the parent be killed outright, each worker gets SIGTERM from the kernel and drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+
+from backend.config import Settings
+
+log = logging.getLogger("backend")
+
+WORKER_FLAG = "--worker"
+STOP_MARGIN_S = 5.0
+"""Beyond SHUTDOWN_TIMEOUT_S: a worker's cleanup (pools, streams) after its drain."""
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 10.0
+STEADY_S = 30.0
+"""A worker that ran this long before it died is restarted after the shortest backoff again."""
+POLL_S = 0.05
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class Worker:
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    due: float = 0.0
+    """When a dead worker is started again (monotonic)."""
+
+
+class Supervisor:
+    """Start, watch and stop the workers (one thread, polling: no event loop in the parent)."""
+
+    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+        self.settings = settings
+        self.env = env
+        self.workers = [Worker(index) for index in range(settings.workers)]
+        self.stop_signal: int | None = None
+        self.orphaned = drain_when_orphaned(os.getpid())
+
+    def request_stop(self, signum: int, frame: FrameType | None) -> None:
+        if self.stop_signal is None:
+            self.stop_signal = signum
+
+    def start(self, worker: Worker) -> None:
+        worker.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", WORKER_FLAG],
+                                       env=self.env, start_new_session=True,
+                                       preexec_fn=self.orphaned)  # noqa: PLW1509 (the parent runs no threads)
+        worker.started = time.monotonic()
+        log.info("worker started", extra={"worker": worker.index, "pid": worker.proc.pid})
+
+    def watch(self) -> int:
+        """Run until a stop signal; then stop every worker and give the exit status."""
+        for worker in self.workers:
+            self.start(worker)
+        while self.stop_signal is None:
+            now = time.monotonic()
+            for worker in self.workers:
+                if worker.proc is None:
+                    if now >= worker.due:
+                        self.start(worker)
+                    continue
+                status = worker.proc.poll()
+                if status is None:
+                    continue
+                if now - worker.started >= STEADY_S:
+                    worker.failures = 0
+                delay = min(BACKOFF_FIRST_S * 2 ** worker.failures, BACKOFF_MAX_S)
+                worker.failures += 1
+                worker.proc = None
+                worker.due = now + delay
+                log.warning("worker exited; restarting it", extra={
+                    "worker": worker.index, "status": status, "restart_in_s": delay})
+            time.sleep(POLL_S)
+        return self.stop_all(self.stop_signal)
+
+    def stop_all(self, signum: int) -> int:
+        running = [worker.proc for worker in self.workers if worker.proc is not None]
+        log.info("stopping workers", extra={"signal": signal.Signals(signum).name, "workers": len(running)})
+        for proc in running:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        deadline = time.monotonic() + self.settings.shutdown_timeout_s + STOP_MARGIN_S
+        clean = True
+        for proc in running:
+            try:
+                status = proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker did not stop in time; killing it", extra={"pid": proc.pid})
+                proc.kill()
+                status = proc.wait()
+            if status != 0:
+                log.warning("worker stopped with an error", extra={"pid": proc.pid, "status": status})
+                clean = False
+        log.info("stopped")
+        return 0 if clean else 1
+
+
+def drain_when_orphaned(parent: int) -> Callable[[], None] | None:
+    """What a worker runs before `exec` so that it gets SIGTERM (and drains) should the parent die
+    without forwarding one (kill -9): Linux's PR_SET_PDEATHSIG; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded before the fork: the child only calls it
+
+    def arm() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
+def worker_env(settings: Settings, database_url: str | None) -> dict[str, str]:
+    """The workers' environment: the parent's, with the command line's overrides and the database."""
+    env = {**os.environ, "HOST": settings.host, "PORT": str(settings.port), "WORKERS": "1",
+           "WAIT_FOR_DB_S": str(settings.wait_for_db_s)}
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    return env
+
+
+def run_workers(settings: Settings) -> int:
+    """The parent of `serve --workers N`: its exit status."""
+    from backend.db import DatabaseUnavailable
+
+    if settings.port == 0:
+        print("tally: error: WORKERS > 1 needs a fixed PORT (with port 0 each worker would get its own)",
+              file=sys.stderr)
+        return 2
+    supervisor: Supervisor | None = None
+
+    def stop_early(signum: int, frame: FrameType | None) -> None:
+        if supervisor is not None:
+            supervisor.request_stop(signum, frame)
+        else:
+            raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_early)
+    embedded = None
+    try:
+        database_url = None
+        if settings.dsn() is None:
+            from backend.dsn import EMBEDDED_DATABASE
+            from backend.embedded_pg import start_embedded
+
+            embedded = start_embedded(settings.data_dir / "pg")
+            from backend.db import ensure_database
+
+            asyncio.run(ensure_database(embedded.dsn("postgres"), EMBEDDED_DATABASE))
+            database_url = embedded.dsn(EMBEDDED_DATABASE)
+        supervisor = Supervisor(settings, worker_env(settings, database_url))
+        return supervisor.watch()
+    except DatabaseUnavailable as exc:
+        print(f"tally: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
