@@ -43,7 +43,6 @@ class Decision:
 
     aggregates: Sequence[Aggregate]
     body: dict[str, Any] = field(default_factory=dict)
-    status: int = 200
     extra_writes: Sequence[Write] = ()
     """Writes to non-aggregate streams appended atomically with the aggregates (e.g. uniqueness claims)."""
 
@@ -85,6 +84,29 @@ class Reply:
 Decide = Callable[[CommandContext], Awaitable[Decision]]
 
 
+class Command(Protocol):
+    """A command as a message: the streams it touches (locked while it runs) and its decision. Its
+    dependencies (repository, secrets) are given when it is built, not looked up by its caller."""
+
+    async def streams(self) -> Sequence[str]: ...
+
+    async def decide(self, ctx: CommandContext) -> Decision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A command whose streams are known without reading anything."""
+
+    on: Sequence[str]
+    decision: Decide
+
+    async def streams(self) -> Sequence[str]:
+        return self.on
+
+    async def decide(self, ctx: CommandContext) -> Decision:
+        return await self.decision(ctx)
+
+
 class CommandBus:
     def __init__(self, repository: Repository, *, max_attempts: int = 25, optimistic: bool = True,
                  clock: Clock = SYSTEM_CLOCK) -> None:
@@ -96,6 +118,12 @@ class CommandBus:
         self.locks = StreamLocks()
         self._in_flight: set[tuple[str, str]] = set()
         self.conflicts = 0
+
+    async def run(
+        self, ctx: CommandContext, command: Command, renderer: Renderer, idem: IdempotencyKey | None = None
+    ) -> Reply:
+        """Execute a command message on the streams it declares."""
+        return await self.execute(ctx, await command.streams(), command.decide, renderer, idem)
 
     async def execute(
         self,
