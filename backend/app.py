@@ -15,6 +15,7 @@ from backend.appkeys import (
     COMMANDS,
     CORE,
     DATABASE_DSN,
+    DEPOSIT_COMMANDS,
     LISTENER,
     LOG_TAIL,
     METRICS,
@@ -27,6 +28,7 @@ from backend.appkeys import (
 from backend.audit.runtime import audit_ctx
 from backend.bootstrap import open_core
 from backend.clock import SYSTEM_CLOCK, Clock
+from backend.commands.deposits import DepositCommands
 from backend.config import Settings
 from backend.event_loop import loop_name
 from backend.housekeeping import housekeeping_ctx
@@ -61,6 +63,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         app[LISTENER] = core.listener
         app[REPOSITORY] = core.repository
         app[COMMANDS] = core.bus
+        secret = app[SETTINGS].deposit_address_secret.get_secret_value().encode()
+        app[DEPOSIT_COMMANDS] = DepositCommands(core.repository, secret)
         watch_pool(app[METRICS], core.pool)
         yield
 

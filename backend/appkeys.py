@@ -10,6 +10,7 @@ from backend.audit.signing import Signer
 from backend.bootstrap import Core
 from backend.clock import Clock
 from backend.commands.bus import CommandBus
+from backend.commands.deposits import DepositCommands
 from backend.config import Settings
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
@@ -36,6 +37,7 @@ LOG_TAIL = web.AppKey("log_tail", LogTail)
 """The process's one reader of new events (backend.store.tail), shared by its followers of the log."""
 REPOSITORY = web.AppKey("repository", Repository)
 COMMANDS = web.AppKey("commands", CommandBus)
+DEPOSIT_COMMANDS = web.AppKey("deposit_commands", DepositCommands)
 CORE = web.AppKey("core", Core)
 """The whole core (backend.bootstrap); the keys above name its parts for the handlers."""
 AUTHENTICATOR = web.AppKey("authenticator", ApiKeyAuthenticator)

@@ -74,7 +74,7 @@ async def create_key(
     if await repo.find(ApiKey, key_id) is not None:
         raise PreconditionFailed(f"api key {key_id} already exists")
     key = ApiKey.create(key_id, owner, name, scopes, hash_secret(token), expires_at, ctx.now)
-    return Decision([key], key_body(key), status=201)
+    return Decision([key], key_body(key))
 
 
 async def revoke_key(

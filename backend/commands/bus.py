@@ -43,17 +43,26 @@ class Decision:
 
     aggregates: Sequence[Aggregate]
     body: dict[str, Any] = field(default_factory=dict)
-    status: int = 200
     extra_writes: Sequence[Write] = ()
     """Writes to non-aggregate streams appended atomically with the aggregates (e.g. uniqueness claims)."""
+
+
+Rendered = tuple[int, bytes, str]
+Respond = Callable[[int], Rendered]
+"""A success already rendered but for its position: fills the position in without rendering."""
 
 
 class Renderer(Protocol):
     """Turns outcomes into response bytes (the HTTP layer's job; stored as-is for replays)."""
 
-    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]: ...
+    def success(self, decision: Decision, result: AppendResult) -> Rendered: ...
 
-    def failure(self, error: DomainError) -> tuple[int, bytes, str]: ...
+    def prepare(self, decision: Decision) -> Respond:
+        """Render a success before its append, for an Idempotency-Key to store: the append then only
+        fills in the position, so nothing renders under the store's lock."""
+        ...
+
+    def failure(self, error: DomainError) -> Rendered: ...
 
 
 class Quiet:
@@ -61,6 +70,9 @@ class Quiet:
 
     def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
         return 200, b"", "application/json"
+
+    def prepare(self, decision: Decision) -> Respond:
+        return lambda _position: (200, b"", "application/json")
 
     def failure(self, error: DomainError) -> tuple[int, bytes, str]:
         return 409, b"", "application/json"
@@ -85,6 +97,29 @@ class Reply:
 Decide = Callable[[CommandContext], Awaitable[Decision]]
 
 
+class Command(Protocol):
+    """A command as a message: the streams it touches (locked while it runs) and its decision. Its
+    dependencies (repository, secrets) are given when it is built, not looked up by its caller."""
+
+    async def streams(self) -> Sequence[str]: ...
+
+    async def decide(self, ctx: CommandContext) -> Decision: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A command whose streams are known without reading anything."""
+
+    on: Sequence[str]
+    decision: Decide
+
+    async def streams(self) -> Sequence[str]:
+        return self.on
+
+    async def decide(self, ctx: CommandContext) -> Decision:
+        return await self.decision(ctx)
+
+
 class CommandBus:
     def __init__(self, repository: Repository, *, max_attempts: int = 25, optimistic: bool = True,
                  clock: Clock = SYSTEM_CLOCK) -> None:
@@ -96,6 +131,12 @@ class CommandBus:
         self.locks = StreamLocks()
         self._in_flight: set[tuple[str, str]] = set()
         self.conflicts = 0
+
+    async def run(
+        self, ctx: CommandContext, command: Command, renderer: Renderer, idem: IdempotencyKey | None = None
+    ) -> Reply:
+        """Execute a command message on the streams it declares."""
+        return await self.execute(ctx, await command.streams(), command.decide, renderer, idem)
 
     async def execute(
         self,
@@ -148,7 +189,7 @@ class CommandBus:
                 if optimistic and not _checked_by_append(decision):
                     optimistic = False
                     continue
-                render = _Rendering(renderer, decision)
+                render = _Rendering(renderer, decision, prepared=idem is not None)
                 claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
                 staged = self.repository.stage(*decision.aggregates, metadata=ctx.metadata(), claim=claim,
                                                extra_writes=decision.extra_writes, trust=trust)
@@ -188,15 +229,20 @@ def _checked_by_append(decision: Decision) -> bool:
 
 
 class _Rendering:
-    """Renders a success once; inside the append when a claim must store it, else after it."""
+    """Renders a success once: before the append when a claim must store it (the append only fills in
+    the position), else after it."""
 
-    def __init__(self, renderer: Renderer, decision: Decision) -> None:
+    def __init__(self, renderer: Renderer, decision: Decision, *, prepared: bool) -> None:
         self.renderer = renderer
         self.decision = decision
-        self.output: tuple[int, bytes, str] | None = None
+        self.respond = renderer.prepare(decision) if prepared else None
+        self.output: Rendered | None = None
 
-    def __call__(self, result: AppendResult) -> tuple[int, bytes, str]:
-        self.output = self.renderer.success(self.decision, result)
+    def __call__(self, result: AppendResult) -> Rendered:
+        if self.respond is not None and result.position >= 1:
+            self.output = self.respond(result.position)
+        else:  # no position to fill in: the renderer itself answers (or refuses) as it always has
+            self.output = self.renderer.success(self.decision, result)
         return self.output
 
 

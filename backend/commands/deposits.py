@@ -12,6 +12,8 @@ bus retries, and the retry finds the claim and answers ``ChainTxAlreadyCredited`
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -98,7 +100,64 @@ async def open_deposit(
         raise CurrencyMismatch(expected=wallet.currency, actual=currency)
     address = derive_address(deposit_id, currency, secret)
     deposit = Deposit.create(deposit_id, wallet_id, currency, address, ctx.now)
-    return Decision([deposit], {**deposit_body(deposit), "wallet": wallet_body(wallet, ctx)}, status=201)
+    return Decision([deposit], {**deposit_body(deposit), "wallet": wallet_body(wallet, ctx)})
+
+
+@dataclass(frozen=True, slots=True)
+class DepositCommands:
+    """Deposit commands wired with their dependencies: the repository and the address secret."""
+
+    repo: Repository
+    address_secret: bytes
+
+    def open(self, deposit_id: UUID, wallet_id: UUID, currency: str) -> OpenDeposit:
+        return OpenDeposit(self, deposit_id, wallet_id, currency)
+
+    def set_status(self, deposit_id: UUID, status: str, *, confirmations: int = 0, amount: int | None = None,
+                   chain_tx_id: str | None = None, reason: str | None = None,
+                   if_match: int | None = None) -> SetStatus:
+        return SetStatus(self.repo, deposit_id, status, confirmations, amount, chain_tx_id, reason, if_match)
+
+
+@dataclass(frozen=True, slots=True)
+class OpenDeposit:
+    wired: DepositCommands
+    deposit_id: UUID
+    wallet_id: UUID
+    currency: str
+
+    async def streams(self) -> Sequence[str]:
+        return [deposit_stream(self.deposit_id)]
+
+    async def decide(self, ctx: CommandContext) -> Decision:
+        return await open_deposit(self.wired.repo, ctx, self.deposit_id, self.wallet_id, self.currency,
+                                  self.wired.address_secret)
+
+
+@dataclass(frozen=True, slots=True)
+class SetStatus:
+    """set_status() as a message. Its streams depend on the deposit's wallet and currency, read before
+    the locks are taken: both never change, so that read cannot go stale."""
+
+    repo: Repository
+    deposit_id: UUID
+    status: str
+    confirmations: int
+    amount: int | None
+    chain_tx_id: str | None
+    reason: str | None
+    if_match: int | None
+
+    async def streams(self) -> Sequence[str]:
+        known = await self.repo.find(Deposit, self.deposit_id)
+        if known is None:
+            raise NotFound(f"deposit {self.deposit_id} does not exist")
+        return status_streams(known, self.status, self.chain_tx_id)
+
+    async def decide(self, ctx: CommandContext) -> Decision:
+        return await set_status(self.repo, ctx, self.deposit_id, self.status, confirmations=self.confirmations,
+                                amount=self.amount, chain_tx_id=self.chain_tx_id, reason=self.reason,
+                                if_match=self.if_match)
 
 
 async def set_status(

@@ -6,6 +6,8 @@ another writer got there first, so these functions must be pure apart from loadi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -13,7 +15,7 @@ from uuid import UUID, uuid4
 from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
 from backend.commands.errors import Forbidden, NotFound, PreconditionFailed, check_if_match
-from backend.domain import Wallet
+from backend.domain import Wallet, wallet_stream
 from backend.store.repository import Repository
 
 
@@ -40,7 +42,7 @@ async def open_wallet(repo: Repository, ctx: CommandContext, wallet_id: UUID, ow
     if await repo.find(Wallet, wallet_id) is not None:
         raise PreconditionFailed(f"wallet {wallet_id} already exists")
     wallet = Wallet.open(wallet_id, owner, currency, ctx.now)
-    return Decision([wallet], wallet_body(wallet, ctx), status=201)
+    return Decision([wallet], wallet_body(wallet, ctx))
 
 
 async def credit(
@@ -65,7 +67,7 @@ async def lock(
 ) -> Decision:
     wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
     wallet.lock(lock_id, amount, reason, ctx.now)
-    return Decision([wallet], {"lock_id": str(lock_id), **wallet_body(wallet, ctx)}, status=201)
+    return Decision([wallet], {"lock_id": str(lock_id), **wallet_body(wallet, ctx)})
 
 
 async def release(
@@ -96,6 +98,23 @@ async def settle(
     return Decision([wallet, to_wallet], body)
 
 
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """settle() as a message: it touches the paying wallet and the payee's."""
+
+    repo: Repository
+    wallet_id: UUID
+    lock_id: UUID
+    to_wallet_id: UUID
+    if_match: int | None
+
+    async def streams(self) -> Sequence[str]:
+        return [wallet_stream(self.wallet_id), wallet_stream(self.to_wallet_id)]
+
+    async def decide(self, ctx: CommandContext) -> Decision:
+        return await settle(self.repo, ctx, self.wallet_id, self.lock_id, self.to_wallet_id, self.if_match)
+
+
 async def reserve(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, amount: int, ttl_seconds: int, if_match: int | None,
     reservation_id: UUID | None = None,
@@ -105,7 +124,7 @@ async def reserve(
     expires_at = ctx.now + timedelta(seconds=ttl_seconds)
     wallet.reserve(reservation_id, amount, expires_at, ctx.now)
     body = {"reservation_id": str(reservation_id), "expires_at": expires_at.isoformat(), **wallet_body(wallet, ctx)}
-    return Decision([wallet], body, status=201)
+    return Decision([wallet], body)
 
 
 async def confirm(

@@ -7,7 +7,7 @@ from aiohttp import web
 
 from backend.appkeys import AUTHENTICATOR, POOL, REPOSITORY
 from backend.commands import api_keys
-from backend.commands.bus import Decision
+from backend.commands.bus import Call, Decision
 from backend.commands.context import CommandContext
 from backend.domain import apikey_stream
 from backend.http import models, replies
@@ -36,7 +36,7 @@ async def create_key(request: web.Request, body: models.CreateApiKey) -> web.Res
         return await api_keys.create_key(repo, ctx, key_id, token, body.owner, body.name, body.scopes,
                                          body.expires_at)
 
-    response = await run_command(request, [apikey_stream(key_id)], decide)
+    response = await run_command(request, Call([apikey_stream(key_id)], decide))
     if response.status == 201:
         request.app[AUTHENTICATOR].mark_created(key_id)
     if response.status == 201 and "Idempotent-Replayed" not in response.headers:
@@ -81,7 +81,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     async def decide(ctx: CommandContext) -> Decision:
         return await api_keys.revoke_key(repo, ctx, key_id, version)
 
-    response = await run_command(request, [apikey_stream(key_id)], decide)
+    response = await run_command(request, Call([apikey_stream(key_id)], decide))
     if response.status >= 300:
         return response
     request.app[AUTHENTICATOR].mark_revoked(key_id)

@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from backend.appkeys import CLOCK, COMMANDS
-from backend.commands.bus import Decide, Decision, IdempotencyKey, Reply
+from backend.commands.bus import Command, Decision, IdempotencyKey, Reply, Respond
 from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
@@ -68,16 +68,39 @@ class JsonRenderer:
     A body that does not fit the model fails its own request before anything of it is appended when
     an Idempotency-Key stores the answer (the planner isolates a broken renderer), else after."""
 
-    def __init__(self, request_id: str | None, reply: type[BaseModel]) -> None:
+    def __init__(self, request_id: str | None, reply: type[BaseModel], status: int = 200) -> None:
         self.request_id = request_id
         self.reply = reply
+        self.status = status
+        """The endpoint's success status (201 where it creates): HTTP's choice, not the command's."""
 
     def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return decision.status, render(self.reply, {**decision.body, "position": result.position}), JSON
+        return self.status, render(self.reply, {**decision.body, "position": result.position}), JSON
+
+    def prepare(self, decision: Decision) -> Respond:
+        """The body rendered now with a stand-in position, cut where the real one goes. A client's text
+        may hold one stand-in's digits (then the other serves); holding both, it renders again later."""
+        status = self.status
+        for stand_in in _STAND_INS:
+            parts = render(self.reply, {**decision.body, "position": stand_in}).split(b"%d" % stand_in)
+            if len(parts) == 2:
+                head, tail = parts
+                return lambda position: (status, b"%b%d%b" % (head, position, tail), JSON)
+        return lambda position: (status, render(self.reply, {**decision.body, "position": position}), JSON)
 
     def failure(self, error: DomainError) -> tuple[int, bytes, str]:
         problem = domain_problem(error)
         return problem.status, orjson.dumps(problem_body(problem, self.request_id)), PROBLEM_CONTENT_TYPE
+
+
+def success_status(request: web.Request) -> int:
+    """201 where the endpoint creates, else 200: the status stored with an Idempotency-Key's answer (a
+    204 endpoint stores its 200 write reply, as it always has, and strips the body itself)."""
+    return 201 if request[ENDPOINT].status == 201 else 200
+
+
+_STAND_INS = (7_314_159_265_358_979_323, 8_271_828_182_845_904_523)
+"""Positions no store reaches (below 2**63), cut out of a body rendered before its append."""
 
 
 def if_match(request: web.Request) -> int | None:
@@ -112,15 +135,15 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
     return IdempotencyKey(request[ACTOR].key_id, key, fingerprint)
 
 
-async def run_command(request: web.Request, streams: list[str], decide: Decide) -> web.Response:
-    """Execute through the bus and answer with its (possibly replayed) bytes."""
+async def run_command(request: web.Request, command: Command) -> web.Response:
+    """Run the command message through the bus and answer with its (possibly replayed) bytes."""
     request_id = request.get(REQUEST_ID)
     ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id,
                          now=request.app[CLOCK].now())
     idem = idempotency_key(request, await request.read())
     try:
-        renderer = JsonRenderer(request_id, reply_model(request))
-        reply = await request.app[COMMANDS].execute(ctx, streams, decide, renderer, idem)
+        renderer = JsonRenderer(request_id, reply_model(request), success_status(request))
+        reply = await request.app[COMMANDS].run(ctx, command, renderer, idem)
     except DomainError as error:
         raise domain_problem(error) from None
     except CommandError as error:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from uuid import UUID, uuid4
 
 from aiohttp import web
 
 from backend.appkeys import REPOSITORY
 from backend.commands import wallets
-from backend.commands.bus import Decision
+from backend.commands.bus import Call, Command, Decision
 from backend.commands.context import CommandContext
 from backend.domain import wallet_stream
 from backend.http import models, replies
@@ -47,15 +47,15 @@ async def open_wallet(request: web.Request, body: models.OpenWallet) -> web.Resp
     async def decide(ctx: CommandContext) -> Decision:
         return await wallets.open_wallet(repo, ctx, wallet_id, body.owner, body.currency)
 
-    response = await run_command(request, [wallet_stream(wallet_id)], decide)
+    response = await run_command(request, Call([wallet_stream(wallet_id)], decide))
     return locate_created(request, response)
 
 
 WalletCommand = Callable[[Repository, CommandContext, UUID, int | None], Awaitable[Decision]]
 
 
-async def on_wallet(request: web.Request, command: WalletCommand, also: Sequence[str] = ()) -> web.Response:
-    """Run command(repo, ctx, wallet_id, If-Match version) on the path's wallet (and the `also` streams)."""
+async def on_wallet(request: web.Request, command: WalletCommand) -> web.Response:
+    """Run command(repo, ctx, wallet_id, If-Match version) on the path's wallet."""
     wallet_id = path_uuid(request, "wallet_id")
     version = if_match(request)
     repo = request.app[REPOSITORY]
@@ -63,7 +63,7 @@ async def on_wallet(request: web.Request, command: WalletCommand, also: Sequence
     async def decide(ctx: CommandContext) -> Decision:
         return await command(repo, ctx, wallet_id, version)
 
-    return await run_command(request, [wallet_stream(wallet_id), *also], decide)
+    return await run_command(request, Call([wallet_stream(wallet_id)], decide))
 
 
 @routes.post("/v1/wallets/{wallet_id}/credits")
@@ -108,11 +108,9 @@ async def release(request: web.Request, _: models.Empty) -> web.Response:
 async def settle(request: web.Request, body: models.Settle) -> web.Response:
     """Pay a lock's amount into another wallet of the same currency, both in one atomic append."""
     lock_id = path_uuid(request, "lock_id")
-    return await on_wallet(
-        request,
-        lambda repo, ctx, wid, v: wallets.settle(repo, ctx, wid, lock_id, body.to_wallet_id, v),
-        also=[wallet_stream(body.to_wallet_id)],
-    )
+    message: Command = wallets.Settle(request.app[REPOSITORY], path_uuid(request, "wallet_id"), lock_id,
+                                      body.to_wallet_id, if_match(request))
+    return await run_command(request, message)
 
 
 @routes.post("/v1/wallets/{wallet_id}/reservations")
