@@ -1,10 +1,12 @@
-"""Fixtures for the SSE tests: app instances with their own stream settings, and stream connections."""
+"""Fixtures for the SSE tests: app instances with their own stream settings, stream connections, and
+Debian's Chromium driven by Playwright (never a downloaded browser)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -19,6 +21,25 @@ from tests.conftest import make_settings
 from tests.streaming.sse_client import Stream
 
 MakeClient = Callable[..., Awaitable[TestClient]]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    """Headless Chromium; the test is skipped where the Debian package is not installed."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium'; .ci/run installs it)")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield launched
+        finally:
+            await launched.close()
 
 
 @pytest.fixture

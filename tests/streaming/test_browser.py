@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,10 +22,6 @@ from tests.conftest import bearer, mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>dashboard</title></head><body>
@@ -60,18 +55,12 @@ function follow(url, into) {
 
 
 @pytest.fixture
-async def browser_page() -> AsyncIterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium'; .ci/run installs it)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = await browser.new_page()
-            yield page
-        finally:
-            await browser.close()
+async def browser_page(browser: Any) -> AsyncIterator[Any]:
+    page = await browser.new_page()
+    try:
+        yield page
+    finally:
+        await page.close()
 
 
 @pytest.fixture

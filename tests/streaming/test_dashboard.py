@@ -9,10 +9,8 @@ reconnects), and the key is never in a URL the page requests nor in its storage.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +23,13 @@ from backend.domain.money import CURRENCIES
 from backend.http.static import CSP
 from tests.conftest import bearer, make_settings, mint_token
 from tests.streaming.conftest import MakeClient
-from tests.streaming.test_browser import CHROMIUM, CHROMIUM_ARGS, api_of
+from tests.streaming.test_browser import api_of
 from tests.system.procs import Process, create_key
 
 pytestmark = pytest.mark.timeout(180)
 
 LEAD_SCREENSHOT = Path(tempfile.gettempdir()) / "dashboard.png"
 """A copy of the dashboard test's screenshot where a person looks for it (/tmp/dashboard.png)."""
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium'; .ci/run installs it)")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield launched
-        finally:
-            await launched.close()
 
 
 class Watched:
