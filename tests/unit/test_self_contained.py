@@ -7,8 +7,10 @@ import subprocess
 
 from tests.conftest import ROOT
 
-# A citation of the out-of-tree design notes, or of anything beside the checkout (../shared/...).
-OUTSIDE = re.compile(r"DESIGN\.md|\.\./shared\b|(?<![\w.])shared/DESIGN")
+# A citation of the out-of-tree design notes, or of anything beside the checkout (the shared folder).
+# Spelt from its parts, so that this file does not itself read as such a citation.
+NAME, FOLDER = "DESIGN", "shared"
+OUTSIDE = re.compile(rf"{NAME}\.md|\.\./{FOLDER}\b|(?<![\w.]){FOLDER}/{NAME}")
 
 
 def tracked_text_files() -> list[str]:
@@ -21,8 +23,6 @@ def tracked_text_files() -> list[str]:
 def test_no_file_cites_a_document_outside_the_repository() -> None:
     offenders = []
     for name in tracked_text_files():
-        if name == "tests/unit/test_self_contained.py":
-            continue
         path = ROOT / name
         if not path.is_file():
             continue
