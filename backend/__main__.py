@@ -147,7 +147,9 @@ async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
     from backend.store.migrate import migrate, migration_status
 
     async with database_dsn(settings) as dsn:
-        pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
+        # the migration lock is a session's: on DIRECT_DATABASE_URL, never through a pooler
+        one = {"pool_min_size": 1, "pool_max_size": 1, "database_pool_mode": "session"}
+        pool = await create_pool(settings.direct_dsn(dsn), settings.model_copy(update=one))
         try:
             async with pool.acquire() as conn:
                 if args.status:

@@ -57,7 +57,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     the handlers; it closes after every context added later."""
     async with open_core(app[SETTINGS], clock=app[CLOCK], supervisor=app[SUPERVISOR]) as core:
         app[CORE] = core
-        app[DATABASE_DSN] = core.dsn
+        app[DATABASE_DSN] = core.direct_dsn
         app[POOL] = core.pool
         app[STORE] = core.store
         app[LISTENER] = core.listener

@@ -30,6 +30,7 @@ METRICS = web.AppKey("metrics", Metrics)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 """Runs (and restarts) every background task of the process: backend.supervisor."""
 DATABASE_DSN = web.AppKey("database_dsn", str)
+"""DIRECT_DATABASE_URL (default DATABASE_URL): for connections that hold a session (leader locks, LISTEN)."""
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", EventStore)
 LISTENER = web.AppKey("listener", Listener)

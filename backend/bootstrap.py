@@ -1,8 +1,9 @@
 """The core every process opens the same way: the database (DATABASE_URL or the embedded server),
 the pool (migrated when APPLY_MIGRATIONS), the event store, this process's one LISTEN connection, the
-repository, the command bus and the clock. `serve` (backend.app.create_app adds the web-only parts
-around it), the projection worker, the command line and the tests all open it here, so the wiring is
-written once."""
+repository, the command bus and the clock. The migration and LISTEN hold sessions, so they connect to
+DIRECT_DATABASE_URL (which bypasses a pooler in transaction mode; default DATABASE_URL). `serve`
+(backend.app.create_app adds the web-only parts around it), the projection worker, the command line
+and the tests all open it here, so the wiring is written once."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import asyncpg
 from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.bus import CommandBus
 from backend.config import Settings
-from backend.db import connect_kwargs, create_pool, mask_dsn
+from backend.db import connect_kwargs, create_pool, direct_connection, mask_dsn
 from backend.dsn import database_dsn
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
@@ -32,6 +33,8 @@ class Core:
     settings: Settings
     dsn: str
     pool: asyncpg.Pool
+    direct_dsn: str
+    """DIRECT_DATABASE_URL (default: dsn): for connections that hold a session (LISTEN, leader locks)."""
     store: EventStore
     listener: Listener
     repository: Repository
@@ -55,17 +58,19 @@ async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock 
         pool = await create_pool(dsn, settings)
         stack.push_async_callback(pool.close)
         log.info("database pool open", extra={"database": mask_dsn(dsn), "max_size": settings.pool_max_size})
-        async with pool.acquire() as conn:
-            if settings.apply_migrations:
+        direct = settings.direct_dsn(dsn)  # sessions of their own: the migration lock and LISTEN
+        if settings.apply_migrations:
+            async with direct_connection(direct, settings) as conn:
                 await migrate(conn)
-            elif require_migrations:
+        elif require_migrations:
+            async with pool.acquire() as conn:
                 await require_migrated(conn, mask_dsn(dsn))
-        listener = Listener(dsn, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),
+        listener = Listener(direct, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),
                             supervisor=supervisor)
         stack.push_async_callback(listener.close)
         await listener.start(timeout=settings.connect_timeout_s + 5)
         store = EventStore(pool, max_batch_events=settings.append_batch_max_events)
         stack.push_async_callback(store.close)
         repository = Repository(store, snapshot_every=settings.snapshot_every)
-        yield Core(settings, dsn, pool, store, listener, repository, CommandBus(repository, clock=clock), clock,
+        yield Core(settings, dsn, pool, direct, store, listener, repository, CommandBus(repository, clock=clock), clock,
                    supervisor)

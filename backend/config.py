@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -107,6 +107,24 @@ class Settings(BaseSettings):
     # Read-your-writes: how long a GET with min_position waits by default, and at most (Prefer: wait=N).
     read_wait_default_s: float = Field(default=2.0, ge=0)
     read_wait_max_s: float = Field(default=10.0, ge=0)
+    # PgBouncer (docs/DEPLOYMENT.md): with DATABASE_POOL_MODE=transaction the pools on DATABASE_URL go
+    # without asyncpg's prepared-statement cache and without session settings at connect, so that a
+    # pooler in transaction mode may sit in front; what needs a session of its own (LISTEN, the leaders'
+    # session advisory locks, migrations, the command line's connections) connects to
+    # DIRECT_DATABASE_URL instead (default: DATABASE_URL itself).
+    direct_database_url: SecretStr | None = None
+    database_pool_mode: Literal["session", "transaction"] = "session"
+
+    @field_validator("direct_database_url")
+    @classmethod
+    def _direct_needs_database(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is not None and info.data.get("database_url") is None:
+            raise ValueError("needs DATABASE_URL (without it Tally uses its embedded server)")
+        return value
+
+    def direct_dsn(self, dsn: str) -> str:
+        """Where session-scoped connections go: DIRECT_DATABASE_URL, else `dsn` (DATABASE_URL or embedded)."""
+        return self.direct_database_url.get_secret_value() if self.direct_database_url else dsn
 
     @field_validator("log_level", "log_format", "event_loop", "environment", mode="before")
     @classmethod

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
@@ -113,7 +114,21 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     asyncpg's default reset costs a round trip on every release (`select pg_advisory_unlock_all();
     close all; unlisten *; reset all`), and Tally leaves none of that on pooled connections: advisory
     locks are transaction-scoped (the migration lock is released in a finally), cursors live inside
-    transactions, LISTEN and session settings are only used on connections of their own."""
+    transactions, LISTEN and session settings are only used on connections of their own (which go to
+    DIRECT_DATABASE_URL, so that the pools also work through PgBouncer in transaction mode)."""
+
+
+def pooled_connect_kwargs(settings: Settings) -> dict[str, Any]:
+    """connect_kwargs for the pools on DATABASE_URL. In DATABASE_POOL_MODE=transaction a pooler such as
+    PgBouncer hands each transaction any server connection: asyncpg's named prepared statements would
+    not be there (PgBouncer before 1.21 does not follow them; asyncpg then re-parses an unnamed
+    statement in the same exchange as its execution), and PgBouncer refuses statement_timeout as a
+    startup parameter, so that one is left to the role or the pooler (docs/DEPLOYMENT.md)."""
+    kwargs = connect_kwargs(settings)
+    if settings.database_pool_mode == "transaction":
+        kwargs["statement_cache_size"] = 0
+        kwargs["server_settings"] = {"application_name": "tally"}
+    return kwargs
 
 
 def pool_options() -> dict[str, Any]:
@@ -122,7 +137,8 @@ def pool_options() -> dict[str, Any]:
 
 
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
-    """Open the pool; retry with backoff for up to WAIT_FOR_DB seconds, else fail at once."""
+    """Open a pool on DATABASE_URL (which may be PgBouncer, see pooled_connect_kwargs); retry with backoff
+    for up to WAIT_FOR_DB seconds, else fail at once."""
     deadline = time.monotonic() + settings.wait_for_db_s
     delay = 0.2
     while True:
@@ -132,7 +148,7 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
                 min_size=settings.pool_min_size,
                 max_size=settings.pool_max_size,
                 **pool_options(),
-                **connect_kwargs(settings),
+                **pooled_connect_kwargs(settings),
             )
             assert pool is not None
             return pool
@@ -147,6 +163,21 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
                         extra={"reason": reason, "retry_in_s": round(delay, 2)})
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
+
+
+@contextlib.asynccontextmanager
+async def direct_connection(dsn: str, settings: Settings) -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
+    """A connection of its own, set up like the pool's, for what needs a session (the migration lock):
+    dsn is DIRECT_DATABASE_URL's (Settings.direct_dsn), never a pooler in transaction mode."""
+    try:
+        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(dsn, **connect_kwargs(settings))
+    except _STARTUP_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot connect to database {mask_dsn(dsn)}: {describe(exc)}") from None
+    try:
+        await init_connection(conn)
+        yield conn
+    finally:
+        await conn.close()
 
 
 def describe(exc: BaseException) -> str:

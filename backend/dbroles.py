@@ -214,7 +214,7 @@ async def apply(settings: Settings, roles: Roles) -> None:
     from backend.dsn import database_dsn
 
     async with database_dsn(settings) as dsn:
-        conn = await asyncpg.connect(dsn, **connect_kwargs(settings))
+        conn = await asyncpg.connect(settings.direct_dsn(dsn), **connect_kwargs(settings))
         try:
             missing = [t for t in APPEND_ONLY + READ_ONLY
                        if await conn.fetchval("select to_regclass($1)", f"{SCHEMA}.{t}") is None]

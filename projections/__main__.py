@@ -33,7 +33,7 @@ async def work(settings: Settings) -> None:
     async with open_core(settings) as core:  # its supervisor runs and restarts the listener and the runners
         service = ProjectionService(
             all_projections(core.bus, expiry_batch_size=settings.expiry_batch_size, clock=core.clock),
-            connector(core.dsn, settings, durable_commits=False), CheckpointWatcher(core.pool), settings,
+            connector(core.direct_dsn, settings, durable_commits=False), CheckpointWatcher(core.pool), settings,
             listener=core.listener, supervisor=core.supervisor,
         )
         http: web.AppRunner | None = None

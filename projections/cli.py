@@ -93,7 +93,7 @@ async def run_rebuild(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await pool.close()
         bar = Progress(label, 0)
-        result = await rebuild(connector(dsn, settings), chosen, batch_size=args.batch_size,
+        result = await rebuild(connector(settings.direct_dsn(dsn), settings), chosen, batch_size=args.batch_size,
                                report=bar.update)
         bar.finish()
     print(f"rebuilt {', '.join(result.names)}: {result.events:,} events in {result.seconds:.1f} s "

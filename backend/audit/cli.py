@@ -131,14 +131,16 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 @asynccontextmanager
 async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
-    """One connection to DATABASE_URL (or the embedded server), jsonb decoded like the app's pool."""
+    """One connection to DIRECT_DATABASE_URL (default DATABASE_URL, or the embedded server), jsonb decoded
+    like the app's pool: a session of its own (repeatable-read reads, prepared statements)."""
     import asyncpg
 
     from backend.db import DatabaseUnavailable, connect_kwargs, describe, init_connection, mask_dsn
     from backend.dsn import database_dsn
     from backend.store.migrate import require_migrated
 
-    async with database_dsn(settings) as dsn:
+    async with database_dsn(settings) as pooled:
+        dsn = settings.direct_dsn(pooled)
         try:
             conn = await asyncpg.connect(dsn, **connect_kwargs(settings))
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
