@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import secrets
@@ -38,6 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 import asyncpg
+from bench_observe import observing
 from eventsourcing.application import AggregateNotFoundError, Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import IntegrityError
@@ -89,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wallets", type=int, default=1000, help="wallet streams (default 1000)")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"subset of {','.join(IMPLS)}")
     parser.add_argument("--quick", action="store_true", help="1.5 s phases, 1 round: under a minute in all")
+    parser.add_argument("--observe", action="store_true",
+                        help="tally phases: sample pg_stat_activity wait events and client/backend CPU (bench_observe)")
     parser.add_argument("--ceiling-pool", choices=("asyncpg", "tally"), default="asyncpg",
                         help="the ceiling's pool: asyncpg's defaults (default) or Tally's (no reset round trip)")
 
@@ -102,6 +106,7 @@ class Plan:
     rounds: int
     wallets: int
     ceiling_pool: str = "asyncpg"
+    observe: bool = False
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
@@ -117,6 +122,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         rounds=args.rounds or (1 if args.quick else 2),
         wallets=args.wallets,
         ceiling_pool=args.ceiling_pool,
+        observe=args.observe,
     )
 
 
@@ -322,7 +328,10 @@ async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
         await drive_tasks(command, clients, plan.warmup, plan.wallets)
         await analyze(dsn)
         batches, requests = store.counters()[:2]
-        stats = await drive_tasks(command, clients, plan.seconds, plan.wallets)
+        async with observing(dsn) if plan.observe else contextlib.nullcontext() as observation:
+            stats = await drive_tasks(command, clients, plan.seconds, plan.wallets)
+        if observation is not None:
+            print(f"  observed tally {clients}: {observation.describe()}", file=sys.stderr, flush=True)
         counters = store.counters()
         batches, requests = counters.batches - batches, counters.batched_requests - requests
     finally:
