@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,30 +75,32 @@ async def test_through_nginx_a_command_is_answered_and_a_stream_is_not_buffered(
     admin = bearer(await mint_token(app, "operator", ["admin"]))
     auditor = bearer(await mint_token(app, "auditor", ["audit:read"]))
     with configured(client.server.port) as (conf, port):
-        nginx = subprocess.Popen([NGINX, "-c", str(conf), "-g", "daemon off;"], stderr=subprocess.PIPE)
+        nginx = await asyncio.create_subprocess_exec(NGINX, "-c", str(conf), "-g", "daemon off;",
+                                                     stderr=asyncio.subprocess.PIPE)
         try:
-            deadline = time.monotonic() + 10
-            while True:
-                assert nginx.poll() is None, nginx.stderr.read() if nginx.stderr else ""
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-                assert time.monotonic() < deadline, "nginx did not listen"
-                await asyncio.sleep(0.05)
+            async with asyncio.timeout(10):
+                while True:
+                    assert nginx.returncode is None, await nginx.stderr.read() if nginx.stderr else b""
+                    with contextlib.suppress(OSError):
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.close()
+                        break
+                    await asyncio.sleep(0.05)
             base = f"http://127.0.0.1:{port}"
-            async with aiohttp.ClientSession() as session:
-                async with session.get(f"{base}/v1/streams/events", params={"after": "now"}, headers=auditor,
-                                       timeout=aiohttp.ClientTimeout(total=30)) as stream:
-                    assert stream.status == 200, await stream.text()
-                    async with session.post(f"{base}/v1/wallets", json={"owner": "ops", "currency": "USD"},
-                                            headers=admin) as created:
-                        assert created.status == 201, await created.text()
-                        wallet_id = (await created.json())["wallet_id"]
-                    parser = Parser()
-                    # buffered by the proxy, the frame would wait for the buffer to fill or the stream's
-                    # next checkpoint (SSE_CHECKPOINT_S, 5 s)
-                    async with asyncio.timeout(3):
-                        while not any(wallet_id in m.data for m in parser.feed(await stream.content.readany())):
-                            pass
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{base}/v1/streams/events", params={"after": "now"}, headers=auditor,
+                    timeout=aiohttp.ClientTimeout(total=30)) as stream:
+                assert stream.status == 200, await stream.text()
+                async with session.post(f"{base}/v1/wallets", json={"owner": "ops", "currency": "USD"},
+                                        headers=admin) as created:
+                    assert created.status == 201, await created.text()
+                    wallet_id = (await created.json())["wallet_id"]
+                parser = Parser()
+                # buffered by the proxy, the frame would wait for the buffer to fill or the stream's
+                # next checkpoint (SSE_CHECKPOINT_S, 5 s)
+                async with asyncio.timeout(3):
+                    while not any(wallet_id in m.data for m in parser.feed(await stream.content.readany())):
+                        pass
         finally:
             nginx.terminate()
-            nginx.wait(timeout=10)
+            await nginx.wait()
