@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=64, help="concurrent client connections")
     parser.add_argument("--wallets", type=int, default=200, help="wallets the mix spreads over")
     parser.add_argument("--quick", action="store_true", help="4 slices of 3 s per side: under a minute")
+    parser.add_argument("--pgbouncer", action="store_true",
+                        help="B is this checkout too, its pools through a PgBouncer in transaction mode (Debian's "
+                             "pgbouncer, started here) and DIRECT_DATABASE_URL direct: what the pooler costs")
 
 
 @dataclass
@@ -80,9 +83,9 @@ def admin_token(root: Path, env: dict[str, str]) -> str:
 
 
 @contextlib.asynccontextmanager
-async def side(name: str, root: Path, dsn: str, wallets: int) -> AsyncIterator[Side]:
+async def side(name: str, root: Path, dsn: str, wallets: int, **extra: str) -> AsyncIterator[Side]:
     port = free_port()
-    env = serve_env(dsn, port, PYTHONPATH=str(root))
+    env = serve_env(dsn, port, PYTHONPATH=str(root), **extra)
     token = admin_token(root, env)
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=root, env=env)  # noqa: ASYNC220
     base_url = f"http://127.0.0.1:{port}"
@@ -103,29 +106,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not use_wrk("wrk"):
         raise SystemExit("wrk is not installed")
     slices, seconds = (4, 3.0) if args.quick else (args.slices, args.seconds)
-    revision = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT,  # noqa: ASYNC221 (before any server)
-                              check=True, capture_output=True, text=True).stdout.strip()
+    revision = "pgbouncer" if args.pgbouncer else subprocess.run(  # noqa: ASYNC221 (before any server)
+        ["git", "rev-parse", "--short", args.base], cwd=ROOT,
+        check=True, capture_output=True, text=True).stdout.strip()
     server = await choose_server(args.dsn)
     try:
-        with worktree(revision) as base_root:
-            async with fresh_database(server, "ab_a") as dsn_a, fresh_database(server, "ab_b") as dsn_b, \
-                    side("A", ROOT, dsn_a, args.wallets) as a, side("B", base_root, dsn_b, args.wallets) as b:
-                for warm in (a, b):  # caches and prepared statements, unmeasured
-                    await warm.slice(args.connections, seconds)
-                for i in range(slices):
-                    for current in ((a, b) if i % 2 == 0 else (b, a)):
-                        measured = await current.slice(args.connections, seconds)
-                        current.slices.append(measured)
-                        print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
-                              f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
-                              f"{measured['sys_us']:3.0f} us system per command", flush=True)
+        with contextlib.ExitStack() as stack:
+            async with fresh_database(server, "ab_a") as dsn_a, fresh_database(server, "ab_b") as dsn_b:
+                if args.pgbouncer:
+                    sys.path.insert(0, str(ROOT))  # the suite's PgBouncer launcher, written once
+                    from tests.pgbouncer.bouncer import running_pgbouncer
+
+                    bouncer = stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20))
+                    base_root, dsn_b_served = ROOT, bouncer.dsn_for(dsn_b)
+                    extra = {"DIRECT_DATABASE_URL": dsn_b, "DATABASE_POOL_MODE": "transaction"}
+                else:
+                    base_root, dsn_b_served, extra = stack.enter_context(worktree(revision)), dsn_b, {}
+                async with side("A", ROOT, dsn_a, args.wallets) as a, \
+                        side("B", base_root, dsn_b_served, args.wallets, **extra) as b:
+                    for warm in (a, b):  # caches and prepared statements, unmeasured
+                        await warm.slice(args.connections, seconds)
+                    for i in range(slices):
+                        for current in ((a, b) if i % 2 == 0 else (b, a)):
+                            measured = await current.slice(args.connections, seconds)
+                            current.slices.append(measured)
+                            print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
+                                  f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
+                                  f"{measured['sys_us']:3.0f} us system per command", flush=True)
     finally:
         if server.stop is not None:
             server.stop()
     cpu = {s.name: [x["user_us"] + x["sys_us"] for x in s.slices] for s in (a, b)}
     ratio = statistics.median(x / y for x, y in zip(cpu["A"], cpu["B"], strict=True))
     for s in (a, b):
-        label = "this checkout" if s is a else f"base {revision}"
+        label = "this checkout" if s is a else ("through PgBouncer" if args.pgbouncer else f"base {revision}")
         print(f"{s.name} ({label}): server CPU {mean(cpu[s.name]):.0f} us per command "
               f"(user {mean([x['user_us'] for x in s.slices]):.0f}), "
               f"{mean([x['commands_per_s'] for x in s.slices]):.0f} commands/s, "

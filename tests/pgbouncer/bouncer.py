@@ -79,7 +79,7 @@ def run_as(host: str) -> str:
 
 
 @contextlib.contextmanager
-def running_pgbouncer(server_dsn: str) -> Iterator[Bouncer]:
+def running_pgbouncer(server_dsn: str, *, pool_size: int = SERVER_CONNECTIONS) -> Iterator[Bouncer]:
     """Start PgBouncer (pool_mode = transaction, auth_type = any: it logs in to the server as the DSN's
     user) for every database of the server behind server_dsn; stop it afterwards."""
     server = urlsplit(server_dsn)
@@ -92,7 +92,7 @@ def running_pgbouncer(server_dsn: str) -> Iterator[Bouncer]:
     ini = directory / "pgbouncer.ini"
     ini.write_text(INI.format(host=host, port=server.port or 5432,
                               user=unquote(server.username or "postgres"), password=password,
-                              listen_port=port, pool_size=SERVER_CONNECTIONS))
+                              listen_port=port, pool_size=pool_size))
     ini.chmod(0o644)
     log = directory / "pgbouncer.log"
     command = [PGBOUNCER, *(["-u", run_as(host)] if os.geteuid() == 0 else []), str(ini)]
