@@ -131,6 +131,18 @@ def pooled_connect_kwargs(settings: Settings) -> dict[str, Any]:
     return kwargs
 
 
+async def warn_without_statement_timeout(pool: asyncpg.Pool, settings: Settings) -> None:
+    """In DATABASE_POOL_MODE=transaction STATEMENT_TIMEOUT_MS is not sent at connect: say so once at
+    startup when the server's own setting (the role's or the database's) leaves the pools without one."""
+    if settings.database_pool_mode != "transaction" or not settings.statement_timeout_ms:
+        return
+    if await pool.fetchval("select current_setting('statement_timeout')") == "0":
+        log.warning("no statement_timeout on the pooled connections: with DATABASE_POOL_MODE=transaction "
+                    "STATEMENT_TIMEOUT_MS cannot be sent through the pooler; set it on the role "
+                    "(ALTER ROLE ... SET statement_timeout)",
+                    extra={"statement_timeout_ms": settings.statement_timeout_ms})
+
+
 def pool_options() -> dict[str, Any]:
     """What every Tally pool is opened with."""
     return {"init": init_connection, "reset": keep_session}

@@ -4,13 +4,17 @@ replays, the 100-way debit race, two processes racing), and what holds a session
 
 from __future__ import annotations
 
+import logging
+
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 
+from backend.app import create_app
 from backend.appkeys import LISTENER, POOL, PROJECTIONS
 from backend.config import Settings
 from backend.db import connect_kwargs, pooled_connect_kwargs
+from tests.conftest import make_settings
 from tests.integration.test_http_deposits import (
     alice,
     test_20_concurrent_confirmations_credit_once,
@@ -112,3 +116,25 @@ async def test_pgbouncer_refuses_statement_timeout_at_connect_so_the_pool_sends_
         await asyncpg.connect(through, **connect_kwargs(settings))
     conn = await asyncpg.connect(through, **pooled_connect_kwargs(settings))
     await conn.close()
+
+
+async def test_startup_warns_when_the_pools_have_no_statement_timeout(  # type: ignore[no-untyped-def]
+        aiohttp_client, settings: Settings, pgbouncer: Bouncer, own_database_url: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    warning = "no statement_timeout on the pooled connections"
+    with caplog.at_level(logging.WARNING, logger="backend.db"):
+        await aiohttp_client(create_app(settings))
+    assert warning in caplog.text  # the test server sets none
+    caplog.clear()
+    direct = await asyncpg.connect(own_database_url)  # before PgBouncer has any connection to it
+    try:
+        await direct.execute(f"alter database \"{await direct.fetchval('select current_database()')}\" "
+                             "set statement_timeout = '5s'")
+    finally:
+        await direct.close()
+    timed = make_settings(pgbouncer.dsn_for(own_database_url), direct_database_url=own_database_url,
+                          database_pool_mode="transaction")
+    with caplog.at_level(logging.WARNING, logger="backend.db"):
+        client = await aiohttp_client(create_app(timed))
+    assert warning not in caplog.text
+    assert await client.server.app[POOL].fetchval("select current_setting('statement_timeout')") == "5s"
