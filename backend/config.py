@@ -118,7 +118,9 @@ class Settings(BaseSettings):
     @field_validator("direct_database_url")
     @classmethod
     def _direct_needs_database(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
-        if value is not None and info.data.get("database_url") is None:
+        if value is None or not value.get_secret_value():
+            return None  # unset or empty: DATABASE_URL's
+        if info.data.get("database_url") is None:
             raise ValueError("needs DATABASE_URL (without it Tally uses its embedded server)")
         return value
 

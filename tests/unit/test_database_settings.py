@@ -43,3 +43,9 @@ def test_transaction_mode_pools_have_no_statement_cache_and_no_startup_timeout()
     assert pooled["server_settings"] == {"application_name": "tally"}
     assert "statement_cache_size" not in connect_kwargs(transaction)  # direct connections keep both
     assert connect_kwargs(transaction)["server_settings"]["statement_timeout"] == "5000"
+
+
+def test_an_empty_direct_url_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("DIRECT_DATABASE_URL", "")
+    assert load_settings().direct_database_url is None
