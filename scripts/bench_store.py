@@ -327,13 +327,15 @@ async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
     try:
         await drive_tasks(command, clients, plan.warmup, plan.wallets)
         await analyze(dsn)
-        batches, requests = store.counters()[:2]
+        before = store.counters()
         async with observing(dsn) if plan.observe else contextlib.nullcontext() as observation:
             stats = await drive_tasks(command, clients, plan.seconds, plan.wallets)
-        if observation is not None:
-            print(f"  observed tally {clients}: {observation.describe()}", file=sys.stderr, flush=True)
         counters = store.counters()
-        batches, requests = counters.batches - batches, counters.batched_requests - requests
+        batches, requests = counters.batches - before.batches, counters.batched_requests - before.batched_requests
+        if observation is not None:
+            fenced = counters.fenced - before.fenced
+            print(f"  observed tally {clients}: {observation.describe()}; {fenced} of {batches} batches on the "
+                  "fenced one-round-trip path", file=sys.stderr, flush=True)
     finally:
         await store.close()
         await pool.close()
