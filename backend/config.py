@@ -107,6 +107,26 @@ class Settings(BaseSettings):
     # Read-your-writes: how long a GET with min_position waits by default, and at most (Prefer: wait=N).
     read_wait_default_s: float = Field(default=2.0, ge=0)
     read_wait_max_s: float = Field(default=10.0, ge=0)
+
+    @field_validator("log_level", "log_format", "event_loop", "environment", mode="before")
+    @classmethod
+    def _normalise_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        levels = {"debug", "info", "warning", "error", "critical"}
+        return value.upper() if value.lower() in levels else value.lower()
+
+    @field_validator("pool_max_size")
+    @classmethod
+    def _max_at_least_min(cls, value: int, info: object) -> int:
+        data = getattr(info, "data", {})
+        if value < data.get("pool_min_size", 0):
+            raise ValueError("must be >= POOL_MIN_SIZE")
+        return value
+
+    def dsn(self) -> str | None:
+        return self.database_url.get_secret_value() if self.database_url else None
+
     # PgBouncer (docs/DEPLOYMENT.md): with DATABASE_POOL_MODE=transaction the pools on DATABASE_URL go
     # without asyncpg's prepared-statement cache and without session settings at connect, so that a
     # pooler in transaction mode may sit in front; what needs a session of its own (LISTEN, the leaders'
@@ -127,25 +147,6 @@ class Settings(BaseSettings):
     def direct_dsn(self, dsn: str) -> str:
         """Where session-scoped connections go: DIRECT_DATABASE_URL, else `dsn` (DATABASE_URL or embedded)."""
         return self.direct_database_url.get_secret_value() if self.direct_database_url else dsn
-
-    @field_validator("log_level", "log_format", "event_loop", "environment", mode="before")
-    @classmethod
-    def _normalise_case(cls, value: object) -> object:
-        if not isinstance(value, str):
-            return value
-        levels = {"debug", "info", "warning", "error", "critical"}
-        return value.upper() if value.lower() in levels else value.lower()
-
-    @field_validator("pool_max_size")
-    @classmethod
-    def _max_at_least_min(cls, value: int, info: object) -> int:
-        data = getattr(info, "data", {})
-        if value < data.get("pool_min_size", 0):
-            raise ValueError("must be >= POOL_MIN_SIZE")
-        return value
-
-    def dsn(self) -> str | None:
-        return self.database_url.get_secret_value() if self.database_url else None
 
     def log_format_choice(self) -> str:
         """LOG_FORMAT as configure_logging takes it: `auto` stays auto, except in production (JSON)."""
