@@ -90,6 +90,15 @@ async def replica_state(http: aiohttp.ClientSession, replica: Cluster) -> dict[s
     return found
 
 
+async def replica_reads(http: aiohttp.ClientSession, replica: Cluster) -> int:
+    async with http.get("/metrics") as reply:
+        text = await reply.text()
+    series = rf'^tally_replica_reads_total\{{replica="{re.escape(label(replica))}"}} (\S+)$'
+    found = re.search(series, text, re.MULTILINE)
+    assert found, text
+    return int(float(found[1]))
+
+
 async def until_in_use(http: aiohttp.ClientSession, replica: Cluster, caught_up: bool = True,
                        within_s: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + within_s
@@ -182,9 +191,12 @@ async def test_sse_over_the_replica_has_no_gap_and_no_repeat_across_a_replica_re
     last = await write_through_a_restart()
     assert await follow(last) == list(range(1, last + 1))  # right after the restart: the replica may be behind
     await until_in_use(http, replica)
-    again = await follow(last)
+    before = await replica_reads(http, replica)
+    again = await follow(last)  # nothing is written meanwhile: only the stream's catch-up pages read the log
     assert again == list(range(1, last + 1))
-    report("sse_catch_up_across_replica_restart", events=last)
+    served = await replica_reads(http, replica) - before
+    assert served >= (last - int(SERVER_ENV["SSE_WINDOW_EVENTS"])) // int(SERVER_ENV["SSE_PAGE_SIZE"]), served
+    report("sse_catch_up_across_replica_restart", events=last, pages_from_replica=served)
 
 
 async def test_sse_stream_open_across_a_replica_restart(http: aiohttp.ClientSession,
