@@ -2,10 +2,11 @@
 
 Commands, projection runners, leader locks and LISTEN never come here: they hold the primary's pool
 or connections of their own. A read does: `ReadPools.read(fn)` runs `fn` with a replica's pool when
-one is in use and with the primary's otherwise, and a read that fails on a replica for a reason
-`backend.db.is_unavailable` knows (the replica stopped, restarted, refused a connection) is run again
-on the primary at once, so a replica's failure never reaches a client. That replica is then out of
-use until the checker (backend/store/replica_check.py) finds it answering within REPLICA_MAX_LAG_S.
+one is in use and with the primary's otherwise, and a read that the database fails on a replica is
+run again on the primary at once, so a replica's failure never reaches a client. When the reason is
+one `backend.db.is_unavailable` knows (the replica stopped, restarted, refused a connection), that
+replica is out of use until the checker (backend/store/replica_check.py) finds it answering within
+REPLICA_MAX_LAG_S.
 
 A replica replays the primary's log in commit order, so what it shows is always a prefix of the log
 (positions become visible in order on the primary, and WAL replays commits in that order). It may
@@ -113,14 +114,23 @@ class ReadPools:
 
     @contextlib.asynccontextmanager
     async def attempt(self, replica: Replica) -> AsyncIterator[None]:
-        """Run a block against the replica; if the replica turns out unavailable, swallow the error and
-        take the replica out of use (the caller falls back to the primary). Other errors propagate."""
+        """Run a block against the replica; if the database fails it, swallow the error (the caller falls
+        back to the primary). A replica that turns out unavailable is taken out of use; any other
+        database error is only retried on the primary: a query cancelled by a conflict with recovery
+        (SQLSTATE 40001), a table a migration has not yet brought to the replica. A bug fails on the
+        primary too, and is reported from there. Errors that are not the database's propagate."""
         try:
             yield
         except Exception as exc:
-            if not is_unavailable(exc):
+            if is_unavailable(exc):
+                self.failed(replica, exc)
+            elif isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+                replica.fallbacks += 1
+                replica.last_error = describe(exc)
+                log.info("read failed on a replica, served by the primary",
+                         extra={"replica": replica.label, "reason": replica.last_error})
+            else:
                 raise
-            self.failed(replica, exc)
 
     async def on_replica(self, fn: Callable[[Executor], Awaitable[T]], *, at_least: int = 0,
                          ready: Ready | None = None) -> tuple[T] | None:
