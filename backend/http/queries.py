@@ -70,8 +70,9 @@ async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tu
 
     With a min_position and a replica: the replica's checkpoint is polled until it has the position,
     within the request's wait budget; past it (or if the replica fails) the primary answers, once its
-    own checkpoint has the position, else 503 as without replicas. A read never answers older than
-    the position it asked for, and waits no longer than it would have without replicas."""
+    own checkpoint has the position, else 503 as without replicas. A replica whose last measured lag
+    already exceeds the budget is not waited for. A read never answers older than the position it
+    asked for, and never waits past its budget."""
     pools = request.app[READ_POOLS]
     wanted = min_position(request)
     if wanted is None:
@@ -81,7 +82,7 @@ async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tu
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_budget(request)
     replica = pools.pick()
-    if replica is not None:
+    if replica is not None and (replica.lag_s or 0.0) < deadline - loop.time():
         async with pools.attempt(replica):
             if await poll_checkpoint(replica.pool, projection, position, deadline - loop.time()) >= position:
                 found = await read(replica.pool)

