@@ -31,6 +31,8 @@ from tests.streaming.sse_client import Stream
 from tests.system.cluster import Cluster, create_cluster, create_replica, remove_cluster
 from tests.system.serving import Server, create_key, free_port, serving
 
+pytestmark = pytest.mark.system
+
 APPLY_DELAY_S = 1.0
 PASSWORD = "replica-sekrit"
 """Put in READ_DATABASE_URL (trust authentication ignores it): it must show nowhere."""
