@@ -20,6 +20,7 @@ from backend.appkeys import (
     LOG_TAIL,
     METRICS,
     POOL,
+    READ_POOLS,
     REPOSITORY,
     SETTINGS,
     STORE,
@@ -44,8 +45,11 @@ from backend.http.ratelimit import RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
-from backend.metric_sources import watch_build, watch_pool, watch_store, watch_streams
+from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
+from backend.store.read_pools import ReadPools, open_replica
+from backend.store.replica_check import TASK as REPLICA_CHECK
+from backend.store.replica_check import ReplicaChecker
 from backend.store.tail import LogTail
 from backend.supervisor import Supervisor
 
@@ -69,11 +73,33 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def read_pools_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Where reads go (READ_DATABASE_URL's replicas, else the primary), and the task that checks the
+    replicas' lag; with no replica every read goes to the primary's pool, as it always did."""
+    settings = app[SETTINGS]
+    pools = ReadPools(app[POOL])
+    app[READ_POOLS] = pools
+    job = None
+    try:
+        for dsn in settings.read_dsns():
+            pools.replicas.append(await open_replica(dsn, settings))
+        if pools.replicas:
+            checker = ReplicaChecker(pools, max_lag_s=settings.replica_max_lag_s,
+                                     timeout_s=settings.connect_timeout_s)
+            await checker.check()  # in use from the first request when they answer; startup never waits on them
+            job = app[SUPERVISOR].spawn(REPLICA_CHECK, lambda: checker.run(settings.replica_check_s))
+            watch_replicas(app[METRICS], pools)
+        yield
+    finally:
+        await app[SUPERVISOR].stop(job)
+        await pools.close()
+
+
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The core's gauges, and the API key authenticator that follows the log."""
     settings = app[SETTINGS]
     store, listener, repository, commands = app[STORE], app[LISTENER], app[REPOSITORY], app[COMMANDS]
-    app[LOG_TAIL] = tail = LogTail(app[POOL], listener, page_size=settings.sse_page_size,
+    app[LOG_TAIL] = tail = LogTail(app[READ_POOLS], listener, page_size=settings.sse_page_size,
                                    idle_s=settings.sse_checkpoint_s, supervisor=app[SUPERVISOR])
     metrics = app[METRICS]
     watch_store(metrics, store, listener)
@@ -141,6 +167,7 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> web.Applicati
                         lambda: failures.refused)
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
     app.cleanup_ctx.append(core_ctx)
+    app.cleanup_ctx.append(read_pools_ctx)
     app.cleanup_ctx.append(store_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(projections_ctx)

@@ -17,6 +17,7 @@ from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
+from backend.store.read_pools import ReadPools
 from backend.store.repository import Repository
 from backend.store.tail import LogTail
 from backend.streaming.hub import Hub
@@ -34,6 +35,8 @@ DATABASE_DSN = web.AppKey("database_dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
 STORE = web.AppKey("store", EventStore)
 LISTENER = web.AppKey("listener", Listener)
+READ_POOLS = web.AppKey("read_pools", ReadPools)
+"""Where reads go: a replica in use (READ_DATABASE_URL), else the primary (backend/store/read_pools.py)."""
 LOG_TAIL = web.AppKey("log_tail", LogTail)
 """The process's one reader of new events (backend.store.tail), shared by its followers of the log."""
 REPOSITORY = web.AppKey("repository", Repository)

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     def direct_dsn(self, dsn: str) -> str:
         """Where session-scoped connections go: DIRECT_DATABASE_URL, else `dsn` (DATABASE_URL or embedded)."""
         return self.direct_database_url.get_secret_value() if self.direct_database_url else dsn
+    def read_dsns(self) -> list[str]:
+        """READ_DATABASE_URL as a list of DSNs: split at the commas that start another URL, so a
+        multi-host URL (postgresql://a,b/db) stays one."""
+        raw = self.read_database_url.get_secret_value().strip() if self.read_database_url else ""
+        return [part.strip() for part in re.split(r",\s*(?=postgres(?:ql)?://)", raw) if part.strip()] if raw else []
 
     def log_format_choice(self) -> str:
         """LOG_FORMAT as configure_logging takes it: `auto` stays auto, except in production (JSON)."""
@@ -201,6 +206,13 @@ class Settings(BaseSettings):
     audit_fold_batch: int = Field(default=5000, ge=1, le=100_000)
     audit_signing_key_file: Path | None = None
     audit_checkpoint_s: float = Field(default=60.0, gt=0)
+
+    # Read replicas (backend/store/read_pools.py): READ_DATABASE_URL is one streaming replica's DSN, or a
+    # comma list (empty: every read on the primary). A replica whose lag passes REPLICA_MAX_LAG_S, or that
+    # does not answer, serves no reads until a check (every REPLICA_CHECK_S) finds it back within bounds.
+    read_database_url: SecretStr | None = None
+    replica_max_lag_s: float = Field(default=5.0, gt=0)
+    replica_check_s: float = Field(default=1.0, gt=0)
 
     @field_validator("audit_signing_key_file", mode="before")
     @classmethod

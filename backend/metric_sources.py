@@ -6,7 +6,7 @@ Wired by the composition root (backend/app.py) and the projections worker; read 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import asyncpg
 from aiohttp import web
@@ -15,6 +15,7 @@ from backend.appkeys import HUB
 from backend.http.metrics import SIZES, Metrics
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
+from backend.store.read_pools import ReadPools, Replica
 from backend.version import git_commit, version
 
 
@@ -51,6 +52,25 @@ def watch_store(metrics: Metrics, store: EventStore, listener: Listener) -> None
         sizes.observe(requests)
 
     store.observe_batches(batch_done)
+
+
+def watch_replicas(metrics: Metrics, pools: ReadPools) -> None:
+    """Each read replica (labelled host:port/database, never with a password): in use or not, its lag as
+    the last check measured it (absent while unknown), the reads it served and those the primary took
+    over after it failed."""
+    def gauge(read: Callable[[Replica], float | None]) -> Callable[[], Iterable[tuple[tuple[str, ...], float]]]:
+        return lambda: [((r.label,), value) for r in pools.replicas if (value := read(r)) is not None]
+
+    metrics.labelled_gauges("tally_replica_in_use", "1 while the read replica serves reads", ("replica",),
+                            gauge(lambda r: float(r.in_use)))
+    metrics.labelled_gauges("tally_replica_lag_seconds", "Age of the oldest event the replica had not replayed "
+                            "at the last check (0: none)", ("replica",), gauge(lambda r: r.lag_s))
+    metrics.labelled_gauges("tally_replica_lag_events", "Log events the replica had not replayed at the last check",
+                            ("replica",), gauge(lambda r: r.lag_events))
+    metrics.counters("tally_replica_reads_total", "Reads served by the replica", "replica",
+                     lambda: {r.label: r.reads for r in pools.replicas})
+    metrics.counters("tally_replica_fallbacks_total", "Reads that failed on the replica and were served by the "
+                     "primary", "replica", lambda: {r.label: r.fallbacks for r in pools.replicas})
 
 
 def watch_streams(metrics: Metrics, app: web.Application) -> None:

@@ -12,7 +12,24 @@ import contextlib
 
 import asyncpg
 
+from backend.store.reads import Executor
 from projections.checkpoints import LOAD_SQL
+
+
+async def poll_checkpoint(db: Executor, name: str, position: int, timeout: float, *,
+                          poll_min_s: float = 0.005, poll_max_s: float = 0.05) -> int:
+    """A projection's checkpoint as db shows it (a read replica's, which no runner here wakes us for),
+    polled with a doubling delay until it is >= position or timeout runs out; the last value read."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    delay = poll_min_s
+    while True:
+        seen = int(await db.fetchval(LOAD_SQL, name) or 0)
+        remaining = deadline - loop.time()
+        if seen >= position or remaining <= 0:
+            return seen
+        await asyncio.sleep(min(delay, remaining))
+        delay = min(delay * 2, poll_max_s)
 
 
 class CheckpointWatcher:

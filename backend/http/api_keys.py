@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiohttp import web
 
-from backend.appkeys import AUTHENTICATOR, POOL, REPOSITORY
+from backend.appkeys import AUTHENTICATOR, REPOSITORY
 from backend.commands import api_keys
 from backend.commands.bus import Call, Decision
 from backend.commands.context import CommandContext
@@ -53,8 +53,8 @@ async def list_keys(request: web.Request) -> web.Response:
     owner = request.query.get("owner") or None
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
-    await reach(request, api_keys_model.ApiKeys.name)
-    checkpoint, keys = await api_keys_model.list_keys(request.app[POOL], owner, after, limit + 1)
+    checkpoint, keys = await reach(request, api_keys_model.ApiKeys.name,
+                                   lambda db: api_keys_model.list_keys(db, owner, after, limit + 1))
     return answer(request, page_of(keys, limit, "key_id"), checkpoint)
 
 
@@ -63,8 +63,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def get_key(request: web.Request) -> web.Response:
     """A key, without its secret (ETag: its version, the If-Match of a revocation)."""
     key_id = path_uuid(request, "key_id")
-    await reach(request, api_keys_model.ApiKeys.name)
-    checkpoint, key = await api_keys_model.get_key(request.app[POOL], key_id)
+    checkpoint, key = await reach(request, api_keys_model.ApiKeys.name, lambda db: api_keys_model.get_key(db, key_id))
     if key is None:
         raise not_found(f"API key {key_id}", checkpoint)
     return answer(request, key, checkpoint, version=key["version"])

@@ -10,10 +10,11 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from backend.appkeys import CLOCK, POOL, REPOSITORY
+from backend.appkeys import CLOCK, READ_POOLS, REPOSITORY
 from backend.audit import history
 from backend.audit.export import export_pages
-from backend.audit.verify import head, verify_database
+from backend.audit.verify import Report, verify_database
+from backend.db import Connection
 from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
@@ -24,11 +25,18 @@ from backend.http.models import Rfc3339
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.wallets import path_uuid
+from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
+from backend.store.read_pools import connection
+from backend.store.reads import Executor
 
 routes = web.RouteTableDef()
 
 SCOPE = "audit:read"
+"""Every query here reads through the app's read pools (backend/store/read_pools.py): a read replica in
+use serves it when it has replayed what the query asks about (a cursor, `to`, `at_position`; for
+`as_of`, an event recorded after it), else the primary; a "does not exist" from a replica is asked
+again of the primary, which may know it already."""
 NDJSON = "application/x-ndjson"
 MAX_VERSION = 2**31 - 1
 
@@ -37,6 +45,11 @@ Limit = Annotated[AsciiInt, Field(ge=1, le=1000)]
 StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
 
 RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
+NEWEST_RECORDED_SQL = "select max(recorded_at) from events"
+
+
+class ClientLeft(Exception):
+    """Writing to the client failed: not the database's failure, so not a reason to change servers."""
 
 
 class Query(BaseModel):
@@ -109,9 +122,13 @@ def json_body(events: list[bytes], **fields: Any) -> web.Response:
 async def log_events(request: web.Request) -> web.Response:
     """A page of the global log in position order, optionally filtered."""
     q = query(request, LogQuery)
-    async with request.app[POOL].acquire() as conn:
-        page = await history.log_page(conn, after=q.cursor, limit=q.limit, types=q.types,
-                                      stream_prefix=q.stream_prefix, from_time=q.from_time, to_time=q.to_time)
+
+    async def read(db: Executor) -> history.Page:
+        async with connection(db) as conn:
+            return await history.log_page(conn, after=q.cursor, limit=q.limit, types=q.types,
+                                          stream_prefix=q.stream_prefix, from_time=q.from_time, to_time=q.to_time)
+
+    page = await request.app[READ_POOLS].read(read, at_least=q.cursor)
     return json_body(page.events, has_more=page.has_more, next_cursor=str(page.next), head=page.head)
 
 
@@ -121,8 +138,15 @@ async def stream_events(request: web.Request) -> web.Response:
     """A page of one stream's history in version order."""
     stream_id = request.match_info["stream_id"]
     q = query(request, StreamQuery)
-    async with request.app[POOL].acquire() as conn:
-        page = await history.stream_page(conn, stream_id, after_version=q.cursor, limit=q.limit)
+
+    async def read(db: Executor) -> history.Page | None:
+        async with connection(db) as conn:
+            return await history.stream_page(conn, stream_id, after_version=q.cursor, limit=q.limit)
+
+    pools = request.app[READ_POOLS]
+    page = await pools.read(read)
+    if page is None and pools.replicas:
+        page = await read(pools.primary)
     if page is None:
         raise Problem(404, "not_found", f"stream {stream_id!r} has no events")
     return json_body(page.events, stream_id=stream_id, has_more=page.has_more, next_cursor=str(page.next))
@@ -139,20 +163,43 @@ async def export(request: web.Request) -> web.StreamResponse:
     """NDJSON of the events in (after, to], `to` defaulting to the head when the request arrives.
     Errors after the first byte can only cut the stream short: check the last line's position."""
     q = query(request, ExportQuery)
-    async with request.app[POOL].acquire() as conn:
-        to = q.to if q.to is not None else await head(conn)
-        response = web.StreamResponse(headers={
-            "Content-Type": NDJSON,
-            "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',
-            "X-Export-After": str(q.after),
-            "X-Export-To": str(to),
-            REQUEST_ID_HEADER: request[REQUEST_ID],  # sent by the handler: the middleware cannot add it
-        })
-        await response.prepare(request)
-        async for chunk in export_pages(conn, q.after, to):
-            await response.write(chunk)
+    pools = request.app[READ_POOLS]
+    to = q.to if q.to is not None else await reads.head(pools.primary)
+    response = web.StreamResponse(headers={
+        "Content-Type": NDJSON,
+        "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',
+        "X-Export-After": str(q.after),
+        "X-Export-To": str(to),
+        REQUEST_ID_HEADER: request[REQUEST_ID],  # sent by the handler: the middleware cannot add it
+    })
+    sent = q.after
+
+    async def send(db: Executor) -> None:
+        """From where the last line sent left off: a replica failing midway hands over to the primary."""
+        nonlocal sent
+        async with connection(db) as conn:
+            if not response.prepared:
+                await response.prepare(request)
+            async for chunk in export_pages(conn, sent, to):
+                try:
+                    await response.write(chunk)
+                except OSError as exc:
+                    raise ClientLeft from exc
+                sent = last_position(chunk)
+
+    try:
+        await pools.read(send, at_least=to)
+    except ClientLeft as exc:
+        assert exc.__cause__ is not None
+        raise exc.__cause__ from None
     await response.write_eof()
     return response
+
+
+def last_position(chunk: bytes) -> int:
+    """The position of the last NDJSON line of an export chunk (lines start with {"position":...})."""
+    start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
+    return int(orjson.loads(chunk[start:])["position"])
 
 
 @routes.get("/v1/wallets/{wallet_id}/state")
@@ -166,13 +213,29 @@ async def wallet_state(request: web.Request) -> web.Response:
         raise invalid_parameters(("at_position", "give exactly one of at_position and as_of"))
     if q.at_position is not None:
         await check_within_log(request.app, q.at_position, "at_position")
-        moment: datetime = await request.app[POOL].fetchval(RECORDED_AT_SQL, q.at_position)
+    elif q.as_of is not None and q.as_of > request.app[CLOCK].now():
+        raise invalid_parameters(("as_of", "in the future: the answer could still change"))
+    repository = request.app[REPOSITORY]
+
+    async def read(db: Executor) -> tuple[Wallet | None, int, datetime]:
+        async with connection(db) as conn:
+            moment = (await conn.fetchval(RECORDED_AT_SQL, q.at_position) if q.at_position is not None
+                      else q.as_of)
+            assert isinstance(moment, datetime)
+            wallet, position = await repository.as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of,
+                                                      db=conn)
+        return wallet, position, moment
+
+    async def recorded_since(conn: Connection) -> bool:
+        """The replica has every event recorded up to as_of: it holds one recorded after it."""
+        newest = await conn.fetchval(NEWEST_RECORDED_SQL)
+        return newest is not None and q.as_of is not None and newest > q.as_of
+
+    pools = request.app[READ_POOLS]
+    if q.at_position is not None:
+        wallet, position, moment = await pools.read(read, at_least=q.at_position)
     else:
-        assert q.as_of is not None
-        if q.as_of > request.app[CLOCK].now():
-            raise invalid_parameters(("as_of", "in the future: the answer could still change"))
-        moment = q.as_of
-    wallet, position = await request.app[REPOSITORY].as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of)
+        wallet, position, moment = await pools.read(read, ready=recorded_since)
     if wallet is None:
         raise Problem(404, "not_found", f"wallet {wallet_id} did not exist at that point")
     view = wallet.view(moment.astimezone(UTC)).as_dict()
@@ -185,8 +248,15 @@ async def wallet_state(request: web.Request) -> web.Response:
 async def verify(request: web.Request) -> web.Response:
     """Verify one stream's hash chain, or the whole log's (slow on a big log: prefer the CLI)."""
     q = query(request, VerifyQuery)
-    async with request.app[POOL].acquire() as conn:
-        report = await verify_database(conn, q.stream)
+
+    async def read(db: Executor) -> Report:
+        async with connection(db) as conn:
+            return await verify_database(conn, q.stream)
+
+    pools = request.app[READ_POOLS]
+    report = await pools.read(read)
+    if q.stream is not None and report.events_checked == 0 and pools.replicas:
+        report = await read(pools.primary)
     if q.stream is not None and report.events_checked == 0:
         raise Problem(404, "not_found", f"stream {q.stream!r} has no events")
     return web.Response(body=replies.render(replies.VerifyReport, report.as_dict()), content_type=JSON)

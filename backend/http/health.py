@@ -7,7 +7,7 @@ import asyncio
 
 from aiohttp import web
 
-from backend.appkeys import METRICS, POOL, SETTINGS, SUPERVISOR
+from backend.appkeys import METRICS, POOL, READ_POOLS, SETTINGS, SUPERVISOR
 from backend.db import Connection, describe, is_unavailable
 from backend.http.endpoint import Header, endpoint
 from backend.http.problems import Problem
@@ -33,7 +33,8 @@ async def ready(request: web.Request) -> web.Response:
     A task is stuck when it has kept failing, restart after restart, for longer than the supervisor's
     stuck_after_s (30 s): with the database answering, a LISTEN connection or stream tail that cannot
     recover means this process serves stale waits and silent streams, so it leaves the rotation. A
-    shorter outage only shows in `tasks` (state "failing", consecutive_failures)."""
+    shorter outage only shows in `tasks` (state "failing", consecutive_failures). With read replicas,
+    `checks.replicas` reports each one's lag and whether it serves reads (not gating either)."""
     timeout = request.app[SETTINGS].ready_timeout_s
     try:
         async with asyncio.timeout(timeout):
@@ -51,8 +52,11 @@ async def ready(request: web.Request) -> web.Response:
         raise Problem(503, "unavailable", f"background tasks failing for over {supervisor.stuck_after_s:g} s: "
                       + ", ".join(f"{name} ({supervisor.tasks[name].last_error})" for name in stuck),
                       headers={"Retry-After": "1"})
-    return web.json_response({"status": "ready", "checks": {"database": "ok", "projections": lag},
-                              "tasks": supervisor.report()})
+    checks: dict[str, object] = {"database": "ok", "projections": lag}
+    pools = request.app.get(READ_POOLS)
+    if pools is not None and pools.replicas:  # informative: a replica out of use only moves reads to the primary
+        checks["replicas"] = pools.report()
+    return web.json_response({"status": "ready", "checks": checks, "tasks": supervisor.report()})
 
 
 async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:

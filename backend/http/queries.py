@@ -9,15 +9,17 @@ data). Figures are as of now: a reservation past its expires_at counts as expire
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 from uuid import UUID
 
 from aiohttp import web
 
-from backend.appkeys import CLOCK, POOL, PROJECTIONS, SETTINGS
+from backend.appkeys import CLOCK, POOL, PROJECTIONS, READ_POOLS, SETTINGS
 from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, Param, endpoint, reply_model
@@ -27,12 +29,18 @@ from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
 from backend.http.wallets import path_uuid
 from backend.store.events import MAX_POSITION
+from backend.store.read_pools import connection
+from backend.store.reads import Executor
 from projections import balances, deposits, registry, reservations, stats, status
+from projections.waiting import poll_checkpoint
 
 routes = web.RouteTableDef()
 
 POSITION_HEADER = "X-Projection-Position"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
+T = TypeVar("T")
+ReadModel = Callable[[Executor], Awaitable[tuple[int, T]]]
+"""A read model's query: (the checkpoint it reflects, read in the same statement, and the data)."""
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
 
@@ -56,14 +64,32 @@ def wait_budget(request: web.Request) -> float:
     return min(wanted, settings.read_wait_max_s)
 
 
-async def reach(request: web.Request, projection: str) -> None:
-    """Wait until `projection` has applied min_position, if the request names one."""
+async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tuple[int, T]:
+    """`read` (a read model's query, answering (checkpoint, data)) once `projection` has applied
+    min_position, if the request names one, from a read replica when one is in use (else the primary).
+
+    With a min_position and a replica: the replica's checkpoint is polled until it has the position,
+    within the request's wait budget; past it (or if the replica fails) the primary answers, once its
+    own checkpoint has the position, else 503 as without replicas. A replica whose last measured lag
+    already exceeds the budget is not waited for. A read never answers older than the position it
+    asked for, and never waits past its budget."""
+    pools = request.app[READ_POOLS]
     wanted = min_position(request)
     if wanted is None:
-        return
+        return await pools.read(read)
     field, position = wanted
     await check_within_log(request.app, position, field)
-    seen = await request.app[PROJECTIONS].watcher.wait_for(projection, position, wait_budget(request))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_budget(request)
+    replica = pools.pick()
+    if replica is not None and (replica.lag_s or 0.0) < deadline - loop.time():
+        async with pools.attempt(replica):
+            if await poll_checkpoint(replica.pool, projection, position, deadline - loop.time()) >= position:
+                found = await read(replica.pool)
+                if found[0] >= position:  # checked in the answer's own statement (a replica may restart)
+                    replica.reads += 1
+                    return found
+    seen = await request.app[PROJECTIONS].watcher.wait_for(projection, position, max(0.0, deadline - loop.time()))
     if seen < position:
         raise Problem(
             503, "unavailable",
@@ -71,6 +97,7 @@ async def reach(request: web.Request, projection: str) -> None:
             headers={"Retry-After": "1", POSITION_HEADER: str(seen)},
             extra={"projection": projection, "position": seen, "min_position": position},
         )
+    return await read(pools.primary)
 
 
 def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None
@@ -119,8 +146,9 @@ async def get_wallet(request: web.Request) -> web.Response:
     """A wallet with its open locks and reservations (ETag: its version)."""
     actor = request[ACTOR]
     wallet_id = path_uuid(request, "wallet_id")
-    await reach(request, balances.Balances.name)
-    checkpoint, wallet = await balances.get_wallet(request.app[POOL], wallet_id, request.app[CLOCK].now())
+    now = request.app[CLOCK].now()
+    checkpoint, wallet = await reach(request, balances.Balances.name,
+                                     lambda db: balances.get_wallet(db, wallet_id, now))
     if wallet is None:
         raise not_found(f"wallet {wallet_id}", checkpoint)
     if not actor.can_act_for(wallet["owner"]):
@@ -143,9 +171,9 @@ async def list_wallets(request: web.Request) -> web.Response:
         raise Problem(403, "forbidden", "this API key may only list its own owner's wallets")
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
-    await reach(request, balances.Balances.name)
-    checkpoint, found = await balances.list_wallets(request.app[POOL], owner, after, limit + 1,
-                                                    request.app[CLOCK].now())
+    now = request.app[CLOCK].now()
+    checkpoint, found = await reach(request, balances.Balances.name,
+                                    lambda db: balances.list_wallets(db, owner, after, limit + 1, now))
     return answer(request, page_of(found, limit, "wallet_id"), checkpoint)
 
 
@@ -189,8 +217,9 @@ async def get_reservation(request: web.Request) -> web.Response:
     """A reservation; one past its expires_at reads as expired even before the expiry is recorded."""
     actor = request[ACTOR]
     reservation_id = path_uuid(request, "reservation_id")
-    await reach(request, reservations.Reservations.name)
-    checkpoint, found = await reservations.get_reservation(request.app[POOL], reservation_id, request.app[CLOCK].now())
+    now = request.app[CLOCK].now()
+    checkpoint, found = await reach(request, reservations.Reservations.name,
+                                    lambda db: reservations.get_reservation(db, reservation_id, now))
     if found is None:
         raise not_found(f"reservation {reservation_id}", checkpoint)
     if not actor.can_act_for(found["owner"]):
@@ -204,8 +233,7 @@ async def get_deposit(request: web.Request) -> web.Response:
     """A deposit of one of the key's owner's wallets (ETag: its version)."""
     actor = request[ACTOR]
     deposit_id = path_uuid(request, "deposit_id")
-    await reach(request, deposits.Deposits.name)
-    checkpoint, found = await deposits.get_deposit(request.app[POOL], deposit_id)
+    checkpoint, found = await reach(request, deposits.Deposits.name, lambda db: deposits.get_deposit(db, deposit_id))
     if found is None:
         raise not_found(f"deposit {deposit_id}", checkpoint)
     owner = found.pop("owner")
@@ -218,9 +246,13 @@ async def get_deposit(request: web.Request) -> web.Response:
 @endpoint(scope="wallets:read", reply=replies.Stats, reads_model=True)
 async def get_stats(request: web.Request) -> web.Response:
     """Totals per currency and event counts, as of one instant of the stats read model."""
-    await reach(request, stats.Stats.name)
-    async with request.app[POOL].acquire() as conn:
-        checkpoint, body = await stats.get_stats(conn, request.app[CLOCK].now())
+    now = request.app[CLOCK].now()
+
+    async def read(db: Executor) -> tuple[int, dict[str, Any]]:
+        async with connection(db) as conn:
+            return await stats.get_stats(conn, now)
+
+    checkpoint, body = await reach(request, stats.Stats.name, read)
     return answer(request, body, checkpoint)
 
 

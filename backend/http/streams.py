@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import CLOCK, HUB, LISTENER, LOG_TAIL, POOL, REPOSITORY, SETTINGS, SUPERVISOR
+from backend.appkeys import CLOCK, HUB, LISTENER, LOG_TAIL, POOL, READ_POOLS, REPOSITORY, SETTINGS, SUPERVISOR
 from backend.commands.context import Actor
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
@@ -49,10 +49,11 @@ LAST_EVENT_ID = "Last-Event-ID"
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
-    """This process's hub, reading through the app's pool and woken by its one Listener."""
+    """This process's hub, reading through the app's read pools (catch-up pages from a replica that has
+    them) and woken by its one Listener."""
     pool = app[POOL]
-    hub = Hub(pool, app[LISTENER], HubConfig.from_settings(app[SETTINGS]), projection_stats(pool, app[CLOCK]),
-              app[SUPERVISOR], tail=app[LOG_TAIL])
+    hub = Hub(app[READ_POOLS], app[LISTENER], HubConfig.from_settings(app[SETTINGS]),
+              projection_stats(pool, app[CLOCK]), app[SUPERVISOR], tail=app[LOG_TAIL])
     await hub.start()
     app[HUB] = hub
     try:

@@ -31,10 +31,12 @@ from eventsourcing.domain import Aggregate
 
 from backend.domain import registry
 from backend.domain.closed import AppendOnlyMap
+from backend.store import reads
 from backend.store.event_store import EventStore
 from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
 from backend.store.idempotency import IdempotencyClaim
 from backend.store.planner import AppendRequest
+from backend.store.reads import Executor
 from backend.store.state_codec import decode_state, encode_state
 
 log = logging.getLogger(__name__)
@@ -201,12 +203,15 @@ class Repository:
         return aggregate
 
     async def as_of(
-        self, cls: type[A], aggregate_id: UUID, *, position: int | None = None, time: datetime | None = None
+        self, cls: type[A], aggregate_id: UUID, *, position: int | None = None, time: datetime | None = None,
+        db: Executor | None = None,
     ) -> tuple[A | None, int]:
-        """The aggregate from its events up to a position or a recorded time (no cache, no snapshot)."""
+        """The aggregate from its events up to a position or a recorded time (no cache, no snapshot);
+        read through db when given (a read replica), else the store."""
         stream = stream_of(cls, aggregate_id)
+        found = await (self.store.read_stream(stream) if db is None else reads.read_stream(db, stream))
         events = [
-            e for e in await self.store.read_stream(stream)
+            e for e in found
             if (position is None or e.position <= position) and (time is None or e.recorded_at <= time)
         ]
         aggregate = fold(events, None, aggregate_id)

