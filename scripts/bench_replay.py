@@ -45,7 +45,7 @@ from eventsourcing.projection import ProjectionRunner
 from psycopg.sql import SQL, Identifier
 
 from backend.commands import wallets as wallet_commands
-from backend.commands.bus import CommandBus, Quiet
+from backend.commands.bus import CommandBus
 from backend.commands.context import SYSTEM, CommandContext
 from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
@@ -551,7 +551,7 @@ async def lag_command(bus: CommandBus, rng: random.Random, wallet_id: UUID, comm
 
 async def run_command(bus: CommandBus, wallet_id: UUID, decide: Any) -> int:
     try:
-        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, Quiet())
+        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
     except DomainError:
         return 0
     return reply.position

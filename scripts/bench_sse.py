@@ -65,8 +65,6 @@ from backend.commands.bus import CommandBus
 from backend.commands.context import SYSTEM, CommandContext
 from backend.db import pool_options
 from backend.domain import wallet_stream
-from backend.http import replies
-from backend.http.commands import JsonRenderer
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent
 from backend.store.reads import head
@@ -266,7 +264,6 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
     store = EventStore(pool)
     repository = Repository(store)
     bus = CommandBus(repository)
-    renderer = JsonRenderer(None, replies.WalletWrite)
     committed: list[tuple[int, float, float]] = []
     ids = [uuid.UUID(w) for w in wallets]
 
@@ -282,7 +279,7 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
         async def decide(ctx: CommandContext) -> Any:
             return await wallet_commands.credit(repository, ctx, wallet_id, 1, f"bench-{i}", None)
 
-        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, renderer)
+        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
         committed.append((reply.position, time.monotonic(), time.time()))
 
     tasks: set[asyncio.Task[None]] = set()
