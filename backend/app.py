@@ -46,7 +46,6 @@ from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
 from backend.metric_sources import watch_build, watch_pool, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
-from backend.store.tail import LogTail
 from backend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -61,6 +60,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = core.pool
         app[STORE] = core.store
         app[LISTENER] = core.listener
+        app[LOG_TAIL] = core.tail
         app[REPOSITORY] = core.repository
         app[COMMANDS] = core.bus
         secret = app[SETTINGS].deposit_address_secret.get_secret_value().encode()
@@ -73,13 +73,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The core's gauges, and the API key authenticator that follows the log."""
     settings = app[SETTINGS]
     store, listener, repository, commands = app[STORE], app[LISTENER], app[REPOSITORY], app[COMMANDS]
-    app[LOG_TAIL] = tail = LogTail(app[POOL], listener, page_size=settings.sse_page_size,
-                                   idle_s=settings.sse_checkpoint_s, supervisor=app[SUPERVISOR])
     metrics = app[METRICS]
     watch_store(metrics, store, listener)
     metrics.counter("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
                     lambda: commands.conflicts)
-    authenticator = ApiKeyAuthenticator(repository, tail, negative_ttl_s=settings.auth_negative_ttl_s,
+    authenticator = ApiKeyAuthenticator(repository, app[LOG_TAIL], negative_ttl_s=settings.auth_negative_ttl_s,
                                         wall_clock=app[CLOCK])
     app[AUTHENTICATOR] = authenticator
     metrics.counter("tally_api_key_lookups_total", "API key lookups that went to the database",
@@ -89,7 +87,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await authenticator.close()
-        await tail.close()
 
 
 async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:

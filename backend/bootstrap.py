@@ -1,8 +1,8 @@
 """The core every process opens the same way: the database (DATABASE_URL or the embedded server),
-the pool (migrated when APPLY_MIGRATIONS), the event store, this process's one LISTEN connection, the
-repository, the command bus and the clock. `serve` (backend.app.create_app adds the web-only parts
-around it), the projection worker, the command line and the tests all open it here, so the wiring is
-written once."""
+the pool (migrated when APPLY_MIGRATIONS), the event store, this process's one LISTEN connection and
+its one tail of the log (started by its first follower), the repository, the command bus and the
+clock. `serve` (backend.app.create_app adds the web-only parts around it), the projection worker, the
+command line and the tests all open it here, so the wiring is written once."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate, require_migrated
 from backend.store.repository import Repository
+from backend.store.tail import LogTail
 from backend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class Core:
     pool: asyncpg.Pool
     store: EventStore
     listener: Listener
+    tail: LogTail
     repository: Repository
     bus: CommandBus
     clock: Clock
@@ -66,6 +68,9 @@ async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock 
         await listener.start(timeout=settings.connect_timeout_s + 5)
         store = EventStore(pool, max_batch_events=settings.append_batch_max_events)
         stack.push_async_callback(store.close)
+        tail = LogTail(pool, listener, page_size=settings.sse_page_size, idle_s=settings.sse_checkpoint_s,
+                       supervisor=supervisor)
+        stack.push_async_callback(tail.close)
         repository = Repository(store, snapshot_every=settings.snapshot_every)
-        yield Core(settings, dsn, pool, store, listener, repository, CommandBus(repository, clock=clock), clock,
-                   supervisor)
+        yield Core(settings, dsn, pool, store, listener, tail, repository, CommandBus(repository, clock=clock),
+                   clock, supervisor)

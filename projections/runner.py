@@ -3,16 +3,17 @@
 Leadership: the runner holds its own connection and takes the projection's session advisory lock on
 it (leader.py). Without the lock it stands by, trying again every `standby_retry_s`; the lock is
 released when the leader's connection closes, so a standby takes over within a retry interval of
-the leader's death. Every write of a leader goes through that same connection (its reads may come
-through another runner's, see feed.py), so a runner that has lost its lock (its connection is gone)
-cannot write anything more.
+the leader's death. Every write of a leader goes through that same connection (its reads of the newest
+events come from the process's log tail, see feed.py), so a runner that has lost its lock (its
+connection is gone) cannot write anything more.
 
 Following the log: read up to `batch_size` handled events after the checkpoint, with the head (one
-query, or the process's shared feed: feed.py); in ONE transaction fence the checkpoint row and advance
-it (to the last event, or to the head when the batch was not full: the store's readers-never-skip
-guarantee means everything up to that head has been seen), and apply the batch. So each event takes
-effect exactly once, whatever crashes. When caught up, wait for the Listener (a NOTIFY) or the poll
-timer, whichever comes first.
+query, or from the process's feed of the newest events, which its one log tail fills: feed.py); in
+ONE transaction fence the checkpoint row and advance it (to the last event, or to the head when the
+batch was not full: the store's readers-never-skip guarantee means everything up to that head has been
+seen), and apply the batch. So each event takes effect exactly once, whatever crashes. When caught up,
+wait for the feed to move (or, without one, the Listener's NOTIFY) or the poll timer, whichever comes
+first.
 
 Most steps of most runners find nothing to apply (the new events are of types the projection does not
 handle): such a step moves the checkpoint in memory at once, which is what this process's readers wait
@@ -108,7 +109,7 @@ class Runner:
         self.max_backoff_s = max_backoff_s
         self.on_advance = on_advance
         self.feed = feed
-        """The process's shared read of the log's newest events (None: this runner reads alone)."""
+        """The process's newest events, from its log tail (None: this runner reads alone)."""
         self.idle_checkpoint_s = idle_checkpoint_s
         self.state = STARTING
         self.checkpoint = 0
@@ -206,13 +207,19 @@ class Runner:
         """The next batch after the checkpoint, and the position up to which the log was examined for
         it: the last event's when the batch is full, else the head (nothing up to it was left out)."""
         if self.feed is not None:
-            found = await self.feed.after(conn, self.checkpoint, self.batch_size, self.projection.types)
-            if found is not None:
+            found = self.feed.after(self.checkpoint, self.batch_size, self.projection.types)
+            if found is not None and not self._feed_stalled(found[1]):
                 return found
         events, head = await read_to_head(conn, self.checkpoint, self.batch_size, self.types)
         if len(events) == self.batch_size:
             return events, events[-1].position
         return events, max(head, events[-1].position if events else 0)
+
+    def _feed_stalled(self, end: int) -> bool:
+        """The log has moved past the feed's end, and the feed has stood still for `poll_s`: its tail is
+        down or stuck (its backoff), so this runner reads the store itself meanwhile."""
+        assert self.feed is not None
+        return self.listener is not None and self.listener.head > end and self.feed.still_for() > self.poll_s
 
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
         """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
@@ -317,10 +324,12 @@ class Runner:
             timeout = max(0.0, min(timeout, self._write_due()))
         if timeout <= 0:
             return
-        if self.listener is None:
-            await asyncio.sleep(timeout)
-        else:
+        if self.feed is not None:
+            await self.feed.wait_beyond(self.checkpoint, timeout)
+        elif self.listener is not None:
             await self.listener.wait_beyond(self.checkpoint, timeout)
+        else:
+            await asyncio.sleep(timeout)
 
     def _advanced(self) -> None:
         if self.on_advance is not None:

@@ -41,13 +41,14 @@ alter table idempotency_keys
     alter column body drop not null,
     alter column content_type drop not null;
 
-create or replace function tally_insert_appended(event_rows jsonb, claim_rows jsonb) returns void
+-- 0006's function keeps its name's job for the events (given no claim rows); the one that takes its
+-- name inserts the claim rows of either layout. tally_append_fenced_rows calls it by name.
+alter function tally_insert_appended(jsonb, jsonb) rename to tally_insert_appended_0006;
+
+create function tally_insert_appended(event_rows jsonb, claim_rows jsonb) returns void
 language plpgsql volatile as $$
 begin
-    insert into events (position, stream_id, version, type, data, metadata, event_id, recorded_at, hash)
-    select (e->>0)::bigint, e->>1, (e->>2)::int, e->>3, e->4, e->5, (e->>6)::uuid, (e->>7)::timestamptz,
-           decode(e->>8, 'hex')
-    from jsonb_array_elements(event_rows) as e;
+    perform tally_insert_appended_0006(event_rows, '[]'::jsonb);
     if jsonb_array_length(claim_rows) > 0 then
         insert into idempotency_keys (scope, key, fingerprint, outcome, position, status, body, content_type)
         select c->>0, c->>1, decode(c->>2, 'hex'),
