@@ -22,7 +22,7 @@ from backend.http.endpoint import ENDPOINT, JSON, reply_model
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, VALID_ID
 from backend.http.problems import Problem, invalid_parameters, problem_response
-from backend.http.replies import render, to_json
+from backend.http.replies import render
 from backend.store.events import MAX_POSITION
 
 _ETAG = re.compile(r'(?:W/)?"([^"]*)"|([^"]*)')
@@ -65,25 +65,31 @@ def command_problem(error: CommandError) -> Problem:
 
 
 class Answer:
-    """One request's success as its reply model: checked before the append (a body that does not fit
-    fails its command, nothing appended) and rendered after it, from the bus's outcome, with the
-    position filled in; a replay renders the kept outcome the same way, so both are the same bytes."""
+    """One request's success as its reply model: checked and rendered before the append, with a stand-in
+    where the position goes (a body that does not fit fails its command, nothing appended), then given
+    the append's position; a replay renders the kept outcome in full, so both are the same bytes."""
 
-    __slots__ = ("_answer", "_checked", "model")
+    __slots__ = ("_answer", "_parts", "model")
 
     def __init__(self, model: type[BaseModel]) -> None:
         self.model = model
         self._answer: Mapping[str, Any] | None = None
-        self._checked: BaseModel | None = None
+        self._parts: tuple[bytes, bytes] | None = None
 
     def check(self, answer: Mapping[str, Any]) -> None:
-        self._checked = self.model.model_validate({**answer, "position": 1})
+        parts = render(self.model, {**answer, "position": _STAND_IN}).split(b"%d" % _STAND_IN)
+        self._parts = (parts[0], parts[1]) if len(parts) == 2 else None  # else the text holds its digits
         self._answer = answer
 
     def render(self, outcome: Outcome) -> bytes:
-        if outcome.answer is self._answer and self._checked is not None:  # validated once, before the append
-            return to_json(self._checked.model_copy(update={"position": outcome.position}))
+        if outcome.answer is self._answer and self._parts is not None and outcome.position >= 1:
+            head, tail = self._parts
+            return b"%b%d%b" % (head, outcome.position, tail)
         return render(self.model, {**outcome.answer, "position": outcome.position})
+
+
+_STAND_IN = 7_314_159_265_358_979_323
+"""A position no store reaches (below 2**63), cut out of an answer rendered before its append."""
 
 
 def success_status(request: web.Request) -> int:

@@ -280,12 +280,7 @@ class Problem(BaseModel):
 
 def render(model: type[BaseModel], data: Mapping[str, Any]) -> bytes:
     """data validated into model, as JSON bytes (a mismatch raises: a server bug, never sent)."""
-    return to_json(model.model_validate(data))
-
-
-def to_json(reply: BaseModel) -> bytes:
-    """A validated reply as JSON bytes."""
-    return type(reply).__pydantic_serializer__.to_json(reply)
+    return model.__pydantic_serializer__.to_json(model.model_validate(data))
 
 
 class StreamToken(Reply):
