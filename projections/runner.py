@@ -38,7 +38,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -48,11 +48,10 @@ from projections import checkpoints, leader
 from projections.base import Projection
 from projections.events import Event, read_to_head
 from projections.feed import LogFeed
+from projections.leader import Connect
 
 log = logging.getLogger(__name__)
 
-Connect = Callable[[str], Awaitable["asyncpg.Connection[asyncpg.Record]"]]
-"""Open a dedicated connection (initialised like the pool's) under the given application_name."""
 OnAdvance = Callable[[str, int], None]
 
 STARTING, STANDBY, LEADING, FAILED, STOPPED = "starting", "standby", "leading", "failed", "stopped"
@@ -134,17 +133,14 @@ class Runner:
 
         Whatever ends it early (a lost connection, a bug) is raised, for the Supervisor to start
         another run with backoff; the connection, and with it the lead, goes at once."""
-        conn: asyncpg.Connection[asyncpg.Record] | None = None
         try:
             if not self.stopping:
-                conn = await self._connect(f"tally-projection-{self.name}-{os.getpid()}")
-                self.backend_pid = conn.get_server_pid()
-                while not await leader.try_lock(conn, leader.LEADER, self.name):
-                    self.state = STANDBY
-                    await asyncio.sleep(self.standby_retry_s)
-                self.state = LEADING
-                log.info("projection runner leads", extra={"projection": self.name})
-                await self._lead(conn)
+                async with leader.leading(self._connect, f"tally-projection-{self.name}-{os.getpid()}", leader.LEADER,
+                                          self.name, self.standby_retry_s, connected=self._connected,
+                                          standing_by=self._standing_by) as conn:
+                    self.state = LEADING
+                    log.info("projection runner leads", extra={"projection": self.name})
+                    await self._lead(conn)
             self.state = STOPPED
         except asyncio.CancelledError:
             self.state = STOPPED
@@ -154,8 +150,12 @@ class Runner:
             raise
         finally:
             self.backend_pid = None
-            if conn is not None:
-                conn.terminate()  # ends the session at once, and with it the lock
+
+    def _connected(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        self.backend_pid = conn.get_server_pid()
+
+    def _standing_by(self) -> None:
+        self.state = STANDBY
 
     async def _lead(self, conn: Connection) -> None:
         await self._load_checkpoint(conn)

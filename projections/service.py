@@ -14,7 +14,8 @@ from backend.store.tail import LogTail
 from backend.supervisor import Supervised, Supervisor
 from projections.base import Projection
 from projections.feed import LogFeed
-from projections.runner import Connect, Runner
+from projections.leader import Connect
+from projections.runner import Runner
 from projections.waiting import CheckpointWatcher
 
 
