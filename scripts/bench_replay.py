@@ -34,7 +34,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import asyncpg
-from bench_store import Server, choose_server, describe_server, eventsourcing_env, fresh_database, percentile
+from bench_store import Server, chosen_server, describe_server, eventsourcing_env, fresh_database, percentile
 from eventsourcing.application import Application
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate
@@ -577,19 +577,15 @@ def median(values: list[float]) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(args)
-    server = await choose_server(args.dsn)
     tally_s: list[float] = []
     peer_s: list[float] = []
     lag: LagResult | None = None
-    try:
+    async with chosen_server(args.dsn) as server:
         print(await describe_server(server), flush=True)
         events = await replay_rounds(server, plan, tally_s, peer_s)
         if plan.lag:
             async with fresh_database(server, "lag") as dsn:
                 lag = await measure_lag(dsn, plan)
-    finally:
-        if server.stop is not None:
-            server.stop()
     tally_rate = events / median(tally_s) if tally_s else 0.0
     peer_rate = events / median(peer_s) if peer_s else 0.0
     print(f"\n{'impl':<16}{'events':>10}{'median s':>10}{'events/s':>12}  seconds by round")

@@ -6,6 +6,7 @@ store itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator
 from uuid import uuid4
@@ -42,27 +43,23 @@ async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
-@pytest.fixture
-async def listener(own_database_url: str) -> AsyncIterator[Listener]:
-    listening = Listener(own_database_url, poll_interval_s=0.1)
-    await listening.start()
+@contextlib.asynccontextmanager
+async def fed(dsn: str, pool: asyncpg.Pool, *, page_size: int = 100,
+              capacity: int = 1000) -> AsyncIterator[tuple[LogTail, LogFeed, Supervisor]]:
+    """A process's listener and log tail, and a started feed on them (closed on the way out)."""
+    listener = Listener(dsn, poll_interval_s=0.1)
+    await listener.start()
+    supervisor = Supervisor(min_delay_s=0.01, max_delay_s=0.05)
+    tail = LogTail(pool, listener, page_size=page_size, idle_s=0.2, supervisor=supervisor)
+    feed = LogFeed(tail, capacity=capacity)
     try:
-        yield listening
+        await feed.start()
+        yield tail, feed, supervisor
     finally:
-        await listening.close()
-
-
-@pytest.fixture
-async def supervisor() -> AsyncIterator[Supervisor]:
-    running = Supervisor(min_delay_s=0.01, max_delay_s=0.05)
-    yield running
-    await running.close()
-
-
-def feed_on(own_pool: asyncpg.Pool, listener: Listener, supervisor: Supervisor, *, page_size: int = 100,
-            capacity: int = 1000) -> tuple[LogTail, LogFeed]:
-    tail = LogTail(own_pool, listener, page_size=page_size, idle_s=0.2, supervisor=supervisor)
-    return tail, LogFeed(tail, capacity=capacity)
+        feed.close()
+        await tail.close()
+        await supervisor.close()
+        await listener.close()
 
 
 async def append(pool: asyncpg.Pool, types: list[str]) -> int:
@@ -79,12 +76,8 @@ def positions(events: list[Event]) -> list[int]:
     return [e.position for e in events]
 
 
-async def test_one_read_serves_every_runner_asking_at_once(
-    own_pool: asyncpg.Pool, listener: Listener, supervisor: Supervisor
-) -> None:
-    tail, feed = feed_on(own_pool, listener, supervisor)
-    await feed.start()
-    try:
+async def test_one_read_serves_every_runner_asking_at_once(own_database_url: str, own_pool: asyncpg.Pool) -> None:
+    async with fed(own_database_url, own_pool) as (tail, feed, _):
         head = await append(own_pool, ["A", "B", "C", "A", "B"])
         await until(lambda: feed.run.end == head)
         reads = tail.reads
@@ -99,18 +92,13 @@ async def test_one_read_serves_every_runner_asking_at_once(
         assert tail.reads == reads  # the runners' answers read nothing
         async with own_pool.acquire() as conn:
             assert first[0] == (await read_to_head(conn, 0, 100))[0]  # what the store itself gives
-    finally:
-        feed.close()
-        await tail.close()
 
 
 async def test_behind_or_ahead_of_the_feed_a_runner_reads_the_store_itself(
-    own_pool: asyncpg.Pool, listener: Listener, supervisor: Supervisor
+    own_database_url: str, own_pool: asyncpg.Pool
 ) -> None:
     await append(own_pool, ["A"] * 2)
-    tail, feed = feed_on(own_pool, listener, supervisor, page_size=3, capacity=4)
-    await feed.start()
-    try:
+    async with fed(own_database_url, own_pool, page_size=3, capacity=4) as (_, feed, _):
         assert (feed.run.start, feed.run.end) == (2, 2)  # joined at the head: what lies below is the store's
         assert feed.after(1, 10, None) is None
         head = await append(own_pool, ["A"] * 10)
@@ -119,16 +107,11 @@ async def test_behind_or_ahead_of_the_feed_a_runner_reads_the_store_itself(
         found = feed.after(head - 2, 10, None)
         assert found is not None and positions(found[0]) == [head - 1, head]
         assert feed.after(head + 1, 10, None) is None  # ahead of the feed
-    finally:
-        feed.close()
-        await tail.close()
 
 
 async def test_a_failed_run_of_the_tail_neither_skips_nor_repeats_an_event(
-    own_pool: asyncpg.Pool, listener: Listener, supervisor: Supervisor
+    own_database_url: str, own_pool: asyncpg.Pool
 ) -> None:
-    tail, feed = feed_on(own_pool, listener, supervisor, page_size=2)
-    await feed.start()
     failing = True
 
     async def fail_once(after: int, events: list[RecordedEvent], end: int) -> None:
@@ -137,24 +120,17 @@ async def test_a_failed_run_of_the_tail_neither_skips_nor_repeats_an_event(
             failing = False
             raise RuntimeError("another follower's handler failed")
 
-    tail.want(tail.subscribe("flaky", fail_once), True)
-    try:
+    async with fed(own_database_url, own_pool, page_size=2) as (tail, feed, supervisor):
+        tail.want(tail.subscribe("flaky", fail_once), True)
         head = await append(own_pool, ["A", "B", "C", "A", "B", "C", "A"])
         await until(lambda: feed.run.end == head)
         assert supervisor.tasks[TASK].restarts == 1
         found = feed.after(0, 100, None)
         assert found is not None and positions(found[0]) == list(range(1, head + 1))
-    finally:
-        feed.close()
-        await tail.close()
 
 
-async def test_a_waiting_runner_wakes_when_the_feed_moves(
-    own_pool: asyncpg.Pool, listener: Listener, supervisor: Supervisor
-) -> None:
-    tail, feed = feed_on(own_pool, listener, supervisor)
-    await feed.start()
-    try:
+async def test_a_waiting_runner_wakes_when_the_feed_moves(own_database_url: str, own_pool: asyncpg.Pool) -> None:
+    async with fed(own_database_url, own_pool) as (_, feed, _):
         waiting = asyncio.ensure_future(feed.wait_beyond(feed.run.end, 30))
         await asyncio.sleep(0.05)
         assert not waiting.done()
@@ -162,46 +138,38 @@ async def test_a_waiting_runner_wakes_when_the_feed_moves(
         async with asyncio.timeout(10):
             await waiting
         assert feed.run.end == head
-    finally:
-        feed.close()
-        await tail.close()
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(log=st.lists(st.sampled_from(TYPES), min_size=1, max_size=40), seed=st.integers(0, 2**32))
 async def test_the_feed_answers_what_the_store_answers(
-    own_pool: asyncpg.Pool, listener: Listener, supervisor: Supervisor, log: list[str], seed: int
+    own_database_url: str, own_pool: asyncpg.Pool, log: list[str], seed: int
 ) -> None:
     """Runners at random positions, with random filters and limits, asking while the log grows: every
     answer equals reading the store to the head at that moment, and every answer's end is a true
     examined-up-to position (nothing of the runner's types between its last event and end is missing)."""
     rng = random.Random(seed)
-    tail, feed = feed_on(own_pool, listener, supervisor, page_size=rng.choice([3, 7, 50]), capacity=50)
-    await feed.start()
-    base = feed.run.end  # left by earlier examples
     written = 0
-    try:
-        async with own_pool.acquire() as conn:
-            while written < len(log):
-                step = rng.randint(1, 8)
-                appended = await append(own_pool, log[written:written + step])
-                written = min(len(log), written + step)
-                if rng.random() < 0.7:
-                    await until(lambda: feed.run.end == appended)  # noqa: B023 (awaited at once)
-                for _ in range(3):
-                    types = rng.choice([None, frozenset({"A"}), frozenset({"B", "C"})])
-                    position, limit = base + rng.randint(0, written), rng.randint(1, 10)
-                    answer = feed.after(position, limit, types)
-                    if answer is None:
-                        continue
-                    events, end = answer
-                    expected, head = await read_to_head(conn, position, 1000, sorted(types) if types else None)
-                    expected = [e for e in expected if e.position <= end]
-                    assert events == expected[:limit] and end <= head
-                    assert len(events) == limit or events == expected
-    finally:
-        feed.close()
-        await tail.close()
+    async with fed(own_database_url, own_pool, page_size=rng.choice([3, 7, 50]), capacity=50) as (_, feed, _), \
+            own_pool.acquire() as conn:
+        base = feed.run.end  # left by earlier examples
+        while written < len(log):
+            step = rng.randint(1, 8)
+            appended = await append(own_pool, log[written:written + step])
+            written = min(len(log), written + step)
+            if rng.random() < 0.7:
+                await until(lambda: feed.run.end == appended)  # noqa: B023 (awaited at once)
+            for _ in range(3):
+                types = rng.choice([None, frozenset({"A"}), frozenset({"B", "C"})])
+                position, limit = base + rng.randint(0, written), rng.randint(1, 10)
+                answer = feed.after(position, limit, types)
+                if answer is None:
+                    continue
+                events, end = answer
+                expected, head = await read_to_head(conn, position, 1000, sorted(types) if types else None)
+                expected = [e for e in expected if e.position <= end]
+                assert events == expected[:limit] and end <= head
+                assert len(events) == limit or events == expected
 
 
 async def test_runners_take_new_events_from_the_feed_and_read_alone_while_it_stands_still(node: Node) -> None:
