@@ -47,10 +47,9 @@ from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
 from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
-from backend.store.read_pools import ReadPools, open_replica
+from backend.store.read_pools import open_replica
 from backend.store.replica_check import TASK as REPLICA_CHECK
 from backend.store.replica_check import ReplicaChecker
-from backend.store.tail import LogTail
 from backend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,6 +64,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = core.pool
         app[STORE] = core.store
         app[LISTENER] = core.listener
+        app[LOG_TAIL] = core.tail
         app[REPOSITORY] = core.repository
         app[COMMANDS] = core.bus
         secret = app[SETTINGS].deposit_address_secret.get_secret_value().encode()
@@ -77,8 +77,7 @@ async def read_pools_ctx(app: web.Application) -> AsyncIterator[None]:
     """Where reads go (READ_DATABASE_URL's replicas, else the primary), and the task that checks the
     replicas' lag; with no replica every read goes to the primary's pool, as it always did."""
     settings = app[SETTINGS]
-    pools = ReadPools(app[POOL])
-    app[READ_POOLS] = pools
+    pools = app[READ_POOLS] = app[CORE].reads  # the log tail reads through these too
     job = None
     try:
         for dsn in settings.read_dsns():
@@ -99,13 +98,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     """The core's gauges, and the API key authenticator that follows the log."""
     settings = app[SETTINGS]
     store, listener, repository, commands = app[STORE], app[LISTENER], app[REPOSITORY], app[COMMANDS]
-    app[LOG_TAIL] = tail = LogTail(app[READ_POOLS], listener, page_size=settings.sse_page_size,
-                                   idle_s=settings.sse_checkpoint_s, supervisor=app[SUPERVISOR])
     metrics = app[METRICS]
     watch_store(metrics, store, listener)
     metrics.counter("tally_command_conflicts_total", "Optimistic appends lost to another writer and retried",
                     lambda: commands.conflicts)
-    authenticator = ApiKeyAuthenticator(repository, tail, negative_ttl_s=settings.auth_negative_ttl_s,
+    authenticator = ApiKeyAuthenticator(repository, app[LOG_TAIL], negative_ttl_s=settings.auth_negative_ttl_s,
                                         wall_clock=app[CLOCK])
     app[AUTHENTICATOR] = authenticator
     metrics.counter("tally_api_key_lookups_total", "API key lookups that went to the database",
@@ -115,7 +112,6 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
     finally:
         await authenticator.close()
-        await tail.close()
 
 
 async def supervisor_ctx(app: web.Application) -> AsyncIterator[None]:

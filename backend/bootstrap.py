@@ -1,9 +1,10 @@
 """The core every process opens the same way: the database (DATABASE_URL or the embedded server),
-the pool (migrated when APPLY_MIGRATIONS), the event store, this process's one LISTEN connection, the
-repository, the command bus and the clock. The migration and LISTEN hold sessions, so they connect to
-DIRECT_DATABASE_URL (which bypasses a pooler in transaction mode; default DATABASE_URL). `serve`
-(backend.app.create_app adds the web-only parts around it), the projection worker, the command line
-and the tests all open it here, so the wiring is written once."""
+the pool (migrated when APPLY_MIGRATIONS), the event store, this process's one LISTEN connection and
+its one tail of the log (started by its first follower), where reads go (the primary; `serve` adds
+READ_DATABASE_URL's replicas), the repository, the command bus and the clock. The migration and LISTEN
+hold sessions, so they connect to DIRECT_DATABASE_URL (which bypasses a pooler in transaction mode;
+default DATABASE_URL). `serve` (backend.app.create_app adds the web-only parts around it), the
+projection worker, the command line and the tests all open it here, so the wiring is written once."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from backend.dsn import database_dsn
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.migrate import migrate, require_migrated
+from backend.store.read_pools import ReadPools
 from backend.store.repository import Repository
+from backend.store.tail import LogTail
 from backend.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,11 @@ class Core:
     pool: asyncpg.Pool
     direct_dsn: str
     """DIRECT_DATABASE_URL (default: dsn): for connections that hold a session (LISTEN, leader locks)."""
+    reads: ReadPools
+    """Where reads go: the primary's pool, and the replicas `serve` adds (READ_DATABASE_URL)."""
     store: EventStore
     listener: Listener
+    tail: LogTail
     repository: Repository
     bus: CommandBus
     clock: Clock
@@ -72,6 +78,10 @@ async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock 
         await listener.start(timeout=settings.connect_timeout_s + 5)
         store = EventStore(pool, max_batch_events=settings.append_batch_max_events)
         stack.push_async_callback(store.close)
+        reads = ReadPools(pool)
+        tail = LogTail(reads, listener, page_size=settings.sse_page_size, idle_s=settings.sse_checkpoint_s,
+                       supervisor=supervisor)
+        stack.push_async_callback(tail.close)
         repository = Repository(store, snapshot_every=settings.snapshot_every)
-        yield Core(settings, dsn, pool, direct, store, listener, repository, CommandBus(repository, clock=clock), clock,
-                   supervisor)
+        yield Core(settings, dsn, pool, direct, reads, store, listener, tail, repository,
+                   CommandBus(repository, clock=clock), clock, supervisor)

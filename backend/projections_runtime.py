@@ -10,7 +10,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import CLOCK, COMMANDS, DATABASE_DSN, LISTENER, METRICS, POOL, PROJECTIONS, SETTINGS, SUPERVISOR
+from backend.appkeys import (
+    CLOCK,
+    COMMANDS,
+    DATABASE_DSN,
+    LISTENER,
+    LOG_TAIL,
+    METRICS,
+    POOL,
+    PROJECTIONS,
+    SETTINGS,
+    SUPERVISOR,
+)
 from projections import registry
 from projections.metrics import ProjectionMetrics
 from projections.registry import all_projections
@@ -24,7 +35,7 @@ async def projections_ctx(app: web.Application) -> AsyncIterator[None]:
         if settings.run_projections else []
     service = ProjectionService(chosen, connector(app[DATABASE_DSN], settings, durable_commits=False),
                                 CheckpointWatcher(app[POOL]), settings, listener=app[LISTENER],
-                                supervisor=app[SUPERVISOR])
+                                supervisor=app[SUPERVISOR], tail=app[LOG_TAIL])
     app[PROJECTIONS] = service
     watch = ProjectionMetrics(app[POOL], registry.names())
     app[METRICS].register(watch)

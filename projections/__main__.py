@@ -34,7 +34,7 @@ async def work(settings: Settings) -> None:
         service = ProjectionService(
             all_projections(core.bus, expiry_batch_size=settings.expiry_batch_size, clock=core.clock),
             connector(core.direct_dsn, settings, durable_commits=False), CheckpointWatcher(core.pool), settings,
-            listener=core.listener, supervisor=core.supervisor,
+            listener=core.listener, supervisor=core.supervisor, tail=core.tail,
         )
         http: web.AppRunner | None = None
         try:

@@ -13,6 +13,7 @@ from uuid import UUID
 from backend.db import Connection
 from backend.store.reads import Executor
 from projections.base import APIKEY, MalformedEvent, Projection, Rows, aggregate_id, expect_count
+from projections.checkpoints import with_checkpoint
 from projections.events import Event
 
 CREATED = Rows(id="uuid", o="text", n="text", s="text", h="text", e="timestamptz", t="timestamptz", v="int")
@@ -67,23 +68,11 @@ def _scopes(data: dict[str, Any]) -> str:
 # cursor's row is always there), with the checkpoint it reflects read in the same statement.
 _LISTED = "key_id, owner, name, scopes, expires_at, revoked, revoked_at, created_at, version"
 _AFTER = "($2::uuid is null or (created_at, key_id) > (select created_at, key_id from api_keys where key_id = $2))"
-LIST_BY_OWNER_SQL = f"""
-select c.position as checkpoint, k.* from projection_checkpoints c
-left join lateral (select {_LISTED} from api_keys where owner = $1 and {_AFTER}
-                   order by created_at, key_id limit $3) k on true
-where c.name = 'api_keys'
-"""
-LIST_ALL_SQL = f"""
-select c.position as checkpoint, k.* from projection_checkpoints c
-left join lateral (select {_LISTED} from api_keys where $1::text is null and {_AFTER}
-                   order by created_at, key_id limit $3) k on true
-where c.name = 'api_keys'
-"""
-GET_SQL = f"""
-select c.position as checkpoint, k.* from projection_checkpoints c
-left join lateral (select {_LISTED} from api_keys where key_id = $1) k on true
-where c.name = 'api_keys'
-"""
+LIST_BY_OWNER_SQL = with_checkpoint("api_keys", f"""
+select {_LISTED} from api_keys where owner = $1 and {_AFTER} order by created_at, key_id limit $3""")
+LIST_ALL_SQL = with_checkpoint("api_keys", f"""
+select {_LISTED} from api_keys where $1::text is null and {_AFTER} order by created_at, key_id limit $3""")
+GET_SQL = with_checkpoint("api_keys", f"select {_LISTED} from api_keys where key_id = $1")
 
 
 def key_view(row: Any) -> dict[str, Any]:

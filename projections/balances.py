@@ -18,6 +18,7 @@ from uuid import UUID
 from backend.db import Connection
 from backend.store.reads import Executor
 from projections.base import WALLET, Projection, Rows, aggregate_id, expect_count, id_array, integer
+from projections.checkpoints import with_checkpoint
 from projections.events import Event
 
 OPENED = Rows(w="uuid", o="text", c="text", t="timestamptz")
@@ -155,9 +156,7 @@ _WALLET_COLUMNS = """
     coalesce((select sum(r.amount) from wallet_reservations r
               where r.wallet_id = w.wallet_id and r.expires_at <= $1), 0)::bigint as due
 """
-WALLET_SQL = f"""
-select c.position as checkpoint, w.* from projection_checkpoints c
-left join lateral (
+WALLET_SQL = with_checkpoint("balances", f"""
     select {_WALLET_COLUMNS},
         (select array_agg((l.lock_id, l.amount, l.reason, l.locked_at) order by l.locked_at, l.lock_id)
          from wallet_locks l where l.wallet_id = w.wallet_id) as locks,
@@ -165,25 +164,15 @@ left join lateral (
                           order by r.expires_at, r.reservation_id)
          from wallet_reservations r where r.wallet_id = w.wallet_id and r.expires_at > $1) as reservations
     from wallet_balances w where w.wallet_id = $2
-) w on true
-where c.name = 'balances'
-"""
-LIST_BY_OWNER_SQL = f"""
-select c.position as checkpoint, w.* from projection_checkpoints c
-left join lateral (
+""")
+LIST_BY_OWNER_SQL = with_checkpoint("balances", f"""
     select {_WALLET_COLUMNS} from wallet_balances w
     where w.owner = $2 and w.wallet_id > $3 order by w.wallet_id limit $4
-) w on true
-where c.name = 'balances'
-"""
-LIST_ALL_SQL = f"""
-select c.position as checkpoint, w.* from projection_checkpoints c
-left join lateral (
+""")
+LIST_ALL_SQL = with_checkpoint("balances", f"""
     select {_WALLET_COLUMNS} from wallet_balances w
     where w.wallet_id > $2 order by w.wallet_id limit $3
-) w on true
-where c.name = 'balances'
-"""
+""")
 MIN_UUID = UUID(int=0)
 
 

@@ -83,3 +83,14 @@ def _literal(text: str) -> str:
 
 async def record_failure(conn: Connection, name: str, position: int | None, error: str) -> None:
     await conn.execute(FAIL_SQL, name, error[:2000], position)
+
+
+def with_checkpoint(name: str, query: str) -> str:
+    """SQL: the rows of `query` (a lateral subquery, so it may use the outer statement's parameters), each
+    beside the projection's checkpoint, read in one statement and so one snapshot: the rows are as of
+    that checkpoint. No row matching gives one row of nulls but the checkpoint."""
+    return f"""
+select c.position as checkpoint, q.* from projection_checkpoints c
+left join lateral ({query}) q on true
+where c.name = '{name}'
+"""

@@ -22,6 +22,7 @@ from projections.base import (
     expect_count,
     integer,
 )
+from projections.checkpoints import with_checkpoint
 from projections.events import Event
 
 PENDING, CONFIRMING, CONFIRMED, FAILED, EXPIRED = "pending", "confirming", "confirmed", "failed", "expired"
@@ -111,11 +112,7 @@ def _fold(change: list[Any], kind: str, data: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- queries
 
-GET_SQL = """
-select c.position as checkpoint, d.* from projection_checkpoints c
-left join lateral (select * from deposits where deposit_id = $1) d on true
-where c.name = 'deposits'
-"""
+GET_SQL = with_checkpoint("deposits", "select * from deposits where deposit_id = $1")
 
 
 def deposit_view(row: Any) -> dict[str, Any]:

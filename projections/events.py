@@ -17,6 +17,7 @@ from typing import Any
 
 from backend.db import Connection
 from backend.domain.registry import SCHEMA_VERSIONS, upcast
+from backend.store.events import RecordedEvent
 from backend.store.repository import OCCURRED_AT
 
 _COLUMNS = """position, stream_id, version, type, data, recorded_at,
@@ -68,6 +69,17 @@ def _events(rows: Iterable[Any]) -> list[Event]:
         data = stored if latest is None or schema_version == latest else _lift(kind, schema_version, stored)
         events.append(Event(position, stream_id, version, kind, data, recorded_at))
     return events
+
+
+def from_recorded(events: Iterable[RecordedEvent]) -> list[Event]:
+    """Whole events (the log tail's reads) as a projection sees them: what read_batch gives."""
+    return _events((e.position, e.stream_id, e.version, e.type, e.data, e.recorded_at,
+                    _schema_version(e.metadata.get("schema_version"))) for e in events)
+
+
+def _schema_version(stored: Any) -> int:
+    """As READ_SQL's coalesce((metadata->>'schema_version')::int, 1)."""
+    return 1 if stored is None else int(stored)
 
 
 def _lift(kind: str, schema_version: int, data: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import asyncpg
 
 from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands import wallets
-from backend.commands.bus import CommandBus, Decision, Quiet
+from backend.commands.bus import CommandBus, Decision
 from backend.commands.context import SYSTEM, CommandContext
 from backend.db import Connection
 from backend.domain.errors import ReservationNotOpen
@@ -153,7 +153,7 @@ class Expiry(Projection):
 
         ctx = CommandContext(SYSTEM, correlation_id=f"expiry-{reservation_id}", now=self.clock.now())
         try:
-            await self.bus.execute(ctx, [wallet_stream(wallet_id)], decide, Quiet())
+            await self.bus.execute(ctx, [wallet_stream(wallet_id)], decide)
         except ReservationNotOpen:
             return  # closed meanwhile (confirmed, rolled back, or expired by another command): done
         self.expired += 1

@@ -7,8 +7,17 @@ up at once, and a runner that loses its connection loses the lead with it. Keys 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import asyncpg
+
 from backend.db import Connection
 from backend.store.reads import Executor
+
+Connect = Callable[[str], Awaitable["asyncpg.Connection[asyncpg.Record]"]]
+"""Open a dedicated connection (initialised like the pool's) under the given application_name."""
 
 LEADER = 0x7A11_0005
 """Namespace of "runs projection <name>" locks (0x7A11_0001 and _0002 are the store's)."""
@@ -30,6 +39,29 @@ left join pg_stat_activity a on a.pid = l.pid
 
 async def try_lock(conn: Connection, namespace: int, name: str) -> bool:
     return bool(await conn.fetchval(TRY_LOCK_SQL, namespace, name))
+
+
+@contextlib.asynccontextmanager
+async def leading(
+    connect: Connect, application_name: str, namespace: int, name: str, standby_retry_s: float, *,
+    connected: Callable[[asyncpg.Connection[asyncpg.Record]], None] | None = None,
+    standing_by: Callable[[], None] | None = None,
+) -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
+    """One connection's lifetime as a leader (projection runners, the Merkle folder): connect, take the
+    lock, standing by and trying again every standby_retry_s until it is ours, and lead on the
+    connection yielded. On the way out, however it goes, the connection is terminated, and the lead
+    with it: a leader that lost its connection can write nothing more."""
+    conn = await connect(application_name)
+    try:
+        if connected is not None:
+            connected(conn)
+        while not await try_lock(conn, namespace, name):
+            if standing_by is not None:
+                standing_by()
+            await asyncio.sleep(standby_retry_s)
+        yield conn
+    finally:
+        conn.terminate()  # ends the session at once, and with it the lock
 
 
 async def unlock(conn: Connection, namespace: int, name: str) -> None:

@@ -33,7 +33,8 @@ from backend.store import reads
 from projections import checkpoints, leader
 from projections.base import Projection
 from projections.events import Event, read_batch
-from projections.runner import Connect, analyze
+from projections.leader import Connect
+from projections.runner import analyze
 
 log = logging.getLogger(__name__)
 

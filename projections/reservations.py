@@ -15,6 +15,7 @@ from uuid import UUID
 from backend.db import Connection
 from backend.store.reads import Executor
 from projections.base import WALLET, Projection, Rows, aggregate_id, expect_count, integer
+from projections.checkpoints import with_checkpoint
 from projections.events import Event
 
 OPEN, CONFIRMED, ROLLED_BACK, EXPIRED = "open", "confirmed", "rolled_back", "expired"
@@ -72,11 +73,7 @@ class Reservations(Projection):
 
 # ---------------------------------------------------------------- queries
 
-GET_SQL = """
-select c.position as checkpoint, r.* from projection_checkpoints c
-left join lateral (select * from reservations where reservation_id = $1) r on true
-where c.name = 'reservations'
-"""
+GET_SQL = with_checkpoint("reservations", "select * from reservations where reservation_id = $1")
 
 
 def reservation_view(row: Any, now: datetime) -> dict[str, Any]:

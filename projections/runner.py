@@ -3,16 +3,17 @@
 Leadership: the runner holds its own connection and takes the projection's session advisory lock on
 it (leader.py). Without the lock it stands by, trying again every `standby_retry_s`; the lock is
 released when the leader's connection closes, so a standby takes over within a retry interval of
-the leader's death. Every write of a leader goes through that same connection (its reads may come
-through another runner's, see feed.py), so a runner that has lost its lock (its connection is gone)
-cannot write anything more.
+the leader's death. Every write of a leader goes through that same connection (its reads of the newest
+events come from the process's log tail, see feed.py), so a runner that has lost its lock (its
+connection is gone) cannot write anything more.
 
 Following the log: read up to `batch_size` handled events after the checkpoint, with the head (one
-query, or the process's shared feed: feed.py); in ONE transaction fence the checkpoint row and advance
-it (to the last event, or to the head when the batch was not full: the store's readers-never-skip
-guarantee means everything up to that head has been seen), and apply the batch. So each event takes
-effect exactly once, whatever crashes. When caught up, wait for the Listener (a NOTIFY) or the poll
-timer, whichever comes first.
+query, or from the process's feed of the newest events, which its one log tail fills: feed.py); in
+ONE transaction fence the checkpoint row and advance it (to the last event, or to the head when the
+batch was not full: the store's readers-never-skip guarantee means everything up to that head has been
+seen), and apply the batch. So each event takes effect exactly once, whatever crashes. When caught up,
+wait for the feed to move (or, without one, the Listener's NOTIFY) or the poll timer, whichever comes
+first.
 
 Most steps of most runners find nothing to apply (the new events are of types the projection does not
 handle): such a step moves the checkpoint in memory at once, which is what this process's readers wait
@@ -37,7 +38,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
 
@@ -47,11 +48,10 @@ from projections import checkpoints, leader
 from projections.base import Projection
 from projections.events import Event, read_to_head
 from projections.feed import LogFeed
+from projections.leader import Connect
 
 log = logging.getLogger(__name__)
 
-Connect = Callable[[str], Awaitable["asyncpg.Connection[asyncpg.Record]"]]
-"""Open a dedicated connection (initialised like the pool's) under the given application_name."""
 OnAdvance = Callable[[str, int], None]
 
 STARTING, STANDBY, LEADING, FAILED, STOPPED = "starting", "standby", "leading", "failed", "stopped"
@@ -108,7 +108,7 @@ class Runner:
         self.max_backoff_s = max_backoff_s
         self.on_advance = on_advance
         self.feed = feed
-        """The process's shared read of the log's newest events (None: this runner reads alone)."""
+        """The process's newest events, from its log tail (None: this runner reads alone)."""
         self.idle_checkpoint_s = idle_checkpoint_s
         self.state = STARTING
         self.checkpoint = 0
@@ -133,17 +133,14 @@ class Runner:
 
         Whatever ends it early (a lost connection, a bug) is raised, for the Supervisor to start
         another run with backoff; the connection, and with it the lead, goes at once."""
-        conn: asyncpg.Connection[asyncpg.Record] | None = None
         try:
             if not self.stopping:
-                conn = await self._connect(f"tally-projection-{self.name}-{os.getpid()}")
-                self.backend_pid = conn.get_server_pid()
-                while not await leader.try_lock(conn, leader.LEADER, self.name):
-                    self.state = STANDBY
-                    await asyncio.sleep(self.standby_retry_s)
-                self.state = LEADING
-                log.info("projection runner leads", extra={"projection": self.name})
-                await self._lead(conn)
+                async with leader.leading(self._connect, f"tally-projection-{self.name}-{os.getpid()}", leader.LEADER,
+                                          self.name, self.standby_retry_s, connected=self._connected,
+                                          standing_by=self._standing_by) as conn:
+                    self.state = LEADING
+                    log.info("projection runner leads", extra={"projection": self.name})
+                    await self._lead(conn)
             self.state = STOPPED
         except asyncio.CancelledError:
             self.state = STOPPED
@@ -153,8 +150,12 @@ class Runner:
             raise
         finally:
             self.backend_pid = None
-            if conn is not None:
-                conn.terminate()  # ends the session at once, and with it the lock
+
+    def _connected(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
+        self.backend_pid = conn.get_server_pid()
+
+    def _standing_by(self) -> None:
+        self.state = STANDBY
 
     async def _lead(self, conn: Connection) -> None:
         await self._load_checkpoint(conn)
@@ -206,13 +207,19 @@ class Runner:
         """The next batch after the checkpoint, and the position up to which the log was examined for
         it: the last event's when the batch is full, else the head (nothing up to it was left out)."""
         if self.feed is not None:
-            found = await self.feed.after(conn, self.checkpoint, self.batch_size, self.projection.types)
-            if found is not None:
+            found = self.feed.after(self.checkpoint, self.batch_size, self.projection.types)
+            if found is not None and not self._feed_stalled(found[1]):
                 return found
         events, head = await read_to_head(conn, self.checkpoint, self.batch_size, self.types)
         if len(events) == self.batch_size:
             return events, events[-1].position
         return events, max(head, events[-1].position if events else 0)
+
+    def _feed_stalled(self, end: int) -> bool:
+        """The log has moved past the feed's end, and the feed has stood still for `poll_s`: its tail is
+        down or stuck (its backoff), so this runner reads the store itself meanwhile."""
+        assert self.feed is not None
+        return self.listener is not None and self.listener.head > end and self.feed.still_for() > self.poll_s
 
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
         """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
@@ -317,10 +324,12 @@ class Runner:
             timeout = max(0.0, min(timeout, self._write_due()))
         if timeout <= 0:
             return
-        if self.listener is None:
-            await asyncio.sleep(timeout)
-        else:
+        if self.feed is not None:
+            await self.feed.wait_beyond(self.checkpoint, timeout)
+        elif self.listener is not None:
             await self.listener.wait_beyond(self.checkpoint, timeout)
+        else:
+            await asyncio.sleep(timeout)
 
     def _advanced(self) -> None:
         if self.on_advance is not None:

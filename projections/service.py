@@ -10,10 +10,12 @@ import asyncpg
 from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
 from backend.store.listener import Listener
+from backend.store.tail import LogTail
 from backend.supervisor import Supervised, Supervisor
 from projections.base import Projection
 from projections.feed import LogFeed
-from projections.runner import Connect, Runner
+from projections.leader import Connect
+from projections.runner import Runner
 from projections.waiting import CheckpointWatcher
 
 
@@ -52,10 +54,13 @@ class ProjectionService:
         settings: Settings,
         listener: Listener | None = None,
         supervisor: Supervisor | None = None,
+        tail: LogTail | None = None,
     ) -> None:
+        """tail: the process's one log tail, which feeds every runner the newest events (None: each
+        runner reads them itself, woken by the listener)."""
         self.watcher = watcher
-        self.feed = LogFeed(page_size=settings.projection_batch_size,
-                            capacity=max(10_000, 2 * settings.projection_batch_size))
+        self.feed = LogFeed(tail, capacity=max(10_000, 2 * settings.projection_batch_size)) \
+            if tail is not None and projections else None
         self.runners = [
             Runner(
                 projection,
@@ -79,6 +84,8 @@ class ProjectionService:
 
     async def start(self) -> None:
         """One supervised job per runner: a run that fails is started again with backoff."""
+        if self.feed is not None:
+            await self.feed.start()
         self._jobs = [self._supervisor.spawn(f"projection-{r.name}", r.run) for r in self.runners]
 
     async def stop(self) -> None:
@@ -90,3 +97,5 @@ class ProjectionService:
         jobs, self._jobs = self._jobs, []
         for job in jobs:
             await self._supervisor.stop(job)
+        if self.feed is not None:
+            self.feed.close()

@@ -27,6 +27,7 @@ from projections.base import (
     id_array,
     integer,
 )
+from projections.checkpoints import with_checkpoint
 from projections.deposits import PENDING, STATUS_OF
 from projections.events import Event
 
@@ -195,16 +196,12 @@ class _Batch:
 
 # ---------------------------------------------------------------- queries
 
-CURRENCIES_SQL = """
-select c.position as checkpoint, s.* from projection_checkpoints c
-left join lateral (
+CURRENCIES_SQL = with_checkpoint("stats", """
     select s.*, coalesce(d.due, 0) as due
     from stats_currencies s
     left join (select currency, sum(amount) as due from stats_reservations where expires_at <= $1 group by currency) d
         using (currency)
-) s on true
-where c.name = 'stats'
-"""
+""")
 DEPOSIT_COUNTS_SQL = "select currency, status, count from stats_deposit_counts"
 EVENT_TYPES_SQL = "select type, count from stats_event_types order by type"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 from bench_http import ROOT, free_port, run_wrk, seed_wallets, serve_env, use_wrk, wait_ready
-from bench_store import choose_server, fresh_database
+from bench_store import chosen_server, fresh_database
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +109,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     revision = "pgbouncer" if args.pgbouncer else subprocess.run(  # noqa: ASYNC221 (before any server)
         ["git", "rev-parse", "--short", args.base], cwd=ROOT,
         check=True, capture_output=True, text=True).stdout.strip()
-    server = await choose_server(args.dsn)
-    try:
+    async with chosen_server(args.dsn) as server:
         with contextlib.ExitStack() as stack:
             async with fresh_database(server, "ab_a") as dsn_a, fresh_database(server, "ab_b") as dsn_b:
                 if args.pgbouncer:
@@ -133,9 +132,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
                                   f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
                                   f"{measured['sys_us']:3.0f} us system per command", flush=True)
-    finally:
-        if server.stop is not None:
-            server.stop()
     cpu = {s.name: [x["user_us"] + x["sys_us"] for x in s.slices] for s in (a, b)}
     ratio = statistics.median(x / y for x, y in zip(cpu["A"], cpu["B"], strict=True))
     for s in (a, b):

@@ -32,7 +32,7 @@ import aiohttp
 import asyncpg
 import psutil
 from bench_http import admin_token, cpu_seconds, free_port, serve_env, wait_ready
-from bench_store import analyze, choose_server, describe_server, fresh_database
+from bench_store import analyze, chosen_server, describe_server, fresh_database
 
 from backend.audit import tree_store
 from backend.audit.auditor import leaf_of
@@ -224,9 +224,8 @@ def checked(report: Report, events: int) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     rounds = args.rounds or (1 if args.quick else 3)
-    server = await choose_server(args.dsn)
     samples: dict[str, list[float]] = {"database": [], "export": [], "tree": []}
-    try:
+    async with chosen_server(args.dsn) as server:
         print(await describe_server(server), flush=True)
         async with fresh_database(server, "audit") as dsn:
             conn = await asyncpg.connect(dsn)
@@ -258,9 +257,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise SystemExit("the stored tree's root differs from the export's")
             print(f"fold: the stored tree built at {fold_rate:,.0f} events/s (one connection)")
             proofs = await serve_proofs(dsn, args.events, root, args)
-    finally:
-        if server.stop is not None:
-            server.stop()
     db_rate, file_rate = statistics.median(samples["database"]), statistics.median(samples["export"])
     tree_rate = statistics.median(samples["tree"])
     print(f"{'source':10s} {'events/s (median)':>18s}  rounds")

@@ -26,7 +26,7 @@ import aiohttp
 import asyncpg
 import psutil
 from bench_http import ROOT, admin_token, cpu_seconds, free_port, scrape, seed_wallets, serve_env, wait_ready
-from bench_store import Server, choose_server, fresh_database, percentile
+from bench_store import Server, chosen_server, fresh_database, percentile
 
 from backend.commands.api_keys import new_token
 
@@ -186,14 +186,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(names) - set(SETTINGS)
     if unknown:
         raise SystemExit(f"unknown --settings {sorted(unknown)}; choose from {sorted(SETTINGS)}")
-    db = await choose_server(args.dsn)
     results: dict[str, Any] = {}
-    try:
+    async with chosen_server(args.dsn) as db:
         for name in names:
             results[name] = await one_setting(db, name, args, seconds)
-    finally:
-        if db.stop is not None:
-            db.stop()
     print(f"server: {db.description}; legitimate client {args.connections} connections (wallet reads), "
           f"flood {args.flood_connections} connections (a new unknown key each), {seconds:g} s phases")
     summary: dict[str, Any] = {"bench": "authflood"}

@@ -18,37 +18,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import resource
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import psutil
-from bench_http import admin_token, cpu_seconds, free_port, serve_env, wait_ready
+from bench_http import admin_token, cpu_seconds
 from bench_sse import (
-    ROOT,
-    SO_TIMESTAMPNS,
-    TIMESPEC,
+    RawStream,
+    arrival,
     delivery,
     finish_profile,
     head_of,
     receive,
     runqueue_seconds,
+    serving,
     spawn,
     start_profile,
     writer_process,
 )
-from bench_store import choose_server, fresh_database, percentile
+from bench_store import chosen_server, fresh_database, percentile
 
 from backend.db import pool_options
 from backend.domain import Wallet
@@ -72,26 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------- followers (client processes)
 
 
-class Follower:
+class Follower(RawStream):
     """One wallet stream on a raw socket: every frame parsed, each event id noted with the kernel's
     receive timestamp of the bytes that completed it."""
 
     def __init__(self, request: bytes) -> None:
-        self.request = request
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setblocking(False)
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        super().__init__(request)
+        self.stamp_arrivals()
         self.events: list[tuple[int, float]] = []
         self.checkpoints = 0
-        self.ended = False
         self._buffer = b""
-
-    async def start(self, host: str, port: int) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(self.sock, (host, port))
-        await loop.sock_sendall(self.sock, self.request)
-        loop.add_reader(self.sock.fileno(), self._readable)
 
     def _readable(self) -> None:
         try:
@@ -106,9 +91,7 @@ class Follower:
                 self.opened.set_exception(RuntimeError("closed before the stream opened"))
             self.close()
             return
-        stamp = next((TIMESPEC.unpack(payload[:16]) for level, kind, payload in ancillary
-                      if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS), None)
-        arrived = stamp[0] + stamp[1] / 1e9 if stamp else time.time()
+        arrived = arrival(ancillary)
         if not self.opened.done():
             if not data.startswith(b"HTTP/1.1 200"):
                 self.opened.set_exception(RuntimeError(repr(data[:300])))
@@ -123,11 +106,6 @@ class Follower:
                 self.events.append((int(match[1]), arrived))
             elif b"retry: " not in frame:  # not the opening frame: an id-only checkpoint
                 self.checkpoints += 1
-
-    def close(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
 
 
 def followers_process(conn: Any, host: str, port: int, token: str, wallets: list[str], after: int) -> None:
@@ -209,20 +187,6 @@ async def positions_by_stream(dsn: str, after: int) -> dict[str, list[int]]:
     for row in rows:
         found.setdefault(row["stream_id"], []).append(row["position"])
     return found
-
-
-@contextlib.asynccontextmanager
-async def serving(dsn: str, streams: int, **settings: str) -> AsyncIterator[tuple[psutil.Process, int]]:
-    port = free_port()
-    env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams),
-                    AUTH_FAILURE_RATE_PER_S="0", **settings)  # waves of first requests with one uncached key
-    proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
-    try:
-        await wait_ready(f"http://127.0.0.1:{port}", proc)
-        yield psutil.Process(proc.pid), port
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
 
 # ---------------------------------------------------------------- the followers case
@@ -330,17 +294,12 @@ async def followers_case(dsn: str, token: str, wallets: list[str], args: argpars
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
-    db = await choose_server(args.dsn)
-    try:
-        async with fresh_database(db, "fanout") as dsn:
-            token = await admin_token(dsn)
-            wallets = await seed_wallets(dsn, args.followers)
-            async with serving(dsn, args.subscribers + 100) as (server, port):  # (a), one round, beside it
-                a = await delivery(server, port, token, dsn, wallets[:args.wallets], args, args.duration, 1)
-            f = await followers_case(dsn, token, wallets, args)
-    finally:
-        if db.stop is not None:
-            db.stop()
+    async with chosen_server(args.dsn) as db, fresh_database(db, "fanout") as dsn:
+        token = await admin_token(dsn)
+        wallets = await seed_wallets(dsn, args.followers)
+        async with serving(dsn, args.subscribers + 100) as (server, port):  # (a), one round, beside it
+            a = await delivery(server, port, token, dsn, wallets[:args.wallets], args, args.duration, 1)
+        f = await followers_case(dsn, token, wallets, args)
     a_cpu_us = a["cpu_shares"]["server"] / (a["events_per_s"] * a["subscribers"]) * 1e6
     print(f"server: {db.description}; {os.cpu_count()} cores; writer: {args.writer}")
     print(f"{'case':<44} {'events/s':>8} {'frames/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "

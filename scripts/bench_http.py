@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import psutil
-from bench_store import Server, choose_server, fresh_database, percentile
+from bench_store import Server, chosen_server, fresh_database, percentile
 
 from backend.commands.api_keys import mint
 from backend.db import init_connection
@@ -457,12 +457,8 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[int, dict[st
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    server = await choose_server(args.dsn)
-    try:
+    async with chosen_server(args.dsn) as server:
         measured = await measure(server, args)
-    finally:
-        if server.stop is not None:
-            server.stop()
     first = measured[args.workers[0]]
     print(f"server: {server.description}; event loop {first['server']['event_loop']} (EVENT_LOOP: "
           f"{os.environ.get('EVENT_LOOP', 'auto')}); {args.connections} connections, {args.wallets} wallets")

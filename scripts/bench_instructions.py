@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 from bench_http import ROOT, Mix, admin_token, free_port, seed_wallets, serve_env, wait_ready
-from bench_store import choose_server, fresh_database
+from bench_store import chosen_server, fresh_database
 
 BARE_BODY = {"amount": 250, "reference": "d"}
 
@@ -145,13 +145,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     count = 300 if args.quick else args.commands
-    server = await choose_server(args.dsn)
-    try:
-        async with fresh_database(server, "instr") as dsn:
-            instructions, commands = await tally(dsn, args, count)
-    finally:
-        if server.stop is not None:
-            server.stop()
+    async with chosen_server(args.dsn) as server, fresh_database(server, "instr") as dsn:
+        instructions, commands = await tally(dsn, args, count)
     bare_instructions, requests = await bare(args, count)
     per_command = instructions / commands
     per_request = bare_instructions / requests

@@ -34,7 +34,7 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import asyncpg
-from bench_store import Server, choose_server, describe_server, eventsourcing_env, fresh_database, percentile
+from bench_store import Server, chosen_server, describe_server, eventsourcing_env, fresh_database, percentile
 from eventsourcing.application import Application
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate
@@ -45,7 +45,7 @@ from eventsourcing.projection import ProjectionRunner
 from psycopg.sql import SQL, Identifier
 
 from backend.commands import wallets as wallet_commands
-from backend.commands.bus import CommandBus, Quiet
+from backend.commands.bus import CommandBus
 from backend.commands.context import SYSTEM, CommandContext
 from backend.config import Settings
 from backend.db import connect_kwargs, init_connection
@@ -551,7 +551,7 @@ async def lag_command(bus: CommandBus, rng: random.Random, wallet_id: UUID, comm
 
 async def run_command(bus: CommandBus, wallet_id: UUID, decide: Any) -> int:
     try:
-        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, Quiet())
+        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
     except DomainError:
         return 0
     return reply.position
@@ -577,19 +577,15 @@ def median(values: list[float]) -> float:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(args)
-    server = await choose_server(args.dsn)
     tally_s: list[float] = []
     peer_s: list[float] = []
     lag: LagResult | None = None
-    try:
+    async with chosen_server(args.dsn) as server:
         print(await describe_server(server), flush=True)
         events = await replay_rounds(server, plan, tally_s, peer_s)
         if plan.lag:
             async with fresh_database(server, "lag") as dsn:
                 lag = await measure_lag(dsn, plan)
-    finally:
-        if server.stop is not None:
-            server.stop()
     tally_rate = events / median(tally_s) if tally_s else 0.0
     peer_rate = events / median(peer_s) if peer_s else 0.0
     print(f"\n{'impl':<16}{'events':>10}{'median s':>10}{'events/s':>12}  seconds by round")

@@ -58,15 +58,13 @@ from bench_http import (
     serve_env,
     wait_ready,
 )
-from bench_store import Server, choose_server, fresh_database, percentile
+from bench_store import Server, chosen_server, fresh_database, percentile
 
 from backend.commands import wallets as wallet_commands
 from backend.commands.bus import CommandBus
 from backend.commands.context import SYSTEM, CommandContext
 from backend.db import pool_options
 from backend.domain import wallet_stream
-from backend.http import replies
-from backend.http.commands import JsonRenderer
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent
 from backend.store.reads import head
@@ -101,25 +99,52 @@ SO_TIMESTAMPNS = 35  # Linux; the socket module does not name it
 TIMESPEC = struct.Struct("qq")
 
 
-class Subscriber:
-    """A minimal SSE client on a raw socket: checks the status line, then discards what arrives in the
-    kernel (recv with MSG_TRUNC copies nothing), swept every few milliseconds rather than on every
-    arrival, so that a thousand of them cost the load generator little CPU. The server still writes
-    every byte to every socket; the kernel buffers what arrives between sweeps."""
+class RawStream:
+    """An SSE request on a raw, non-blocking socket, read by `_readable` whenever bytes arrive: the
+    load generator's clients (here and in bench_fanout.py) cost it no HTTP library."""
 
     def __init__(self, request: bytes) -> None:
         self.request = request
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setblocking(False)
-        self.received = 0
         self.ended = False
+
+    def stamp_arrivals(self) -> None:
+        """Have the kernel stamp what arrives (read back with `arrival`)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         await loop.sock_connect(self.sock, (host, port))
         await loop.sock_sendall(self.sock, self.request)
         loop.add_reader(self.sock.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def arrival(ancillary: list[tuple[int, int, bytes]]) -> float:
+    """The kernel's receive timestamp of a recvmsg's bytes (SO_TIMESTAMPNS), else the wall clock now."""
+    stamp = next((TIMESPEC.unpack(payload[:16]) for level, kind, payload in ancillary
+                  if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS), None)
+    return stamp[0] + stamp[1] / 1e9 if stamp else time.time()
+
+
+class Subscriber(RawStream):
+    """A minimal SSE client on a raw socket: checks the status line, then discards what arrives in the
+    kernel (recv with MSG_TRUNC copies nothing), swept every few milliseconds rather than on every
+    arrival, so that a thousand of them cost the load generator little CPU. The server still writes
+    every byte to every socket; the kernel buffers what arrives between sweeps."""
+
+    def __init__(self, request: bytes) -> None:
+        super().__init__(request)
+        self.received = 0
 
     def _readable(self) -> None:
         """Until the stream is open (the sweeps take over then: see sweep)."""
@@ -157,11 +182,6 @@ class Subscriber:
                 self.close()
             self.received += count
 
-    def close(self) -> None:
-        with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(self.sock.fileno())
-        self.sock.close()
-
 
 DISCARD = bytearray(1 << 18)
 SWEEP_S = 0.02
@@ -173,7 +193,7 @@ class Probe(Subscriber):
 
     def __init__(self, request: bytes) -> None:
         super().__init__(request)
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        self.stamp_arrivals()
         self.samples: list[tuple[int, float, float]] = []
         self._last_id = -1
         self._tail = b""
@@ -183,9 +203,7 @@ class Probe(Subscriber):
         read_at = time.monotonic()
         if not data:
             return data
-        arrived = next((TIMESPEC.unpack(payload[:16]) for level, kind, payload in ancillary
-                        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS), None)
-        arrived_at = arrived[0] + arrived[1] / 1e9 if arrived else time.time()
+        arrived_at = arrival(ancillary)
         self.received += len(data)
         if not self.opened.done():
             self.opened.set_result(None)
@@ -266,7 +284,6 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
     store = EventStore(pool)
     repository = Repository(store)
     bus = CommandBus(repository)
-    renderer = JsonRenderer(None, replies.WalletWrite)
     committed: list[tuple[int, float, float]] = []
     ids = [uuid.UUID(w) for w in wallets]
 
@@ -282,7 +299,7 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
         async def decide(ctx: CommandContext) -> Any:
             return await wallet_commands.credit(repository, ctx, wallet_id, 1, f"bench-{i}", None)
 
-        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, renderer)
+        reply = await bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
         committed.append((reply.position, time.monotonic(), time.time()))
 
     tasks: set[asyncio.Task[None]] = set()
@@ -560,18 +577,19 @@ def finish_profile(profile: tuple[subprocess.Popen[bytes], str] | None) -> list[
 
 
 @contextlib.asynccontextmanager
-async def serving(dsn: str, streams: int) -> AsyncIterator[tuple[psutil.Process, int]]:
-    """A `python -m backend serve` process on a free port, as ./scripts/serve starts it."""
+async def serving(dsn: str, streams: int, **settings: str) -> AsyncIterator[tuple[psutil.Process, int]]:
+    """A `python -m backend serve` process on a free port, as ./scripts/serve starts it (here and in
+    bench_fanout.py), with room for `streams` streams and these settings besides."""
     port = free_port()
     env = serve_env(dsn, port, SSE_MAX_STREAMS=str(streams), SSE_MAX_STREAMS_PER_KEY=str(streams),
-                    AUTH_FAILURE_RATE_PER_S="0")  # a wave of 200 first requests with one uncached key
+                    AUTH_FAILURE_RATE_PER_S="0", **settings)  # waves of first requests with one uncached key
     proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env)  # noqa: ASYNC220
     try:
         await wait_ready(f"http://127.0.0.1:{port}", proc)
         yield psutil.Process(proc.pid), port
     finally:
         proc.terminate()
-        proc.wait(30)
+        proc.wait(60)
 
 
 async def measure(db: Server, args: argparse.Namespace) -> dict[str, Any]:
@@ -596,12 +614,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         import bench_fanout
 
         return await bench_fanout.run(args)
-    db = await choose_server(args.dsn)
-    try:
+    async with chosen_server(args.dsn) as db:
         r = await measure(db, args)
-    finally:
-        if db.stop is not None:
-            db.stop()
     print(f"server: {db.description}; {os.cpu_count()} cores; event loop {r['event_loop']} "
           f"(EVENT_LOOP: {os.environ.get('EVENT_LOOP', 'auto')})")
     print(f"(a) {r['subscribers']} subscribers, {args.rate} events/s ({args.writer}), {len(r['rounds'])} rounds "

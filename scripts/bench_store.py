@@ -261,6 +261,17 @@ async def choose_server(dsn: str | None) -> Server:
     return Server(embedded.dsn("postgres"), f"embedded PostgreSQL in {EMBEDDED_DIR}", stop=embedded.stop)
 
 
+@asynccontextmanager
+async def chosen_server(dsn: str | None) -> AsyncIterator[Server]:
+    """choose_server's server for the length of a run: an embedded one started for it stops after it."""
+    server = await choose_server(dsn)
+    try:
+        yield server
+    finally:
+        if server.stop is not None:
+            server.stop()
+
+
 def with_database(dsn: str, name: str) -> str:
     parts = urlsplit(dsn)
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
@@ -562,8 +573,7 @@ async def run_rounds(server: Server, plan: Plan) -> list[Sample]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     plan = make_plan(args)
-    server = await choose_server(args.dsn)
-    try:
+    async with chosen_server(args.dsn) as server:
         print(await describe_server(server), flush=True)
         print(
             f"workload: {plan.wallets} wallets, clients {','.join(map(str, plan.clients))}, {plan.warmup:g} s warm-up"
@@ -571,9 +581,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         samples = await run_rounds(server, plan)
-    finally:
-        if server.stop is not None:
-            server.stop()
     medians = [
         median_samples([s for s in samples if (s.impl, s.clients) == (impl, clients)])
         for clients in plan.clients

@@ -1,10 +1,11 @@
 """The background folder: one leader across all processes keeps the stored Merkle tree at the log's
 head and, with a signing key, signs a checkpoint every AUDIT_CHECKPOINT_S.
 
-It leads while it holds a session advisory lock on its own connection (as projection runners do),
-so a dead process hands the lead over at once; the others stand by and retry. It follows the log
-after appends commit and on its own connection, with synchronous_commit off (a crash loses only
-folded batches, which are folded again from the durable log), so appends never wait for it.
+It leads while it holds a session advisory lock on its own connection (projections.leader.leading,
+as projection runners do), so a dead process hands the lead over at once; the others stand by and
+retry. It follows the log after appends commit and on its own connection, with synchronous_commit
+off (a crash loses only folded batches, which are folded again from the durable log), so appends
+never wait for it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -21,8 +23,8 @@ from backend.audit.merkle import Frontier
 from backend.audit.signing import Signer
 from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store.listener import Listener
-from projections.leader import try_lock
-from projections.runner import Connect
+from projections import leader
+from projections.leader import Connect
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +34,19 @@ NAME = "merkle"
 RETRY_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 
 
+@dataclass(eq=False)
 class Folder:
-    def __init__(self, connect: Connect, listener: Listener, *, signer: Signer | None, checkpoint_s: float,
-                 batch_size: int, standby_retry_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
-        self.connect = connect
-        self.listener = listener
-        self.signer = signer
-        self.checkpoint_s = checkpoint_s
-        self.batch_size = batch_size
-        self.standby_retry_s = standby_retry_s
-        self.max_backoff_s = max_backoff_s
-        self.leading = False
-        self.size = 0
-        self.signed = 0
-        self._task: asyncio.Task[None] | None = None
+    connect: Connect
+    listener: Listener
+    signer: Signer | None = field(kw_only=True)
+    checkpoint_s: float = field(kw_only=True)
+    batch_size: int = field(kw_only=True)
+    standby_retry_s: float = field(default=1.0, kw_only=True)
+    max_backoff_s: float = field(default=30.0, kw_only=True)
+    leading: bool = field(default=False, init=False)
+    size: int = field(default=0, init=False)
+    signed: int = field(default=0, init=False)
+    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="merkle-folder")
@@ -58,20 +59,16 @@ class Folder:
             self._task = None
 
     async def _run(self) -> None:
+        """Lead whenever the lock is ours; after an outage or a failure, again with backoff."""
         backoff = 0.1
         while True:
             try:
-                conn = await self.connect("tally-merkle-folder")
-                try:
-                    if await try_lock(conn, LEADER, NAME):
+                async with leader.leading(self.connect, "tally-merkle-folder", LEADER, NAME,
+                                          self.standby_retry_s) as conn:
+                    try:
                         await self._lead(conn)
-                finally:
-                    self.leading = False
-                    with contextlib.suppress(Exception):
-                        await asyncio.shield(conn.close(timeout=2))
-                await asyncio.sleep(self.standby_retry_s)
-                backoff = 0.1
-                continue
+                    finally:
+                        self.leading = False
             except RETRY_ERRORS as exc:
                 log.warning("merkle folder paused", extra={"reason": describe(exc), "retry_s": backoff})
             except Exception:  # a bug or a broken log: say so and retry, never stop folding for good

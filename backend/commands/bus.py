@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -29,9 +29,10 @@ from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError, IdempotencyConflict, IdempotencyInFlight, TooMuchContention
 from backend.commands.locks import StreamLocks
+from backend.commands.outcome import Outcome, Refusal, decode, encode_answer, encode_refusal
 from backend.domain.errors import DomainError
-from backend.store.events import AppendResult, Write, WrongExpectedVersion
-from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
+from backend.store.events import Write, WrongExpectedVersion
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredOutcome
 from backend.store.repository import Repository
 
 log = logging.getLogger(__name__)
@@ -47,35 +48,9 @@ class Decision:
     """Writes to non-aggregate streams appended atomically with the aggregates (e.g. uniqueness claims)."""
 
 
-Rendered = tuple[int, bytes, str]
-Respond = Callable[[int], Rendered]
-"""A success already rendered but for its position: fills the position in without rendering."""
-
-
-class Renderer(Protocol):
-    """Turns outcomes into response bytes (the HTTP layer's job; stored as-is for replays)."""
-
-    def success(self, decision: Decision, result: AppendResult) -> Rendered: ...
-
-    def prepare(self, decision: Decision) -> Respond:
-        """Render a success before its append, for an Idempotency-Key to store: the append then only
-        fills in the position, so nothing renders under the store's lock."""
-        ...
-
-    def failure(self, error: DomainError) -> Rendered: ...
-
-
-class Quiet:
-    """A renderer for callers with no client to answer (process managers, tests, benchmarks)."""
-
-    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return 200, b"", "application/json"
-
-    def prepare(self, decision: Decision) -> Respond:
-        return lambda _position: (200, b"", "application/json")
-
-    def failure(self, error: DomainError) -> tuple[int, bytes, str]:
-        return 409, b"", "application/json"
+Check = Callable[[Mapping[str, Any]], None]
+"""The caller's check of a decision's answer, before anything is appended (HTTP's: that it fits what
+the endpoint documents); raising refuses the command and appends nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,15 +58,6 @@ class IdempotencyKey:
     scope: str
     key: str
     fingerprint: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    body: bytes
-    content_type: str
-    position: int
-    replayed: bool = False
 
 
 Decide = Callable[[CommandContext], Awaitable[Decision]]
@@ -133,27 +99,29 @@ class CommandBus:
         self.conflicts = 0
 
     async def run(
-        self, ctx: CommandContext, command: Command, renderer: Renderer, idem: IdempotencyKey | None = None
-    ) -> Reply:
+        self, ctx: CommandContext, command: Command, idem: IdempotencyKey | None = None, check: Check | None = None
+    ) -> Outcome:
         """Execute a command message on the streams it declares."""
-        return await self.execute(ctx, await command.streams(), command.decide, renderer, idem)
+        return await self.execute(ctx, await command.streams(), command.decide, idem, check)
 
     async def execute(
         self,
         ctx: CommandContext,
         streams: Sequence[str],
         decide: Decide,
-        renderer: Renderer,
         idem: IdempotencyKey | None = None,
-    ) -> Reply:
+        check: Check | None = None,
+    ) -> Outcome:
+        """Decide and append on `streams`; the answer, or a replay of the key's kept outcome. A domain
+        rule's refusal is raised (and, with a key, kept first)."""
         if idem is None:
-            return await self._run(ctx, streams, decide, renderer, None)
+            return await self._run(ctx, streams, decide, None, check)
         slot = (idem.scope, idem.key)
         if slot in self._in_flight:
             raise IdempotencyInFlight("a request with this Idempotency-Key is still being processed")
         self._in_flight.add(slot)
         try:
-            return await self._run(ctx, streams, decide, renderer, idem)
+            return await self._run(ctx, streams, decide, idem, check)
         except CommandError:
             # The command could not run now (not found, forbidden, If-Match...). If the key already has
             # an outcome, that outcome is the answer: the first attempt ran when the command could.
@@ -165,9 +133,9 @@ class CommandBus:
             self._in_flight.discard(slot)
 
     async def _run(
-        self, ctx: CommandContext, streams: Sequence[str], decide: Decide, renderer: Renderer,
-        idem: IdempotencyKey | None,
-    ) -> Reply:
+        self, ctx: CommandContext, streams: Sequence[str], decide: Decide, idem: IdempotencyKey | None,
+        check: Check | None,
+    ) -> Outcome:
         optimistic = self.optimistic
         now = ctx.now
         for attempt in range(self.max_attempts):
@@ -185,12 +153,14 @@ class CommandBus:
                             continue
                         if idem is None or not isinstance(error, DomainError):
                             raise
-                        return await self._store_failure(idem, renderer.failure(error), error)
+                        return await self._store_failure(idem, Refusal.of(error, ctx.request_id), error)
                 if optimistic and not _checked_by_append(decision):
                     optimistic = False
                     continue
-                render = _Rendering(renderer, decision, prepared=idem is not None)
-                claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, render) if idem else None
+                if check is not None:
+                    check(decision.body)
+                claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, encode_answer(decision.body)) \
+                    if idem else None
                 staged = self.repository.stage(*decision.aggregates, metadata=ctx.metadata(), claim=claim,
                                                extra_writes=decision.extra_writes, trust=trust)
             try:
@@ -206,15 +176,12 @@ class CommandBus:
             except IdempotencyKeyUsed as used:
                 assert idem is not None
                 return replay(used.stored, idem)
-            status, body, content_type = render.output or render(result)
-            return Reply(status, body, content_type, result.position)
+            return Outcome(decision.body, result.position)
         raise TooMuchContention(f"gave up after {self.max_attempts} conflicting attempts; nothing was changed")
 
-    async def _store_failure(
-        self, idem: IdempotencyKey, rendered: tuple[int, bytes, str], error: DomainError
-    ) -> Reply:
+    async def _store_failure(self, idem: IdempotencyKey, refusal: Refusal, error: DomainError) -> Outcome:
         """Commit a domain rejection as the key's outcome, so a repeat gets the same answer."""
-        claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, lambda _result: rendered)
+        claim = IdempotencyClaim(idem.scope, idem.key, idem.fingerprint, encode_refusal(refusal))
         try:
             await self.repository.store.append([], claim)
         except IdempotencyKeyUsed as used:
@@ -228,25 +195,7 @@ def _checked_by_append(decision: Decision) -> bool:
     return bool(decision.aggregates) and all(aggregate.pending_events for aggregate in decision.aggregates)
 
 
-class _Rendering:
-    """Renders a success once: before the append when a claim must store it (the append only fills in
-    the position), else after it."""
-
-    def __init__(self, renderer: Renderer, decision: Decision, *, prepared: bool) -> None:
-        self.renderer = renderer
-        self.decision = decision
-        self.respond = renderer.prepare(decision) if prepared else None
-        self.output: Rendered | None = None
-
-    def __call__(self, result: AppendResult) -> Rendered:
-        if self.respond is not None and result.position >= 1:
-            self.output = self.respond(result.position)
-        else:  # no position to fill in: the renderer itself answers (or refuses) as it always has
-            self.output = self.renderer.success(self.decision, result)
-        return self.output
-
-
-def replay(stored: StoredResponse, idem: IdempotencyKey) -> Reply:
+def replay(stored: StoredOutcome, idem: IdempotencyKey) -> Outcome:
     if stored.fingerprint != idem.fingerprint:
         raise IdempotencyConflict("this Idempotency-Key was already used with a different request")
-    return Reply(stored.status, stored.body, stored.content_type, stored.position, replayed=True)
+    return decode(stored.outcome, stored.position)

@@ -36,7 +36,7 @@ CLAIM_SCHEMA_VERSION = 1
 class ChainTxAlreadyCredited(InvalidTransition):
     """The (currency, chain tx id) pair already credited a deposit (``credited_deposit_id``).
 
-    Answered as 409 ``invalid_transition`` with ``reason: chain_tx_already_credited``, so clients
+    Its code stays ``invalid_transition`` (with ``reason: chain_tx_already_credited``), so clients
     that only know the stable codes treat it like any other refused transition."""
 
     def __init__(self, currency: str, chain_tx_id: str, credited_deposit_id: str | None) -> None:

@@ -6,7 +6,7 @@ another writer got there first, so these functions must be pure apart from loadi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -45,37 +45,42 @@ async def open_wallet(repo: Repository, ctx: CommandContext, wallet_id: UUID, ow
     return Decision([wallet], wallet_body(wallet, ctx))
 
 
+async def change(
+    repo: Repository, ctx: CommandContext, wallet_id: UUID, if_match: int | None, act: Callable[[Wallet], None],
+    **answer: str,
+) -> Decision:
+    """Load the wallet (access, If-Match), let act() call the domain on it, answer with the wallet and
+    the ids `answer` names: the shape of every command on one wallet."""
+    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
+    act(wallet)
+    return Decision([wallet], {**answer, **wallet_body(wallet, ctx)})
+
+
 async def credit(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, amount: int, reference: str, if_match: int | None
 ) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
-    wallet.credit(amount, reference, ctx.now)
-    return Decision([wallet], wallet_body(wallet, ctx))
+    return await change(repo, ctx, wallet_id, if_match, lambda wallet: wallet.credit(amount, reference, ctx.now))
 
 
 async def debit(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, amount: int, reference: str, if_match: int | None
 ) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
-    wallet.debit(amount, reference, ctx.now)
-    return Decision([wallet], wallet_body(wallet, ctx))
+    return await change(repo, ctx, wallet_id, if_match, lambda wallet: wallet.debit(amount, reference, ctx.now))
 
 
 async def lock(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, lock_id: UUID, amount: int, reason: str,
     if_match: int | None,
 ) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
-    wallet.lock(lock_id, amount, reason, ctx.now)
-    return Decision([wallet], {"lock_id": str(lock_id), **wallet_body(wallet, ctx)})
+    return await change(repo, ctx, wallet_id, if_match, lambda wallet: wallet.lock(lock_id, amount, reason, ctx.now),
+                        lock_id=str(lock_id))
 
 
 async def release(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, lock_id: UUID, if_match: int | None
 ) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
-    wallet.release(lock_id, ctx.now)
-    return Decision([wallet], {"lock_id": str(lock_id), **wallet_body(wallet, ctx)})
+    return await change(repo, ctx, wallet_id, if_match, lambda wallet: wallet.release(lock_id, ctx.now),
+                        lock_id=str(lock_id))
 
 
 async def settle(
@@ -131,21 +136,17 @@ async def confirm(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, reservation_id: UUID, amount: int | None,
     if_match: int | None,
 ) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
-    wallet.confirm(reservation_id, ctx.now, amount)
-    return Decision([wallet], {"reservation_id": str(reservation_id), **wallet_body(wallet, ctx)})
+    return await change(repo, ctx, wallet_id, if_match, lambda wallet: wallet.confirm(reservation_id, ctx.now, amount),
+                        reservation_id=str(reservation_id))
 
 
 async def rollback(
     repo: Repository, ctx: CommandContext, wallet_id: UUID, reservation_id: UUID, if_match: int | None
 ) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id, expected_version=if_match)
-    wallet.rollback(reservation_id, ctx.now)
-    return Decision([wallet], {"reservation_id": str(reservation_id), **wallet_body(wallet, ctx)})
+    return await change(repo, ctx, wallet_id, if_match, lambda wallet: wallet.rollback(reservation_id, ctx.now),
+                        reservation_id=str(reservation_id))
 
 
 async def expire(repo: Repository, ctx: CommandContext, wallet_id: UUID, reservation_id: UUID) -> Decision:
-    wallet = await load_wallet(repo, ctx, wallet_id)
-    wallet.expire(reservation_id, ctx.now)
-    return Decision([wallet], {"reservation_id": str(reservation_id), **wallet_body(wallet, ctx)})
-
+    return await change(repo, ctx, wallet_id, None, lambda wallet: wallet.expire(reservation_id, ctx.now),
+                        reservation_id=str(reservation_id))

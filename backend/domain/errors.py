@@ -24,7 +24,9 @@ def _json(value: object) -> JSONScalar:
 
 
 class DomainError(Exception):
-    """Base class: a command broke a business rule. Nothing was recorded."""
+    """Base class: a command broke a business rule. Nothing was recorded.
+
+    Each keyword argument is kept twice: as an attribute, as given, and in ``extra``, JSON-friendly."""
 
     code: ClassVar[str] = "domain_error"
 
@@ -32,6 +34,8 @@ class DomainError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.extra: dict[str, JSONScalar] = {k: _json(v) for k, v in extra.items()}
+        for name, value in extra.items():
+            setattr(self, name, value)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.detail!r}, code={self.code!r})"
@@ -41,10 +45,10 @@ class ValidationError(DomainError):
     """An input is malformed; ``field`` names it when one field is to blame."""
 
     code = "validation_error"
+    field: str | None
 
     def __init__(self, detail: str, *, field: str | None = None, **extra: object) -> None:
         super().__init__(detail, field=field, **extra)
-        self.field = field
 
 
 class InvalidAmount(ValidationError):
@@ -60,89 +64,77 @@ class UnsupportedCurrency(ValidationError):
 
 class InsufficientFunds(DomainError):
     code = "insufficient_funds"
+    requested: int
+    available: int
 
     def __init__(self, requested: int, available: int) -> None:
-        super().__init__(
-            f"requested {requested} but only {available} available",
-            requested=requested,
-            available=available,
-        )
-        self.requested = requested
-        self.available = available
+        super().__init__(f"requested {requested} but only {available} available", requested=requested,
+                         available=available)
 
 
 class CurrencyMismatch(DomainError):
     code = "currency_mismatch"
+    expected: str
+    actual: str
 
     def __init__(self, expected: str, actual: str) -> None:
         super().__init__(f"currency {actual} does not match {expected}", expected=expected, actual=actual)
-        self.expected = expected
-        self.actual = actual
 
 
 class LockNotOpen(DomainError):
     code = "lock_not_open"
+    lock_id: UUID
+    state: str
 
     def __init__(self, lock_id: UUID, state: str = "unknown") -> None:
         super().__init__(f"lock {lock_id} is not open ({state})", lock_id=lock_id, state=state)
-        self.lock_id = lock_id
-        self.state = state
 
 
 class ReservationNotOpen(DomainError):
     code = "reservation_not_open"
+    reservation_id: UUID
+    state: str
 
     def __init__(self, reservation_id: UUID, state: str = "unknown") -> None:
-        super().__init__(
-            f"reservation {reservation_id} is not open ({state})",
-            reservation_id=reservation_id,
-            state=state,
-        )
-        self.reservation_id = reservation_id
-        self.state = state
+        super().__init__(f"reservation {reservation_id} is not open ({state})", reservation_id=reservation_id,
+                         state=state)
 
 
 class ReservationExpired(DomainError):
     code = "reservation_expired"
+    reservation_id: UUID
+    expires_at: datetime | None
 
     def __init__(self, reservation_id: UUID, expires_at: datetime | None = None) -> None:
-        super().__init__(
-            f"reservation {reservation_id} has expired",
-            reservation_id=reservation_id,
-            expires_at=expires_at,
-        )
-        self.reservation_id = reservation_id
-        self.expires_at = expires_at
+        super().__init__(f"reservation {reservation_id} has expired", reservation_id=reservation_id,
+                         expires_at=expires_at)
 
 
 class AmountExceedsReserved(DomainError):
     code = "amount_exceeds_reserved"
+    requested: int
+    reserved: int
 
     def __init__(self, requested: int, reserved: int) -> None:
-        super().__init__(
-            f"cannot confirm {requested}: only {reserved} reserved",
-            requested=requested,
-            reserved=reserved,
-        )
-        self.requested = requested
-        self.reserved = reserved
+        super().__init__(f"cannot confirm {requested}: only {reserved} reserved", requested=requested,
+                         reserved=reserved)
 
 
 class InvalidTransition(DomainError):
     code = "invalid_transition"
+    state: str | None
+    action: str | None
 
     def __init__(self, detail: str, *, state: str | None = None, action: str | None = None) -> None:
         super().__init__(detail, state=state, action=action)
-        self.state = state
-        self.action = action
 
 
 class SameWallet(DomainError):
     code = "same_wallet"
+    wallet_id: UUID
 
     def __init__(self, wallet_id: UUID) -> None:
         super().__init__(f"cannot settle wallet {wallet_id} into itself", wallet_id=wallet_id)
-        self.wallet_id = wallet_id
 
 
 # ---------------------------------------------------------------- input checks

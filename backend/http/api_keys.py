@@ -13,7 +13,7 @@ from backend.domain import apikey_stream
 from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import Param, command, endpoint
-from backend.http.queries import answer, decode_cursor, not_found, page_limit, page_of, page_params, reach
+from backend.http.queries import answer, decode_cursor, page_limit, page_of, page_params, reach, read_one
 from backend.http.wallets import path_uuid
 from projections import api_keys as api_keys_model
 
@@ -62,10 +62,8 @@ async def list_keys(request: web.Request) -> web.Response:
 @endpoint(scope="admin", reply=replies.ApiKey, reads_model=True, etag=True)
 async def get_key(request: web.Request) -> web.Response:
     """A key, without its secret (ETag: its version, the If-Match of a revocation)."""
-    key_id = path_uuid(request, "key_id")
-    checkpoint, key = await reach(request, api_keys_model.ApiKeys.name, lambda db: api_keys_model.get_key(db, key_id))
-    if key is None:
-        raise not_found(f"API key {key_id}", checkpoint)
+    checkpoint, key = await read_one(request, "key_id", "API key", api_keys_model.ApiKeys.name,  # admin: any owner
+                                     api_keys_model.get_key)
     return answer(request, key, checkpoint, version=key["version"])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -11,17 +12,18 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from backend.appkeys import CLOCK, COMMANDS
-from backend.commands.bus import Command, Decision, IdempotencyKey, Reply, Respond
+from backend.commands.bus import Command, IdempotencyKey
 from backend.commands.context import CommandContext
 from backend.commands.errors import CommandError
+from backend.commands.outcome import Outcome, Refusal
 from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
 from backend.http.endpoint import ENDPOINT, JSON, reply_model
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, VALID_ID
-from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, invalid_parameters, problem_body
+from backend.http.problems import Problem, invalid_parameters, problem_response
 from backend.http.replies import render
-from backend.store.events import MAX_POSITION, AppendResult
+from backend.store.events import MAX_POSITION
 
 _ETAG = re.compile(r'(?:W/)?"([^"]*)"|([^"]*)')
 """An entity tag, strong or weak, or a bare version: the version is whichever group matched."""
@@ -53,7 +55,7 @@ COMMAND_STATUS = {
 }
 
 
-def domain_problem(error: DomainError) -> Problem:
+def domain_problem(error: DomainError | Refusal) -> Problem:
     extra = {k: v for k, v in error.extra.items() if v is not None}
     return Problem(DOMAIN_STATUS.get(error.code, 422), error.code, error.detail, extra=extra)
 
@@ -62,45 +64,38 @@ def command_problem(error: CommandError) -> Problem:
     return Problem(COMMAND_STATUS.get(error.code, 409), error.code, error.detail)
 
 
-class JsonRenderer:
-    """Success: the decision's body plus the append's position, as the reply model. Failure: problem+json.
+class Answer:
+    """One request's success as its reply model: checked and rendered before the append, with a stand-in
+    where the position goes (a body that does not fit fails its command, nothing appended), then given
+    the append's position; a replay renders the kept outcome in full, so both are the same bytes."""
 
-    A body that does not fit the model fails its own request before anything of it is appended when
-    an Idempotency-Key stores the answer (the planner isolates a broken renderer), else after."""
+    __slots__ = ("_answer", "_parts", "model")
 
-    def __init__(self, request_id: str | None, reply: type[BaseModel], status: int = 200) -> None:
-        self.request_id = request_id
-        self.reply = reply
-        self.status = status
-        """The endpoint's success status (201 where it creates): HTTP's choice, not the command's."""
+    def __init__(self, model: type[BaseModel]) -> None:
+        self.model = model
+        self._answer: Mapping[str, Any] | None = None
+        self._parts: tuple[bytes, bytes] | None = None
 
-    def success(self, decision: Decision, result: AppendResult) -> tuple[int, bytes, str]:
-        return self.status, render(self.reply, {**decision.body, "position": result.position}), JSON
+    def check(self, answer: Mapping[str, Any]) -> None:
+        parts = render(self.model, {**answer, "position": _STAND_IN}).split(b"%d" % _STAND_IN)
+        self._parts = (parts[0], parts[1]) if len(parts) == 2 else None  # else the text holds its digits
+        self._answer = answer
 
-    def prepare(self, decision: Decision) -> Respond:
-        """The body rendered now with a stand-in position, cut where the real one goes. A client's text
-        may hold one stand-in's digits (then the other serves); holding both, it renders again later."""
-        status = self.status
-        for stand_in in _STAND_INS:
-            parts = render(self.reply, {**decision.body, "position": stand_in}).split(b"%d" % stand_in)
-            if len(parts) == 2:
-                head, tail = parts
-                return lambda position: (status, b"%b%d%b" % (head, position, tail), JSON)
-        return lambda position: (status, render(self.reply, {**decision.body, "position": position}), JSON)
+    def render(self, outcome: Outcome) -> bytes:
+        if outcome.answer is self._answer and self._parts is not None and outcome.position >= 1:
+            head, tail = self._parts
+            return b"%b%d%b" % (head, outcome.position, tail)
+        return render(self.model, {**outcome.answer, "position": outcome.position})
 
-    def failure(self, error: DomainError) -> tuple[int, bytes, str]:
-        problem = domain_problem(error)
-        return problem.status, orjson.dumps(problem_body(problem, self.request_id)), PROBLEM_CONTENT_TYPE
+
+_STAND_IN = 7_314_159_265_358_979_323
+"""A position no store reaches (below 2**63), cut out of an answer rendered before its append."""
 
 
 def success_status(request: web.Request) -> int:
-    """201 where the endpoint creates, else 200: the status stored with an Idempotency-Key's answer (a
-    204 endpoint stores its 200 write reply, as it always has, and strips the body itself)."""
+    """201 where the endpoint creates, else 200, for the first answer and every replay (a 204 endpoint
+    answers with its 200 write reply, as it always has, and strips the body itself)."""
     return 201 if request[ENDPOINT].status == 201 else 200
-
-
-_STAND_INS = (7_314_159_265_358_979_323, 8_271_828_182_845_904_523)
-"""Positions no store reaches (below 2**63), cut out of a body rendered before its append."""
 
 
 def if_match(request: web.Request) -> int | None:
@@ -136,19 +131,19 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
 
 
 async def run_command(request: web.Request, command: Command) -> web.Response:
-    """Run the command message through the bus and answer with its (possibly replayed) bytes."""
+    """Run the command message through the bus and answer with its (possibly replayed) outcome."""
     request_id = request.get(REQUEST_ID)
     ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id,
                          now=request.app[CLOCK].now())
     idem = idempotency_key(request, await request.read())
     try:
-        renderer = JsonRenderer(request_id, reply_model(request), success_status(request))
-        reply = await request.app[COMMANDS].run(ctx, command, renderer, idem)
+        answer = Answer(reply_model(request))
+        outcome = await request.app[COMMANDS].run(ctx, command, idem, answer.check)
     except DomainError as error:
         raise domain_problem(error) from None
     except CommandError as error:
         raise command_problem(error) from None
-    return reply_response(reply)
+    return outcome_response(request, outcome, answer)
 
 
 def locate_created(request: web.Request, response: web.Response) -> web.Response:
@@ -160,10 +155,14 @@ def locate_created(request: web.Request, response: web.Response) -> web.Response
     return response
 
 
-def reply_response(reply: Reply) -> web.Response:
-    response = web.Response(status=reply.status, body=reply.body, content_type=reply.content_type)
-    if reply.replayed:
+def outcome_response(request: web.Request, outcome: Outcome, answer: Answer) -> web.Response:
+    """The status, body and headers of an outcome: HTTP's choices, the same for a replay as for the first."""
+    if outcome.refusal is not None:
+        response = problem_response(domain_problem(outcome.refusal), outcome.refusal.request_id)
+    else:
+        response = web.Response(status=success_status(request), body=answer.render(outcome), content_type=JSON)
+    if outcome.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    if reply.position:
-        response.headers["X-Position"] = str(reply.position)
+    if outcome.position:
+        response.headers["X-Position"] = str(outcome.position)
     return response

@@ -129,6 +129,24 @@ def forbidden(what: str) -> Problem:
     return Problem(403, "forbidden", f"{what} belongs to another owner")
 
 
+Found = tuple[int, dict[str, Any] | None]
+"""A read model's (checkpoint, the row asked for, or None)."""
+
+
+async def read_one(request: web.Request, param: str, what: str, projection: str,
+                   get: Callable[[Executor, UUID], Awaitable[Found]]) -> tuple[int, dict[str, Any]]:
+    """The row named by the path parameter `param`, read from a projection once it has reached what the
+    caller asked for, if the caller may see it: 404 (at the checkpoint) when there is none, 403 when it
+    belongs to an owner the key does not act for. With the checkpoint it was read at."""
+    item_id = path_uuid(request, param)
+    checkpoint, found = await reach(request, projection, lambda db: get(db, item_id))
+    if found is None:
+        raise not_found(f"{what} {item_id}", checkpoint)
+    if not request[ACTOR].can_act_for(found["owner"]):
+        raise forbidden(f"{what} {item_id}")
+    return checkpoint, found
+
+
 # ---------------------------------------------------------------- wallets
 
 
@@ -144,15 +162,9 @@ def page_params(what: str) -> tuple[Param, Param]:
 @endpoint(scope="wallets:read", reply=replies.WalletDetail, reads_model=True, etag=True)
 async def get_wallet(request: web.Request) -> web.Response:
     """A wallet with its open locks and reservations (ETag: its version)."""
-    actor = request[ACTOR]
-    wallet_id = path_uuid(request, "wallet_id")
-    now = request.app[CLOCK].now()
-    checkpoint, wallet = await reach(request, balances.Balances.name,
-                                     lambda db: balances.get_wallet(db, wallet_id, now))
-    if wallet is None:
-        raise not_found(f"wallet {wallet_id}", checkpoint)
-    if not actor.can_act_for(wallet["owner"]):
-        raise forbidden(f"wallet {wallet_id}")
+    clock = request.app[CLOCK]
+    checkpoint, wallet = await read_one(request, "wallet_id", "wallet", balances.Balances.name,
+                                        lambda db, wallet_id: balances.get_wallet(db, wallet_id, clock.now()))
     return answer(request, wallet, checkpoint, version=wallet["version"])
 
 
@@ -215,15 +227,10 @@ def decode_cursor(cursor: str | None) -> UUID | None:
 @endpoint(scope="wallets:read", reply=replies.Reservation, reads_model=True)
 async def get_reservation(request: web.Request) -> web.Response:
     """A reservation; one past its expires_at reads as expired even before the expiry is recorded."""
-    actor = request[ACTOR]
-    reservation_id = path_uuid(request, "reservation_id")
-    now = request.app[CLOCK].now()
-    checkpoint, found = await reach(request, reservations.Reservations.name,
-                                    lambda db: reservations.get_reservation(db, reservation_id, now))
-    if found is None:
-        raise not_found(f"reservation {reservation_id}", checkpoint)
-    if not actor.can_act_for(found["owner"]):
-        raise forbidden(f"reservation {reservation_id}")
+    clock = request.app[CLOCK]
+    checkpoint, found = await read_one(request, "reservation_id", "reservation", reservations.Reservations.name,
+                                       lambda db, reservation_id: reservations.get_reservation(db, reservation_id,
+                                                                                           clock.now()))
     return answer(request, found, checkpoint)
 
 
@@ -231,14 +238,9 @@ async def get_reservation(request: web.Request) -> web.Response:
 @endpoint(scope="wallets:read", reply=replies.Deposit, reads_model=True, etag=True)
 async def get_deposit(request: web.Request) -> web.Response:
     """A deposit of one of the key's owner's wallets (ETag: its version)."""
-    actor = request[ACTOR]
-    deposit_id = path_uuid(request, "deposit_id")
-    checkpoint, found = await reach(request, deposits.Deposits.name, lambda db: deposits.get_deposit(db, deposit_id))
-    if found is None:
-        raise not_found(f"deposit {deposit_id}", checkpoint)
-    owner = found.pop("owner")
-    if not actor.can_act_for(owner):
-        raise forbidden(f"deposit {deposit_id}")
+    checkpoint, found = await read_one(request, "deposit_id", "deposit", deposits.Deposits.name,
+                                       deposits.get_deposit)
+    found.pop("owner")  # not part of a deposit's reply
     return answer(request, found, checkpoint, version=found["version"])
 
 

@@ -32,12 +32,11 @@ INT64_MAX = 2**63 - 1
 # the planner needs, one write of everything planned (events, idempotency records, NOTIFY), COMMIT.
 BEGIN_AND_LOCK_SQL = f"begin; select pg_advisory_xact_lock({APPEND_LOCK_KEY})"
 
-_NULLS = "null::text, null::text, null::bytea, null::int, null::bytea, null::text"
+_NULLS = "null::text, null::text, null::bytea, null::bytea"
 STATE_SQL = f"""
 select 'stream' as kind, s.stream_id, e.version, e.hash, null::bigint as position,
        null::timestamptz as recorded_at, null::uuid as event_id, null::text as type, null::jsonb as data,
-       null::text as scope, null::text as key, null::bytea as fingerprint, null::int as status,
-       null::bytea as body, null::text as content_type
+       null::text as scope, null::text as key, null::bytea as fingerprint, null::bytea as outcome
 from unnest($1::text[]) as s(stream_id)
 cross join lateral (
     select version, hash from events where events.stream_id = s.stream_id order by version desc limit 1
@@ -49,12 +48,11 @@ union all
 select 'event', stream_id, version, null, position, null, event_id, type, data, {_NULLS}
 from events where event_id = any($2::uuid[])
 union all
-select 'claim', null, null, null, position, null, null, null, null, scope, key, fingerprint, status, body,
-       content_type
+select 'claim', null, null, null, position, null, null, null, null, scope, key, fingerprint, outcome
 from idempotency_keys where (scope, key) in (select * from unnest($3::text[], $4::text[]))
 """
 
-# The rows travel as two jsonb documents (migration 0006 says why and how they are laid out).
+# The rows travel as two jsonb documents (migration 0006 says why, 0006 and 0008 how they are laid out).
 FENCED_SQL = "select tally_append_fenced_rows($1, $2, $3::jsonb, $4::jsonb)"
 WRITE_SQL = "select tally_insert_appended($1::jsonb, $2::jsonb), pg_notify('tally_events', $3::text)"
 

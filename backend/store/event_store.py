@@ -14,7 +14,7 @@ from backend.store import idempotency, reads
 from backend.store.append import AppendBatcher
 from backend.store.coalesce import StreamReads
 from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
-from backend.store.idempotency import IdempotencyClaim, StoredResponse
+from backend.store.idempotency import IdempotencyClaim, StoredOutcome
 from backend.store.planner import AppendRequest
 from backend.store.snapshots import SnapshotStore
 
@@ -62,7 +62,7 @@ class EventStore:
         """Until a submitted append has settled, whatever its outcome."""
         await self._batcher.settled(request)
 
-    async def stored_outcome(self, scope: str, key: str) -> StoredResponse | None:
+    async def stored_outcome(self, scope: str, key: str) -> StoredOutcome | None:
         """The outcome recorded for an Idempotency-Key, if any."""
         return await idempotency.lookup(self._pool, scope, key)
 

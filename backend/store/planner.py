@@ -26,7 +26,7 @@ from backend.store.events import (
     WrongExpectedVersion,
 )
 from backend.store.hashing import GENESIS, canonical_bytes, chain, encode_data
-from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredResponse
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed, StoredOutcome
 
 
 @dataclass(slots=True, eq=False)
@@ -116,7 +116,7 @@ class BatchPlanner:
         head: int,
         last_recorded_at: datetime | None,
         known: dict[uuid.UUID, tuple[int, str, int, str, bytes]] | None = None,
-        used_keys: list[StoredResponse] = (),  # type: ignore[assignment]
+        used_keys: list[StoredOutcome] = (),  # type: ignore[assignment]
     ):
         self.streams = dict(streams)
         self.head = head
@@ -127,7 +127,7 @@ class BatchPlanner:
         self.known = dict(known or {})
         self.rows: list[Planned] = []
         self.used_keys = {(r.scope, r.key): r for r in used_keys}
-        self.responses: list[StoredResponse] = []
+        self.responses: list[StoredOutcome] = []
         self._planned: dict[int, bool] = {}  # id(request) -> accepted, for the requests of this batch
 
     @classmethod
@@ -174,12 +174,7 @@ class BatchPlanner:
         if isinstance(proposal, Exception):
             return proposal
         result, planned, streams = proposal
-        response = None
-        if claim is not None:
-            try:
-                response = claim.record(result)
-            except Exception as exc:  # a broken renderer fails its own request, not the batch
-                return exc
+        response = claim.record(result) if claim is not None else None
         self._accept(planned, streams)
         if response is not None:
             self.used_keys[(response.scope, response.key)] = response

@@ -1,5 +1,6 @@
 """Idempotency-Key over real HTTP, beyond replay and mismatch (test_http_wallets): a repeat while the
-first is still running, keys scoped to their API key, Location on a replayed create, retention."""
+first is still running, keys scoped to their API key, Location on a replayed create, retention, and
+records kept in the previous release's rendered form."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from pydantic import ValidationError
@@ -119,3 +121,24 @@ async def test_records_are_kept_for_their_retention_and_never_less_than_a_day(
         await asyncio.sleep(0.02)
     assert await idempotency.lookup(pool, scope, purged) is None
     assert await idempotency.lookup(pool, scope, kept) is not None
+
+
+@pytest.mark.parametrize("amount", [7, 1000], ids=["answer", "refusal"])
+async def test_a_record_kept_in_the_previous_rendered_form_replays_the_same_bytes(
+    admin: Api, client: TestClient, pool: asyncpg.Pool, amount: int
+) -> None:
+    """Before migration 0008 a record held the first answer's status, bytes and content type; such a
+    record (converted by 0008, or written by a process of that release during an upgrade) replays them."""
+    wid = await open_funded(admin, amount=100)
+    path, body = f"/v1/wallets/{wid}/debits", {"amount": amount, "reference": "old"}
+    key, old_key = f"new-{uuid.uuid4()}", f"old-{uuid.uuid4()}"
+    first = await client.post(path, json=body, headers={**admin.headers, "Idempotency-Key": key})
+    answer = await first.read()
+    scope, fingerprint, position = await pool.fetchrow(
+        "select scope, fingerprint, position from idempotency_keys where key = $1", key)
+    old_row = [scope, old_key, fingerprint.hex(), first.status, answer.hex(), first.content_type, position]
+    await pool.execute("select tally_insert_appended('[]'::jsonb, $1::text::jsonb)", orjson.dumps([old_row]).decode())
+    replayed = await client.post(path, json=body, headers={**admin.headers, "Idempotency-Key": old_key})
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    assert (replayed.status, replayed.content_type, await replayed.read()) == (first.status, first.content_type, answer)
+    assert replayed.headers.get("X-Position") == first.headers.get("X-Position")

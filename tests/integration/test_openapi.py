@@ -20,7 +20,7 @@ from backend.commands.bus import Decision, IdempotencyKey
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain import SCOPES, Wallet, wallet_stream
 from backend.http import replies, static
-from backend.http.commands import JsonRenderer
+from backend.http.commands import Answer
 from backend.http.openapi import document
 from tests.conftest import bearer, make_settings, mint_token
 
@@ -323,7 +323,7 @@ async def test_a_body_that_does_not_fit_its_reply_model_appends_nothing(client: 
     idem = IdempotencyKey("drift-test", uuid.uuid4().hex, b"fingerprint")
     with pytest.raises(ValueError, match="undocumented"):
         await app[COMMANDS].execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide,
-                                    JsonRenderer(None, replies.WalletWrite), idem)
+                                    idem, Answer(replies.WalletWrite).check)
     events = await repository.store.read_stream(wallet_stream(wallet_id))
     assert [event.type for event in events] == ["WalletOpened"]
     async with app[POOL].acquire() as conn:

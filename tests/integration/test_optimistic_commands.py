@@ -16,14 +16,30 @@ from hypothesis import strategies as st
 
 from backend.commands import deposits as deposit_commands
 from backend.commands import wallets as wallet_commands
-from backend.commands.bus import CommandBus, IdempotencyKey, Reply
+from backend.commands.bus import CommandBus, IdempotencyKey
 from backend.commands.context import SYSTEM, CommandContext
+from backend.commands.outcome import Outcome
 from backend.domain import Wallet, wallet_stream
 from backend.domain.errors import InsufficientFunds
 from backend.http import replies
-from backend.http.commands import JsonRenderer
+from backend.http.commands import Answer, domain_problem
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the HTTP edge would answer for an outcome: its status and body."""
+
+    status: int
+    body: bytes
+    position: int
+
+    @classmethod
+    def of(cls, outcome: Outcome, answer: Answer) -> Reply:
+        if outcome.refusal is not None:
+            return cls(domain_problem(outcome.refusal).status, b"", outcome.position)
+        return cls(200, answer.render(outcome), outcome.position)
 
 
 @dataclass
@@ -38,8 +54,10 @@ class Node:
             handler = getattr(wallet_commands, command)
             return await handler(self.repository, ctx, wallet_id, amount, f"{command}-{amount}", if_match)
 
-        return await self.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide,
-                                      JsonRenderer(None, replies.WalletWrite), idem)
+        answer = Answer(replies.WalletWrite)
+        outcome = await self.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, idem,
+                                         answer.check)
+        return Reply.of(outcome, answer)
 
     def tail_reads(self) -> int:
         return self.store.counters().tail_queries
@@ -152,7 +170,8 @@ async def test_an_answer_about_an_aggregate_the_command_does_not_write_comes_fro
     async def decide(ctx: CommandContext) -> wallet_commands.Decision:
         return await deposit_commands.open_deposit(one.repository, ctx, uuid.uuid4(), wallet_id, "USD", b"secret")
 
-    reply = await one.bus.execute(CommandContext(SYSTEM), [], decide, JsonRenderer(None, replies.DepositWrite))
+    outcome = await one.bus.execute(CommandContext(SYSTEM), [], decide)
+    reply = Reply.of(outcome, Answer(replies.DepositWrite))
     assert orjson.loads(reply.body)["wallet"]["balance"] == 15
 
 

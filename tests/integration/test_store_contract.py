@@ -226,7 +226,7 @@ async def test_events_are_immutable(store: EventStore, pool: asyncpg.Pool, state
 
 
 def claim(key: str, body: bytes = b"ok", scope: str = "key-1") -> IdempotencyClaim:
-    return IdempotencyClaim(scope, key, b"fp", lambda result: (201, body + str(result.position).encode(), "x/y"))
+    return IdempotencyClaim(scope, key, b"fp", body)
 
 
 async def test_idempotency_claim_commits_with_events_and_blocks_a_second_use(store: EventStore) -> None:
@@ -235,7 +235,7 @@ async def test_idempotency_claim_commits_with_events_and_blocks_a_second_use(sto
     first = await store.append([Write(stream, NO_STREAM, [ev()])], claim(key))
     stored = await store.stored_outcome("key-1", key)
     assert stored is not None
-    assert (stored.status, stored.body, stored.position) == (201, b"ok" + str(first.position).encode(), first.position)
+    assert (stored.outcome, stored.position) == (b"ok", first.position)
     with pytest.raises(IdempotencyKeyUsed) as used:
         await store.append([Write(sid(), NO_STREAM, [ev()])], claim(key))
     assert used.value.stored == stored
@@ -265,7 +265,7 @@ async def test_claim_without_events_and_failed_append_leaves_key_free(store: Eve
     outcome = await store.append([], claim(key, body=b"rejected"))
     assert outcome.streams == ()
     stored = await store.stored_outcome("key-1", key)
-    assert stored is not None and stored.body == b"rejected0"
+    assert stored is not None and (stored.outcome, stored.position) == (b"rejected", 0)
 
 
 async def test_purge_drops_only_expired_idempotency_records(store: EventStore, pool: asyncpg.Pool) -> None:

@@ -83,7 +83,8 @@ class Node:
     async def start(self, projections: Sequence[Projection] | None = None) -> ProjectionService:
         chosen = registry.all_projections(self.bus, clock=self.clock) if projections is None else projections
         self.service = ProjectionService(chosen, connector(self.dsn, self.settings, durable_commits=False),
-                                         CheckpointWatcher(self.pool), self.settings, listener=self.listener)
+                                         CheckpointWatcher(self.pool), self.settings, listener=self.listener,
+                                         tail=self.core.tail)
         await self.service.start()
         return self.service
 

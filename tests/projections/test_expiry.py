@@ -12,7 +12,6 @@ import pytest
 
 from backend.clock import ManualClock
 from backend.commands import wallets
-from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.events import read_batch
@@ -37,7 +36,7 @@ def clock_of(node: Node) -> ManualClock:
 
 async def command(node: Node, wallet_id: UUID, decide) -> int:  # type: ignore[no-untyped-def]
     ctx = CommandContext(SYSTEM, now=node.clock.now())
-    reply = await node.bus.execute(ctx, [wallet_stream(wallet_id)], decide, Quiet())
+    reply = await node.bus.execute(ctx, [wallet_stream(wallet_id)], decide)
     return reply.position
 
 

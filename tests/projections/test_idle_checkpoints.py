@@ -8,7 +8,6 @@ import time
 from uuid import uuid4
 
 from backend.commands import wallets
-from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.deposits import Deposits
@@ -26,7 +25,7 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
         wallet_id, repo = uuid4(), node.bus.repository
 
         async def command(decide) -> int:  # type: ignore[no-untyped-def]
-            reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, Quiet())
+            reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
             return reply.position
 
         await command(lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))

@@ -9,7 +9,6 @@ from uuid import uuid4
 import pytest
 
 from backend.commands import deposits, wallets
-from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import deposit_stream, wallet_stream
 from backend.store.events import ANY, NewEvent
@@ -30,12 +29,12 @@ async def test_a_poison_event_stops_only_its_projection(node: Node) -> None:
         ([wallet_stream(wallet_id)], lambda c: wallets.open_wallet(repo, c, wallet_id, "alice", "USD")),
         ([deposit_stream(deposit_id)], lambda c: deposits.open_deposit(repo, c, deposit_id, wallet_id, "USD", SECRET)),
     ):
-        await node.bus.execute(ctx, streams, decide, Quiet())
+        await node.bus.execute(ctx, streams, decide)
     poison = await node.store.append_to(deposit_stream(deposit_id), ANY, [NewEvent(
         "DepositConfirming", {"confirmations": "many", "occurred_at": datetime.now(UTC).isoformat()},
         {"schema_version": 1})])
     later = await node.bus.execute(ctx, [wallet_stream(wallet_id)],
-                                   lambda c: wallets.credit(repo, c, wallet_id, 500, "after the poison", None), Quiet())
+                                   lambda c: wallets.credit(repo, c, wallet_id, 500, "after the poison", None))
 
     async def others_past_it() -> bool:
         return all([await node.checkpoint(name) >= later.position for name in registry.names() if name != "deposits"])

@@ -9,7 +9,6 @@ from uuid import uuid4
 import pytest
 
 from backend.commands import wallets
-from backend.commands.bus import Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections import balances, registry, reservations, stats
@@ -56,7 +55,7 @@ async def test_reads_count_due_reservations_as_expired_before_the_expiry_is_reco
         lambda ctx: wallets.credit(repo, ctx, wallet_id, 1000, "seed", None),
         lambda ctx: wallets.reserve(repo, ctx, wallet_id, 300, 60, None, reservation_id),
     ):
-        reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, Quiet())
+        reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
     await eventually(node.caught_up)
     assert reply.position
     now, later = datetime.now(UTC), datetime.now(UTC) + timedelta(seconds=61)

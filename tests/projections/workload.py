@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from uuid import UUID, uuid4
 
 from backend.commands import api_keys, deposits, wallets
-from backend.commands.bus import CommandBus, Decision, Quiet
+from backend.commands.bus import CommandBus, Decision
 from backend.commands.context import SYSTEM, CommandContext
 from backend.commands.errors import CommandError
 from backend.domain.errors import DomainError
@@ -71,7 +71,7 @@ class Workload:
 
     async def execute(self, streams: list[str], decide: Callable[[CommandContext], Awaitable[Decision]]) -> bool:
         try:
-            await self.bus.execute(CommandContext(SYSTEM), streams, decide, Quiet())
+            await self.bus.execute(CommandContext(SYSTEM), streams, decide)
         except (DomainError, CommandError):
             self.world.rejected += 1
             return False
