@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import CLOCK, HUB, LISTENER, LOG_TAIL, POOL, REPOSITORY, SETTINGS, SUPERVISOR
+from backend.appkeys import CLOCK, HUB, LISTENER, LOG_TAIL, POOL, REPOSITORY, SETTINGS, SHARED_LIMITS, SUPERVISOR
 from backend.commands.context import Actor
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
@@ -52,7 +52,7 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     """This process's hub, reading through the app's pool and woken by its one Listener."""
     pool = app[POOL]
     hub = Hub(pool, app[LISTENER], HubConfig.from_settings(app[SETTINGS]), projection_stats(pool, app[CLOCK]),
-              app[SUPERVISOR], tail=app[LOG_TAIL])
+              app[SUPERVISOR], tail=app[LOG_TAIL], host_streams=app.get(SHARED_LIMITS))
     await hub.start()
     app[HUB] = hub
     try:

@@ -89,6 +89,16 @@ class StreamRefused(Exception):
         self.reason = reason
 
 
+class HostStreams(Protocol):
+    """The open streams of every worker of this host, by key (backend/server/shared_limits.py):
+    `open_stream` counts one more unless the host has `cap` (None: the key found no room, then this
+    process's own count is all that limits it)."""
+
+    def open_stream(self, key: str, cap: int) -> bool | None: ...
+
+    def close_stream(self, key: str) -> None: ...
+
+
 class Sink(Protocol):
     """Where a subscriber's bytes go (an aiohttp StreamResponse)."""
 
@@ -259,8 +269,11 @@ class Subscriber:
 
 class Hub:
     def __init__(self, db: Executor, listener: Listener, config: HubConfig, stats_source: StatsSource,
-                 supervisor: Supervisor | None = None, tail: LogTail | None = None) -> None:
+                 supervisor: Supervisor | None = None, tail: LogTail | None = None,
+                 host_streams: HostStreams | None = None) -> None:
         self.db = db
+        self.host_streams = host_streams
+        """With several workers on the host: the per-key stream cap counts them all."""
         self.listener = listener
         self.config = config
         self.window = Window(config.window_events)
@@ -348,6 +361,9 @@ class Hub:
                   render: Render | None = None) -> Subscriber:
         """Admit a stream (flt None: a dashboard), or raise StreamRefused (before the response starts)."""
         self.admit(key_id)
+        host = self.host_streams
+        if host is not None and host.open_stream(key_id, self.config.max_streams_per_key) is False:
+            raise StreamRefused("key")
         subscriber = Subscriber(key_id, transport, position, flt, render, self.config.send_timeout_s)
         self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
         if flt is None:
@@ -384,6 +400,8 @@ class Hub:
             followers.discard(subscriber)
             if not followers:
                 del self._by_stream[stream]
+        if self.host_streams is not None:
+            self.host_streams.close_stream(subscriber.key_id)
         left = self._per_key[subscriber.key_id] - 1
         if left:
             self._per_key[subscriber.key_id] = left
