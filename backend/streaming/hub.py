@@ -274,6 +274,8 @@ class Hub:
         self.db = db
         self.host_streams = host_streams
         """With several workers on the host: the per-key stream cap counts them all."""
+        self._host_counted: set[Subscriber] = set()
+        """The subscribers host_streams counted (one that found no room there was not)."""
         self.listener = listener
         self.config = config
         self.window = Window(config.window_events)
@@ -362,9 +364,12 @@ class Hub:
         """Admit a stream (flt None: a dashboard), or raise StreamRefused (before the response starts)."""
         self.admit(key_id)
         host = self.host_streams
-        if host is not None and host.open_stream(key_id, self.config.max_streams_per_key) is False:
+        counted = host.open_stream(key_id, self.config.max_streams_per_key) if host is not None else None
+        if counted is False:
             raise StreamRefused("key")
         subscriber = Subscriber(key_id, transport, position, flt, render, self.config.send_timeout_s)
+        if counted:
+            self._host_counted.add(subscriber)
         self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
         if flt is None:
             self._stats_subscribers.add(subscriber)
@@ -400,7 +405,8 @@ class Hub:
             followers.discard(subscriber)
             if not followers:
                 del self._by_stream[stream]
-        if self.host_streams is not None:
+        if self.host_streams is not None and subscriber in self._host_counted:
+            self._host_counted.discard(subscriber)
             self.host_streams.close_stream(subscriber.key_id)
         left = self._per_key[subscriber.key_id] - 1
         if left:
