@@ -330,7 +330,8 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             if count:
                 routes[route] = (int(count), total / count * 1000)
     return {"append_batches": int(batches), "requests_per_batch": requests / batches if batches else 0.0,
-            "locked_fraction": (batches - fenced) / batches if batches else 0.0,
+            "locked_fraction": sum(locked.values()) / batches if batches else 0.0,
+            "wholly_locked_fraction": (batches - fenced) / batches if batches else 0.0,
             "fence_misses_per_batch": misses / batches if batches else 0.0,
             "tail_queries_per_append": tail_queries / requests if requests else 0.0,
             "locked_reasons": locked, "routes": routes, "event_loop": event_loop_of(after)}
@@ -522,8 +523,9 @@ def report(args: argparse.Namespace, count: int, result: dict[str, Any]) -> dict
           f"{os.cpu_count()}; other programs on the machine take the rest)")
     view = result["server"]
     print(f"  server side (last round, {count} worker(s) summed): {view['append_batches']} append batches, "
-          f"{view['requests_per_batch']:.1f} appends each; {view['locked_fraction']:.1%} of them took the locked "
-          f"path {view['locked_reasons'] or ''}, {view['fence_misses_per_batch']:.2f} fence misses per batch, "
+          f"{view['requests_per_batch']:.1f} appends each; {view['locked_fraction']:.1%} of them ran a locked "
+          f"transaction {view['locked_reasons'] or ''} ({view['wholly_locked_fraction']:.1%} for all their "
+          "appends), {view['fence_misses_per_batch']:.2f} fence misses per batch, "
           f"{view['tail_queries_per_append']:.2f} stream reads per append; mean latency per route "
           "(warm-up included):")
     for route, (n, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
