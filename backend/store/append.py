@@ -266,12 +266,29 @@ class AppendBatcher:
             deferred = [request for request, outcome in zip(batch, fenced, strict=True) if outcome is None]
             if len(deferred) == len(batch):
                 return await self._execute_locked(conn, batch)
-            rest = iter(await self._execute_locked(conn, deferred) if deferred else ())
-            return [outcome if outcome is not None else next(rest) for outcome in fenced]
         except BaseException:
-            self._heads.forget()
-            await self._discard_connection()
+            await self._lost_connection()
             raise
+        if not deferred:
+            return [outcome for outcome in fenced if outcome is not None]
+        # Part of the batch has committed: a failure of the rest is the rest's alone.
+        try:
+            rest: list[AppendResult | Exception] = await self._execute_locked(conn, deferred)
+        except Exception as exc:
+            await self._lost_connection()
+            log.warning("append batch failed", extra={"requests": len(deferred), "error": repr(exc)})
+            rest = [exc] * len(deferred)
+        except BaseException:
+            await self._lost_connection()
+            raise
+        left = iter(rest)
+        return [outcome if outcome is not None else next(left) for outcome in fenced]
+
+    async def _lost_connection(self) -> None:
+        """After a failure in the database round trips: what this process knew may be wrong, and the
+        connection may be mid-transaction."""
+        self._heads.forget()
+        await self._discard_connection()
 
     async def _execute_fenced(
         self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[AppendRequest]
