@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, str] = {
     "instructions": "bench_instructions",
     "ab": "bench_ab",
     "authflood": "bench_authflood",
+    "limits": "bench_limits",
 }
 """Subcommand name -> module in scripts/."""
 

@@ -6,8 +6,8 @@ starts the workers; each worker maps it (mmap, MAP_SHARED) and takes an exclusiv
 each update. Why this engine and not another:
 
 - The kernel's shared memory and file locks need no extra process, survive no reboot (a tmp file of
-  the parent's), and cost two system calls and a few microseconds per request, against the hundreds a
-  command costs; PostgreSQL would add a round trip to every request, and a broker is not allowed.
+  the parent's), and cost two system calls per request (`bench.py limits`); PostgreSQL would add a
+  round trip to every request, and a home-made broker or cluster protocol is out of the question.
 - A lock taken with `flock` is released by the kernel when its holder dies, so a worker killed while
   holding it blocks nobody. A dead worker's open streams are forgotten by the worker started in its
   place (it clears its own column first: `SharedLimits.open`).
