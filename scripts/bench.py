@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, str] = {
     "ab": "bench_ab",
     "authflood": "bench_authflood",
     "limits": "bench_limits",
+    "decode": "bench_decode",
 }
 """Subcommand name -> module in scripts/."""
 
