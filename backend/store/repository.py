@@ -275,15 +275,15 @@ class Repository:
         return result
 
     def _settled(self, request: AppendRequest, staged: list[tuple[str, Aggregate]]) -> None:
-        """The batcher settled a staged append: what it leaves becomes the cached state, or, if it did
-        not commit, the cache forgets the stream (the next load reads it)."""
+        """The batcher settled a staged append: what it leaves becomes the cached state. If it did not
+        commit, the cached copy stays: it holds only committed history (a version that someone else
+        may since have passed), so the next load reads just the events after it, not the stream from
+        its last snapshot (with several workers, every lost race on a hot wallet would do that)."""
         for stream, aggregate in staged:
             if (entry := self._staged.get(stream)) is not None and entry[1] is request:
                 del self._staged[stream]
             if request.committed:
                 self._remember(stream, aggregate, owned=True)
-            else:
-                self._cache.pop(stream, None)
 
     async def follow_log(self, after: int, events: list[RecordedEvent], end: int) -> None:
         """A log tail subscriber (with several workers): every process's appends, in order. The store's
