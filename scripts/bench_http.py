@@ -525,7 +525,7 @@ def report(args: argparse.Namespace, count: int, result: dict[str, Any]) -> dict
     print(f"  server side (last round, {count} worker(s) summed): {view['append_batches']} append batches, "
           f"{view['requests_per_batch']:.1f} appends each; {view['locked_fraction']:.1%} of them ran a locked "
           f"transaction {view['locked_reasons'] or ''} ({view['wholly_locked_fraction']:.1%} for all their "
-          "appends), {view['fence_misses_per_batch']:.2f} fence misses per batch, "
+          f"appends), {view['fence_misses_per_batch']:.2f} fence misses per batch, "
           f"{view['tail_queries_per_append']:.2f} stream reads per append; mean latency per route "
           "(warm-up included):")
     for route, (n, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
