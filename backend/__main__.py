@@ -11,10 +11,12 @@ import sys
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 
 from backend.config import ConfigError, Settings, check_environment, env_help, load_settings
 from backend.db import DatabaseUnavailable
 from backend.logs import configure_logging
+from backend.server.workers import WorkerPlace
 
 log = logging.getLogger("backend")
 
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default: PORT or 8080)")
     serve.add_argument("--workers", type=int, metavar="N",
                        help="server processes on the one port (default: WORKERS or 1)")
-    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # index of one of --workers N
+    serve.add_argument("--shared-limits", type=Path, help=argparse.SUPPRESS)  # the parent's limits table
     serve.add_argument("--wait-for-db", type=float, metavar="SECONDS",
                        help="retry the database with backoff for this long instead of failing at once")
 
@@ -122,7 +125,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return load_settings(**overrides)
 
 
-async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
+async def serve(settings: Settings, worker: WorkerPlace | None = None) -> None:
     from aiohttp import web
 
     from backend.app import create_app
@@ -137,7 +140,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
             log.info(f"listening on http://{host}:{port}",
                      extra={"url": f"http://{host}:{port}", "event_loop": loop_name()})
 
-    await serve_app(create_app(settings), settings, listening, reuse_port=reuse_port)
+    await serve_app(create_app(settings, worker=worker), settings, listening, reuse_port=worker is not None)
     log.info("stopped")
 
 
@@ -233,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format_choice())
     if args.command != "serve":
         return run_tool(settings, args)
-    if settings.workers > 1 and not args.worker:
+    if settings.workers > 1 and args.worker is None:
         from backend.server.workers import run_workers
 
         return run_workers(settings)
@@ -241,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
 
-    return run_main(serve(settings, reuse_port=args.worker), settings.event_loop, "tally",
+    worker = WorkerPlace(args.worker, args.shared_limits) if args.worker is not None else None
+    return run_main(serve(settings, worker), settings.event_loop, "tally",
                     (DatabaseUnavailable, CannotListen, SigningKeyError))
 
 

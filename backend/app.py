@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -23,8 +23,10 @@ from backend.appkeys import (
     READ_POOLS,
     REPOSITORY,
     SETTINGS,
+    SHARED_LIMITS,
     STORE,
     SUPERVISOR,
+    WORKER,
 )
 from backend.audit.runtime import audit_ctx
 from backend.bootstrap import open_core
@@ -41,12 +43,14 @@ from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.openapi import OPENAPI
-from backend.http.ratelimit import RateLimiter, rate_limit_middleware
+from backend.http.ratelimit import HostRateLimiter, Limiter, RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
 from backend.http.static import routes as static_routes
 from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
+from backend.server.shared_limits import SharedLimits
+from backend.server.workers import WorkerPlace
 from backend.store.read_pools import open_replica
 from backend.store.replica_check import TASK as REPLICA_CHECK
 from backend.store.replica_check import ReplicaChecker
@@ -107,10 +111,16 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[AUTHENTICATOR] = authenticator
     metrics.counter("tally_api_key_lookups_total", "API key lookups that went to the database",
                     lambda: authenticator.loads)
+    caches, tail = None, app[LOG_TAIL]
+    if app.get(WORKER) is not None:  # other workers append: follow them rather than forget the caches
+        caches = tail.subscribe("caches", repository.follow_log)
+        tail.want(caches, True)
     try:
         await authenticator.start()
         yield
     finally:
+        if caches is not None:
+            tail.unsubscribe(caches)
         await authenticator.close()
 
 
@@ -126,16 +136,51 @@ ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, 
                 audit_tree.routes, queries.routes, stream_tokens.routes, streaming.routes, static_routes)
 
 
-def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> web.Application:
-    """The web application around the core; clock: what every part of it takes as now (tests move it)."""
+WORKER_HEADER = "X-Tally-Worker"
+"""On every answer of a worker of `serve --workers N`: its index (0..N-1), so that a client or a test can
+tell which worker answered; absent with one process."""
+
+
+def worker_ctx(host_limiter: HostRateLimiter | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A worker of several maps the host's limits table (the rate limiter and the hub use it)."""
+
+    async def shared_limits(app: web.Application) -> AsyncIterator[None]:
+        place, settings = app[WORKER], app[SETTINGS]
+        if place.limits is None:
+            yield
+            return
+        shared = SharedLimits.open(place.limits, place.index, rate_per_s=settings.rate_limit_per_s,
+                                   burst=settings.rate_limit_burst)
+        app[SHARED_LIMITS] = shared
+        if host_limiter is not None:
+            host_limiter.shared = shared
+        try:
+            yield
+        finally:
+            if host_limiter is not None:
+                host_limiter.shared = None
+            shared.close()
+
+    return shared_limits
+
+
+def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPlace | None = None
+               ) -> web.Application:
+    """The web application around the core; clock: what every part of it takes as now (tests move it);
+    worker: set in a worker of `serve --workers N` (its per-key limits are the host's)."""
     metrics = Metrics()
     metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
                  lambda: {"loop": loop_name()})
     watch_build(metrics)
     middlewares: list[Middleware] = [request_id_middleware, metrics_middleware(metrics), error_middleware,
                                      auth_middleware]
+    host_limiter: HostRateLimiter | None = None
     if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key
-        middlewares.append(rate_limit_middleware(RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)))
+        local = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        limiter: Limiter = local
+        if worker is not None:
+            limiter = host_limiter = HostRateLimiter(local)
+        middlewares.append(rate_limit_middleware(limiter))
     origins = settings.allowed_origins()
     if origins:  # outermost: a preflight is answered before anything else looks at it
         middlewares.insert(0, cors.cors_middleware(origins))
@@ -151,6 +196,15 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK) -> web.Applicati
                      "Background tasks (listener, stream tail, projection runners...) restarted after a failure",
                      "task", supervisor.restarts)
     app.cleanup_ctx.append(supervisor_ctx)
+    if worker is not None:
+        app[WORKER] = worker
+        index = str(worker.index)
+
+        async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers[WORKER_HEADER] = index
+
+        app.on_response_prepare.append(name_worker)
+        app.cleanup_ctx.append(worker_ctx(host_limiter))
     watch_streams(metrics, app)
     if settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0:
         failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,

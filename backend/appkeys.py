@@ -15,6 +15,8 @@ from backend.config import Settings
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics
+from backend.server.shared_limits import SharedLimits
+from backend.server.workers import WorkerPlace
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.read_pools import ReadPools
@@ -29,6 +31,10 @@ CLOCK = web.AppKey("clock", Clock)
 """Now, for every part of the app outside the domain (backend.clock; tests pass a ManualClock)."""
 METRICS = web.AppKey("metrics", Metrics)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+WORKER = web.AppKey("worker", WorkerPlace)
+"""Set in a worker of `serve --workers N` only: its place among them."""
+SHARED_LIMITS = web.AppKey("shared_limits", SharedLimits)
+"""Set in a worker of `serve --workers N` only: the host's per-key limits (backend/server/shared_limits.py)."""
 """Runs (and restarts) every background task of the process: backend.supervisor."""
 DATABASE_DSN = web.AppKey("database_dsn", str)
 """DIRECT_DATABASE_URL (default DATABASE_URL): for connections that hold a session (leader locks, LISTEN)."""

@@ -42,6 +42,17 @@ def watch_store(metrics: Metrics, store: EventStore, listener: Listener) -> None
     metrics.counter("tally_append_batches_total", "Append transactions committed", lambda: store.counters().batches)
     metrics.counter("tally_append_requests_total", "Append calls carried by those transactions",
                     lambda: store.counters().batched_requests)
+    metrics.counter("tally_append_fenced_total", "Append transactions committed on the one-round-trip fenced path",
+                    lambda: store.counters().fenced)
+    metrics.counter("tally_append_fence_misses_total",
+                    "Fenced attempts that found another writer first (then retried or took the locked path)",
+                    lambda: store.counters().fence_misses)
+    metrics.counters("tally_append_locked_total",
+                     "Append batches that took the locked path, by why the fenced one could not serve them",
+                     "reason", store.locked_paths)
+    metrics.counter("tally_stream_tail_queries_total",
+                    "Queries that read streams' new events for commands (the caches could not be trusted)",
+                    lambda: store.counters().tail_queries)
     durations = metrics.histogram(
         "tally_append_batch_duration_seconds",
         "Append transactions from start to commit (the disk flush included), as this process saw them")

@@ -27,6 +27,8 @@ SUBCOMMANDS: dict[str, str] = {
     "instructions": "bench_instructions",
     "ab": "bench_ab",
     "authflood": "bench_authflood",
+    "limits": "bench_limits",
+    "decode": "bench_decode",
 }
 """Subcommand name -> module in scripts/."""
 

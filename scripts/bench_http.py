@@ -282,16 +282,33 @@ def loadgen_process(conn: Any, *args: Any) -> None:
     conn.close()
 
 
-async def scrape(base: str, headers: dict[str, str]) -> dict[str, float]:
-    """The server's /metrics as {series: value} (for batch sizes and server-side latency per route)."""
-    async with aiohttp.ClientSession(base, headers=headers) as session, session.get("/metrics") as reply:
-        text = await reply.text()
-    values: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            values[series] = float(value)
-    return values
+WORKER_HEADER = "X-Tally-Worker"
+
+
+async def scrape(base: str, headers: dict[str, str], workers: int = 1) -> dict[str, float]:
+    """The server's /metrics as {series: value} (for batch sizes and server-side latency per route).
+    With several workers, each answers for itself: a new connection per scrape (the kernel picks the
+    worker) until every worker (its X-Tally-Worker header) has answered once; the sum of theirs."""
+    seen: dict[str, dict[str, float]] = {}
+    for _ in range(50 * workers):
+        async with aiohttp.ClientSession(base, headers=headers) as session, session.get("/metrics") as reply:
+            text = await reply.text()
+            worker = reply.headers.get(WORKER_HEADER, "0")
+        values: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                values[series] = float(value)
+        seen.setdefault(worker, values)
+        if len(seen) == workers:
+            break
+    else:
+        raise RuntimeError(f"only workers {sorted(seen)} of {workers} answered /metrics")
+    total: dict[str, float] = {}
+    for answer in seen.values():
+        for series, number in answer.items():
+            total[series] = total.get(series, 0.0) + number
+    return total
 
 
 def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
@@ -300,6 +317,10 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
         return after.get(series, 0.0) - before.get(series, 0.0)
 
     batches, requests = delta("tally_append_batches_total"), delta("tally_append_requests_total")
+    fenced, misses = delta("tally_append_fenced_total"), delta("tally_append_fence_misses_total")
+    tail_queries = delta("tally_stream_tail_queries_total")
+    locked = {series.partition('"')[2].rpartition('"')[0]: int(delta(series)) for series in after
+              if series.startswith("tally_append_locked_total{") and delta(series)}
     routes = {}
     for series in after:
         if series.startswith("tally_http_request_duration_seconds_count{"):
@@ -309,7 +330,11 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             if count:
                 routes[route] = (int(count), total / count * 1000)
     return {"append_batches": int(batches), "requests_per_batch": requests / batches if batches else 0.0,
-            "routes": routes, "event_loop": event_loop_of(after)}
+            "locked_fraction": sum(locked.values()) / batches if batches else 0.0,
+            "wholly_locked_fraction": (batches - fenced) / batches if batches else 0.0,
+            "fence_misses_per_batch": misses / batches if batches else 0.0,
+            "tail_queries_per_append": tail_queries / requests if requests else 0.0,
+            "locked_reasons": locked, "routes": routes, "event_loop": event_loop_of(after)}
 
 
 def slow_batches(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
@@ -429,13 +454,11 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[int, dict[st
                     if not wallets:
                         wallets = await seed_wallets(base, headers, args.wallets)
                     served, pg = server_processes(proc), postgres_processes()
-                    # With several workers each answers /metrics for itself: two scrapes may reach two
-                    # workers, so their difference would mean nothing. Only one worker's server side is shown.
-                    round_before = await scrape(base, headers) if count == 1 else {}
+                    round_before = await scrape(base, headers, count)
                     server_cpu0, pg_cpu0, t0 = cpu_by_process(served), cpu_by_process(pg), time.perf_counter()
                     result = await drive_round(base, token, headers, wallets, args, seconds, warmup)
                     wall = time.perf_counter() - t0
-                    round_after = await scrape(base, headers) if count == 1 else {}
+                    round_after = await scrape(base, headers, count)
                     result["slow_batches"] = slow_batches(round_before, round_after)
                     result["server_cpu_share"] = cpu_used(server_cpu0, served) / wall
                     result["postgres_cpu_share"] = cpu_used(pg_cpu0, pg) / wall
@@ -495,11 +518,12 @@ def report(args: argparse.Namespace, count: int, result: dict[str, Any]) -> dict
           f"{result['postgres_cpu_share']:.2f}, load generator {result['loadgen_cpu_share']:.2f} (of "
           f"{os.cpu_count()}; other programs on the machine take the rest)")
     view = result["server"]
-    if count > 1:
-        print("  server side: not shown (each worker answers /metrics for itself)")
-    else:
-        print(f"  server side (last round): {view['append_batches']} append batches, "
-              f"{view['requests_per_batch']:.1f} appends each; mean latency per route (warm-up included):")
+    print(f"  server side (last round, {count} worker(s) summed): {view['append_batches']} append batches, "
+          f"{view['requests_per_batch']:.1f} appends each; {view['locked_fraction']:.1%} of them ran a locked "
+          f"transaction {view['locked_reasons'] or ''} ({view['wholly_locked_fraction']:.1%} for all their "
+          f"appends), {view['fence_misses_per_batch']:.2f} fence misses per batch, "
+          f"{view['tail_queries_per_append']:.2f} stream reads per append; mean latency per route "
+          "(warm-up included):")
     for route, (n, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):
         print(f"    {n:>7}  {mean_ms:7.1f} ms  {route}")
     bare = result["bare_median"]
@@ -511,4 +535,10 @@ def report(args: argparse.Namespace, count: int, result: dict[str, Any]) -> dict
     print(f"  target >= 2,000 commands/s, p99 <= 50 ms, 0 errors: {'met' if target else 'NOT met'}")
     return {"workers": count, "commands_per_s": round(result["commands_per_s"], 1),
             "p50_ms": round(result["p50_ms"], 2), "p99_ms": round(result["p99_ms"], 2),
+            "locked_fraction": round(view["locked_fraction"], 4),
+            "fence_misses_per_batch": round(view["fence_misses_per_batch"], 4),
+            "tail_queries_per_append": round(view["tail_queries_per_append"], 4),
+            "server_cpu_share": round(result["server_cpu_share"], 3),
+            "postgres_cpu_share": round(result["postgres_cpu_share"], 3),
+            "loadgen_cpu_share": round(result["loadgen_cpu_share"], 3),
             "errors": errors, "bare_aiohttp_requests_per_s": round(bare, 1) if bare else None}

@@ -206,7 +206,7 @@ def event_from_payload(
         raise ValueError(
             f"{type_name} payload does not match its schema: missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
-    kwargs: dict[str, Any] = {key: _decode(fields[key], data[key], key) for key in fields}
+    kwargs: dict[str, Any] = {key: _decoder(hint)(data[key], key) for key, hint in fields.items()}
     kwargs["originator_id"] = _decode(UUID, originator_id, "originator_id")
     kwargs["originator_version"] = _decode(int, version, "originator_version")
     kwargs["timestamp"] = _decode(datetime, timestamp, "timestamp")
@@ -268,20 +268,42 @@ def _encode(value: Any, key: str) -> Any:
     raise TypeError(f"{key}: {type(value).__name__} is not JSON-friendly")
 
 
+Decode = Callable[[Any, str], Any]
+
+
 def _decode(hint: Any, value: Any, key: str) -> Any:
+    return _decoder(hint)(value, key)
+
+
+@functools.cache
+def _decoder(hint: Any) -> Decode:
+    """The function that checks and decodes a stored value of this annotation, made once per annotation:
+    a process that follows other workers' appends decodes every event they write."""
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
-        if value is None and len(options) < len(get_args(hint)):
-            return None
-        if len(options) == 1:
-            return _decode(options[0], value, key)
-        raise TypeError(f"{key}: unsupported union {hint}")  # pragma: no cover
+        optional = len(options) < len(get_args(hint))
+        if len(options) != 1:
+            def unsupported(value: Any, key: str) -> Any:  # pragma: no cover
+                if value is None and optional:
+                    return None
+                raise TypeError(f"{key}: unsupported union {hint}")
+
+            return unsupported
+        inner = _decoder(options[0])
+        if not optional:
+            return inner
+        return lambda value, key: None if value is None else inner(value, key)
     if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise TypeError(f"{key}: expected a list, got {type(value).__name__}")
-        return tuple(_decode(get_args(hint)[0], v, key) for v in value)
-    return _decode_scalar(hint, value, key)
+        item = _decoder(get_args(hint)[0])
+
+        def decode_tuple(value: Any, key: str) -> Any:
+            if not isinstance(value, list | tuple):
+                raise TypeError(f"{key}: expected a list, got {type(value).__name__}")
+            return tuple(item(v, key) for v in value)
+
+        return decode_tuple
+    return functools.partial(_decode_scalar, hint)
 
 
 def _decode_scalar(hint: Any, value: Any, key: str) -> Any:

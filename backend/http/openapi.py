@@ -229,6 +229,8 @@ HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Cache-Control": ("no-cache", {"type": "string"}),
     "X-Accel-Buffering": ("no: a proxy (nginx) must pass the stream on as it comes",
                           {"type": "string", "enum": ["no"]}),
+    "X-Tally-Worker": ("with `serve --workers N` only: the index (0 to N-1) of the worker that answered",
+                       {"type": "string", "pattern": "^[0-9]+$"}),
     "X-Stream-Refused": ("on a stream refused for want of room: the problem's code (the body is one `refused` "
                          "frame, then the end)", {"type": "string", "enum": ["rate_limited", "unavailable"]}),
 }
@@ -273,7 +275,7 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
 
 
 def _success_headers(method: str, spec: Endpoint) -> dict[str, Any]:
-    headers = {"X-Request-ID": _header("X-Request-ID", True)}
+    headers = {"X-Request-ID": _header("X-Request-ID", True), "X-Tally-Worker": _header("X-Tally-Worker", False)}
     if _command(method, spec):
         headers["X-Position"] = _header("X-Position", True)
         headers["Idempotent-Replayed"] = _header("Idempotent-Replayed", False)
@@ -294,7 +296,8 @@ def _success_headers(method: str, spec: Endpoint) -> dict[str, Any]:
 
 
 def _problem_headers(status: int, codes: list[str], method: str, spec: Endpoint) -> dict[str, Any]:
-    headers = {"X-Request-ID": _header("X-Request-ID", not PARSER_CODES & set(codes))}
+    headers = {"X-Request-ID": _header("X-Request-ID", not PARSER_CODES & set(codes)),
+               "X-Tally-Worker": _header("X-Tally-Worker", False)}
     if status == 401:
         headers["WWW-Authenticate"] = _header("WWW-Authenticate", True)
     if status in (429, 503):

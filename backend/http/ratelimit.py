@@ -1,9 +1,12 @@
-"""Per-API-key rate limiting: a token bucket per key, in memory, per process.
+"""Per-API-key rate limiting: a token bucket per key, in memory, per process (or per host).
 
 Each key may spend `burst` requests at once and then `rate` per second. A bucket left idle for
 burst/rate seconds is full again, which is exactly what a missing bucket means, so idle buckets
 are dropped (oldest first) and memory stays bounded by the keys active in that window; a hard cap
 on the number of buckets bounds it even under a flood of distinct keys.
+
+With `serve --workers N` the buckets are the host's (`HostRateLimiter`, over the table of
+backend/server/shared_limits.py), so N workers together admit the key's rate, not N times it.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from backend.http.auth import ACTOR
 from backend.http.problems import Problem
+from backend.server.shared_limits import SharedLimits
 
 
 @dataclass(slots=True)
@@ -81,7 +86,29 @@ class RateLimiter:
             self._buckets.popitem(last=False)
 
 
-def rate_limit_middleware(limiter: RateLimiter) -> Middleware:
+class HostRateLimiter:
+    """The host's buckets, shared by its workers (`shared`, set once the app has mapped the table); a
+    key that finds no room in the shared table, or comes before it is mapped, uses this process's own."""
+
+    def __init__(self, local: RateLimiter) -> None:
+        self.shared: SharedLimits | None = None
+        self.local = local
+        self.rate = local.rate
+        self.burst = local.burst
+
+    def acquire(self, key: str) -> float:
+        wait = self.shared.acquire(key) if self.shared is not None else None
+        return self.local.acquire(key) if wait is None else wait
+
+
+class Limiter(Protocol):
+    rate: float
+    burst: int
+
+    def acquire(self, key: str) -> float: ...
+
+
+def rate_limit_middleware(limiter: Limiter) -> Middleware:
     """Must run after authentication (later in the middleware list): it limits by the caller's key."""
 
     @web.middleware

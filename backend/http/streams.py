@@ -22,7 +22,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import CLOCK, HUB, LISTENER, LOG_TAIL, POOL, READ_POOLS, REPOSITORY, SETTINGS, SUPERVISOR
+from backend.appkeys import (
+    CLOCK,
+    HUB,
+    LISTENER,
+    LOG_TAIL,
+    POOL,
+    READ_POOLS,
+    REPOSITORY,
+    SETTINGS,
+    SHARED_LIMITS,
+    SUPERVISOR,
+)
 from backend.commands.context import Actor
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
@@ -53,7 +64,8 @@ async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     them) and woken by its one Listener."""
     pool = app[POOL]
     hub = Hub(app[READ_POOLS], app[LISTENER], HubConfig.from_settings(app[SETTINGS]),
-              projection_stats(pool, app[CLOCK]), app[SUPERVISOR], tail=app[LOG_TAIL])
+              projection_stats(pool, app[CLOCK]), app[SUPERVISOR], tail=app[LOG_TAIL],
+              host_streams=app.get(SHARED_LIMITS))
     await hub.start()
     app[HUB] = hub
     try:

@@ -12,6 +12,10 @@ asked to stop, with backoff; forwards SIGTERM and SIGINT to every worker (each d
 `serve` does) and waits up to SHUTDOWN_TIMEOUT_S plus a margin. Its exit status is 0 when every
 worker exited 0. Workers run in their own session, so a Ctrl-C reaches them once, through the parent;
 should the parent be killed outright, each worker gets SIGTERM from the kernel and drains.
+
+Before starting them the parent creates the host's table of per-key limits (rate limit buckets, open
+streams: backend/server/shared_limits.py) and tells each worker its index and the table's path on the
+command line, so a key's limits hold for the host, not per worker; it removes the table when it exits.
 """
 
 from __future__ import annotations
@@ -25,13 +29,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 from backend.config import Settings
+from backend.server import shared_limits
 
 log = logging.getLogger("backend")
 
 WORKER_FLAG = "--worker"
+LIMITS_FLAG = "--shared-limits"
 STOP_MARGIN_S = 5.0
 """Beyond SHUTDOWN_TIMEOUT_S: a worker's cleanup (pools, streams) after its drain."""
 BACKOFF_FIRST_S = 0.5
@@ -40,6 +47,15 @@ STEADY_S = 30.0
 """A worker that ran this long before it died is restarted after the shortest backoff again."""
 POLL_S = 0.05
 PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerPlace:
+    """What a worker is told of its place: its index among the N (0..N-1; a restarted worker takes its
+    predecessor's) and the host's shared limits table (backend/server/shared_limits.py)."""
+
+    index: int
+    limits: Path | None
 
 
 @dataclass(slots=True)
@@ -55,9 +71,10 @@ class Worker:
 class Supervisor:
     """Start, watch and stop the workers (one thread, polling: no event loop in the parent)."""
 
-    def __init__(self, settings: Settings, env: dict[str, str]) -> None:
+    def __init__(self, settings: Settings, env: dict[str, str], limits: Path) -> None:
         self.settings = settings
         self.env = env
+        self.limits = limits
         self.workers = [Worker(index) for index in range(settings.workers)]
         self.stop_signal: int | None = None
         self.orphaned = drain_when_orphaned(os.getpid())
@@ -67,7 +84,8 @@ class Supervisor:
             self.stop_signal = signum
 
     def start(self, worker: Worker) -> None:
-        worker.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", WORKER_FLAG],
+        worker.proc = subprocess.Popen([sys.executable, "-m", "backend", "serve", WORKER_FLAG, str(worker.index),
+                                        LIMITS_FLAG, str(self.limits)],
                                        env=self.env, start_new_session=True,
                                        preexec_fn=self.orphaned)  # noqa: PLW1509 (the parent runs no threads)
         worker.started = time.monotonic()
@@ -140,7 +158,7 @@ def drain_when_orphaned(parent: int) -> Callable[[], None] | None:
 
 def worker_env(settings: Settings, database_url: str | None) -> dict[str, str]:
     """The workers' environment: the parent's, with the command line's overrides and the database."""
-    env = {**os.environ, "HOST": settings.host, "PORT": str(settings.port), "WORKERS": "1",
+    env = {**os.environ, "HOST": settings.host, "PORT": str(settings.port), "WORKERS": str(settings.workers),
            "WAIT_FOR_DB_S": str(settings.wait_for_db_s)}
     if database_url is not None:
         env["DATABASE_URL"] = database_url
@@ -166,6 +184,7 @@ def run_workers(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_early)
     embedded = None
+    limits: Path | None = None
     try:
         database_url = None
         if settings.dsn() is None:
@@ -177,7 +196,8 @@ def run_workers(settings: Settings) -> int:
 
             asyncio.run(ensure_database(embedded.dsn("postgres"), EMBEDDED_DATABASE))
             database_url = embedded.dsn(EMBEDDED_DATABASE)
-        supervisor = Supervisor(settings, worker_env(settings, database_url))
+        limits = shared_limits.create(settings.workers)
+        supervisor = Supervisor(settings, worker_env(settings, database_url), limits)
         return supervisor.watch()
     except DatabaseUnavailable as exc:
         print(f"tally: error: {exc}", file=sys.stderr)
@@ -185,5 +205,7 @@ def run_workers(settings: Settings) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
+        if limits is not None:
+            shared_limits.remove(limits)
         if embedded is not None:
             embedded.stop()

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -18,7 +19,8 @@ from asyncpg.pool import PoolConnectionProxy
 
 from backend.store import idempotency
 from backend.store.encoding import encode_writes
-from backend.store.events import AppendResult, StoreError, Write
+from backend.store.events import NO_STREAM, AppendResult, RecordedEvent, StoreError, Write
+from backend.store.hashing import GENESIS
 from backend.store.idempotency import IdempotencyClaim
 from backend.store.planner import AppendRequest, BatchPlanner, KnownHeads
 
@@ -52,8 +54,16 @@ select 'claim', null, null, null, position, null, null, null, null, scope, key, 
 from idempotency_keys where (scope, key) in (select * from unnest($3::text[], $4::text[]))
 """
 
-# The rows travel as two jsonb documents (migration 0006 says why, 0006 and 0008 how they are laid out).
-FENCED_SQL = "select tally_append_fenced_rows($1, $2, $3::jsonb, $4::jsonb)"
+# The rows travel as two jsonb documents (migration 0006 says why and how they are laid out, 0008 the claim rows'
+# layout).
+FENCED_SQL = "select tally_append_fenced_streams($1, $2, $3::jsonb, $4::jsonb)"
+LOCKED_REASONS = ("unknown_stream", "rejected", "taken", "fence_missed")
+"""Why requests of a batch took the locked path: a stream (or the head) this process does not know; a
+request the plan from memory would refuse (never trusted), or that depends on one; an event id or
+Idempotency-Key already stored; the log's head moved on every try."""
+FENCE_TRIES = 3
+"""Fenced attempts per batch: the first on the head this process knows, then on the head a miss told
+(as long as the batch's streams are where it planned them)."""
 WRITE_SQL = "select tally_insert_appended($1::jsonb, $2::jsonb), pg_notify('tally_events', $3::text)"
 
 
@@ -83,6 +93,8 @@ class AppendBatcher:
         self._heads = KnownHeads()
         self.fenced = 0
         self.fence_misses = 0
+        self.locked: dict[str, int] = dict.fromkeys(LOCKED_REASONS, 0)
+        """Batches that took the locked path, by why the fenced one could not serve them."""
         self.batches = 0
         self.batched_requests = 0
         self.on_batch_done: Callable[[float, int], None] | None = None
@@ -158,6 +170,10 @@ class AppendBatcher:
         """This process last saw the stream at this version and has not seen anyone else append since;
         the fenced append checks the second part in the database (see KnownHeads)."""
         return self._heads.knows(stream_id, version)
+
+    def follow(self, events: Sequence[RecordedEvent], end: int) -> bool:
+        """The log tail's page, every process's appends in order (see KnownHeads.follow)."""
+        return self._heads.follow(events, end)
 
     def heads_seen(self, head: int, streams: dict[str, tuple[int, bytes]]) -> None:
         """A read saw these stream heads at log head `head` (see KnownHeads.seen)."""
@@ -245,41 +261,103 @@ class AppendBatcher:
     async def _execute(self, batch: list[AppendRequest]) -> list[AppendResult | Exception]:
         conn = await self._connection()
         try:
-            outcomes = await self._execute_fenced(conn, batch)
-            if outcomes is None:
-                outcomes = await self._execute_locked(conn, batch)
+            fenced = await self._execute_fenced(conn, batch)
+            deferred = [request for request, outcome in zip(batch, fenced, strict=True) if outcome is None]
+            if len(deferred) == len(batch):
+                return await self._execute_locked(conn, batch)
         except BaseException:
-            self._heads.forget()
-            await self._discard_connection()
+            await self._lost_connection()
             raise
-        return outcomes
+        if not deferred:
+            return [outcome for outcome in fenced if outcome is not None]
+        # Part of the batch has committed: a failure of the rest is the rest's alone.
+        try:
+            rest: list[AppendResult | Exception] = await self._execute_locked(conn, deferred)
+        except Exception as exc:
+            await self._lost_connection()
+            log.warning("append batch failed", extra={"requests": len(deferred), "error": repr(exc)})
+            rest = [exc] * len(deferred)
+        except BaseException:
+            await self._lost_connection()
+            raise
+        left = iter(rest)
+        return [outcome if outcome is not None else next(left) for outcome in fenced]
+
+    async def _lost_connection(self) -> None:
+        """After a failure in the database round trips: what this process knew may be wrong, and the
+        connection may be mid-transaction."""
+        self._heads.forget()
+        await self._discard_connection()
 
     async def _execute_fenced(
         self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[AppendRequest]
-    ) -> list[AppendResult | Exception] | None:
-        """One round trip, when this process knows every stream's head and was the last to append.
+    ) -> list[AppendResult | Exception | None]:
+        """One round trip for the requests of the batch this process can plan from memory; None for each
+        it leaves to the general path (run next, in the same `_execute`).
 
-        None means "take the general path": a stream is not cached, a request would fail (a failure
-        computed from a cache is not trusted), or the database refused the fence."""
-        stream_ids = {w.stream_id for r in batch for w in r.writes}
-        known = self._heads.lookup(stream_ids)
-        if known is None or self._heads.head is None:
-            return None
-        planner = BatchPlanner(known, self._heads.head, self._heads.recorded_at)
-        outcomes = [planner.plan(request) for request in batch]
-        if any(isinstance(o, Exception) for o in outcomes) or not (planner.rows or planner.responses):
-            return None
-        try:
-            code = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, self._heads.head, planner.event_rows(),
-                                       idempotency.claim_rows(planner.responses))
-        except asyncpg.UniqueViolationError:
-            code = -2  # an event id or idempotency key is taken: the general path says which, and how
-        if code != 0:
+        A request is left when one of its streams is not known (a new stream, expected at NO_STREAM, is
+        taken as empty: the unique index on (stream_id, version) refuses it if it is not), or when the
+        plan from memory would refuse it (a refusal computed from memory is not trusted), or when it
+        depends on one left. A miss of the fence (someone else appended since) answers with the log's
+        head and the batch's streams as they are, read under the lock: the batch is planned again on
+        that state and retried (migration 0009 says why). Everything is left when the fence missed every
+        try, or an event id or Idempotency-Key is taken (the general path says which, and how)."""
+        everything: list[AppendResult | Exception | None] = [None] * len(batch)
+        head, recorded_at = self._heads.head, self._heads.recorded_at
+        if head is None:
+            self.locked["unknown_stream"] += 1
+            return everything
+        known = self._known(batch)
+        for _ in range(FENCE_TRIES):
+            planner = BatchPlanner(known, head, recorded_at)
+            outcomes: list[AppendResult | Exception | None] = []
+            for request in batch:
+                if all(write.stream_id in known for write in request.writes):
+                    outcome = planner.plan(request)
+                    outcomes.append(None if isinstance(outcome, Exception) else outcome)
+                else:
+                    planner.skip(request)
+                    outcomes.append(None)
+            if not (planner.rows or planner.responses):
+                self.locked["unknown_stream" if len(known) < len({w.stream_id for r in batch for w in r.writes})
+                            else "rejected"] += 1
+                return everything
+            sent = {row.stream_id for row in planner.rows}
+            try:
+                miss = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, head, planner.event_rows(),
+                                           idempotency.claim_rows(planner.responses))
+            except asyncpg.UniqueViolationError:
+                self.fence_misses += 1
+                self.locked["taken"] += 1
+                return everything
+            if miss is None:
+                self._heads.advance(planner, sent, head)
+                self.fenced += 1
+                if None in outcomes:
+                    self.locked["rejected"] += 1
+                return outcomes
             self.fence_misses += 1
-            return None
-        self._heads.advance(planner, stream_ids, foreign_writes=False)
-        self.fenced += 1
-        return outcomes
+            moved = {stream: (version, bytes.fromhex(digest)) for stream, (version, digest) in miss["streams"].items()}
+            # Exact as of the head the miss told, for the streams it was asked about: plan on them (the
+            # others may have moved since this process knew them: their requests go the general way).
+            known = {stream: moved.get(stream, (0, GENESIS)) for stream in sent}
+            head = miss["head"]
+            recorded_at = datetime.fromisoformat(miss["recorded_at"]) if miss["recorded_at"] else None
+        self.locked["fence_missed"] += 1
+        return everything
+
+    def _known(self, batch: list[AppendRequest]) -> dict[str, tuple[int, bytes]]:
+        """The batch's streams this process knows (a new one, expected at NO_STREAM, as empty)."""
+        known: dict[str, tuple[int, bytes]] = {}
+        streams = self._heads.streams
+        for request in batch:
+            for write in request.writes:
+                found = streams.get(write.stream_id)
+                if found is not None:
+                    known[write.stream_id] = found
+                elif write.expected_version == NO_STREAM:
+                    known.setdefault(write.stream_id, (0, GENESIS))
+        return known
 
     async def _execute_locked(
         self, conn: PoolConnectionProxy[asyncpg.Record], batch: list[AppendRequest]
@@ -291,13 +369,13 @@ class AppendBatcher:
         await conn.execute(BEGIN_AND_LOCK_SQL)
         rows = await conn.fetch(STATE_SQL, stream_ids, event_ids, [c.scope for c in claims], [c.key for c in claims])
         planner = BatchPlanner.from_state(rows)
-        foreign_writes = planner.head != self._heads.head
+        base = planner.head
         outcomes = [planner.plan(request) for request in batch]
         if planner.rows or planner.responses:
             await conn.execute(WRITE_SQL, planner.event_rows(), idempotency.claim_rows(planner.responses),
                                str(planner.head))
         await conn.execute("commit")
-        self._heads.advance(planner, set(stream_ids), foreign_writes=foreign_writes)
+        self._heads.advance(planner, set(stream_ids), base)
         return outcomes
 
     async def _connection(self) -> PoolConnectionProxy[asyncpg.Record]:

@@ -66,10 +66,20 @@ class EventStore:
         """The outcome recorded for an Idempotency-Key, if any."""
         return await idempotency.lookup(self._pool, scope, key)
 
+    def follow(self, events: Sequence[RecordedEvent], end: int) -> bool:
+        """Every process's appends, in order, from the process's log tail (one contiguous page up to end):
+        the known stream heads move on with them, so the fenced path need not forget them when another
+        process appended (backend.store.planner.KnownHeads.follow). Whether they did."""
+        return self._batcher.follow(events, end)
+
     def counters(self) -> StoreCounters:
         return StoreCounters(self._batcher.batches, self._batcher.batched_requests, self._batcher.fenced,
                              self._batcher.fence_misses, self._point_reads.version_queries,
                              self._point_reads.tail_queries)
+
+    def locked_paths(self) -> dict[str, int]:
+        """Batches that took the locked path, by reason (backend.store.append.LOCKED_REASONS)."""
+        return dict(self._batcher.locked)
 
     def observe_batches(self, observe: Callable[[float, int], None] | None) -> None:
         """Call `observe` with each committed batch's seconds, from taking it to its commit, and the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,6 +22,7 @@ from backend.store.events import (
     AppendResult,
     DuplicateEventId,
     PredecessorFailed,
+    RecordedEvent,
     StreamAppended,
     WrongExpectedVersion,
 )
@@ -61,16 +62,21 @@ class Planned:
 
 
 class KnownHeads:
-    """What this process knows of the log as of its own last append: the head, and stream heads.
+    """What this process knows of the log: a head, and the (version, hash) of streams at that head.
 
-    Valid only while no other process appends: the fenced path checks exactly that in the database.
-    When the general path finds that someone else appended, every cached stream head is dropped."""
+    Learnt from its own appends, from reads that saw the same head, and (with several workers) from
+    the process's log tail, which hands it every process's appends in order (`follow`). The entries are
+    exact at `head` as far as this process knows; the fenced path checks in the database that the log
+    is still there (or that the batch's own streams are where they were: see append.py)."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
         self.head: int | None = None
         self.recorded_at: datetime | None = None
         self.streams: dict[str, tuple[int, bytes]] = {}
+        self.followed = False
+        """The log tail hands this process every append (`follow`): it fills what lies below a batch
+        of this process that committed above the head it knew, instead of that batch forgetting it all."""
 
     def lookup(self, stream_ids: set[str]) -> dict[str, tuple[int, bytes]] | None:
         try:
@@ -78,15 +84,45 @@ class KnownHeads:
         except KeyError:
             return None
 
-    def advance(self, planner: BatchPlanner, stream_ids: set[str], *, foreign_writes: bool) -> None:
-        if foreign_writes:
-            self.streams.clear()
+    def advance(self, planner: BatchPlanner, stream_ids: set[str], base: int) -> None:
+        """A batch planned on the log at `base` committed, leaving the log at planner.head."""
+        if self.head is not None and self.head >= planner.head:
+            return  # the log tail handed this process the batch already (and perhaps more)
+        streams = self.streams
+        jump = self.head == base or self.head is None or not self.followed
+        if jump and self.head != base:
+            streams.clear()  # someone else appended between what we knew and `base`
         for stream in stream_ids:
-            self.streams[stream] = planner.streams.get(stream, (0, GENESIS))
-        if len(self.streams) > self.capacity:
-            self.streams.clear()
-        self.head = planner.head
-        self.recorded_at = planner.recorded_at
+            # Without a jump the batch's streams are ahead of the head until the tail hands over what
+            # lies between: harmless, as the fence at the head then fails and every use is checked.
+            streams[stream] = planner.streams.get(stream, (0, GENESIS))
+        if len(streams) > self.capacity:
+            streams.clear()
+        if jump:
+            self.head = planner.head
+            self.recorded_at = planner.recorded_at
+
+    def follow(self, events: Sequence[RecordedEvent], end: int) -> bool:
+        """A contiguous run of the log up to `end` (the log tail's page): the streams it touched move on,
+        and the head with them, when the run starts at or below this head. Whether it did."""
+        self.followed = True
+        head = self.head
+        if head is None or end <= head or not events:
+            return False
+        if events[0].position > head + 1:  # the tail skipped what this process has not seen
+            self.forget()
+            return False
+        streams = self.streams
+        for event in events:
+            if event.position > head:
+                streams[event.stream_id] = (event.version, event.hash)
+        if len(streams) > self.capacity:
+            streams.clear()
+        self.head = end
+        last = events[-1].recorded_at
+        if self.recorded_at is None or last > self.recorded_at:
+            self.recorded_at = last
+        return True
 
     def knows(self, stream_id: str, version: int) -> bool:
         """As of this process's last append (or a read at that head), the stream was at this version."""
@@ -151,6 +187,10 @@ class BatchPlanner:
         outcome = self._plan(request) if failed is None else failed
         self._planned[id(request)] = isinstance(outcome, AppendResult)
         return outcome
+
+    def skip(self, request: AppendRequest) -> None:
+        """The request is not planned in this batch (it goes elsewhere): whoever depends on it fails here."""
+        self._planned[id(request)] = False
 
     def _predecessor_failed(self, request: AppendRequest) -> PredecessorFailed | None:
         """A predecessor is either earlier in this batch (as planned so far) or in a batch that has

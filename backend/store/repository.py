@@ -280,15 +280,43 @@ class Repository:
         return result
 
     def _settled(self, request: AppendRequest, staged: list[tuple[str, Aggregate]]) -> None:
-        """The batcher settled a staged append: what it leaves becomes the cached state, or, if it did
-        not commit, the cache forgets the stream (the next load reads it)."""
+        """The batcher settled a staged append: what it leaves becomes the cached state. If it did not
+        commit, the cached copy stays: it holds only committed history (a version that someone else
+        may since have passed), so the next load reads just the events after it, not the stream from
+        its last snapshot (with several workers, every lost race on a hot wallet would do that)."""
         for stream, aggregate in staged:
             if (entry := self._staged.get(stream)) is not None and entry[1] is request:
                 del self._staged[stream]
             if request.committed:
                 self._remember(stream, aggregate, owned=True)
-            else:
-                self._cache.pop(stream, None)
+
+    async def follow_log(self, after: int, events: list[RecordedEvent], end: int) -> None:
+        """A log tail subscriber (with several workers): every process's appends, in order. The store's
+        known stream heads move on, and so do the cached aggregates, by applying the events this process
+        did not make; so a command on a wallet another worker just changed still takes the fast path.
+        A cached copy that cannot be brought up to date (a version skipped) is dropped."""
+        self.store.follow(events, end)
+        cache = self._cache
+        touched: dict[str, list[RecordedEvent]] = {}
+        for event in events:
+            if event.stream_id in cache:
+                touched.setdefault(event.stream_id, []).append(event)
+        for stream, followed in touched.items():
+            cached = cache[stream]
+            run = [event for event in followed if event.version > cached.version]
+            if not run:
+                continue  # this process's own append, or one it has read already
+            if run[0].version != cached.version + 1:
+                del cache[stream]
+                continue
+            try:
+                folded = fold(run, clone(cached), cached.id)
+            except Exception:
+                log.exception("could not apply followed events to a cached aggregate", extra={"stream": stream})
+                del cache[stream]
+                continue
+            if folded is not None:
+                cache[stream] = folded
 
     def forget(self, *stream_ids: str) -> None:
         for stream in stream_ids:

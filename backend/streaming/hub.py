@@ -90,6 +90,16 @@ class StreamRefused(Exception):
         self.reason = reason
 
 
+class HostStreams(Protocol):
+    """The open streams of every worker of this host, by key (backend/server/shared_limits.py):
+    `open_stream` counts one more unless the host has `cap` (None: the key found no room, then this
+    process's own count is all that limits it)."""
+
+    def open_stream(self, key: str, cap: int) -> bool | None: ...
+
+    def close_stream(self, key: str) -> None: ...
+
+
 class Sink(Protocol):
     """Where a subscriber's bytes go (an aiohttp StreamResponse)."""
 
@@ -260,10 +270,15 @@ class Subscriber:
 
 class Hub:
     def __init__(self, db: Executor | ReadPools, listener: Listener, config: HubConfig, stats_source: StatsSource,
-                 supervisor: Supervisor | None = None, tail: LogTail | None = None) -> None:
+                 supervisor: Supervisor | None = None, tail: LogTail | None = None,
+                 host_streams: HostStreams | None = None) -> None:
         self._pools = db if isinstance(db, ReadPools) else ReadPools(db)
         """Catch-up pages come from a replica that has replayed the window's end, else the primary."""
         db = self.db = self._pools.primary
+        self.host_streams = host_streams
+        """With several workers on the host: the per-key stream cap counts them all."""
+        self._host_counted: set[Subscriber] = set()
+        """The subscribers host_streams counted (one that found no room there was not)."""
         self.listener = listener
         self.config = config
         self.window = Window(config.window_events)
@@ -351,7 +366,13 @@ class Hub:
                   render: Render | None = None) -> Subscriber:
         """Admit a stream (flt None: a dashboard), or raise StreamRefused (before the response starts)."""
         self.admit(key_id)
+        host = self.host_streams
+        counted = host.open_stream(key_id, self.config.max_streams_per_key) if host is not None else None
+        if counted is False:
+            raise StreamRefused("key")
         subscriber = Subscriber(key_id, transport, position, flt, render, self.config.send_timeout_s)
+        if counted:
+            self._host_counted.add(subscriber)
         self._per_key[key_id] = self._per_key.get(key_id, 0) + 1
         if flt is None:
             self._stats_subscribers.add(subscriber)
@@ -387,6 +408,9 @@ class Hub:
             followers.discard(subscriber)
             if not followers:
                 del self._by_stream[stream]
+        if self.host_streams is not None and subscriber in self._host_counted:
+            self._host_counted.discard(subscriber)
+            self.host_streams.close_stream(subscriber.key_id)
         left = self._per_key[subscriber.key_id] - 1
         if left:
             self._per_key[subscriber.key_id] = left

@@ -250,3 +250,49 @@ async def test_two_processes_chaining_random_commands_keep_the_books(nodes: tupl
     assert balances[-1] == 100 + sum(changes)
     for node in nodes:
         assert (await node.repository.get(Wallet, wallet_id)).balance == balances[-1]
+
+
+async def follow(node: Node, after: int) -> int:
+    """Hand the node every append after a position, as the process's log tail would (one page)."""
+    events = await node.store.read_all(after, 1000)
+    await node.repository.follow_log(after, events, events[-1].position)
+    return events[-1].position
+
+
+async def test_a_process_that_follows_the_log_decides_on_another_ones_append_without_reading(
+    nodes: tuple[Node, Node],
+) -> None:
+    """With several workers each follows the others' appends (backend/app.py, store_ctx): the cached
+    wallet and the known stream head move on, so the next command is decided from memory and appended
+    in one round trip, and the answer is the store's."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 100)
+    await two.run(wallet_id, "debit", 10)  # `two` caches the wallet at the head it appended
+    seen = await two.store.head()
+    await one.run(wallet_id, "credit", 50)
+    await follow(two, seen)
+    reads, fenced, misses = two.tail_reads(), two.store.counters().fenced, two.store.counters().fence_misses
+    reply = await two.run(wallet_id, "debit", 20)
+    assert balance_of(reply) == 120
+    assert (two.tail_reads(), two.store.counters().fenced, two.store.counters().fence_misses) == \
+        (reads, fenced + 1, misses)
+    assert two.bus.conflicts == 0
+    assert (await one.repository.get(Wallet, wallet_id)).balance == 120
+
+
+async def test_a_fence_missed_for_another_stream_costs_one_more_round_trip_not_the_locked_path(
+    nodes: tuple[Node, Node],
+) -> None:
+    """Another process appended elsewhere since: the miss tells this wallet's head, unchanged, and the
+    same decision is appended on the new log head."""
+    one, two = nodes
+    mine, theirs = await open_wallet(one, 100), await open_wallet(two, 100)
+    await one.run(mine, "debit", 1)
+    await two.run(theirs, "debit", 1)
+    fenced, misses, locked = one.store.counters().fenced, one.store.counters().fence_misses, one.store.locked_paths()
+    reply = await one.run(mine, "debit", 9)
+    assert balance_of(reply) == 90
+    assert one.store.counters().fenced == fenced + 1
+    assert one.store.counters().fence_misses == misses + 1
+    assert one.store.locked_paths() == locked
+    assert orjson.loads(reply.body)["position"] == await one.store.head()

@@ -10,7 +10,7 @@ import pytest
 
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.event_store import EventStore
-from backend.store.events import ANY, NO_STREAM, DuplicateEventId, NewEvent, Write
+from backend.store.events import ANY, NO_STREAM, DuplicateEventId, NewEvent, Write, WrongExpectedVersion
 from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed
 
 
@@ -173,3 +173,69 @@ async def test_a_held_connection_asyncpg_took_back_is_replaced_not_used(
     result = await store.append_to(stream, 1, [ev(2)])
     assert result.streams[0].version == 2
     assert await count_stream(pool, stream) == 2
+
+
+async def test_a_new_stream_takes_the_fast_path_and_one_that_exists_is_told_by_the_general_path(
+    pool: asyncpg.Pool,
+) -> None:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        taken = sid()
+        await theirs.append_to(taken, NO_STREAM, [ev()])  # before `mine` knows anything
+        await mine.append_to(sid(), NO_STREAM, [ev()])  # general path: `mine` learns the head
+        fenced = mine.counters().fenced
+        await mine.append_to(sid(), NO_STREAM, [ev()])
+        assert mine.counters().fenced == fenced + 1
+        locked = mine.locked_paths()["taken"]  # `taken` is not known, so taken as new: the index refuses
+        with pytest.raises(WrongExpectedVersion):
+            await mine.append_to(taken, NO_STREAM, [ev()])
+        assert mine.locked_paths()["taken"] == locked + 1
+        assert await count_stream(pool, taken) == 1
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_in_one_batch_what_memory_cannot_plan_goes_the_general_way_and_the_rest_in_one_trip(
+    pool: asyncpg.Pool,
+) -> None:
+    """`mine` knows both streams at version 1; another process moved one. The fence misses, the miss
+    tells both streams' heads: the request on the moved one is left to the general path, which refuses
+    it, and the other is appended on the fenced path."""
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        still, moved = sid(), sid()
+        await mine.append([Write(still, NO_STREAM, [ev()]), Write(moved, NO_STREAM, [ev()])])
+        await theirs.append_to(moved, 1, [ev(2)])
+        fenced, misses, rejected = mine.counters().fenced, mine.counters().fence_misses, mine.locked_paths()["rejected"]
+        first = mine.submit([Write(still, 1, [ev(2)])])
+        second = mine.submit([Write(moved, 1, [ev(3)])])  # queued behind the first: one batch
+        ok, refused = await asyncio.gather(mine.outcome(first), mine.outcome(second), return_exceptions=True)
+        assert isinstance(refused, WrongExpectedVersion), refused
+        assert not isinstance(ok, BaseException) and ok.streams[0].version == 2
+        assert mine.counters().fenced == fenced + 1 and mine.counters().fence_misses == misses + 1
+        assert mine.locked_paths()["rejected"] == rejected + 1
+        assert [e.version for e in await mine.read_stream(moved)] == [1, 2]
+        assert [e.version for e in await mine.read_stream(still)] == [1, 2]
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_following_the_log_keeps_the_fence_after_another_process_appended(pool: asyncpg.Pool) -> None:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        own, shared = sid(), sid()
+        await mine.append([Write(own, NO_STREAM, [ev()]), Write(shared, NO_STREAM, [ev()])])
+        head = await mine.head()
+        await theirs.append([Write(sid(), NO_STREAM, [ev()]), Write(shared, 1, [ev(2)])])
+        events = await mine.read_all(head)
+        assert mine.follow(events, events[-1].position)
+        assert not mine.follow(events, events[-1].position)  # had them already
+        fenced, misses = mine.counters().fenced, mine.counters().fence_misses
+        await mine.append([Write(shared, 2, [ev(3)]), Write(own, 1, [ev(2)])])
+        assert (mine.counters().fenced, mine.counters().fence_misses) == (fenced + 1, misses)
+        assert [e.version for e in await mine.read_stream(shared)] == [1, 2, 3]
+    finally:
+        await mine.close()
+        await theirs.close()

@@ -18,6 +18,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -58,39 +59,44 @@ def test_one_wallet_across_two_processes(fresh_database_url: str) -> None:
         asyncio.run(alternate(fresh_database_url, token, a.base, b.base))
 
 
-async def alternate(database_url: str, token: str, a: str, b: str) -> None:
+async def alternate(database_url: str, token: str, a: str, b: str,
+                    on: Callable[[int], aiohttp.ClientSession] | None = None) -> None:
+    """Request n goes to `a` when n is even, else to `b`; `on(n)`, when given, is the session that
+    carries it (one that reaches the wanted worker of `serve --workers 2`, a and b then being one URL)."""
     headers = {"Authorization": f"Bearer {token}"}
-    async with aiohttp.ClientSession(headers=headers) as session:
+    async with aiohttp.ClientSession(headers=headers) as shared:
+        def to(n: int, method: str, path: str, body: dict[str, Any] | None = None
+               ) -> Coroutine[Any, Any, tuple[int, dict[str, Any]]]:
+            return call(on(n) if on is not None else shared, method, f"{(a, b)[n % 2]}{path}", body)
+
         # Credits and debits alternate between the processes: each succeeds on the version the other made.
-        status, wallet = await call(session, "POST", f"{a}/v1/wallets", {"owner": "alice", "currency": "USD"})
+        status, wallet = await to(0, "POST", "/v1/wallets", {"owner": "alice", "currency": "USD"})
         assert status == 201, wallet
         wid = wallet["wallet_id"]
         balance = 0
         for n in range(20):
-            base = (a, b)[n % 2]
             kind, delta = ("credits", 7) if n % 3 else ("debits", -3)
             if balance + delta < 0:
                 kind, delta = "credits", 7
-            status, body = await call(session, "POST", f"{base}/v1/wallets/{wid}/{kind}",
-                                      {"amount": abs(delta), "reference": f"alt-{n}"})
+            status, body = await to(n, "POST", f"/v1/wallets/{wid}/{kind}",
+                                    {"amount": abs(delta), "reference": f"alt-{n}"})
             balance += delta
             assert (status, body["balance"], body["version"]) == (200, balance, n + 2), (n, body)
 
         # The 100-way debit race on one wallet, half through each process.
-        status, racer = await call(session, "POST", f"{b}/v1/wallets", {"owner": "bob", "currency": "USD"})
+        status, racer = await to(1, "POST", "/v1/wallets", {"owner": "bob", "currency": "USD"})
         rid = racer["wallet_id"]
-        status, _ = await call(session, "POST", f"{a}/v1/wallets/{rid}/credits",
-                               {"amount": BALANCE, "reference": "seed"})
+        status, _ = await to(0, "POST", f"/v1/wallets/{rid}/credits", {"amount": BALANCE, "reference": "seed"})
         assert status == 200
         answers = await asyncio.gather(*(
-            call(session, "POST", f"{(a, b)[n % 2]}/v1/wallets/{rid}/debits", {"amount": AMOUNT, "reference": f"r{n}"})
+            to(n, "POST", f"/v1/wallets/{rid}/debits", {"amount": AMOUNT, "reference": f"r{n}"})
             for n in range(RACERS)))
         outcomes = Counter((status, body.get("code")) for status, body in answers)
         won = BALANCE // AMOUNT
         assert outcomes == {(200, None): won, (422, "insufficient_funds"): RACERS - won}, outcomes
         last = max(body["position"] for status, body in answers if status == 200)
-        for base in (a, b):  # reads are of the read model: min_position asks for the writes made so far
-            status, read = await call(session, "GET", f"{base}/v1/wallets/{rid}?min_position={last}")
+        for n in (0, 1):  # reads are of the read model: min_position asks for the writes made so far
+            status, read = await to(n, "GET", f"/v1/wallets/{rid}?min_position={last}")
             assert (status, read["balance"]) == (200, BALANCE - won * AMOUNT)
         events = await wallet_events(database_url, rid)
         assert [version for version, _, _ in events] == list(range(1, len(events) + 1))
@@ -103,23 +109,28 @@ async def alternate(database_url: str, token: str, a: str, b: str) -> None:
         assert running == BALANCE - won * AMOUNT
 
         # A settle between wallets last touched by different processes.
-        _, payer = await call(session, "POST", f"{a}/v1/wallets", {"owner": "carol", "currency": "USD"})
-        _, payee = await call(session, "POST", f"{b}/v1/wallets", {"owner": "dave", "currency": "USD"})
+        _, payer = await to(0, "POST", "/v1/wallets", {"owner": "carol", "currency": "USD"})
+        _, payee = await to(1, "POST", "/v1/wallets", {"owner": "dave", "currency": "USD"})
         pid, qid = payer["wallet_id"], payee["wallet_id"]
-        status, _ = await call(session, "POST", f"{a}/v1/wallets/{pid}/credits", {"amount": 50, "reference": "p"})
+        status, _ = await to(0, "POST", f"/v1/wallets/{pid}/credits", {"amount": 50, "reference": "p"})
         assert status == 200
-        status, _ = await call(session, "POST", f"{b}/v1/wallets/{qid}/credits", {"amount": 5, "reference": "q"})
+        status, _ = await to(1, "POST", f"/v1/wallets/{qid}/credits", {"amount": 5, "reference": "q"})
         assert status == 200
-        status, lock = await call(session, "POST", f"{b}/v1/wallets/{pid}/locks", {"amount": 20, "reason": "pay"})
+        status, lock = await to(1, "POST", f"/v1/wallets/{pid}/locks", {"amount": 20, "reason": "pay"})
         assert status == 201, lock
-        status, settled = await call(session, "POST", f"{a}/v1/wallets/{pid}/locks/{lock['lock_id']}/settle",
-                                     {"to_wallet_id": qid})
+        status, settled = await to(0, "POST", f"/v1/wallets/{pid}/locks/{lock['lock_id']}/settle",
+                                   {"to_wallet_id": qid})
         assert (status, settled["balance"]) == (200, 30), settled
         after = settled["position"]
-        status, read = await call(session, "GET", f"{b}/v1/wallets/{qid}?min_position={after}")
+        status, read = await to(1, "GET", f"/v1/wallets/{qid}?min_position={after}")
         assert (status, read["balance"]) == (200, 25), read
-        status, read = await call(session, "GET", f"{b}/v1/wallets/{pid}?min_position={after}")
+        status, read = await to(1, "GET", f"/v1/wallets/{pid}?min_position={after}")
         assert (status, read["balance"], read["locked"]) == (200, 30, 0), read
+        # And the payee, last written by the settle on `a`, takes a debit on `b` and one on `a`.
+        status, body = await to(1, "POST", f"/v1/wallets/{qid}/debits", {"amount": 4, "reference": "q1"})
+        assert (status, body["balance"]) == (200, 21), body
+        status, body = await to(0, "POST", f"/v1/wallets/{qid}/debits", {"amount": 21, "reference": "q2"})
+        assert (status, body["balance"]) == (200, 0), body
 
 
 def children(pid: int) -> list[int]:
