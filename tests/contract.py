@@ -1,6 +1,6 @@
 """Holding live answers to the served /openapi.json: status, content type, body, and headers.
 
-ContractClient wraps a TestClient: every request it makes is matched to its documented operation, and
+ContractClient wraps a Client: every request it makes is matched to its documented operation, and
 its answer must have a documented status, a documented content type (none where none is documented),
 a body that validates against that content's schema, every header the document marks required (each
 fitting its schema), and no Tally header (X-*, ETag, Location, Retry-After, ...) the document does not
@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
 from jsonschema import Draft202012Validator
 
 from tests.conftest import bearer
+from tests.support import Client
 
 CONTROLLED = frozenset({"etag", "location", "retry-after", "idempotent-replayed", "www-authenticate",
                         "cache-control", "content-disposition"})
@@ -35,8 +35,9 @@ class Contract:
         self.components = doc["components"]
         # Literal paths before templated ones: /v1/streams/events is not /v1/streams/{stream_id}/events.
         templates = sorted(doc["paths"], key=lambda path: (path.count("{"), path))
-        self.patterns = [(re.compile("^" + re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(t)) + "$"), t)
-                         for t in templates]
+        self.patterns: list[tuple[re.Pattern[str], str]] = [
+            (re.compile("^" + re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(t)) + "$"), t)
+            for t in templates]
         self.seen: set[tuple[str, str, int]] = set()
 
     def template(self, path: str) -> str:
@@ -91,9 +92,9 @@ class Contract:
 
 
 class ContractClient:
-    """A TestClient whose every answer is checked against the contract (see the module docstring)."""
+    """A Client whose every answer is checked against the contract (see the module docstring)."""
 
-    def __init__(self, client: TestClient, contract: Contract) -> None:
+    def __init__(self, client: Client, contract: Contract) -> None:
         self.client = client
         self.contract = contract
 

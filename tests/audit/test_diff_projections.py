@@ -4,11 +4,9 @@ and an invented read-model row are each reported, and nothing is left behind."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable
 
 import asyncpg
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.audit.projections_diff import SCRATCH_PREFIX, DiffReport, diff_all
@@ -16,11 +14,10 @@ from projections.registry import names
 from tests.audit.test_cli import audit_cli
 from tests.conftest import bearer, make_settings, mint_token
 from tests.projections.harness import eventually
+from tests.support import Client
 
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 
-
-async def workload(client: TestClient, headers: dict[str, str]) -> list[str]:
+async def workload(client: Client, headers: dict[str, str]) -> list[str]:
     wallets = []
     for owner in ("ann", "bob", "cy"):
         made = await client.post("/v1/wallets", json={"owner": owner, "currency": "USD"}, headers=headers)
@@ -41,11 +38,11 @@ async def diff(pool: asyncpg.Pool) -> DiffReport:
 
 
 async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
-    aiohttp_client: AIOHTTPClient, own_database_url: str, own_pool: asyncpg.Pool
+    aiohttp_client: AiohttpClient, own_database_url: str, own_pool: asyncpg.Pool
 ) -> None:
     settings = make_settings(own_database_url, rate_limit_per_s=0, projection_poll_s=0.2)
     client = await aiohttp_client(create_app(settings))
-    headers = bearer(await mint_token(client.server.app, "ops", ["admin"]))
+    headers = bearer(await mint_token(client.app, "ops", ["admin"]))
     wallets = await workload(client, headers)
 
     async def caught_up() -> bool:

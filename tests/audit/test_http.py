@@ -6,15 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
@@ -23,13 +21,13 @@ from backend.audit.verify import Report, verify
 from backend.store.events import ANY, NewEvent, Write
 from tests.audit.conftest import fill_log, tamper
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client
 
 PROBLEM = "application/problem+json"
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 
 
 class Auditor:
-    def __init__(self, client: TestClient, headers: dict[str, str]) -> None:
+    def __init__(self, client: Client, headers: dict[str, str]) -> None:
         self.client = client
         self.headers = headers
 
@@ -48,12 +46,12 @@ class Auditor:
 
 
 @pytest.fixture
-async def auditor(client: TestClient) -> Auditor:
-    return Auditor(client, bearer(await mint_token(client.server.app, "auditor", ["audit:read"])))
+async def auditor(client: Client) -> Auditor:
+    return Auditor(client, bearer(await mint_token(client.app, "auditor", ["audit:read"])))
 
 
 @pytest.fixture
-async def admin(client: TestClient, admin_headers: dict[str, str]) -> Auditor:
+async def admin(client: Client, admin_headers: dict[str, str]) -> Auditor:
     return Auditor(client, admin_headers)
 
 
@@ -66,8 +64,8 @@ def probe_streams(count: int) -> tuple[str, list[str]]:
 # ---------------------------------------------------------------- the global log
 
 
-async def test_paging_is_stable_while_appends_continue(client: TestClient, auditor: Auditor) -> None:
-    store = client.server.app[STORE]
+async def test_paging_is_stable_while_appends_continue(client: Client, auditor: Auditor) -> None:
+    store = client.app[STORE]
     prefix, streams = probe_streams(5)
     appended: list[int] = []
     done = asyncio.Event()
@@ -101,8 +99,8 @@ async def test_paging_is_stable_while_appends_continue(client: TestClient, audit
     assert pages_while_appending > 3
 
 
-async def test_filters_by_type_and_recorded_time(client: TestClient, auditor: Auditor) -> None:
-    store = client.server.app[STORE]
+async def test_filters_by_type_and_recorded_time(client: Client, auditor: Auditor) -> None:
+    store = client.app[STORE]
     prefix, streams = probe_streams(2)
     for n in range(6):  # one append per call: each gets its own, later recorded_at
         await store.append([Write(streams[n % 2], ANY, [NewEvent("AuditProbe" if n % 3 else "AuditOther", {"n": n})])])
@@ -123,8 +121,8 @@ async def test_filters_by_type_and_recorded_time(client: TestClient, auditor: Au
     assert [e["data"]["n"] for e in window["data"]] == [1, 2]
 
 
-async def test_event_shape(client: TestClient, auditor: Auditor) -> None:
-    store = client.server.app[STORE]
+async def test_event_shape(client: Client, auditor: Auditor) -> None:
+    store = client.app[STORE]
     _, (stream,) = probe_streams(1)
     await store.append([Write(stream, ANY, [NewEvent("AuditProbe", {"b": 1, "a": "é"}, {"actor": "x"})])])
     (event,) = (await auditor.get(f"/v1/streams/{stream}/events"))["data"]
@@ -157,8 +155,8 @@ async def test_a_repeated_parameter_is_rejected(auditor: Auditor) -> None:
     assert body["errors"][0]["field"] == "cursor"
 
 
-async def test_audit_scope_is_required(client: TestClient, auditor: Auditor) -> None:
-    reader = bearer(await mint_token(client.server.app, "reader", ["wallets:read"]))
+async def test_audit_scope_is_required(client: Client, auditor: Auditor) -> None:
+    reader = bearer(await mint_token(client.app, "reader", ["wallets:read"]))
     paths = ["/v1/events", "/v1/events/export", f"/v1/streams/wallet-{uuid.uuid4()}/events",
              f"/v1/wallets/{uuid.uuid4()}/state?at_position=1", "/v1/audit/verify?stream=x"]
     for path in paths:
@@ -170,9 +168,9 @@ async def test_audit_scope_is_required(client: TestClient, auditor: Auditor) -> 
 # ---------------------------------------------------------------- one stream
 
 
-async def test_stream_history_pages_by_version(client: TestClient, auditor: Auditor) -> None:
+async def test_stream_history_pages_by_version(client: Client, auditor: Auditor) -> None:
     _, (stream,) = probe_streams(1)
-    await client.server.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": n}) for n in range(5)])])
+    await client.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": n}) for n in range(5)])])
     page = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 1, "limit": 2})
     assert [e["version"] for e in page["data"]] == [2, 3]
     assert (page["stream_id"], page["next_cursor"], page["has_more"]) == (stream, "3", True)
@@ -187,9 +185,9 @@ async def test_stream_history_pages_by_version(client: TestClient, auditor: Audi
 # ---------------------------------------------------------------- export
 
 
-async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client: TestClient,
+async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client: Client,
                                                                          auditor: Auditor) -> None:
-    store = client.server.app[STORE]
+    store = client.app[STORE]
     _, streams = probe_streams(3)
     first = await store.append([Write(s, ANY, [NewEvent("AuditProbe", {"n": 0})]) for s in streams])
     after = first.position - 3
@@ -271,11 +269,11 @@ async def test_verify_one_stream(admin: Auditor, auditor: Auditor) -> None:
     await auditor.get("/v1/audit/verify", {"stream": f"wallet-{uuid.uuid4()}"}, status=404)
 
 
-async def test_verify_the_whole_log_and_find_tampering(aiohttp_client: AIOHTTPClient, own_database_url: str,
+async def test_verify_the_whole_log_and_find_tampering(aiohttp_client: AiohttpClient, own_database_url: str,
                                                        own_pool: asyncpg.Pool) -> None:
     log = await fill_log(own_pool, streams=4, versions=3)
     client = await aiohttp_client(create_app(make_settings(own_database_url)))
-    headers = bearer(await mint_token(client.server.app, "auditor", ["audit:read"]))
+    headers = bearer(await mint_token(client.app, "auditor", ["audit:read"]))
     clean = await (await client.get("/v1/audit/verify", headers=headers)).json()
     assert clean["ok"] and clean["events_checked"] >= log.events and clean["first_position"] == 1
 

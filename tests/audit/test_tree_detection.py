@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
@@ -29,16 +27,16 @@ from backend.store.events import ANY, NewEvent, Write
 from backend.store.hashing import GENESIS, event_hash
 from tests.audit.conftest import Log, export_file, fill_log
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client
 
 pytestmark = pytest.mark.system
 
 Statement = tuple[str, tuple[object, ...]]
 
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 
 
 class Scene:
-    def __init__(self, client: TestClient, dsn: str, pool: asyncpg.Pool, tmp: Path, token: str, log: Log) -> None:
+    def __init__(self, client: Client, dsn: str, pool: asyncpg.Pool, tmp: Path, token: str, log: Log) -> None:
         self.client = client
         self.dsn = dsn
         self.pool = pool
@@ -72,14 +70,14 @@ class Scene:
 
 
 @pytest.fixture
-async def scene(own_database_url: str, own_pool: asyncpg.Pool, aiohttp_client: AIOHTTPClient,
+async def scene(own_database_url: str, own_pool: asyncpg.Pool, aiohttp_client: AiohttpClient,
                 tmp_path: Path) -> Scene:
     key = tmp_path / "signing.pem"
     keygen(key)
     log = await fill_log(own_pool, streams=6, versions=5)
     client = await aiohttp_client(create_app(make_settings(own_database_url, audit_signing_key_file=key,
                                                            audit_checkpoint_s=3600)))
-    token = await mint_token(client.server.app, "auditor", ["admin"])
+    token = await mint_token(client.app, "auditor", ["admin"])
     return Scene(client, own_database_url, own_pool, tmp_path, token, log)
 
 
@@ -103,7 +101,8 @@ async def rechained(dsn: str, stream_id: str, changes: dict[int, dict[str, Any]]
                                 "where stream_id = $1 order by version", stream_id)
     finally:
         await conn.close()
-    previous, statements = GENESIS, []
+    previous = GENESIS
+    statements: list[Statement] = []
     for position, version, type_, data, recorded_at in rows:
         value = changes.get(version, orjson.loads(data))
         previous = event_hash(previous, stream_id, version, type_, value, recorded_at)
@@ -149,7 +148,7 @@ async def test_a_rewritten_event_with_its_chain_recomputed(scene: Scene) -> None
 
 async def test_the_newest_events_of_a_stream_deleted(scene: Scene) -> None:
     stream = scene.log.streams[4]
-    store = scene.client.server.app[STORE]
+    store = scene.client.app[STORE]
     appended = await store.append([Write(stream, 5, [NewEvent("WalletDebited", {"amount": 1, "n": n})
                                                     for n in range(3)])])
     first = appended.streams[0].positions[0]
@@ -234,7 +233,7 @@ async def test_forged_and_altered_checkpoints_fail_their_signature(scene: Scene)
 async def test_consistency_between_checkpoints(scene: Scene) -> None:
     old = await scene.signed_checkpoint("old.json")
     kept = await export_file(scene.pool, scene.tmp / "kept.ndjson")
-    store = scene.client.server.app[STORE]
+    store = scene.client.app[STORE]
     await store.append([Write(f"more-{n}", ANY, [NewEvent("AuditProbe", {"n": n})]) for n in range(9)])
     new = await scene.signed_checkpoint("new.json")
     result = await scene.cli("consistency", str(old), str(new), "--url", scene.url)

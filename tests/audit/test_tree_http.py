@@ -6,15 +6,13 @@ append-only, and a server without a key says so."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
@@ -22,12 +20,11 @@ from backend.audit.merkle import MemoryTree, leaf_hash, verify_consistency, veri
 from backend.audit.signing import Checkpoint, keygen, load_public_key
 from backend.store.events import ANY, NewEvent, Write
 from tests.conftest import bearer, make_settings, mint_token
-
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
+from tests.support import Client
 
 
 class Api:
-    def __init__(self, client: TestClient, token: str) -> None:
+    def __init__(self, client: Client, token: str) -> None:
         self.client = client
         self.headers = bearer(token)
 
@@ -41,12 +38,12 @@ class Api:
         return await self.call("GET", path, params, status=status)
 
 
-async def serve(aiohttp_client: AIOHTTPClient, database_url: str, **overrides: object) -> TestClient:
+async def serve(aiohttp_client: AiohttpClient, database_url: str, **overrides: object) -> Client:
     return await aiohttp_client(create_app(make_settings(database_url, **overrides)))
 
 
-async def append(client: TestClient, streams: int, rounds: int) -> None:
-    store = client.server.app[STORE]
+async def append(client: Client, streams: int, rounds: int) -> None:
+    store = client.app[STORE]
     for n in range(rounds):
         await store.append([Write(f"tree-{s}", ANY, [NewEvent("AuditProbe", {"n": n, "s": s})])
                             for s in range(streams)])
@@ -69,12 +66,12 @@ async def folded_to(api: Api, size: int) -> dict[str, Any]:
     return tree  # type: ignore[no-any-return]
 
 
-async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_client: AIOHTTPClient,
+async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_client: AiohttpClient,
                                              tmp_path: Path) -> None:
     key_file = tmp_path / "signing.pem"
     keygen(key_file)
     client = await serve(aiohttp_client, own_database_url, audit_signing_key_file=key_file, audit_checkpoint_s=0.3)
-    app = client.server.app
+    app = client.app
     admin = Api(client, await mint_token(app, "operator", ["admin"]))
     auditor = Api(client, await mint_token(app, "auditor", ["audit:read"]))
 
@@ -134,7 +131,7 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
     assert everything == sorted(everything, reverse=True) and first["id"] in everything
 
     # bad requests change nothing and say which parameter
-    for path, params, field in (
+    for bad_path, bad_params, field in (
         ("/v1/audit/proofs/inclusion", {"position": size + 1, "tree_size": size}, "position"),
         ("/v1/audit/proofs/inclusion", {"position": 1, "tree_size": size + 1000}, "tree_size"),
         ("/v1/audit/proofs/inclusion", {"position": 0}, "position"),
@@ -143,7 +140,7 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
         ("/v1/audit/checkpoints", {"limit": 0}, "limit"),
         ("/v1/audit/checkpoints", {"cursor": 2**63}, "cursor"),
     ):
-        problem = await auditor.get(path, params, status=400)
+        problem = await auditor.get(bad_path, bad_params, status=400)
         assert problem["code"] == "validation_error" and problem["field"] == field, problem
     assert (await auditor.call("POST", "/v1/audit/checkpoints", status=403))["code"] == "forbidden"
 
@@ -162,9 +159,9 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
 
 
 async def test_without_a_key_nothing_is_signed_and_the_endpoints_say_so(
-        own_database_url: str, aiohttp_client: AIOHTTPClient) -> None:
+        own_database_url: str, aiohttp_client: AiohttpClient) -> None:
     client = await serve(aiohttp_client, own_database_url)
-    app = client.server.app
+    app = client.app
     admin = Api(client, await mint_token(app, "operator", ["admin"]))
     for path in ("/v1/audit/public-key", "/v1/audit/checkpoints/latest"):
         problem = await admin.get(path, status=404)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
+
+from tests.support import Client
 
 
 class Scrape:
@@ -27,7 +28,7 @@ class Scrape:
         return [s.labels for s in self.samples if s.name == name]
 
 
-async def scrape(client: TestClient) -> Scrape:
+async def scrape(client: Client) -> Scrape:
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.content_type == "text/plain"

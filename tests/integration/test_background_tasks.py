@@ -12,7 +12,6 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from asyncpg import exceptions as pgerr
 
 from backend.app import create_app
@@ -22,6 +21,7 @@ from backend.store.append import NOTIFY_CHANNEL
 from backend.store.tail import TASK as TAIL_TASK
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.test_db_faults import pooled_queries_raise
+from tests.support import Client
 
 STATE_ERROR = "cannot switch to state 12; another operation (2) is in progress"
 
@@ -33,7 +33,8 @@ def listener_fetchval_raises(monkeypatch: pytest.MonkeyPatch, should_fail: Calla
     raised: list[int] = []
 
     async def fetchval(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
-        if NOTIFY_CHANNEL in self._listeners and should_fail():
+        # asyncpg-stubs leave out _listeners: the channels this connection LISTENs on.
+        if NOTIFY_CHANNEL in self._listeners and should_fail():  # type: ignore[attr-defined]
             raised.append(1)
             raise pgerr.InternalClientError(STATE_ERROR)
         return await original(self, *args, **kwargs)
@@ -49,18 +50,18 @@ async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
 
 
 @pytest.fixture
-async def fast_client(aiohttp_client, database_url: str) -> TestClient:  # type: ignore[no-untyped-def]
+async def fast_client(aiohttp_client, database_url: str) -> Client:  # type: ignore[no-untyped-def]
     app = create_app(make_settings(database_url, listener_poll_s=0.05))
-    client: TestClient = await aiohttp_client(app)
+    client: Client = await aiohttp_client(app)
     client.session.headers.update(bearer(await mint_token(app, "tasks", ["admin"])))
     return client
 
 
 async def test_listener_reconnects_after_an_unlisted_error_and_keeps_delivering(
-    fast_client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    fast_client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    app = fast_client.server.app
+    app = fast_client.app
     listener = app[LISTENER]
     first_pid = listener.backend_pid()
     once = iter([True])
@@ -94,10 +95,10 @@ async def test_listener_reconnects_after_an_unlisted_error_and_keeps_delivering(
 
 
 async def test_a_task_failing_for_too_long_makes_the_process_unready_until_it_recovers(
-    fast_client: TestClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    fast_client: Client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    app = fast_client.server.app
+    app = fast_client.app
     supervisor = app[SUPERVISOR]
     supervisor.stuck_after_s = 0.5
     failing = True
@@ -121,9 +122,9 @@ async def test_a_task_failing_for_too_long_makes_the_process_unready_until_it_re
 
 
 async def test_the_revocation_watcher_survives_a_failed_read(
-    fast_client: TestClient, monkeypatch: pytest.MonkeyPatch
+    fast_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    app = fast_client.server.app
+    app = fast_client.app
     supervisor = app[SUPERVISOR]
     minted = mint("watched", "watched key", ["wallets:read"], None, datetime.now(UTC))
     await app[REPOSITORY].save(minted.key)
@@ -149,17 +150,18 @@ async def test_the_revocation_watcher_survives_a_failed_read(
 
 
 async def test_a_projection_runner_losing_its_connection_at_commit_does_not_blame_the_event(
-    fast_client: TestClient, monkeypatch: pytest.MonkeyPatch
+    fast_client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The protocol-state error at commit is the connection's fault: the run ends and the batch is
     applied on a new connection, recording no failure (before, the runner retried the batch event by
     event on the broken connection, where the first event would fail and be recorded as failed)."""
-    app = fast_client.server.app
+    app = fast_client.app
     original = asyncpg.Connection.execute
     hit: list[str] = []
 
     async def execute(self: asyncpg.Connection, query: str, *args: Any, **kwargs: Any) -> Any:
-        if query == "commit" and self._proxy is None and not hit:
+        # asyncpg-stubs leave out _proxy: None on a connection no pool lent out (the listener's, a runner's).
+        if query == "commit" and self._proxy is None and not hit:  # type: ignore[attr-defined]
             hit.append(str(self.get_settings().application_name))
             raise pgerr.InternalClientError(STATE_ERROR)
         return await original(self, query, *args, **kwargs)

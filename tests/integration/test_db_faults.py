@@ -12,13 +12,13 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from asyncpg import exceptions as pgerr
 
 from backend.app import create_app
 from backend.db import is_unavailable
 from backend.store.append import APPEND_LOCK_KEY
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client
 
 PROBLEM = "application/problem+json"
 QUERY_METHODS = ("execute", "executemany", "fetch", "fetchval", "fetchrow")
@@ -70,7 +70,9 @@ def pooled_queries_raise(monkeypatch: pytest.MonkeyPatch, error: BaseException,
         original = originals[name]
 
         async def method(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
-            if self._proxy is not None and (pool is None or self._proxy._holder._pool is pool):
+            # asyncpg-stubs leave out _proxy: the pool's wrapper of a connection it lent out (None otherwise).
+            proxy = self._proxy  # type: ignore[attr-defined]
+            if proxy is not None and (pool is None or proxy._holder._pool is pool):
                 raise error
             return await original(self, *args, **kwargs)
 
@@ -91,9 +93,9 @@ async def assert_unavailable(response: Any) -> None:
 
 
 @pytest.fixture
-async def wallet_client(client: TestClient) -> tuple[TestClient, str]:
+async def wallet_client(client: Client) -> tuple[Client, str]:
     """A client whose key is already verified (so requests reach the store) and a wallet to use."""
-    client.session.headers.update(bearer(await mint_token(client.server.app, "faults", ["admin"])))
+    client.session.headers.update(bearer(await mint_token(client.app, "faults", ["admin"])))
     created = await client.post("/v1/wallets", json={"owner": "faults", "currency": "USD"})
     assert created.status == 201, await created.text()
     return client, (await created.json())["wallet_id"]
@@ -101,7 +103,7 @@ async def wallet_client(client: TestClient) -> tuple[TestClient, str]:
 
 @pytest.mark.parametrize("error", OUTAGES, ids=ident)
 async def test_an_outage_error_is_503_for_commands_and_reads(
-    wallet_client: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
+    wallet_client: tuple[Client, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:
     client, wallet_id = wallet_client
     assert is_unavailable(error)
@@ -118,7 +120,7 @@ async def test_an_outage_error_is_503_for_commands_and_reads(
 
 @pytest.mark.parametrize("error", BUGS, ids=ident)
 async def test_a_bug_stays_a_500(
-    wallet_client: tuple[TestClient, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
+    wallet_client: tuple[Client, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:
     client, wallet_id = wallet_client
     assert not is_unavailable(error)
@@ -144,8 +146,8 @@ async def lock_waiters(conn: asyncpg.Connection) -> list[int]:
 
 async def test_a_statement_timeout_is_503(aiohttp_client, database_url: str) -> None:  # type: ignore[no-untyped-def]
     """A credit stuck behind the append lock longer than STATEMENT_TIMEOUT_MS is cancelled by the server."""
-    client: TestClient = await aiohttp_client(create_app(make_settings(database_url, statement_timeout_ms=300)))
-    client.session.headers.update(bearer(await mint_token(client.server.app, "timeout", ["admin"])))
+    client: Client = await aiohttp_client(create_app(make_settings(database_url, statement_timeout_ms=300)))
+    client.session.headers.update(bearer(await mint_token(client.app, "timeout", ["admin"])))
     created = await client.post("/v1/wallets", json={"owner": "timeout", "currency": "USD"})
     wallet_id = (await created.json())["wallet_id"]
     blocker = await hold_append_lock(database_url)
@@ -159,7 +161,7 @@ async def test_a_statement_timeout_is_503(aiohttp_client, database_url: str) -> 
 
 
 async def test_a_session_terminated_mid_command_is_503(
-    wallet_client: tuple[TestClient, str], database_url: str
+    wallet_client: tuple[Client, str], database_url: str
 ) -> None:
     client, wallet_id = wallet_client
     blocker = await hold_append_lock(database_url)

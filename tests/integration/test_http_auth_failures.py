@@ -6,11 +6,10 @@ created through this process works at once even if its id was looked up as unkno
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import AUTH_FAILURES, AUTHENTICATOR, REPOSITORY
@@ -19,13 +18,13 @@ from backend.domain import ApiKey, hash_secret
 from backend.http import api_keys
 from backend.http.authenticator import ApiKeyAuthenticator
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client
 
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 PROBLEM = "application/problem+json"
 FLOODER, OTHER = "203.0.113.7", "198.51.100.9"
 
 
-async def status_of(client: TestClient, token: str | None, address: str | None = None) -> tuple[int, dict[str, str]]:
+async def status_of(client: Client, token: str | None, address: str | None = None) -> tuple[int, dict[str, str]]:
     headers = {**(bearer(token) if token else {}), **({"X-Forwarded-For": address} if address else {})}
     response = await client.get("/v1/api-keys", headers=headers)
     body = await response.json(content_type=None)
@@ -41,8 +40,8 @@ def forbid_lookups(app: web.Application) -> None:
     app[REPOSITORY].find = no_database  # type: ignore[method-assign]
 
 
-async def test_an_unknown_key_id_costs_one_lookup_then_none(client: TestClient) -> None:
-    app = client.server.app
+async def test_an_unknown_key_id_costs_one_lookup_then_none(client: Client) -> None:
+    app = client.app
     authenticator = app[AUTHENTICATOR]
     _, unknown = new_token()
     before = authenticator.loads
@@ -55,7 +54,7 @@ async def test_an_unknown_key_id_costs_one_lookup_then_none(client: TestClient) 
 
 
 async def test_a_flood_of_made_up_keys_from_one_address_is_429_and_costs_no_lookup(
-    aiohttp_client: AIOHTTPClient, database_url: str,
+    aiohttp_client: AiohttpClient, database_url: str,
 ) -> None:
     settings = make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.5,
                              trusted_proxies="127.0.0.1", auth_failure_hold_s=0)
@@ -88,7 +87,7 @@ async def test_a_flood_of_made_up_keys_from_one_address_is_429_and_costs_no_look
 
 
 async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
-    aiohttp_client: AIOHTTPClient, database_url: str,
+    aiohttp_client: AiohttpClient, database_url: str,
 ) -> None:
     """Each request takes its token before its lookup, not after its failure: 60 at once, 10 lookups."""
     app = create_app(make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.01,
@@ -101,7 +100,7 @@ async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
 
 
 async def test_without_trusted_proxies_x_forwarded_for_is_ignored(
-    aiohttp_client: AIOHTTPClient, database_url: str,
+    aiohttp_client: AiohttpClient, database_url: str,
 ) -> None:
     app = create_app(make_settings(database_url, auth_failure_burst=3, auth_failure_rate_per_s=0.5,
                                    auth_failure_hold_s=0))
@@ -112,9 +111,9 @@ async def test_without_trusted_proxies_x_forwarded_for_is_ignored(
 
 
 async def test_a_key_created_here_after_its_id_was_looked_up_unknown_works_at_once(
-    client: TestClient, monkeypatch: object,
+    client: Client, monkeypatch: object,
 ) -> None:
-    app = client.server.app
+    app = client.app
     admin = await mint_token(app, "operator", ["admin"])
     key_id, token = new_token()
     assert (await status_of(client, token))[0] == 401  # remembered as unknown for AUTH_NEGATIVE_TTL_S
@@ -135,8 +134,8 @@ class Clock:
         return self.now
 
 
-async def test_unknown_key_ids_are_bounded_and_never_push_known_keys_out(client: TestClient) -> None:
-    app = client.server.app
+async def test_unknown_key_ids_are_bounded_and_never_push_known_keys_out(client: Client) -> None:
+    app = client.app
     authenticator = ApiKeyAuthenticator(app[REPOSITORY], max_entries=10, max_unknown=5)
     token = await mint_token(app, "alice", ["wallets:read"])
     assert await authenticator.authenticate(token) is not None
@@ -148,9 +147,9 @@ async def test_unknown_key_ids_are_bounded_and_never_push_known_keys_out(client:
     assert authenticator.loads == loads  # still cached after the flood
 
 
-async def test_a_key_another_process_creates_is_found_once_the_negative_ttl_is_over(client: TestClient) -> None:
+async def test_a_key_another_process_creates_is_found_once_the_negative_ttl_is_over(client: Client) -> None:
     """No notice of a creation reaches this process: the TTL (AUTH_NEGATIVE_TTL_S) bounds the wait."""
-    app = client.server.app
+    app = client.app
     clock = Clock()
     authenticator = ApiKeyAuthenticator(app[REPOSITORY], negative_ttl_s=2.0, clock=clock)
     key_id, token = new_token()

@@ -12,15 +12,15 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
 
 from backend.appkeys import STORE
 from tests.conftest import bearer, mint_token
+from tests.support import Client
 
 BAD = [b"c\xff", b"c" * 8000, "c\u2028".encode(), "\u00e9".encode(), b"", b"a b"]
 
 
-async def raw_request(client: TestClient, method: str, path: str, headers: dict[str, bytes],
+async def raw_request(client: Client, method: str, path: str, headers: dict[str, bytes],
                       body: bytes = b"") -> tuple[int, dict[str, str], Any]:
     """One HTTP/1.1 request with header values sent as given, byte for byte; (status, headers, JSON body)."""
     assert client.server.host is not None and client.server.port is not None
@@ -41,33 +41,33 @@ async def raw_request(client: TestClient, method: str, path: str, headers: dict[
 
 
 @pytest.mark.parametrize("header", ["X-Correlation-ID", "Idempotency-Key"])
-async def test_a_bad_client_id_header_is_400_naming_it_and_changes_nothing(client: TestClient, header: str) -> None:
-    token = await mint_token(client.server.app, "ids", ["admin"])
+async def test_a_bad_client_id_header_is_400_naming_it_and_changes_nothing(client: Client, header: str) -> None:
+    token = await mint_token(client.app, "ids", ["admin"])
     auth = {"Authorization": bearer(token)["Authorization"].encode()}
     opened = await client.post("/v1/wallets", json={"owner": "ids", "currency": "USD"}, headers=bearer(token))
     wallet = (await opened.json())["wallet_id"]
-    head = await client.server.app[STORE].head()
+    head = await client.app[STORE].head()
     credit = orjson.dumps({"amount": 5, "reference": "r"})
     for value in BAD:
         status, _, problem = await raw_request(client, "POST", f"/v1/wallets/{wallet}/credits",
                                                {**auth, header: value}, credit)
         assert (status, problem["code"], problem["field"]) == (400, "validation_error", header), (value[:20], problem)
-    assert await client.server.app[STORE].head() == head  # nothing appended
+    assert await client.app[STORE].head() == head  # nothing appended
     status, _, credited = await raw_request(client, "POST", f"/v1/wallets/{wallet}/credits",
                                             {**auth, header: b"good-1.2:3_x"}, credit)
     assert (status, credited["balance"]) == (200, 5)
 
 
-async def test_the_correlation_id_reaches_the_events_metadata(client: TestClient) -> None:
-    token = await mint_token(client.server.app, "ids", ["admin"])
+async def test_the_correlation_id_reaches_the_events_metadata(client: Client) -> None:
+    token = await mint_token(client.app, "ids", ["admin"])
     headers = {**bearer(token), "X-Correlation-ID": "order-42:retry.1"}
     opened = await client.post("/v1/wallets", json={"owner": "ids", "currency": "USD"}, headers=headers)
     assert opened.status == 201
-    events = await client.server.app[STORE].read_all(int(opened.headers["X-Position"]) - 1, 1)
+    events = await client.app[STORE].read_all(int(opened.headers["X-Position"]) - 1, 1)
     assert events[0].metadata["correlation_id"] == "order-42:retry.1"
 
 
-async def test_a_bad_request_id_is_replaced_not_echoed(client: TestClient) -> None:
+async def test_a_bad_request_id_is_replaced_not_echoed(client: Client) -> None:
     for value in BAD:
         status, headers, _ = await raw_request(client, "GET", "/health/live", {"X-Request-ID": value})
         assert status == 200, value[:20]

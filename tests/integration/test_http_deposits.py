@@ -9,15 +9,16 @@ import uuid
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
-from backend.commands.deposits import CHAIN_TX_CLAIMED, chain_tx_stream
+from backend.commands.deposits import chain_tx_stream
 from backend.config import Settings
 from backend.domain import derive_address
+from backend.domain.registry import CHAIN_TX_CLAIMED
 from tests.conftest import bearer, mint_token
 from tests.integration.test_http_wallets import Api, open_funded
+from tests.support import Client
 
 ADDRESS = {
     "BTC": re.compile(r"tb1q[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{38}"),
@@ -31,20 +32,20 @@ DEPOSIT_FIELDS = {"deposit_id", "wallet_id", "currency", "address", "status", "c
 
 
 @pytest.fixture
-async def admin(client: TestClient, admin_headers: dict[str, str]) -> Api:
+async def admin(client: Client, admin_headers: dict[str, str]) -> Api:
     return Api(client, admin_headers)
 
 
 @pytest.fixture
-async def alice(client: TestClient) -> Api:
+async def alice(client: Client) -> Api:
     """The wallet owner: may open deposits on and read her own wallets."""
-    return Api(client, bearer(await mint_token(client.server.app, "alice", ["deposits:write", "wallets:read"])))
+    return Api(client, bearer(await mint_token(client.app, "alice", ["deposits:write", "wallets:read"])))
 
 
 @pytest.fixture
-async def watcher(client: TestClient) -> Api:
+async def watcher(client: Client) -> Api:
     """The chain watcher: reports deposit statuses for every wallet."""
-    return Api(client, bearer(await mint_token(client.server.app, "watcher", ["deposits:admin"])))
+    return Api(client, bearer(await mint_token(client.app, "watcher", ["deposits:admin"])))
 
 
 async def open_deposit(api: Api, wallet_id: str, currency: str = "USD") -> dict[str, Any]:
@@ -63,9 +64,9 @@ async def confirming(admin: Api, alice: Api, watcher: Api, currency: str = "USD"
     return str(deposit["deposit_id"])
 
 
-async def credits_of(client: TestClient, deposit_id: str) -> list[dict[str, Any]]:
+async def credits_of(client: Client, deposit_id: str) -> list[dict[str, Any]]:
     """Every DepositCredited event of the whole log that credits this deposit."""
-    store = client.server.app[STORE]
+    store = client.app[STORE]
     events = [e async for e in store.iter_all(types=["DepositCredited"])]
     return [e.data for e in events if e.data["deposit_id"] == deposit_id]
 
@@ -168,7 +169,7 @@ async def test_failed_and_expired_are_terminal_and_credit_nothing(admin: Api, al
 
 
 async def test_idempotent_confirmation_replays_and_credits_once(
-    admin: Api, alice: Api, watcher: Api, client: TestClient
+    admin: Api, alice: Api, watcher: Api, client: Client
 ) -> None:
     did = await confirming(admin, alice, watcher)
     body = {"status": "confirmed", "amount": 700, "chain_tx_id": "tx-idem", "confirmations": 3}
@@ -195,7 +196,7 @@ async def test_if_match_makes_a_status_change_conditional(admin: Api, alice: Api
 
 
 async def test_20_concurrent_confirmations_credit_once(
-    admin: Api, alice: Api, watcher: Api, client: TestClient
+    admin: Api, alice: Api, watcher: Api, client: Client
 ) -> None:
     did = await confirming(admin, alice, watcher)
     deposit = await alice.get(f"/v1/deposits/{did}")
@@ -212,7 +213,7 @@ async def test_20_concurrent_confirmations_credit_once(
 
 
 async def test_confirmations_racing_across_two_processes_credit_once(  # type: ignore[no-untyped-def]
-    aiohttp_client, settings: Settings, admin: Api, alice: Api, watcher: Api, client: TestClient
+    aiohttp_client, settings: Settings, admin: Api, alice: Api, watcher: Api, client: Client
 ) -> None:
     """Two app instances share the database but not their in-process stream locks: the store's
     expected-version check and the bus's retry decide."""
@@ -230,7 +231,7 @@ async def test_confirmations_racing_across_two_processes_credit_once(  # type: i
 # ---------------------------------------------------------------- one credit per chain transaction
 
 
-async def test_a_chain_tx_credits_only_one_deposit(admin: Api, alice: Api, watcher: Api, client: TestClient) -> None:
+async def test_a_chain_tx_credits_only_one_deposit(admin: Api, alice: Api, watcher: Api, client: Client) -> None:
     first, second = await confirming(admin, alice, watcher), await confirming(admin, alice, watcher)
     await report(watcher, first, status="confirmed", amount=10, chain_tx_id="0xABCdef")
     for variant in ("0xABCdef", "0xabcdef", " 0XABCDEF "):
@@ -246,7 +247,7 @@ async def test_a_chain_tx_credits_only_one_deposit(admin: Api, alice: Api, watch
 
 
 async def test_one_chain_tx_raced_onto_many_deposits_credits_one(  # type: ignore[no-untyped-def]
-    aiohttp_client, settings: Settings, admin: Api, alice: Api, watcher: Api, client: TestClient
+    aiohttp_client, settings: Settings, admin: Api, alice: Api, watcher: Api, client: Client
 ) -> None:
     other = await aiohttp_client(create_app(settings))
     dids = [await confirming(admin, alice, watcher, owner=f"owner-{i % 3}") for i in range(10)]
@@ -262,15 +263,15 @@ async def test_one_chain_tx_raced_onto_many_deposits_credits_one(  # type: ignor
     credited = [did for did in dids if await credits_of(client, did)]
     assert len(credited) == 1
     assert {p["credited_deposit_id"] for p in problems} == set(credited)
-    claims = await client.server.app[STORE].read_stream(chain_tx_stream("USD", "tx-shared"))
+    claims = await client.app[STORE].read_stream(chain_tx_stream("USD", "tx-shared"))
     assert [(e.type, e.data["deposit_id"]) for e in claims] == [(CHAIN_TX_CLAIMED, credited[0])]
 
 
 # ---------------------------------------------------------------- authorization
 
 
-async def test_authorization(admin: Api, alice: Api, watcher: Api, client: TestClient) -> None:
-    app = client.server.app
+async def test_authorization(admin: Api, alice: Api, watcher: Api, client: Client) -> None:
+    app = client.app
     wallet_id = await open_funded(admin, "alice", 0)
     bob = Api(client, bearer(await mint_token(app, "bob", ["deposits:write", "wallets:read", "wallets:write"])))
     reader = Api(client, bearer(await mint_token(app, "alice", ["wallets:read"])))

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from pydantic import BaseModel, ConfigDict
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.http.bodies import read_json
 from tests.conftest import bearer, mint_token
+from tests.support import Client
 
 PROBLEM = "application/problem+json"
 
 
-async def test_unknown_route_is_problem_json_404(client: TestClient) -> None:
+async def test_unknown_route_is_problem_json_404(client: Client) -> None:
     response = await client.get("/v1/nowhere")
     assert response.status == 404
     assert response.content_type == PROBLEM
@@ -24,7 +24,7 @@ async def test_unknown_route_is_problem_json_404(client: TestClient) -> None:
     assert {"type", "title", "detail"} <= body.keys()
 
 
-async def test_wrong_method_is_problem_json_405_with_allow(client: TestClient) -> None:
+async def test_wrong_method_is_problem_json_405_with_allow(client: Client) -> None:
     response = await client.delete("/health/live")
     assert response.status == 405
     assert response.content_type == PROBLEM
@@ -32,7 +32,7 @@ async def test_wrong_method_is_problem_json_405_with_allow(client: TestClient) -
     assert (await response.json(content_type=PROBLEM))["code"] == "method_not_allowed"
 
 
-async def test_request_id_is_echoed_or_generated(client: TestClient) -> None:
+async def test_request_id_is_echoed_or_generated(client: Client) -> None:
     echoed = await client.get("/health/live", headers={"X-Request-ID": "abc-123"})
     assert echoed.headers["X-Request-ID"] == "abc-123"
     generated = await client.get("/health/live", headers={"X-Request-ID": "bad id with spaces"})
@@ -72,7 +72,7 @@ async def test_bad_json_and_invalid_fields_are_clear_4xx(aiohttp_client, setting
     assert await ok.json() == {"amount": 7}
 
 
-async def test_liveness_and_readiness(client: TestClient) -> None:
+async def test_liveness_and_readiness(client: Client) -> None:
     assert (await client.get("/health/live")).status == 200
     ready = await client.get("/health/ready")
     assert ready.status == 200
@@ -94,17 +94,17 @@ NUL_URLS = [
 ]
 
 
-async def test_nul_in_a_path_or_query_is_a_400_not_a_500(client: TestClient) -> None:
+async def test_nul_in_a_path_or_query_is_a_400_not_a_500(client: Client) -> None:
     """PostgreSQL text cannot hold NUL: such a parameter reached a query and failed as a 500."""
-    token = await mint_token(client.server.app, "nul-prober", ["admin", "audit:read"])
+    token = await mint_token(client.app, "nul-prober", ["admin", "audit:read"])
     for url in NUL_URLS:
         response = await client.get(url, headers=bearer(token))
         problem = await response.json(content_type=None)
         assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
 
 
-async def test_nul_in_a_body_field_is_a_422_naming_it_and_changes_nothing(client: TestClient) -> None:
-    token = await mint_token(client.server.app, "nul-writer", ["admin"])
+async def test_nul_in_a_body_field_is_a_422_naming_it_and_changes_nothing(client: Client) -> None:
+    token = await mint_token(client.app, "nul-writer", ["admin"])
     created = await client.post("/v1/wallets", json={"owner": "nul-writer", "currency": "USD"},
                                 headers=bearer(token))
     wallet = await created.json()
@@ -124,9 +124,9 @@ async def test_nul_in_a_body_field_is_a_422_naming_it_and_changes_nothing(client
     assert (await after.json())["version"] == 1
 
 
-async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(client: TestClient) -> None:
+async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(client: Client) -> None:
     """A misspelt min_position read quietly as a plain read before: the client believed it read its writes."""
-    token = await mint_token(client.server.app, "typo", ["admin"])
+    token = await mint_token(client.app, "typo", ["admin"])
     created = await client.post("/v1/wallets", json={"owner": "typo", "currency": "USD"}, headers=bearer(token))
     wallet = await created.json()
     wallet_url = f"/v1/wallets/{wallet['wallet_id']}"
@@ -155,9 +155,9 @@ async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(c
         assert (await client.get(public, params={"cache": "1"})).status == 200
 
 
-async def test_malformed_parameters_and_headers_are_400_listing_the_field(client: TestClient) -> None:
+async def test_malformed_parameters_and_headers_are_400_listing_the_field(client: Client) -> None:
     """Every query parameter and header error has one shape, the audit queries' included."""
-    token = await mint_token(client.server.app, "shapes", ["admin", "audit:read"])
+    token = await mint_token(client.app, "shapes", ["admin", "audit:read"])
     created = await client.post("/v1/wallets", json={"owner": "shapes", "currency": "USD"}, headers=bearer(token))
     wallet_url = f"/v1/wallets/{(await created.json())['wallet_id']}"
     cases = [

@@ -9,14 +9,15 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp.test_utils import TestClient
 from pydantic import ValidationError
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.store import idempotency
 from backend.store.append import APPEND_LOCK_KEY
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.test_http_wallets import PROBLEM, Api, open_funded
+from tests.support import Client
 
 WAITING_FOR_APPEND_LOCK = """
 select count(*) from pg_locks
@@ -26,7 +27,7 @@ where locktype = 'advisory' and not granted
 
 
 @pytest.fixture
-async def admin(client: TestClient, admin_headers: dict[str, str]) -> Api:
+async def admin(client: Client, admin_headers: dict[str, str]) -> Api:
     return Api(client, admin_headers)
 
 
@@ -39,7 +40,7 @@ async def until_an_append_waits(pool: asyncpg.Pool) -> None:
 
 
 async def test_a_repeat_while_the_first_is_running_is_409_in_flight(
-    admin: Api, client: TestClient, pool: asyncpg.Pool
+    admin: Api, client: Client, pool: asyncpg.Pool
 ) -> None:
     wid = await open_funded(admin, amount=1000)
     path = f"/v1/wallets/{wid}/debits"
@@ -61,11 +62,11 @@ async def test_a_repeat_while_the_first_is_running_is_409_in_flight(
     assert (await admin.get(f"/v1/wallets/{wid}"))["balance"] == 993
 
 
-async def test_keys_are_scoped_to_their_api_key(admin: Api, client: TestClient) -> None:
+async def test_keys_are_scoped_to_their_api_key(admin: Api, client: Client) -> None:
     """Two API keys (even of one owner) using the same Idempotency-Key run two commands."""
     scopes = ["wallets:read", "wallets:write"]
-    one = bearer(await mint_token(client.server.app, "alice", scopes))
-    two = bearer(await mint_token(client.server.app, "alice", scopes))
+    one = bearer(await mint_token(client.app, "alice", scopes))
+    two = bearer(await mint_token(client.app, "alice", scopes))
     wid = await open_funded(admin, "alice", 1000)
     path = f"/v1/wallets/{wid}/debits"
     first = await client.post(path, json={"amount": 10, "reference": "a"}, headers={**one, "Idempotency-Key": "same"})
@@ -79,7 +80,7 @@ async def test_keys_are_scoped_to_their_api_key(admin: Api, client: TestClient) 
 
 @pytest.mark.parametrize(("path", "id_field"), [("/v1/wallets", "wallet_id"), ("/v1/deposits", "deposit_id")])
 async def test_a_replayed_create_locates_what_the_first_created(
-    admin: Api, client: TestClient, path: str, id_field: str
+    admin: Api, client: Client, path: str, id_field: str
 ) -> None:
     body: dict[str, Any] = {"owner": "alice", "currency": "USD"}
     if path == "/v1/deposits":
@@ -94,14 +95,14 @@ async def test_a_replayed_create_locates_what_the_first_created(
 
 
 async def test_records_are_kept_for_their_retention_and_never_less_than_a_day(
-    aiohttp_client: Any, database_url: str, pool: asyncpg.Pool
+    aiohttp_client: AiohttpClient, database_url: str, pool: asyncpg.Pool
 ) -> None:
     with pytest.raises(ValidationError, match="idempotency_retention_h"):
         make_settings(database_url, idempotency_retention_h=23.9)
     settings = make_settings(database_url, housekeeping_interval_s=0.05)
     assert settings.idempotency_retention_h >= 24
     client = await aiohttp_client(create_app(settings))
-    admin = bearer(await mint_token(client.server.app, "root", ["admin"]))
+    admin = bearer(await mint_token(client.app, "root", ["admin"]))
     wid = await open_funded(Api(client, admin), amount=100)
     kept, purged = f"kept-{uuid.uuid4()}", f"purged-{uuid.uuid4()}"
     for key in (kept, purged):

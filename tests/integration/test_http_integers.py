@@ -9,9 +9,9 @@ from __future__ import annotations
 from urllib.parse import quote
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from tests.conftest import bearer, mint_token
+from tests.support import Client
 
 PROBLEM = "application/problem+json"
 
@@ -43,9 +43,9 @@ AUDIT_QUERIES = ("/v1/events", "/v1/streams/wallet-", "/v1/wallets/{wallet}/stat
 @pytest.mark.parametrize(("method", "template", "where", "name"), FIELDS,
                          ids=[f"{m} {t} {w} {n}" for m, t, w, n in FIELDS])
 async def test_a_numeric_parameter_or_header_takes_ascii_digits_only(
-    client: TestClient, method: str, template: str, where: str, name: str,
+    client: Client, method: str, template: str, where: str, name: str,
 ) -> None:
-    token = await mint_token(client.server.app, "digits", ["admin", "audit:read"])
+    token = await mint_token(client.app, "digits", ["admin", "audit:read"])
     opened = await client.post("/v1/wallets", json={"owner": "digits", "currency": "USD"}, headers=bearer(token))
     assert opened.status == 201
     path = template.format(wallet=(await opened.json())["wallet_id"])
@@ -70,8 +70,8 @@ async def test_a_numeric_parameter_or_header_takes_ascii_digits_only(
         assert good.status == 200, await good.text()
 
 
-async def test_ascii_digits_still_read_as_numbers(client: TestClient) -> None:
-    token = await mint_token(client.server.app, "digits", ["admin"])
+async def test_ascii_digits_still_read_as_numbers(client: Client) -> None:
+    token = await mint_token(client.app, "digits", ["admin"])
     opened = await client.post("/v1/wallets", json={"owner": "digits", "currency": "USD"}, headers=bearer(token))
     position = opened.headers["X-Position"]
     wallet = f"/v1/wallets/{(await opened.json())['wallet_id']}"

@@ -7,13 +7,11 @@ import asyncio
 import time
 import typing
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import AUTHENTICATOR, REPOSITORY
@@ -25,12 +23,12 @@ from backend.http import models
 from backend.http.ratelimit import RateLimiter
 from backend.store.listener import Listener
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client, object_of
 
 PROBLEM = "application/problem+json"
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 
 
-async def call(client: TestClient, method: str, path: str, token: str | None, *, status: int,
+async def call(client: Client, method: str, path: str, token: str | None, *, status: int,
                body: Any = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
     sent = {**(bearer(token) if token else {}), **(headers or {})}
     response = await client.request(method, path, json=body, headers=sent)
@@ -41,10 +39,10 @@ async def call(client: TestClient, method: str, path: str, token: str | None, *,
         return {}
     if status >= 400:
         assert response.content_type == PROBLEM, text
-    return await response.json(content_type=None)
+    return await object_of(response)
 
 
-async def probe(client: TestClient, token: str) -> int:
+async def probe(client: Client, token: str) -> int:
     """Status of an authenticated request that touches no database once the key is cached:
     a key without `admin` gets 403 from GET /v1/api-keys; an unusable key gets 401."""
     response = await client.get("/v1/api-keys", headers=bearer(token))
@@ -52,7 +50,7 @@ async def probe(client: TestClient, token: str) -> int:
     return response.status
 
 
-async def wait_for_status(client: TestClient, token: str, status: int, timeout: float) -> float:
+async def wait_for_status(client: Client, token: str, status: int, timeout: float) -> float:
     """Poll until probe() answers status; return when (time.monotonic()) it first did."""
     deadline = time.monotonic() + timeout
     while True:
@@ -63,8 +61,8 @@ async def wait_for_status(client: TestClient, token: str, status: int, timeout: 
 
 
 @pytest.fixture
-async def admin_token(client: TestClient) -> str:
-    return await mint_token(client.server.app, "operator", ["admin"])
+async def admin_token(client: Client) -> str:
+    return await mint_token(client.app, "operator", ["admin"])
 
 
 def unique(name: str) -> str:
@@ -79,7 +77,7 @@ def new_key_body(owner: str = "alice", **overrides: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- create, list, revoke
 
 
-async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> None:
+async def test_create_list_and_revoke(client: Client, admin_token: str) -> None:
     alice = unique("alice")
     created = await call(client, "POST", "/v1/api-keys", admin_token, status=201,
                          body=new_key_body(alice, scopes=["wallets:write", "wallets:read"]))
@@ -126,7 +124,7 @@ async def test_create_list_and_revoke(client: TestClient, admin_token: str) -> N
     assert malformed["code"] == "not_found"
 
 
-async def test_the_listing_pages_with_cursor_and_limit(client: TestClient, admin_token: str) -> None:
+async def test_the_listing_pages_with_cursor_and_limit(client: Client, admin_token: str) -> None:
     """GET /v1/api-keys pages like every list: {data, has_more, next_cursor}, oldest first, each key once."""
     owner = unique("paged")
     made = [await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=new_key_body(owner))
@@ -148,7 +146,7 @@ async def test_the_listing_pages_with_cursor_and_limit(client: TestClient, admin
         assert problem["code"] == "validation_error"
 
 
-async def test_created_key_works_and_expires_at_is_kept(client: TestClient, admin_token: str) -> None:
+async def test_created_key_works_and_expires_at_is_kept(client: Client, admin_token: str) -> None:
     expires = (datetime.now(UTC) + timedelta(days=30)).replace(microsecond=0)
     body = new_key_body("carol", scopes=["admin"], expires_at=expires.isoformat().replace("+00:00", "Z"))
     created = await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=body)
@@ -158,7 +156,7 @@ async def test_created_key_works_and_expires_at_is_kept(client: TestClient, admi
     assert made_by_new_key["owner"] == "dave"
 
 
-async def test_secret_is_not_replayed_for_an_idempotency_key(client: TestClient, admin_token: str) -> None:
+async def test_secret_is_not_replayed_for_an_idempotency_key(client: Client, admin_token: str) -> None:
     headers = {"Idempotency-Key": "create-key-1"}
     owner = unique("idem")
     first = await client.post("/v1/api-keys", json=new_key_body(owner), headers={**bearer(admin_token), **headers})
@@ -192,7 +190,7 @@ async def test_secret_is_not_replayed_for_an_idempotency_key(client: TestClient,
     ],
 )
 async def test_create_rejects_bad_bodies_naming_the_field(
-    client: TestClient, admin_token: str, body: dict[str, Any], field: str
+    client: Client, admin_token: str, body: dict[str, Any], field: str
 ) -> None:
     problem = await call(client, "POST", "/v1/api-keys", admin_token, status=422, body=body)
     assert problem["code"] == "validation_error"
@@ -204,8 +202,8 @@ def test_scope_names_match_the_domain() -> None:
     assert set(typing.get_args(models.Scope)) == SCOPES
 
 
-async def test_non_admin_keys_get_403_on_every_key_endpoint(client: TestClient) -> None:
-    token = await mint_token(client.server.app, "alice", sorted(SCOPES - {"admin"}))
+async def test_non_admin_keys_get_403_on_every_key_endpoint(client: Client) -> None:
+    token = await mint_token(client.app, "alice", sorted(SCOPES - {"admin"}))
     for method, path, body in [
         ("POST", "/v1/api-keys", new_key_body()),
         ("GET", "/v1/api-keys", None),
@@ -220,8 +218,8 @@ async def test_non_admin_keys_get_403_on_every_key_endpoint(client: TestClient) 
 # ---------------------------------------------------------------- authentication
 
 
-async def test_unknown_malformed_and_wrong_secret_tokens_get_401(client: TestClient) -> None:
-    token = await mint_token(client.server.app, "alice", ["wallets:read"])
+async def test_unknown_malformed_and_wrong_secret_tokens_get_401(client: Client) -> None:
+    token = await mint_token(client.app, "alice", ["wallets:read"])
     assert await probe(client, token) == 403
     _, unknown_token = new_token()
     wrong_secret = "_".join(token.split("_", 2)[:2]) + "_" + "x" * 43  # same key id, another secret
@@ -233,8 +231,8 @@ async def test_unknown_malformed_and_wrong_secret_tokens_get_401(client: TestCli
     assert await probe(client, token) == 403  # a wrong secret does not poison the cached key
 
 
-async def test_cached_keys_cost_no_database_lookup(client: TestClient) -> None:
-    app = client.server.app
+async def test_cached_keys_cost_no_database_lookup(client: Client) -> None:
+    app = client.app
     authenticator = app[AUTHENTICATOR]
     token = await mint_token(app, "alice", ["wallets:read"])
     before = authenticator.loads
@@ -250,10 +248,10 @@ async def test_cached_keys_cost_no_database_lookup(client: TestClient) -> None:
     assert authenticator.loads == before + 1
 
 
-async def test_unknown_keys_are_remembered_only_briefly(client: TestClient) -> None:
+async def test_unknown_keys_are_remembered_only_briefly(client: Client) -> None:
     """A key id that was unknown when first seen works once the key exists and the negative TTL is
     over (another process's creation reaches this one no later); the test moves the clock."""
-    app = client.server.app
+    app = client.app
     authenticator = app[AUTHENTICATOR]
     now = [time.monotonic()]
     authenticator.clock = lambda: now[0]
@@ -272,7 +270,7 @@ async def test_unknown_keys_are_remembered_only_briefly(client: TestClient) -> N
 
 
 async def test_revocation_is_seen_by_a_second_instance_within_a_second(
-    aiohttp_client: AIOHTTPClient, client: TestClient, database_url: str, admin_token: str
+    aiohttp_client: AiohttpClient, client: Client, database_url: str, admin_token: str
 ) -> None:
     other = await aiohttp_client(create_app(make_settings(database_url)))
     created = await call(client, "POST", "/v1/api-keys", admin_token, status=201, body=new_key_body())
@@ -286,11 +284,11 @@ async def test_revocation_is_seen_by_a_second_instance_within_a_second(
     seen = await wait_for_status(other, token, 401, timeout=5)
     assert seen - revoked_at < 1.0
     # B learnt it from the log (its copy was cached), not from a fresh lookup:
-    assert other.server.app[AUTHENTICATOR].checkpoint >= int(response.headers["X-Position"])
+    assert other.app[AUTHENTICATOR].checkpoint >= int(response.headers["X-Position"])
 
 
 async def test_revocation_without_notifications_is_found_by_polling(
-    aiohttp_client: AIOHTTPClient, database_url: str, monkeypatch: pytest.MonkeyPatch
+    aiohttp_client: AiohttpClient, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Listener also polls, and the log tail follows its head: a revocation is applied even if no
     NOTIFY wakes anyone."""
@@ -298,27 +296,27 @@ async def test_revocation_without_notifications_is_found_by_polling(
     client = await aiohttp_client(create_app(make_settings(database_url)))
     key_id, token = new_token()
     key = ApiKey.create(key_id, "alice", "k", ["wallets:read"], hash_secret(token), None, datetime.now(UTC))
-    await client.server.app[REPOSITORY].save(key)
+    await client.app[REPOSITORY].save(key)
     assert await probe(client, token) == 403
     key.revoke(datetime.now(UTC))
-    await client.server.app[REPOSITORY].save(key)  # not through the endpoint: nothing marks it locally
+    await client.app[REPOSITORY].save(key)  # not through the endpoint: nothing marks it locally
     started = time.monotonic()
     seen = await wait_for_status(client, token, 401, timeout=5)
     assert seen - started < 1.0
 
 
 async def test_the_revocation_tailer_moves_past_the_events_it_does_not_want(
-    client: TestClient, admin_token: str
+    client: Client, admin_token: str
 ) -> None:
     """Its checkpoint follows the head, not the last revocation: else each read would scan every
     event appended since that revocation (measured: 25-35 ms a read after 100k events)."""
-    authenticator = client.server.app[AUTHENTICATOR]
+    authenticator = client.app[AUTHENTICATOR]
     created = await call(client, "POST", "/v1/wallets", admin_token, status=201,
                          body={"owner": "alice", "currency": "USD"})
     for _ in range(3):
         await call(client, "POST", f"/v1/wallets/{created['wallet_id']}/credits", admin_token, status=200,
                    body={"amount": 5, "reference": "r"})
-    head = await client.server.app[REPOSITORY].store.head()
+    head = await client.app[REPOSITORY].store.head()
     assert await authenticator.catch_up() == 0
     assert authenticator.checkpoint == head
 
@@ -326,15 +324,15 @@ async def test_the_revocation_tailer_moves_past_the_events_it_does_not_want(
     response = await client.delete(f"/v1/api-keys/{revoked_key['key_id']}", headers=bearer(admin_token))
     assert response.status == 204
     await authenticator.catch_up()
-    assert authenticator.checkpoint == await client.server.app[REPOSITORY].store.head()
+    assert authenticator.checkpoint == await client.app[REPOSITORY].store.head()
     assert await probe(client, revoked_key["secret"]) == 401
 
 
-async def test_expired_keys_get_401(aiohttp_client: AIOHTTPClient, settings: Settings) -> None:
+async def test_expired_keys_get_401(aiohttp_client: AiohttpClient, settings: Settings) -> None:
     """A cached key stops working the moment the app's clock reaches its expires_at (the clock is moved)."""
     clock = ManualClock()
     client = await aiohttp_client(create_app(settings, clock))
-    app = client.server.app
+    app = client.app
     past = clock.now() - timedelta(hours=2)
     key_id, token = new_token()
     expired = ApiKey.create(key_id, "alice", "old", ["wallets:read"], hash_secret(token), past + timedelta(hours=1),
@@ -357,9 +355,9 @@ async def test_expired_keys_get_401(aiohttp_client: AIOHTTPClient, settings: Set
 # ---------------------------------------------------------------- rate limits
 
 
-async def test_rate_limit_answers_429_with_retry_after(aiohttp_client: AIOHTTPClient, database_url: str) -> None:
+async def test_rate_limit_answers_429_with_retry_after(aiohttp_client: AiohttpClient, database_url: str) -> None:
     limited = await aiohttp_client(create_app(make_settings(database_url, rate_limit_per_s=0.5, rate_limit_burst=2)))
-    app = limited.server.app
+    app = limited.app
     token = await mint_token(app, "alice", ["wallets:read"])
     other = await mint_token(app, "bob", ["wallets:read"])
     assert [await probe(limited, token) for _ in range(2)] == [403, 403]

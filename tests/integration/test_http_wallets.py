@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import COMMANDS, STORE
@@ -21,13 +19,13 @@ from backend.domain import Wallet
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
 from tests.conftest import bearer, mint_token
+from tests.support import Client, object_of
 
 PROBLEM = "application/problem+json"
-AIOHTTPClient = Callable[[web.Application], Awaitable[TestClient]]
 
 
 class Api:
-    def __init__(self, client: TestClient, headers: dict[str, str]) -> None:
+    def __init__(self, client: Client, headers: dict[str, str]) -> None:
         self.client = client
         self.headers = headers
 
@@ -36,18 +34,18 @@ class Api:
                                           headers={**self.headers, **headers})
         text = await response.text()
         assert response.status == status, text
-        return await response.json(content_type=None)
+        return await object_of(response)
 
     async def get(self, path: str, *, status: int = 200) -> dict[str, Any]:
         """Reads come from the read models: ask for everything written so far (read-your-writes)."""
-        head = await self.client.server.app[STORE].head()
+        head = await self.client.app[STORE].head()
         response = await self.client.get(path, headers={**self.headers, "X-Min-Position": str(head)})
         assert response.status == status, await response.text()
-        return await response.json(content_type=None)
+        return await object_of(response)
 
 
 @pytest.fixture
-async def admin(client: TestClient, admin_headers: dict[str, str]) -> Api:
+async def admin(client: Client, admin_headers: dict[str, str]) -> Api:
     return Api(client, admin_headers)
 
 
@@ -111,13 +109,13 @@ async def test_reservations_confirm_partial_and_rollback(admin: Api) -> None:
 
 
 async def test_a_reservation_past_its_expiry_is_409_expired_to_confirm_and_rollback(
-    aiohttp_client: AIOHTTPClient, settings: Settings
+    aiohttp_client: AiohttpClient, settings: Settings
 ) -> None:
     """Whether or not the expiry process has recorded it yet: the answer is the same. The app's clock is
     moved to the deadline (no waiting)."""
     clock = ManualClock()
     client = await aiohttp_client(create_app(settings, clock))
-    admin = Api(client, bearer(await mint_token(client.server.app, "operator", ["admin"])))
+    admin = Api(client, bearer(await mint_token(client.app, "operator", ["admin"])))
     wid = await open_funded(admin, amount=1000)
     reserved = await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 400, "ttl_seconds": 1}, status=201)
     assert datetime.fromisoformat(reserved["expires_at"]) == clock.now() + timedelta(seconds=1)
@@ -131,7 +129,7 @@ async def test_a_reservation_past_its_expiry_is_409_expired_to_confirm_and_rollb
 
 
 async def test_giving_up_under_contention_is_409_wrong_expected_version_and_changes_nothing(
-    admin: Api, client: TestClient, pool: asyncpg.Pool
+    admin: Api, client: Client, pool: asyncpg.Pool
 ) -> None:
     """Another process appends between this one's load and its append; with one attempt allowed, the
     command gives up instead of retrying on fresh state."""
@@ -144,7 +142,7 @@ async def test_giving_up_under_contention_is_409_wrong_expected_version_and_chan
         await repository.save(wallet)
     finally:
         await other.close()
-    bus = client.server.app[COMMANDS]
+    bus = client.app[COMMANDS]
     bus.max_attempts = 1
     try:
         gave_up = await admin.post(f"/v1/wallets/{wid}/debits", {"amount": 1, "reference": "x"}, status=409)
@@ -200,7 +198,7 @@ async def test_unsupported_currency_is_a_validation_error(admin: Api) -> None:
     assert problem["code"] == "validation_error"
 
 
-async def test_idempotency_replay_mismatch_and_in_flight(admin: Api, client: TestClient) -> None:
+async def test_idempotency_replay_mismatch_and_in_flight(admin: Api, client: Client) -> None:
     wid = await open_funded(admin, amount=1000)
     path = f"/v1/wallets/{wid}/debits"
     body = {"amount": 100, "reference": "order-9"}
@@ -243,8 +241,8 @@ async def test_if_match_makes_commands_conditional(admin: Api) -> None:
     assert ok["version"] == 3
 
 
-async def test_authentication_and_authorization_across_owners(client: TestClient, admin: Api) -> None:
-    app = client.server.app
+async def test_authentication_and_authorization_across_owners(client: Client, admin: Api) -> None:
+    app = client.app
     alice = Api(client, bearer(await mint_token(app, "alice", ["wallets:read", "wallets:write"])))
     bob = Api(client, bearer(await mint_token(app, "bob", ["wallets:read", "wallets:write"])))
     reader = Api(client, bearer(await mint_token(app, "alice", ["wallets:read"])))
@@ -267,10 +265,10 @@ async def test_authentication_and_authorization_across_owners(client: TestClient
         assert (await response.json(content_type=PROBLEM))["code"] == "unauthorized"
 
 
-async def test_a_settle_answers_with_the_payers_wallet_only(client: TestClient, admin: Api) -> None:
+async def test_a_settle_answers_with_the_payers_wallet_only(client: Client, admin: Api) -> None:
     """Owner B pays a lock into A's wallet: B learns A's wallet id (it named it), not A's figures; a key
     of A's owner reads them with GET as usual."""
-    app = client.server.app
+    app = client.app
     alice = Api(client, bearer(await mint_token(app, "alice", ["wallets:read", "wallets:write"])))
     bob = Api(client, bearer(await mint_token(app, "bob", ["wallets:read", "wallets:write"])))
     payee = await open_funded(admin, "alice", 5000)
@@ -287,7 +285,7 @@ async def test_a_settle_answers_with_the_payers_wallet_only(client: TestClient, 
     assert (await alice.get(f"/v1/wallets/{payee}"))["balance"] == 5001
 
 
-async def test_replay_wins_over_a_precondition_that_no_longer_holds(admin: Api, client: TestClient) -> None:
+async def test_replay_wins_over_a_precondition_that_no_longer_holds(admin: Api, client: Client) -> None:
     wid = await open_funded(admin, amount=100)  # version 2
     headers = {**admin.headers, "Idempotency-Key": "cond-1", "If-Match": '"2"'}
     body = {"amount": 10, "reference": "x"}

@@ -8,17 +8,16 @@ import contextlib
 import re
 from typing import Any
 
-from aiohttp.test_utils import TestClient
-
 from backend.appkeys import POOL
 from backend.version import git_commit, version
 from projections import registry
 from tests.conftest import mint_token
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.streaming.conftest import connect
+from tests.support import Client
 
 
-async def eventually_scraped(client: TestClient, check: str, timeout: float = 15.0) -> Scrape:
+async def eventually_scraped(client: Client, check: str, timeout: float = 15.0) -> Scrape:
     """Scrape until a sample line matches the regular expression check."""
     async with asyncio.timeout(timeout):
         while True:
@@ -29,7 +28,7 @@ async def eventually_scraped(client: TestClient, check: str, timeout: float = 15
 
 
 async def test_requests_are_counted_by_method_route_and_status_and_timed_by_status_class(
-    client: TestClient, admin_headers: dict[str, str]
+    client: Client, admin_headers: dict[str, str]
 ) -> None:
     opened = await client.post("/v1/wallets", json={"owner": "m", "currency": "USD"}, headers=admin_headers)
     assert opened.status == 201
@@ -57,7 +56,7 @@ async def test_requests_are_counted_by_method_route_and_status_and_timed_by_stat
 
 
 async def test_counters_are_counters_and_every_counter_ends_in_total(
-    client: TestClient, admin_headers: dict[str, str]
+    client: Client, admin_headers: dict[str, str]
 ) -> None:
     assert (await client.post("/v1/wallets", json={"owner": "t", "currency": "USD"},
                               headers=admin_headers)).status == 201
@@ -72,7 +71,7 @@ async def test_counters_are_counters_and_every_counter_ends_in_total(
         assert declared[name] == "counter", name
 
 
-async def test_append_batches_are_counted_sized_and_timed(client: TestClient, admin_headers: dict[str, str]) -> None:
+async def test_append_batches_are_counted_sized_and_timed(client: Client, admin_headers: dict[str, str]) -> None:
     for owner in ("a", "b"):
         opened = await client.post("/v1/wallets", json={"owner": owner, "currency": "USD"}, headers=admin_headers)
         assert opened.status == 201
@@ -87,7 +86,7 @@ async def test_append_batches_are_counted_sized_and_timed(client: TestClient, ad
     assert found.value("tally_append_batch_size_sum") == found.value("tally_append_requests_total")
 
 
-async def test_pool_process_and_build(client: TestClient) -> None:
+async def test_pool_process_and_build(client: Client) -> None:
     found = await scrape(client)
     assert found.value("tally_db_pool_max_size") >= 1
     assert 1 <= found.value("tally_db_pool_size") <= found.value("tally_db_pool_max_size")
@@ -100,7 +99,7 @@ async def test_pool_process_and_build(client: TestClient) -> None:
     assert found.value("tally_event_loop_info") == 1
 
 
-async def test_each_projection_reports_its_lag_and_state(client: TestClient, admin_headers: dict[str, str]) -> None:
+async def test_each_projection_reports_its_lag_and_state(client: Client, admin_headers: dict[str, str]) -> None:
     assert (await client.post("/v1/wallets", json={"owner": "p", "currency": "USD"},
                               headers=admin_headers)).status == 201
     found = await eventually_scraped(client, r'^tally_projection_lag_events\{projection="balances"\} 0\.0$')
@@ -114,8 +113,8 @@ async def test_each_projection_reports_its_lag_and_state(client: TestClient, adm
     assert found.value("tally_projection_state", projection="balances", state="running") == 1
 
 
-async def test_stream_subscribers_are_counted_by_kind(client: TestClient) -> None:
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+async def test_stream_subscribers_are_counted_by_kind(client: Client) -> None:
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     found = await scrape(client)
     assert found.value("tally_stream_subscribers", kind="log") == 0
     stream = await connect(client, "/v1/streams/events", token, after="now")
@@ -128,10 +127,10 @@ async def test_stream_subscribers_are_counted_by_kind(client: TestClient) -> Non
     await eventually_scraped(client, r'^tally_stream_subscribers\{kind="log"\} 0\.0$')
 
 
-async def test_pool_saturation_shows_as_in_use_and_waiting(client: TestClient) -> None:
+async def test_pool_saturation_shows_as_in_use_and_waiting(client: Client) -> None:
     """Every connection held, one more acquire waits: the scrape still answers (its projection status
     read times out, and says so) and shows the pool full with waiters."""
-    pool = client.server.app[POOL]
+    pool = client.app[POOL]
     held: list[Any] = []
 
     async def take() -> Any:

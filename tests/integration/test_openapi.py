@@ -10,7 +10,6 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 
@@ -23,6 +22,7 @@ from backend.http import replies, static
 from backend.http.commands import JsonRenderer
 from backend.http.openapi import document
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client
 
 # The scope each route requires (README, HTTP API) (the SSE streams decide by owner instead).
 REQUIRED_SCOPES = {
@@ -64,11 +64,13 @@ PUBLIC = {"/health/live", "/health/ready", "/metrics", "/openapi.json"} | {route
 
 
 @pytest.fixture
-async def doc(client: TestClient) -> dict[str, Any]:
+async def doc(client: Client) -> dict[str, Any]:
     response = await client.get("/openapi.json")
     assert response.status == 200
     assert response.content_type == "application/json"
-    return orjson.loads(await response.read())
+    body = orjson.loads(await response.read())
+    assert isinstance(body, dict)
+    return body
 
 
 def operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
@@ -98,7 +100,7 @@ class Conformance:
         schema = content["schema"].get("allOf", [content["schema"]])[0]  # a problem: allOf [Problem, its codes]
         self.checked.add(schema.get("$ref", "").rpartition("/")[2])
 
-    async def call(self, client: TestClient, method: str, template: str, path: str, token: str, *,
+    async def call(self, client: Client, method: str, template: str, path: str, token: str, *,
                    status: int, body: Any = None, params: dict[str, str] | None = None,
                    headers: dict[str, str] | None = None) -> Any:
         response = await client.request(method.upper(), path, json=body, params=params,
@@ -112,7 +114,7 @@ class Conformance:
         return parsed
 
 
-async def test_the_document_is_public_and_valid_openapi_3_1(client: TestClient, doc: dict[str, Any]) -> None:
+async def test_the_document_is_public_and_valid_openapi_3_1(client: Client, doc: dict[str, Any]) -> None:
     validate_openapi(doc)
     assert doc["openapi"].startswith("3.1")
     schemes = doc["components"]["securitySchemes"]
@@ -122,9 +124,9 @@ async def test_the_document_is_public_and_valid_openapi_3_1(client: TestClient, 
 
 
 async def test_every_route_is_documented_and_every_operation_routed(
-    client: TestClient, doc: dict[str, Any]
+    client: Client, doc: dict[str, Any]
 ) -> None:
-    routed = {(route.method.lower(), route.resource.canonical) for route in client.server.app.router.routes()
+    routed = {(route.method.lower(), route.resource.canonical) for route in client.app.router.routes()
               if route.method != "HEAD" and route.resource is not None}
     assert set(operations(doc)) == routed
 
@@ -151,11 +153,11 @@ async def test_scopes_are_the_design_contract(doc: dict[str, Any]) -> None:
 
 
 async def test_each_documented_scope_is_enforced_before_anything_else(
-    client: TestClient, doc: dict[str, Any]
+    client: Client, doc: dict[str, Any]
 ) -> None:
     """A key holding every other scope gets 403 naming the missing one, even with a body that would be
     refused and ids that do not exist; a key holding just that scope gets past the check."""
-    app = client.server.app
+    app = client.app
     for (method, path), op in operations(doc).items():
         scope = required_scope(op)
         if scope is None:
@@ -173,11 +175,11 @@ async def test_each_documented_scope_is_enforced_before_anything_else(
 
 
 async def test_every_operation_refuses_a_query_parameter_it_does_not_document(
-    client: TestClient, doc: dict[str, Any]
+    client: Client, doc: dict[str, Any]
 ) -> None:
     """What the document lists is all an endpoint takes: anything else is a 400 naming it, before the body
     is read. Public endpoints take anything (they read no input)."""
-    token = await mint_token(client.server.app, "strict", sorted(SCOPES))
+    token = await mint_token(client.app, "strict", sorted(SCOPES))
     for (method, path), op in operations(doc).items():
         documented = {p["name"] for p in op["parameters"] if p["in"] == "query"}
         assert "nonesuch" not in documented
@@ -213,9 +215,9 @@ async def test_request_schemas_are_the_validating_models(doc: dict[str, Any]) ->
                                                         "to_time"]
 
 
-async def test_answers_match_the_documented_schemas(client: TestClient, doc: dict[str, Any]) -> None:
+async def test_answers_match_the_documented_schemas(client: Client, doc: dict[str, Any]) -> None:
     """Every JSON answer of a full tour of the API, success and problem alike, fits its schema."""
-    app = client.server.app
+    app = client.app
     owner = f"tour-{uuid.uuid4().hex[:8]}"
     admin = await mint_token(app, owner, ["admin"])
     c = Conformance(doc)
@@ -304,10 +306,10 @@ async def test_answers_match_the_documented_schemas(client: TestClient, doc: dic
         "Projections", "EventPage", "StreamPage", "WalletState", "VerifyReport", "RecordedEvent", "Problem"}
 
 
-async def test_a_body_that_does_not_fit_its_reply_model_appends_nothing(client: TestClient) -> None:
+async def test_a_body_that_does_not_fit_its_reply_model_appends_nothing(client: Client) -> None:
     """A handler's answer that drifts from its model is a server bug: it fails its own request, and
     when an Idempotency-Key would store the answer, before any of its events are appended."""
-    app = client.server.app
+    app = client.app
     owner = f"drift-{uuid.uuid4().hex[:8]}"
     created = await client.post("/v1/wallets", json={"owner": owner, "currency": "USD"},
                                 headers=bearer(await mint_token(app, owner, ["wallets:write"])))

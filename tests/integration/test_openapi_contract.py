@@ -8,32 +8,32 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.domain import wallet_stream
 from backend.http import static
 from tests.conftest import make_settings, mint_token
 from tests.contract import Contract, ContractClient, ContractError
+from tests.support import Client
 
 
-async def served_contract(client: TestClient) -> Contract:
+async def served_contract(client: Client) -> Contract:
     response = await client.get("/openapi.json")
     assert response.status == 200
     return Contract(orjson.loads(await response.read()))
 
 
 @pytest.fixture
-async def api(client: TestClient) -> ContractClient:
+async def api(client: Client) -> ContractClient:
     return ContractClient(client, await served_contract(client))
 
 
 async def test_a_tour_of_the_api_answers_as_documented(api: ContractClient) -> None:
-    app = api.client.server.app
+    app = api.client.app
     owner = f"tour-{uuid.uuid4().hex[:8]}"
     admin = await mint_token(app, owner, ["admin"])
     auditor = await mint_token(app, owner, ["audit:read"])
@@ -181,7 +181,7 @@ async def test_a_tour_of_the_api_answers_as_documented(api: ContractClient) -> N
 
 
 @pytest.fixture
-async def tight(aiohttp_client: Any, database_url: str) -> AsyncIterator[ContractClient]:
+async def tight(aiohttp_client: AiohttpClient, database_url: str) -> AsyncIterator[ContractClient]:
     """An app of its own whose keys may make two requests and hold one stream, and whose read models
     stand still (it runs no projections)."""
     app = create_app(make_settings(database_url, rate_limit_per_s=0.001, rate_limit_burst=2,
@@ -191,7 +191,7 @@ async def tight(aiohttp_client: Any, database_url: str) -> AsyncIterator[Contrac
 
 
 async def test_rate_limits_and_refused_streams_answer_as_documented(tight: ContractClient) -> None:
-    app = tight.client.server.app
+    app = tight.client.app
     limited = await mint_token(app, f"limited-{uuid.uuid4().hex[:8]}", ["wallets:read"])
     await tight.request("GET", "/v1/stats", limited, status=200)
     await tight.request("GET", "/v1/stats", limited, status=200)
@@ -232,7 +232,7 @@ async def test_the_checker_catches_what_the_document_does_not_say(api: ContractC
     status, a code outside a status's list, a body off its schema."""
     contract = api.contract
     owner = f"neg-{uuid.uuid4().hex[:8]}"
-    admin = await mint_token(api.client.server.app, owner, ["admin"])
+    admin = await mint_token(api.client.app, owner, ["admin"])
     response, raw = await api.request("POST", "/v1/wallets", admin, status=201,
                                       json={"owner": owner, "currency": "USD"})
     headers = dict(response.headers)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from aiohttp.test_utils import TestClient
 
 from tests.conftest import mint_token
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.streaming.conftest import connect
+from tests.support import Client
 
 OPS = Path(__file__).resolve().parents[2] / "docs" / "ops"
 RULES = OPS / "tally-alerts.yml"
@@ -38,12 +38,12 @@ def referenced(expressions: list[str]) -> set[str]:
     return {name for expr in expressions for name in METRIC.findall(expr)}
 
 
-async def busy_scrape(client: TestClient, admin_headers: dict[str, str]) -> Scrape:
+async def busy_scrape(client: Client, admin_headers: dict[str, str]) -> Scrape:
     """After a few requests, a stream and a projection that caught up."""
     assert (await client.post("/v1/wallets", json={"owner": "ops", "currency": "USD"},
                               headers=admin_headers)).status == 201
     await client.get("/nowhere")
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     stream = await connect(client, "/v1/streams/events", token, after="now")
     assert stream.status == 200
     try:
@@ -58,7 +58,7 @@ async def busy_scrape(client: TestClient, admin_headers: dict[str, str]) -> Scra
 
 
 async def test_every_metric_the_rules_and_the_dashboard_use_is_served(
-    client: TestClient, admin_headers: dict[str, str]
+    client: Client, admin_headers: dict[str, str]
 ) -> None:
     served = (await busy_scrape(client, admin_headers)).names()
     rules, panels = referenced(rule_expressions()), referenced(dashboard_expressions())

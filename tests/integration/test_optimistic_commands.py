@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from backend.commands import deposits as deposit_commands
 from backend.commands import wallets as wallet_commands
-from backend.commands.bus import CommandBus, IdempotencyKey, Reply
+from backend.commands.bus import CommandBus, Decision, IdempotencyKey, Reply
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain import Wallet, wallet_stream
 from backend.domain.errors import InsufficientFunds
@@ -34,9 +34,10 @@ class Node:
 
     async def run(self, wallet_id: uuid.UUID, command: str, amount: int, *, if_match: int | None = None,
                   idem: IdempotencyKey | None = None) -> Reply:
-        async def decide(ctx: CommandContext) -> wallet_commands.Decision:
+        async def decide(ctx: CommandContext) -> Decision:
             handler = getattr(wallet_commands, command)
-            return await handler(self.repository, ctx, wallet_id, amount, f"{command}-{amount}", if_match)
+            decision: Decision = await handler(self.repository, ctx, wallet_id, amount, f"{command}-{amount}", if_match)
+            return decision
 
         return await self.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide,
                                       JsonRenderer(None, replies.WalletWrite), idem)
@@ -149,7 +150,7 @@ async def test_an_answer_about_an_aggregate_the_command_does_not_write_comes_fro
     wallet_id = await open_wallet(one, 10)
     await two.run(wallet_id, "credit", 5)
 
-    async def decide(ctx: CommandContext) -> wallet_commands.Decision:
+    async def decide(ctx: CommandContext) -> Decision:
         return await deposit_commands.open_deposit(one.repository, ctx, uuid.uuid4(), wallet_id, "USD", b"secret")
 
     reply = await one.bus.execute(CommandContext(SYSTEM), [], decide, JsonRenderer(None, replies.DepositWrite))

@@ -7,7 +7,6 @@ import random
 import uuid
 
 import pytest
-from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,14 +15,15 @@ from backend.appkeys import REPOSITORY
 from backend.domain import Wallet
 from backend.store.repository import Repository
 from tests.integration.test_http_wallets import Api, open_funded
+from tests.support import Client
 
 
 @pytest.fixture
-async def admin(client: TestClient, admin_headers: dict[str, str]) -> Api:
+async def admin(client: Client, admin_headers: dict[str, str]) -> Api:
     return Api(client, admin_headers)
 
 
-async def test_100_concurrent_debits_succeed_exactly_as_far_as_funds_go(admin: Api, client: TestClient) -> None:
+async def test_100_concurrent_debits_succeed_exactly_as_far_as_funds_go(admin: Api, client: Client) -> None:
     wid = await open_funded(admin, amount=1000)
     path = f"/v1/wallets/{wid}/debits"
     responses = await asyncio.gather(*(
@@ -63,7 +63,7 @@ OPS = st.lists(
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=OPS, seed=st.integers(0, 2**16))
-async def test_random_concurrent_commands_keep_the_invariant(admin: Api, client: TestClient, ops, seed) -> None:  # type: ignore[no-untyped-def]
+async def test_random_concurrent_commands_keep_the_invariant(admin: Api, client: Client, ops, seed) -> None:  # type: ignore[no-untyped-def]
     """Fire a random mix concurrently; whatever interleaving happens, the books must balance."""
     rng = random.Random(seed)
     wid = await open_funded(admin, amount=1000)
@@ -93,7 +93,7 @@ async def test_random_concurrent_commands_keep_the_invariant(admin: Api, client:
     wallet = await admin.get(f"/v1/wallets/{wid}")
     assert wallet["available"] == wallet["balance"] - wallet["locked"] - wallet["reserved"] >= 0
     # The state served equals a replay of the stream from scratch.
-    repo = client.server.app[REPOSITORY]
+    repo = client.app[REPOSITORY]
     replayed = await Repository(repo.store).get(Wallet, uuid.UUID(wid))
     assert (replayed.balance, replayed.locked, replayed.reserved, replayed.version) == (
         wallet["balance"], wallet["locked"], wallet["reserved"], wallet["version"])

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.embedded_pg import start_embedded
 from tests.conftest import make_settings
+from tests.support import Client
 
 
-async def wait_for_status(client: TestClient, status: int, timeout: float = 30.0) -> None:
+async def wait_for_status(client: Client, status: int, timeout: float = 30.0) -> None:
     seen = []
     async with asyncio.timeout(timeout):
         while True:
@@ -24,7 +25,7 @@ async def wait_for_status(client: TestClient, status: int, timeout: float = 30.0
 
 
 async def test_readiness_turns_503_when_database_stops_and_200_after_restart(
-    aiohttp_client, server_dir: Path  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, server_dir: Path
 ) -> None:
     # A server of this test's own, so stopping it disturbs nothing else.
     server = await asyncio.to_thread(start_embedded, server_dir / "pg")

@@ -7,17 +7,18 @@ import asyncio
 from pathlib import Path
 
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import SUPERVISOR
 from backend.embedded_pg import start_embedded
 from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client
 
 PROBLEM = "application/problem+json"
 
 
-async def credit(client: TestClient, wallet_id: str, opened: int, n: int) -> int:
+async def credit(client: Client, wallet_id: str, opened: int, n: int) -> int:
     """A credit, then reads of the wallet (the log, its read model, the stats): each 200 or 503 (the
     credit's status is returned)."""
     response = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 1, "reference": f"r{n}"})
@@ -37,12 +38,12 @@ async def ok_or_unavailable(response: ClientResponse) -> None:
 
 
 async def test_commands_are_503_across_a_server_restart_and_tasks_recover(
-    aiohttp_client, server_dir: Path  # type: ignore[no-untyped-def]
+    aiohttp_client: AiohttpClient, server_dir: Path
 ) -> None:
     server = await asyncio.to_thread(start_embedded, server_dir / "pg")
     try:
         app = create_app(make_settings(server.dsn("postgres"), listener_poll_s=0.1, wait_for_db_s=0))
-        client: TestClient = await aiohttp_client(app)
+        client: Client = await aiohttp_client(app)
         client.session.headers.update(bearer(await mint_token(app, "restart", ["admin"])))
         created = await client.post("/v1/wallets", json={"owner": "restart", "currency": "USD"})
         assert created.status == 201

@@ -18,6 +18,7 @@ async def test_advance_from_moves_only_from_the_expected_position(own_database_u
         await checkpoints.record_failure(conn, "probe", 3, "boom")
         await checkpoints.advance_from(conn, "probe", 0, 9)
         row = await conn.fetchrow("select position, error, failures from projection_checkpoints where name = 'probe'")
+        assert row is not None
         assert (row["position"], row["error"], row["failures"]) == (9, None, 0)  # advancing clears a failure
         with pytest.raises(checkpoints.Fenced, match="checkpoint is 9, expected 0"):
             await checkpoints.advance_from(conn, "probe", 0, 12)  # a stale runner: nothing changes
@@ -44,6 +45,7 @@ async def test_begin_batch_fences_and_advances_with_the_batch(own_database_url: 
         await conn.execute("begin; update projection_checkpoints set position = 99")  # left by a failed batch
         await checkpoints.begin_batch(conn, "it's", 5, 6)  # not inside that one
         await conn.execute("commit")
-        assert await conn.fetch("select name, position from projection_checkpoints") == [("it's", 6)]
+        rows = await conn.fetch("select name, position from projection_checkpoints")
+        assert [tuple(row) for row in rows] == [("it's", 6)]
     finally:
         await conn.close()

@@ -5,10 +5,11 @@ idle: the table catches up with the head without any further event."""
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from uuid import uuid4
 
 from backend.commands import wallets
-from backend.commands.bus import Quiet
+from backend.commands.bus import Decision, Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.deposits import Deposits
@@ -25,7 +26,7 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
         await eventually(lambda: _true(runner.state == "leading"), what="the runner to lead")
         wallet_id, repo = uuid4(), node.bus.repository
 
-        async def command(decide) -> int:  # type: ignore[no-untyped-def]
+        async def command(decide: Callable[[CommandContext], Awaitable[Decision]]) -> int:
             reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide, Quiet())
             return reply.position
 
@@ -33,9 +34,15 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
         await eventually(lambda: _true(runner.checkpoint > 0), what="the first step")
         writes_before, started = runner.checkpoint_writes, time.monotonic()
         last = 0
+        def credit(i: int) -> Callable[[CommandContext], Awaitable[Decision]]:
+            return lambda ctx: wallets.credit(repo, ctx, wallet_id, 1, f"c{i}", None)
+
+        def readers_see(position: int) -> Callable[[], Awaitable[bool]]:
+            return lambda: _true(service.watcher.known.get("deposits", 0) >= position)
+
         for i in range(40):  # one append, and one step of the runner, at a time
-            last = await command(lambda ctx, i=i: wallets.credit(repo, ctx, wallet_id, 1, f"c{i}", None))
-            await eventually(lambda last=last: _true(service.watcher.known.get("deposits", 0) >= last),
+            last = await command(credit(i))
+            await eventually(readers_see(last),
                              what="this process's readers to see the runner's position")
         elapsed = time.monotonic() - started
         assert runner.checkpoint_writes - writes_before <= elapsed / INTERVAL_S + 2

@@ -7,18 +7,19 @@ import asyncio
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.config import Settings
 from tests.conftest import bearer, mint_token
 from tests.projections.harness import Node, settings_for
+from tests.support import Client
 
 WALLET_FIELDS = {"wallet_id", "owner", "currency", "balance", "available", "locked", "reserved", "version"}
 
 
 class Api:
-    def __init__(self, client: TestClient, token: str) -> None:
+    def __init__(self, client: Client, token: str) -> None:
         self.client = client
         self.headers = bearer(token)
 
@@ -33,17 +34,17 @@ class Api:
         return dict(await response.json(content_type=None)), response.headers
 
 
-async def open_app(aiohttp_client: Any, settings: Settings) -> tuple[TestClient, Api]:
+async def open_app(aiohttp_client: AiohttpClient, settings: Settings) -> tuple[Client, Api]:
     client = await aiohttp_client(create_app(settings))
-    return client, Api(client, await mint_token(client.server.app, "operator", ["admin"]))
+    return client, Api(client, await mint_token(client.app, "operator", ["admin"]))
 
 
-async def user(client: TestClient, owner: str) -> Api:
-    return Api(client, await mint_token(client.server.app, owner, ["wallets:read", "wallets:write"]))
+async def user(client: Client, owner: str) -> Api:
+    return Api(client, await mint_token(client.app, owner, ["wallets:read", "wallets:write"]))
 
 
 async def test_read_your_writes_waits_for_a_projection_running_elsewhere(
-    own_database_url: str, aiohttp_client: Any
+    own_database_url: str, aiohttp_client: AiohttpClient
 ) -> None:
     """This app runs no projections; a separate process (a Node) does, and only starts later."""
     _, admin = await open_app(aiohttp_client, settings_for(own_database_url, run_projections=False))
@@ -81,12 +82,12 @@ async def test_read_your_writes_waits_for_a_projection_running_elsewhere(
 
 
 @pytest.fixture
-async def live(own_database_url: str, aiohttp_client: Any) -> tuple[TestClient, Api]:
+async def live(own_database_url: str, aiohttp_client: AiohttpClient) -> tuple[Client, Api]:
     """An app running every projection (the database outlives the app: it is set up first)."""
     return await open_app(aiohttp_client, settings_for(own_database_url))
 
 
-async def test_wallet_with_its_open_locks_and_reservations(live: tuple[TestClient, Api]) -> None:
+async def test_wallet_with_its_open_locks_and_reservations(live: tuple[Client, Api]) -> None:
     client, admin = live
     wallet = await admin.post("/v1/wallets", {"owner": "alice", "currency": "EUR"})
     wid = wallet["wallet_id"]
@@ -94,7 +95,7 @@ async def test_wallet_with_its_open_locks_and_reservations(live: tuple[TestClien
     lock = await admin.post(f"/v1/wallets/{wid}/locks", {"amount": 200, "reason": "escrow"})
     reserved = await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 150, "ttl_seconds": 600})
 
-    body, headers = await admin.get(f"/v1/wallets/{wid}", **{"X-Min-Position": str(reserved["position"])})
+    body, headers = await admin.get(f"/v1/wallets/{wid}", 200, **{"X-Min-Position": str(reserved["position"])})
     assert {k: body[k] for k in WALLET_FIELDS} == {k: reserved[k] for k in WALLET_FIELDS}
     assert (body["balance"], body["locked"], body["reserved"], body["available"]) == (1000, 200, 150, 650)
     assert [(x["lock_id"], x["amount"], x["reason"]) for x in body["locks"]] == [(lock["lock_id"], 200, "escrow")]
@@ -121,7 +122,7 @@ async def test_wallet_with_its_open_locks_and_reservations(live: tuple[TestClien
     await bob.get("/v1/reservations/not-a-uuid", 404)
 
 
-async def test_wallet_pages_by_owner_with_a_cursor(live: tuple[TestClient, Api]) -> None:
+async def test_wallet_pages_by_owner_with_a_cursor(live: tuple[Client, Api]) -> None:
     client, admin = live
     mine = sorted([(await admin.post("/v1/wallets", {"owner": "alice", "currency": "USD"}))["wallet_id"]
                    for _ in range(7)])
@@ -156,7 +157,7 @@ async def test_wallet_pages_by_owner_with_a_cursor(live: tuple[TestClient, Api])
         assert problem["code"] == "validation_error"
 
 
-async def test_deposits_stats_and_projection_status(live: tuple[TestClient, Api]) -> None:
+async def test_deposits_stats_and_projection_status(live: tuple[Client, Api]) -> None:
     client, admin = live
     wallet = await admin.post("/v1/wallets", {"owner": "alice", "currency": "USD"})
     deposit = await admin.post("/v1/deposits", {"wallet_id": wallet["wallet_id"], "currency": "USD"})

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import HUB
@@ -19,8 +19,9 @@ from backend.store.events import ANY, NewEvent
 from backend.streaming.hub import Hub
 from tests.conftest import make_settings
 from tests.streaming.sse_client import Stream
+from tests.support import Client
 
-MakeClient = Callable[..., Awaitable[TestClient]]
+MakeClient = Callable[..., Awaitable[Client]]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--disable-component-update",
@@ -43,19 +44,21 @@ async def browser() -> AsyncIterator[Any]:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any, database_url: str) -> MakeClient:
+def make_client(aiohttp_client: AiohttpClient, database_url: str) -> MakeClient:
     """An app instance (its own pool, listener and hub) on the session database, behind a real socket."""
 
-    async def make(**overrides: Any) -> TestClient:
+    async def make(**overrides: Any) -> Client:
         settings = make_settings(database_url, **{"sse_shutdown_window_s": 0.2, **overrides})
-        client: TestClient = await aiohttp_client(create_app(settings))
+        client: Client = await aiohttp_client(create_app(settings))
         return client
 
     return make
 
 
-async def connect(client: TestClient, path: str, token: str | None = None, *,
-                  headers: dict[str, str] | None = None, **params: str | int) -> Stream:
+async def connect(client: Client, path: str, token: str | None = None, *, headers: dict[str, str] | None = None,
+                  query: Mapping[str, str | int] | None = None, **params: str | int) -> Stream:
+    """GET path as an event stream; query parameters from `query` and keywords alike."""
+    params = {**(query or {}), **params}
     sent = dict(headers or {})
     if token is not None:
         sent["Authorization"] = f"Bearer {token}"
@@ -63,8 +66,8 @@ async def connect(client: TestClient, path: str, token: str | None = None, *,
     return Stream(response)
 
 
-def hub_of(client: TestClient) -> Hub:
-    return client.server.app[HUB]
+def hub_of(client: Client) -> Hub:
+    return client.app[HUB]
 
 
 async def append(store: EventStore, stream: str, *types: str, **data: Any) -> list[int]:

@@ -33,7 +33,7 @@ async def test_401_without_or_with_a_bad_key(make_client: MakeClient, path: str)
 @pytest.mark.parametrize("path", STREAMS)
 async def test_403_without_a_read_scope(make_client: MakeClient, path: str) -> None:
     client = await make_client()
-    writer = await mint_token(client.server.app, "erin", ["wallets:write"])
+    writer = await mint_token(client.app, "erin", ["wallets:write"])
     sse = await connect(client, path, writer)
     assert (sse.status, sse.response.content_type) == (403, PROBLEM)
     assert (await sse.response.json())["code"] == "forbidden"
@@ -41,7 +41,7 @@ async def test_403_without_a_read_scope(make_client: MakeClient, path: str) -> N
 
 async def test_access_token_query_parameter_for_browsers(make_client: MakeClient) -> None:
     client = await make_client()
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     sse = await connect(client, "/v1/streams/events", access_token=token, after="now")
     assert sse.status == 200
     assert (await sse.next()).kind == "checkpoint"
@@ -53,9 +53,9 @@ async def test_access_token_query_parameter_for_browsers(make_client: MakeClient
 
 async def test_a_key_sees_only_its_owners_wallets(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client(sse_checkpoint_s=0.2)
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    frank = await mint_token(client.server.app, "frank", ["wallets:read"])
-    auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    frank = await mint_token(client.app, "frank", ["wallets:read"])
+    auditor = await mint_token(client.app, "auditor", ["audit:read"])
     start = await store.head()
     mine = await open_wallet(client, admin, "frank")
     theirs = await open_wallet(client, admin, "grace")
@@ -99,8 +99,8 @@ async def refusal(sse: Stream, retry_ms: int = 1500) -> dict[str, Any]:
 
 async def test_per_key_limit_and_process_cap_are_refusals_a_browser_retries(make_client: MakeClient) -> None:
     client = await make_client(sse_max_streams_per_key=2, sse_max_streams=3, sse_retry_ms=1500)
-    one = await mint_token(client.server.app, "auditor", ["audit:read"])
-    two = await mint_token(client.server.app, "auditor", ["audit:read"])
+    one = await mint_token(client.app, "auditor", ["audit:read"])
+    two = await mint_token(client.app, "auditor", ["audit:read"])
     open_streams = [await connect(client, "/v1/streams/events", one, after="now") for _ in range(2)]
     for sse in open_streams:
         await sse.next()
@@ -122,7 +122,7 @@ async def test_per_key_limit_and_process_cap_are_refusals_a_browser_retries(make
 
 async def test_a_stream_asked_for_during_shutdown_is_a_refusal_a_browser_retries(make_client: MakeClient) -> None:
     client = await make_client(sse_retry_ms=1500)
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     await hub_of(client).shutdown()  # what on_shutdown does first: from here on new streams are refused
     refused = await connect(client, "/v1/streams/events", token, after="now")
     problem = await refusal(refused)

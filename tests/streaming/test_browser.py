@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from backend.store.event_store import EventStore
 from tests.conftest import bearer, mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
+from tests.support import Client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,7 +81,7 @@ async def page_origin() -> AsyncIterator[str]:
         await server.close()
 
 
-def api_of(client: TestClient) -> str:
+def api_of(client: Client) -> str:
     return f"http://127.0.0.1:{client.server.port}"
 
 
@@ -100,7 +101,7 @@ async def until(page: Any, expression: str, timeout: float = 20.0) -> Any:
     return value
 
 
-async def call(client: TestClient, key: str, method: str, path: str, body: dict[str, Any] | None = None
+async def call(client: Client, key: str, method: str, path: str, body: dict[str, Any] | None = None
                ) -> dict[str, Any]:
     response = await client.request(method, path, json=body if body is not None else {}, headers=bearer(key))
     assert response.status < 300, (path, response.status, await response.text())
@@ -108,7 +109,7 @@ async def call(client: TestClient, key: str, method: str, path: str, body: dict[
     return answer
 
 
-async def every_kind_of_event(client: TestClient, admin: str, owner: str) -> tuple[str, str]:
+async def every_kind_of_event(client: Client, admin: str, owner: str) -> tuple[str, str]:
     """Credit, debit, lock, release, settle, reservations and a deposit: two wallets' ids."""
     a = (await call(client, admin, "POST", "/v1/wallets", {"owner": owner, "currency": "USD"}))["wallet_id"]
     b = (await call(client, admin, "POST", "/v1/wallets", {"owner": owner, "currency": "USD"}))["wallet_id"]
@@ -140,9 +141,9 @@ async def test_a_page_on_another_origin_follows_every_event_with_onmessage_only(
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     client = await make_client(cors_allowed_origins=page_origin)
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
-    owner_key = await mint_token(client.server.app, "olga", ["wallets:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    auditor = await mint_token(client.app, "auditor", ["audit:read"])
+    owner_key = await mint_token(client.app, "olga", ["wallets:read"])
     api = api_of(client)
     urls = await open_page(browser_page, page_origin)
     start = await store.head()
@@ -184,7 +185,7 @@ async def test_a_page_on_another_origin_follows_every_event_with_onmessage_only(
 async def test_without_cors_the_other_origin_page_fails(
         make_client: MakeClient, browser_page: Any, page_origin: str) -> None:
     client = await make_client()
-    auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
+    auditor = await mint_token(client.app, "auditor", ["audit:read"])
     api = api_of(client)
     await open_page(browser_page, page_origin)
     failed = await browser_page.evaluate("([url, key]) => tryFetch(url, key)", [f"{api}/v1/stream-tokens", auditor])
@@ -197,8 +198,8 @@ async def test_without_cors_the_other_origin_page_fails(
 async def test_a_refused_stream_is_retried_by_the_browser_until_the_slot_frees(
         make_client: MakeClient, store: EventStore, browser_page: Any, page_origin: str) -> None:
     client = await make_client(cors_allowed_origins=page_origin, sse_max_streams_per_key=1, sse_retry_ms=300)
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    auditor = await mint_token(client.app, "auditor", ["audit:read"])
     api = api_of(client)
     await open_page(browser_page, page_origin)
     start = await store.head()

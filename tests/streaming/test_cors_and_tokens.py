@@ -24,7 +24,7 @@ PREFLIGHT = {"Origin": DASH, "Access-Control-Request-Method": "POST",
 
 async def test_cors_for_listed_origins_only(make_client: MakeClient) -> None:
     client = await make_client(cors_allowed_origins=f"{DASH}, https://other.example")
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     preflight = await client.options("/v1/wallets", headers=PREFLIGHT)
     assert preflight.status == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == DASH
@@ -68,8 +68,8 @@ async def test_bad_origins_setting_is_refused() -> None:
 
 async def test_stream_token_opens_streams_and_nothing_else(make_client: MakeClient) -> None:
     client = await make_client(stream_token_ttl_s=30)
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    reader = await mint_token(client.server.app, "frank", ["wallets:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    reader = await mint_token(client.app, "frank", ["wallets:read"])
     issued = await client.post("/v1/stream-tokens", headers=bearer(reader))
     assert issued.status == 200 and issued.headers["Cache-Control"] == "no-store"
     body = await issued.json()
@@ -99,9 +99,9 @@ async def test_stream_token_opens_streams_and_nothing_else(make_client: MakeClie
 
 async def test_stream_tokens_expire_are_signed_and_die_with_their_key(make_client: MakeClient) -> None:
     client = await make_client()
-    auditor = await mint_token(client.server.app, "auditor", ["audit:read"])
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    tokens: StreamTokens = client.server.app[STREAM_TOKENS]
+    auditor = await mint_token(client.app, "auditor", ["audit:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    tokens: StreamTokens = client.app[STREAM_TOKENS]
     issued = await (await client.post("/v1/stream-tokens", headers=bearer(auditor))).json()
     token = issued["token"]
     key_id = tokens.verify(token)
@@ -113,7 +113,7 @@ async def test_stream_tokens_expire_are_signed_and_die_with_their_key(make_clien
         sse = await connect(client, "/v1/streams/events", access_token=bad)
         assert (sse.status, (await sse.response.json())["code"]) == (401, "unauthorized"), bad
     # every process with the same settings verifies it (stateless, shared secret)
-    assert StreamTokens.from_settings(client.server.app[SETTINGS]).verify(token) == key_id
+    assert StreamTokens.from_settings(client.app[SETTINGS]).verify(token) == key_id
     revoked = await client.delete(f"/v1/api-keys/{key_id}", headers=bearer(admin))
     assert revoked.status == 204
     sse = await connect(client, "/v1/streams/events", access_token=token)

@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.domain.money import CURRENCIES
@@ -24,6 +24,7 @@ from backend.http.static import CSP
 from tests.conftest import bearer, make_settings, mint_token
 from tests.streaming.conftest import MakeClient
 from tests.streaming.test_browser import api_of
+from tests.support import Client
 from tests.system.procs import Process, create_key
 
 pytestmark = pytest.mark.timeout(180)
@@ -53,7 +54,7 @@ async def open_dashboard(browser: Any, base: str, key: str) -> Watched:
     return watched
 
 
-async def post(http: aiohttp.ClientSession | TestClient, key: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+async def post(http: aiohttp.ClientSession | Client, key: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     async with http.post(path, json=body, headers=bearer(key)) as response:
         assert response.status < 300, (path, response.status, await response.text())
         answer: dict[str, Any] = await response.json()
@@ -127,10 +128,10 @@ def total_cell(page: Any, currency: str, column: int = 2) -> Any:
 
 
 async def test_a_credit_shows_in_major_units_within_a_second_and_no_key_leaks(
-        aiohttp_client: Any, own_database_url: str, browser: Any, tmp_path: Path) -> None:
+        aiohttp_client: AiohttpClient, own_database_url: str, browser: Any, tmp_path: Path) -> None:
     # a database of its own: the page's head position and per-minute counts see no other test's events
     client = await aiohttp_client(create_app(make_settings(own_database_url, sse_shutdown_window_s=0.2)))
-    app = client.server.app
+    app = client.app
     admin = await mint_token(app, "operator", ["admin"])
     viewer = await mint_token(app, "ana", ["wallets:read", "audit:read"])  # ana's wallets, every total
     usd = (await post(client, admin, "/v1/wallets", {"owner": "ana", "currency": "USD"}))["wallet_id"]
@@ -273,7 +274,7 @@ async def test_amounts_are_major_units_by_integer_arithmetic(make_client: MakeCl
 
 async def test_a_refused_key_is_said_on_screen_not_retried_for_ever(make_client: MakeClient, browser: Any) -> None:
     client = await make_client()
-    writer = await mint_token(client.server.app, "wendy", ["wallets:write"])  # may not follow any stream
+    writer = await mint_token(client.app, "wendy", ["wallets:write"])  # may not follow any stream
     from playwright.async_api import expect
 
     watched = await open_dashboard(browser, api_of(client), writer)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_frames_carry_position_type_and_the_event(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client()
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     start = await store.head()
     stream_id = new_stream()
     positions = await append(store, stream_id, "Opened", "Moved", n=7)
@@ -46,7 +46,7 @@ async def test_frames_carry_position_type_and_the_event(make_client: MakeClient,
 
 async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client(sse_checkpoint_s=0.2)  # a checkpoint tells when the filtered-out end is reached
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     start = await store.head()
     one, other = new_stream("alpha"), new_stream("beta")
     a = await append(store, one, "Red", "Green", "Blue")
@@ -54,7 +54,7 @@ async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store
     end = (await append(store, new_stream("gamma"), "Red"))[0]
 
     async def received(**params: str | int) -> list[int]:
-        sse = await connect(client, "/v1/streams/events", token, after=start, **params)
+        sse = await connect(client, "/v1/streams/events", token, query={"after": start, **params})
         seen = await sse.until(lambda m: int(m.last_id) >= end)
         sse.close()
         return [int(m.last_id) for m in seen if m.kind == "event"]
@@ -68,14 +68,12 @@ async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store
 
 async def test_resume_from_after_last_event_id_and_now(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client()
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     stream_id = new_stream()
     p = await append(store, stream_id, "A", "B", "C", "D")
 
-    async def first_event(**kwargs: str | int) -> int:
-        headers = kwargs.pop("headers", None)
-        sse = await connect(client, "/v1/streams/events", token, stream=stream_id,
-                            headers=headers, **kwargs)  # type: ignore[arg-type]
+    async def first_event(headers: dict[str, str] | None = None, **params: str | int) -> int:
+        sse = await connect(client, "/v1/streams/events", token, headers=headers, query={"stream": stream_id, **params})
         (message,) = await sse.events(1)
         sse.close()
         return int(message.last_id)
@@ -100,8 +98,8 @@ async def test_resume_from_after_last_event_id_and_now(make_client: MakeClient, 
 @pytest.mark.parametrize("params", [{"after": "-1"}, {"after": "x"}, {"types": ""}, {"stream": ""}])
 async def test_bad_parameters_are_problems_before_the_stream(make_client: MakeClient, params: dict[str, str]) -> None:
     client = await make_client()
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
-    sse = await connect(client, "/v1/streams/events", token, **params)
+    token = await mint_token(client.app, "auditor", ["audit:read"])
+    sse = await connect(client, "/v1/streams/events", token, query=params)
     assert sse.status == 400
     assert sse.response.content_type == "application/problem+json"
     assert (await sse.response.json())["code"] == "validation_error"
@@ -109,7 +107,7 @@ async def test_bad_parameters_are_problems_before_the_stream(make_client: MakeCl
 
 async def test_rarely_matching_filter_gets_checkpoints(make_client: MakeClient, store: EventStore) -> None:
     client = await make_client(sse_checkpoint_s=0.2)
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     start = await store.head()
     sse = await connect(client, "/v1/streams/events", token, after=start, types="NeverHappens")
     assert (await sse.next()).last_id == str(start)
@@ -122,7 +120,7 @@ async def test_rarely_matching_filter_gets_checkpoints(make_client: MakeClient, 
 
 async def test_heartbeat_comments(make_client: MakeClient) -> None:
     client = await make_client(sse_heartbeat_s=0.1)
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     sse = await connect(client, "/v1/streams/events", token, after="now", types="NeverHappens")
     await sse.next()
     async with asyncio.timeout(10):
@@ -137,12 +135,12 @@ async def test_a_resume_position_beyond_the_log_is_a_400_not_a_silent_skip(make_
     """A stream resumed beyond the head would wait there and skip every event up to it when they come
     (a Last-Event-ID kept across a restore from backup, say): refused, naming where the log ends."""
     client = await make_client()
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     (last,) = await append(store, new_stream(), "E")
     refused = [({"after": str(last + 5)}, {}, "after"), ({}, {"Last-Event-ID": str(last + 1)}, "Last-Event-ID"),
                ({"after": "now"}, {"Last-Event-ID": str(last + 1)}, "Last-Event-ID")]
     for params, headers, field in refused:
-        sse = await connect(client, "/v1/streams/events", token, headers=headers, **params)
+        sse = await connect(client, "/v1/streams/events", token, headers=headers, query=params)
         problem = await sse.response.json()
         assert (sse.status, problem["code"], problem["field"]) == (400, "validation_error", field), problem
         assert f"head of the log ({last})" in problem["detail"]

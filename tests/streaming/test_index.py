@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -18,6 +19,7 @@ from backend.streaming.hub import Hub, HubConfig
 from backend.streaming.window import POSITION, Item, Window, make_item
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
+from tests.streaming.sse_client import Message
 from tests.streaming.test_wallets_dashboard import open_wallet, post
 
 pytestmark = pytest.mark.timeout(120)
@@ -156,8 +158,8 @@ async def test_a_batch_reaches_exactly_the_matching_subscribers() -> None:
 
 async def test_many_wallet_streams_each_get_exactly_their_own_events(make_client: MakeClient) -> None:
     client = await make_client()
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    reader = await mint_token(client.server.app, "erin", ["wallets:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    reader = await mint_token(client.app, "erin", ["wallets:read"])
     wallets = [await open_wallet(client, admin, "erin") for _ in range(24)]
     streams = [await connect(client, f"/v1/streams/wallets/{w}", reader, after="now") for w in wallets[:12]]
     streams += [await connect(client, "/v1/streams/events", reader, after="now", stream=f"wallet-{w}")
@@ -173,10 +175,15 @@ async def test_many_wallet_streams_each_get_exactly_their_own_events(make_client
         for w, answer in zip(wallets, answers, strict=True):
             credits[w].append(int(answer["position"]))
     for i, (wallet, sse) in enumerate(zip(wallets, streams, strict=True)):
-        received = await sse.until(lambda m, w=wallet: m.kind == "event" and int(m.last_id) >= credits[w][-1])
+        received = await sse.until(an_event_through(credits[wallet][-1]))
         events = [m for m in received if m.kind == "event"]
         assert [int(m.last_id) for m in events] == credits[wallet]
         assert {m.json()["stream_id"] for m in events} == {f"wallet-{wallet}"}
         if i < 12:  # the wallet stream's figures follow each credit
             assert [m.json()["wallet"]["balance"] for m in events] == [(i + 1) * n for n in range(1, rounds + 1)]
         sse.close()
+
+
+def an_event_through(position: int) -> Callable[[Message], bool]:
+    """Reading until an event at or beyond position."""
+    return lambda message: message.kind == "event" and int(message.last_id) >= position

@@ -44,7 +44,7 @@ async def test_frozen_client_is_evicted_while_another_keeps_receiving(
     if not kernel_timeout:
         monkeypatch.setattr(aiohttp_sse, "_TCP_USER_TIMEOUT", None)
     client = await make_client(sse_send_timeout_s=0.5)
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     hub = hub_of(client)
     prefix = f"frozen{uuid.uuid4().hex[:8]}-"
     start = await store.head()
@@ -95,8 +95,8 @@ async def test_an_event_committed_through_one_process_reaches_a_stream_on_anothe
     make_client: MakeClient,
 ) -> None:
     first, second = await make_client(), await make_client()
-    admin = await mint_token(first.server.app, "operator", ["admin"])
-    reader = await mint_token(first.server.app, "hana", ["wallets:read"])
+    admin = await mint_token(first.app, "operator", ["admin"])
+    reader = await mint_token(first.app, "hana", ["wallets:read"])
     wallet = await open_wallet(first, admin, "hana")
     sse = await connect(second, f"/v1/streams/wallets/{wallet}", reader, after="now")
     await sse.next()
@@ -109,7 +109,7 @@ async def test_an_event_committed_through_one_process_reaches_a_stream_on_anothe
 
 async def test_shutdown_ends_every_stream_cleanly(make_client: MakeClient) -> None:
     client = await make_client(sse_shutdown_window_s=0.3)
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     streams = [await connect(client, "/v1/streams/events", token, after="now") for _ in range(5)]
     streams.append(await connect(client, "/v1/streams/dashboard", token))
     for sse in streams:

@@ -39,7 +39,7 @@ async def test_random_disconnects_lose_nothing_and_repeat_nothing(
 ) -> None:
     # A tiny window and page: readers fall behind the window and page the store, back and forth.
     client = await make_client(sse_window_events=16, sse_page_size=7, sse_checkpoint_s=0.1)
-    token = await mint_token(client.server.app, "auditor", ["audit:read"])
+    token = await mint_token(client.app, "auditor", ["audit:read"])
     rng = random.Random(seed)
     prefix = f"resume{uuid.uuid4().hex[:8]}-"
     start = await store.head()

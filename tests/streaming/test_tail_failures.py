@@ -17,7 +17,7 @@ async def test_the_tail_restarts_after_a_protocol_state_error_and_keeps_streamin
     make_client: MakeClient, store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await make_client()
-    app = client.server.app
+    app = client.app
     tail = app[SUPERVISOR].tasks["sse-tail"]
     token = await mint_token(app, "auditor", ["audit:read"])
     start = await store.head()

@@ -7,28 +7,28 @@ import time
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
 
 from tests.conftest import bearer, mint_token
 from tests.streaming.conftest import MakeClient, connect
+from tests.support import Client
 
 pytestmark = pytest.mark.timeout(120)
 
 
-async def post(client: TestClient, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+async def post(client: Client, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
     response = await client.post(path, json=body, headers=bearer(token))
     assert response.status < 300, await response.text()
     return dict(await response.json())
 
 
-async def open_wallet(client: TestClient, token: str, owner: str, currency: str = "USD") -> str:
+async def open_wallet(client: Client, token: str, owner: str, currency: str = "USD") -> str:
     return str((await post(client, token, "/v1/wallets", {"owner": owner, "currency": currency}))["wallet_id"])
 
 
 async def test_wallet_stream_sends_figures_after_each_event(make_client: MakeClient) -> None:
     client = await make_client()
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    reader = await mint_token(client.server.app, "carol", ["wallets:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    reader = await mint_token(client.app, "carol", ["wallets:read"])
     wallet = await open_wallet(client, admin, "carol")
     await post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": 500, "reference": "seed"})
     sse = await connect(client, f"/v1/streams/wallets/{wallet}", reader)
@@ -56,8 +56,8 @@ async def test_wallet_stream_sends_figures_after_each_event(make_client: MakeCli
 async def test_dashboard_snapshot_then_coalesced_deltas(make_client: MakeClient) -> None:
     interval = 0.3
     client = await make_client(sse_dashboard_interval_s=interval)
-    admin = await mint_token(client.server.app, "operator", ["admin"])
-    viewer = await mint_token(client.server.app, "dana", ["wallets:read"])
+    admin = await mint_token(client.app, "operator", ["admin"])
+    viewer = await mint_token(client.app, "dana", ["wallets:read"])
     wallet = await open_wallet(client, admin, "dana", "EUR")
     sse = await connect(client, "/v1/streams/dashboard", viewer)
     assert sse.status == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from backend.server import site as accept
 from backend.server.site import BatchAcceptSite
 
 LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    event_loop.importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
