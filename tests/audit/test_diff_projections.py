@@ -13,8 +13,7 @@ from backend.audit.projections_diff import SCRATCH_PREFIX, DiffReport, diff_all
 from projections.registry import names
 from tests.audit.test_cli import audit_cli
 from tests.conftest import bearer, make_settings, mint_token
-from tests.projections.harness import eventually
-from tests.support import Client
+from tests.support import Client, eventually
 
 
 async def workload(client: Client, headers: dict[str, str]) -> list[str]:

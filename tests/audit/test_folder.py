@@ -16,7 +16,7 @@ from backend.store.listener import Listener
 from projections.service import connector
 from tests.audit.conftest import fill_log
 from tests.conftest import make_settings
-from tests.projections.harness import eventually
+from tests.support import eventually
 
 
 async def stored_tree_is_the_log(pool: asyncpg.Pool) -> int:
@@ -39,7 +39,7 @@ async def test_one_folder_leads_and_another_takes_over(own_database_url: str, ow
     try:
         for folder in folders:
             folder.start()
-        await eventually(lambda: asyncio.sleep(0, any(f.leading for f in folders)), what="a leader")
+        await eventually(lambda: any(f.leading for f in folders), what="a leader")
         await asyncio.sleep(0.3)  # the other has tried (and failed) to take the lock meanwhile
         assert sum(f.leading for f in folders) == 1
         leader = next(f for f in folders if f.leading)
@@ -54,7 +54,7 @@ async def test_one_folder_leads_and_another_takes_over(own_database_url: str, ow
         assert await stored_tree_is_the_log(own_pool) == log.events
 
         await leader.stop()
-        await eventually(lambda: asyncio.sleep(0, other.leading), what="the other to take over")
+        await eventually(lambda: other.leading, what="the other to take over")
         more = await fill_log(own_pool, streams=3, versions=3, seed=2)
         async with own_pool.acquire() as conn:  # an on-demand fold racing the new leader
             await tree_store.catch_up(conn, log.events + more.events, 4)

@@ -5,7 +5,6 @@ append-only, and a server without a key says so."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from backend.audit.merkle import MemoryTree, leaf_hash, verify_consistency, veri
 from backend.audit.signing import Checkpoint, keygen, load_public_key
 from backend.store.events import ANY, NewEvent, Write
 from tests.conftest import bearer, make_settings, mint_token
-from tests.support import Client
+from tests.support import Client, eventually
 
 
 class Api:
@@ -60,10 +59,11 @@ async def log_leaves(database_url: str) -> list[bytes]:
 
 
 async def folded_to(api: Api, size: int) -> dict[str, Any]:
-    async with asyncio.timeout(20):
-        while (tree := await api.get("/v1/audit/tree"))["tree_size"] < size:
-            await asyncio.sleep(0.05)
-    return tree  # type: ignore[no-any-return]
+    async def tree() -> dict[str, Any] | None:
+        found: dict[str, Any] = await api.get("/v1/audit/tree")
+        return found if found["tree_size"] >= size else None
+
+    return await eventually(tree, timeout=20, interval=0.05, what=f"the tree to reach {size} leaves")
 
 
 async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_client: AiohttpClient,
@@ -94,9 +94,12 @@ async def test_folder_checkpoints_and_proofs(own_database_url: str, aiohttp_clie
     leaves = await log_leaves(own_database_url)
     tree = MemoryTree(leaves)
     await folded_to(auditor, len(leaves))
-    async with asyncio.timeout(20):
-        while (latest := await auditor.get("/v1/audit/checkpoints/latest"))["tree_size"] < len(leaves):
-            await asyncio.sleep(0.05)
+
+    async def checkpoint() -> dict[str, Any] | None:
+        found: dict[str, Any] = await auditor.get("/v1/audit/checkpoints/latest")
+        return found if found["tree_size"] >= len(leaves) else None
+
+    latest = await eventually(checkpoint, timeout=20, interval=0.05, what="a checkpoint of the whole log")
     assert Checkpoint.from_dict(latest).verify(public) and latest["id"] > first["id"]
     assert bytes.fromhex(latest["root_hash"]) == tree.root()
 

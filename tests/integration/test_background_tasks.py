@@ -21,7 +21,7 @@ from backend.store.append import NOTIFY_CHANNEL
 from backend.store.tail import TASK as TAIL_TASK
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.test_db_faults import pooled_queries_raise
-from tests.support import Client
+from tests.support import Client, eventually
 
 STATE_ERROR = "cannot switch to state 12; another operation (2) is in progress"
 
@@ -43,12 +43,6 @@ def listener_fetchval_raises(monkeypatch: pytest.MonkeyPatch, should_fail: Calla
     return raised
 
 
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def fast_client(aiohttp_client, database_url: str) -> Client:  # type: ignore[no-untyped-def]
     app = create_app(make_settings(database_url, listener_poll_s=0.05))
@@ -66,7 +60,7 @@ async def test_listener_reconnects_after_an_unlisted_error_and_keeps_delivering(
     first_pid = listener.backend_pid()
     once = iter([True])
     raised = listener_fetchval_raises(monkeypatch, lambda: next(once, False))
-    await until(lambda: bool(raised) and listener.reconnects >= 1)
+    await eventually(lambda: bool(raised) and listener.reconnects >= 1)
     assert listener.backend_pid() not in (None, first_pid)
 
     head = listener.head
@@ -80,7 +74,7 @@ async def test_listener_reconnects_after_an_unlisted_error_and_keeps_delivering(
     assert "# TYPE tally_background_task_restarts_total counter" in metrics
     assert 'tally_background_task_restarts_total{task="sse-tail"} 0' in metrics
 
-    await until(lambda: app[SUPERVISOR].tasks["listener"].state == "running")
+    await eventually(lambda: app[SUPERVISOR].tasks["listener"].state == "running")
     ready = await fast_client.get("/health/ready")
     assert ready.status == 200
     tasks = (await ready.json())["tasks"]
@@ -103,7 +97,7 @@ async def test_a_task_failing_for_too_long_makes_the_process_unready_until_it_re
     supervisor.stuck_after_s = 0.5
     failing = True
     raised = listener_fetchval_raises(monkeypatch, lambda: failing)
-    await until(lambda: supervisor.stuck() == ["listener"])
+    await eventually(lambda: supervisor.stuck() == ["listener"])
 
     ready = await fast_client.get("/health/ready")
     body = await ready.json(content_type="application/problem+json")
@@ -115,7 +109,7 @@ async def test_a_task_failing_for_too_long_makes_the_process_unready_until_it_re
     assert len(failed) == 1  # once per outage, however many restarts
 
     failing = False
-    await until(lambda: supervisor.tasks["listener"].state == "running")
+    await eventually(lambda: supervisor.tasks["listener"].state == "running")
     ready = await fast_client.get("/health/ready")
     assert ready.status == 200
     assert (await ready.json())["tasks"]["listener"]["restarts"] == len(raised)
@@ -141,12 +135,13 @@ async def test_the_revocation_watcher_survives_a_failed_read(
             await notifier.execute(f"notify {NOTIFY_CHANNEL}, '{app[LISTENER].head + 1}'")
         finally:
             await notifier.close()
-        await until(lambda: supervisor.tasks[TAIL_TASK].restarts >= 1)
+        await eventually(lambda: supervisor.tasks[TAIL_TASK].restarts >= 1)
     minted.key.revoke(datetime.now(UTC))
     await app[REPOSITORY].save(minted.key)  # not through the endpoint: only the watcher can learn it
-    async with asyncio.timeout(10):
-        while await probe() != 401:
-            await asyncio.sleep(0.05)
+    async def refused() -> bool:
+        return await probe() == 401
+
+    await eventually(refused, timeout=10, interval=0.05, what="the revocation watcher to refuse the key")
 
 
 async def test_a_projection_runner_losing_its_connection_at_commit_does_not_blame_the_event(
@@ -170,10 +165,10 @@ async def test_a_projection_runner_losing_its_connection_at_commit_does_not_blam
     created = await fast_client.post("/v1/wallets", json={"owner": "runner", "currency": "USD"})
     assert created.status == 201
     position = int(created.headers["X-Position"])
-    await until(lambda: bool(hit))
+    await eventually(lambda: bool(hit))
     name = hit[0].removeprefix("tally-projection-").rsplit("-", 1)[0]
     service = app[PROJECTIONS]
-    await until(lambda: service.runner(name).checkpoint >= position)
+    await eventually(lambda: service.runner(name).checkpoint >= position)
     assert app[SUPERVISOR].tasks[f"projection-{name}"].restarts == 1
     ready = await (await fast_client.get("/health/ready")).json()
     assert ready["checks"]["projections"][name]["state"] == "running"

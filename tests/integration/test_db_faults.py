@@ -18,7 +18,7 @@ from backend.app import create_app
 from backend.db import is_unavailable
 from backend.store.append import APPEND_LOCK_KEY
 from tests.conftest import bearer, make_settings, mint_token
-from tests.support import Client
+from tests.support import Client, advisory_lock_waiters, eventually
 
 PROBLEM = "application/problem+json"
 QUERY_METHODS = ("execute", "executemany", "fetch", "fetchval", "fetchrow")
@@ -137,13 +137,6 @@ async def hold_append_lock(database_url: str) -> asyncpg.Connection:
     return blocker
 
 
-async def lock_waiters(conn: asyncpg.Connection) -> list[int]:
-    """Server pids of the sessions of this database waiting on an advisory lock."""
-    rows = await conn.fetch("""select pid from pg_locks where locktype = 'advisory' and not granted
-                               and database = (select oid from pg_database where datname = current_database())""")
-    return [row["pid"] for row in rows]
-
-
 async def test_a_statement_timeout_is_503(aiohttp_client, database_url: str) -> None:  # type: ignore[no-untyped-def]
     """A credit stuck behind the append lock longer than STATEMENT_TIMEOUT_MS is cancelled by the server."""
     client: Client = await aiohttp_client(create_app(make_settings(database_url, statement_timeout_ms=300)))
@@ -168,9 +161,8 @@ async def test_a_session_terminated_mid_command_is_503(
     try:
         request = asyncio.create_task(client.post(f"/v1/wallets/{wallet_id}/credits",
                                                   json={"amount": 1, "reference": "terminated"}))
-        async with asyncio.timeout(10):
-            while not (waiting := await lock_waiters(blocker)):
-                await asyncio.sleep(0.02)
+        waiting = await eventually(lambda: advisory_lock_waiters(blocker), timeout=10,
+                                   what="the credit to wait for the append lock")
         assert await blocker.fetchval("select bool_and(pg_terminate_backend(p)) from unnest($1::int[]) p", waiting)
         await assert_unavailable(await request)
     finally:

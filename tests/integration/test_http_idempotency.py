@@ -17,26 +17,12 @@ from backend.store import idempotency
 from backend.store.append import APPEND_LOCK_KEY
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.test_http_wallets import PROBLEM, Api, open_funded
-from tests.support import Client
-
-WAITING_FOR_APPEND_LOCK = """
-select count(*) from pg_locks
-where locktype = 'advisory' and not granted
-  and database = (select oid from pg_database where datname = current_database())
-"""
+from tests.support import Client, advisory_lock_waiters, eventually
 
 
 @pytest.fixture
 async def admin(client: Client, admin_headers: dict[str, str]) -> Api:
     return Api(client, admin_headers)
-
-
-async def until_an_append_waits(pool: asyncpg.Pool) -> None:
-    for _ in range(500):
-        if await pool.fetchval(WAITING_FOR_APPEND_LOCK):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("no append reached the store's lock")
 
 
 async def test_a_repeat_while_the_first_is_running_is_409_in_flight(
@@ -49,7 +35,8 @@ async def test_a_repeat_while_the_first_is_running_is_409_in_flight(
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)  # every append waits
         first = asyncio.create_task(client.post(path, json=body, headers=headers))
-        await until_an_append_waits(pool)
+        await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                         what="an append to reach the store's lock")
         async with asyncio.timeout(10):  # a repeat that waited for the first would wait for this lock
             repeat = await client.post(path, json=body, headers=headers)
         assert repeat.status == 409, await repeat.text()
@@ -114,9 +101,9 @@ async def test_records_are_kept_for_their_retention_and_never_less_than_a_day(
         await pool.execute("update idempotency_keys set created_at = now() - make_interval(secs => $1) "
                            "where key = $2", hours * 3600, key)
     scope = await pool.fetchval("select scope from idempotency_keys where key = $1", kept)
-    for _ in range(200):  # the app's own housekeeping, every 50 ms here
-        if await idempotency.lookup(pool, scope, purged) is None:
-            break
-        await asyncio.sleep(0.02)
+    async def was_purged() -> bool:
+        return await idempotency.lookup(pool, scope, purged) is None
+
+    await eventually(was_purged, timeout=4, what="the app's own housekeeping (every 50 ms here) to purge the key")
     assert await idempotency.lookup(pool, scope, purged) is None
     assert await idempotency.lookup(pool, scope, kept) is not None

@@ -23,7 +23,7 @@ from backend.http import models
 from backend.http.ratelimit import RateLimiter
 from backend.store.listener import Listener
 from tests.conftest import bearer, make_settings, mint_token
-from tests.support import Client, object_of
+from tests.support import Client, eventually, object_of
 
 PROBLEM = "application/problem+json"
 
@@ -52,12 +52,11 @@ async def probe(client: Client, token: str) -> int:
 
 async def wait_for_status(client: Client, token: str, status: int, timeout: float) -> float:
     """Poll until probe() answers status; return when (time.monotonic()) it first did."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if await probe(client, token) == status:
-            return time.monotonic()
-        assert time.monotonic() < deadline, f"no {status} within {timeout} s"
-        await asyncio.sleep(0.01)
+
+    async def answered() -> float | None:
+        return time.monotonic() if await probe(client, token) == status else None
+
+    return await eventually(answered, timeout=timeout, interval=0.01, what=f"a {status}")
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from backend.store.event_store import EventStore
 from backend.store.events import NO_STREAM, NewEvent
 from backend.store.listener import Listener
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -45,9 +46,8 @@ async def test_reconnects_after_backend_is_terminated_and_asks_waiters_to_reread
     woken = asyncio.create_task(listener.wait_for_change(timeout=15))
     assert await pool.fetchval("select pg_terminate_backend($1)", pid)
     assert await asyncio.wait_for(woken, 15)  # the reconnect wakes everyone to re-read
-    async with asyncio.timeout(15):
-        while listener.reconnects < 1 or listener.backend_pid() in (None, pid):
-            await asyncio.sleep(0.05)
+    await eventually(lambda: listener.reconnects >= 1 and listener.backend_pid() not in (None, pid),
+                     what="the listener to reconnect on a new session")
     # Appends made after the reconnect are seen through NOTIFY again.
     result = await store.append_to(f"l-{uuid.uuid4()}", NO_STREAM, [NewEvent("T", {})])
     assert await listener.wait_beyond(result.position - 1, timeout=5) >= result.position

@@ -3,9 +3,8 @@ a subscriber's handler fails and the supervisor restarts the tail; a late one is
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -15,6 +14,7 @@ from backend.store.events import ANY, NewEvent, RecordedEvent
 from backend.store.listener import Listener
 from backend.store.tail import TASK, LogTail
 from backend.supervisor import Supervisor
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -25,12 +25,6 @@ async def listener(database_url: str) -> AsyncIterator[Listener]:
         yield listening
     finally:
         await listening.close()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.02)
 
 
 async def append(store: EventStore, stream: str, count: int) -> list[int]:
@@ -68,7 +62,7 @@ async def test_each_event_once_in_order_across_a_failed_handler(
         first = await append(store, stream, 4)
         flaky.fail_once_at = first[-1]
         appended = first + await append(store, stream, 5)
-        await until(lambda: steady.positions()[-1:] == appended[-1:] and flaky.positions()[-1:] == appended[-1:])
+        await eventually(lambda: steady.positions()[-1:] == appended[-1:] and flaky.positions()[-1:] == appended[-1:])
         assert supervisor.tasks[TASK].restarts == 1
         for recorder in (steady, flaky):
             assert recorder.positions() == appended  # nothing skipped, nothing repeated
@@ -90,11 +84,11 @@ async def test_a_late_subscriber_is_told_its_join_point_and_then_handed_only_new
     try:
         stream = f"tail-{uuid.uuid4()}"
         before = await append(store, stream, 3)
-        await until(lambda: early.positions()[-1:] == before[-1:])
+        await eventually(lambda: early.positions()[-1:] == before[-1:])
         joined = tail.want(tail.subscribe("late", late.receive), True)
         assert joined == before[-1]  # what lies below is its own to read
         after = await append(store, stream, 2)
-        await until(lambda: late.positions()[-1:] == after[-1:])
+        await eventually(lambda: late.positions()[-1:] == after[-1:])
         assert late.positions() == after
         assert early.positions() == before + after
     finally:
@@ -126,14 +120,14 @@ async def test_a_subscriber_of_some_types_gets_each_of_them_once_read_alone_or_f
     try:
         alone = await write("TTMTTTMMMT")
         head = await store.head()
-        await until(lambda: ends[-1:] == [head])
+        await eventually(lambda: ends[-1:] == [head])
         assert marks.positions() == alone
 
         everything = Recorder()
         tail.want(tail.subscribe("all", everything.receive), True)
         beside = await write("TMTTM")
         head = await store.head()
-        await until(lambda: everything.positions()[-1:] == [head] and ends[-1:] == [head])
+        await eventually(lambda: everything.positions()[-1:] == [head] and ends[-1:] == [head])
         assert marks.positions() == alone + beside  # nothing skipped, nothing repeated
         assert everything.positions() == list(range(head - 4, head + 1))
     finally:

@@ -14,17 +14,17 @@ from projections import registry
 from tests.conftest import mint_token
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.streaming.conftest import connect
-from tests.support import Client
+from tests.support import Client, eventually
 
 
 async def eventually_scraped(client: Client, check: str, timeout: float = 15.0) -> Scrape:
     """Scrape until a sample line matches the regular expression check."""
-    async with asyncio.timeout(timeout):
-        while True:
-            found = await scrape(client)
-            if re.search(check, found.text, re.MULTILINE):
-                return found
-            await asyncio.sleep(0.05)
+
+    async def matching() -> Scrape | None:
+        found = await scrape(client)
+        return found if re.search(check, found.text, re.MULTILINE) else None
+
+    return await eventually(matching, timeout=timeout, interval=0.05, what=f"a sample matching {check}")
 
 
 async def test_requests_are_counted_by_method_route_and_status_and_timed_by_status_class(

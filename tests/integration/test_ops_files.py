@@ -3,7 +3,6 @@ the rules pass `promtool check rules` (where promtool is installed: .ci/run inst
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
@@ -16,7 +15,7 @@ import yaml
 from tests.conftest import mint_token
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.streaming.conftest import connect
-from tests.support import Client
+from tests.support import Client, eventually
 
 OPS = Path(__file__).resolve().parents[2] / "docs" / "ops"
 RULES = OPS / "tally-alerts.yml"
@@ -46,13 +45,12 @@ async def busy_scrape(client: Client, admin_headers: dict[str, str]) -> Scrape:
     token = await mint_token(client.app, "auditor", ["audit:read"])
     stream = await connect(client, "/v1/streams/events", token, after="now")
     assert stream.status == 200
+    async def caught_up() -> Scrape | None:
+        found = await scrape(client)
+        return found if 'tally_projection_lag_events{projection="balances"} 0.0' in found.text else None
+
     try:
-        async with asyncio.timeout(15):
-            while True:
-                found = await scrape(client)
-                if 'tally_projection_lag_events{projection="balances"} 0.0' in found.text:
-                    return found
-                await asyncio.sleep(0.05)
+        return await eventually(caught_up, interval=0.05, what="the balances projection to catch up")
     finally:
         stream.close()
 

@@ -10,18 +10,18 @@ from pytest_aiohttp import AiohttpClient
 from backend.app import create_app
 from backend.embedded_pg import start_embedded
 from tests.conftest import make_settings
-from tests.support import Client
+from tests.support import Client, eventually
 
 
 async def wait_for_status(client: Client, status: int, timeout: float = 30.0) -> None:
-    seen = []
-    async with asyncio.timeout(timeout):
-        while True:
-            response = await client.get("/health/ready")
-            seen.append(response.status)
-            if response.status == status:
-                return
-            await asyncio.sleep(0.2)
+    seen: list[int] = []
+
+    async def answers() -> bool:
+        response = await client.get("/health/ready")
+        seen.append(response.status)
+        return response.status == status
+
+    await eventually(answers, timeout=timeout, interval=0.2, what=lambda: f"readiness {status} (seen {seen})")
 
 
 async def test_readiness_turns_503_when_database_stops_and_200_after_restart(

@@ -13,7 +13,7 @@ from backend.app import create_app
 from backend.appkeys import SUPERVISOR
 from backend.embedded_pg import start_embedded
 from tests.conftest import bearer, make_settings, mint_token
-from tests.support import Client
+from tests.support import Client, eventually
 
 PROBLEM = "application/problem+json"
 
@@ -64,9 +64,8 @@ async def test_commands_are_503_across_a_server_restart_and_tasks_recover(
                 assert await credit(client, wallet_id, opened, later) == 200
 
         supervisor = app[SUPERVISOR]
-        async with asyncio.timeout(30):
-            while any(state.state != "running" for state in supervisor.tasks.values()):
-                await asyncio.sleep(0.1)
+        await eventually(lambda: all(state.state == "running" for state in supervisor.tasks.values()),
+                         timeout=30, interval=0.1, what="every background task running again")
         assert supervisor.tasks["listener"].restarts >= 1
         ready = await client.get("/health/ready")
         assert ready.status == 200

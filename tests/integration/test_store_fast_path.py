@@ -12,6 +12,7 @@ from backend.store.append import APPEND_LOCK_KEY
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NO_STREAM, DuplicateEventId, NewEvent, Write
 from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed
+from tests.support import advisory_lock_waiters, eventually
 
 
 def sid() -> str:
@@ -114,13 +115,8 @@ async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
         stuck = asyncio.create_task(store.append_to(stream, 1, [ev(2)]))
-        for _ in range(200):
-            waiting = await pool.fetchval(
-                "select count(*) from pg_locks where locktype = 'advisory' and not granted")
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting, "the append never reached the lock"
+        await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                         what="the append to reach the lock")
         stuck.cancel()
         with pytest.raises(asyncio.CancelledError):
             await stuck
@@ -140,20 +136,16 @@ async def test_a_queued_caller_cancelled_before_its_batch_runs_is_still_appended
     async with pool.acquire() as blocker, blocker.transaction():
         await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
         running = asyncio.create_task(store.append_to(first, NO_STREAM, [ev()]))
-        for _ in range(200):
-            if await pool.fetchval("select count(*) from pg_locks where locktype = 'advisory' and not granted"):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                         what="the first append to reach the lock")
         cancelled = asyncio.create_task(store.append_to(queued, NO_STREAM, [ev()]))
         await asyncio.sleep(0.05)
         cancelled.cancel()
         with pytest.raises(asyncio.CancelledError):
             await cancelled
     assert (await running).streams[0].version == 1
-    for _ in range(200):
-        if await count_stream(pool, queued):
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: count_stream(pool, queued), timeout=5, interval=0.01,
+                     what="the queued append to commit")
     assert await count_stream(pool, queued) == 1
     result = await store.append_to(queued, 1, [ev(2)])
     assert result.streams[0].version == 2

@@ -3,10 +3,8 @@ projection runners), condition waits, and apps whose read endpoints are the read
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -22,17 +20,6 @@ from projections.base import Projection
 from projections.service import ProjectionService, connector
 from projections.waiting import CheckpointWatcher
 from tests.conftest import make_settings
-
-Check = Callable[[], Awaitable[bool]]
-
-
-async def eventually(check: Check, timeout: float = 15.0, what: str = "condition") -> None:
-    """Wait for check() to hold, polling; fail after timeout (never sleeps to synchronise)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def settings_for(dsn: str, **overrides: Any) -> Settings:

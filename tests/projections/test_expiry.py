@@ -17,7 +17,8 @@ from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.events import read_batch
 from projections.expiry import Expiry
-from tests.projections.harness import Node, eventually
+from tests.projections.harness import Node
+from tests.support import eventually
 
 
 @pytest.fixture

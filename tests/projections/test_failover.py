@@ -11,7 +11,8 @@ from projections import registry
 from projections.runner import LEADING, STANDBY
 from projections.status import status
 from tests.conftest import bearer, mint_token
-from tests.projections.harness import Node, eventually, settings_for
+from tests.projections.harness import Node, settings_for
+from tests.support import eventually
 
 
 def states(app: web.Application) -> set[str]:

@@ -18,6 +18,7 @@ from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent, Write
 from projections.events import Event, read_to_head
 from projections.feed import LogFeed
+from tests.support import eventually
 
 TYPES = ("A", "B", "C")
 
@@ -84,9 +85,8 @@ async def test_behind_the_feed_or_after_a_failed_read_a_runner_reads_the_store_i
     try:
         await locker.execute("begin; lock table events in access exclusive mode")
         failing = asyncio.ensure_future(feed.after(reader, 12, 10, None))  # its read waits for the lock
-        while not await locker.fetchval("select wait_event_type = 'Lock' from pg_stat_activity where pid = $1",
-                                         reader.get_server_pid()):
-            await asyncio.sleep(0.01)
+        await eventually(lambda: locker.fetchval("select wait_event_type = 'Lock' from pg_stat_activity where pid = $1",
+                                                 reader.get_server_pid()), interval=0.01, what="the read to wait")
         waiting = asyncio.ensure_future(feed.after(waiter, 12, 10, None))  # waits for that read, not the lock
         await asyncio.sleep(0.05)
         assert not waiting.done()

@@ -13,7 +13,8 @@ from backend.commands.bus import Decision, Quiet
 from backend.commands.context import SYSTEM, CommandContext
 from backend.domain.registry import wallet_stream
 from projections.deposits import Deposits
-from tests.projections.harness import Node, eventually, settings_for
+from tests.projections.harness import Node, settings_for
+from tests.support import eventually
 
 INTERVAL_S = 0.5
 
@@ -23,7 +24,7 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
     try:
         service = await node.start([Deposits()])  # wallet credits are not its concern
         runner = service.runner("deposits")
-        await eventually(lambda: _true(runner.state == "leading"), what="the runner to lead")
+        await eventually(lambda: runner.state == "leading", what="the runner to lead")
         wallet_id, repo = uuid4(), node.bus.repository
 
         async def command(decide: Callable[[CommandContext], Awaitable[Decision]]) -> int:
@@ -31,14 +32,15 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
             return reply.position
 
         await command(lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
-        await eventually(lambda: _true(runner.checkpoint > 0), what="the first step")
+        await eventually(lambda: runner.checkpoint > 0, what="the first step")
         writes_before, started = runner.checkpoint_writes, time.monotonic()
         last = 0
+
         def credit(i: int) -> Callable[[CommandContext], Awaitable[Decision]]:
             return lambda ctx: wallets.credit(repo, ctx, wallet_id, 1, f"c{i}", None)
 
-        def readers_see(position: int) -> Callable[[], Awaitable[bool]]:
-            return lambda: _true(service.watcher.known.get("deposits", 0) >= position)
+        def readers_see(position: int) -> Callable[[], bool]:
+            return lambda: service.watcher.known.get("deposits", 0) >= position
 
         for i in range(40):  # one append, and one step of the runner, at a time
             last = await command(credit(i))
@@ -52,10 +54,6 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
                          what="the table to reach the head once the runner falls idle")
     finally:
         await node.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def _position_is(node: Node, position: int) -> bool:

@@ -18,8 +18,9 @@ from projections.rebuild import rebuild
 from projections.runner import FAILED
 from projections.service import connector
 from projections.status import status
-from tests.projections.harness import Node, eventually
+from tests.projections.harness import Node
 from tests.projections.workload import SECRET
+from tests.support import eventually
 
 
 async def test_a_poison_event_stops_only_its_projection(node: Node) -> None:

@@ -17,8 +17,9 @@ import pytest
 from projections import registry
 from projections.status import status
 from tests.conftest import ROOT
-from tests.projections.harness import Node, eventually
+from tests.projections.harness import Node
 from tests.projections.workload import Workload
+from tests.support import eventually
 
 pytestmark = pytest.mark.system
 

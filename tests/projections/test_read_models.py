@@ -15,9 +15,10 @@ from backend.domain.registry import wallet_stream
 from projections import balances, registry, reservations, stats
 from projections.base import Projection
 from projections.expiry import Expiry
-from tests.projections.harness import Node, eventually, settings_for
+from tests.projections.harness import Node, settings_for
 from tests.projections.oracle import actual_tables, assert_same, expected_tables
 from tests.projections.workload import Workload
+from tests.support import eventually
 
 
 def without_expiry_commands() -> list[Projection]:

@@ -19,10 +19,11 @@ from projections.base import Projection
 from projections.events import Event
 from projections.rebuild import RebuildError, rebuild
 from projections.service import connector
-from tests.projections.harness import Node, eventually, settings_for
+from tests.projections.harness import Node, settings_for
 from tests.projections.oracle import actual_tables, assert_same, expected_tables
 from tests.projections.test_read_models import without_expiry_commands
 from tests.projections.workload import Workload
+from tests.support import eventually
 
 TABLES = [table for projection in registry.all_projections() for table in projection.tables]
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from projections import balances, runner
-from tests.projections.harness import Node, eventually
+from tests.projections.harness import Node
 from tests.projections.test_read_models import without_expiry_commands
 from tests.projections.workload import Workload
+from tests.support import eventually
 
 ANALYZES_SQL = "select relname, analyze_count from pg_stat_user_tables where relname = any($1::text[])"
 

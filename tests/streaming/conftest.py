@@ -3,7 +3,6 @@ Debian's Chromium driven by Playwright (never a downloaded browser)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -78,10 +77,3 @@ async def append(store: EventStore, stream: str, *types: str, **data: Any) -> li
 
 def new_stream(category: str = "test") -> str:
     return f"{category}-{uuid.uuid4()}"
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll a condition the code under test offers no event for, failing after timeout."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)

@@ -9,9 +9,10 @@ import pytest
 
 from backend.store.event_store import EventStore
 from tests.conftest import mint_token
-from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
+from tests.streaming.conftest import MakeClient, connect, hub_of
 from tests.streaming.sse_client import Parser, Stream
 from tests.streaming.test_wallets_dashboard import open_wallet, post
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,7 +115,7 @@ async def test_per_key_limit_and_process_cap_are_refusals_a_browser_retries(make
     for sse in open_streams:
         sse.close()
     hub = hub_of(client)
-    await wait_until(lambda: hub.streams == 0)  # the server notices the closed connections
+    await eventually(lambda: hub.streams == 0)  # the server notices the closed connections
     again = await connect(client, "/v1/streams/events", one, after="now")
     assert again.status == 200
     again.close()

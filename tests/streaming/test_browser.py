@@ -19,8 +19,8 @@ from aiohttp.test_utils import TestServer
 
 from backend.store.event_store import EventStore
 from tests.conftest import bearer, mint_token
-from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
-from tests.support import Client
+from tests.streaming.conftest import MakeClient, connect, hub_of
+from tests.support import Client, eventually
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -94,11 +94,8 @@ async def open_page(page: Any, origin: str) -> list[str]:
 
 
 async def until(page: Any, expression: str, timeout: float = 20.0) -> Any:
-    """Poll a page expression until it is truthy (a page offers the test no event to wait on)."""
-    async with asyncio.timeout(timeout):
-        while not (value := await page.evaluate(expression)):
-            await asyncio.sleep(0.05)
-    return value
+    """A page expression's value once it is truthy (a page offers the test no event to wait on)."""
+    return await eventually(lambda: page.evaluate(expression), timeout=timeout, interval=0.05, what=expression)
 
 
 async def call(client: Client, key: str, method: str, path: str, body: dict[str, Any] | None = None
@@ -214,7 +211,7 @@ async def test_a_refused_stream_is_retried_by_the_browser_until_the_slot_frees(
     wallet = (await call(client, admin, "POST", "/v1/wallets", {"owner": "ivan", "currency": "EUR"}))["wallet_id"]
     holder.close()
     hub = hub_of(client)
-    await wait_until(lambda: hub.streams <= 1)
+    await eventually(lambda: hub.streams <= 1)
     received = await until(browser_page, "window.received.length >= 1 && window.received")
     assert [(m["body"]["type"], m["body"]["stream_id"]) for m in received] == [("WalletOpened", f"wallet-{wallet}")]
     refusals = await browser_page.evaluate("window.refused")

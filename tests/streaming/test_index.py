@@ -18,9 +18,10 @@ from backend.streaming.filters import EVERYTHING, EventFilter
 from backend.streaming.hub import Hub, HubConfig
 from backend.streaming.window import POSITION, Item, Window, make_item
 from tests.conftest import mint_token
-from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
+from tests.streaming.conftest import MakeClient, connect, hub_of
 from tests.streaming.sse_client import Message
 from tests.streaming.test_wallets_dashboard import open_wallet, post
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +166,7 @@ async def test_many_wallet_streams_each_get_exactly_their_own_events(make_client
     streams += [await connect(client, "/v1/streams/events", reader, after="now", stream=f"wallet-{w}")
                 for w in wallets[12:]]
     hub = hub_of(client)
-    await wait_until(lambda: hub.followed_streams == 24)
+    await eventually(lambda: hub.followed_streams == 24)
     credits: dict[str, list[int]] = {w: [] for w in wallets}
     rounds = 3
     for r in range(rounds):

@@ -12,8 +12,9 @@ import pytest
 
 from backend.store.event_store import EventStore
 from tests.conftest import mint_token
-from tests.streaming.conftest import MakeClient, append, connect, hub_of, wait_until
+from tests.streaming.conftest import MakeClient, append, connect, hub_of
 from tests.streaming.test_wallets_dashboard import open_wallet, post
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -52,7 +53,7 @@ async def test_frozen_client_is_evicted_while_another_keeps_receiving(
     frozen = await frozen_client(str(client.server.host), int(client.server.port or 0), token, path)
     healthy = await connect(client, "/v1/streams/events", token, stream_prefix=prefix, after=start)
     assert healthy.status == 200
-    await wait_until(lambda: hub.streams == 2)
+    await eventually(lambda: hub.streams == 2)
 
     written: list[int] = []
     stop = asyncio.Event()
@@ -71,7 +72,7 @@ async def test_frozen_client_is_evicted_while_another_keeps_receiving(
 
     writer, reader = asyncio.create_task(write()), asyncio.create_task(read())
     try:
-        await wait_until(lambda: hub.streams == 1, timeout=60)  # the frozen one is gone
+        await eventually(lambda: hub.streams == 1, timeout=60)  # the frozen one is gone
     finally:
         stop.set()
         await writer
@@ -79,7 +80,7 @@ async def test_frozen_client_is_evicted_while_another_keeps_receiving(
         assert hub.evictions == 1
         scrape = await (await client.get("/metrics")).text()
         assert "tally_stream_evictions_total 1.0" in scrape.splitlines()
-    await wait_until(lambda: len(received) >= len(written) or reader.done(), timeout=30)
+    await eventually(lambda: len(received) >= len(written) or reader.done(), timeout=30)
     reader.cancel()
     assert received == written  # the healthy client missed nothing meanwhile
     frozen.setblocking(True)

@@ -10,7 +10,8 @@ from backend.appkeys import POOL, SUPERVISOR
 from backend.store.event_store import EventStore
 from tests.conftest import mint_token
 from tests.integration.test_db_faults import pooled_queries_raise
-from tests.streaming.conftest import MakeClient, append, connect, new_stream, wait_until
+from tests.streaming.conftest import MakeClient, append, connect, new_stream
+from tests.support import eventually
 
 
 async def test_the_tail_restarts_after_a_protocol_state_error_and_keeps_streaming(
@@ -28,10 +29,10 @@ async def test_the_tail_restarts_after_a_protocol_state_error_and_keeps_streamin
     error = pgerr.InternalClientError("cannot switch to state 12; another operation (2) is in progress")
     with pooled_queries_raise(monkeypatch, error, pool=app[POOL]):
         during = await append(store, stream_id, "During")  # the test's own pool: unaffected
-        await wait_until(lambda: tail.restarts >= 1)
+        await eventually(lambda: tail.restarts >= 1)
     after = await append(store, stream_id, "After")
     events = await sse.events(2)
     assert [(m.last_id, m.json()["type"]) for m in events] == [(str(during[0]), "During"), (str(after[0]), "After")]
-    await wait_until(lambda: tail.state == "running")
+    await eventually(lambda: tail.state == "running")
     assert tail.last_error is not None and tail.last_error.startswith("InternalClientError")
     sse.close()
