@@ -139,6 +139,17 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
+async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database of this test's own (see own_database_url)."""
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, **pool_options())
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
 def app(settings: Settings) -> web.Application:
     return create_app(settings)
 

@@ -3,34 +3,16 @@ export, verify and replay against a database."""
 
 from __future__ import annotations
 
-import asyncio
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
 import orjson
 import pytest
 
-from tests.audit.conftest import export_file, fill_log, tamper
-from tests.conftest import ROOT
+from tests.audit.support import audit_cli, export_file, fill_log, tamper
 
 pytestmark = pytest.mark.system
 
-
-async def audit_cli(*args: str, database_url: str | None = None, cwd: Path = ROOT,
-                    data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
-    env["LOG_FORMAT"] = "text"
-    if database_url is not None:
-        env["DATABASE_URL"] = database_url
-    if data_dir is not None:
-        env["DATA_DIR"] = str(data_dir)
-    return await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "backend", "audit", *args],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
-    )
 
 
 async def test_verify_an_export_with_no_database(own_pool: asyncpg.Pool, tmp_path: Path) -> None:

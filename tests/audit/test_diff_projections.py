@@ -11,7 +11,7 @@ from pytest_aiohttp import AiohttpClient
 from backend.app import create_app
 from backend.audit.projections_diff import SCRATCH_PREFIX, DiffReport, diff_all
 from projections.registry import names
-from tests.audit.test_cli import audit_cli
+from tests.audit.support import audit_cli
 from tests.conftest import bearer, make_settings, mint_token
 from tests.support import Client, eventually
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from tests.audit.conftest import export_file, fill_log
+from tests.audit.support import export_file, fill_log
 from tests.conftest import ROOT
 
 SECTION = "### Or with Python's standard library alone"

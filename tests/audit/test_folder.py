@@ -14,7 +14,7 @@ from backend.audit.merkle import MemoryTree, leaf_hash
 from backend.audit.signing import Checkpoint, Signer, keygen
 from backend.store.listener import Listener
 from projections.service import connector
-from tests.audit.conftest import fill_log
+from tests.audit.support import fill_log
 from tests.conftest import make_settings
 from tests.support import eventually
 

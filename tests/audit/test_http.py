@@ -19,7 +19,7 @@ from backend.appkeys import STORE
 from backend.audit.export import read_export
 from backend.audit.verify import Report, verify
 from backend.store.events import ANY, NewEvent, Write
-from tests.audit.conftest import fill_log, tamper
+from tests.audit.support import fill_log, tamper
 from tests.conftest import bearer, make_settings, mint_token
 from tests.support import Client
 

@@ -25,7 +25,7 @@ from backend.appkeys import STORE
 from backend.audit.signing import Checkpoint, keygen
 from backend.store.events import ANY, NewEvent, Write
 from backend.store.hashing import GENESIS, event_hash
-from tests.audit.conftest import Log, export_file, fill_log
+from tests.audit.support import Log, export_file, fill_log
 from tests.conftest import bearer, make_settings, mint_token
 from tests.support import Client
 

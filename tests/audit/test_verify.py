@@ -12,7 +12,7 @@ import pytest
 
 from backend.audit.export import ExportFormatError, read_export
 from backend.audit.verify import Report, head, log_batches, verify, verify_database
-from tests.audit.conftest import export_file, fill_log, tamper
+from tests.audit.support import export_file, fill_log, tamper
 
 
 async def verify_db(pool: asyncpg.Pool, stream: str | None = None) -> Report:

@@ -7,17 +7,16 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import mint_token
+from tests.conftest import ROOT, mint_token
 from tests.integration.metrics_scrape import Scrape, scrape
 from tests.streaming.conftest import connect
 from tests.support import Client, eventually
 
-OPS = Path(__file__).resolve().parents[2] / "docs" / "ops"
+OPS = ROOT / "docs" / "ops"
 RULES = OPS / "tally-alerts.yml"
 DASHBOARD = OPS / "tally-dashboard.json"
 METRIC = re.compile(r"\b(?:tally|process)_[a-z0-9_]+")

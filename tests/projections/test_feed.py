@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend.db import pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent, Write
 from projections.events import Event, read_to_head
@@ -21,14 +19,6 @@ from projections.feed import LogFeed
 from tests.support import eventually
 
 TYPES = ("A", "B", "C")
-
-
-@pytest.fixture
-async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(own_database_url, min_size=2, max_size=4, **pool_options())
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 async def append(pool: asyncpg.Pool, types: list[str]) -> None:

@@ -1,31 +1,23 @@
-"""Audit test helpers: a database of the test's own (for tampering), a realistic log, tampering."""
+"""Audit test helpers: a realistic log, its export, tampering with it, and the audit CLI as a process."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from backend.audit.export import export_pages
-from backend.db import pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, Write
-
-
-@pytest.fixture
-async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, **pool_options())
-    assert pool is not None
-    try:
-        yield pool
-    finally:
-        await pool.close()
+from tests.conftest import ROOT
 
 
 @dataclass(frozen=True)
@@ -85,3 +77,17 @@ async def tamper(dsn: str, sql: str, *args: object) -> None:
         assert status.split()[-1] != "0", f"tampering touched no row: {status}"
     finally:
         await conn.close()
+
+
+async def audit_cli(*args: str, database_url: str | None = None, cwd: Path = ROOT,
+                    data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
+    env["LOG_FORMAT"] = "text"
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
+    if data_dir is not None:
+        env["DATA_DIR"] = str(data_dir)
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "backend", "audit", *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+    )
