@@ -1,6 +1,6 @@
 """An event store in memory, for tests only: the command handlers and the bus run over it without a
 database (tests/unit), and it passes the same contract tests as the PostgreSQL store
-(tests/integration/test_store_contract.py).
+(tests/integration/store/test_store_contract.py).
 
 Appends go through the production pieces that decide them: `encode_writes` validates and encodes, and
 `BatchPlanner` plans each batch (expected versions, replays by event id, idempotency claims, the

@@ -10,7 +10,7 @@ from backend.audit.verify import verify_database
 from backend.db import init_connection, pool_options
 from backend.store.event_store import EventStore
 from projections import registry
-from tests.projections.oracle import actual_tables, assert_same, expected_tables
+from tests.integration.projections.oracle import actual_tables, assert_same, expected_tables
 from tests.support import eventually
 
 
