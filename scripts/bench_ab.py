@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with fresh_database(server, "ab_a") as dsn_a, fresh_database(server, "ab_b") as dsn_b:
                 if args.pgbouncer:
                     sys.path.insert(0, str(ROOT))  # the suite's PgBouncer launcher, written once
-                    from tests.pgbouncer.bouncer import running_pgbouncer
+                    from tests.integration.pgbouncer.bouncer import running_pgbouncer
 
                     bouncer = stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20))
                     base_root, dsn_b_served = ROOT, bouncer.dsn_for(dsn_b)

@@ -131,7 +131,7 @@ async def phase(base: str, dsn: str, server: psutil.Process, token: str, wallets
     started = time.perf_counter()
     client = spawn(legitimate_process, base, token, wallets, args.connections, seconds)
     flooder = spawn(flood_process, base, args.flood_connections, seconds) if with_flood else None
-    result = {"client": await collect(*client)}
+    result: dict[str, Any] = {"client": await collect(*client)}
     if flooder is not None:
         result["flood"] = await collect(*flooder)
     wall = time.perf_counter() - started

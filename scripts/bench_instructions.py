@@ -126,7 +126,8 @@ async def bare(args: argparse.Namespace, count: int) -> tuple[int, int]:
                         await reply.read()
 
             await asyncio.gather(*(worker(n // args.connections) for _ in range(args.connections)))
-        return n // args.connections * args.connections
+        connections: int = args.connections
+        return n // connections * connections
 
     try:
         for _ in range(600):

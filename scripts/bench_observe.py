@@ -91,6 +91,7 @@ async def observing(dsn: str) -> AsyncIterator[Observation]:
         observation.client_cpu_s = time.process_time() - client_before
         observation.backends_cpu_s = sum(process_cpu_s(pid) - cpu for pid, cpu in cpu_before.items())
         after = await conn.fetchrow(COUNTERS_SQL)
+        assert before is not None and after is not None
         observation.commits = after["commits"] - before["commits"]
         observation.wal_syncs = after["wal_syncs"] - before["wal_syncs"]
     finally:

@@ -27,7 +27,7 @@ import secrets
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -105,7 +105,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 
 def bench_settings(dsn: str) -> Settings:
-    return Settings(database_url=dsn, statement_timeout_ms=0, log_format="text", rate_limit_per_s=0)  # type: ignore[arg-type]
+    return Settings(database_url=dsn, statement_timeout_ms=0, log_format="text", rate_limit_per_s=0)
 
 
 # ---------------------------------------------------------------- the command mix
@@ -138,7 +138,7 @@ class Mix:
             return []
         return []
 
-    def _choices(self) -> Iterator[tuple[float, Any]]:
+    def _choices(self) -> Iterator[tuple[float, Callable[[], list[Aggregate]]]]:
         yield 0.30, self._credit
         yield 0.45, self._debit
         yield 0.55, self._lock
@@ -307,9 +307,9 @@ class PeerBalancesView(PostgresTrackingRecorder):
     def __init__(self, datastore: PostgresDatastore, **kwargs: Any) -> None:
         super().__init__(datastore, **kwargs)
         schema = Identifier(self.datastore.schema)
-        self.sql_create_statements.append(SQL(PEER_VIEW_DDL).format(schema))  # type: ignore[arg-type]
-        self.open_sql = SQL(PEER_OPEN).format(schema)  # type: ignore[arg-type]
-        self.change_sql = SQL(PEER_CHANGE).format(schema)  # type: ignore[arg-type]
+        self.sql_create_statements.append(SQL(PEER_VIEW_DDL).format(schema))
+        self.open_sql = SQL(PEER_OPEN).format(schema)
+        self.change_sql = SQL(PEER_CHANGE).format(schema)
 
     def record(self, wallet_id: UUID, version: int, kind: str, data: dict[str, Any], tracking: Tracking) -> None:
         with self.datastore.transaction(commit=True) as curs:
@@ -320,7 +320,7 @@ class PeerBalancesView(PostgresTrackingRecorder):
                     deltas = (-data["amount"], 0, -data["reserved_amount"])
                 else:
                     signs = PEER_DELTAS.get(kind, (0, 0, 0))
-                    deltas = tuple(sign * data.get("amount", 0) for sign in signs)  # type: ignore[assignment]
+                    deltas = tuple(sign * data.get("amount", 0) for sign in signs)
                 curs.execute(self.change_sql, (*deltas, version, wallet_id), prepare=True)
             self._insert_tracking(curs, tracking)
 

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import REPOSITORY
@@ -23,6 +23,7 @@ from backend.config import Settings
 from backend.db import ensure_database, pool_options
 from backend.store.event_store import EventStore
 from backend.store.migrate import migrate
+from tests.support import Client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,12 +139,23 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 @pytest.fixture
+async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on a database of this test's own (see own_database_url)."""
+    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, **pool_options())
+    assert pool is not None
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
 def app(settings: Settings) -> web.Application:
     return create_app(settings)
 
 
 @pytest.fixture
-async def client(aiohttp_client, app: web.Application) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(aiohttp_client: AiohttpClient, app: web.Application) -> Client:
     return await aiohttp_client(app)
 
 
@@ -168,5 +180,5 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def admin_headers(client: TestClient) -> dict[str, str]:
-    return bearer(await mint_token(client.server.app, "operator", ["admin"]))
+async def admin_headers(client: Client) -> dict[str, str]:
+    return bearer(await mint_token(client.app, "operator", ["admin"]))

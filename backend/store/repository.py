@@ -32,9 +32,9 @@ from eventsourcing.domain import Aggregate
 from backend.domain import registry
 from backend.domain.closed import AppendOnlyMap
 from backend.store import reads
-from backend.store.event_store import EventStore
 from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
 from backend.store.idempotency import IdempotencyClaim
+from backend.store.interface import EventLog
 from backend.store.planner import AppendRequest
 from backend.store.reads import Executor
 from backend.store.state_codec import decode_state, encode_state
@@ -135,7 +135,7 @@ def fold(events: Sequence[RecordedEvent], aggregate: Aggregate | None, aggregate
 
 
 class Repository:
-    def __init__(self, store: EventStore, *, snapshot_every: int = 100, cache_size: int = 10_000) -> None:
+    def __init__(self, store: EventLog, *, snapshot_every: int = 100, cache_size: int = 10_000) -> None:
         self.store = store
         self.snapshot_every = snapshot_every
         self.cache_size = cache_size

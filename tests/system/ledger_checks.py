@@ -3,8 +3,6 @@ test oracle and by `audit diff-projections`'s rebuild), and every hash chain ver
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 
 from backend.audit.projections_diff import diff_all
@@ -12,18 +10,19 @@ from backend.audit.verify import verify_database
 from backend.db import init_connection, pool_options
 from backend.store.event_store import EventStore
 from projections import registry
-from tests.projections.oracle import actual_tables, assert_same, expected_tables
+from tests.integration.projections.oracle import actual_tables, assert_same, expected_tables
+from tests.support import eventually
 
 
 async def wait_caught_up(pool: asyncpg.Pool, timeout: float = 30) -> None:
     names = registry.names()
-    async with asyncio.timeout(timeout):
-        while True:
-            head = await pool.fetchval("select coalesce(max(position), 0) from events")
-            rows = await pool.fetch("select name, position from projection_checkpoints where name = any($1)", names)
-            if len(rows) == len(names) and all(row["position"] >= head for row in rows):
-                return
-            await asyncio.sleep(0.1)
+
+    async def caught_up() -> bool:
+        head = await pool.fetchval("select coalesce(max(position), 0) from events")
+        rows = await pool.fetch("select name, position from projection_checkpoints where name = any($1)", names)
+        return len(rows) == len(names) and all(row["position"] >= head for row in rows)
+
+    await eventually(caught_up, timeout=timeout, interval=0.1, what="every projection to reach the head")
 
 
 async def check_ledger(database_url: str, *, owner_dsn: str | None = None) -> int:

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from typing import IO
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from tests.conftest import ROOT
+from tests.support import eventually_blocking
+from tests.system.serving import answers_ready
 
 
 def free_port() -> int:
@@ -78,21 +79,13 @@ class Process:
         return self
 
     def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
+        def ready() -> bool:
             assert self.proc is not None and self.proc.poll() is None, f"{self.name} exited:\n{self.output()}"
             if self.port is None:
-                if b"projection worker running" in self.output().encode():
-                    return
-            else:
-                try:
-                    with urllib.request.urlopen(f"{self.base}/health/ready", timeout=1) as reply:
-                        if reply.status == 200:
-                            return
-                except OSError:
-                    pass
-            assert time.monotonic() < deadline, f"{self.name} not ready:\n{self.output()}"
-            time.sleep(0.1)
+                return "projection worker running" in self.output()
+            return answers_ready(self.base)
+
+        eventually_blocking(ready, timeout=timeout, what=lambda: f"{self.name} ready:\n{self.output()}")
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

@@ -9,13 +9,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import ROOT
+from tests.support import eventually_blocking
 
 
 def free_port() -> int:
@@ -75,15 +75,19 @@ def serving(database_url: str, **env: str) -> Iterator[Server]:
                 proc.wait()
 
 
+def answers_ready(base: str) -> bool:
+    """Whether the server at base answers /health/ready with 200 (no answer yet: False)."""
+    try:
+        with urllib.request.urlopen(f"{base}/health/ready", timeout=1) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
+
+
 def wait_until_ready(server: Server) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{server.base}/health/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
+    def ready() -> bool:
+        up = answers_ready(server.base)
         assert server.proc.poll() is None, server.logs()
-        assert time.monotonic() < deadline, "server not ready: " + server.logs()
-        time.sleep(0.1)
+        return up
+
+    eventually_blocking(ready, what=lambda: "server ready: " + server.logs())

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 
 from backend.store.append import APPEND_LOCK_KEY
+from tests.support import advisory_lock_waiters, eventually
 from tests.system.serving import Server, create_key, serving
 
 pytestmark = pytest.mark.system
@@ -149,8 +150,8 @@ class RawConnection:
 
 async def draining(server: Server) -> None:
     """Until the server logs that its drain has begun (its connections now answer Connection: close)."""
-    while "shutting down: draining requests" not in server.logs():
-        await asyncio.sleep(0.02)
+    await eventually(lambda: "shutting down: draining requests" in server.logs(), timeout=30,
+                     what=lambda: "the drain to begin: " + server.logs())
 
 
 async def follow_stream(url: str, headers: dict[str, str], outcomes: Outcomes, opened: asyncio.Event) -> None:
@@ -173,11 +174,6 @@ def post(url: str, body: dict[str, object], headers: dict[str, str]) -> dict[str
     with urllib.request.urlopen(request, timeout=30) as reply:
         answer: dict[str, object] = json.loads(reply.read())
         return answer
-
-
-async def wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
-    while not await conn.fetchval("select count(*) from pg_locks where locktype = 'advisory' and not granted"):
-        await asyncio.sleep(0.02)
 
 
 @pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
@@ -218,7 +214,8 @@ def test_sigterm_under_load_answers_or_refuses_every_request(database_url: str, 
                     idle = [await RawConnection.open(server, wallet_path, token) for _ in range(IDLE + SILENT)]
                     for connection in idle:
                         assert await connection.exchange() is not None
-                    await wait_for_lock_waiter(blocker)
+                    await eventually(lambda: advisory_lock_waiters(blocker), timeout=10,
+                                     what="the server's append to wait for the lock")
                     for first in started:
                         await first.wait()
                     await asyncio.sleep(0.5)  # the credits reach the server and wait behind the lock

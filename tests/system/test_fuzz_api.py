@@ -13,9 +13,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
+
 from backend.app import create_app
 from backend.server.run import Serving, start
 from tests.conftest import make_settings, mint_token
+
+pytestmark = pytest.mark.system  # schemathesis runs as a process of its own
 
 CHECKS = ",".join(("not_a_server_error", "status_code_conformance", "response_schema_conformance",
                    "content_type_conformance", "response_headers_conformance"))

@@ -19,6 +19,8 @@ import pytest
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.migrate import available_migrations
 from tests.conftest import ROOT
+from tests.support import advisory_lock_waiters, eventually, eventually_blocking
+from tests.system.serving import answers_ready
 
 pytestmark = pytest.mark.system
 
@@ -148,7 +150,8 @@ def test_sigterm_lets_an_in_flight_command_finish(database_url: str) -> None:
                 request = asyncio.create_task(asyncio.to_thread(
                     post_json_status, f"{base}/v1/wallets/{wallet_id}/debits", {"amount": 3, "reference": "d"},
                     headers))
-                await wait_for_lock_waiter(blocker)
+                await eventually(lambda: advisory_lock_waiters(blocker), timeout=10,
+                                 what="the server's append to wait for the lock")
                 proc.send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.5)  # the server is now draining; the debit is still waiting
                 assert proc.poll() is None
@@ -168,17 +171,12 @@ def test_sigterm_lets_an_in_flight_command_finish(database_url: str) -> None:
 
 
 def wait_until_ready(base: str, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health/ready", timeout=1) as reply:
-                if reply.status == 200:
-                    return
-        except OSError:
-            pass
+    def ready() -> bool:
+        up = answers_ready(base)
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "server not ready"
-        time.sleep(0.1)
+        return up
+
+    eventually_blocking(ready, what="server ready")
 
 
 def post_json_status(url: str, body: dict[str, object], headers: dict[str, str]) -> tuple[int, dict[str, object]]:
@@ -194,12 +192,3 @@ def post_json(url: str, body: dict[str, object], headers: dict[str, str]) -> dic
     status, answer = post_json_status(url, body, headers)
     assert status in (200, 201), answer
     return answer
-
-
-async def wait_for_lock_waiter(conn: asyncpg.Connection) -> None:
-    """Until some other session waits on an advisory lock (the server's append)."""
-    async with asyncio.timeout(10):
-        while not await conn.fetchval(
-            "select count(*) from pg_locks where locktype = 'advisory' and not granted"
-        ):
-            await asyncio.sleep(0.02)

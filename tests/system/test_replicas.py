@@ -27,7 +27,7 @@ import pytest
 from backend.config import Settings
 from backend.db import ensure_database
 from backend.store.read_pools import ReadPools, open_replica, replica_label
-from tests.streaming.sse_client import Stream
+from tests.sse_client import Stream
 from tests.system.cluster import Cluster, create_cluster, create_replica, remove_cluster
 from tests.system.serving import Server, create_key, free_port, serving
 
@@ -300,7 +300,7 @@ async def test_nothing_writes_to_the_replica(pair: tuple[Cluster, Cluster]) -> N
         assert pools.replicas[0].label == label(replica) == replica_label(replica_dsn(replica))
     finally:
         await pools.close()
-        await pools.primary.close()  # type: ignore[union-attr]
+        await pools.primary.close()
 
 
 async def test_a_read_failing_on_a_replica_is_served_by_the_primary_at_once(pair: tuple[Cluster, Cluster]) -> None:
@@ -331,4 +331,4 @@ async def test_a_read_failing_on_a_replica_is_served_by_the_primary_at_once(pair
     finally:
         await pools.primary.execute("drop table if exists replica_probe")
         await pools.close()
-        await pools.primary.close()  # type: ignore[union-attr]
+        await pools.primary.close()

@@ -27,7 +27,8 @@ import asyncpg
 import pytest
 
 from tests.conftest import ROOT
-from tests.system.serving import Server, create_key, free_port, serving, wait_until_ready
+from tests.support import eventually_blocking
+from tests.system.serving import Server, answers_ready, create_key, free_port, serving, wait_until_ready
 
 pytestmark = pytest.mark.system
 
@@ -137,21 +138,6 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.1)
-
-
-def ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/health/ready", timeout=1) as reply:
-            return bool(reply.status == 200)
-    except OSError:
-        return False
-
-
 def test_workers_parent_restarts_and_drains(fresh_database_url: str) -> None:
     token = create_key(fresh_database_url)
     port = free_port()
@@ -165,25 +151,26 @@ def test_workers_parent_restarts_and_drains(fresh_database_url: str) -> None:
         server = Server(proc, port, out, err)
         try:
             wait_until_ready(server)
-            wait_for(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
-                     "two workers listening: " + server.logs())
+            eventually_blocking(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
+                                what=lambda: "two workers listening: " + server.logs())
             first = children(proc.pid)
             # One leader per projection and one Merkle folder across both workers (advisory locks).
             with urllib.request.urlopen(f"{server.base}/health/ready", timeout=5) as reply:
                 projections = json.loads(reply.read())["checks"]["projections"]
-            wait_for(lambda: server.logs().count("projection runner leads") >= len(projections) > 0
-                     and "merkle folder leading" in server.logs(), "projections led")
+            eventually_blocking(lambda: server.logs().count("projection runner leads") >= len(projections) > 0
+                                and "merkle folder leading" in server.logs(), what="projections led")
             time.sleep(1.0)  # time for a second leader, were there one, to say so
             logs = server.logs()
             assert logs.count("projection runner leads") == len(projections), logs
             assert logs.count("merkle folder leading") == 1, logs
             os.kill(first[0], signal.SIGKILL)
-            wait_for(lambda: len(children(proc.pid)) == 2 and first[0] not in children(proc.pid),
-                     "the killed worker restarted: " + server.logs())
+            eventually_blocking(lambda: len(children(proc.pid)) == 2 and first[0] not in children(proc.pid),
+                                what=lambda: "the killed worker restarted: " + server.logs())
             assert first[1] in children(proc.pid)
-            wait_for(lambda: "worker exited; restarting it" in server.logs(), "restart logged")
-            wait_for(lambda: server.logs().count("listening on") >= 3, "the new worker listening: " + server.logs())
-            assert ready(server.base)
+            eventually_blocking(lambda: "worker exited; restarting it" in server.logs(), what="restart logged")
+            eventually_blocking(lambda: server.logs().count("listening on") >= 3,
+                                what=lambda: "the new worker listening: " + server.logs())
+            assert answers_ready(server.base)
             outcomes = asyncio.run(load_then_sigterm(server, token))
             assert proc.wait(timeout=40) == 0, server.logs()
             assert outcomes["dropped"] == 0, outcomes
@@ -245,10 +232,10 @@ def test_workers_share_one_embedded_postgres(tmp_path: Path) -> None:
                                 stdout=stdout, stderr=stderr)
     server = Server(proc, port, out, err)
     try:
-        wait_for(lambda: server.logs().count("listening on") == 2 or proc.poll() is not None,
-                 "two workers listening: " + server.logs(), timeout=240)
+        eventually_blocking(lambda: server.logs().count("listening on") == 2 or proc.poll() is not None,
+                            what=lambda: "two workers listening: " + server.logs(), timeout=240)
         assert proc.poll() is None, server.logs()
-        assert ready(server.base)
+        assert answers_ready(server.base)
         assert server.logs().count("embedded PostgreSQL ready") == 1, server.logs()
         assert len(children(proc.pid)) == 2
         assert (tmp_path / "data" / "pg" / "postmaster.pid").exists()
@@ -274,15 +261,16 @@ def test_workers_drain_when_the_parent_is_killed(fresh_database_url: str) -> Non
         server = Server(proc, port, out, err)
         workers: list[int] = []
         try:
-            wait_for(lambda: server.logs().count("listening on") == 2, "two workers listening")
+            eventually_blocking(lambda: server.logs().count("listening on") == 2, what="two workers listening")
             workers = children(proc.pid)
             assert len(workers) == 2
             proc.kill()
             proc.wait()
-            wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and "Z" not in stat(pid) for pid in workers),
-                     "the workers stopped")
+            eventually_blocking(
+                lambda: not any(Path(f"/proc/{pid}").exists() and "Z" not in stat(pid) for pid in workers),
+                what="the workers stopped")
             assert server.logs().count("shutting down: draining requests") == 2, server.logs()
-            assert not ready(server.base)
+            assert not answers_ready(server.base)
         finally:
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):

@@ -20,8 +20,9 @@ import aiohttp
 import pytest
 
 from tests.conftest import ROOT
+from tests.support import eventually_blocking
 from tests.system.serving import Server, create_key, free_port, wait_until_ready
-from tests.system.test_workers import alternate, children, wait_for
+from tests.system.test_workers import alternate, children
 
 pytestmark = pytest.mark.system
 
@@ -41,8 +42,8 @@ def serving_workers(database_url: str, **env: str) -> Iterator[Server]:
         server = Server(proc, port, out, err)
         try:
             wait_until_ready(server)
-            wait_for(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
-                     "two workers listening: " + server.logs())
+            eventually_blocking(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
+                                what=lambda: "two workers listening: " + server.logs())
             yield server
             assert server.stop(timeout=60) == 0, server.logs()
         finally:

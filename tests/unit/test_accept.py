@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.util
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -16,9 +17,10 @@ from aiohttp import web
 from backend import event_loop
 from backend.server import site as accept
 from backend.server.site import BatchAcceptSite
+from tests.support import eventually
 
 LOOPS = ["asyncio", pytest.param("uvloop", marks=pytest.mark.skipif(
-    event_loop.importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
+    importlib.util.find_spec("uvloop") is None, reason="uvloop is not installed"))]
 REQUEST = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n"
 
 
@@ -39,12 +41,6 @@ async def serving() -> AsyncIterator[tuple[web.AppRunner, BatchAcceptSite, socke
         yield runner, site, listening
     finally:
         await runner.cleanup()
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not check():
-            await asyncio.sleep(0.01)
 
 
 async def ask(sock: socket.socket) -> bytes:

@@ -4,14 +4,14 @@ nothing else; ENVIRONMENT=production refuses development-only settings, naming e
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
 
 from backend.config import ConfigError, Settings, check_environment, env_help
+from tests.conftest import ROOT
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = ROOT / "README.md"
 ROW = re.compile(r"^\| `([A-Z0-9_]+)` \| ([^|]+) \| (.*) \|$")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from backend import event_loop
@@ -24,8 +26,8 @@ def test_auto_and_uvloop_take_uvloop_when_installed() -> None:
 
 @pytest.fixture
 def without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = event_loop.importlib.util.find_spec
-    monkeypatch.setattr(event_loop.importlib.util, "find_spec",
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "uvloop" else real_find_spec(name, *args))
 
 

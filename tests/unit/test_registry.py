@@ -183,7 +183,7 @@ def test_stream_for_unknown_category() -> None:
     with pytest.raises(KeyError):
         registry.stream_for("account", uuid4())
     with pytest.raises(TypeError):
-        registry.stream_for("wallet", "x")  # type: ignore[arg-type]
+        registry.stream_for("wallet", "x")
 
 
 # ---------------------------------------------------------------- payloads

@@ -33,19 +33,15 @@ def test_the_supported_range_is_the_one_setup_cfg_declares() -> None:
     assert f"aiohttp>={low[0]}.{low[1]}" in declared and f",<{high[0]}" in declared
 
 
-def test_a_check_that_finds_something_missing_says_what() -> None:
-    original = compat.HANDLER_ATTRIBUTES
-    try:
-        compat.HANDLER_ATTRIBUTES = (*original, "_no_such_slot")
-        assert compat.missing_internals() == ["RequestHandler._no_such_slot"]
-    finally:
-        compat.HANDLER_ATTRIBUTES = original
+def test_a_check_that_finds_something_missing_says_what(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compat, "HANDLER_ATTRIBUTES", (*compat.HANDLER_ATTRIBUTES, "_no_such_slot"))
+    assert compat.missing_internals() == ["RequestHandler._no_such_slot"]
 
 
 def parse(raw: bytes) -> BaseException:
     loop = asyncio.new_event_loop()
     try:
-        parser = HttpRequestParser(None, loop, 2**16, max_line_size=MAX_LINE_SIZE,  # type: ignore[arg-type]
+        parser = HttpRequestParser(None, loop, 2**16, max_line_size=MAX_LINE_SIZE,
                                    max_field_size=MAX_FIELD_SIZE, max_headers=128)
         try:
             parser.feed_data(raw)

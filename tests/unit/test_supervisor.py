@@ -6,24 +6,20 @@ import asyncio
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 
 import asyncpg
 import pytest
 
 from backend.supervisor import DONE, FAILING, RUNNING, STOPPED, Supervisor
 from tests.conftest import ROOT
+from tests.support import eventually
 
 
 def quick(**overrides: float) -> Supervisor:
     values = {"min_delay_s": 0.01, "max_delay_s": 0.04, "settle_s": 0.2, "stuck_after_s": 30.0}
     values.update(overrides)
     return Supervisor(**values)
-
-
-async def until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def records(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
@@ -54,7 +50,7 @@ async def test_any_exception_restarts_the_job(error: Exception, caplog: pytest.L
     await asyncio.wait_for(serving.wait(), 5)
     assert supervisor.restarts() == {"flaky": 3}
     assert supervisor.tasks["flaky"].state == FAILING  # until the run has lasted settle_s
-    await until(lambda: supervisor.tasks["flaky"].state == RUNNING)
+    await eventually(lambda: supervisor.tasks["flaky"].state == RUNNING)
     assert supervisor.tasks["flaky"].consecutive_failures == 0
 
     failed = records(caplog, "background task failed, restarting it")
@@ -84,11 +80,17 @@ async def test_a_second_outage_logs_again(caplog: pytest.LogCaptureFixture) -> N
         fail.clear()
         raise ConnectionError("lost")
 
+    def running(times: int) -> Callable[[], bool]:
+        return lambda: supervisor.tasks["listener"].state == RUNNING and runs == times
+
+    def recovered(times: int) -> Callable[[], bool]:
+        return lambda: len(records(caplog, "background task recovered")) == times
+
     supervisor.spawn("listener", job)
     for outage in (1, 2):
-        await until(lambda n=outage: supervisor.tasks["listener"].state == RUNNING and runs == n)
+        await eventually(running(outage))
         fail.set()
-        await until(lambda n=outage: len(records(caplog, "background task recovered")) == n)
+        await eventually(recovered(outage))
     assert len(records(caplog, "background task failed, restarting it")) == 2
     assert supervisor.restarts() == {"listener": 2}
     await supervisor.close()
@@ -101,7 +103,7 @@ async def test_stop_never_raises_what_the_job_went_through() -> None:
         raise RuntimeError("always")
 
     handle = supervisor.spawn("broken", job)
-    await until(lambda: supervisor.tasks["broken"].restarts >= 2)
+    await eventually(lambda: supervisor.tasks["broken"].restarts >= 2)
     await handle.stop()  # no RuntimeError here
     assert handle.task.cancelled()
     assert supervisor.tasks["broken"].state == STOPPED
@@ -143,13 +145,13 @@ async def test_a_job_failing_beyond_stuck_after_is_stuck_until_it_recovers() -> 
         await asyncio.Event().wait()
 
     supervisor.spawn("tail", job)
-    await until(lambda: supervisor.stuck() == ["tail"])
+    await eventually(lambda: supervisor.stuck() == ["tail"])
     report = supervisor.report()["tail"]
     assert report["state"] == FAILING
     assert isinstance(report["consecutive_failures"], int) and report["consecutive_failures"] >= 2
     assert report["last_error"] == "OSError: connection refused"
     healthy.set()
-    await until(lambda: supervisor.tasks["tail"].state == RUNNING)
+    await eventually(lambda: supervisor.tasks["tail"].state == RUNNING)
     assert supervisor.stuck() == []
     await supervisor.close()
 

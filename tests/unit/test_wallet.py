@@ -398,7 +398,7 @@ def test_expire_only_when_due() -> None:
         w.expire(rid, at(59))
     assert info.value.code == "invalid_transition"
     w.expire(rid, at(60))  # due exactly at expires_at
-    assert (w.reserved, w.available, w.closed_reservations) == (0, 100, {rid: "expired"})
+    assert (w.reserved, w.available, dict(w.closed_reservations)) == (0, 100, {rid: "expired"})
     [event] = w.collect_events()
     assert type_name(event) == "ReservationExpired"
     assert event.timestamp == at(60)

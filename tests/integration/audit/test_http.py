@@ -1,0 +1,286 @@
+"""Audit endpoints over real HTTP: history pages (stable while appends continue), one stream's history,
+the NDJSON export, a wallet's state at a past position or time, verification; auth and validation."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from pytest_aiohttp import AiohttpClient
+
+from backend.app import create_app
+from backend.appkeys import STORE
+from backend.audit.export import read_export
+from backend.audit.verify import Report, verify
+from backend.store.events import ANY, NewEvent, Write
+from tests.conftest import bearer, make_settings, mint_token
+from tests.integration.audit.support import fill_log, tamper
+from tests.support import Client
+
+PROBLEM = "application/problem+json"
+
+
+class Auditor:
+    def __init__(self, client: Client, headers: dict[str, str]) -> None:
+        self.client = client
+        self.headers = headers
+
+    async def get(self, path: str, params: dict[str, Any] | None = None, *, status: int = 200) -> Any:
+        response = await self.client.get(path, params=params, headers=self.headers)
+        text = await response.text()
+        assert response.status == status, text
+        if status >= 400:
+            assert response.content_type == PROBLEM, text
+        return await response.json(content_type=None)
+
+    async def invalid(self, path: str, params: dict[str, Any], field: str) -> None:
+        body = await self.get(path, params, status=400)
+        assert body["code"] == "validation_error"
+        assert field in [error["field"] for error in body["errors"]], body
+
+
+@pytest.fixture
+async def auditor(client: Client) -> Auditor:
+    return Auditor(client, bearer(await mint_token(client.app, "auditor", ["audit:read"])))
+
+
+@pytest.fixture
+async def admin(client: Client, admin_headers: dict[str, str]) -> Auditor:
+    return Auditor(client, admin_headers)
+
+
+def probe_streams(count: int) -> tuple[str, list[str]]:
+    """Streams of this test's own; type AuditProbe is one no read model but stats cares about."""
+    prefix = f"auditprobe-{uuid.uuid4().hex}-"
+    return prefix, [f"{prefix}{n}" for n in range(count)]
+
+
+# ---------------------------------------------------------------- the global log
+
+
+async def test_paging_is_stable_while_appends_continue(client: Client, auditor: Auditor) -> None:
+    store = client.app[STORE]
+    prefix, streams = probe_streams(5)
+    appended: list[int] = []
+    done = asyncio.Event()
+
+    async def appender() -> None:
+        for n in range(40):
+            writes = [Write(s, ANY, [NewEvent("AuditProbe", {"n": n})]) for s in streams[: 1 + n % len(streams)]]
+            result = await store.append(writes)
+            appended.extend(p for s in result.streams for p in s.positions)
+            await asyncio.sleep(0)
+        done.set()
+
+    task = asyncio.create_task(appender())
+    seen: list[int] = []
+    cursor, pages_while_appending = 0, 0
+    async with asyncio.timeout(60):
+        while True:
+            finished = done.is_set()
+            page = await auditor.get("/v1/events", {"cursor": cursor, "limit": 7, "stream_prefix": prefix})
+            positions = [e["position"] for e in page["data"]]
+            assert positions == sorted(positions) and all(p > cursor for p in positions)
+            assert all(e["stream_id"].startswith(prefix) for e in page["data"])
+            assert int(page["next_cursor"]) >= cursor and page["head"] >= int(page["next_cursor"])
+            seen.extend(positions)
+            cursor = int(page["next_cursor"])
+            pages_while_appending += not finished
+            if finished and not page["has_more"]:
+                break
+    await task
+    assert seen == sorted(appended), "every appended event exactly once, in order"
+    assert pages_while_appending > 3
+
+
+async def test_filters_by_type_and_recorded_time(client: Client, auditor: Auditor) -> None:
+    store = client.app[STORE]
+    prefix, streams = probe_streams(2)
+    for n in range(6):  # one append per call: each gets its own, later recorded_at
+        await store.append([Write(streams[n % 2], ANY, [NewEvent("AuditProbe" if n % 3 else "AuditOther", {"n": n})])])
+    everything = (await auditor.get("/v1/events", {"stream_prefix": prefix}))["data"]
+    assert [e["data"]["n"] for e in everything] == list(range(6))
+
+    others = await auditor.get("/v1/events", {"stream_prefix": prefix, "types": "AuditOther,Nothing"})
+    assert [e["data"]["n"] for e in others["data"]] == [0, 3]
+
+    middle = everything[3]["recorded_at"]
+    later = await auditor.get("/v1/events", {"stream_prefix": prefix, "from_time": middle})
+    assert [e["data"]["n"] for e in later["data"]] == [3, 4, 5]
+    earlier = await auditor.get("/v1/events", {"stream_prefix": prefix, "to_time": middle})
+    assert [e["data"]["n"] for e in earlier["data"]] == [0, 1, 2]
+    assert earlier["next_cursor"] == str(everything[2]["position"]) and not earlier["has_more"]
+    window = await auditor.get("/v1/events", {"stream_prefix": prefix, "from_time": everything[1]["recorded_at"],
+                                              "to_time": middle, "types": "AuditProbe"})
+    assert [e["data"]["n"] for e in window["data"]] == [1, 2]
+
+
+async def test_event_shape(client: Client, auditor: Auditor) -> None:
+    store = client.app[STORE]
+    _, (stream,) = probe_streams(1)
+    await store.append([Write(stream, ANY, [NewEvent("AuditProbe", {"b": 1, "a": "é"}, {"actor": "x"})])])
+    (event,) = (await auditor.get(f"/v1/streams/{stream}/events"))["data"]
+    assert list(event) == ["position", "stream_id", "version", "type", "data", "metadata", "event_id",
+                           "recorded_at", "hash"]
+    assert event["data"] == {"a": "é", "b": 1} and event["metadata"] == {"actor": "x"}
+    assert len(event["hash"]) == 64 and event["recorded_at"].endswith("Z") and len(event["recorded_at"]) == 27
+    datetime.fromisoformat(event["recorded_at"])
+
+
+@pytest.mark.parametrize(("params", "field"), [
+    ({"limit": 0}, "limit"),
+    ({"limit": 1001}, "limit"),
+    ({"cursor": -1}, "cursor"),
+    ({"cursor": "abc"}, "cursor"),
+    ({"from_time": "2026-01-01T00:00:00"}, "from_time"),
+    ({"to_time": "yesterday"}, "to_time"),
+    ({"to_time": "0.5"}, "to_time"),  # pydantic alone would read digits as a Unix time
+    ({"from_time": "1700000000"}, "from_time"),
+    ({"stream_prefix": "x" * 300}, "stream_prefix"),
+    ({"types": "A,,B"}, "types.1"),
+    ({"bogus": 1}, "bogus"),
+])
+async def test_bad_log_queries_name_the_parameter(auditor: Auditor, params: dict[str, Any], field: str) -> None:
+    await auditor.invalid("/v1/events", params, field)
+
+
+async def test_a_repeated_parameter_is_rejected(auditor: Auditor) -> None:
+    body = await auditor.get("/v1/events?cursor=1&cursor=2", status=400)
+    assert body["errors"][0]["field"] == "cursor"
+
+
+async def test_audit_scope_is_required(client: Client, auditor: Auditor) -> None:
+    reader = bearer(await mint_token(client.app, "reader", ["wallets:read"]))
+    paths = ["/v1/events", "/v1/events/export", f"/v1/streams/wallet-{uuid.uuid4()}/events",
+             f"/v1/wallets/{uuid.uuid4()}/state?at_position=1", "/v1/audit/verify?stream=x"]
+    for path in paths:
+        assert (await client.get(path)).status == 401
+        forbidden = await client.get(path, headers=reader)
+        assert forbidden.status == 403 and (await forbidden.json())["code"] == "forbidden"
+
+
+# ---------------------------------------------------------------- one stream
+
+
+async def test_stream_history_pages_by_version(client: Client, auditor: Auditor) -> None:
+    _, (stream,) = probe_streams(1)
+    await client.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": n}) for n in range(5)])])
+    page = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 1, "limit": 2})
+    assert [e["version"] for e in page["data"]] == [2, 3]
+    assert (page["stream_id"], page["next_cursor"], page["has_more"]) == (stream, "3", True)
+    rest = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": page["next_cursor"]})
+    assert [e["version"] for e in rest["data"]] == [4, 5] and not rest["has_more"]
+    empty = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 9})
+    assert empty["data"] == [] and empty["next_cursor"] == "9"
+    await auditor.get(f"/v1/streams/auditprobe-{uuid.uuid4().hex}/events", status=404)
+    await auditor.invalid(f"/v1/streams/{stream}/events", {"cursor": -1}, "cursor")
+
+
+# ---------------------------------------------------------------- export
+
+
+async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client: Client,
+                                                                         auditor: Auditor) -> None:
+    store = client.app[STORE]
+    _, streams = probe_streams(3)
+    first = await store.append([Write(s, ANY, [NewEvent("AuditProbe", {"n": 0})]) for s in streams])
+    after = first.position - 3
+    for n in range(1, 4):
+        await store.append([Write(s, ANY, [NewEvent("AuditProbe", {"n": n})]) for s in streams])
+
+    response = await client.get("/v1/events/export", params={"after": after}, headers=auditor.headers)
+    assert response.status == 200 and response.content_type == "application/x-ndjson"
+    to = int(response.headers["X-Export-To"])
+    body = await response.read()
+    lines = body.splitlines()
+    assert len(lines) == to - after and to >= after + 12
+    report = Report(source="export", partial=True)
+    await verify(read_export(io.BytesIO(body)), report, contiguous=True)
+    assert report.ok and report.first_position == after + 1 and report.last_position == to
+
+    page = await auditor.get("/v1/events", {"cursor": after, "limit": 5})
+    assert [e["position"] for e in page["data"]] == list(range(after + 1, after + 6))
+    exported = [orjson.loads(line) for line in lines[:5]]
+    assert exported == page["data"]
+
+    bounded = await client.get("/v1/events/export", params={"after": after, "to": after + 2},
+                               headers=auditor.headers)
+    assert len((await bounded.read()).splitlines()) == 2
+    await auditor.invalid("/v1/events/export", {"to": -5}, "to")
+
+
+# ---------------------------------------------------------------- time travel
+
+
+async def test_wallet_state_at_a_position_and_at_a_time(admin: Auditor, auditor: Auditor) -> None:
+    client = admin.client
+    opened = await (await client.post("/v1/wallets", json={"owner": "tt", "currency": "USD"},
+                                      headers=admin.headers)).json()
+    wid = opened["wallet_id"]
+    credited = await (await client.post(f"/v1/wallets/{wid}/credits", json={"amount": 500, "reference": "a"},
+                                        headers=admin.headers)).json()
+    debited = await (await client.post(f"/v1/wallets/{wid}/debits", json={"amount": 120, "reference": "b"},
+                                       headers=admin.headers)).json()
+    path = f"/v1/wallets/{wid}/state"
+
+    at_credit = await auditor.get(path, {"at_position": credited["position"]})
+    assert (at_credit["balance"], at_credit["version"], at_credit["position"]) == (500, 2, credited["position"])
+    assert (await auditor.get(path, {"at_position": debited["position"] - 1}))["balance"] == 500
+    assert (await auditor.get(path, {"at_position": debited["position"]}))["available"] == 380
+    assert (await auditor.get(path, {"at_position": opened["position"]}))["balance"] == 0
+    await auditor.get(path, {"at_position": opened["position"] - 1}, status=404)
+
+    history = (await auditor.get(f"/v1/streams/wallet-{wid}/events"))["data"]
+    credit_time = datetime.fromisoformat(history[1]["recorded_at"])
+    by_time = await auditor.get(path, {"as_of": history[1]["recorded_at"]})
+    assert (by_time["balance"], by_time["version"], by_time["position"]) == (500, 2, credited["position"])
+    before = (credit_time - timedelta(microseconds=1)).isoformat()
+    assert (await auditor.get(path, {"as_of": before}))["balance"] == 0
+    opened_time = datetime.fromisoformat(history[0]["recorded_at"])
+    await auditor.get(path, {"as_of": (opened_time - timedelta(microseconds=1)).isoformat()}, status=404)
+    now = await auditor.get(path, {"as_of": datetime.now(opened_time.tzinfo).isoformat()})
+    assert (now["balance"], now["version"], now["position"]) == (380, 3, debited["position"])
+
+    await auditor.invalid(path, {}, "at_position")
+    await auditor.invalid(path, {"at_position": 1, "as_of": history[0]["recorded_at"]}, "at_position")
+    await auditor.invalid(path, {"at_position": 2**62}, "at_position")
+    await auditor.invalid(path, {"as_of": "2999-01-01T00:00:00Z"}, "as_of")
+    await auditor.invalid(path, {"as_of": "2026-01-01T00:00:00"}, "as_of")
+    await auditor.invalid(path, {"as_of": "1700000000"}, "as_of")
+    await auditor.get(f"/v1/wallets/{uuid.uuid4()}/state", {"at_position": 1}, status=404)
+    await auditor.get("/v1/wallets/not-a-uuid/state", {"at_position": 1}, status=404)
+
+
+# ---------------------------------------------------------------- verification
+
+
+async def test_verify_one_stream(admin: Auditor, auditor: Auditor) -> None:
+    opened = await (await admin.client.post("/v1/wallets", json={"owner": "v", "currency": "USD"},
+                                            headers=admin.headers)).json()
+    report = await auditor.get("/v1/audit/verify", {"stream": f"wallet-{opened['wallet_id']}"})
+    assert report["ok"] and report["events_checked"] == 1 and report["streams_checked"] == 1
+    assert report["breaks"] == [] and report["source"] == "database"
+    await auditor.get("/v1/audit/verify", {"stream": f"wallet-{uuid.uuid4()}"}, status=404)
+
+
+async def test_verify_the_whole_log_and_find_tampering(aiohttp_client: AiohttpClient, own_database_url: str,
+                                                       own_pool: asyncpg.Pool) -> None:
+    log = await fill_log(own_pool, streams=4, versions=3)
+    client = await aiohttp_client(create_app(make_settings(own_database_url)))
+    headers = bearer(await mint_token(client.app, "auditor", ["audit:read"]))
+    clean = await (await client.get("/v1/audit/verify", headers=headers)).json()
+    assert clean["ok"] and clean["events_checked"] >= log.events and clean["first_position"] == 1
+
+    victim = log.streams[1]
+    await tamper(own_database_url, "update events set data = jsonb_set(data, '{amount}', '7') "
+                          "where stream_id = $1 and version = 2", victim)
+    found = await (await client.get("/v1/audit/verify", headers=headers)).json()
+    assert not found["ok"] and found["break_count"] == 1
+    assert {k: found["breaks"][0][k] for k in ("kind", "stream_id", "version", "position")} == {
+        "kind": "hash_mismatch", "stream_id": victim, "version": 2, "position": log.position(victim, 2)}

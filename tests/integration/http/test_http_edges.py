@@ -1,0 +1,181 @@
+"""Error format at the edges: unknown routes, wrong methods, bad JSON, request ids."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict
+
+from backend.app import create_app
+from backend.config import Settings
+from backend.http.bodies import read_json
+from tests.conftest import bearer, mint_token
+from tests.support import Client
+
+PROBLEM = "application/problem+json"
+
+
+async def test_unknown_route_is_problem_json_404(client: Client) -> None:
+    response = await client.get("/v1/nowhere")
+    assert response.status == 404
+    assert response.content_type == PROBLEM
+    body = await response.json(content_type=PROBLEM)
+    assert body["code"] == "not_found"
+    assert body["status"] == 404
+    assert {"type", "title", "detail"} <= body.keys()
+
+
+async def test_wrong_method_is_problem_json_405_with_allow(client: Client) -> None:
+    response = await client.delete("/health/live")
+    assert response.status == 405
+    assert response.content_type == PROBLEM
+    assert "GET" in response.headers["Allow"]
+    assert (await response.json(content_type=PROBLEM))["code"] == "method_not_allowed"
+
+
+async def test_request_id_is_echoed_or_generated(client: Client) -> None:
+    echoed = await client.get("/health/live", headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["X-Request-ID"] == "abc-123"
+    generated = await client.get("/health/live", headers={"X-Request-ID": "bad id with spaces"})
+    assert len(generated.headers["X-Request-ID"]) == 32
+    missing = await client.get("/nowhere")
+    assert missing.headers["X-Request-ID"] == (await missing.json(content_type=PROBLEM))["request_id"]
+
+
+class Echo(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    amount: int
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await read_json(request, Echo)
+    return web.json_response(body.model_dump())
+
+
+async def test_bad_json_and_invalid_fields_are_clear_4xx(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    app = create_app(settings)
+    app.router.add_post("/echo", echo)
+    client = await aiohttp_client(app)
+    client.session.headers.update(bearer(await mint_token(app, "someone", ["wallets:read"])))
+
+    broken = await client.post("/echo", data=b"{not json", headers={"Content-Type": "application/json"})
+    assert broken.status == 400
+    assert (await broken.json(content_type=PROBLEM))["code"] == "validation_error"
+
+    invalid = await client.post("/echo", json={"amount": 1.5, "extra": 1})
+    assert invalid.status == 422
+    body = await invalid.json(content_type=PROBLEM)
+    assert body["code"] == "validation_error"
+    assert {e["field"] for e in body["errors"]} == {"amount", "extra"}
+
+    ok = await client.post("/echo", json={"amount": 7})
+    assert ok.status == 200
+    assert await ok.json() == {"amount": 7}
+
+
+async def test_liveness_and_readiness(client: Client) -> None:
+    assert (await client.get("/health/live")).status == 200
+    ready = await client.get("/health/ready")
+    assert ready.status == 200
+    checks = (await ready.json())["checks"]
+    assert checks["database"] == "ok"
+    assert {"balances", "stats"} <= set(checks["projections"])
+    assert all({"state", "lag_events", "lag_s"} <= set(p) for p in checks["projections"].values())
+
+
+NUL_URLS = [
+    "/v1/wallets?owner=a%00b",
+    "/v1/api-keys?owner=a%00b",
+    "/v1/events?stream_prefix=a%00b",
+    "/v1/events?types=a%00b",
+    "/v1/streams/a%00b/events",
+    "/v1/audit/verify?stream=a%00b",
+    "/v1/streams/events?stream=a%00b",
+    "/v1/wallets/a%00b",
+]
+
+
+async def test_nul_in_a_path_or_query_is_a_400_not_a_500(client: Client) -> None:
+    """PostgreSQL text cannot hold NUL: such a parameter reached a query and failed as a 500."""
+    token = await mint_token(client.app, "nul-prober", ["admin", "audit:read"])
+    for url in NUL_URLS:
+        response = await client.get(url, headers=bearer(token))
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
+
+
+async def test_nul_in_a_body_field_is_a_422_naming_it_and_changes_nothing(client: Client) -> None:
+    token = await mint_token(client.app, "nul-writer", ["admin"])
+    created = await client.post("/v1/wallets", json={"owner": "nul-writer", "currency": "USD"},
+                                headers=bearer(token))
+    wallet = await created.json()
+    refused = [
+        ("/v1/wallets", {"owner": "a\x00b", "currency": "USD"}, "owner"),
+        (f"/v1/wallets/{wallet['wallet_id']}/credits", {"amount": 5, "reference": "a\x00b"}, "reference"),
+        (f"/v1/wallets/{wallet['wallet_id']}/locks", {"amount": 5, "reason": "\x00"}, "reason"),
+        ("/v1/api-keys", {"owner": "nul-writer", "name": "a\x00", "scopes": ["wallets:read"]}, "name"),
+    ]
+    for path, body, field in refused:
+        response = await client.post(path, json=body, headers=bearer(token))
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (422, "validation_error"), (path, problem)
+        assert [error["field"] for error in problem["errors"]] == [field]
+    after = await client.get(f"/v1/wallets/{wallet['wallet_id']}", headers=bearer(token),
+                             params={"min_position": str(wallet["position"])})
+    assert (await after.json())["version"] == 1
+
+
+async def test_a_query_parameter_the_endpoint_does_not_take_is_a_400_naming_it(client: Client) -> None:
+    """A misspelt min_position read quietly as a plain read before: the client believed it read its writes."""
+    token = await mint_token(client.app, "typo", ["admin"])
+    created = await client.post("/v1/wallets", json={"owner": "typo", "currency": "USD"}, headers=bearer(token))
+    wallet = await created.json()
+    wallet_url = f"/v1/wallets/{wallet['wallet_id']}"
+    refused = [
+        ("GET", wallet_url, {"min_postion": str(wallet["position"])}, ["min_postion"]),
+        ("GET", "/v1/wallets", {"owner": "typo", "page": "2", "sort": "id"}, ["page", "sort"]),
+        ("GET", "/v1/stats", {"currency": "USD"}, ["currency"]),
+        ("POST", f"{wallet_url}/credits", {"amount": "5"}, ["amount"]),
+        ("GET", "/v1/streams/dashboard", {"after": "0"}, ["after"]),
+    ]
+    for method, url, params, unknown in refused:
+        response = await client.request(method, url, params=params, headers=bearer(token),
+                                         json={"amount": 5, "reference": "r"} if method == "POST" else None)
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
+        assert [error["field"] for error in problem["errors"]] == unknown, (url, problem)
+        assert problem["field"] == unknown[0] and all(f"{name}: " in problem["detail"] for name in unknown)
+    credited = await client.post(f"{wallet_url}/credits", json={"amount": 7, "reference": "r"}, headers=bearer(token))
+    after = await client.get(wallet_url, params={"min_position": str((await credited.json())["position"])},
+                             headers=bearer(token))
+    assert (after.status, (await after.json())["balance"]) == (200, 7)  # the refused credit appended nothing
+    listed = await client.get("/v1/wallets", params={"owner": "typo", "limit": "5", "cursor": ""},
+                              headers=bearer(token))
+    assert listed.status == 200
+    for public in ("/health/live", "/openapi.json"):  # public endpoints take no input, so nothing to misread
+        assert (await client.get(public, params={"cache": "1"})).status == 200
+
+
+async def test_malformed_parameters_and_headers_are_400_listing_the_field(client: Client) -> None:
+    """Every query parameter and header error has one shape, the audit queries' included."""
+    token = await mint_token(client.app, "shapes", ["admin", "audit:read"])
+    created = await client.post("/v1/wallets", json={"owner": "shapes", "currency": "USD"}, headers=bearer(token))
+    wallet_url = f"/v1/wallets/{(await created.json())['wallet_id']}"
+    cases = [
+        ("GET", wallet_url, {"min_position": "-1"}, {}, "min_position"),
+        ("GET", "/v1/wallets", {"limit": "0"}, {}, "limit"),
+        ("GET", "/v1/wallets", {"cursor": "nope"}, {}, "cursor"),
+        ("GET", "/v1/events", {"after": "-1"}, {}, "after"),
+        ("GET", "/v1/events", {"from_time": "1700000000"}, {}, "from_time"),
+        ("GET", f"{wallet_url}/state", {"as_of": "2999-01-01T00:00:00Z"}, {}, "as_of"),
+        ("GET", "/v1/streams/events", {"types": ","}, {}, "types"),
+        ("GET", "/v1/streams/events", {}, {"Last-Event-ID": "x"}, "Last-Event-ID"),
+        ("POST", f"{wallet_url}/credits", {}, {"If-Match": "soon"}, "If-Match"),
+        ("POST", f"{wallet_url}/credits", {}, {"Idempotency-Key": "x" * 256}, "Idempotency-Key"),
+    ]
+    for method, url, params, headers, field in cases:
+        response = await client.request(method, url, params=params, headers={**bearer(token), **headers},
+                                         json={"amount": 5, "reference": "r"} if method == "POST" else None)
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
+        assert problem["field"] == field and problem["errors"][0]["field"] == field, (url, problem)
+        assert problem["detail"].startswith(f"{field}: "), problem

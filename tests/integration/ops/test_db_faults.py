@@ -1,0 +1,171 @@
+"""Every way a database outage reaches us is a 503 unavailable with Retry-After, never a 500; a bug in
+our SQL or our use of asyncpg stays a 500. Real faults (a statement timeout, a terminated session) and,
+for the rest, each exception raised from asyncpg's own query methods, through real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import asyncpg
+import pytest
+from asyncpg import exceptions as pgerr
+
+from backend.app import create_app
+from backend.db import is_unavailable
+from backend.store.append import APPEND_LOCK_KEY
+from tests.conftest import bearer, make_settings, mint_token
+from tests.support import Client, advisory_lock_waiters, eventually
+
+PROBLEM = "application/problem+json"
+QUERY_METHODS = ("execute", "executemany", "fetch", "fetchval", "fetchrow")
+
+OUTAGES = [
+    pgerr.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+    pgerr.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
+    pgerr.InternalClientError("not connected"),
+    pgerr.ProtocolError("unexpected message"),
+    asyncpg.InterfaceError("pool is closing"),
+    asyncpg.InterfaceError("pool is closed"),
+    asyncpg.InterfaceError("cannot perform operation: connection is closed"),
+    asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.CrashShutdownError("terminating connection because of crash of another server process"),
+    asyncpg.CannotConnectNowError("the database system is starting up"),
+    asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+    asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
+    pgerr.IdleSessionTimeoutError("terminating connection due to idle-session timeout"),
+    pgerr.ConnectionFailureError("connection failure"),
+    pgerr.DiskFullError("could not extend file"),
+    ConnectionResetError("Connection reset by peer"),
+    ConnectionRefusedError("Connection refused"),
+    TimeoutError(),
+]
+BUGS = [
+    asyncpg.UndefinedTableError('relation "walets" does not exist'),
+    asyncpg.PostgresSyntaxError('syntax error at or near "form"'),
+    pgerr.DataError("invalid input for query argument $1: 'x' ('str' object cannot be interpreted as an integer)"),
+    asyncpg.InterfaceError("the server expects 2 arguments for this query, 1 was passed"),
+    asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
+    pgerr.InternalClientError("no binary format encoder for type widget (OID 12345)"),
+]
+
+
+def ident(error: BaseException) -> str:
+    return f"{type(error).__name__}:{str(error)[:24]}"
+
+
+@contextlib.contextmanager
+def pooled_queries_raise(monkeypatch: pytest.MonkeyPatch, error: BaseException,
+                         pool: asyncpg.Pool | None = None) -> Iterator[None]:
+    """Make asyncpg's query methods raise `error` on connections borrowed from a pool (the app's; the
+    listener's and the projection runners' connections are their own and keep working); from `pool`
+    only when given."""
+    originals = {name: getattr(asyncpg.Connection, name) for name in QUERY_METHODS}
+
+    def failing(name: str) -> Any:
+        original = originals[name]
+
+        async def method(self: asyncpg.Connection, *args: Any, **kwargs: Any) -> Any:
+            # asyncpg-stubs leave out _proxy: the pool's wrapper of a connection it lent out (None otherwise).
+            proxy = self._proxy  # type: ignore[attr-defined]
+            if proxy is not None and (pool is None or proxy._holder._pool is pool):
+                raise error
+            return await original(self, *args, **kwargs)
+
+        return method
+
+    with monkeypatch.context() as patch:
+        for name in QUERY_METHODS:
+            patch.setattr(asyncpg.Connection, name, failing(name))
+        yield
+
+
+async def assert_unavailable(response: Any) -> None:
+    body = await response.json(content_type=None)
+    assert response.status == 503, body
+    assert response.content_type == PROBLEM
+    assert body["code"] == "unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+
+
+@pytest.fixture
+async def wallet_client(client: Client) -> tuple[Client, str]:
+    """A client whose key is already verified (so requests reach the store) and a wallet to use."""
+    client.session.headers.update(bearer(await mint_token(client.app, "faults", ["admin"])))
+    created = await client.post("/v1/wallets", json={"owner": "faults", "currency": "USD"})
+    assert created.status == 201, await created.text()
+    return client, (await created.json())["wallet_id"]
+
+
+@pytest.mark.parametrize("error", OUTAGES, ids=ident)
+async def test_an_outage_error_is_503_for_commands_and_reads(
+    wallet_client: tuple[Client, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    client, wallet_id = wallet_client
+    assert is_unavailable(error)
+    with pooled_queries_raise(monkeypatch, error):
+        await assert_unavailable(await client.post(f"/v1/wallets/{wallet_id}/credits",
+                                                   json={"amount": 5, "reference": f"r-{uuid.uuid4()}"}))
+        await assert_unavailable(await client.post("/v1/wallets", json={"owner": "faults", "currency": "EUR"}))
+        await assert_unavailable(await client.get(f"/v1/wallets/{wallet_id}"))
+        await assert_unavailable(await client.get("/health/ready"))
+    # and once the database answers again, so do we
+    credited = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 5, "reference": "after"})
+    assert credited.status == 200, await credited.text()
+
+
+@pytest.mark.parametrize("error", BUGS, ids=ident)
+async def test_a_bug_stays_a_500(
+    wallet_client: tuple[Client, str], monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    client, wallet_id = wallet_client
+    assert not is_unavailable(error)
+    with pooled_queries_raise(monkeypatch, error):
+        response = await client.get(f"/v1/wallets/{wallet_id}")
+    body = await response.json(content_type=PROBLEM)
+    assert (response.status, body["code"]) == (500, "internal_error")
+    assert "Retry-After" not in response.headers
+
+
+async def hold_append_lock(database_url: str) -> asyncpg.Connection:
+    blocker = await asyncpg.connect(database_url)
+    await blocker.execute("select pg_advisory_lock($1)", APPEND_LOCK_KEY)
+    return blocker
+
+
+async def test_a_statement_timeout_is_503(aiohttp_client, database_url: str) -> None:  # type: ignore[no-untyped-def]
+    """A credit stuck behind the append lock longer than STATEMENT_TIMEOUT_MS is cancelled by the server."""
+    client: Client = await aiohttp_client(create_app(make_settings(database_url, statement_timeout_ms=300)))
+    client.session.headers.update(bearer(await mint_token(client.app, "timeout", ["admin"])))
+    created = await client.post("/v1/wallets", json={"owner": "timeout", "currency": "USD"})
+    wallet_id = (await created.json())["wallet_id"]
+    blocker = await hold_append_lock(database_url)
+    try:
+        await assert_unavailable(await client.post(f"/v1/wallets/{wallet_id}/credits",
+                                                   json={"amount": 1, "reference": "blocked"}))
+    finally:
+        await blocker.close()
+    credited = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 1, "reference": "free"})
+    assert credited.status == 200, await credited.text()
+
+
+async def test_a_session_terminated_mid_command_is_503(
+    wallet_client: tuple[Client, str], database_url: str
+) -> None:
+    client, wallet_id = wallet_client
+    blocker = await hold_append_lock(database_url)
+    try:
+        request = asyncio.create_task(client.post(f"/v1/wallets/{wallet_id}/credits",
+                                                  json={"amount": 1, "reference": "terminated"}))
+        waiting = await eventually(lambda: advisory_lock_waiters(blocker), timeout=10,
+                                   what="the credit to wait for the append lock")
+        assert await blocker.fetchval("select bool_and(pg_terminate_backend(p)) from unnest($1::int[]) p", waiting)
+        await assert_unavailable(await request)
+    finally:
+        await blocker.close()
+    credited = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 1, "reference": "again"})
+    assert credited.status == 200, await credited.text()

@@ -1,0 +1,106 @@
+"""docs/ops/nginx.conf: `nginx -t` accepts it, and, run for real in front of a Tally app (its upstream
+pointed at the test server, its paths at a temporary directory), it proxies a command and delivers a
+stream's frame within 3 s of the command (before the stream's next checkpoint could flush a buffer).
+Skipped where nginx is not installed (.ci/run installs Debian's nginx-light)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import bearer, mint_token
+from tests.sse_client import Parser
+from tests.support import Client
+
+CONF = Path(__file__).resolve().parents[2] / "docs" / "ops" / "nginx.conf"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK),
+                                reason=f"no nginx at {NGINX} (Debian package nginx-light; .ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def localised(text: str, directory: Path, upstream_port: int | None, listen_port: int) -> str:
+    """The shipped configuration with its files under directory, listening on listen_port, and (when
+    given) its upstream replaced by the test server."""
+    for directive in ("pid", "error_log", "access_log", "client_body_temp_path", "proxy_temp_path"):
+        text, count = re.subn(rf"(\b{directive}\s+)/\S+?(;|\s)", rf"\g<1>{directory}/{directive}\g<2>", text)
+        assert count == 1, directive
+    text, count = re.subn(r"listen 80;", f"listen 127.0.0.1:{listen_port};", text)
+    assert count == 1
+    if upstream_port is not None:
+        text, count = re.subn(r"(?m)^\s*server 10\.0\.0\.\d+:8080[^;]*;\n", "", text)
+        assert count == 2
+        text = text.replace("least_conn;", f"least_conn;\n        server 127.0.0.1:{upstream_port};", 1)
+    return text
+
+
+@contextlib.contextmanager
+def configured(upstream_port: int | None) -> Iterator[tuple[Path, int]]:
+    directory = Path(tempfile.mkdtemp(prefix="tally-nginx-"))
+    directory.chmod(0o755)
+    port = free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(localised(CONF.read_text(), directory, upstream_port, port))
+    try:
+        yield conf, port
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_nginx_accepts_the_configuration() -> None:
+    with configured(None) as (conf, _):
+        checked = subprocess.run([NGINX, "-t", "-c", str(conf)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    assert "syntax is ok" in checked.stderr
+
+
+async def test_through_nginx_a_command_is_answered_and_a_stream_is_not_buffered(client: Client) -> None:
+    app = client.app
+    admin = bearer(await mint_token(app, "operator", ["admin"]))
+    auditor = bearer(await mint_token(app, "auditor", ["audit:read"]))
+    with configured(client.server.port) as (conf, port):
+        nginx = await asyncio.create_subprocess_exec(NGINX, "-c", str(conf), "-g", "daemon off;",
+                                                     stderr=asyncio.subprocess.PIPE)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    assert nginx.returncode is None, await nginx.stderr.read() if nginx.stderr else b""
+                    with contextlib.suppress(OSError):
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                        writer.close()
+                        break
+                    await asyncio.sleep(0.05)
+            base = f"http://127.0.0.1:{port}"
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{base}/v1/streams/events", params={"after": "now"}, headers=auditor,
+                    timeout=aiohttp.ClientTimeout(total=30)) as stream:
+                assert stream.status == 200, await stream.text()
+                async with session.post(f"{base}/v1/wallets", json={"owner": "ops", "currency": "USD"},
+                                        headers=admin) as created:
+                    assert created.status == 201, await created.text()
+                    wallet_id = (await created.json())["wallet_id"]
+                parser = Parser()
+                # buffered by the proxy, the frame would wait for the buffer to fill or the stream's
+                # next checkpoint (SSE_CHECKPOINT_S, 5 s)
+                async with asyncio.timeout(3):
+                    while not any(wallet_id in m.data for m in parser.feed(await stream.content.readany())):
+                        pass
+        finally:
+            nginx.terminate()
+            await nginx.wait()

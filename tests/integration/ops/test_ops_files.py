@@ -1,0 +1,79 @@
+"""docs/ops: the alert rules and the Grafana dashboard refer only to metrics /metrics really serves, and
+the rules pass `promtool check rules` (where promtool is installed: .ci/run installs Debian's prometheus)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, mint_token
+from tests.integration.ops.metrics_scrape import Scrape, scrape
+from tests.integration.streaming.conftest import connect
+from tests.support import Client, eventually
+
+OPS = ROOT / "docs" / "ops"
+RULES = OPS / "tally-alerts.yml"
+DASHBOARD = OPS / "tally-dashboard.json"
+METRIC = re.compile(r"\b(?:tally|process)_[a-z0-9_]+")
+
+
+def rule_expressions() -> list[str]:
+    rules = yaml.safe_load(RULES.read_text())
+    return [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def referenced(expressions: list[str]) -> set[str]:
+    return {name for expr in expressions for name in METRIC.findall(expr)}
+
+
+async def busy_scrape(client: Client, admin_headers: dict[str, str]) -> Scrape:
+    """After a few requests, a stream and a projection that caught up."""
+    assert (await client.post("/v1/wallets", json={"owner": "ops", "currency": "USD"},
+                              headers=admin_headers)).status == 201
+    await client.get("/nowhere")
+    token = await mint_token(client.app, "auditor", ["audit:read"])
+    stream = await connect(client, "/v1/streams/events", token, after="now")
+    assert stream.status == 200
+    async def caught_up() -> Scrape | None:
+        found = await scrape(client)
+        return found if 'tally_projection_lag_events{projection="balances"} 0.0' in found.text else None
+
+    try:
+        return await eventually(caught_up, interval=0.05, what="the balances projection to catch up")
+    finally:
+        stream.close()
+
+
+async def test_every_metric_the_rules_and_the_dashboard_use_is_served(
+    client: Client, admin_headers: dict[str, str]
+) -> None:
+    served = (await busy_scrape(client, admin_headers)).names()
+    rules, panels = referenced(rule_expressions()), referenced(dashboard_expressions())
+    assert {"tally_projection_lag_seconds", "tally_http_requests_total", "tally_db_pool_in_use"} <= rules
+    assert len(panels) >= 10
+    assert rules - served == set()
+    assert panels - served == set()
+
+
+def test_every_dashboard_panel_has_a_target() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["panels"]
+    for panel in dashboard["panels"]:
+        assert panel["targets"] and all(target["expr"].strip() for target in panel["targets"]), panel["title"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+def test_promtool_accepts_the_rules() -> None:
+    checked = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(rule_expressions())} rules found" in checked.stdout

@@ -1,0 +1,233 @@
+"""The appender's one-round-trip (fenced) path: when it is taken, and that falling back loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import asyncpg
+import pytest
+
+from backend.store.append import APPEND_LOCK_KEY
+from backend.store.event_store import EventStore
+from backend.store.events import ANY, NO_STREAM, DuplicateEventId, NewEvent, Write, WrongExpectedVersion
+from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed
+from tests.support import advisory_lock_waiters, eventually
+
+
+def sid() -> str:
+    return f"fast-{uuid.uuid4()}"
+
+
+def ev(n: int = 1) -> NewEvent:
+    return NewEvent("Thing", {"n": n})
+
+
+def claim(key: str) -> IdempotencyClaim:
+    return IdempotencyClaim("scope", key, b"fp", b"outcome")
+
+
+async def count_stream(pool: asyncpg.Pool, stream_id: str) -> int:
+    return int(await pool.fetchval("select count(*) from events where stream_id = $1", stream_id))
+
+
+async def test_a_taken_event_id_on_the_fast_path_falls_back_and_is_told_apart(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    stream = sid()
+    first = ev()
+    original = await store.append_to(stream, NO_STREAM, [first])
+    await store.append_to(stream, 1, [ev(2)])
+    fenced, misses = store.counters().fenced, store.counters().fence_misses
+
+    again = await store.append_to(stream, ANY, [first])  # the fast path plans an insert: the index refuses it
+    assert again.replayed and again.streams == original.streams
+    changed = NewEvent("Thing", {"n": 99}, event_id=first.event_id)
+    with pytest.raises(DuplicateEventId, match="different content"):
+        await store.append_to(stream, ANY, [changed])
+    assert store.counters().fence_misses - misses == 2
+    assert store.counters().fenced == fenced
+    assert await count_stream(pool, stream) == 2
+    await store.append_to(stream, 2, [ev(3)])  # and the fast path is back
+    assert store.counters().fenced == fenced + 1
+
+
+async def test_a_used_idempotency_key_on_the_fast_path_is_refused_and_appends_nothing(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    stream, key = sid(), uuid.uuid4().hex
+    await store.append_to(stream, NO_STREAM, [ev()])
+    first = await store.append([Write(stream, 1, [ev(2)])], claim(key))
+    misses = store.counters().fence_misses
+    with pytest.raises(IdempotencyKeyUsed) as used:
+        await store.append([Write(stream, 2, [ev(3)])], claim(key))
+    assert used.value.stored.position == first.position
+    assert store.counters().fence_misses == misses + 1
+    assert await count_stream(pool, stream) == 2
+
+
+async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(pool: asyncpg.Pool) -> None:
+    """Another process's stream, read after this process's last append, can be appended in one round trip."""
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        foreign, own = sid(), sid()
+        await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
+        await mine.append_to(own, NO_STREAM, [ev()])  # general path; the log is now where `mine` left it
+        assert await mine.stream_version(foreign) == 2
+        fenced = mine.counters().fenced
+        await mine.append_to(foreign, 2, [ev(3)])
+        assert mine.counters().fenced == fenced + 1
+
+        # A read made after someone else appended teaches nothing: the general path checks for itself.
+        await theirs.append_to(foreign, 3, [ev(4)])
+        assert await mine.stream_version(foreign) == 4
+        fenced = mine.counters().fenced
+        await mine.append_to(foreign, 4, [ev(5)])
+        assert mine.counters().fenced == fenced
+        assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_a_tail_read_opens_the_fast_path_too(pool: asyncpg.Pool) -> None:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        foreign = sid()
+        await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
+        await mine.append_to(sid(), NO_STREAM, [ev()])
+        assert [e.version for e in await mine.read_tail(foreign, 1)] == [2]
+        fenced = mine.counters().fenced
+        await mine.append_to(foreign, 2, [ev(3)])
+        assert mine.counters().fenced == fenced + 1
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """With nothing to batch with, a caller runs its append itself; cancelling it mid-flight must not
+    wedge the appender, and whatever the database did, the log stays exact."""
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        stuck = asyncio.create_task(store.append_to(stream, 1, [ev(2)]))
+        await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                         what="the append to reach the lock")
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+    version = await store.stream_version(stream)
+    assert version in (1, 2)
+    result = await store.append_to(stream, version, [ev(3)])
+    assert result.streams[0].version == version + 1
+    assert [e.version for e in await store.read_stream(stream)] == list(range(1, version + 2))
+
+
+async def test_a_queued_caller_cancelled_before_its_batch_runs_is_still_appended(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """A queued append goes on when its caller is cancelled (its outcome is then simply not awaited);
+    the appender settles the rest of the batch and stays usable."""
+    first, queued = sid(), sid()
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        running = asyncio.create_task(store.append_to(first, NO_STREAM, [ev()]))
+        await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                         what="the first append to reach the lock")
+        cancelled = asyncio.create_task(store.append_to(queued, NO_STREAM, [ev()]))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+    assert (await running).streams[0].version == 1
+    await eventually(lambda: count_stream(pool, queued), timeout=5, interval=0.01,
+                     what="the queued append to commit")
+    assert await count_stream(pool, queued) == 1
+    result = await store.append_to(queued, 1, [ev(2)])
+    assert result.streams[0].version == 2
+
+
+async def test_a_held_connection_asyncpg_took_back_is_replaced_not_used(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """After a server restart asyncpg hands the batcher's idle connection back to the pool, and the
+    termination listener that tells the batcher runs a loop iteration later; a batch that comes first
+    must take a new connection, not fail with "released back to the pool" (a 500)."""
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    held = store._batcher._conn  # the state a restart leaves behind, made without the race
+    assert held is not None
+    await pool.release(held)
+    result = await store.append_to(stream, 1, [ev(2)])
+    assert result.streams[0].version == 2
+    assert await count_stream(pool, stream) == 2
+
+
+async def test_a_new_stream_takes_the_fast_path_and_one_that_exists_is_told_by_the_general_path(
+    pool: asyncpg.Pool,
+) -> None:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        taken = sid()
+        await theirs.append_to(taken, NO_STREAM, [ev()])  # before `mine` knows anything
+        await mine.append_to(sid(), NO_STREAM, [ev()])  # general path: `mine` learns the head
+        fenced = mine.counters().fenced
+        await mine.append_to(sid(), NO_STREAM, [ev()])
+        assert mine.counters().fenced == fenced + 1
+        locked = mine.locked_paths()["taken"]  # `taken` is not known, so taken as new: the index refuses
+        with pytest.raises(WrongExpectedVersion):
+            await mine.append_to(taken, NO_STREAM, [ev()])
+        assert mine.locked_paths()["taken"] == locked + 1
+        assert await count_stream(pool, taken) == 1
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_in_one_batch_what_memory_cannot_plan_goes_the_general_way_and_the_rest_in_one_trip(
+    pool: asyncpg.Pool,
+) -> None:
+    """`mine` knows both streams at version 1; another process moved one. The fence misses, the miss
+    tells both streams' heads: the request on the moved one is left to the general path, which refuses
+    it, and the other is appended on the fenced path."""
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        still, moved = sid(), sid()
+        await mine.append([Write(still, NO_STREAM, [ev()]), Write(moved, NO_STREAM, [ev()])])
+        await theirs.append_to(moved, 1, [ev(2)])
+        fenced, misses, rejected = mine.counters().fenced, mine.counters().fence_misses, mine.locked_paths()["rejected"]
+        first = mine.submit([Write(still, 1, [ev(2)])])
+        second = mine.submit([Write(moved, 1, [ev(3)])])  # queued behind the first: one batch
+        ok, refused = await asyncio.gather(mine.outcome(first), mine.outcome(second), return_exceptions=True)
+        assert isinstance(refused, WrongExpectedVersion), refused
+        assert not isinstance(ok, BaseException) and ok.streams[0].version == 2
+        assert mine.counters().fenced == fenced + 1 and mine.counters().fence_misses == misses + 1
+        assert mine.locked_paths()["rejected"] == rejected + 1
+        assert [e.version for e in await mine.read_stream(moved)] == [1, 2]
+        assert [e.version for e in await mine.read_stream(still)] == [1, 2]
+    finally:
+        await mine.close()
+        await theirs.close()
+
+
+async def test_following_the_log_keeps_the_fence_after_another_process_appended(pool: asyncpg.Pool) -> None:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        own, shared = sid(), sid()
+        await mine.append([Write(own, NO_STREAM, [ev()]), Write(shared, NO_STREAM, [ev()])])
+        head = await mine.head()
+        await theirs.append([Write(sid(), NO_STREAM, [ev()]), Write(shared, 1, [ev(2)])])
+        events = await mine.read_all(head)
+        assert mine.follow(events, events[-1].position)
+        assert not mine.follow(events, events[-1].position)  # had them already
+        fenced, misses = mine.counters().fenced, mine.counters().fence_misses
+        await mine.append([Write(shared, 2, [ev(3)]), Write(own, 1, [ev(2)])])
+        assert (mine.counters().fenced, mine.counters().fence_misses) == (fenced + 1, misses)
+        assert [e.version for e in await mine.read_stream(shared)] == [1, 2, 3]
+    finally:
+        await mine.close()
+        await theirs.close()

@@ -1,0 +1,90 @@
+"""Wallet streams (events with the figures after each) and the dashboard (snapshot, coalesced deltas)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from tests.conftest import bearer, mint_token
+from tests.integration.streaming.conftest import MakeClient, connect
+from tests.support import Client
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def post(client: Client, token: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = await client.post(path, json=body, headers=bearer(token))
+    assert response.status < 300, await response.text()
+    return dict(await response.json())
+
+
+async def open_wallet(client: Client, token: str, owner: str, currency: str = "USD") -> str:
+    return str((await post(client, token, "/v1/wallets", {"owner": owner, "currency": currency}))["wallet_id"])
+
+
+async def test_wallet_stream_sends_figures_after_each_event(make_client: MakeClient) -> None:
+    client = await make_client()
+    admin = await mint_token(client.app, "operator", ["admin"])
+    reader = await mint_token(client.app, "carol", ["wallets:read"])
+    wallet = await open_wallet(client, admin, "carol")
+    await post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": 500, "reference": "seed"})
+    sse = await connect(client, f"/v1/streams/wallets/{wallet}", reader)
+    history = await sse.events(2)
+    assert [(m.event, m.json()["type"]) for m in history] == [("message", "WalletOpened"),
+                                                             ("message", "WalletCredited")]
+    assert history[1].json()["wallet"] == {"balance": 500, "available": 500, "locked": 0, "reserved": 0,
+                                           "version": 2}
+    await post(client, admin, f"/v1/wallets/{wallet}/locks", {"amount": 200, "reason": "escrow"})
+    await post(client, admin, f"/v1/wallets/{wallet}/debits", {"amount": 100, "reference": "fee"})
+    live = await sse.events(2)
+    assert [(m.event, m.json()["type"]) for m in live] == [("message", "FundsLocked"), ("message", "WalletDebited")]
+    assert live[1].json()["wallet"] == {"balance": 400, "available": 200, "locked": 200, "reserved": 0,
+                                        "version": 4}
+    assert live[1].json()["stream_id"] == f"wallet-{wallet}"
+    sse.close()
+    # Resuming mid-history folds the earlier events first: the figures are still right.
+    resumed = await connect(client, f"/v1/streams/wallets/{wallet}", reader,
+                            headers={"Last-Event-ID": history[1].last_id})
+    (locked,) = await resumed.events(1)
+    assert locked.json()["wallet"]["locked"] == 200 and locked.json()["wallet"]["balance"] == 500
+    resumed.close()
+
+
+async def test_dashboard_snapshot_then_coalesced_deltas(make_client: MakeClient) -> None:
+    interval = 0.3
+    client = await make_client(sse_dashboard_interval_s=interval)
+    admin = await mint_token(client.app, "operator", ["admin"])
+    viewer = await mint_token(client.app, "dana", ["wallets:read"])
+    wallet = await open_wallet(client, admin, "dana", "EUR")
+    sse = await connect(client, "/v1/streams/dashboard", viewer)
+    assert sse.status == 200
+    (snapshot,) = await sse.events(1)
+    assert snapshot.event == "snapshot"
+    body = snapshot.json()
+    assert body["position"] == int(snapshot.last_id)
+    stats = body["stats"]
+    before = stats["currencies"].get("EUR", {}).get("credited", 0)
+
+    credits = 60
+    started = time.monotonic()
+    answers = await asyncio.gather(*(
+        post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": i + 1, "reference": f"r{i}"})
+        for i in range(credits)))
+    last_position = max(a["position"] for a in answers)
+    deltas = await sse.until(lambda m: m.kind == "event" and int(m.last_id) >= last_position, timeout=30)
+    elapsed = time.monotonic() - started
+    frames = [m for m in deltas if m.kind == "event"]
+    assert {m.event for m in frames} == {"stats"}
+    ids = [int(snapshot.last_id)] + [int(m.last_id) for m in frames]
+    assert ids == sorted(set(ids))  # strictly increasing
+    # Coalesced: at most one frame per interval (plus the first one, and one of slack for the edges).
+    assert len(frames) <= elapsed / interval + 2
+    for frame in frames:  # last value wins: each delta carries the newest figures of what changed
+        for section, entries in frame.json()["stats"].items():
+            stats[section].update(entries)
+    assert stats["currencies"]["EUR"]["credited"] == before + sum(range(1, credits + 1))
+    assert stats["events"]["WalletCredited"] >= credits
+    sse.close()

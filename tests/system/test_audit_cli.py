@@ -1,0 +1,77 @@
+"""`python -m backend audit ...` as real processes: verifying an export needs no database at all;
+export, verify and replay against a database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import orjson
+import pytest
+
+from tests.integration.audit.support import audit_cli, export_file, fill_log, tamper
+
+pytestmark = pytest.mark.system
+
+
+
+async def test_verify_an_export_with_no_database(own_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    log = await fill_log(own_pool, streams=4, versions=5)
+    good = await export_file(own_pool, tmp_path / "log.ndjson")
+    empty = tmp_path / "data"
+    empty.mkdir()
+
+    result = await audit_cli("verify", "--export", str(good), cwd=tmp_path, data_dir=empty)
+    assert result.returncode == 0, result.stderr
+    assert "events checked:  20" in result.stdout and "breaks:          0" in result.stdout
+
+    lines = good.read_bytes().splitlines(keepends=True)
+    event = orjson.loads(lines[9])
+    event["data"]["amount"] += 1
+    lines[9] = orjson.dumps(event) + b"\n"
+    bad = tmp_path / "tampered.ndjson"
+    bad.write_bytes(b"".join(lines))
+    result = await audit_cli("verify", "--export", str(bad), "--json", cwd=tmp_path, data_dir=empty)
+    assert result.returncode == 1, result.stderr
+    report = orjson.loads(result.stdout)
+    assert [(b["kind"], b["stream_id"], b["version"], b["position"]) for b in report["breaks"]] == [
+        ("hash_mismatch", event["stream_id"], event["version"], 10)]
+    assert log.position(event["stream_id"], event["version"]) == 10
+
+    garbage = tmp_path / "garbage.ndjson"
+    garbage.write_bytes(b"not json\n")
+    result = await audit_cli("verify", "--export", str(garbage), cwd=tmp_path, data_dir=empty)
+    assert result.returncode == 2 and "line 1" in result.stderr
+
+    assert list(empty.iterdir()) == [] and not (tmp_path / ".data").exists(), "no embedded server was started"
+
+
+async def test_export_verify_and_replay_against_the_database(own_database_url: str, own_pool: asyncpg.Pool,
+                                                             tmp_path: Path) -> None:
+    log = await fill_log(own_pool, streams=3, versions=4)
+    out = tmp_path / "export.ndjson"
+    result = await audit_cli("export", "--out", str(out), database_url=own_database_url)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == (await export_file(own_pool, tmp_path / "same.ndjson")).read_bytes()
+    assert not out.with_name(out.name + ".partial").exists()
+
+    result = await audit_cli("verify", database_url=own_database_url)
+    assert result.returncode == 0 and "OK: every hash chain verifies" in result.stdout, result.stdout
+
+    stream = log.streams[1]
+    result = await audit_cli("replay", "--stream", stream, "--json", "--to-position", str(log.position(stream, 3)),
+                             database_url=own_database_url)
+    assert result.returncode == 0, result.stderr
+    steps = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [s["event"]["version"] for s in steps] == [1, 2, 3]
+    balance = 0
+    for step in steps[1:]:
+        amount = step["event"]["data"]["amount"]
+        balance += amount if step["event"]["type"] == "WalletCredited" else -amount
+        assert step["state"]["balance"] == balance and step["state"]["version"] == step["event"]["version"]
+
+    await tamper(own_database_url, "delete from events where stream_id = $1 and version = 2", stream)
+    result = await audit_cli("verify", "--stream", stream, database_url=own_database_url)
+    assert result.returncode == 1
+    assert f"missing_version: stream {stream} version 2 position {log.position(stream, 3)}" in result.stdout
+    assert (await audit_cli("verify", "--export", str(out))).returncode == 0, "the earlier export still verifies"

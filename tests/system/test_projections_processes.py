@@ -1,0 +1,123 @@
+"""Real processes: `python -m projections` workers failing over after kill -9, and the
+`python -m backend projections status | rebuild` commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from projections import registry
+from projections.status import status
+from tests.conftest import ROOT
+from tests.integration.projections.harness import Node
+from tests.integration.projections.workload import Workload
+from tests.support import eventually
+
+pytestmark = pytest.mark.system
+
+
+def env_for(dsn: str) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": dsn, "LOG_FORMAT": "text", "PROJECTION_STANDBY_RETRY_S": "1"}
+
+
+def backend(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "backend", "projections", *args], cwd=ROOT, env=env_for(dsn),
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def workers(own_database_url: str) -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=30)
+
+
+def start_worker(dsn: str, workers: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
+    process = subprocess.Popen([sys.executable, "-m", "projections"], cwd=ROOT, env=env_for(dsn),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers.append(process)
+    return process
+
+
+async def test_a_killed_worker_is_replaced_within_five_seconds(
+    own_database_url: str, workers: list[subprocess.Popen[str]]
+) -> None:
+    node = await Node.open(own_database_url)
+    names = registry.names()
+    try:
+        first = start_worker(own_database_url, workers)
+
+        async def led_by(pid: int) -> bool:
+            found = await status(node.pool, names)
+            return all(s.state == "running" and (s.leader or "").endswith(f"-{pid}") for s in found)
+
+        await eventually(lambda: led_by(first.pid), timeout=30, what="the first worker to lead")
+        second = start_worker(own_database_url, workers)
+
+        async def second_connected() -> bool:
+            sessions = await node.pool.fetchval("select count(*) from pg_stat_activity where application_name like $1",
+                                                f"tally-projection-%-{second.pid}")
+            return bool(sessions == len(names))
+
+        await eventually(second_connected, timeout=30, what="the second worker to stand by")
+        first.send_signal(signal.SIGKILL)
+        await eventually(lambda: led_by(second.pid), timeout=5, what="the second worker to take over")
+
+        await Workload(node.bus, seed=9).run(50)
+        await eventually(node.caught_up, what="the second worker to apply new events")
+        second.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(second.wait, 30) == 0
+    finally:
+        await node.close()
+
+
+async def test_status_and_rebuild_commands(own_database_url: str) -> None:
+    node = await Node.open(own_database_url)
+    try:
+        await Workload(node.bus, seed=21).run(200)
+        events = await node.pool.fetchval("select count(*) from events")
+    finally:
+        await node.close()
+
+    shown = await asyncio.to_thread(backend, own_database_url, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert all(name in shown.stdout for name in registry.names()) and "stopped" in shown.stdout
+
+    rebuilt = await asyncio.to_thread(backend, own_database_url, "rebuild", "--all", "--batch-size", "100")
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert f"{events:,} events" in rebuilt.stdout and "ev/s" in rebuilt.stderr
+
+    shown = await asyncio.to_thread(backend, own_database_url, "status", "--json")
+    found = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [f["name"] for f in found] == registry.names()
+    assert all(f["checkpoint"] == f["head"] >= events and f["lag_events"] == 0 for f in found)
+
+    assert (await asyncio.to_thread(backend, own_database_url, "rebuild")).returncode == 2
+    unknown = await asyncio.to_thread(backend, own_database_url, "rebuild", "nosuch")
+    assert unknown.returncode == 1 and "unknown projection" in unknown.stderr
+
+
+def test_worker_help_prints_usage_and_starts_nothing(tmp_path: os.PathLike[str]) -> None:
+    """`--help` answers and exits; an unknown argument is refused. Neither opens a database: with
+    DATABASE_URL unset the worker would otherwise start an embedded server under ./.data/."""
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    shown = subprocess.run([sys.executable, "-m", "projections", "--help"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: python -m projections")
+    refused = subprocess.run([sys.executable, "-m", "projections", "--bogus"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "unrecognized arguments: --bogus" in refused.stderr
+    assert not (Path(tmp_path) / ".data").exists()
