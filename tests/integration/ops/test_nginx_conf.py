@@ -19,11 +19,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import bearer, mint_token
+from tests.conftest import ROOT, bearer, mint_token
 from tests.sse_client import Parser
 from tests.support import Client
 
-CONF = Path(__file__).resolve().parents[2] / "docs" / "ops" / "nginx.conf"
+CONF = ROOT / "docs" / "ops" / "nginx.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 pytestmark = pytest.mark.skipif(not os.access(NGINX, os.X_OK),
                                 reason=f"no nginx at {NGINX} (Debian package nginx-light; .ci/run installs it)")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from backend.config import Settings
-from tests.conftest import make_settings
+from tests.conftest import database_of_its_own, make_settings
 from tests.integration.pgbouncer.bouncer import PGBOUNCER, Bouncer, running_pgbouncer
 
 
@@ -20,6 +20,14 @@ def pgbouncer(admin_dsn: str) -> Iterator[Bouncer]:
         pytest.skip(f"no PgBouncer at {PGBOUNCER} (Debian package 'pgbouncer'; .ci/run installs it)")
     with running_pgbouncer(admin_dsn) as bouncer:
         yield bouncer
+
+
+@pytest.fixture(scope="package")
+def database_url(admin_dsn: str) -> Iterator[str]:
+    """A fresh database for this directory: its tests are the suite's own, run again (fixed chain
+    transaction ids and all), so they must not meet what the first run left."""
+    with database_of_its_own(admin_dsn, migrated=True) as dsn:
+        yield dsn
 
 
 @pytest.fixture
