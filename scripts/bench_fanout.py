@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="N wallet-stream followers, each on its own wallet (runs this case, and (a) "
                              "with --subscribers beside it, instead of (a), (b), (c))")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds of the followers case")
+    parser.add_argument("--objects", action="store_true",
+                        help="count instead what a follower costs in objects and bytes, in a server process that "
+                             "answers a census (deterministic; no timing figures)")
     parser.add_argument("--send-buffer", type=int, default=None,
                         help="SSE_SOCKET_SEND_BUFFER for the followers' server (default: the server's own)")
 
@@ -330,6 +333,10 @@ async def followers_case(dsn: str, token: str, wallets: list[str], args: argpars
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
+    if args.objects:
+        from bench_fanout_objects import run_objects
+
+        return await run_objects(args)
     db = await choose_server(args.dsn)
     try:
         async with fresh_database(db, "fanout") as dsn:

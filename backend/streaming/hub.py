@@ -61,6 +61,7 @@ class HubConfig:
     window_events: int = 10_000
     page_size: int = 500
     checkpoint_s: float = 5.0
+    heartbeat_s: float = 15.0
     send_timeout_s: float = 10.0
     max_streams: int = 10_000
     max_streams_per_key: int = 32
@@ -73,6 +74,7 @@ class HubConfig:
             window_events=settings.sse_window_events,
             page_size=settings.sse_page_size,
             checkpoint_s=settings.sse_checkpoint_s,
+            heartbeat_s=settings.sse_heartbeat_s,
             send_timeout_s=settings.sse_send_timeout_s,
             max_streams=settings.sse_max_streams,
             max_streams_per_key=settings.sse_max_streams_per_key,
@@ -122,12 +124,16 @@ cyclic collector hardly notices them."""
 TICK_SLICE = 256
 """The ticker wakes this many subscribers at a time, then lets them run."""
 
+BEAT_SLICE = 1024
+"""Heartbeats written between two turns of the event loop (a write each, nobody woken)."""
+
 
 class Subscriber:
     """One stream's state. Slots only: thousands of these sit idle."""
 
-    __slots__ = ("_stall", "_waiter", "closing", "evicted", "filter", "key_id", "position", "pushable", "render",
-                 "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started", "transport")
+    __slots__ = ("_stall", "_waiter", "closing", "evicted", "filter", "heartbeat", "key_id", "position", "pushable",
+                 "render", "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started",
+                 "transport")
 
     def __init__(self, key_id: str, transport: Transport, position: int, flt: EventFilter | None,
                  render: Render | None = None, send_timeout_s: float = 10.0) -> None:
@@ -141,6 +147,9 @@ class Subscriber:
         """What a log stream receives; None for a dashboard stream (woken by the stats feed instead)."""
         self.pushable = False
         """Set once the response is under way in chunked framing and sends the shared event frames."""
+        self.heartbeat = b""
+        """The heartbeat comment as this response frames it (a chunk when chunked), written straight to
+        the socket; empty until the response is under way (its head and opening frame sent)."""
         self.position = position
         """Every event up to here has been examined (and sent if it matched)."""
         self.sent_position = position
@@ -189,13 +198,24 @@ class Subscriber:
 
     def push(self, chunk: bytes) -> bool:
         """Write a complete HTTP chunk now, unless the socket has stopped draining (False)."""
+        if not self._write(chunk):
+            return False
+        self.sent_at = time.monotonic()
+        return True
+
+    def beat(self) -> None:
+        """Write the heartbeat comment now, if the stream is under way and its socket drains. Not a
+        frame: it leaves sent_at (when a checkpoint or dashboard frame is due) alone."""
+        if self.heartbeat and self.alive:
+            self._write(self.heartbeat)
+
+    def _write(self, chunk: bytes) -> bool:
         unsent = self.transport.get_write_buffer_size()
         if unsent:
             self.stalled()  # the socket refused bytes: watch it
             if unsent > STALL_BYTES:
                 return False
         self.transport.write(chunk)  # never blocks: the transport buffers what the socket refuses
-        self.sent_at = time.monotonic()
         return True
 
     def stalled(self) -> None:
@@ -313,7 +333,8 @@ class Hub:
         self.window.reset(await reads.head(self.db))
         await self._log_tail.start()
         spawn = self._supervisor.spawn
-        self._jobs = [spawn("sse-ticker", self._tick), spawn("dashboard-stats", self.stats.run)]
+        self._jobs = [spawn("sse-ticker", self._tick), spawn("sse-heartbeat", self._beat),
+                      spawn("dashboard-stats", self.stats.run)]
 
     async def shutdown(self) -> None:
         """Refuse new streams and end every open one, the closes spread evenly over the shutdown window
@@ -376,6 +397,7 @@ class Hub:
         if subscriber not in group:
             return
         group.discard(subscriber)
+        subscriber.heartbeat = b""  # its response ends next: nothing more goes to the socket from here
         self.evictions += subscriber.evicted
         stream = subscriber.filter.stream if subscriber.filter is not None else None
         if stream is None:
@@ -567,3 +589,16 @@ class Hub:
                 for first in range(0, len(woken), TICK_SLICE):
                     self._wake(woken[first:first + TICK_SLICE])
                     await asyncio.sleep(0)  # the woken run before the next slice: no burst holds up the tail
+
+    async def _beat(self) -> None:
+        """Every heartbeat interval, a comment on every stream under way, so that proxies keep idle
+        streams open: one timer for the process rather than a task (and its timer) per stream, and the
+        comments go straight to the sockets, between whole frames, without waking anyone. A socket that
+        refuses them is watched like any other stalled send."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            streams = [*self._log_subscribers, *self._stats_subscribers]
+            for first in range(0, len(streams), BEAT_SLICE):
+                for subscriber in streams[first:first + BEAT_SLICE]:
+                    subscriber.beat()
+                await asyncio.sleep(0)
