@@ -194,7 +194,8 @@ class Subscriber:
 
     def parked(self) -> bool:
         """Asleep, alive, and sending the shared frames: the tail may write to it directly."""
-        return self._waiter is not None and self.pushable and self.alive
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and self.pushable and self.alive
 
     def push(self, chunk: bytes) -> bool:
         """Write a complete HTTP chunk now, unless the socket has stopped draining (False)."""
@@ -255,17 +256,15 @@ class Subscriber:
         self.transport.abort()
         self.close()
 
-    async def sleep(self) -> None:
-        """Until the hub has news for this subscriber (new events, a tick, or its close)."""
+    def sleep(self) -> asyncio.Future[None]:
+        """To await until the hub has news for this subscriber (new events, a tick, or its close): a
+        bare future rather than a coroutine, one object less per sleeping stream."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def wake(self) -> None:
-        waiter = self._waiter
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -291,8 +290,9 @@ class Hub:
         self._log_subscribers: set[Subscriber] = set()
         self._scanned: set[Subscriber] = set()
         """Log subscribers that may want any stream's events: examined for every batch."""
-        self._by_stream: dict[str, set[Subscriber]] = {}
-        """Log subscribers that follow one stream, by its id: reached only by that stream's events."""
+        self._by_stream: dict[str, Subscriber | set[Subscriber]] = {}
+        """Log subscribers that follow one stream, by its id: reached only by that stream's events. A
+        stream most often has one follower (a dashboard per wallet), held as itself: no set each."""
         self._stats_subscribers: set[Subscriber] = set()
         self._per_key: dict[str, int] = {}
         self.evictions = 0
@@ -325,7 +325,11 @@ class Hub:
 
     def interested(self, stream_id: str) -> set[Subscriber]:
         """The log subscribers an event of this stream is examined for: its followers and the scanned."""
-        return self._scanned | self._by_stream.get(stream_id, set())
+        return self._scanned | set(self._followers(stream_id))
+
+    def _followers(self, stream_id: str) -> Iterable[Subscriber]:
+        found = self._by_stream.get(stream_id)
+        return () if found is None else (found,) if isinstance(found, Subscriber) else found
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -379,7 +383,13 @@ class Hub:
             if flt.stream is None:
                 self._scanned.add(subscriber)
             else:
-                self._by_stream.setdefault(flt.stream, set()).add(subscriber)
+                found = self._by_stream.get(flt.stream)
+                if found is None:
+                    self._by_stream[flt.stream] = subscriber
+                elif isinstance(found, Subscriber):
+                    self._by_stream[flt.stream] = {found, subscriber}
+                else:
+                    found.add(subscriber)
             if not self._tail.wanting and (joined := self._log_tail.want(self._tail, True)) > self.window.end:
                 self.window.reset(joined)  # the tail hands what follows joined; nobody needed the rest
         return subscriber
@@ -402,10 +412,12 @@ class Hub:
         stream = subscriber.filter.stream if subscriber.filter is not None else None
         if stream is None:
             self._scanned.discard(subscriber)
-        elif (followers := self._by_stream.get(stream)) is not None:
+        elif (followers := self._by_stream.get(stream)) is subscriber:
+            del self._by_stream[stream]
+        elif isinstance(followers, set):
             followers.discard(subscriber)
-            if not followers:
-                del self._by_stream[stream]
+            if len(followers) == 1:
+                self._by_stream[stream] = followers.pop()
         left = self._per_key[subscriber.key_id] - 1
         if left:
             self._per_key[subscriber.key_id] = left
@@ -548,7 +560,7 @@ class Hub:
         if not self._by_stream:
             return
         for stream in dict.fromkeys(item[STREAM] for item in items):
-            for subscriber in self._by_stream.get(stream, ()):
+            for subscriber in self._followers(stream):
                 self._publish_to_follower(subscriber, stream, end, new_end)
 
     def _publish_to_follower(self, subscriber: Subscriber, stream: str, end: int, new_end: int) -> None:

@@ -142,6 +142,8 @@ async def pump_dashboard(hub: Hub, subscriber: Subscriber) -> None:
 class WalletFollower:
     """A wallet stream's running state: each event is folded in and sent with the figures after it."""
 
+    __slots__ = ("named", "state", "wallet_id")
+
     def __init__(self, wallet_id: UUID, state: Wallet | None, named: bool = False) -> None:
         self.wallet_id = wallet_id
         self.state = state

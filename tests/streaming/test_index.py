@@ -103,6 +103,44 @@ async def test_index_follows_subscribe_unsubscribe_and_resubscribe() -> None:
     assert hub.interested("s-a") == set()
 
 
+def test_a_stream_with_one_follower_and_then_more_and_then_one_again() -> None:
+    """The index holds a lone follower as itself and several as a set: every change of that count
+    keeps exactly the right followers reachable."""
+    hub = bare_hub()
+    t = Transport()
+    first = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    assert hub.interested("s") == {first}
+    second = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    third = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    assert hub.interested("s") == {first, second, third} and hub.followed_streams == 1
+    hub.unsubscribe(first)
+    hub.unsubscribe(third)
+    assert hub.interested("s") == {second}
+    again = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    assert hub.interested("s") == {second, again}
+    hub.unsubscribe(again)
+    hub.unsubscribe(second)
+    assert hub.interested("s") == set() and hub.followed_streams == 0
+
+
+def test_heartbeats_go_straight_to_streams_under_way_and_leave_checkpoints_due() -> None:
+    """A heartbeat is a comment written to the socket (as the response frames it), only once the stream
+    is under way and never after it left; it is no frame, so a checkpoint owed stays due."""
+    hub = bare_hub(checkpoint_s=5.0)
+    t = Transport()
+    subscriber = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    subscriber.beat()
+    assert t.written == b""  # not under way yet: its response head may not have gone
+    subscriber.heartbeat = frames.chunk(frames.PING)
+    subscriber.position, subscriber.sent_at = 10, 0.0
+    subscriber.beat()
+    assert t.written == b"8\r\n: ping\n\n\r\n"
+    assert subscriber.sent_at == 0.0 and hub.checkpoint_due(subscriber)
+    hub.unsubscribe(subscriber)
+    subscriber.beat()
+    assert t.written == b"8\r\n: ping\n\n\r\n"  # its response ends after it leaves: nothing more
+
+
 def written_ids(transport: Transport) -> list[int]:
     return [int(line[4:]) for line in transport.written.decode().splitlines() if line.startswith("id: ")]
 
@@ -122,7 +160,7 @@ async def test_a_batch_reaches_exactly_the_matching_subscribers() -> None:
     everyone = [*followers.values(), typed, rendering]
     for subscriber in everyone:
         subscriber.pushable = subscriber.render is None
-    sleeping = {subscriber: asyncio.create_task(subscriber.sleep()) for subscriber in everyone}
+    sleeping = {subscriber: subscriber.sleep() for subscriber in everyone}
     await asyncio.sleep(0)
 
     expected: dict[str, list[int]] = {s: [] for s in streams}
