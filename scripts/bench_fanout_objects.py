@@ -25,9 +25,6 @@ from bench_http import admin_token, free_port
 from bench_sse import head_of, receive, spawn, writer_process
 from bench_store import choose_server, fresh_database
 
-CHECKPOINT_S = 5.0
-"""SSE_CHECKPOINT_S: a stream whose client left ends by the next tick at the latest."""
-
 
 def timer_callback(handle: object) -> str:
     """Whose timer it is: its callback's name (the first object it refers to, for asyncio and uvloop)."""
@@ -80,6 +77,7 @@ def census() -> dict[str, Any]:
 def server_process(conn: Any, dsn: str, streams: int) -> None:
     """Serve as `python -m backend serve` does, and answer "census" requests until told "stop"."""
     from backend.app import create_app
+    from backend.appkeys import HUB
     from backend.config import load_settings
     from backend.event_loop import run
     from backend.gc_tuning import tune_for_serving
@@ -90,14 +88,15 @@ def server_process(conn: Any, dsn: str, streams: int) -> None:
                              sse_max_streams_per_key=streams)
 
     async def main() -> None:
-        serving = await start(create_app(settings), settings)
+        app = create_app(settings)
+        serving = await start(app, settings)
         tune_for_serving()
         gc.callbacks.append(COLLECTIONS)
         tracemalloc.start()
         conn.send(serving.port)
         try:
-            while await asyncio.to_thread(conn.recv) == "census":
-                conn.send(census())
+            while (request := await asyncio.to_thread(conn.recv)) in ("census", "streams"):
+                conn.send(census() if request == "census" else app[HUB].streams)
         finally:
             await serving.stop(settings.shutdown_timeout_s)
 
@@ -128,13 +127,20 @@ async def run_objects(args: argparse.Namespace) -> dict[str, Any]:
                 conn.send("census")
                 return dict(await receive(conn, 600))
 
+            async def streams() -> int:
+                conn.send("streams")
+                return int(await receive(conn, 60))
+
             try:
                 after = await head_of(dsn)
                 for conn_, proc_ in await open_followers(port, token, wallets[:100], after):  # the code paths once
                     conn_.send("stop")
                     await receive(conn_)
                     proc_.join()
-                await asyncio.sleep(CHECKPOINT_S + 1.0)  # their streams end at the next tick
+                for _ in range(120):  # their streams end by the next tick
+                    if not await streams():
+                        break
+                    await asyncio.sleep(0.5)
                 base = await take()
                 clients = await open_followers(port, token, wallets, after)
                 await asyncio.sleep(1.0)
