@@ -148,7 +148,7 @@ async def run_objects(args: argparse.Namespace) -> dict[str, Any]:
                 writer, writer_proc = spawn(writer_process, dsn, wallets, args.rate, args.duration, args.writer)
                 await receive(writer, 600)
                 writer_proc.join()
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(5.0)  # the last events reach everyone (slower here: tracemalloc)
                 loaded = await take()
                 received = []
                 for conn_, proc_ in clients:

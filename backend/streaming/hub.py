@@ -24,7 +24,11 @@ every write (nearly all complete at once), a stream whose socket refuses bytes a
 the send timeout has passed since data last left the socket; if by then nothing has left it since, the
 connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker wakes
 everyone every checkpoint interval, so that idle streams notice a vanished client and filtered ones
-send the checkpoints they owe. The tail, the ticker and the dashboard feed run under the process's
+send the checkpoints they owe; another writes every stream's heartbeat comment, straight to its socket.
+Both are one task for the process: what an idle stream costs is its objects, and every one of those
+is one more for each full garbage collection to walk (a pause for every stream at once), so a stream
+keeps no task, timer or queue of its own beyond its request's.
+The tail, the tickers and the dashboard feed run under the process's
 Supervisor: a failed read (or a failed batch here) ends the run, and the supervisor starts it again
 with backoff; the tail then hands the hub the events it has not taken yet.
 """
@@ -146,7 +150,8 @@ class Subscriber:
         self.filter = flt
         """What a log stream receives; None for a dashboard stream (woken by the stats feed instead)."""
         self.pushable = False
-        """Set once the response is under way in chunked framing and sends the shared event frames."""
+        """Set once the response is under way in chunked framing: the tail may write whole chunks to it
+        (the shared event frames, or what its render makes of its own stream's events)."""
         self.heartbeat = b""
         """The heartbeat comment as this response frames it (a chunk when chunked), written straight to
         the socket; empty until the response is under way (its head and opening frame sent)."""
@@ -193,7 +198,7 @@ class Subscriber:
         return self.position == position and self.parked()
 
     def parked(self) -> bool:
-        """Asleep, alive, and sending the shared frames: the tail may write to it directly."""
+        """Asleep, alive, and under way in chunked framing: the tail may write to it directly."""
         waiter = self._waiter
         return waiter is not None and not waiter.done() and self.pushable and self.alive
 
@@ -545,7 +550,7 @@ class Hub:
         shared: bytes | None = None
         for subscriber in self._scanned:
             flt = subscriber.filter
-            if flt is None or not subscriber.parked_at(end):
+            if flt is None or subscriber.render is not None or not subscriber.parked_at(end):
                 subscriber.wake()
                 continue
             if flt.everything:
@@ -575,16 +580,46 @@ class Hub:
         if not items or items[0][POSITION] <= end or len(items) == self.config.page_size:
             subscriber.wake()
             return
-        self._push_matching(subscriber, flt, [item for item in items if flt.matches(item)], new_end)
+        matching = [item for item in items if flt.matches(item)]
+        if subscriber.render is None:
+            self._push_matching(subscriber, flt, matching, new_end)
+            return
+        events = [self._recent_event(item[POSITION]) for item in matching]
+        if not all(events):
+            subscriber.wake()  # not all at hand: it reads them from the store itself
+            return
+        self._push_rendered(subscriber, subscriber.render, cast(list[RecordedEvent], events), new_end)
+
+    def _push_rendered(self, subscriber: Subscriber, render: Render, events: list[RecordedEvent], new_end: int) -> None:
+        """A parked wallet stream's new events, rendered (folded into its figures) and pushed here rather
+        than by waking its task: the same bytes its own loop would send, without the task switch. Once
+        rendered, the events are folded in and must go out: a socket that stopped draining is seen first."""
+        if subscriber.transport.get_write_buffer_size() > STALL_BYTES:
+            subscriber.stalled()
+            subscriber.wake()
+            return
+        try:
+            data = render(events)
+        except Exception:  # its state may be half folded: end the stream (the client resumes afresh)
+            log.exception("ending a stream whose events could not be rendered", extra={"key_id": subscriber.key_id})
+            subscriber.close()
+            return
+        self._push_frames(subscriber, data, events[-1].position if events else 0, new_end)
 
     def _push_matching(self, subscriber: Subscriber, flt: EventFilter, matching: list[Item], new_end: int) -> None:
         """Push a parked filtered subscriber's share of a batch (and a checkpoint, when one is owed)."""
-        if matching and not subscriber.push(frames.chunk(b"".join(item[FRAME] for item in matching))):
+        data = b"".join(item[FRAME] for item in matching)
+        self._push_frames(subscriber, data, matching[-1][POSITION] if matching else 0, new_end)
+
+    def _push_frames(self, subscriber: Subscriber, data: bytes, last: int, new_end: int) -> None:
+        """Push frames up to position last (none when data is empty), then advance the subscriber to
+        new_end, with a checkpoint when one is owed. A socket that stopped draining: woken instead."""
+        if data and not subscriber.push(frames.chunk(data)):
             subscriber.wake()
             return
         subscriber.position = new_end
-        if matching:
-            subscriber.sent_position = matching[-1][POSITION]
+        if data:
+            subscriber.sent_position = last
         if self.checkpoint_due(subscriber) and subscriber.push(frames.chunk(frames.checkpoint(new_end))):
             subscriber.sent_position = new_end
 

@@ -96,9 +96,9 @@ class EventStream(EventSourceResponse):
 
 async def pump_log(hub: Hub, subscriber: Subscriber, chunked: bool) -> None:
     """Send matching events until the stream ends; while it sleeps, the tail may send for it: whole
-    chunks straight to the socket, when the response is chunked (always, over HTTP/1.1) and carries
-    the shared frames."""
-    subscriber.pushable = chunked and subscriber.render is None
+    chunks straight to the socket, when the response is chunked (always, over HTTP/1.1), of the shared
+    frames or, for a stream that renders its own (a wallet's), of what its render makes of them."""
+    subscriber.pushable = chunked
     render = subscriber.render
     while subscriber.alive:
         if render is None:

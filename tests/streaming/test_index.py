@@ -14,7 +14,7 @@ from backend.store.events import RecordedEvent
 from backend.streaming import frames
 from backend.streaming.dashboard import StatsSource
 from backend.streaming.filters import EVERYTHING, EventFilter
-from backend.streaming.hub import Hub, HubConfig
+from backend.streaming.hub import Hub, HubConfig, Render
 from backend.streaming.window import POSITION, Item, Window, make_item
 from tests.conftest import mint_token
 from tests.streaming.conftest import MakeClient, connect, hub_of, wait_until
@@ -139,6 +139,47 @@ def test_heartbeats_go_straight_to_streams_under_way_and_leave_checkpoints_due()
     hub.unsubscribe(subscriber)
     subscriber.beat()
     assert t.written == b"8\r\n: ping\n\n\r\n"  # its response ends after it leaves: nothing more
+
+
+class Stalled(Transport):
+    """A socket that has stopped draining."""
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 20
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def test_a_parked_rendering_follower_gets_its_rendered_events_without_being_woken() -> None:
+    """A wallet stream asleep at its end: the tail renders its new events (through its own render, once
+    each, in order) and writes them as one chunk; one whose socket stopped draining is woken instead,
+    its events left unrendered for its own loop."""
+    hub = bare_hub()
+    hub.window.reset(0)
+    rendered: dict[str, list[int]] = {"s-1": [], "s-2": []}
+
+    def render_of(stream: str) -> Render:
+        def render(events: list[RecordedEvent]) -> bytes:
+            rendered[stream] += [e.position for e in events]
+            return b"".join(b"id: %d\ndata: %s\n\n" % (e.position, e.type.encode()) for e in events)
+        return render
+
+    transport, stalled = Transport(), Stalled()
+    follower = hub.subscribe("k", transport, 0, EventFilter(stream="s-1"), render=render_of("s-1"))
+    stuck = hub.subscribe("k", stalled, 0, EventFilter(stream="s-2"), render=render_of("s-2"))
+    for subscriber in (follower, stuck):
+        subscriber.pushable = True
+    asleep = {subscriber: subscriber.sleep() for subscriber in (follower, stuck)}
+    events = [RecordedEvent(p, "s-1" if p != 3 else "s-2", 1, f"T{p}", {}, {}, uuid.uuid4(), datetime.now(UTC), b"")
+              for p in (1, 2, 3, 4)]
+    await hub._receive(0, events, 4)
+    assert rendered == {"s-1": [1, 2, 4], "s-2": []}
+    assert transport.written == frames.chunk(b"id: 1\ndata: T1\n\nid: 2\ndata: T2\n\nid: 4\ndata: T4\n\n")
+    assert not asleep[follower].done() and (follower.position, follower.sent_position) == (4, 4)
+    assert asleep[stuck].done() and stuck.position == 0 and stalled.written == b""
+    for subscriber in (follower, stuck):
+        subscriber.close()  # and its stall timer with it
 
 
 def written_ids(transport: Transport) -> list[int]:
