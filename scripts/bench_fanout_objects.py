@@ -13,13 +13,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import gc
 import os
 import sys
 import time
 import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import psutil
 from bench_fanout import open_followers, positions_by_stream, seed_wallets
 from bench_http import admin_token, free_port
 from bench_sse import head_of, receive, spawn, writer_process
@@ -74,8 +77,9 @@ def census() -> dict[str, Any]:
             "gc_threshold": gc.get_threshold()}
 
 
-def server_process(conn: Any, dsn: str, streams: int) -> None:
-    """Serve as `python -m backend serve` does, and answer "census" requests until told "stop"."""
+def server_process(conn: Any, dsn: str, streams: int, trace: bool = True, **overrides: Any) -> None:
+    """Serve as `python -m backend serve` does, and answer "census", "streams" and "collections"
+    requests until told "stop". trace: trace allocations (for the census; it slows the server)."""
     from backend.app import create_app
     from backend.appkeys import HUB
     from backend.config import load_settings
@@ -85,23 +89,47 @@ def server_process(conn: Any, dsn: str, streams: int) -> None:
 
     settings = load_settings(database_url=dsn, port=free_port(), log_level="WARNING", pool_max_size=20,
                              rate_limit_per_s=0, auth_failure_rate_per_s=0, sse_max_streams=streams,
-                             sse_max_streams_per_key=streams)
+                             sse_max_streams_per_key=streams, **overrides)
 
     async def main() -> None:
         app = create_app(settings)
         serving = await start(app, settings)
         tune_for_serving()
         gc.callbacks.append(COLLECTIONS)
-        tracemalloc.start()
+        if trace:
+            tracemalloc.start()
         conn.send(serving.port)
+        answers = {"census": census, "streams": lambda: app[HUB].streams, "collections": COLLECTIONS.take}
         try:
-            while (request := await asyncio.to_thread(conn.recv)) in ("census", "streams"):
-                conn.send(census() if request == "census" else app[HUB].streams)
+            while (request := await asyncio.to_thread(conn.recv)) in answers:
+                conn.send(answers[request]())
         finally:
             await serving.stop(settings.shutdown_timeout_s)
 
     run(main(), settings.event_loop)
     conn.close()
+
+
+Collected = Callable[[], Awaitable[dict[int, tuple[int, float, float]]]]
+
+
+@contextlib.asynccontextmanager
+async def gc_logging_server(dsn: str, streams: int, **overrides: Any
+                            ) -> AsyncIterator[tuple[psutil.Process, int, Collected]]:
+    """A server as `serve` runs it (no tracing) that tells its garbage collections since the last ask:
+    whether a latency's tail was the collector or something else."""
+    conn, proc = spawn(server_process, dsn, streams, False, **overrides)
+    try:
+        port = int(await receive(conn, 120))
+
+        async def collected() -> dict[int, tuple[int, float, float]]:
+            conn.send("collections")
+            return dict(await receive(conn, 60))
+
+        yield psutil.Process(proc.pid), port, collected
+    finally:
+        conn.send("stop")
+        await asyncio.to_thread(proc.join, 60)
 
 
 def per_follower(before: dict[str, Any], after: dict[str, Any], n: int) -> dict[str, Any]:
