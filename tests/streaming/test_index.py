@@ -182,6 +182,40 @@ async def test_a_parked_rendering_follower_gets_its_rendered_events_without_bein
         subscriber.close()  # and its stall timer with it
 
 
+class Closing(Transport):
+    def is_closing(self) -> bool:
+        return True
+
+
+async def test_a_tick_serves_parked_streams_in_place_and_wakes_the_rest() -> None:
+    """Every checkpoint interval: a parked stream with nothing of its own to read is moved to the
+    window's end and sent the checkpoint it owes, straight to its socket, and left asleep; one with
+    events to read, or whose client left, or a dashboard, is woken."""
+    hub = bare_hub(checkpoint_s=5.0)
+    hub.window.reset(0)
+    hub.window.extend(item(p, "busy" if p == 3 else "other") for p in (1, 2, 3, 4))
+    quiet_t, busy_t, everything_t = Transport(), Transport(), Transport()
+    quiet = hub.subscribe("k", quiet_t, 1, EventFilter(stream="quiet"), render=lambda events: b"")
+    busy = hub.subscribe("k", busy_t, 1, EventFilter(stream="busy"))
+    everything = hub.subscribe("k", everything_t, 4, EVERYTHING)
+    left = hub.subscribe("k", Closing(), 4, EventFilter(stream="quiet"))
+    dashboard = hub.subscribe("k", Transport(), 0, None)
+    subscribers = (quiet, busy, everything, left, dashboard)
+    for subscriber in subscribers:
+        subscriber.pushable, subscriber.sent_at = True, 0.0
+    everything.sent_position = 4  # has everything: owes nothing
+    asleep = {subscriber: subscriber.sleep() for subscriber in subscribers}
+    hub._tick_slice(subscribers)
+    assert quiet_t.written == frames.chunk(frames.checkpoint(4)) and not asleep[quiet].done()
+    assert (quiet.position, quiet.sent_position) == (4, 4)
+    assert everything_t.written == b"" and not asleep[everything].done()
+    assert asleep[busy].done() and busy_t.written == b"" and busy.position == 1
+    assert asleep[left].done() and asleep[dashboard].done()
+    quiet_t.written = b""
+    hub._tick_slice([quiet])  # it was just sent one: nothing owed
+    assert quiet_t.written == b"" and not asleep[quiet].done()
+
+
 def written_ids(transport: Transport) -> list[int]:
     return [int(line[4:]) for line in transport.written.decode().splitlines() if line.startswith("id: ")]
 
