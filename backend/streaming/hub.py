@@ -22,9 +22,11 @@ busy, or with a socket that has stopped draining) is woken and serves itself, wi
 A send that does not complete within the send timeout closes that stream. Rather than a timer around
 every write (nearly all complete at once), a stream whose socket refuses bytes arms one timer, due when
 the send timeout has passed since data last left the socket; if by then nothing has left it since, the
-connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker wakes
-everyone every checkpoint interval, so that idle streams notice a vanished client and filtered ones
-send the checkpoints they owe; another writes every stream's heartbeat comment, straight to its socket.
+connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker visits
+every stream every checkpoint interval, so that idle streams notice a vanished client and filtered
+ones send the checkpoints they owe (a parked stream's own checkpoint is written there and then, like
+the tail's pushes; only the others are woken); another writes every stream's heartbeat comment,
+straight to its socket.
 Both are one task for the process: what an idle stream costs is its objects, and every one of those
 is one more for each full garbage collection to walk (a pause for every stream at once), so a stream
 keeps no task, timer or queue of its own beyond its request's.
@@ -126,7 +128,7 @@ new events needs; kept apart from the window, whose items are atomic on purpose,
 cyclic collector hardly notices them."""
 
 TICK_SLICE = 256
-"""The ticker wakes this many subscribers at a time, then lets them run."""
+"""The ticker visits this many subscribers at a time, then lets those it woke run."""
 
 BEAT_SLICE = 1024
 """Heartbeats written between two turns of the event loop (a write each, nobody woken)."""
