@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import resource
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="N wallet-stream followers, each on its own wallet (runs this case, and (a) "
                              "with --subscribers beside it, instead of (a), (b), (c))")
     parser.add_argument("--duration", type=float, default=20.0, help="measured seconds of the followers case")
+    parser.add_argument("--objects", action="store_true",
+                        help="count instead what a follower costs in objects and bytes, in a server process that "
+                             "answers a census (deterministic; no timing figures)")
+    parser.add_argument("--gc-log", action="store_true",
+                        help="serve the followers from a process that reports its garbage collections during "
+                             "the measured window (the same app and settings as `serve`, started in-process)")
     parser.add_argument("--send-buffer", type=int, default=None,
                         help="SSE_SOCKET_SEND_BUFFER for the followers' server (default: the server's own)")
 
@@ -215,10 +223,25 @@ async def open_followers(port: int, token: str, wallets: list[str], after: int) 
     return clients
 
 
-async def followers_case(dsn: str, token: str, wallets: list[str], args: argparse.Namespace) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def followers_server(dsn: str, streams: int, args: argparse.Namespace
+                           ) -> AsyncIterator[tuple[psutil.Process, int, Any]]:
+    """`serve` in a subprocess; with --gc-log, the same app in a process that reports its collections."""
+    if args.gc_log:
+        from bench_fanout_objects import gc_logging_server
+
+        overrides = {"sse_socket_send_buffer": args.send_buffer} if args.send_buffer else {}
+        async with gc_logging_server(dsn, streams, **overrides) as served:
+            yield served
+        return
     settings = {"SSE_SOCKET_SEND_BUFFER": str(args.send_buffer)} if args.send_buffer else {}
+    async with serving(dsn, streams, **settings) as (server, port):
+        yield server, port, None
+
+
+async def followers_case(dsn: str, token: str, wallets: list[str], args: argparse.Namespace) -> dict[str, Any]:
     warmup = 2.0
-    async with serving(dsn, len(wallets) + 200, **settings) as (server, port):
+    async with followers_server(dsn, len(wallets) + 200, args) as (server, port, collected):
         baseline = await no_streams(server, dsn, wallets, args)
         after = await head_of(dsn)
         warm = await open_followers(port, token, wallets[:100], after)  # the code paths, once
@@ -236,11 +259,14 @@ async def followers_case(dsn: str, token: str, wallets: list[str], args: argpars
 
         writer, writer_proc = spawn(writer_process, dsn, wallets, args.rate, warmup + args.duration, args.writer)
         await asyncio.sleep(warmup)
+        if collected is not None:
+            await collected()  # from here on
         cpu0, queue0, t0, wall0 = cpu_seconds([server]), runqueue_seconds(server.pid), time.monotonic(), time.time()
         profile = start_profile(server.pid, args.duration) if args.profile else None
         written = await receive(writer, 600)
         writer_proc.join()
         cpu1, queue1, t1, wall1 = cpu_seconds([server]), runqueue_seconds(server.pid), time.monotonic(), time.time()
+        in_window = await collected() if collected is not None else None
         profiled = finish_profile(profile) if profile else None
         await asyncio.sleep(3.0)  # the last events reach everyone
         rss2, tcp2 = server.memory_info().rss, tcp_memory_kib()
@@ -288,12 +314,17 @@ async def followers_case(dsn: str, token: str, wallets: list[str], args: argpars
         "rss_kib_per_follower_after_load": (rss2 - rss0) / n / 1024,
         "tcp_kib_per_follower_idle": (tcp1 - tcp0) / n, "tcp_kib_per_follower_after_load": (tcp2 - tcp0) / n,
         "send_buffer": args.send_buffer, "writer_cpu_cores": written["cpu_s"] / (warmup + args.duration),
-        "profile": profiled, "clients_cpu_cores": sum(got["cpu_s"] for got in received) / (t1 - t0 + warmup + 3.0),
+        "profile": profiled, "collections_in_window": in_window,
+        "clients_cpu_cores": sum(got["cpu_s"] for got in received) / (t1 - t0 + warmup + 3.0),
     }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_fd_limit()
+    if args.objects:
+        from bench_fanout_objects import run_objects
+
+        return await run_objects(args)
     async with chosen_server(args.dsn) as db, fresh_database(db, "fanout") as dsn:
         token = await admin_token(dsn)
         wallets = await seed_wallets(dsn, args.followers)
@@ -325,6 +356,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
           f"idle, {f['rss_kib_per_follower_after_load']:.1f} KiB after the load; kernel TCP buffers (both ends) "
           f"{f['tcp_kib_per_follower_idle']:.1f} / {f['tcp_kib_per_follower_after_load']:.1f} KiB per follower "
           f"(SSE_SOCKET_SEND_BUFFER {f['send_buffer'] or 'default'})")
+    if f["collections_in_window"] is not None:
+        print("server garbage collections in the measured window: "
+              + ("; ".join(f"generation {gen}: {n} (longest {longest:.1f} ms, {total:.1f} ms in all)"
+                           for gen, (n, longest, total) in f["collections_in_window"].items()) or "none"))
     if f["profile"]:
         print("    server CPU by function during the followers case (own time, py-spy):")
         for name, share in f["profile"]:
@@ -340,4 +375,5 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "server_cpu_us_per_frame": round(f["server_cpu_us_per_frame"], 1),
             "server_cpu_us_per_frame_streams_only": round(f["server_cpu_us_per_frame_streams_only"], 1),
             "subscribers": a["subscribers"], "subscribers_delivery_p99_ms": round(a["delivery_p99_ms"], 2),
-            "subscribers_server_cpu_us_per_frame": round(a_cpu_us, 1)}
+            "subscribers_server_cpu_us_per_frame": round(a_cpu_us, 1),
+            "collections_in_window": f["collections_in_window"]}

@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import resource
 import shutil
 import socket
@@ -311,6 +312,13 @@ async def scrape(base: str, headers: dict[str, str], workers: int = 1) -> dict[s
     return total
 
 
+COUNT_SERIES = "tally_http_request_duration_seconds_count{"
+SUM_SERIES = "tally_http_request_duration_seconds_sum{"
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+"""One label of a Prometheus series (name="value"): the latency series carry method, route and status
+class, so the route alone names no series."""
+
+
 def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """What the server saw during the run: append batching, and its own latency per route."""
     def delta(series: str) -> float:
@@ -321,12 +329,13 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     tail_queries = delta("tally_stream_tail_queries_total")
     locked = {series.partition('"')[2].rpartition('"')[0]: int(delta(series)) for series in after
               if series.startswith("tally_append_locked_total{") and delta(series)}
-    routes = {}
+    routes: dict[str, tuple[int, float]] = {}
     for series in after:
-        if series.startswith("tally_http_request_duration_seconds_count{"):
-            route = series[series.index('"') + 1:series.rindex('"')]
+        if series.startswith(COUNT_SERIES):
+            labels = dict(LABEL.findall(series[len(COUNT_SERIES):]))
+            route = f"{labels.get('method', '')} {labels.get('route', '')} {labels.get('status_class', '')}".strip()
             count = delta(series)
-            total = delta(f'tally_http_request_duration_seconds_sum{{route="{route}"}}')
+            total = delta(SUM_SERIES + series[len(COUNT_SERIES):])  # the same labels, in the same order
             if count:
                 routes[route] = (int(count), total / count * 1000)
     return {"append_batches": int(batches), "requests_per_batch": requests / batches if batches else 0.0,

@@ -202,14 +202,16 @@ async def stream_wallet(request: web.Request) -> web.StreamResponse:
     owner = viewer_owner(request[ACTOR])
     wallet_id = path_uuid(request, "wallet_id")
     named = event_names(request)
-    repository = request.app[REPOSITORY]
-    wallet = await repository.find(Wallet, wallet_id)
-    if wallet is None:
+    # Whether it exists and whose it is, from the hub's map of owners rather than the repository: a
+    # wallet loaded there would stay in its cache, crowding out the wallets commands are working on
+    # (ten thousand followers would fill it), and the state at the resume position is read anyway.
+    wallet_owner = await request.app[HUB].owners.owner_of(wallet_stream(wallet_id))
+    if wallet_owner is None:
         raise Problem(404, "not_found", f"wallet {wallet_id} does not exist")
-    if owner is not None and wallet.owner != owner:
+    if owner is not None and wallet_owner != owner:
         raise Problem(403, "forbidden", f"wallet {wallet_id} belongs to another owner")
     position = await start_position(request)
-    state, _ = await repository.as_of(Wallet, wallet_id, position=position)
+    state, _ = await request.app[REPOSITORY].as_of(Wallet, wallet_id, position=position)
     follower = WalletFollower(wallet_id, state, named)
     return await serve(request, position, EventFilter(stream=wallet_stream(wallet_id)), follower.render)
 

@@ -78,6 +78,10 @@ def opening(retry_ms: int, position: int | None) -> bytes:
     return b"retry: %d\nid: %d\n\n" % (retry_ms, position)
 
 
+PING = b": ping\n\n"
+"""The heartbeat: a comment, which clients ignore (aiohttp-sse's own wording)."""
+
+
 def chunk(payload: bytes) -> bytes:
     """One HTTP/1.1 chunk (aiohttp-sse always streams chunked), for bytes written straight to the
     transport: a complete chunk can go between any two of aiohttp's own writes."""

@@ -22,9 +22,15 @@ busy, or with a socket that has stopped draining) is woken and serves itself, wi
 A send that does not complete within the send timeout closes that stream. Rather than a timer around
 every write (nearly all complete at once), a stream whose socket refuses bytes arms one timer, due when
 the send timeout has passed since data last left the socket; if by then nothing has left it since, the
-connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker wakes
-everyone every checkpoint interval, so that idle streams notice a vanished client and filtered ones
-send the checkpoints they owe. The tail, the ticker and the dashboard feed run under the process's
+connection is aborted (a slow reader that still takes bytes is only re-checked). A ticker visits
+every stream every checkpoint interval, so that idle streams notice a vanished client and filtered
+ones send the checkpoints they owe (a parked stream's own checkpoint is written there and then, like
+the tail's pushes; only the others are woken); another writes every stream's heartbeat comment,
+straight to its socket.
+Both are one task for the process: what an idle stream costs is its objects, and every one of those
+is one more for each full garbage collection to walk (a pause for every stream at once), so a stream
+keeps no task, timer or queue of its own beyond its request's.
+The tail, the tickers and the dashboard feed run under the process's
 Supervisor: a failed read (or a failed batch here) ends the run, and the supervisor starts it again
 with backoff; the tail then hands the hub the events it has not taken yet.
 """
@@ -62,6 +68,7 @@ class HubConfig:
     window_events: int = 10_000
     page_size: int = 500
     checkpoint_s: float = 5.0
+    heartbeat_s: float = 15.0
     send_timeout_s: float = 10.0
     max_streams: int = 10_000
     max_streams_per_key: int = 32
@@ -74,6 +81,7 @@ class HubConfig:
             window_events=settings.sse_window_events,
             page_size=settings.sse_page_size,
             checkpoint_s=settings.sse_checkpoint_s,
+            heartbeat_s=settings.sse_heartbeat_s,
             send_timeout_s=settings.sse_send_timeout_s,
             max_streams=settings.sse_max_streams,
             max_streams_per_key=settings.sse_max_streams_per_key,
@@ -131,14 +139,18 @@ new events needs; kept apart from the window, whose items are atomic on purpose,
 cyclic collector hardly notices them."""
 
 TICK_SLICE = 256
-"""The ticker wakes this many subscribers at a time, then lets them run."""
+"""The ticker visits this many subscribers at a time, then lets those it woke run."""
+
+BEAT_SLICE = 1024
+"""Heartbeats written between two turns of the event loop (a write each, nobody woken)."""
 
 
 class Subscriber:
     """One stream's state. Slots only: thousands of these sit idle."""
 
-    __slots__ = ("_stall", "_waiter", "closing", "evicted", "filter", "key_id", "position", "pushable", "render",
-                 "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started", "transport")
+    __slots__ = ("_stall", "_waiter", "closing", "evicted", "filter", "heartbeat", "key_id", "position", "pushable",
+                 "render", "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started",
+                 "transport")
 
     def __init__(self, key_id: str, transport: Transport, position: int, flt: EventFilter | None,
                  render: Render | None = None, send_timeout_s: float = 10.0) -> None:
@@ -151,7 +163,11 @@ class Subscriber:
         self.filter = flt
         """What a log stream receives; None for a dashboard stream (woken by the stats feed instead)."""
         self.pushable = False
-        """Set once the response is under way in chunked framing and sends the shared event frames."""
+        """Set once the response is under way in chunked framing: the tail may write whole chunks to it
+        (the shared event frames, or what its render makes of its own stream's events)."""
+        self.heartbeat = b""
+        """The heartbeat comment as this response frames it (a chunk when chunked), written straight to
+        the socket; empty until the response is under way (its head and opening frame sent)."""
         self.position = position
         """Every event up to here has been examined (and sent if it matched)."""
         self.sent_position = position
@@ -195,18 +211,30 @@ class Subscriber:
         return self.position == position and self.parked()
 
     def parked(self) -> bool:
-        """Asleep, alive, and sending the shared frames: the tail may write to it directly."""
-        return self._waiter is not None and self.pushable and self.alive
+        """Asleep, alive, and under way in chunked framing: the tail may write to it directly."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and self.pushable and self.alive
 
     def push(self, chunk: bytes) -> bool:
         """Write a complete HTTP chunk now, unless the socket has stopped draining (False)."""
+        if not self._write(chunk):
+            return False
+        self.sent_at = time.monotonic()
+        return True
+
+    def beat(self) -> None:
+        """Write the heartbeat comment now, if the stream is under way and its socket drains. Not a
+        frame: it leaves sent_at (when a checkpoint or dashboard frame is due) alone."""
+        if self.heartbeat and self.alive:
+            self._write(self.heartbeat)
+
+    def _write(self, chunk: bytes) -> bool:
         unsent = self.transport.get_write_buffer_size()
         if unsent:
             self.stalled()  # the socket refused bytes: watch it
             if unsent > STALL_BYTES:
                 return False
         self.transport.write(chunk)  # never blocks: the transport buffers what the socket refuses
-        self.sent_at = time.monotonic()
         return True
 
     def stalled(self) -> None:
@@ -246,17 +274,15 @@ class Subscriber:
         self.transport.abort()
         self.close()
 
-    async def sleep(self) -> None:
-        """Until the hub has news for this subscriber (new events, a tick, or its close)."""
+    def sleep(self) -> asyncio.Future[None]:
+        """To await until the hub has news for this subscriber (new events, a tick, or its close): a
+        bare future rather than a coroutine, one object less per sleeping stream."""
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter = waiter
-        try:
-            await waiter
-        finally:
-            self._waiter = None
+        return waiter
 
     def wake(self) -> None:
-        waiter = self._waiter
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
@@ -289,8 +315,9 @@ class Hub:
         self._log_subscribers: set[Subscriber] = set()
         self._scanned: set[Subscriber] = set()
         """Log subscribers that may want any stream's events: examined for every batch."""
-        self._by_stream: dict[str, set[Subscriber]] = {}
-        """Log subscribers that follow one stream, by its id: reached only by that stream's events."""
+        self._by_stream: dict[str, Subscriber | set[Subscriber]] = {}
+        """Log subscribers that follow one stream, by its id: reached only by that stream's events. A
+        stream most often has one follower (a dashboard per wallet), held as itself: no set each."""
         self._stats_subscribers: set[Subscriber] = set()
         self._per_key: dict[str, int] = {}
         self.evictions = 0
@@ -323,7 +350,11 @@ class Hub:
 
     def interested(self, stream_id: str) -> set[Subscriber]:
         """The log subscribers an event of this stream is examined for: its followers and the scanned."""
-        return self._scanned | self._by_stream.get(stream_id, set())
+        return self._scanned | set(self._followers(stream_id))
+
+    def _followers(self, stream_id: str) -> Iterable[Subscriber]:
+        found = self._by_stream.get(stream_id)
+        return () if found is None else (found,) if isinstance(found, Subscriber) else found
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -331,7 +362,8 @@ class Hub:
         self.window.reset(await reads.head(self.db))
         await self._log_tail.start()
         spawn = self._supervisor.spawn
-        self._jobs = [spawn("sse-ticker", self._tick), spawn("dashboard-stats", self.stats.run)]
+        self._jobs = [spawn("sse-ticker", self._tick), spawn("sse-heartbeat", self._beat),
+                      spawn("dashboard-stats", self.stats.run)]
 
     async def shutdown(self) -> None:
         """Refuse new streams and end every open one, the closes spread evenly over the shutdown window
@@ -382,7 +414,13 @@ class Hub:
             if flt.stream is None:
                 self._scanned.add(subscriber)
             else:
-                self._by_stream.setdefault(flt.stream, set()).add(subscriber)
+                found = self._by_stream.get(flt.stream)
+                if found is None:
+                    self._by_stream[flt.stream] = subscriber
+                elif isinstance(found, Subscriber):
+                    self._by_stream[flt.stream] = {found, subscriber}
+                else:
+                    found.add(subscriber)
             if not self._tail.wanting and (joined := self._log_tail.want(self._tail, True)) > self.window.end:
                 self.window.reset(joined)  # the tail hands what follows joined; nobody needed the rest
         return subscriber
@@ -400,14 +438,17 @@ class Hub:
         if subscriber not in group:
             return
         group.discard(subscriber)
+        subscriber.heartbeat = b""  # its response ends next: nothing more goes to the socket from here
         self.evictions += subscriber.evicted
         stream = subscriber.filter.stream if subscriber.filter is not None else None
         if stream is None:
             self._scanned.discard(subscriber)
-        elif (followers := self._by_stream.get(stream)) is not None:
+        elif (followers := self._by_stream.get(stream)) is subscriber:
+            del self._by_stream[stream]
+        elif isinstance(followers, set):
             followers.discard(subscriber)
-            if not followers:
-                del self._by_stream[stream]
+            if len(followers) == 1:
+                self._by_stream[stream] = followers.pop()
         if self.host_streams is not None and subscriber in self._host_counted:
             self._host_counted.discard(subscriber)
             self.host_streams.close_stream(subscriber.key_id)
@@ -540,7 +581,7 @@ class Hub:
         shared: bytes | None = None
         for subscriber in self._scanned:
             flt = subscriber.filter
-            if flt is None or not subscriber.parked_at(end):
+            if flt is None or subscriber.render is not None or not subscriber.parked_at(end):
                 subscriber.wake()
                 continue
             if flt.everything:
@@ -555,7 +596,7 @@ class Hub:
         if not self._by_stream:
             return
         for stream in dict.fromkeys(item[STREAM] for item in items):
-            for subscriber in self._by_stream.get(stream, ()):
+            for subscriber in self._followers(stream):
                 self._publish_to_follower(subscriber, stream, end, new_end)
 
     def _publish_to_follower(self, subscriber: Subscriber, stream: str, end: int, new_end: int) -> None:
@@ -570,21 +611,51 @@ class Hub:
         if not items or items[0][POSITION] <= end or len(items) == self.config.page_size:
             subscriber.wake()
             return
-        self._push_matching(subscriber, flt, [item for item in items if flt.matches(item)], new_end)
+        matching = [item for item in items if flt.matches(item)]
+        if subscriber.render is None:
+            self._push_matching(subscriber, flt, matching, new_end)
+            return
+        events = [self._recent_event(item[POSITION]) for item in matching]
+        if not all(events):
+            subscriber.wake()  # not all at hand: it reads them from the store itself
+            return
+        self._push_rendered(subscriber, subscriber.render, cast(list[RecordedEvent], events), new_end)
+
+    def _push_rendered(self, subscriber: Subscriber, render: Render, events: list[RecordedEvent], new_end: int) -> None:
+        """A parked wallet stream's new events, rendered (folded into its figures) and pushed here rather
+        than by waking its task: the same bytes its own loop would send, without the task switch. Once
+        rendered, the events are folded in and must go out: a socket that stopped draining is seen first."""
+        if subscriber.transport.get_write_buffer_size() > STALL_BYTES:
+            subscriber.stalled()
+            subscriber.wake()
+            return
+        try:
+            data = render(events)
+        except Exception:  # its state may be half folded: end the stream (the client resumes afresh)
+            log.exception("ending a stream whose events could not be rendered", extra={"key_id": subscriber.key_id})
+            subscriber.close()
+            return
+        self._push_frames(subscriber, data, events[-1].position if events else 0, new_end)
 
     def _push_matching(self, subscriber: Subscriber, flt: EventFilter, matching: list[Item], new_end: int) -> None:
         """Push a parked filtered subscriber's share of a batch (and a checkpoint, when one is owed)."""
-        if matching and not subscriber.push(frames.chunk(b"".join(item[FRAME] for item in matching))):
+        data = b"".join(item[FRAME] for item in matching)
+        self._push_frames(subscriber, data, matching[-1][POSITION] if matching else 0, new_end)
+
+    def _push_frames(self, subscriber: Subscriber, data: bytes, last: int, new_end: int) -> None:
+        """Push frames up to position last (none when data is empty), then advance the subscriber to
+        new_end, with a checkpoint when one is owed. A socket that stopped draining: woken instead."""
+        if data and not subscriber.push(frames.chunk(data)):
             subscriber.wake()
             return
         subscriber.position = new_end
-        if matching:
-            subscriber.sent_position = matching[-1][POSITION]
+        if data:
+            subscriber.sent_position = last
         if self.checkpoint_due(subscriber) and subscriber.push(frames.chunk(frames.checkpoint(new_end))):
             subscriber.sent_position = new_end
 
     async def _tick(self) -> None:
-        """Every checkpoint interval, wake everyone: idle streams notice a vanished client, and filtered
+        """Every checkpoint interval, every stream: idle ones notice a vanished client, and filtered
         ones send the checkpoint they owe. Streams admitted whose client left before they started
         streaming have no loop to end them: they leave here."""
         while True:
@@ -592,7 +663,46 @@ class Hub:
             for group in (self._log_subscribers, self._stats_subscribers):
                 for subscriber in [s for s in group if not s.started and s.transport.is_closing()]:
                     self.unsubscribe(subscriber)
-                woken = list(group)
-                for first in range(0, len(woken), TICK_SLICE):
-                    self._wake(woken[first:first + TICK_SLICE])
+                due = list(group)
+                for first in range(0, len(due), TICK_SLICE):
+                    self._tick_slice(due[first:first + TICK_SLICE])
                     await asyncio.sleep(0)  # the woken run before the next slice: no burst holds up the tail
+
+    def _tick_slice(self, subscribers: Iterable[Subscriber]) -> None:
+        for subscriber in subscribers:
+            if not self._ticked_here(subscriber):
+                subscriber.wake()
+
+    def _ticked_here(self, subscriber: Subscriber) -> bool:
+        """Do a parked log stream's tick here, as its own loop would (move it to the window's end when
+        nothing of its own lies before that; write the checkpoint it owes), without waking it: at ten
+        thousand followers, a wake-up each every tick cost more than their events. False: wake it (it
+        has something to read, its client left, or its socket stopped draining)."""
+        flt = subscriber.filter
+        if flt is None or not subscriber.parked() or not self.window.covers(subscriber.position):
+            return False
+        end = self.window.end
+        if flt.stream is not None:
+            if self.window.after_in(flt.stream, subscriber.position, 1):
+                return False
+            subscriber.position = max(subscriber.position, end)
+        elif subscriber.position != end:
+            return False
+        if self.checkpoint_due(subscriber):
+            if not subscriber.push(frames.chunk(frames.checkpoint(subscriber.position))):
+                return False
+            subscriber.sent_position = subscriber.position
+        return True
+
+    async def _beat(self) -> None:
+        """Every heartbeat interval, a comment on every stream under way, so that proxies keep idle
+        streams open: one timer for the process rather than a task (and its timer) per stream, and the
+        comments go straight to the sockets, between whole frames, without waking anyone. A socket that
+        refuses them is watched like any other stalled send."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            streams = [*self._log_subscribers, *self._stats_subscribers]
+            for first in range(0, len(streams), BEAT_SLICE):
+                for subscriber in streams[first:first + BEAT_SLICE]:
+                    subscriber.beat()
+                await asyncio.sleep(0)

@@ -31,12 +31,17 @@ log = logging.getLogger(__name__)
 
 
 class EventStream(EventSourceResponse):
-    """aiohttp-sse's response, which streams from ``write_eof``.
+    """aiohttp-sse's response (its headers, TCP_USER_TIMEOUT, chunked framing), which streams from
+    ``write_eof`` and has no ping task.
 
     aiohttp calls ``write_eof`` once the handler has returned its response. Streaming there, rather
     than inside the handler, lets the handler's frames and every middleware's go for as long as the
     stream lasts, a measurable share of what an idle stream costs (see docs/PERFORMANCE.md). The handler
     still makes every check and admits the stream first, so errors are problem+json answers.
+
+    aiohttp-sse would start a task per response to send its heartbeat comments: a task, coroutines,
+    a future and a timer for every stream, each one more object for every full garbage collection to
+    walk. The hub's one heartbeat timer writes them instead (``Hub._beat``).
     """
 
     def __init__(self, hub: Hub, subscriber: Subscriber, retry_ms: int, **kwargs: Any) -> None:
@@ -46,10 +51,18 @@ class EventStream(EventSourceResponse):
         self.retry_ms = retry_ms
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        """aiohttp prepares again before write_eof; if the client has left by then, aiohttp-sse raises
-        and write_eof never runs, so the stream leaves the hub here."""
+        """aiohttp-sse's prepare without its ping task. aiohttp prepares again before write_eof; if the
+        client has left by then, this raises (as aiohttp-sse does) and write_eof never runs, so the
+        stream leaves the hub here."""
         try:
-            return await super().prepare(request)
+            if self.prepared:
+                if request.protocol.transport is None:
+                    raise asyncio.CancelledError  # the client left: aiohttp-sse's own test and answer
+                return self._payload_writer
+            self._set_tcp_user_timeout(request)
+            writer = await web.StreamResponse.prepare(self, request)
+            self.enable_chunked_encoding()  # after the head, as aiohttp-sse does: an HTTP/1.0 client gets none
+            return writer
         except BaseException:
             if self.subscriber is not None:
                 self.hub.unsubscribe(self.subscriber)
@@ -62,12 +75,14 @@ class EventStream(EventSourceResponse):
             return await super().write_eof(data)
         hub = self.hub
         subscriber.started = True
+        chunked = self.headers.get("Transfer-Encoding") == "chunked"
         try:
             await subscriber.send(frames.opening(self.retry_ms, None if subscriber.stats else subscriber.position))
+            subscriber.heartbeat = frames.chunk(frames.PING) if chunked else frames.PING
             if subscriber.stats:
                 await pump_dashboard(hub, subscriber)
             else:
-                await pump_log(hub, subscriber, self.headers.get("Transfer-Encoding") == "chunked")
+                await pump_log(hub, subscriber, chunked)
         except ConnectionError:
             pass  # the client left, or its stuck send was aborted: it resumes from its last id
         except Exception as exc:
@@ -76,15 +91,14 @@ class EventStream(EventSourceResponse):
             log.warning("ending a stream: the database is unavailable", extra={"reason": describe(exc)})
         finally:
             hub.unsubscribe(subscriber)
-            self.stop_streaming()
         await super().write_eof(data)  # a clean end: browsers reconnect (not reached when cancelled)
 
 
 async def pump_log(hub: Hub, subscriber: Subscriber, chunked: bool) -> None:
     """Send matching events until the stream ends; while it sleeps, the tail may send for it: whole
-    chunks straight to the socket, when the response is chunked (always, over HTTP/1.1) and carries
-    the shared frames."""
-    subscriber.pushable = chunked and subscriber.render is None
+    chunks straight to the socket, when the response is chunked (always, over HTTP/1.1), of the shared
+    frames or, for a stream that renders its own (a wallet's), of what its render makes of them."""
+    subscriber.pushable = chunked
     render = subscriber.render
     while subscriber.alive:
         if render is None:
@@ -127,6 +141,8 @@ async def pump_dashboard(hub: Hub, subscriber: Subscriber) -> None:
 
 class WalletFollower:
     """A wallet stream's running state: each event is folded in and sent with the figures after it."""
+
+    __slots__ = ("named", "state", "wallet_id")
 
     def __init__(self, wallet_id: UUID, state: Wallet | None, named: bool = False) -> None:
         self.wallet_id = wallet_id

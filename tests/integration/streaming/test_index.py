@@ -15,7 +15,7 @@ from backend.store.events import RecordedEvent
 from backend.streaming import frames
 from backend.streaming.dashboard import StatsSource
 from backend.streaming.filters import EVERYTHING, EventFilter
-from backend.streaming.hub import Hub, HubConfig
+from backend.streaming.hub import Hub, HubConfig, Render
 from backend.streaming.window import POSITION, Item, Window, make_item
 from tests.conftest import mint_token
 from tests.integration.streaming.conftest import MakeClient, connect, hub_of
@@ -106,6 +106,119 @@ async def test_index_follows_subscribe_unsubscribe_and_resubscribe() -> None:
     assert hub.interested("s-a") == set()
 
 
+def test_a_stream_with_one_follower_and_then_more_and_then_one_again() -> None:
+    """The index holds a lone follower as itself and several as a set: every change of that count
+    keeps exactly the right followers reachable."""
+    hub = bare_hub()
+    t = Transport()
+    first = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    assert hub.interested("s") == {first}
+    second = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    third = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    assert hub.interested("s") == {first, second, third} and hub.followed_streams == 1
+    hub.unsubscribe(first)
+    hub.unsubscribe(third)
+    assert hub.interested("s") == {second}
+    again = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    assert hub.interested("s") == {second, again}
+    hub.unsubscribe(again)
+    hub.unsubscribe(second)
+    assert hub.interested("s") == set() and hub.followed_streams == 0
+
+
+def test_heartbeats_go_straight_to_streams_under_way_and_leave_checkpoints_due() -> None:
+    """A heartbeat is a comment written to the socket (as the response frames it), only once the stream
+    is under way and never after it left; it is no frame, so a checkpoint owed stays due."""
+    hub = bare_hub(checkpoint_s=5.0)
+    t = Transport()
+    subscriber = hub.subscribe("k", t, 0, EventFilter(stream="s"))
+    subscriber.beat()
+    assert t.written == b""  # not under way yet: its response head may not have gone
+    subscriber.heartbeat = frames.chunk(frames.PING)
+    subscriber.position, subscriber.sent_at = 10, 0.0
+    subscriber.beat()
+    assert t.written == b"8\r\n: ping\n\n\r\n"
+    assert subscriber.sent_at == 0.0 and hub.checkpoint_due(subscriber)
+    hub.unsubscribe(subscriber)
+    subscriber.beat()
+    assert t.written == b"8\r\n: ping\n\n\r\n"  # its response ends after it leaves: nothing more
+
+
+class Stalled(Transport):
+    """A socket that has stopped draining."""
+
+    def get_write_buffer_size(self) -> int:
+        return 1 << 20
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+async def test_a_parked_rendering_follower_gets_its_rendered_events_without_being_woken() -> None:
+    """A wallet stream asleep at its end: the tail renders its new events (through its own render, once
+    each, in order) and writes them as one chunk; one whose socket stopped draining is woken instead,
+    its events left unrendered for its own loop."""
+    hub = bare_hub()
+    hub.window.reset(0)
+    rendered: dict[str, list[int]] = {"s-1": [], "s-2": []}
+
+    def render_of(stream: str) -> Render:
+        def render(events: list[RecordedEvent]) -> bytes:
+            rendered[stream] += [e.position for e in events]
+            return b"".join(b"id: %d\ndata: %s\n\n" % (e.position, e.type.encode()) for e in events)
+        return render
+
+    transport, stalled = Transport(), Stalled()
+    follower = hub.subscribe("k", transport, 0, EventFilter(stream="s-1"), render=render_of("s-1"))
+    stuck = hub.subscribe("k", stalled, 0, EventFilter(stream="s-2"), render=render_of("s-2"))
+    for subscriber in (follower, stuck):
+        subscriber.pushable = True
+    asleep = {subscriber: subscriber.sleep() for subscriber in (follower, stuck)}
+    events = [RecordedEvent(p, "s-1" if p != 3 else "s-2", 1, f"T{p}", {}, {}, uuid.uuid4(), datetime.now(UTC), b"")
+              for p in (1, 2, 3, 4)]
+    await hub._receive(0, events, 4)
+    assert rendered == {"s-1": [1, 2, 4], "s-2": []}
+    assert transport.written == frames.chunk(b"id: 1\ndata: T1\n\nid: 2\ndata: T2\n\nid: 4\ndata: T4\n\n")
+    assert not asleep[follower].done() and (follower.position, follower.sent_position) == (4, 4)
+    assert asleep[stuck].done() and stuck.position == 0 and stalled.written == b""
+    for subscriber in (follower, stuck):
+        subscriber.close()  # and its stall timer with it
+
+
+class Closing(Transport):
+    def is_closing(self) -> bool:
+        return True
+
+
+async def test_a_tick_serves_parked_streams_in_place_and_wakes_the_rest() -> None:
+    """Every checkpoint interval: a parked stream with nothing of its own to read is moved to the
+    window's end and sent the checkpoint it owes, straight to its socket, and left asleep; one with
+    events to read, or whose client left, or a dashboard, is woken."""
+    hub = bare_hub(checkpoint_s=5.0)
+    hub.window.reset(0)
+    hub.window.extend(item(p, "busy" if p == 3 else "other") for p in (1, 2, 3, 4))
+    quiet_t, busy_t, everything_t = Transport(), Transport(), Transport()
+    quiet = hub.subscribe("k", quiet_t, 1, EventFilter(stream="quiet"), render=lambda events: b"")
+    busy = hub.subscribe("k", busy_t, 1, EventFilter(stream="busy"))
+    everything = hub.subscribe("k", everything_t, 4, EVERYTHING)
+    left = hub.subscribe("k", Closing(), 4, EventFilter(stream="quiet"))
+    dashboard = hub.subscribe("k", Transport(), 0, None)
+    subscribers = (quiet, busy, everything, left, dashboard)
+    for subscriber in subscribers:
+        subscriber.pushable, subscriber.sent_at = True, 0.0
+    everything.sent_position = 4  # has everything: owes nothing
+    asleep = {subscriber: subscriber.sleep() for subscriber in subscribers}
+    hub._tick_slice(subscribers)
+    assert quiet_t.written == frames.chunk(frames.checkpoint(4)) and not asleep[quiet].done()
+    assert (quiet.position, quiet.sent_position) == (4, 4)
+    assert everything_t.written == b"" and not asleep[everything].done()
+    assert asleep[busy].done() and busy_t.written == b"" and busy.position == 1
+    assert asleep[left].done() and asleep[dashboard].done()
+    quiet_t.written = b""
+    hub._tick_slice([quiet])  # it was just sent one: nothing owed
+    assert quiet_t.written == b"" and not asleep[quiet].done()
+
+
 def written_ids(transport: Transport) -> list[int]:
     return [int(line[4:]) for line in transport.written.decode().splitlines() if line.startswith("id: ")]
 
@@ -125,7 +238,7 @@ async def test_a_batch_reaches_exactly_the_matching_subscribers() -> None:
     everyone = [*followers.values(), typed, rendering]
     for subscriber in everyone:
         subscriber.pushable = subscriber.render is None
-    sleeping = {subscriber: asyncio.create_task(subscriber.sleep()) for subscriber in everyone}
+    sleeping = {subscriber: subscriber.sleep() for subscriber in everyone}
     await asyncio.sleep(0)
 
     expected: dict[str, list[int]] = {s: [] for s in streams}

@@ -88,3 +88,29 @@ async def test_dashboard_snapshot_then_coalesced_deltas(make_client: MakeClient)
     assert stats["currencies"]["EUR"]["credited"] == before + sum(range(1, credits + 1))
     assert stats["events"]["WalletCredited"] >= credits
     sse.close()
+
+
+async def test_heartbeats_reach_wallet_and_dashboard_streams_between_whole_frames(make_client: MakeClient) -> None:
+    """The hub's heartbeat comments reach every kind of stream, also while events flow: written
+    between whole frames (and whole chunks), they never split one."""
+    client = await make_client(sse_heartbeat_s=0.05)
+    admin = await mint_token(client.app, "operator", ["admin"])
+    wallet = await open_wallet(client, admin, "heidi")
+    follower = await connect(client, f"/v1/streams/wallets/{wallet}", admin, after="now")
+    dashboard = await connect(client, "/v1/streams/dashboard", admin)
+    positions = []
+    for i in range(20):
+        positions.append(int((await post(client, admin, f"/v1/wallets/{wallet}/credits",
+                                         {"amount": 1, "reference": f"hb-{i}"}))["position"]))
+        await asyncio.sleep(0.01)
+    received = await follower.until(lambda m: m.kind == "event" and int(m.last_id) >= positions[-1])
+    events = [m for m in received if m.kind == "event"]
+    assert [int(m.last_id) for m in events] == positions
+    assert [m.json()["wallet"]["balance"] for m in events] == list(range(1, 21))
+    assert follower.parser.comments and set(follower.parser.comments) == {"ping"}
+    async with asyncio.timeout(10):
+        while not dashboard.parser.comments:
+            await dashboard.next()
+    assert set(dashboard.parser.comments) == {"ping"}
+    follower.close()
+    dashboard.close()
