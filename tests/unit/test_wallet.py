@@ -304,6 +304,15 @@ def test_settle_cannot_overflow_receiver() -> None:
 # ---------------------------------------------------------------- reservations
 
 
+def reserved(amount: int, expires: int = 60) -> tuple[Wallet, UUID]:
+    """A wallet of 100 with one open reservation of `amount` due at(expires), its events taken."""
+    w = wallet(balance=100)
+    rid = uuid4()
+    w.reserve(rid, amount, at(expires), T0)
+    w.collect_events()
+    return w, rid
+
+
 def test_reserve_and_confirm_full() -> None:
     w = wallet(balance=100)
     rid = uuid4()
@@ -317,19 +326,14 @@ def test_reserve_and_confirm_full() -> None:
 
 
 def test_confirm_partial_returns_the_rest() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 40, at(60), T0)
+    w, rid = reserved(40)
     w.confirm(rid, at(1), amount=25)
     assert (w.balance, w.reserved, w.available) == (75, 0, 75)
     assert w.closed_reservations == {rid: "confirmed"}
 
 
 def test_confirm_more_than_reserved() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 40, at(60), T0)
-    w.collect_events()
+    w, rid = reserved(40)
     with pytest.raises(errors.AmountExceedsReserved) as info:
         w.confirm(rid, at(1), amount=41)
     assert (info.value.requested, info.value.reserved) == (41, 40)
@@ -339,9 +343,7 @@ def test_confirm_more_than_reserved() -> None:
 
 
 def test_reservation_closes_exactly_once() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(60), T0)
+    w, rid = reserved(10)
     w.rollback(rid, at(1))
     assert (w.reserved, w.available) == (0, 100)
     for command in (w.confirm, w.rollback):
@@ -376,10 +378,7 @@ def test_reserve_validates() -> None:
 
 
 def test_expire_only_when_due() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(60), T0)
-    w.collect_events()
+    w, rid = reserved(10)
     with pytest.raises(errors.InvalidTransition) as info:
         w.expire(rid, at(59))
     assert info.value.code == "invalid_transition"
@@ -395,10 +394,7 @@ def test_expire_only_when_due() -> None:
 
 @pytest.mark.parametrize("command", ["confirm", "rollback"])
 def test_confirm_or_rollback_of_due_reservation_raises_and_records_nothing(command: str) -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(60), T0)
-    w.collect_events()
+    w, rid = reserved(10)
     with pytest.raises(errors.ReservationExpired) as info:
         getattr(w, command)(rid, at(60))
     assert info.value.code == "reservation_expired"
@@ -408,9 +404,7 @@ def test_confirm_or_rollback_of_due_reservation_raises_and_records_nothing(comma
 
 
 def test_confirm_after_recorded_expiry_says_expired() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(5), T0)
+    w, rid = reserved(10, expires=5)
     w.expire(rid, at(5))
     with pytest.raises(errors.ReservationExpired):
         w.confirm(rid, at(6))
