@@ -34,7 +34,16 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import asyncpg
-from bench_store import Server, chosen_server, describe_server, eventsourcing_env, fresh_database, percentile
+from bench_store import (
+    Server,
+    chosen_server,
+    connected,
+    describe_server,
+    eventsourcing_env,
+    fresh_database,
+    migrated,
+    percentile,
+)
 from eventsourcing.application import Application
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate
@@ -54,7 +63,6 @@ from backend.domain.registry import wallet_stream
 from backend.store.event_store import EventStore
 from backend.store.events import RecordedEvent, Write
 from backend.store.listener import Listener
-from backend.store.migrate import migrate
 from backend.store.repository import Repository
 from projections import registry
 from projections.rebuild import rebuild
@@ -229,11 +237,7 @@ class Mix:
 
 async def fill_tally(dsn: str, plan: Plan) -> int:
     """Append about plan.events events of the mix; return how many the log holds."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated(dsn)
     pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2, init=init_connection)
     assert pool is not None
     store = EventStore(pool)
@@ -416,19 +420,13 @@ def peer_replay(env: dict[str, str], dsn: str, events: int) -> float:
 
 
 async def reset_peer_view(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("drop table if exists peer_balances, peerbalances_tracking")
-    finally:
-        await conn.close()
 
 
 async def peer_rows(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return int(await conn.fetchval("select count(*) from peer_balances"))
-    finally:
-        await conn.close()
 
 
 # ---------------------------------------------------------------- tally's rebuild
@@ -443,13 +441,9 @@ async def tally_replay(dsn: str, plan: Plan) -> float:
 async def check_balances_match(tally_dsn: str, peer_dsn: str) -> bool:
     """Both sides computed the same balances."""
     sql = "select wallet_id, balance, locked, reserved, version from {} order by wallet_id"
-    tally, peer = await asyncpg.connect(tally_dsn), await asyncpg.connect(peer_dsn)
-    try:
+    async with connected(tally_dsn) as tally, connected(peer_dsn) as peer:
         return [tuple(r) for r in await tally.fetch(sql.format("wallet_balances"))] == \
             [tuple(r) for r in await peer.fetch(sql.format("peer_balances"))]
-    finally:
-        await tally.close()
-        await peer.close()
 
 
 # ---------------------------------------------------------------- live lag
@@ -476,11 +470,7 @@ class LagResult:
 
 
 async def measure_lag(dsn: str, plan: Plan) -> LagResult:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated(dsn)
     settings = bench_settings(dsn)
     pool = await asyncpg.create_pool(dsn, min_size=4, max_size=8, init=init_connection)
     assert pool is not None
