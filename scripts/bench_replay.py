@@ -150,9 +150,9 @@ class Mix:
         yield 0.30, self._credit
         yield 0.45, self._debit
         yield 0.55, self._lock
-        yield 0.62, self._close_lock
+        yield 0.62, lambda: self._close_one(self.locks, self._close_lock)
         yield 0.80, self._reserve
-        yield 0.92, self._close_reservation
+        yield 0.92, lambda: self._close_one(self.reservations, self._close_reservation)
         yield 0.99, self._deposit
         yield 1.00, self._api_key
 
@@ -181,10 +181,15 @@ class Mix:
         self.locks.append((wallet, lock_id))
         return [wallet]
 
-    def _close_lock(self) -> list[Aggregate]:
-        if not self.locks:
+    def _close_one(self, opened: list[tuple[Wallet, UUID]],
+                   close: Callable[[Wallet, UUID], list[Aggregate]]) -> list[Aggregate]:
+        """Close a random one of the open locks or reservations (none open: nothing to do)."""
+        if not opened:
             return []
-        wallet, lock_id = self.locks.pop(self.rng.randrange(len(self.locks)))
+        wallet, item = opened.pop(self.rng.randrange(len(opened)))
+        return close(wallet, item)
+
+    def _close_lock(self, wallet: Wallet, lock_id: UUID) -> list[Aggregate]:
         payee = self.rng.choice(self.by_currency[wallet.currency])
         if payee is wallet or self.rng.random() < 0.5:
             wallet.release(lock_id, self.now)
@@ -199,10 +204,7 @@ class Mix:
         self.reservations.append((wallet, reservation_id))
         return [wallet]
 
-    def _close_reservation(self) -> list[Aggregate]:
-        if not self.reservations:
-            return []
-        wallet, reservation_id = self.reservations.pop(self.rng.randrange(len(self.reservations)))
+    def _close_reservation(self, wallet: Wallet, reservation_id: UUID) -> list[Aggregate]:
         if wallet.reservation_state(reservation_id, self.now) != "open":
             return []
         if self.rng.random() < 0.6:
