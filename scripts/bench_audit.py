@@ -32,7 +32,7 @@ import aiohttp
 import asyncpg
 import psutil
 from bench_http import admin_token, cpu_seconds, free_port, serve_env, wait_ready
-from bench_store import analyze, chosen_server, describe_server, fresh_database
+from bench_store import analyze, chosen_server, connected, describe_server, fresh_database, migrated
 
 from backend.audit import tree_store
 from backend.audit.auditor import leaf_of
@@ -42,7 +42,6 @@ from backend.audit.verify import Report, verify, verify_database
 from backend.db import pool_options
 from backend.store.event_store import EventStore
 from backend.store.events import NewEvent, Write
-from backend.store.migrate import migrate
 
 TARGET = 100_000
 PROOF_TARGET = 1_000
@@ -102,16 +101,13 @@ async def fill(dsn: str, events: int, streams: int) -> float:
 
 
 async def export_to(dsn: str, path: Path) -> float:
-    conn = await asyncpg.connect(dsn)
-    started = time.perf_counter()
-    count = 0
-    try:
+    async with connected(dsn) as conn:
+        started = time.perf_counter()
+        count = 0
         with path.open("wb") as out:
             async for chunk in export_pages(conn):
                 out.write(chunk)
                 count += chunk.count(b"\n")
-    finally:
-        await conn.close()
     return count / (time.perf_counter() - started)
 
 
@@ -119,11 +115,8 @@ async def export_to(dsn: str, path: Path) -> float:
 
 
 async def verify_db(dsn: str) -> Report:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return await verify_database(conn)
-    finally:
-        await conn.close()
 
 
 async def verify_file(path: Path) -> Report:
@@ -142,14 +135,11 @@ async def build_tree(path: Path) -> tuple[float, bytes, int]:
 
 
 async def fold_stored(dsn: str, events: int) -> tuple[float, bytes]:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         started = time.perf_counter()
         size = await tree_store.catch_up(conn, events, 5000)
         rate = size / (time.perf_counter() - started)
         return rate, await tree_store.root(conn, events)
-    finally:
-        await conn.close()
 
 
 async def drive_proofs(base: str, headers: dict[str, str], kind: str, size: int, root: bytes, connections: int,
@@ -228,11 +218,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with chosen_server(args.dsn) as server:
         print(await describe_server(server), flush=True)
         async with fresh_database(server, "audit") as dsn:
-            conn = await asyncpg.connect(dsn)
-            try:
-                await migrate(conn)
-            finally:
-                await conn.close()
+            await migrated(dsn)
             fill_rate = await fill(dsn, args.events, args.streams)
             await analyze(dsn)
             print(f"log: {args.events} events over {args.streams} streams, appended at {fill_rate:,.0f} events/s")

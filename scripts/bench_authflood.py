@@ -23,10 +23,9 @@ import time
 from typing import Any
 
 import aiohttp
-import asyncpg
 import psutil
 from bench_http import ROOT, admin_token, cpu_seconds, free_port, scrape, seed_wallets, serve_env, wait_ready
-from bench_store import Server, chosen_server, fresh_database, percentile
+from bench_store import Server, chosen_server, connected, fresh_database, percentile
 
 from backend.commands.api_keys import new_token
 
@@ -117,11 +116,8 @@ async def collect(conn: Any, proc: multiprocessing.process.BaseProcess) -> dict[
 
 
 async def committed(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return int(await conn.fetchval("select xact_commit from pg_stat_database where datname = current_database()"))
-    finally:
-        await conn.close()
 
 
 async def phase(base: str, dsn: str, server: psutil.Process, token: str, wallets: list[str],

@@ -34,7 +34,16 @@ from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import asyncpg
-from bench_store import Server, chosen_server, describe_server, eventsourcing_env, fresh_database, percentile
+from bench_store import (
+    Server,
+    chosen_server,
+    connected,
+    describe_server,
+    eventsourcing_env,
+    fresh_database,
+    migrated,
+    percentile,
+)
 from eventsourcing.application import Application
 from eventsourcing.dispatch import singledispatchmethod
 from eventsourcing.domain import Aggregate
@@ -54,7 +63,6 @@ from backend.domain.registry import wallet_stream
 from backend.store.event_store import EventStore
 from backend.store.events import RecordedEvent, Write
 from backend.store.listener import Listener
-from backend.store.migrate import migrate
 from backend.store.repository import Repository
 from projections import registry
 from projections.rebuild import rebuild
@@ -142,9 +150,9 @@ class Mix:
         yield 0.30, self._credit
         yield 0.45, self._debit
         yield 0.55, self._lock
-        yield 0.62, self._close_lock
+        yield 0.62, lambda: self._close_one(self.locks, self._close_lock)
         yield 0.80, self._reserve
-        yield 0.92, self._close_reservation
+        yield 0.92, lambda: self._close_one(self.reservations, self._close_reservation)
         yield 0.99, self._deposit
         yield 1.00, self._api_key
 
@@ -173,10 +181,15 @@ class Mix:
         self.locks.append((wallet, lock_id))
         return [wallet]
 
-    def _close_lock(self) -> list[Aggregate]:
-        if not self.locks:
+    def _close_one(self, opened: list[tuple[Wallet, UUID]],
+                   close: Callable[[Wallet, UUID], list[Aggregate]]) -> list[Aggregate]:
+        """Close a random one of the open locks or reservations (none open: nothing to do)."""
+        if not opened:
             return []
-        wallet, lock_id = self.locks.pop(self.rng.randrange(len(self.locks)))
+        wallet, item = opened.pop(self.rng.randrange(len(opened)))
+        return close(wallet, item)
+
+    def _close_lock(self, wallet: Wallet, lock_id: UUID) -> list[Aggregate]:
         payee = self.rng.choice(self.by_currency[wallet.currency])
         if payee is wallet or self.rng.random() < 0.5:
             wallet.release(lock_id, self.now)
@@ -191,10 +204,7 @@ class Mix:
         self.reservations.append((wallet, reservation_id))
         return [wallet]
 
-    def _close_reservation(self) -> list[Aggregate]:
-        if not self.reservations:
-            return []
-        wallet, reservation_id = self.reservations.pop(self.rng.randrange(len(self.reservations)))
+    def _close_reservation(self, wallet: Wallet, reservation_id: UUID) -> list[Aggregate]:
         if wallet.reservation_state(reservation_id, self.now) != "open":
             return []
         if self.rng.random() < 0.6:
@@ -229,11 +239,7 @@ class Mix:
 
 async def fill_tally(dsn: str, plan: Plan) -> int:
     """Append about plan.events events of the mix; return how many the log holds."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated(dsn)
     pool = await asyncpg.create_pool(dsn, min_size=2, max_size=2, init=init_connection)
     assert pool is not None
     store = EventStore(pool)
@@ -416,19 +422,13 @@ def peer_replay(env: dict[str, str], dsn: str, events: int) -> float:
 
 
 async def reset_peer_view(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("drop table if exists peer_balances, peerbalances_tracking")
-    finally:
-        await conn.close()
 
 
 async def peer_rows(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         return int(await conn.fetchval("select count(*) from peer_balances"))
-    finally:
-        await conn.close()
 
 
 # ---------------------------------------------------------------- tally's rebuild
@@ -443,13 +443,9 @@ async def tally_replay(dsn: str, plan: Plan) -> float:
 async def check_balances_match(tally_dsn: str, peer_dsn: str) -> bool:
     """Both sides computed the same balances."""
     sql = "select wallet_id, balance, locked, reserved, version from {} order by wallet_id"
-    tally, peer = await asyncpg.connect(tally_dsn), await asyncpg.connect(peer_dsn)
-    try:
+    async with connected(tally_dsn) as tally, connected(peer_dsn) as peer:
         return [tuple(r) for r in await tally.fetch(sql.format("wallet_balances"))] == \
             [tuple(r) for r in await peer.fetch(sql.format("peer_balances"))]
-    finally:
-        await tally.close()
-        await peer.close()
 
 
 # ---------------------------------------------------------------- live lag
@@ -476,11 +472,7 @@ class LagResult:
 
 
 async def measure_lag(dsn: str, plan: Plan) -> LagResult:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated(dsn)
     settings = bench_settings(dsn)
     pool = await asyncpg.create_pool(dsn, min_size=4, max_size=8, init=init_connection)
     assert pool is not None

@@ -278,27 +278,37 @@ def with_database(dsn: str, name: str) -> str:
 
 
 @asynccontextmanager
+async def connected(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """One connection to dsn for the block (the benches' one-off statements), closed afterwards."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
 async def fresh_database(server: Server, impl: str) -> AsyncIterator[str]:
     """Create bench_<impl>_<random>, yield its DSN, drop it afterwards."""
     name = f"bench_{impl}_{secrets.token_hex(4)}"
-    admin = await asyncpg.connect(server.admin_dsn)
-    try:
+    async with connected(server.admin_dsn) as admin:
         await admin.execute(f'create database "{name}"')
         try:
             yield with_database(server.admin_dsn, name)
         finally:
             await admin.execute(f'drop database if exists "{name}" with (force)')
-    finally:
-        await admin.close()
 
 
 async def analyze(dsn: str) -> None:
     """Fresh tables have no statistics; without them the planner may pick a seq scan mid-run."""
-    conn = await asyncpg.connect(dsn)
-    try:
+    async with connected(dsn) as conn:
         await conn.execute("analyze")
-    finally:
-        await conn.close()
+
+
+async def migrated(dsn: str) -> None:
+    """Apply the migrations to the database behind dsn."""
+    async with connected(dsn) as conn:
+        await migrate(conn)
 
 
 def pool_size(clients: int) -> int:
@@ -316,11 +326,7 @@ async def open_pool(dsn: str, clients: int, **options: Any) -> asyncpg.Pool:
 
 
 async def measure_tally(dsn: str, clients: int, plan: Plan) -> Sample:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
+    await migrated(dsn)
     pool = await open_pool(dsn, clients, **pool_options())
     store = EventStore(pool)
 
@@ -540,15 +546,12 @@ def to_json(medians: list[Sample]) -> dict[str, Any]:
 
 
 async def describe_server(server: Server) -> str:
-    conn = await asyncpg.connect(server.admin_dsn)
-    try:
+    async with connected(server.admin_dsn) as conn:
         version = await conn.fetchval("select version()")
         settings = await conn.fetch(
             "select name, setting from pg_settings where name = any($1::text[]) order by name",
             ["fsync", "max_connections", "shared_buffers", "synchronous_commit"],
         )
-    finally:
-        await conn.close()
     shown = ", ".join(f"{r['name']}={r['setting']}" for r in settings)
     return f"server: {server.description} ({mask_dsn(server.admin_dsn)})\n{version}\n{shown}\n{describe_host()}"
 

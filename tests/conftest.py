@@ -128,25 +128,28 @@ def settings(database_url: str) -> Settings:
     return make_settings(database_url)
 
 
-@pytest.fixture
-async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=10, **pool_options())
+@contextlib.asynccontextmanager
+async def opened_pool(dsn: str, max_size: int) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on `dsn`, closed on the way out (the pool fixtures share it)."""
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=max_size, **pool_options())
     assert pool is not None
     try:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    async with opened_pool(database_url, 10) as pool:
+        yield pool
 
 
 @pytest.fixture
 async def own_pool(own_database_url: str) -> AsyncIterator[asyncpg.Pool]:
     """A pool on a database of this test's own (see own_database_url)."""
-    pool = await asyncpg.create_pool(own_database_url, min_size=1, max_size=4, **pool_options())
-    assert pool is not None
-    try:
+    async with opened_pool(own_database_url, 4) as pool:
         yield pool
-    finally:
-        await pool.close()
 
 
 @pytest.fixture

@@ -73,3 +73,17 @@ async def advisory_lock_waiters(db: asyncpg.Pool | asyncpg.Connection) -> list[i
     rows = await db.fetch("""select pid from pg_locks where locktype = 'advisory' and not granted
                              and database = (select oid from pg_database where datname = current_database())""")
     return [row["pid"] for row in rows]
+
+
+def query_blocking(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """One statement on a connection of its own, for tests that drive processes without an event loop:
+    its rows (none for a statement that returns none)."""
+
+    async def run() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(run())

@@ -9,7 +9,7 @@ signature has been verified with the auditor's copy of the public key.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import aiohttp
@@ -105,18 +105,7 @@ class TreeCheck:
         return self.signature_ok and self.root_ok
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "tree_size": self.tree_size,
-            "root_hash": self.root_hash,
-            "timestamp": self.timestamp,
-            "key_id": self.key_id,
-            "signature_ok": self.signature_ok,
-            "export_leaves": self.export_leaves,
-            "root_ok": self.root_ok,
-            "first_differing_position": self.first_differing_position,
-            "detail": self.detail,
-        }
+        return {"ok": self.ok, **asdict(self)}
 
 
 def compare(checkpoint: Checkpoint, leaves: list[bytes]) -> TreeCheck:

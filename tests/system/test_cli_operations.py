@@ -5,7 +5,6 @@ directory of another PostgreSQL major."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import pty
 import re
@@ -17,13 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
-import asyncpg
 import orjson
 import pytest
 
 from backend.embedded_pg import EmbeddedVersionMismatch, bundled_major, check_data_version
 from backend.store.migrate import available_migrations
 from tests.conftest import ROOT
+from tests.support import query_blocking
 
 pytestmark = pytest.mark.system
 
@@ -98,14 +97,7 @@ def test_read_only_commands_refuse_an_unmigrated_database_and_leave_it_empty(fre
                  env={"DATABASE_URL": fresh_database_url, "APPLY_MIGRATIONS": "false"})
     assert keys.returncode == 2 and "is not migrated" in keys.stderr and "tly_" not in keys.stdout
 
-    async def tables() -> list[str]:
-        conn = await asyncpg.connect(fresh_database_url)
-        try:
-            return [r[0] for r in await conn.fetch("select tablename from pg_tables where schemaname = 'public'")]
-        finally:
-            await conn.close()
-
-    assert asyncio.run(tables()) == []
+    assert query_blocking(fresh_database_url, "select tablename from pg_tables where schemaname = 'public'") == []
 
 
 def test_migrate_status_shows_pending_applied_and_changed(fresh_database_url: str) -> None:
@@ -122,14 +114,8 @@ def test_migrate_status_shows_pending_applied_and_changed(fresh_database_url: st
     assert f"{len(files)} applied, 0 pending, 0 changed" in after.stdout
     assert f"{files[0].version:04d}_{files[0].name}  applied" in after.stdout
 
-    async def tamper() -> None:
-        conn = await asyncpg.connect(fresh_database_url)
-        try:
-            await conn.execute("update schema_migrations set checksum = 'x' where version = $1", files[-1].version)
-        finally:
-            await conn.close()
-
-    asyncio.run(tamper())
+    query_blocking(fresh_database_url, "update schema_migrations set checksum = 'x' where version = $1",
+                   files[-1].version)
     changed = tally("migrate", "--status", env=env)
     assert changed.returncode == 1
     assert f"{files[-1].version:04d}_{files[-1].name}  CHANGED since applied" in changed.stdout
@@ -198,14 +184,8 @@ def test_log_format_auto_is_text_at_a_terminal_and_json_otherwise(fresh_database
     assert len(lines) == len(available_migrations()), lines
     assert all(" INFO backend.store.migrate " in line and not line.startswith("{") for line in lines), lines
 
-    async def reset() -> None:
-        conn = await asyncpg.connect(fresh_database_url)
-        try:
-            await conn.execute("drop schema public cascade; create schema public")
-        finally:
-            await conn.close()
-
-    asyncio.run(reset())
+    query_blocking(fresh_database_url, "drop schema public cascade")
+    query_blocking(fresh_database_url, "create schema public")
     piped = tally("migrate", env=env)
     assert piped.returncode == 0, piped.stderr
     records = [orjson.loads(line) for line in piped.stderr.splitlines() if line.strip()]

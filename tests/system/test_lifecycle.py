@@ -19,7 +19,7 @@ import pytest
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.migrate import available_migrations
 from tests.conftest import ROOT
-from tests.support import advisory_lock_waiters, eventually, eventually_blocking
+from tests.support import advisory_lock_waiters, eventually, eventually_blocking, query_blocking
 from tests.system.serving import answers_ready
 
 pytestmark = pytest.mark.system
@@ -93,14 +93,8 @@ def test_two_concurrent_migrators_apply_each_migration_once(fresh_database_url: 
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert sum("applied" in out for out, _ in outputs) == 1, outputs
 
-    async def versions() -> list[int]:
-        conn = await asyncpg.connect(fresh_database_url)
-        try:
-            return [r["version"] for r in await conn.fetch("select version from schema_migrations order by 1")]
-        finally:
-            await conn.close()
-
-    assert asyncio.run(versions()) == [m.version for m in available_migrations()]
+    versions = query_blocking(fresh_database_url, "select version from schema_migrations order by 1")
+    assert [r["version"] for r in versions] == [m.version for m in available_migrations()]
 
 
 @pytest.mark.parametrize(("choice", "loop"), [("auto", "uvloop"), ("asyncio", "asyncio")])

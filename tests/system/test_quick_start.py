@@ -6,7 +6,6 @@ DATABASE_URL a fresh, empty database of this test, so that nothing clashes with 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -16,10 +15,10 @@ import socket
 import subprocess
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests.conftest import ROOT
+from tests.support import query_blocking
 
 pytestmark = pytest.mark.system
 
@@ -83,13 +82,7 @@ def test_the_quick_start_works_pasted_line_by_line(fresh_database_url: str, tmp_
     assert "listening on http://127.0.0.1:" + env["PORT"] in err
     assert "tly_" not in err  # the key went into $KEY, not onto the terminal
 
-    async def opened() -> list[str]:
-        conn = await asyncpg.connect(fresh_database_url)
-        try:
-            return [r["type"] for r in await conn.fetch("select type from events order by position")]
-        finally:
-            await conn.close()
-
-    assert asyncio.run(opened()) == ["ApiKeyCreated", "WalletOpened"]
+    opened = query_blocking(fresh_database_url, "select type from events order by position")
+    assert [r["type"] for r in opened] == ["ApiKeyCreated", "WalletOpened"]
     with socket.socket() as probe:  # serve stopped with the shell's `kill %1`
         assert probe.connect_ex(("127.0.0.1", int(env["PORT"]))) != 0

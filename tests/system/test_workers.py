@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -28,7 +27,16 @@ import pytest
 
 from tests.conftest import ROOT
 from tests.support import eventually_blocking
-from tests.system.serving import Server, answers_ready, create_key, free_port, serving, wait_until_ready
+from tests.system.serving import (
+    Server,
+    answers_ready,
+    children,
+    create_key,
+    serving,
+    serving_workers,
+    started,
+    wait_for_workers,
+)
 
 pytestmark = pytest.mark.system
 
@@ -134,51 +142,32 @@ async def alternate(database_url: str, token: str, a: str, b: str,
         assert (status, body["balance"]) == (200, 0), body
 
 
-def children(pid: int) -> list[int]:
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
 def test_workers_parent_restarts_and_drains(fresh_database_url: str) -> None:
     token = create_key(fresh_database_url)
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "backend", "serve", "--workers", "2"], cwd=ROOT,
-                env={**os.environ, "DATABASE_URL": fresh_database_url, "PORT": str(port), "LOG_FORMAT": "text"},
-                stdout=stdout, stderr=stderr)
-        server = Server(proc, port, out, err)
-        try:
-            wait_until_ready(server)
-            eventually_blocking(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
-                                what=lambda: "two workers listening: " + server.logs())
-            first = children(proc.pid)
-            # One leader per projection and one Merkle folder across both workers (advisory locks).
-            with urllib.request.urlopen(f"{server.base}/health/ready", timeout=5) as reply:
-                projections = json.loads(reply.read())["checks"]["projections"]
-            eventually_blocking(lambda: server.logs().count("projection runner leads") >= len(projections) > 0
-                                and "merkle folder leading" in server.logs(), what="projections led")
-            time.sleep(1.0)  # time for a second leader, were there one, to say so
-            logs = server.logs()
-            assert logs.count("projection runner leads") == len(projections), logs
-            assert logs.count("merkle folder leading") == 1, logs
-            os.kill(first[0], signal.SIGKILL)
-            eventually_blocking(lambda: len(children(proc.pid)) == 2 and first[0] not in children(proc.pid),
-                                what=lambda: "the killed worker restarted: " + server.logs())
-            assert first[1] in children(proc.pid)
-            eventually_blocking(lambda: "worker exited; restarting it" in server.logs(), what="restart logged")
-            eventually_blocking(lambda: server.logs().count("listening on") >= 3,
-                                what=lambda: "the new worker listening: " + server.logs())
-            assert answers_ready(server.base)
-            outcomes = asyncio.run(load_then_sigterm(server, token))
-            assert proc.wait(timeout=40) == 0, server.logs()
-            assert outcomes["dropped"] == 0, outcomes
-            assert outcomes["answered 200"] > 0 and outcomes["refused"] > 0, outcomes
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with serving_workers(fresh_database_url) as server:
+        proc = server.proc
+        first = children(proc.pid)
+        # One leader per projection and one Merkle folder across both workers (advisory locks).
+        with urllib.request.urlopen(f"{server.base}/health/ready", timeout=5) as reply:
+            projections = json.loads(reply.read())["checks"]["projections"]
+        eventually_blocking(lambda: server.logs().count("projection runner leads") >= len(projections) > 0
+                            and "merkle folder leading" in server.logs(), what="projections led")
+        time.sleep(1.0)  # time for a second leader, were there one, to say so
+        logs = server.logs()
+        assert logs.count("projection runner leads") == len(projections), logs
+        assert logs.count("merkle folder leading") == 1, logs
+        os.kill(first[0], signal.SIGKILL)
+        eventually_blocking(lambda: len(children(proc.pid)) == 2 and first[0] not in children(proc.pid),
+                            what=lambda: "the killed worker restarted: " + server.logs())
+        assert first[1] in children(proc.pid)
+        eventually_blocking(lambda: "worker exited; restarting it" in server.logs(), what="restart logged")
+        eventually_blocking(lambda: server.logs().count("listening on") >= 3,
+                            what=lambda: "the new worker listening: " + server.logs())
+        assert answers_ready(server.base)
+        outcomes = asyncio.run(load_then_sigterm(server, token))
+        assert proc.wait(timeout=40) == 0, server.logs()
+        assert outcomes["dropped"] == 0, outcomes
+        assert outcomes["answered 200"] > 0 and outcomes["refused"] > 0, outcomes
 
 
 async def load_then_sigterm(server: Server, token: str) -> Counter[str]:
@@ -223,49 +212,28 @@ async def load_then_sigterm(server: Server, token: str) -> Counter[str]:
 def test_workers_share_one_embedded_postgres(tmp_path: Path) -> None:
     """DATABASE_URL unset: the parent starts the embedded server once, both workers use it, and it is
     stopped when the parent exits."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
-    env.update(PORT=str(port), DATA_DIR=str(tmp_path / "data"), WORKERS="2", LOG_FORMAT="text")
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
-                                stdout=stdout, stderr=stderr)
-    server = Server(proc, port, out, err)
-    try:
-        eventually_blocking(lambda: server.logs().count("listening on") == 2 or proc.poll() is not None,
-                            what=lambda: "two workers listening: " + server.logs(), timeout=240)
-        assert proc.poll() is None, server.logs()
+    with started(None, DATA_DIR=str(tmp_path / "data"), WORKERS="2", LOG_FORMAT="text") as server:
+        wait_for_workers(server, 2, timeout=240)
+        assert server.proc.poll() is None, server.logs()
         assert answers_ready(server.base)
         assert server.logs().count("embedded PostgreSQL ready") == 1, server.logs()
-        assert len(children(proc.pid)) == 2
+        assert len(children(server.proc.pid)) == 2
         assert (tmp_path / "data" / "pg" / "postmaster.pid").exists()
         assert server.stop(timeout=60) == 0, server.logs()
         assert not (tmp_path / "data" / "pg" / "postmaster.pid").exists(), server.logs()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_workers_drain_when_the_parent_is_killed(fresh_database_url: str) -> None:
     """kill -9 of the parent forwards nothing: the kernel sends each worker SIGTERM (PR_SET_PDEATHSIG),
     so no worker is left serving without a parent."""
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "backend", "serve", "--workers", "2"], cwd=ROOT,
-                env={**os.environ, "DATABASE_URL": fresh_database_url, "PORT": str(port), "LOG_FORMAT": "text"},
-                stdout=stdout, stderr=stderr)
-        server = Server(proc, port, out, err)
-        workers: list[int] = []
+    workers: list[int] = []
+    with started(fresh_database_url, "--workers", "2", LOG_FORMAT="text") as server:
         try:
-            eventually_blocking(lambda: server.logs().count("listening on") == 2, what="two workers listening")
-            workers = children(proc.pid)
+            wait_for_workers(server, 2)
+            workers = children(server.proc.pid)
             assert len(workers) == 2
-            proc.kill()
-            proc.wait()
+            server.proc.kill()
+            server.proc.wait()
             eventually_blocking(
                 lambda: not any(Path(f"/proc/{pid}").exists() and "Z" not in stat(pid) for pid in workers),
                 what="the workers stopped")

@@ -7,49 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 
-from tests.conftest import ROOT
-from tests.support import eventually_blocking
-from tests.system.serving import Server, create_key, free_port, wait_until_ready
-from tests.system.test_workers import alternate, children
+from tests.system.serving import create_key, serving_workers
+from tests.system.test_workers import alternate
 
 pytestmark = pytest.mark.system
 
 WORKER_HEADER = "X-Tally-Worker"
-
-
-@contextlib.contextmanager
-def serving_workers(database_url: str, **env: str) -> Iterator[Server]:
-    port = free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "backend", "serve", "--workers", "2"], cwd=ROOT,
-                env={**os.environ, "DATABASE_URL": database_url, "PORT": str(port), "LOG_FORMAT": "text", **env},
-                stdout=stdout, stderr=stderr)
-        server = Server(proc, port, out, err)
-        try:
-            wait_until_ready(server)
-            eventually_blocking(lambda: len(children(proc.pid)) == 2 and server.logs().count("listening on") == 2,
-                                what=lambda: "two workers listening: " + server.logs())
-            yield server
-            assert server.stop(timeout=60) == 0, server.logs()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
 
 
 @contextlib.asynccontextmanager

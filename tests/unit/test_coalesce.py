@@ -3,48 +3,54 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from backend.store.coalesce import Coalescer
 
 
+class Loader:
+    """A load function that records the keys of each load; the first load says it started and then
+    waits for `release` (set it, or cancel the load); `answer` makes each load's result."""
+
+    def __init__(self, answer: Callable[[list[str]], dict[str, int]]) -> None:
+        self.answer = answer
+        self.loads: list[list[str]] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, keys: list[str]) -> dict[str, int]:
+        self.loads.append(keys)
+        if len(self.loads) == 1:
+            self.started.set()
+            await self.release.wait()
+        return self.answer(keys)
+
+
 async def test_reads_queued_while_a_load_runs_share_the_next_load() -> None:
-    release = asyncio.Event()
-    loads: list[list[str]] = []
-
-    async def load(keys: list[str]) -> dict[str, int]:
-        loads.append(keys)
-        if len(loads) == 1:
-            await release.wait()
-        return {key: len(key) for key in keys}
-
+    load = Loader(lambda keys: {key: len(key) for key in keys})
     coalescer: Coalescer[str, int] = Coalescer(load, int, max_in_flight=1)
     first = asyncio.create_task(coalescer.get("a"))
     await asyncio.sleep(0)
     others = [asyncio.create_task(coalescer.get(key)) for key in ("bb", "ccc", "bb")]
     await asyncio.sleep(0)
-    release.set()
+    load.release.set()
     assert await first == 1
     assert await asyncio.gather(*others) == [2, 3, 2]
-    assert loads == [["a"], ["bb", "ccc"]]  # asked after the first load started: answered by a later one
+    assert load.loads == [["a"], ["bb", "ccc"]]  # asked after the first load started: answered by a later one
+
+
+def closing(keys: list[str]) -> dict[str, int]:
+    raise RuntimeError("the pool is closing")
 
 
 async def test_a_loader_cancelled_mid_load_hands_the_others_to_the_next_load_and_drops_its_own_read() -> None:
     """Its own read is not loaded again: answered later, an error would sit in a future nobody awaits."""
-    started = asyncio.Event()
-    loads: list[list[str]] = []
-
-    async def load(keys: list[str]) -> dict[str, int]:
-        loads.append(keys)
-        if len(loads) == 1:
-            started.set()
-            await asyncio.Event().wait()  # until cancelled
-        raise RuntimeError("the pool is closing")
-
+    load = Loader(closing)  # the first load is never released: it waits until cancelled
     coalescer: Coalescer[str, int] = Coalescer(load, int, max_in_flight=1)
     loader = asyncio.create_task(coalescer.get("a"))
-    await started.wait()
+    await load.started.wait()
     waiting = asyncio.create_task(coalescer.get("b"))
     await asyncio.sleep(0)
     loader.cancel()
@@ -52,4 +58,4 @@ async def test_a_loader_cancelled_mid_load_hands_the_others_to_the_next_load_and
         await loader
     with pytest.raises(RuntimeError):
         await waiting
-    assert loads == [["a"], ["b"]]
+    assert load.loads == [["a"], ["b"]]

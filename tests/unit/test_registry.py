@@ -14,27 +14,6 @@ from backend.domain import registry
 from backend.domain.api_key import ApiKey, hash_secret
 from backend.domain.deposit import Deposit
 from backend.domain.errors import ValidationError
-from backend.domain.registry import (
-    AGGREGATE_TYPES,
-    ENVELOPE,
-    EVENT_TYPES,
-    SCHEMA_VERSIONS,
-    UPCASTERS,
-    AnyEvent,
-    aggregate_for_stream,
-    aggregate_type_of,
-    apikey_stream,
-    deposit_stream,
-    event_fields,
-    event_from_payload,
-    parse_stream_id,
-    payload_from_event,
-    replay,
-    stream_id,
-    type_name,
-    upcast,
-    wallet_stream,
-)
 from backend.domain.wallet import Wallet
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -44,7 +23,7 @@ def at(seconds: int) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-def every_event_type() -> list[tuple[Aggregate, list[AnyEvent]]]:
+def every_event_type() -> list[tuple[Aggregate, list[registry.AnyEvent]]]:
     """Aggregates with their full histories, together covering every registered event type."""
     a = Wallet.open(uuid4(), "alice", "USD", T0)
     b = Wallet.open(uuid4(), "bob", "USD", T0)
@@ -79,11 +58,11 @@ def every_event_type() -> list[tuple[Aggregate, list[AnyEvent]]]:
     return [(agg, list(agg.collect_events())) for agg in (a, b, d1, d2, d3, k)]
 
 
-def to_row(event: AnyEvent) -> tuple[str, int, str, str, str]:
+def to_row(event: registry.AnyEvent) -> tuple[str, int, str, str, str]:
     """What a store would write: stream id, version, type, JSON data, timestamp."""
-    name, data = payload_from_event(event)
+    name, data = registry.payload_from_event(event)
     return (
-        f"{aggregate_type_of(name)}-{event.originator_id}",
+        f"{registry.aggregate_type_of(name)}-{event.originator_id}",
         event.originator_version,
         name,
         json.dumps(data),
@@ -91,10 +70,10 @@ def to_row(event: AnyEvent) -> tuple[str, int, str, str, str]:
     )
 
 
-def from_row(row: tuple[str, int, str, str, str]) -> AnyEvent:
+def from_row(row: tuple[str, int, str, str, str]) -> registry.AnyEvent:
     stream, version, name, data, timestamp = row
-    _, originator_id = parse_stream_id(stream)
-    return event_from_payload(name, originator_id, version, timestamp, json.loads(data))
+    _, originator_id = registry.parse_stream_id(stream)
+    return registry.event_from_payload(name, originator_id, version, timestamp, json.loads(data))
 
 
 # ---------------------------------------------------------------- names
@@ -102,43 +81,43 @@ def from_row(row: tuple[str, int, str, str, str]) -> AnyEvent:
 
 def test_every_event_class_is_registered_under_its_own_name() -> None:
     declared = set()
-    for aggregate_class in AGGREGATE_TYPES.values():
+    for aggregate_class in registry.AGGREGATE_TYPES.values():
         for name, value in vars(aggregate_class).items():
             is_event = isinstance(value, type) and issubclass(value, aggregate_class.Event)
             # 'Event' is the abstract base; 'Created' is eventsourcing's unused default.
             if is_event and name not in {"Event", "Created"}:
                 declared.add(value)
-    assert declared == set(EVENT_TYPES.values())
-    for name, cls in EVENT_TYPES.items():
+    assert declared == set(registry.EVENT_TYPES.values())
+    for name, cls in registry.EVENT_TYPES.items():
         assert cls.__name__ == name
-        assert type_name(cls) == name
+        assert registry.type_name(cls) == name
         assert "." not in name and ":" not in name
 
 
 def test_type_name_of_instance_and_unknown() -> None:
     w = Wallet.open(uuid4(), "a", "USD", T0)
-    assert type_name(w.collect_events()[0]) == "WalletOpened"
+    assert registry.type_name(w.collect_events()[0]) == "WalletOpened"
     with pytest.raises(KeyError):
-        type_name(Wallet.Created)
+        registry.type_name(Wallet.Created)
     with pytest.raises(KeyError):
         registry.event_class("WalletExploded")
 
 
 def test_schema_versions_start_at_one() -> None:
-    assert SCHEMA_VERSIONS == dict.fromkeys(EVENT_TYPES, 1)
+    assert registry.SCHEMA_VERSIONS == dict.fromkeys(registry.EVENT_TYPES, 1)
 
 
 def test_each_event_type_belongs_to_one_aggregate() -> None:
-    assert aggregate_type_of("WalletDebited") == "wallet"
-    assert aggregate_type_of("DepositConfirmed") == "deposit"
-    assert aggregate_type_of("ApiKeyRevoked") == "apikey"
+    assert registry.aggregate_type_of("WalletDebited") == "wallet"
+    assert registry.aggregate_type_of("DepositConfirmed") == "deposit"
+    assert registry.aggregate_type_of("ApiKeyRevoked") == "apikey"
 
 
 def test_event_fields_are_json_friendly_types() -> None:
     allowed = {int, str, bool, UUID, datetime, tuple[str, ...], datetime | None}
-    for name, cls in EVENT_TYPES.items():
-        fields = event_fields(cls)
-        assert not fields.keys() & ENVELOPE, name
+    for name, cls in registry.EVENT_TYPES.items():
+        fields = registry.event_fields(cls)
+        assert not fields.keys() & registry.ENVELOPE, name
         assert set(fields.values()) <= allowed, (name, fields)
 
 
@@ -147,16 +126,16 @@ def test_event_fields_are_json_friendly_types() -> None:
 
 def test_stream_ids() -> None:
     wallet_id = uuid4()
-    assert wallet_stream(wallet_id) == f"wallet-{wallet_id}"
-    assert deposit_stream(wallet_id) == f"deposit-{wallet_id}"
-    assert apikey_stream(wallet_id) == f"apikey-{wallet_id}"
-    assert parse_stream_id(f"wallet-{wallet_id}") == ("wallet", wallet_id)
-    assert aggregate_for_stream(f"deposit-{wallet_id}") is Deposit
-    assert aggregate_for_stream(f"apikey-{wallet_id}") is ApiKey
+    assert registry.wallet_stream(wallet_id) == f"wallet-{wallet_id}"
+    assert registry.deposit_stream(wallet_id) == f"deposit-{wallet_id}"
+    assert registry.apikey_stream(wallet_id) == f"apikey-{wallet_id}"
+    assert registry.parse_stream_id(f"wallet-{wallet_id}") == ("wallet", wallet_id)
+    assert registry.aggregate_for_stream(f"deposit-{wallet_id}") is Deposit
+    assert registry.aggregate_for_stream(f"apikey-{wallet_id}") is ApiKey
     w = Wallet.open(wallet_id, "a", "USD", T0)
-    assert stream_id(w) == wallet_stream(wallet_id)
+    assert registry.stream_id(w) == registry.wallet_stream(wallet_id)
     d = Deposit.create(uuid4(), wallet_id, "BTC", "tb1q", T0)
-    assert stream_id(d) == deposit_stream(d.id)
+    assert registry.stream_id(d) == registry.deposit_stream(d.id)
 
 
 @pytest.mark.parametrize(
@@ -175,7 +154,7 @@ def test_stream_ids() -> None:
 )
 def test_invalid_stream_ids(bad: str) -> None:
     with pytest.raises(ValidationError) as info:
-        parse_stream_id(bad)
+        registry.parse_stream_id(bad)
     assert info.value.field == "stream_id"
 
 
@@ -193,12 +172,12 @@ def test_every_event_type_round_trips() -> None:
     seen = set()
     for _, events in every_event_type():
         for event in events:
-            name, data = payload_from_event(event)
+            name, data = registry.payload_from_event(event)
             seen.add(name)
-            assert not data.keys() & ENVELOPE
+            assert not data.keys() & registry.ENVELOPE
             assert json.loads(json.dumps(data)) == data  # JSON-friendly as it is
             assert from_row(to_row(event)) == event
-    assert seen == set(EVENT_TYPES)
+    assert seen == set(registry.EVENT_TYPES)
 
 
 def test_payload_encoding() -> None:
@@ -206,7 +185,7 @@ def test_payload_encoding() -> None:
     w.credit(100, "r", T0)
     rid = uuid4()
     w.reserve(rid, 10, datetime(2024, 5, 1, 14, 0, tzinfo=UTC), T0)
-    name, data = payload_from_event(w.collect_events()[-1])
+    name, data = registry.payload_from_event(w.collect_events()[-1])
     assert name == "CreditReserved"
     assert data == {
         "reservation_id": str(rid),
@@ -218,9 +197,9 @@ def test_payload_encoding() -> None:
 def test_created_event_gets_its_topic_back() -> None:
     w = Wallet.open(uuid4(), "a", "USD", T0)
     [event] = w.collect_events()
-    name, data = payload_from_event(event)
+    name, data = registry.payload_from_event(event)
     assert "originator_topic" not in data
-    rebuilt = event_from_payload(name, str(w.id), 1, "2024-05-01T12:00:00Z", data)
+    rebuilt = registry.event_from_payload(name, str(w.id), 1, "2024-05-01T12:00:00Z", data)
     assert isinstance(rebuilt, CanInitAggregate)
     assert rebuilt == event
     assert rebuilt.timestamp == T0
@@ -239,21 +218,21 @@ def test_created_event_gets_its_topic_back() -> None:
 )
 def test_event_from_payload_rejects_bad_payloads(data: dict[str, Any], error: type) -> None:
     with pytest.raises(error):
-        event_from_payload("WalletCredited", uuid4(), 2, T0, data)
+        registry.event_from_payload("WalletCredited", uuid4(), 2, T0, data)
 
 
 def test_event_from_payload_rejects_naive_time_and_bad_ids() -> None:
     data = {"amount": 5, "reference": "r"}
     with pytest.raises(ValueError, match="naive"):
-        event_from_payload("WalletCredited", uuid4(), 2, "2024-05-01T12:00:00", data)
+        registry.event_from_payload("WalletCredited", uuid4(), 2, "2024-05-01T12:00:00", data)
     with pytest.raises(ValueError):
-        event_from_payload("WalletCredited", "nope", 2, T0, data)
+        registry.event_from_payload("WalletCredited", "nope", 2, T0, data)
 
 
 def test_payload_from_event_rejects_unregistered_events() -> None:
     stray = Wallet.Created(originator_id=uuid4(), originator_version=1, timestamp=T0, originator_topic="x")
     with pytest.raises(KeyError):
-        payload_from_event(stray)
+        registry.payload_from_event(stray)
 
 
 # ---------------------------------------------------------------- upcasting
@@ -265,30 +244,30 @@ def test_upcaster_lifts_a_v0_payload(monkeypatch: pytest.MonkeyPatch) -> None:
     def v0_to_v1(data: dict[str, Any]) -> dict[str, Any]:
         return {"amount": data.pop("amount_minor"), "reference": data.pop("memo", "")}
 
-    monkeypatch.setitem(UPCASTERS, ("WalletCredited", 0), v0_to_v1)
+    monkeypatch.setitem(registry.UPCASTERS, ("WalletCredited", 0), v0_to_v1)
     old = {"amount_minor": 250}
-    assert upcast("WalletCredited", 0, old) == (1, {"amount": 250, "reference": ""})
+    assert registry.upcast("WalletCredited", 0, old) == (1, {"amount": 250, "reference": ""})
     assert old == {"amount_minor": 250}  # the stored payload is not mutated
-    assert upcast("WalletCredited", 1, {"amount": 1, "reference": "x"}) == (
+    assert registry.upcast("WalletCredited", 1, {"amount": 1, "reference": "x"}) == (
         1,
         {"amount": 1, "reference": "x"},
     )
 
     wallet_id = uuid4()
-    opened = event_from_payload("WalletOpened", wallet_id, 1, T0, {"owner": "a", "currency": "USD"})
-    credited = event_from_payload("WalletCredited", wallet_id, 2, T0, old, schema_version=0)
-    w = replay([opened, credited])
+    opened = registry.event_from_payload("WalletOpened", wallet_id, 1, T0, {"owner": "a", "currency": "USD"})
+    credited = registry.event_from_payload("WalletCredited", wallet_id, 2, T0, old, schema_version=0)
+    w = registry.replay([opened, credited])
     assert isinstance(w, Wallet)
     assert w.balance == 250
 
 
 def test_upcast_without_upcaster_or_from_the_future() -> None:
     with pytest.raises(LookupError):
-        upcast("WalletCredited", 0, {"amount_minor": 1})
+        registry.upcast("WalletCredited", 0, {"amount_minor": 1})
     with pytest.raises(ValueError, match="newer"):
-        upcast("WalletCredited", 2, {})
+        registry.upcast("WalletCredited", 2, {})
     with pytest.raises(KeyError):
-        upcast("WalletExploded", 1, {})
+        registry.upcast("WalletExploded", 1, {})
 
 
 # ---------------------------------------------------------------- replay
@@ -297,7 +276,7 @@ def test_upcast_without_upcaster_or_from_the_future() -> None:
 def test_replaying_mapped_rows_rebuilds_identical_aggregates() -> None:
     for aggregate, events in every_event_type():
         rows = [to_row(e) for e in events]
-        rebuilt = replay(from_row(row) for row in rows)
+        rebuilt = registry.replay(from_row(row) for row in rows)
         assert rebuilt == aggregate
         assert rebuilt is not None and rebuilt.version == len(events)
         assert rebuilt.modified_on == events[-1].timestamp
@@ -305,14 +284,14 @@ def test_replaying_mapped_rows_rebuilds_identical_aggregates() -> None:
 
 def test_replay_continues_from_an_aggregate() -> None:
     aggregate, events = every_event_type()[0]
-    head = replay(events[:3])
+    head = registry.replay(events[:3])
     assert head is not None
-    assert replay(events[3:], head) == aggregate
+    assert registry.replay(events[3:], head) == aggregate
 
 
 def test_replay_state_as_of_a_version() -> None:
     (aggregate, events) = every_event_type()[0]
     assert isinstance(aggregate, Wallet)
-    early = replay(events[:2])
+    early = registry.replay(events[:2])
     assert isinstance(early, Wallet)
     assert (early.balance, early.version) == (1000, 2)

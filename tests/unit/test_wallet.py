@@ -9,20 +9,6 @@ from uuid import UUID, uuid4
 import pytest
 
 from backend.domain import errors
-from backend.domain.errors import (
-    AmountExceedsReserved,
-    CurrencyMismatch,
-    DomainError,
-    InsufficientFunds,
-    InvalidAmount,
-    InvalidTransition,
-    LockNotOpen,
-    ReservationExpired,
-    ReservationNotOpen,
-    SameWallet,
-    UnsupportedCurrency,
-    ValidationError,
-)
 from backend.domain.money import (
     CURRENCIES,
     MAX_AMOUNT,
@@ -57,7 +43,7 @@ def names(w: Wallet) -> list[str]:
 
 @pytest.mark.parametrize("bad", [True, False, 1.0, 10.5, "10", None, 0, -1, MAX_AMOUNT + 1])
 def test_require_amount_rejects(bad: object) -> None:
-    with pytest.raises(InvalidAmount) as info:
+    with pytest.raises(errors.InvalidAmount) as info:
         require_amount(bad)
     assert info.value.code == "validation_error"
     assert info.value.field == "amount"
@@ -70,7 +56,7 @@ def test_require_amount_accepts(good: int) -> None:
 
 @pytest.mark.parametrize("bad", ["usd", "US", "XXX", "ABCDEFGHIJK", "", None, 840, "USD "])
 def test_require_currency_rejects(bad: object) -> None:
-    with pytest.raises(UnsupportedCurrency) as info:
+    with pytest.raises(errors.UnsupportedCurrency) as info:
         require_currency(bad)
     assert info.value.code == "validation_error"
     assert info.value.field == "currency"
@@ -91,21 +77,21 @@ def test_currency_table() -> None:
 @pytest.mark.parametrize(
     ("error", "code"),
     [
-        (InsufficientFunds(5, 3), "insufficient_funds"),
-        (CurrencyMismatch("USD", "EUR"), "currency_mismatch"),
-        (LockNotOpen(uuid4()), "lock_not_open"),
-        (ReservationNotOpen(uuid4()), "reservation_not_open"),
-        (ReservationExpired(uuid4(), T0), "reservation_expired"),
-        (AmountExceedsReserved(5, 3), "amount_exceeds_reserved"),
-        (InvalidTransition("no"), "invalid_transition"),
-        (SameWallet(uuid4()), "same_wallet"),
-        (InvalidAmount("no"), "validation_error"),
-        (UnsupportedCurrency("XXX"), "validation_error"),
-        (ValidationError("no", field="x"), "validation_error"),
+        (errors.InsufficientFunds(5, 3), "insufficient_funds"),
+        (errors.CurrencyMismatch("USD", "EUR"), "currency_mismatch"),
+        (errors.LockNotOpen(uuid4()), "lock_not_open"),
+        (errors.ReservationNotOpen(uuid4()), "reservation_not_open"),
+        (errors.ReservationExpired(uuid4(), T0), "reservation_expired"),
+        (errors.AmountExceedsReserved(5, 3), "amount_exceeds_reserved"),
+        (errors.InvalidTransition("no"), "invalid_transition"),
+        (errors.SameWallet(uuid4()), "same_wallet"),
+        (errors.InvalidAmount("no"), "validation_error"),
+        (errors.UnsupportedCurrency("XXX"), "validation_error"),
+        (errors.ValidationError("no", field="x"), "validation_error"),
     ],
 )
-def test_error_codes(error: DomainError, code: str) -> None:
-    assert isinstance(error, DomainError)
+def test_error_codes(error: errors.DomainError, code: str) -> None:
+    assert isinstance(error, errors.DomainError)
     assert error.code == code
     assert error.detail and str(error) == error.detail
     # Extra attributes are JSON scalars, ready for a problem document.
@@ -113,7 +99,7 @@ def test_error_codes(error: DomainError, code: str) -> None:
 
 
 def test_insufficient_funds_attributes() -> None:
-    err = InsufficientFunds(requested=7, available=3)
+    err = errors.InsufficientFunds(requested=7, available=3)
     assert (err.requested, err.available) == (7, 3)
     assert err.extra == {"requested": 7, "available": 3}
 
@@ -147,7 +133,7 @@ def test_open_records_wallet_opened_with_passed_id_and_time() -> None:
 def test_open_validates(kwargs: dict[str, object], field: str) -> None:
     args: dict[str, object] = {"wallet_id": uuid4(), "owner": "a", "currency": "USD", "now": T0}
     args.update(kwargs)
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(errors.ValidationError) as info:
         Wallet.open(**args)  # type: ignore[arg-type]
     assert info.value.field == field
     assert info.value.code == "validation_error"
@@ -180,7 +166,7 @@ def test_credit_and_debit() -> None:
 @pytest.mark.parametrize("command", ["credit", "debit"])
 def test_credit_debit_reject_bad_amounts(command: str, bad: object) -> None:
     w = wallet(balance=100)
-    with pytest.raises(InvalidAmount):
+    with pytest.raises(errors.InvalidAmount):
         getattr(w, command)(bad, "r", T0)
     assert w.pending_events == []
 
@@ -188,7 +174,7 @@ def test_credit_debit_reject_bad_amounts(command: str, bad: object) -> None:
 def test_debit_more_than_available_is_insufficient_funds() -> None:
     w = wallet(balance=100)
     w.lock(uuid4(), 30, "hold", T0)
-    with pytest.raises(InsufficientFunds) as info:
+    with pytest.raises(errors.InsufficientFunds) as info:
         w.debit(71, "r", T0)
     assert (info.value.requested, info.value.available) == (71, 70)
     w.debit(70, "r", T0)
@@ -199,13 +185,13 @@ def test_credit_cannot_overflow_bigint() -> None:
     w = wallet(balance=MAX_AMOUNT - 10)
     w.credit(10, "r", T0)
     assert w.balance == MAX_AMOUNT
-    with pytest.raises(InvalidAmount):
+    with pytest.raises(errors.InvalidAmount):
         w.credit(1, "r", T0)
 
 
 def test_reference_must_be_text() -> None:
     w = wallet(balance=10)
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(errors.ValidationError) as info:
         w.credit(1, None, T0)  # type: ignore[arg-type]
     assert info.value.field == "reference"
 
@@ -225,7 +211,7 @@ def test_lock_and_release() -> None:
 
 def test_lock_needs_available_funds() -> None:
     w = wallet(balance=100)
-    with pytest.raises(InsufficientFunds):
+    with pytest.raises(errors.InsufficientFunds):
         w.lock(uuid4(), 101, "r", T0)
 
 
@@ -234,16 +220,16 @@ def test_lock_closes_exactly_once() -> None:
     lock_id = uuid4()
     w.lock(lock_id, 10, "r", T0)
     w.release(lock_id, T0)
-    with pytest.raises(LockNotOpen) as info:
+    with pytest.raises(errors.LockNotOpen) as info:
         w.release(lock_id, T0)
     assert info.value.state == "released"
     assert info.value.code == "lock_not_open"
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(errors.InvalidTransition):
         w.lock(lock_id, 10, "reuse", T0)  # ids are never reused
 
 
 def test_release_unknown_lock() -> None:
-    with pytest.raises(LockNotOpen) as info:
+    with pytest.raises(errors.LockNotOpen) as info:
         wallet(balance=5).release(uuid4(), T0)
     assert info.value.state == "unknown"
 
@@ -252,7 +238,7 @@ def test_duplicate_open_lock_id_rejected() -> None:
     w = wallet(balance=100)
     lock_id = uuid4()
     w.lock(lock_id, 10, "r", T0)
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(errors.InvalidTransition):
         w.lock(lock_id, 10, "r", T0)
 
 
@@ -275,7 +261,7 @@ def test_settle_moves_locked_amount_to_other_wallet() -> None:
     assert received.from_wallet_id == a.id  # type: ignore[attr-defined]
     assert received.lock_id == lock_id  # type: ignore[attr-defined]
     assert sent.timestamp == received.timestamp == at(3)
-    with pytest.raises(LockNotOpen) as info:
+    with pytest.raises(errors.LockNotOpen) as info:
         a.settle(lock_id, b, at(4))
     assert info.value.state == "settled"
 
@@ -285,7 +271,7 @@ def test_settle_rejects_currency_mismatch() -> None:
     lock_id = uuid4()
     a.lock(lock_id, 10, "r", T0)
     a.collect_events()
-    with pytest.raises(CurrencyMismatch) as info:
+    with pytest.raises(errors.CurrencyMismatch) as info:
         a.settle(lock_id, b, T0)
     assert (info.value.expected, info.value.actual) == ("USD", "EUR")
     assert a.pending_events == [] and b.pending_events == []
@@ -296,12 +282,12 @@ def test_settle_rejects_same_wallet() -> None:
     a = wallet(balance=100)
     lock_id = uuid4()
     a.lock(lock_id, 10, "r", T0)
-    with pytest.raises(SameWallet):
+    with pytest.raises(errors.SameWallet):
         a.settle(lock_id, a, T0)
 
 
 def test_settle_unknown_lock() -> None:
-    with pytest.raises(LockNotOpen):
+    with pytest.raises(errors.LockNotOpen):
         wallet(balance=1).settle(uuid4(), wallet(), T0)
 
 
@@ -310,12 +296,21 @@ def test_settle_cannot_overflow_receiver() -> None:
     lock_id = uuid4()
     a.lock(lock_id, 10, "r", T0)
     a.collect_events()
-    with pytest.raises(InvalidAmount):
+    with pytest.raises(errors.InvalidAmount):
         a.settle(lock_id, b, T0)
     assert a.pending_events == [] and b.pending_events == []
 
 
 # ---------------------------------------------------------------- reservations
+
+
+def reserved(amount: int, expires: int = 60) -> tuple[Wallet, UUID]:
+    """A wallet of 100 with one open reservation of `amount` due at(expires), its events taken."""
+    w = wallet(balance=100)
+    rid = uuid4()
+    w.reserve(rid, amount, at(expires), T0)
+    w.collect_events()
+    return w, rid
 
 
 def test_reserve_and_confirm_full() -> None:
@@ -331,70 +326,60 @@ def test_reserve_and_confirm_full() -> None:
 
 
 def test_confirm_partial_returns_the_rest() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 40, at(60), T0)
+    w, rid = reserved(40)
     w.confirm(rid, at(1), amount=25)
     assert (w.balance, w.reserved, w.available) == (75, 0, 75)
     assert w.closed_reservations == {rid: "confirmed"}
 
 
 def test_confirm_more_than_reserved() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 40, at(60), T0)
-    w.collect_events()
-    with pytest.raises(AmountExceedsReserved) as info:
+    w, rid = reserved(40)
+    with pytest.raises(errors.AmountExceedsReserved) as info:
         w.confirm(rid, at(1), amount=41)
     assert (info.value.requested, info.value.reserved) == (41, 40)
-    with pytest.raises(InvalidAmount):
+    with pytest.raises(errors.InvalidAmount):
         w.confirm(rid, at(1), amount=0)
     assert w.pending_events == [] and w.reserved == 40
 
 
 def test_reservation_closes_exactly_once() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(60), T0)
+    w, rid = reserved(10)
     w.rollback(rid, at(1))
     assert (w.reserved, w.available) == (0, 100)
     for command in (w.confirm, w.rollback):
-        with pytest.raises(ReservationNotOpen) as info:
+        with pytest.raises(errors.ReservationNotOpen) as info:
             command(rid, at(2))
         assert info.value.state == "rolled_back"
-    with pytest.raises(ReservationNotOpen):
+    with pytest.raises(errors.ReservationNotOpen):
         w.expire(rid, at(100))
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(errors.InvalidTransition):
         w.reserve(rid, 5, at(120), at(3))
 
 
 def test_unknown_reservation() -> None:
     w = wallet(balance=1)
     for command in (w.confirm, w.rollback, w.expire):
-        with pytest.raises(ReservationNotOpen) as info:
+        with pytest.raises(errors.ReservationNotOpen) as info:
             command(uuid4(), T0)
         assert info.value.state == "unknown"
 
 
 def test_reserve_validates() -> None:
     w = wallet(balance=100)
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(errors.ValidationError) as info:
         w.reserve(uuid4(), 10, T0, T0)
     assert info.value.field == "expires_at"
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(errors.ValidationError) as info:
         w.reserve(uuid4(), 10, datetime(2030, 1, 1), T0)  # naive
     assert info.value.field == "expires_at"
-    with pytest.raises(InsufficientFunds):
+    with pytest.raises(errors.InsufficientFunds):
         w.reserve(uuid4(), 101, at(10), T0)
     assert w.pending_events == []
 
 
 def test_expire_only_when_due() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(60), T0)
-    w.collect_events()
-    with pytest.raises(InvalidTransition) as info:
+    w, rid = reserved(10)
+    with pytest.raises(errors.InvalidTransition) as info:
         w.expire(rid, at(59))
     assert info.value.code == "invalid_transition"
     w.expire(rid, at(60))  # due exactly at expires_at
@@ -402,18 +387,15 @@ def test_expire_only_when_due() -> None:
     [event] = w.collect_events()
     assert type_name(event) == "ReservationExpired"
     assert event.timestamp == at(60)
-    with pytest.raises(ReservationNotOpen) as not_open:
+    with pytest.raises(errors.ReservationNotOpen) as not_open:
         w.expire(rid, at(61))
     assert not_open.value.state == "expired"
 
 
 @pytest.mark.parametrize("command", ["confirm", "rollback"])
 def test_confirm_or_rollback_of_due_reservation_raises_and_records_nothing(command: str) -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(60), T0)
-    w.collect_events()
-    with pytest.raises(ReservationExpired) as info:
+    w, rid = reserved(10)
+    with pytest.raises(errors.ReservationExpired) as info:
         getattr(w, command)(rid, at(60))
     assert info.value.code == "reservation_expired"
     assert info.value.expires_at == at(60)
@@ -422,13 +404,11 @@ def test_confirm_or_rollback_of_due_reservation_raises_and_records_nothing(comma
 
 
 def test_confirm_after_recorded_expiry_says_expired() -> None:
-    w = wallet(balance=100)
-    rid = uuid4()
-    w.reserve(rid, 10, at(5), T0)
+    w, rid = reserved(10, expires=5)
     w.expire(rid, at(5))
-    with pytest.raises(ReservationExpired):
+    with pytest.raises(errors.ReservationExpired):
         w.confirm(rid, at(6))
-    with pytest.raises(ReservationExpired):
+    with pytest.raises(errors.ReservationExpired):
         w.rollback(rid, at(6))
 
 
@@ -483,7 +463,7 @@ def test_view_counts_due_reservations_as_expired() -> None:
 def test_debit_cannot_use_funds_of_an_undue_reservation() -> None:
     w = wallet(balance=100)
     w.reserve(uuid4(), 60, at(10), T0)
-    with pytest.raises(InsufficientFunds) as info:
+    with pytest.raises(errors.InsufficientFunds) as info:
         w.debit(41, "r", at(9))
     assert info.value.available == 40
 
@@ -499,9 +479,9 @@ def test_credit_from_deposit_once() -> None:
     [event] = w.collect_events()
     assert type_name(event) == "DepositCredited"
     assert (event.deposit_id, event.chain_tx_id) == (deposit_id, "tx-1")  # type: ignore[attr-defined]
-    with pytest.raises(InvalidTransition):
+    with pytest.raises(errors.InvalidTransition):
         w.credit_from_deposit(deposit_id, 500, "tx-1", at(1))
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(errors.ValidationError) as info:
         w.credit_from_deposit(uuid4(), 5, "", at(1))
     assert info.value.field == "chain_tx_id"
 
@@ -533,7 +513,7 @@ def test_failed_command_records_nothing_even_with_due_reservations(
     w.reserve(rid, 10, at(50), T0)  # due at t=100
     w.collect_events()
     version, state = w.version, dict(vars(w))
-    with pytest.raises(DomainError):
+    with pytest.raises(errors.DomainError):
         command(w, other, lock_id, rid)
     assert w.pending_events == [] and other.pending_events == []
     assert w.version == version
@@ -550,7 +530,7 @@ def test_event_methods_do_not_validate_on_replay() -> None:
 
 def test_errors_module_exports_helpers() -> None:
     assert errors.require_utc(T0) == T0
-    with pytest.raises(ValidationError):
+    with pytest.raises(errors.ValidationError):
         errors.require_count(-1, "confirmations")
-    with pytest.raises(ValidationError):
+    with pytest.raises(errors.ValidationError):
         errors.require_count(True, "confirmations")

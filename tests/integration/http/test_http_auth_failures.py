@@ -31,6 +31,15 @@ async def status_of(client: Client, token: str | None, address: str | None = Non
     return response.status, {**response.headers, "code": body.get("code", "")}
 
 
+async def limited_client(aiohttp_client: AiohttpClient, database_url: str, *, burst: int, rate: float,
+                         **settings: object) -> Client:
+    """A client of an app whose failed authentications are limited to `burst`, then `rate` per second
+    (answered at once: no hold)."""
+    app = create_app(make_settings(database_url, auth_failure_burst=burst, auth_failure_rate_per_s=rate,
+                                   auth_failure_hold_s=0, **settings))
+    return await aiohttp_client(app)
+
+
 def forbid_lookups(app: web.Application) -> None:
     """From now on a key lookup fails the test (the repository is the only way to the keys)."""
 
@@ -56,10 +65,8 @@ async def test_an_unknown_key_id_costs_one_lookup_then_none(client: Client) -> N
 async def test_a_flood_of_made_up_keys_from_one_address_is_429_and_costs_no_lookup(
     aiohttp_client: AiohttpClient, database_url: str,
 ) -> None:
-    settings = make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.5,
-                             trusted_proxies="127.0.0.1", auth_failure_hold_s=0)
-    app = create_app(settings)
-    client = await aiohttp_client(app)
+    client = await limited_client(aiohttp_client, database_url, burst=10, rate=0.5, trusted_proxies="127.0.0.1")
+    app = client.app
     authenticator = app[AUTHENTICATOR]
     cached = await mint_token(app, "alice", ["wallets:read"])
     assert (await status_of(client, cached, FLOODER))[0] == 403  # now cached (no admin scope: 403)
@@ -90,9 +97,8 @@ async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
     aiohttp_client: AiohttpClient, database_url: str,
 ) -> None:
     """Each request takes its token before its lookup, not after its failure: 60 at once, 10 lookups."""
-    app = create_app(make_settings(database_url, auth_failure_burst=10, auth_failure_rate_per_s=0.01,
-                                   auth_failure_hold_s=0))
-    client = await aiohttp_client(app)
+    client = await limited_client(aiohttp_client, database_url, burst=10, rate=0.01)
+    app = client.app
     before = app[AUTHENTICATOR].loads
     answers = await asyncio.gather(*(status_of(client, new_token()[1]) for _ in range(60)))
     assert sorted(status for status, _ in answers) == [401] * 10 + [429] * 50
@@ -102,9 +108,7 @@ async def test_concurrent_made_up_keys_cannot_slip_past_the_burst(
 async def test_without_trusted_proxies_x_forwarded_for_is_ignored(
     aiohttp_client: AiohttpClient, database_url: str,
 ) -> None:
-    app = create_app(make_settings(database_url, auth_failure_burst=3, auth_failure_rate_per_s=0.5,
-                                   auth_failure_hold_s=0))
-    client = await aiohttp_client(app)
+    client = await limited_client(aiohttp_client, database_url, burst=3, rate=0.5)
     for address in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
         assert (await status_of(client, "garbage", address))[0] == 401
     assert (await status_of(client, "garbage", "192.0.2.4"))[0] == 429  # all of them are 127.0.0.1

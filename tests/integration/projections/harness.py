@@ -37,6 +37,12 @@ class Node:
         self.dsn = dsn
         self.settings = settings
         self.core: Core
+        # The parts of the core the tests use most, set by open().
+        self.pool: asyncpg.Pool
+        self.store: EventStore
+        self.listener: Listener
+        self.bus: CommandBus
+        self.clock: Clock
         self.service: ProjectionService | None = None
         self._closing = contextlib.AsyncExitStack()
 
@@ -44,28 +50,10 @@ class Node:
     async def open(cls, dsn: str, settings: Settings | None = None, clock: Clock = SYSTEM_CLOCK) -> Node:
         node = cls(dsn, settings or settings_for(dsn))
         unmigrated = node.settings.model_copy(update={"apply_migrations": False})  # the fixture migrated
-        node.core = await node._closing.enter_async_context(open_core(unmigrated, dsn=dsn, clock=clock))
+        core = node.core = await node._closing.enter_async_context(open_core(unmigrated, dsn=dsn, clock=clock))
+        node.pool, node.store, node.listener, node.bus, node.clock = (
+            core.pool, core.store, core.listener, core.bus, core.clock)
         return node
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self.core.pool
-
-    @property
-    def store(self) -> EventStore:
-        return self.core.store
-
-    @property
-    def listener(self) -> Listener:
-        return self.core.listener
-
-    @property
-    def bus(self) -> CommandBus:
-        return self.core.bus
-
-    @property
-    def clock(self) -> Clock:
-        return self.core.clock
 
     async def start(self, projections: Sequence[Projection] | None = None) -> ProjectionService:
         chosen = registry.all_projections(self.bus, clock=self.clock) if projections is None else projections

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -25,6 +26,20 @@ def ev(n: int = 1) -> NewEvent:
 
 def claim(key: str) -> IdempotencyClaim:
     return IdempotencyClaim("scope", key, b"fp", b"outcome")
+
+
+Stores = tuple[EventStore, EventStore]
+"""Two stores on one database: this process's (`mine`) and another process's (`theirs`)."""
+
+
+@pytest.fixture
+async def stores(pool: asyncpg.Pool) -> AsyncIterator[Stores]:
+    mine, theirs = EventStore(pool), EventStore(pool)
+    try:
+        yield mine, theirs
+    finally:
+        await mine.close()
+        await theirs.close()
 
 
 async def count_stream(pool: asyncpg.Pool, stream_id: str) -> int:
@@ -66,43 +81,35 @@ async def test_a_used_idempotency_key_on_the_fast_path_is_refused_and_appends_no
     assert await count_stream(pool, stream) == 2
 
 
-async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(pool: asyncpg.Pool) -> None:
+async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(stores: Stores) -> None:
     """Another process's stream, read after this process's last append, can be appended in one round trip."""
-    mine, theirs = EventStore(pool), EventStore(pool)
-    try:
-        foreign, own = sid(), sid()
-        await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
-        await mine.append_to(own, NO_STREAM, [ev()])  # general path; the log is now where `mine` left it
-        assert await mine.stream_version(foreign) == 2
-        fenced = mine.counters().fenced
-        await mine.append_to(foreign, 2, [ev(3)])
-        assert mine.counters().fenced == fenced + 1
+    mine, theirs = stores
+    foreign, own = sid(), sid()
+    await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
+    await mine.append_to(own, NO_STREAM, [ev()])  # general path; the log is now where `mine` left it
+    assert await mine.stream_version(foreign) == 2
+    fenced = mine.counters().fenced
+    await mine.append_to(foreign, 2, [ev(3)])
+    assert mine.counters().fenced == fenced + 1
 
-        # A read made after someone else appended teaches nothing: the general path checks for itself.
-        await theirs.append_to(foreign, 3, [ev(4)])
-        assert await mine.stream_version(foreign) == 4
-        fenced = mine.counters().fenced
-        await mine.append_to(foreign, 4, [ev(5)])
-        assert mine.counters().fenced == fenced
-        assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
-    finally:
-        await mine.close()
-        await theirs.close()
+    # A read made after someone else appended teaches nothing: the general path checks for itself.
+    await theirs.append_to(foreign, 3, [ev(4)])
+    assert await mine.stream_version(foreign) == 4
+    fenced = mine.counters().fenced
+    await mine.append_to(foreign, 4, [ev(5)])
+    assert mine.counters().fenced == fenced
+    assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
 
 
-async def test_a_tail_read_opens_the_fast_path_too(pool: asyncpg.Pool) -> None:
-    mine, theirs = EventStore(pool), EventStore(pool)
-    try:
-        foreign = sid()
-        await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
-        await mine.append_to(sid(), NO_STREAM, [ev()])
-        assert [e.version for e in await mine.read_tail(foreign, 1)] == [2]
-        fenced = mine.counters().fenced
-        await mine.append_to(foreign, 2, [ev(3)])
-        assert mine.counters().fenced == fenced + 1
-    finally:
-        await mine.close()
-        await theirs.close()
+async def test_a_tail_read_opens_the_fast_path_too(stores: Stores) -> None:
+    mine, theirs = stores
+    foreign = sid()
+    await theirs.append_to(foreign, NO_STREAM, [ev(), ev(2)])
+    await mine.append_to(sid(), NO_STREAM, [ev()])
+    assert [e.version for e in await mine.read_tail(foreign, 1)] == [2]
+    fenced = mine.counters().fenced
+    await mine.append_to(foreign, 2, [ev(3)])
+    assert mine.counters().fenced == fenced + 1
 
 
 async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
@@ -168,66 +175,54 @@ async def test_a_held_connection_asyncpg_took_back_is_replaced_not_used(
 
 
 async def test_a_new_stream_takes_the_fast_path_and_one_that_exists_is_told_by_the_general_path(
-    pool: asyncpg.Pool,
+    stores: Stores, pool: asyncpg.Pool,
 ) -> None:
-    mine, theirs = EventStore(pool), EventStore(pool)
-    try:
-        taken = sid()
-        await theirs.append_to(taken, NO_STREAM, [ev()])  # before `mine` knows anything
-        await mine.append_to(sid(), NO_STREAM, [ev()])  # general path: `mine` learns the head
-        fenced = mine.counters().fenced
-        await mine.append_to(sid(), NO_STREAM, [ev()])
-        assert mine.counters().fenced == fenced + 1
-        locked = mine.locked_paths()["taken"]  # `taken` is not known, so taken as new: the index refuses
-        with pytest.raises(WrongExpectedVersion):
-            await mine.append_to(taken, NO_STREAM, [ev()])
-        assert mine.locked_paths()["taken"] == locked + 1
-        assert await count_stream(pool, taken) == 1
-    finally:
-        await mine.close()
-        await theirs.close()
+    mine, theirs = stores
+    taken = sid()
+    await theirs.append_to(taken, NO_STREAM, [ev()])  # before `mine` knows anything
+    await mine.append_to(sid(), NO_STREAM, [ev()])  # general path: `mine` learns the head
+    fenced = mine.counters().fenced
+    await mine.append_to(sid(), NO_STREAM, [ev()])
+    assert mine.counters().fenced == fenced + 1
+    locked = mine.locked_paths()["taken"]  # `taken` is not known, so taken as new: the index refuses
+    with pytest.raises(WrongExpectedVersion):
+        await mine.append_to(taken, NO_STREAM, [ev()])
+    assert mine.locked_paths()["taken"] == locked + 1
+    assert await count_stream(pool, taken) == 1
 
 
 async def test_in_one_batch_what_memory_cannot_plan_goes_the_general_way_and_the_rest_in_one_trip(
-    pool: asyncpg.Pool,
+    stores: Stores,
 ) -> None:
     """`mine` knows both streams at version 1; another process moved one. The fence misses, the miss
     tells both streams' heads: the request on the moved one is left to the general path, which refuses
     it, and the other is appended on the fenced path."""
-    mine, theirs = EventStore(pool), EventStore(pool)
-    try:
-        still, moved = sid(), sid()
-        await mine.append([Write(still, NO_STREAM, [ev()]), Write(moved, NO_STREAM, [ev()])])
-        await theirs.append_to(moved, 1, [ev(2)])
-        fenced, misses, rejected = mine.counters().fenced, mine.counters().fence_misses, mine.locked_paths()["rejected"]
-        first = mine.submit([Write(still, 1, [ev(2)])])
-        second = mine.submit([Write(moved, 1, [ev(3)])])  # queued behind the first: one batch
-        ok, refused = await asyncio.gather(mine.outcome(first), mine.outcome(second), return_exceptions=True)
-        assert isinstance(refused, WrongExpectedVersion), refused
-        assert not isinstance(ok, BaseException) and ok.streams[0].version == 2
-        assert mine.counters().fenced == fenced + 1 and mine.counters().fence_misses == misses + 1
-        assert mine.locked_paths()["rejected"] == rejected + 1
-        assert [e.version for e in await mine.read_stream(moved)] == [1, 2]
-        assert [e.version for e in await mine.read_stream(still)] == [1, 2]
-    finally:
-        await mine.close()
-        await theirs.close()
+    mine, theirs = stores
+    still, moved = sid(), sid()
+    await mine.append([Write(still, NO_STREAM, [ev()]), Write(moved, NO_STREAM, [ev()])])
+    await theirs.append_to(moved, 1, [ev(2)])
+    fenced, misses, rejected = mine.counters().fenced, mine.counters().fence_misses, mine.locked_paths()["rejected"]
+    first = mine.submit([Write(still, 1, [ev(2)])])
+    second = mine.submit([Write(moved, 1, [ev(3)])])  # queued behind the first: one batch
+    ok, refused = await asyncio.gather(mine.outcome(first), mine.outcome(second), return_exceptions=True)
+    assert isinstance(refused, WrongExpectedVersion), refused
+    assert not isinstance(ok, BaseException) and ok.streams[0].version == 2
+    assert mine.counters().fenced == fenced + 1 and mine.counters().fence_misses == misses + 1
+    assert mine.locked_paths()["rejected"] == rejected + 1
+    assert [e.version for e in await mine.read_stream(moved)] == [1, 2]
+    assert [e.version for e in await mine.read_stream(still)] == [1, 2]
 
 
-async def test_following_the_log_keeps_the_fence_after_another_process_appended(pool: asyncpg.Pool) -> None:
-    mine, theirs = EventStore(pool), EventStore(pool)
-    try:
-        own, shared = sid(), sid()
-        await mine.append([Write(own, NO_STREAM, [ev()]), Write(shared, NO_STREAM, [ev()])])
-        head = await mine.head()
-        await theirs.append([Write(sid(), NO_STREAM, [ev()]), Write(shared, 1, [ev(2)])])
-        events = await mine.read_all(head)
-        assert mine.follow(events, events[-1].position)
-        assert not mine.follow(events, events[-1].position)  # had them already
-        fenced, misses = mine.counters().fenced, mine.counters().fence_misses
-        await mine.append([Write(shared, 2, [ev(3)]), Write(own, 1, [ev(2)])])
-        assert (mine.counters().fenced, mine.counters().fence_misses) == (fenced + 1, misses)
-        assert [e.version for e in await mine.read_stream(shared)] == [1, 2, 3]
-    finally:
-        await mine.close()
-        await theirs.close()
+async def test_following_the_log_keeps_the_fence_after_another_process_appended(stores: Stores) -> None:
+    mine, theirs = stores
+    own, shared = sid(), sid()
+    await mine.append([Write(own, NO_STREAM, [ev()]), Write(shared, NO_STREAM, [ev()])])
+    head = await mine.head()
+    await theirs.append([Write(sid(), NO_STREAM, [ev()]), Write(shared, 1, [ev(2)])])
+    events = await mine.read_all(head)
+    assert mine.follow(events, events[-1].position)
+    assert not mine.follow(events, events[-1].position)  # had them already
+    fenced, misses = mine.counters().fenced, mine.counters().fence_misses
+    await mine.append([Write(shared, 2, [ev(3)]), Write(own, 1, [ev(2)])])
+    assert (mine.counters().fenced, mine.counters().fence_misses) == (fenced + 1, misses)
+    assert [e.version for e in await mine.read_stream(shared)] == [1, 2, 3]
