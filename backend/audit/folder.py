@@ -5,6 +5,10 @@ It leads while it holds a session advisory lock on its own connection (as projec
 so a dead process hands the lead over at once; the others stand by and retry. It follows the log
 after appends commit and on its own connection, with synchronous_commit off (a crash loses only
 folded batches, which are folded again from the durable log), so appends never wait for it.
+
+It folds at most once every FOLD_INTERVAL_S while it keeps up: a fold is a transaction of five
+statements whatever it carries, and folding after every commit under load cost the serving process
+more than the commands' own appends gained from batching (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -29,12 +33,15 @@ log = logging.getLogger(__name__)
 LEADER = 0x7A11_0007
 """Advisory lock namespace of "folds the Merkle tree" (0x7A11_0005 and _0006 are the projections')."""
 NAME = "merkle"
+FOLD_INTERVAL_S = 0.1
+"""The shortest time between two folds that keep up with the head (the tree lags it by about that)."""
 RETRY_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 
 
 class Folder:
     def __init__(self, connect: Connect, listener: Listener, *, signer: Signer | None, checkpoint_s: float,
-                 batch_size: int, standby_retry_s: float = 1.0, max_backoff_s: float = 30.0) -> None:
+                 batch_size: int, standby_retry_s: float = 1.0, max_backoff_s: float = 30.0,
+                 fold_interval_s: float = FOLD_INTERVAL_S) -> None:
         self.connect = connect
         self.listener = listener
         self.signer = signer
@@ -42,6 +49,7 @@ class Folder:
         self.batch_size = batch_size
         self.standby_retry_s = standby_retry_s
         self.max_backoff_s = max_backoff_s
+        self.fold_interval_s = fold_interval_s
         self.leading = False
         self.size = 0
         self.signed = 0
@@ -85,6 +93,7 @@ class Folder:
         frontier: Frontier | None = None
         next_checkpoint = time.monotonic()  # a new leader signs at once, then every checkpoint_s
         while True:
+            folded_at = time.monotonic()
             frontier, folded = await tree_store.fold(conn, frontier, self.batch_size)
             self.size = frontier.size
             now = time.monotonic()
@@ -99,3 +108,6 @@ class Folder:
                 await asyncio.sleep(min(wait, 0.5))  # not visible yet (or a gap): do not spin
             else:
                 await self.listener.wait_beyond(frontier.size, wait)
+            pause = folded_at + self.fold_interval_s - time.monotonic()
+            if pause > 0:  # let the commits of the next moment gather into one fold
+                await asyncio.sleep(pause)
