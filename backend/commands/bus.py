@@ -135,7 +135,10 @@ class CommandBus:
     async def run(
         self, ctx: CommandContext, command: Command, renderer: Renderer, idem: IdempotencyKey | None = None
     ) -> Reply:
-        """Execute a command message on the streams it declares."""
+        """Execute a command message on the streams it declares (a Call's, as they are: no coroutine
+        around its streams or its decision)."""
+        if type(command) is Call:
+            return await self.execute(ctx, command.on, command.decision, renderer, idem)
         return await self.execute(ctx, await command.streams(), command.decide, renderer, idem)
 
     async def execute(

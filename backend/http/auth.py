@@ -43,8 +43,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if token is not None and token.startswith(STREAM_TOKEN_PREFIX):
         actor = await stream_token_actor(request, token)
     else:
-        authenticator = request.app[AUTHENTICATOR]
-        failures = request.app.get(AUTH_FAILURES)
+        app = request.app
+        authenticator = app[AUTHENTICATOR]
+        failures = app.get(AUTH_FAILURES)
         if failures is not None:
             actor = await failures.authenticate(request, authenticator, token)
         else:

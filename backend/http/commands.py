@@ -138,12 +138,12 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
 async def run_command(request: web.Request, command: Command) -> web.Response:
     """Run the command message through the bus and answer with its (possibly replayed) bytes."""
     request_id = request.get(REQUEST_ID)
-    ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id,
-                         now=request.app[CLOCK].now())
+    app = request.app
+    ctx = CommandContext(request[ACTOR], request_id, correlation_id(request) or request_id, app[CLOCK].now())
     idem = idempotency_key(request, await request.read())
     try:
         renderer = JsonRenderer(request_id, reply_model(request), success_status(request))
-        reply = await request.app[COMMANDS].run(ctx, command, renderer, idem)
+        reply = await app[COMMANDS].run(ctx, command, renderer, idem)
     except DomainError as error:
         raise domain_problem(error) from None
     except CommandError as error:
