@@ -27,8 +27,14 @@ _ETAG = re.compile(r'(?:W/)?"([^"]*)"|([^"]*)')
 """An entity tag, strong or weak, or a bare version: the version is whichever group matched."""
 
 CORRELATION_ID = "X-Correlation-ID"
-_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
-"""Visible ASCII: the key is stored and compared byte for byte, so nothing a client could send two ways."""
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def valid_idempotency_key(key: str) -> bool:
+    """1 to 255 characters of visible ASCII (! to ~): the key is stored and compared byte for byte, so
+    nothing a client could send two ways. (String methods: a regular expression cost more per command.)"""
+    return 0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable() and " " not in key
+
 
 DOMAIN_STATUS = {
     "insufficient_funds": 422,
@@ -125,7 +131,7 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not _IDEMPOTENCY_KEY.fullmatch(key):
+    if not valid_idempotency_key(key):
         raise invalid_parameters(("Idempotency-Key", "must be 1 to 255 visible ASCII characters (no space)"))
     try:
         canonical: Any = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS) if body.strip() else b""
