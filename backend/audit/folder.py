@@ -7,8 +7,8 @@ after appends commit and on its own connection, with synchronous_commit off (a c
 folded batches, which are folded again from the durable log), so appends never wait for it.
 
 It folds at most once every FOLD_INTERVAL_S while it keeps up: a fold is a transaction of five
-statements whatever it carries, and folding after every commit under load cost the serving process
-more than the commands' own appends gained from batching (docs/PERFORMANCE.md).
+statements whatever it carries, and folding after every commit (hundreds a second under load) cost
+the serving process several percent of its CPU per command (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 LEADER = 0x7A11_0007
 """Advisory lock namespace of "folds the Merkle tree" (0x7A11_0005 and _0006 are the projections')."""
 NAME = "merkle"
-FOLD_INTERVAL_S = 0.1
-"""The shortest time between two folds that keep up with the head (the tree lags it by about that)."""
+FOLD_INTERVAL_S = 1.0
+"""The shortest time between two folds that keep up with the head (the tree lags it by about that; a
+checkpoint asked for over HTTP folds up to the head itself)."""
 RETRY_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 
 
