@@ -7,7 +7,7 @@ after appends commit and on its own connection, with synchronous_commit off (a c
 folded batches, which are folded again from the durable log), so appends never wait for it.
 
 It folds at most once every FOLD_INTERVAL_S while it keeps up: a fold is a transaction of five
-statements whatever it carries, and folding after every commit (hundreds a second under load) cost
+statements whatever it carries, and folding after every commit (tens a second under load) cost
 the serving process several percent of its CPU per command (docs/PERFORMANCE.md).
 """
 
