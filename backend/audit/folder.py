@@ -6,6 +6,10 @@ as projection runners do), so a dead process hands the lead over at once; the ot
 retry. It follows the log after appends commit and on its own connection, with synchronous_commit
 off (a crash loses only folded batches, which are folded again from the durable log), so appends
 never wait for it.
+
+It folds at most once every FOLD_INTERVAL_S while it keeps up: a fold is a transaction of five
+statements whatever it carries, and folding after every commit (tens a second under load) cost
+the serving process several percent of its CPU per command (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ log = logging.getLogger(__name__)
 LEADER = 0x7A11_0007
 """Advisory lock namespace of "folds the Merkle tree" (0x7A11_0005 and _0006 are the projections')."""
 NAME = "merkle"
+FOLD_INTERVAL_S = 1.0
+"""The shortest time between two folds that keep up with the head (the tree lags it by about that; a
+checkpoint asked for over HTTP folds up to the head itself)."""
 RETRY_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 
 
@@ -43,6 +50,7 @@ class Folder:
     batch_size: int = field(kw_only=True)
     standby_retry_s: float = field(default=1.0, kw_only=True)
     max_backoff_s: float = field(default=30.0, kw_only=True)
+    fold_interval_s: float = field(default=FOLD_INTERVAL_S, kw_only=True)
     leading: bool = field(default=False, init=False)
     size: int = field(default=0, init=False)
     signed: int = field(default=0, init=False)
@@ -82,6 +90,7 @@ class Folder:
         frontier: Frontier | None = None
         next_checkpoint = time.monotonic()  # a new leader signs at once, then every checkpoint_s
         while True:
+            folded_at = time.monotonic()
             frontier, folded = await tree_store.fold(conn, frontier, self.batch_size)
             self.size = frontier.size
             now = time.monotonic()
@@ -96,3 +105,6 @@ class Folder:
                 await asyncio.sleep(min(wait, 0.5))  # not visible yet (or a gap): do not spin
             else:
                 await self.listener.wait_beyond(frontier.size, wait)
+            pause = folded_at + self.fold_interval_s - time.monotonic()
+            if pause > 0:  # let the commits of the next moment gather into one fold
+                await asyncio.sleep(pause)

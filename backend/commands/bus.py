@@ -101,7 +101,10 @@ class CommandBus:
     async def run(
         self, ctx: CommandContext, command: Command, idem: IdempotencyKey | None = None, check: Check | None = None
     ) -> Outcome:
-        """Execute a command message on the streams it declares."""
+        """Execute a command message on the streams it declares (a Call's, as they are: no coroutine
+        around its streams or its decision)."""
+        if type(command) is Call:
+            return await self.execute(ctx, command.on, command.decision, idem, check)
         return await self.execute(ctx, await command.streams(), command.decide, idem, check)
 
     async def execute(

@@ -37,8 +37,13 @@ class CommandContext:
         meta: dict[str, Any] = {"actor": self.actor.key_id}
         if self.request_id:
             meta["request_id"] = self.request_id
-        meta["correlation_id"] = self.correlation_id or self.request_id
-        return {k: v for k, v in meta.items() if v is not None}
+        correlation_id = self.correlation_id or self.request_id
+        if correlation_id is not None:
+            meta["correlation_id"] = correlation_id
+        return meta
 
     def at(self, now: datetime) -> CommandContext:
+        """This context at another time (itself at its own: a first attempt builds nothing)."""
+        if now is self.now:
+            return self
         return CommandContext(self.actor, self.request_id, self.correlation_id, now)

@@ -43,10 +43,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if token is not None and token.startswith(STREAM_TOKEN_PREFIX):
         actor = await stream_token_actor(request, token)
     else:
-        authenticator = request.app[AUTHENTICATOR]
-        failures = request.app.get(AUTH_FAILURES)
-        if failures is not None:
-            actor = await failures.authenticate(request, authenticator, token)
+        app = request.app
+        authenticator = app[AUTHENTICATOR]
+        found = authenticator.authenticate_cached(token) if token is not None else None
+        if isinstance(found, Actor):  # a key this process knows: the common case, nothing more to do
+            actor = found
+        elif (failures := app.get(AUTH_FAILURES)) is not None:
+            actor = await failures.uncached(request, authenticator, token, found)
         else:
             actor = await authenticator.authenticate(token) if token is not None else None
     if actor is None:

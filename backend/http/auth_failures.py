@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from backend.commands.context import Actor
-from backend.http.authenticator import ApiKeyAuthenticator
+from backend.http.authenticator import ApiKeyAuthenticator, NotCached
 from backend.http.problems import Problem
 
 if TYPE_CHECKING:  # backend.http.ratelimit imports backend.http.auth, which imports this (via appkeys)
@@ -56,6 +56,11 @@ class AuthFailures:
         found = authenticator.authenticate_cached(token) if token is not None else None
         if isinstance(found, Actor):
             return found
+        return await self.uncached(request, authenticator, token, found)
+
+    async def uncached(self, request: web.BaseRequest, authenticator: ApiKeyAuthenticator, token: str | None,
+                       found: NotCached | None) -> Actor | None:
+        """authenticate() for a token the cache did not answer with an Actor (`found`: what it said)."""
         client = self.client(request)
         await self.take(client)
         if found is None or token is None:

@@ -29,8 +29,14 @@ _ETAG = re.compile(r'(?:W/)?"([^"]*)"|([^"]*)')
 """An entity tag, strong or weak, or a bare version: the version is whichever group matched."""
 
 CORRELATION_ID = "X-Correlation-ID"
-_IDEMPOTENCY_KEY = re.compile(r"[!-~]{1,255}")
-"""Visible ASCII: the key is stored and compared byte for byte, so nothing a client could send two ways."""
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def valid_idempotency_key(key: str) -> bool:
+    """1 to 255 characters of visible ASCII (! to ~): the key is stored and compared byte for byte, so
+    nothing a client could send two ways. (String methods: a regular expression cost more per command.)"""
+    return 0 < len(key) <= MAX_IDEMPOTENCY_KEY and key.isascii() and key.isprintable() and " " not in key
+
 
 DOMAIN_STATUS = {
     "insufficient_funds": 422,
@@ -120,7 +126,7 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
     key = request.headers.get("Idempotency-Key")
     if key is None:
         return None
-    if not _IDEMPOTENCY_KEY.fullmatch(key):
+    if not valid_idempotency_key(key):
         raise invalid_parameters(("Idempotency-Key", "must be 1 to 255 visible ASCII characters (no space)"))
     try:
         canonical: Any = orjson.dumps(orjson.loads(body), option=orjson.OPT_SORT_KEYS) if body.strip() else b""
@@ -133,12 +139,12 @@ def idempotency_key(request: web.Request, body: bytes) -> IdempotencyKey | None:
 async def run_command(request: web.Request, command: Command) -> web.Response:
     """Run the command message through the bus and answer with its (possibly replayed) outcome."""
     request_id = request.get(REQUEST_ID)
-    ctx = CommandContext(request[ACTOR], request_id=request_id, correlation_id=correlation_id(request) or request_id,
-                         now=request.app[CLOCK].now())
+    app = request.app
+    ctx = CommandContext(request[ACTOR], request_id, correlation_id(request) or request_id, app[CLOCK].now())
     idem = idempotency_key(request, await request.read())
     try:
         answer = Answer(reply_model(request))
-        outcome = await request.app[COMMANDS].run(ctx, command, idem, answer.check)
+        outcome = await app[COMMANDS].run(ctx, command, idem, answer.check)
     except DomainError as error:
         raise domain_problem(error) from None
     except CommandError as error:

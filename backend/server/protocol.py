@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,24 +94,27 @@ class TallyRequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._lingering:
             return  # answered and half-closed: what the client still sends is discarded
-        if data and not self._head_bytes and self._between_messages():
-            self._head_bytes = True  # these bytes begin a request head
-            if self._head_since is None and self._options.header_read_timeout_s > 0:
-                self._head_since = self._loop.time()
-                if self._head_timer is None:
-                    self._arm_head_timer(self._options.header_read_timeout_s)
+        # Whether these bytes begin a request head (rather than continue the last request's body) is
+        # judged before the parser sees them; the bookkeeping after, only for a head left incomplete:
+        # a whole request in one read, the common case, costs three checks.
+        starts_head = False
+        if data and not self._head_bytes and self._payload_parser is None and not self._upgraded:
+            last = self._last_payload
+            starts_head = last is None or bool(last.is_eof())
         count = self._request_count
-        super().data_received(data)
+        RequestHandler.data_received(self, data)
         if self._request_count != count:  # the parser completed one head or more
-            self._last_payload = self._messages[-1][1] if self._messages else None
+            messages = self._messages
+            self._last_payload = messages[-1][1] if messages else None
             self._head_bytes = False
             self._head_since = None
-
-    def _between_messages(self) -> bool:
-        """Whether new bytes start a request head rather than continue the last request's body."""
-        if self._payload_parser is not None or self._upgraded:
-            return False
-        return self._last_payload is None or bool(self._last_payload.is_eof())
+        elif starts_head:
+            self._head_bytes = True  # a head begun, not yet complete
+            timeout = self._options.header_read_timeout_s
+            if self._head_since is None and timeout > 0:
+                self._head_since = self._loop.time()
+                if self._head_timer is None:
+                    self._arm_head_timer(timeout)
 
     def _arm_head_timer(self, delay: float) -> None:
         if self.transport is not None:
@@ -162,9 +166,12 @@ class TallyRequestHandler(RequestHandler):
 
     def _close_if_idle(self) -> None:
         self._idle_timer = None
-        if self.transport is not None and not self._force_close and self._idle():
+        if self.transport is None or self._force_close:
+            return
+        if self._idle():
             self.force_close()
-        # otherwise a request is being read or served: its answer carries Connection: close
+        else:  # a request is being read or served (its answer carries Connection: close unless it was
+            self._close_when_idle()  # under way before the drain): look again later
 
     def _idle(self) -> bool:
         """Waiting for a request of which no byte has arrived."""
@@ -179,12 +186,19 @@ class TallyRequestHandler(RequestHandler):
             return
         super().close()
 
-    async def finish_response(self, request: BaseRequest, resp: StreamResponse,
-                              start_time: float | None) -> tuple[StreamResponse, bool]:
-        if self._draining and not resp.prepared:
+    def finish_response(self, request: BaseRequest, resp: StreamResponse,
+                        start_time: float | None) -> Coroutine[Any, Any, tuple[StreamResponse, bool]]:
+        """aiohttp's own (no coroutine of ours around it) until the drain begins."""
+        if self._draining:
+            return self._finish_draining(request, resp, start_time)
+        return RequestHandler.finish_response(self, request, resp, start_time)
+
+    async def _finish_draining(self, request: BaseRequest, resp: StreamResponse,
+                               start_time: float | None) -> tuple[StreamResponse, bool]:
+        if not resp.prepared:
             resp.force_close()
-        result = await super().finish_response(request, resp, start_time)
-        if self._draining and not self._force_close:
+        result = await RequestHandler.finish_response(self, request, resp, start_time)
+        if not self._force_close:
             self._close_when_idle()  # it went out keep-alive (prepared before the drain)
         return result
 

@@ -32,7 +32,42 @@ class EncodedWrite:
 def check_json(value: Any, path: str) -> None:
     """Event data is JSON without floats (money is integer minor units) and with 64-bit integers.
 
-    Concrete types are tested first: an isinstance check against an ABC such as Mapping is slow."""
+    Most values are plain dicts, lists, strings and integers that pass: `_plain` says so without
+    building the path of every value; anything else (or anything wrong) is walked by `_check`, which
+    names the path of what it refuses."""
+    if not _plain(value):
+        _check(value, path)
+
+
+def _plain(value: Any) -> bool:
+    """True when value is valid JSON of exactly dict, list, tuple, str, int, bool and None (else False,
+    even for a valid value of other types: `_check` then decides)."""
+    cls = value.__class__
+    if cls is dict:
+        for key, item in value.items():
+            if key.__class__ is not str:
+                return False
+            kind = item.__class__
+            if kind is str:
+                if "\x00" in item:
+                    return False
+            elif kind is int:
+                if not -INT64_MAX - 1 <= item <= INT64_MAX:
+                    return False
+            elif not (item is None or kind is bool or _plain(item)):
+                return False
+        return True
+    if cls is str:
+        return "\x00" not in value
+    if cls is int:
+        return bool(-INT64_MAX - 1 <= value <= INT64_MAX)
+    if cls is list or cls is tuple:
+        return all(_plain(item) for item in value)
+    return value is None or cls is bool
+
+
+def _check(value: Any, path: str) -> None:
+    """Concrete types are tested first: an isinstance check against an ABC such as Mapping is slow."""
     if isinstance(value, str):
         if "\x00" in value:
             raise InvalidEvent(f"{path}: strings may not contain NUL characters")
@@ -47,10 +82,10 @@ def check_json(value: Any, path: str) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidEvent(f"{path}: object keys must be strings")
-            check_json(item, f"{path}.{key}")
+            _check(item, f"{path}.{key}")
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            check_json(item, f"{path}[{index}]")
+            _check(item, f"{path}[{index}]")
     else:
         raise InvalidEvent(f"{path}: {type(value).__name__} is not a JSON value")
 

@@ -68,7 +68,11 @@ class AppendResult:
     @property
     def position(self) -> int:
         """The highest position of the call: read-your-writes waits for this."""
-        return max((max(s.positions) for s in self.streams if s.positions), default=0)
+        streams = self.streams
+        if len(streams) == 1:  # most calls: no generator
+            positions = streams[0].positions
+            return max(positions) if positions else 0
+        return max((max(s.positions) for s in streams if s.positions), default=0)
 
 
 class StoreError(Exception):
