@@ -50,17 +50,11 @@ class AuthFailures:
         self.refused = 0
         """Requests answered 429 without a lookup (metrics)."""
 
-    async def authenticate(self, request: web.BaseRequest, authenticator: ApiKeyAuthenticator,
-                           token: str | None) -> Actor | None:
-        """The token's Actor or None (401), as authenticator.authenticate(); raises the 429."""
-        found = authenticator.authenticate_cached(token) if token is not None else None
-        if isinstance(found, Actor):
-            return found
-        return await self.uncached(request, authenticator, token, found)
-
     async def uncached(self, request: web.BaseRequest, authenticator: ApiKeyAuthenticator, token: str | None,
                        found: NotCached | None) -> Actor | None:
-        """authenticate() for a token the cache did not answer with an Actor (`found`: what it said)."""
+        """The token's Actor or None (401), for a token the authenticator's cache did not answer with an
+        Actor (`found`: what the cache said; the middleware asks it first, so a cached key never costs
+        this client a token); raises the 429."""
         client = self.client(request)
         await self.take(client)
         if found is None or token is None:

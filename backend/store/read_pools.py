@@ -168,7 +168,9 @@ class ReadPools:
         return {replica.label: replica.report() for replica in self.replicas}
 
     async def close(self) -> None:
-        for replica in self.replicas:
+        """Close the replicas' pools and stop choosing them: the primary (not closed here) serves on."""
+        replicas, self.replicas = self.replicas, []
+        for replica in replicas:
             await replica.pool.close()
 
 
