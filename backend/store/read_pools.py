@@ -94,6 +94,11 @@ class ReadPools:
         self.replicas = list(replicas)
         self._turn = itertools.count()
 
+    @classmethod
+    def of(cls, db: Executor | ReadPools) -> ReadPools:
+        """db as read pools: itself, or a lone primary (no replica)."""
+        return db if isinstance(db, ReadPools) else cls(db)
+
     def pick(self) -> Replica | None:
         """A replica in use (in turn, when there are several), or None: read the primary."""
         if not self.replicas:

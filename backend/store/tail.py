@@ -69,7 +69,7 @@ class TailSubscriber:
 class LogTail:
     def __init__(self, db: Executor | ReadPools, listener: Listener, *, page_size: int = 500, idle_s: float = 5.0,
                  typed_interval_s: float = 0.2, supervisor: Supervisor | None = None) -> None:
-        self._pools = db if isinstance(db, ReadPools) else ReadPools(db)
+        self._pools = ReadPools.of(db)
         self._db = self._pools.primary
         self._listener = listener
         self.page_size = page_size

@@ -298,7 +298,7 @@ class Hub:
     def __init__(self, db: Executor | ReadPools, listener: Listener, config: HubConfig, stats_source: StatsSource,
                  supervisor: Supervisor | None = None, tail: LogTail | None = None,
                  host_streams: HostStreams | None = None) -> None:
-        self._pools = db if isinstance(db, ReadPools) else ReadPools(db)
+        self._pools = ReadPools.of(db)
         """Catch-up pages come from a replica that has replayed the window's end, else the primary."""
         db = self.db = self._pools.primary
         self.host_streams = host_streams
