@@ -42,7 +42,12 @@ class Outcomes:
 
 
 def refused(exc: BaseException) -> bool:
-    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno == errno.ECONNREFUSED
+    """The connection was never made, so no request was sent: the client may send it elsewhere. The
+    kernel answers a SYN with a reset once the listening socket is closed (ECONNREFUSED), and also a
+    handshake still in progress at the moment it closes (connect() then fails with ECONNRESET); after
+    connect() succeeded, a reset is a dropped request, never this."""
+    return isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno in (errno.ECONNREFUSED,
+                                                                                     errno.ECONNRESET)
 
 
 async def credit(session: aiohttp.ClientSession, url: str, n: int, outcomes: Outcomes) -> None:
