@@ -45,8 +45,12 @@ def watch_store(metrics: Metrics, store: EventStore, listener: Listener) -> None
     metrics.counter("tally_append_fenced_total", "Append transactions committed on the one-round-trip fenced path",
                     lambda: store.counters().fenced)
     metrics.counter("tally_append_fence_misses_total",
-                    "Fenced attempts that found another writer first (then retried or took the locked path)",
+                    "Fenced attempts that found one of their streams moved by another writer (then retried or "
+                    "took the locked path)",
                     lambda: store.counters().fence_misses)
+    metrics.counter("tally_append_fenced_shifted_total",
+                    "Fenced appends that went in further on than planned (the log had moved, their streams had not)",
+                    lambda: store.counters().fenced_shifted)
     metrics.counters("tally_append_locked_total",
                      "Append batches that took the locked path, by why the fenced one could not serve them",
                      "reason", store.locked_paths)

@@ -327,6 +327,7 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     batches, requests = delta("tally_append_batches_total"), delta("tally_append_requests_total")
     fenced, misses = delta("tally_append_fenced_total"), delta("tally_append_fence_misses_total")
     tail_queries = delta("tally_stream_tail_queries_total")
+    shifted, conflicts = delta("tally_append_fenced_shifted_total"), delta("tally_command_conflicts_total")
     locked = {series.partition('"')[2].rpartition('"')[0]: int(delta(series)) for series in after
               if series.startswith("tally_append_locked_total{") and delta(series)}
     routes: dict[str, tuple[int, float]] = {}
@@ -342,6 +343,8 @@ def server_view(before: dict[str, float], after: dict[str, float]) -> dict[str, 
             "locked_fraction": sum(locked.values()) / batches if batches else 0.0,
             "wholly_locked_fraction": (batches - fenced) / batches if batches else 0.0,
             "fence_misses_per_batch": misses / batches if batches else 0.0,
+            "shifted_fraction": shifted / fenced if fenced else 0.0,
+            "conflicts_per_append": conflicts / requests if requests else 0.0,
             "tail_queries_per_append": tail_queries / requests if requests else 0.0,
             "locked_reasons": locked, "routes": routes, "event_loop": event_loop_of(after)}
 
@@ -530,7 +533,9 @@ def report(args: argparse.Namespace, count: int, result: dict[str, Any]) -> dict
     print(f"  server side (last round, {count} worker(s) summed): {view['append_batches']} append batches, "
           f"{view['requests_per_batch']:.1f} appends each; {view['locked_fraction']:.1%} of them ran a locked "
           f"transaction {view['locked_reasons'] or ''} ({view['wholly_locked_fraction']:.1%} for all their "
-          f"appends), {view['fence_misses_per_batch']:.2f} fence misses per batch, "
+          f"appends), {view['fence_misses_per_batch']:.2f} fence misses per batch, {view['shifted_fraction']:.1%} "
+          f"of the fenced ones went in further on than planned (another worker had appended elsewhere), "
+          f"{view['conflicts_per_append']:.3f} lost races (decided again) and "
           f"{view['tail_queries_per_append']:.2f} stream reads per append; mean latency per route "
           "(warm-up included):")
     for route, (n, mean_ms) in sorted(view["routes"].items(), key=lambda item: -item[1][0]):

@@ -79,12 +79,14 @@ class MemoryEventStore:
         *,
         after: Sequence[AppendRequest] = (),
         on_settle: Callable[[AppendRequest], None] | None = None,
+        fresh: bool = False,
     ) -> AppendRequest:
         encoded, count, size = encode_writes(writes, allow_empty=claim is not None)
         if self._closing:
             raise StoreError("the event store is shutting down")
         loop = asyncio.get_running_loop()
-        request = AppendRequest(encoded, count, size, claim, loop.create_future(), tuple(after), on_settle=on_settle)
+        request = AppendRequest(encoded, count, size, claim, loop.create_future(), tuple(after), on_settle=on_settle,
+                                fresh=fresh)
         self._queue.append(request)
         if len(self._queue) == 1:  # the first of this turn's batch: settle the batch on the next turn
             loop.call_soon(self._settle_batch)
@@ -141,7 +143,7 @@ class MemoryEventStore:
 
     def counters(self) -> StoreCounters:
         """Batches as settled; nothing here is fenced or answered by a query."""
-        return StoreCounters(self.batches, self.batched_requests, 0, 0, 0, 0)
+        return StoreCounters(self.batches, self.batched_requests, 0, 0, 0, 0, 0)
 
     async def close(self) -> None:
         self._closing = True

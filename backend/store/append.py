@@ -19,7 +19,17 @@ from asyncpg.pool import PoolConnectionProxy
 
 from backend.store import idempotency
 from backend.store.encoding import encode_writes
-from backend.store.events import NO_STREAM, AppendResult, RecordedEvent, StoreError, Write
+from backend.store.events import (
+    ANY,
+    NO_STREAM,
+    AppendResult,
+    PredecessorFailed,
+    RecordedEvent,
+    StoreError,
+    StreamAppended,
+    Write,
+    WrongExpectedVersion,
+)
 from backend.store.hashing import GENESIS
 from backend.store.idempotency import IdempotencyClaim
 from backend.store.planner import AppendRequest, BatchPlanner, KnownHeads
@@ -56,11 +66,11 @@ from idempotency_keys where (scope, key) in (select * from unnest($3::text[], $4
 
 # The rows travel as two jsonb documents (migration 0006 says why and how they are laid out, 0008 the claim rows'
 # layout).
-FENCED_SQL = "select tally_append_fenced_streams($1, $2, $3::jsonb, $4::jsonb)"
+FENCED_SQL = "select tally_append_on_streams($1, $2, $3, $4::jsonb, $5::jsonb, $6::jsonb)"
 LOCKED_REASONS = ("unknown_stream", "rejected", "taken", "fence_missed")
 """Why requests of a batch took the locked path: a stream (or the head) this process does not know; a
-request the plan from memory would refuse (never trusted), or that depends on one; an event id or
-Idempotency-Key already stored; the log's head moved on every try."""
+request the plan from memory would refuse, where memory could be wrong (see `_final`), or that depends
+on one; an event id or Idempotency-Key already stored; one of the batch's streams moved on every try."""
 FENCE_TRIES = 3
 """Fenced attempts per batch: the first on the head this process knows, then on the head a miss told
 (as long as the batch's streams are where it planned them)."""
@@ -93,6 +103,8 @@ class AppendBatcher:
         self._heads = KnownHeads()
         self.fenced = 0
         self.fence_misses = 0
+        self.shifted = 0
+        """Fenced batches that went in further on than planned (the log had moved, their streams had not)."""
         self.locked: dict[str, int] = dict.fromkeys(LOCKED_REASONS, 0)
         """Batches that took the locked path, by why the fenced one could not serve them."""
         self.batches = 0
@@ -113,15 +125,18 @@ class AppendBatcher:
         *,
         after: Sequence[AppendRequest] = (),
         on_settle: Callable[[AppendRequest], None] | None = None,
+        fresh: bool = False,
     ) -> AppendRequest:
         """Queue an append without waiting for it (`wait` gives its outcome). Requests settle in the
         order they were submitted, so a caller may decide its next append on the state a submitted one
-        will leave, naming it in `after`: the next one then commits only if that one did."""
+        will leave, naming it in `after`: the next one then commits only if that one did. `fresh` (see
+        EventLog.submit) lets a version refusal planned from memory stand (`_final`)."""
         encoded, count, size = encode_writes(writes, allow_empty=claim is not None)
         if self._closing:
             raise StoreError("the event store is shutting down")
         loop = asyncio.get_running_loop()
-        request = AppendRequest(encoded, count, size, claim, loop.create_future(), tuple(after), on_settle=on_settle)
+        request = AppendRequest(encoded, count, size, claim, loop.create_future(), tuple(after), on_settle=on_settle,
+                                fresh=fresh)
         self._queue.append(request)
         if self._runs_inline(request):
             loop.call_soon(self._kick)  # the caller's wait normally runs it; if it never comes, the worker does
@@ -297,11 +312,13 @@ class AppendBatcher:
 
         A request is left when one of its streams is not known (a new stream, expected at NO_STREAM, is
         taken as empty: the unique index on (stream_id, version) refuses it if it is not), or when the
-        plan from memory would refuse it (a refusal computed from memory is not trusted), or when it
-        depends on one left. A miss of the fence (someone else appended since) answers with the log's
-        head and the batch's streams as they are, read under the lock: the batch is planned again on
-        that state and retried (migration 0009 says why). Everything is left when the fence missed every
-        try, or an event id or Idempotency-Key is taken (the general path says which, and how)."""
+        plan from memory would refuse it and memory could be behind (see `_final`), or when it depends
+        on one left. The fence is the batch's own streams (migration 0010): when the log has moved on
+        but they have not, the rows go in further on and the answer says by how much; when one of them
+        has, the miss answers with the log's head and the batch's streams as they are, read under the
+        lock, and the batch is planned again on that state and retried. Everything is left when the
+        fence missed every try, or an event id or Idempotency-Key is taken (the general path says
+        which, and how)."""
         everything: list[AppendResult | Exception | None] = [None] * len(batch)
         head, recorded_at = self._heads.head, self._heads.recorded_at
         if head is None:
@@ -310,30 +327,30 @@ class AppendBatcher:
         known = self._known(batch)
         for _ in range(FENCE_TRIES):
             planner = BatchPlanner(known, head, recorded_at)
-            outcomes: list[AppendResult | Exception | None] = []
-            for request in batch:
-                if all(write.stream_id in known for write in request.writes):
-                    outcome = planner.plan(request)
-                    outcomes.append(None if isinstance(outcome, Exception) else outcome)
-                else:
-                    planner.skip(request)
-                    outcomes.append(None)
+            outcomes, left = _plan_from_memory(planner, known, batch)
             if not (planner.rows or planner.responses):
-                self.locked["unknown_stream" if len(known) < len({w.stream_id for r in batch for w in r.writes})
-                            else "rejected"] += 1
-                return everything
+                if left:
+                    self.locked["unknown_stream" if len(known) < len({w.stream_id for r in batch for w in r.writes})
+                                else "rejected"] += 1
+                return outcomes
             sent = {row.stream_id for row in planner.rows}
+            origins = {stream: (known[stream][0], known[stream][1].hex()) for stream in sent}
             try:
-                miss = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, head, planner.event_rows(),
-                                           idempotency.claim_rows(planner.responses))
+                miss = await conn.fetchval(FENCED_SQL, APPEND_LOCK_KEY, head, planner.recorded_at, origins,
+                                           planner.event_rows(), idempotency.claim_rows(planner.responses))
             except asyncpg.UniqueViolationError:
                 self.fence_misses += 1
                 self.locked["taken"] += 1
                 return everything
-            if miss is None:
-                self._heads.advance(planner, sent, head)
+            shift = 0 if miss is None else miss.get("shift")
+            if shift is not None:
+                if shift:
+                    self.shifted += 1
+                    planner.head += shift
+                    outcomes = [_shifted(outcome, shift) for outcome in outcomes]
+                self._heads.advance(planner, sent, head + shift)
                 self.fenced += 1
-                if None in outcomes:
+                if left:
                     self.locked["rejected"] += 1
                 return outcomes
             self.fence_misses += 1
@@ -426,3 +443,47 @@ def _usable(conn: PoolConnectionProxy[asyncpg.Record]) -> bool:
         return not conn.is_closed()
     except asyncpg.InterfaceError:
         return False
+
+
+def _plan_from_memory(
+    planner: BatchPlanner, known: dict[str, tuple[int, bytes]], batch: list[AppendRequest]
+) -> tuple[list[AppendResult | Exception | None], set[int]]:
+    """Each request's outcome as planned from memory, None where the general path must answer; and the
+    ids of those requests."""
+    outcomes: list[AppendResult | Exception | None] = []
+    left: set[int] = set()
+    for request in batch:
+        outcome: AppendResult | Exception | None = None
+        if all(write.stream_id in known for write in request.writes):
+            outcome = planner.plan(request)
+            if isinstance(outcome, Exception) and not _final(outcome, request, left):
+                outcome = None
+        else:
+            planner.skip(request)
+        if outcome is None:
+            left.add(id(request))
+        outcomes.append(outcome)
+    return outcomes, left
+
+
+def _final(refusal: Exception, request: AppendRequest, left: set[int]) -> bool:
+    """Whether a refusal planned from memory stands without asking the database, for a `fresh` request
+    (no stored event can make it a replay, and its caller decides again): a version expected below
+    the one this process knows the stream reached (versions only grow, so the append can never
+    succeed), or a predecessor that failed for good. Memory may be behind, never ahead: a version
+    expected above the known one goes the general way."""
+    if not request.fresh:
+        return False
+    if isinstance(refusal, PredecessorFailed):
+        return not any(id(earlier) in left for earlier in request.after)
+    if isinstance(refusal, WrongExpectedVersion):
+        return refusal.expected != ANY and refusal.expected < refusal.actual
+    return False
+
+
+def _shifted(outcome: AppendResult | Exception | None, shift: int) -> AppendResult | Exception | None:
+    """An accepted request's result, its positions `shift` further on (migration 0010)."""
+    if not isinstance(outcome, AppendResult):
+        return outcome
+    return AppendResult(tuple(StreamAppended(s.stream_id, tuple(p + shift for p in s.positions), s.version)
+                              for s in outcome.streams))

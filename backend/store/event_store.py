@@ -29,7 +29,9 @@ class StoreCounters(NamedTuple):
     fenced: int
     """Batches committed on the one-round-trip fenced path."""
     fence_misses: int
-    """Fenced attempts that found another writer first and fell back to the locked path."""
+    """Fenced attempts that found one of their streams (or the time) moved by another writer."""
+    fenced_shifted: int
+    """Fenced batches that went in further on than planned: the log had moved, their streams had not."""
     version_queries: int
     """Queries that answered coalesced stream_version calls."""
     tail_queries: int
@@ -74,7 +76,7 @@ class EventStore:
 
     def counters(self) -> StoreCounters:
         return StoreCounters(self._batcher.batches, self._batcher.batched_requests, self._batcher.fenced,
-                             self._batcher.fence_misses, self._point_reads.version_queries,
+                             self._batcher.fence_misses, self._batcher.shifted, self._point_reads.version_queries,
                              self._point_reads.tail_queries)
 
     def locked_paths(self) -> dict[str, int]:

@@ -42,8 +42,11 @@ class EventLog(Protocol):
         *,
         after: Sequence[AppendRequest] = (),
         on_settle: Callable[[AppendRequest], None] | None = None,
+        fresh: bool = False,
     ) -> AppendRequest:
-        """Queue an append without waiting; with `after`, it commits only if those did."""
+        """Queue an append without waiting; with `after`, it commits only if those did. `fresh`: its
+        events' ids were made for it (none can be stored yet) and a WrongExpectedVersion is answer
+        enough, even with a claim, because the caller decides again and the key is checked then."""
         ...
 
     async def outcome(self, request: AppendRequest) -> AppendResult:

@@ -42,6 +42,8 @@ class AppendRequest:
     outcome: AppendResult | Exception | None = None
     """Set when the batch settles, whether or not anyone still awaits the future."""
     on_settle: Callable[[AppendRequest], None] | None = None
+    fresh: bool = False
+    """Its events' ids were made for it and its caller decides again on a WrongExpectedVersion."""
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     @property
@@ -62,12 +64,13 @@ class Planned:
 
 
 class KnownHeads:
-    """What this process knows of the log: a head, and the (version, hash) of streams at that head.
+    """What this process knows of the log: a head, and the (version, hash) its streams had.
 
-    Learnt from its own appends, from reads that saw the same head, and (with several workers) from
-    the process's log tail, which hands it every process's appends in order (`follow`). The entries are
-    exact at `head` as far as this process knows; the fenced path checks in the database that the log
-    is still there (or that the batch's own streams are where they were: see append.py)."""
+    Learnt from its own appends, from reads (`seen`), and (with several workers) from the process's
+    log tail, which hands it every process's appends in order (`follow`). Every entry is committed
+    history, never ahead of the database, but may be behind it; the head is never ahead of the log's
+    either. The fenced path checks in the database that each stream a batch writes is still where
+    the entry says (migration 0010), so a stale entry costs a round trip, never a wrong append."""
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
@@ -130,12 +133,20 @@ class KnownHeads:
         return known is not None and known[0] == version
 
     def seen(self, head: int, streams: dict[str, tuple[int, bytes]]) -> None:
-        """Stream heads read at log head `head`: exact while the log is where this process left it."""
-        if head != self.head:
-            return
-        self.streams.update(streams)
-        if len(self.streams) > self.capacity:
-            self.streams.clear()
+        """Stream heads a read found at log head `head`. At this process's head they are exact; read at
+        another head they are still committed history, and the fence checks each stream a batch writes
+        in the database (migration 0010), so a newer version than the one known is kept: a command
+        decided again on what it read then plans from memory too, instead of taking the locked path."""
+        known = self.streams
+        if head == self.head:
+            known.update(streams)
+        elif self.head is not None:
+            for stream, seen in streams.items():
+                current = known.get(stream)
+                if current is None or current[0] < seen[0]:
+                    known[stream] = seen
+        if len(known) > self.capacity:
+            known.clear()
 
     def forget(self) -> None:
         self.head = None

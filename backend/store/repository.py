@@ -261,7 +261,7 @@ class Repository:
         writes = self.writes(aggregates, metadata or {})
         request = self.store.submit(
             [*writes, *extra_writes], claim, after=tuple(trust.after.values()) if trust else (),
-            on_settle=lambda settled: self._settled(settled, staged),
+            on_settle=lambda settled: self._settled(settled, staged), fresh=not extra_writes,
         )
         for stream, aggregate in staged:
             self._staged[stream] = (aggregate, request)

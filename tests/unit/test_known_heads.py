@@ -60,3 +60,21 @@ def test_without_the_tail_an_append_above_a_foreign_one_forgets_the_rest() -> No
     heads.seen(1, {"c": (4, b"c")})
     heads.advance(committed("a", 2, 3), {"a"}, 2)
     assert heads.head == 3 and heads.knows("a", 2) and not heads.knows("c", 4)
+
+
+def test_a_read_at_another_head_keeps_only_newer_stream_heads() -> None:
+    """Read at another log head, a stream's head is still committed history (the fence checks it in the
+    database): a newer version than the one known is kept, an older one (a read that came back late) is
+    not, and the log's head stays where this process knows it."""
+    heads = KnownHeads()
+    heads.advance(committed("a", 2, 2), {"a"}, 0)
+    heads.seen(7, {"a": (5, b"a5"), "b": (1, b"b1")})
+    assert heads.head == 2 and heads.knows("a", 5) and heads.knows("b", 1)
+    heads.seen(3, {"a": (3, b"a3")})
+    assert heads.knows("a", 5) and not heads.knows("a", 3)
+
+
+def test_a_process_that_knows_no_head_learns_nothing_from_a_read() -> None:
+    heads = KnownHeads()
+    heads.seen(7, {"a": (5, b"a5")})
+    assert heads.head is None and not heads.knows("a", 5)

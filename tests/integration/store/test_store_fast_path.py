@@ -92,13 +92,25 @@ async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(stores: Stor
     await mine.append_to(foreign, 2, [ev(3)])
     assert mine.counters().fenced == fenced + 1
 
-    # A read made after someone else appended teaches nothing: the general path checks for itself.
+    # A read made after someone else appended teaches the stream's head, not the log's: the fence on
+    # the stream (checked in the database) lets the append go in one round trip, further on.
     await theirs.append_to(foreign, 3, [ev(4)])
+    await theirs.append_to(sid(), NO_STREAM, [ev()])
     assert await mine.stream_version(foreign) == 4
-    fenced = mine.counters().fenced
+    before, locked = mine.counters(), mine.locked_paths()
     await mine.append_to(foreign, 4, [ev(5)])
-    assert mine.counters().fenced == fenced
+    assert (mine.counters().fenced, mine.counters().fenced_shifted) == (before.fenced + 1, before.fenced_shifted + 1)
+    assert mine.locked_paths() == locked
     assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
+
+    # What it read is checked, not trusted: once the stream moved again, the fence misses and the
+    # general path answers (a version refusal from memory stands only for `fresh` appends).
+    await theirs.append_to(foreign, 5, [ev(6)])
+    misses = mine.counters().fence_misses
+    with pytest.raises(WrongExpectedVersion):
+        await mine.append_to(foreign, 5, [ev(7)])
+    assert mine.counters().fence_misses == misses + 1
+    assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_a_tail_read_opens_the_fast_path_too(stores: Stores) -> None:
@@ -226,3 +238,77 @@ async def test_following_the_log_keeps_the_fence_after_another_process_appended(
     await mine.append([Write(shared, 2, [ev(3)]), Write(own, 1, [ev(2)])])
     assert (mine.counters().fenced, mine.counters().fence_misses) == (fenced + 1, misses)
     assert [e.version for e in await mine.read_stream(shared)] == [1, 2, 3]
+
+
+async def test_appends_elsewhere_by_another_process_shift_the_batch_in_one_round_trip(
+    stores: Stores, pool: asyncpg.Pool,
+) -> None:
+    """The log moved on but the batch's streams did not: the planned rows go in further on, in the one
+    round trip, and the result and the idempotency record carry the positions they got."""
+    mine, theirs = stores
+    own, key = sid(), uuid.uuid4().hex
+    await mine.append_to(own, NO_STREAM, [ev()])
+    await theirs.append([Write(sid(), NO_STREAM, [ev(), ev(2)]), Write(sid(), NO_STREAM, [ev(3)])])
+    before, locked = mine.counters(), mine.locked_paths()
+    result = await mine.append([Write(own, 1, [ev(2), ev(3)])], claim(key))
+    after = mine.counters()
+    assert (after.fenced, after.fence_misses, after.fenced_shifted) == \
+        (before.fenced + 1, before.fence_misses, before.fenced_shifted + 1)
+    assert mine.locked_paths() == locked
+    stored = await mine.read_stream(own)
+    assert [(e.version, e.position) for e in stored[1:]] == list(zip((2, 3), result.streams[0].positions, strict=True))
+    assert result.position == await mine.head()
+    record = await mine.stored_outcome("scope", key)
+    assert record is not None and record.position == result.position
+    rows = await pool.fetch("select position from events order by position")
+    assert [r["position"] for r in rows] == list(range(1, len(rows) + 1))  # no gap
+
+
+async def test_a_fresh_append_expecting_a_version_below_the_known_one_is_refused_from_memory(
+    stores: Stores,
+) -> None:
+    """Versions only grow: expecting one below what this process knows the stream reached can never
+    succeed, so a request whose caller decides again (`fresh`) is refused without the locked path. One
+    that is not fresh might be a replay of stored events, and still asks the database."""
+    mine, _ = stores
+    stream = sid()
+    await mine.append_to(stream, NO_STREAM, [ev()])
+    await mine.append_to(stream, 1, [ev(2)])
+    before, locked = mine.counters(), mine.locked_paths()
+    with pytest.raises(WrongExpectedVersion):
+        await mine.outcome(mine.submit([Write(stream, 1, [ev(3)])], claim(uuid.uuid4().hex), fresh=True))
+    assert mine.locked_paths() == locked
+    assert mine.counters().fence_misses == before.fence_misses
+    with pytest.raises(WrongExpectedVersion):
+        await mine.outcome(mine.submit([Write(stream, 1, [ev(3)])]))
+    assert mine.locked_paths()["rejected"] == locked["rejected"] + 1
+    assert [e.version for e in await mine.read_stream(stream)] == [1, 2]
+
+
+async def fenced_append(pool: asyncpg.Pool, expected_head: int, recorded_at: object, origins: dict[str, list[object]],
+                        rows: list[list[object]]) -> object:
+    return await pool.fetchval("select tally_append_on_streams($1, $2, $3, $4::jsonb, $5::jsonb, '[]'::jsonb)",
+                               APPEND_LOCK_KEY, expected_head, recorded_at, origins, rows)
+
+
+async def test_the_stream_fence_misses_when_a_stream_or_the_time_moved(store: EventStore, pool: asyncpg.Pool) -> None:
+    """The function itself (migration 0010): a moved stream, a different hash at the same version, or a
+    later recorded_at in the log answer the miss and write nothing."""
+    stream = sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    last = (await store.read_stream(stream))[-1]
+    await store.append_to(sid(), NO_STREAM, [ev()])  # the head moves on, elsewhere
+    head = await store.head()
+    planned_head = head - 1
+    row = [planned_head + 1, stream, 2, "Thing", {"n": 2}, {}, str(uuid.uuid4()), last.recorded_at.isoformat(),
+           "00" * 32]
+    later = last.recorded_at.replace(year=last.recorded_at.year + 1)
+    for origins, recorded_at in (
+        ({stream: [0, "00" * 32]}, later),  # the stream is not new
+        ({stream: [1, "11" * 32]}, later),  # same version, another history
+        ({stream: [1, last.hash.hex()]}, last.recorded_at.replace(year=last.recorded_at.year - 1)),  # time went back
+    ):
+        miss = await fenced_append(pool, planned_head, recorded_at, origins, [row])
+        assert isinstance(miss, dict) and miss["head"] == head, miss
+        assert miss["streams"] == {stream: [1, last.hash.hex()]}
+    assert await store.head() == head
