@@ -25,6 +25,7 @@ Limits are per host: several hosts behind a load balancer allow up to hosts x th
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import mmap
@@ -49,10 +50,15 @@ def slot_size(workers: int) -> int:
     return BUCKET.size + COUNT.size * workers
 
 
+PREFIX = "tally-limits-"
+
+
 def create(workers: int, slots: int = SLOTS) -> Path:
-    """The parent's part: a zeroed table for `workers` workers in a new private directory (the caller
-    removes it, `remove`, when the workers are gone)."""
-    directory = Path(tempfile.mkdtemp(prefix="tally-limits-"))
+    """The parent's part: a zeroed table for `workers` workers in a new private directory named after
+    this process (the caller removes it, `remove`, when the workers are gone; one left by a parent that
+    was killed is removed by the next `create` on the host, `sweep`)."""
+    sweep()
+    directory = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
     path = directory / FILE_NAME
     with path.open("wb") as file:
         file.write(HEADER.pack(MAGIC, slots, workers))
@@ -63,6 +69,30 @@ def create(workers: int, slots: int = SLOTS) -> Path:
 def remove(path: Path) -> None:
     path.unlink(missing_ok=True)
     os.rmdir(path.parent)
+
+
+def sweep(root: Path | None = None) -> list[Path]:
+    """Remove the tables of parents that no longer run (killed with SIGKILL, they could not remove
+    their own); the directories removed. A worker still holding one keeps its mapping."""
+    removed = []
+    for directory in (root or Path(tempfile.gettempdir())).glob(f"{PREFIX}*-*"):
+        pid = directory.name.removeprefix(PREFIX).partition("-")[0]
+        if not pid.isdigit() or _running(int(pid)) or directory.stat().st_uid != os.getuid():
+            continue
+        with contextlib.suppress(OSError):
+            remove(directory / FILE_NAME)
+            removed.append(directory)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: running
+    return True
 
 
 def digest(key: str) -> int:

@@ -15,7 +15,8 @@ should the parent be killed outright, each worker gets SIGTERM from the kernel a
 
 Before starting them the parent creates the host's table of per-key limits (rate limit buckets, open
 streams: backend/server/shared_limits.py) and tells each worker its index and the table's path on the
-command line, so a key's limits hold for the host, not per worker; it removes the table when it exits.
+command line, so a key's limits hold for the host, not per worker; it removes the table when it exits
+(one killed with SIGKILL cannot: the next parent on the host sweeps that table away).
 """
 
 from __future__ import annotations

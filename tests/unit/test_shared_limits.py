@@ -3,6 +3,8 @@ file, as two processes of `serve --workers 2` map it (the system test runs the r
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,3 +87,23 @@ def test_a_file_that_is_no_table_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\0" * 64)
     with pytest.raises(ValueError, match="not a limits table"):
         SharedLimits(path, 0, rate_per_s=1, burst=1)
+
+
+def test_a_table_left_by_a_killed_parent_is_swept_and_a_running_ones_is_not(tmp_path: Path) -> None:
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    tables = {}
+    for name, pid in (("dead", dead_pid.pid), ("alive", os.getpid())):
+        directory = tmp_path / f"{shared_limits.PREFIX}{pid}-{name}"
+        directory.mkdir()
+        (directory / shared_limits.FILE_NAME).write_bytes(b"table")
+        tables[name] = directory
+    (tmp_path / f"{shared_limits.PREFIX}not-a-pid").mkdir()
+    assert shared_limits.sweep(tmp_path) == [tables["dead"]]
+    assert not tables["dead"].exists()
+    assert (tables["alive"] / shared_limits.FILE_NAME).exists()
+    assert (tmp_path / f"{shared_limits.PREFIX}not-a-pid").exists()
+
+
+def test_a_new_table_is_named_after_its_parent(table: Path) -> None:
+    assert table.parent.name.startswith(f"{shared_limits.PREFIX}{os.getpid()}-")
