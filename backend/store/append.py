@@ -355,9 +355,9 @@ class AppendBatcher:
                 return outcomes
             self.fence_misses += 1
             moved = {stream: (version, bytes.fromhex(digest)) for stream, (version, digest) in miss["streams"].items()}
-            # Exact as of the head the miss told, for the streams it was asked about: plan on them (the
-            # others may have moved since this process knew them: their requests go the general way).
-            known = {stream: moved.get(stream, (0, GENESIS)) for stream in sent}
+            # Exact as of the head the miss told, for the streams it was asked about; the others as this
+            # process knew them (the fence checks every stream a batch writes).
+            known = {**known, **{stream: moved.get(stream, (0, GENESIS)) for stream in sent}}
             self._heads.seen(miss["head"], moved)  # so the caches of the moved streams are not trusted
             head = miss["head"]
             recorded_at = datetime.fromisoformat(miss["recorded_at"]) if miss["recorded_at"] else None
