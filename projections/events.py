@@ -72,14 +72,17 @@ def _events(rows: Iterable[Any]) -> list[Event]:
 
 
 def from_recorded(events: Iterable[RecordedEvent]) -> list[Event]:
-    """Whole events (the log tail's reads) as a projection sees them: what read_batch gives."""
-    return _events((e.position, e.stream_id, e.version, e.type, e.data, e.recorded_at,
-                    _schema_version(e.metadata.get("schema_version"))) for e in events)
-
-
-def _schema_version(stored: Any) -> int:
-    """As READ_SQL's coalesce((metadata->>'schema_version')::int, 1)."""
-    return 1 if stored is None else int(stored)
+    """Whole events (the log tail's reads) as a projection sees them: what read_batch gives (the loop of
+    `_events`, spelt out: the feed lifts every event the process hears of)."""
+    lifted = []
+    for e in events:
+        kind, data, stored = e.type, e.data, e.metadata.get("schema_version")
+        schema_version = 1 if stored is None else int(stored)  # as READ_SQL's coalesce(..., 1)
+        latest = SCHEMA_VERSIONS.get(kind)
+        if latest is not None and schema_version != latest:
+            data = _lift(kind, schema_version, data)
+        lifted.append(Event(e.position, e.stream_id, e.version, kind, data, e.recorded_at))
+    return lifted
 
 
 def _lift(kind: str, schema_version: int, data: dict[str, Any]) -> dict[str, Any]:

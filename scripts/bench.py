@@ -29,6 +29,7 @@ SUBCOMMANDS: dict[str, str] = {
     "authflood": "bench_authflood",
     "limits": "bench_limits",
     "decode": "bench_decode",
+    "fold": "bench_fold",
 }
 """Subcommand name -> module in scripts/."""
 

@@ -7,9 +7,10 @@ retry. It follows the log after appends commit and on its own connection, with s
 off (a crash loses only folded batches, which are folded again from the durable log), so appends
 never wait for it.
 
-It folds at most once every FOLD_INTERVAL_S while it keeps up: a fold is a transaction of five
-statements whatever it carries, and folding after every commit (tens a second under load) cost
-the serving process several percent of its CPU per command (docs/PERFORMANCE.md).
+It folds at most once every FOLD_INTERVAL_S while it keeps up: a fold is a transaction whatever it
+carries, and folding after every commit (tens a second under load) cost the serving process several
+percent of its CPU per command (docs/PERFORMANCE.md). The fold itself, hashing included, runs in the
+database (tree_store.fold).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from backend.audit import tree_store
-from backend.audit.merkle import Frontier
 from backend.audit.signing import Signer
 from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store.listener import Listener
@@ -87,12 +87,10 @@ class Folder:
     async def _lead(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
         self.leading = True
         log.info("merkle folder leading")
-        frontier: Frontier | None = None
         next_checkpoint = time.monotonic()  # a new leader signs at once, then every checkpoint_s
         while True:
             folded_at = time.monotonic()
-            frontier, folded = await tree_store.fold(conn, frontier, self.batch_size)
-            self.size = frontier.size
+            self.size, folded = await tree_store.fold(conn, self.batch_size)
             now = time.monotonic()
             if self.signer is not None and now >= next_checkpoint:  # on time even while catching up
                 await tree_store.sign(conn, self.signer)
@@ -101,10 +99,10 @@ class Folder:
             if folded == self.batch_size:
                 continue  # behind: keep folding before waiting
             wait = max(0.0, min(next_checkpoint - now if self.signer is not None else 5.0, 5.0))
-            if not folded and self.listener.head > frontier.size:
+            if not folded and self.listener.head > self.size:
                 await asyncio.sleep(min(wait, 0.5))  # not visible yet (or a gap): do not spin
             else:
-                await self.listener.wait_beyond(frontier.size, wait)
+                await self.listener.wait_beyond(self.size, wait)
             pause = folded_at + self.fold_interval_s - time.monotonic()
             if pause > 0:  # let the commits of the next moment gather into one fold
                 await asyncio.sleep(pause)

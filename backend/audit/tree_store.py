@@ -1,11 +1,12 @@
 """The stored tree (merkle_nodes, merkle_state) and stored checkpoints: folding new events into it,
 and answering roots and proofs from complete subtrees in one read each.
 
-A fold step runs in one transaction that first locks merkle_state's row: whoever folds (the leading
-folder, or an on-demand checkpoint catching up) waits for the other and then continues from the size
-it finds, so a batch is folded exactly once. The events are read after the stored size in position
-order; positions are gap-free and become visible in order, so nothing is skipped. Appends never
-wait for any of this.
+A fold step is one statement, `tally_merkle_fold` (migration 0011), whose transaction first locks
+merkle_state's row: whoever folds (the leading folder, or an on-demand checkpoint catching up) waits
+for the other and then continues from the size it finds, so a batch is folded exactly once. The
+events are read after the stored size in position order; positions are gap-free and become visible
+in order, so nothing is skipped. The database hashes the leaves and nodes itself, so folding costs
+this process one round trip, not a SHA-256 per leaf and node. Appends never wait for any of this.
 """
 
 from __future__ import annotations
@@ -15,17 +16,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 from backend.audit.merkle import (
     EMPTY_ROOT,
-    Frontier,
     Node,
     ProofError,
     assemble,
     consistency_ranges,
     inclusion_ranges,
-    leaf_hash,
     needed,
     plan,
     range_hash,
@@ -39,15 +36,7 @@ from backend.store.reads import Executor
 log = logging.getLogger(__name__)
 
 SIZE_SQL = "select tree_size from merkle_state"
-LOCK_SIZE_SQL = "select tree_size from merkle_state for update"
-ADVANCE_SQL = "update merkle_state set tree_size = $1, updated_at = now()"
-EVENTS_SQL = "select position, hash from events where position > $1 order by position limit $2"
-INSERT_SQL = """
-insert into merkle_nodes (level, index, hash)
-select (n->>0)::smallint, (n->>1)::bigint, decode(n->>2, 'hex') from jsonb_array_elements($1::text::jsonb) as n
-"""
-"""The batch's subtrees as one JSON text of [level, index, hex hash] rows: asyncpg checks array parameters
-element by element in Python, which cost more than folding itself (as for the appends, migration 0006)."""
+FOLD_SQL = "select tree_size, folded, gap_at from tally_merkle_fold($1)"
 NODES_SQL = """
 select n.level, n.index, n.hash from unnest($1::smallint[], $2::bigint[]) as w(level, index)
 join merkle_nodes n on n.level = w.level and n.index = w.index
@@ -115,45 +104,27 @@ async def consistency(db: Executor, old: int, new: int) -> tuple[list[bytes], by
     return assemble(parts, hashes), range_hash(old_top, hashes), range_hash(new_top, hashes)
 
 
-async def load_frontier(db: Executor, size: int) -> Frontier:
-    nodes = Frontier.nodes(size)
-    found = await complete(db, nodes, size)
-    return Frontier(size, [found[node] for node in nodes])
-
-
-async def fold(conn: Connection, frontier: Frontier | None, limit: int) -> tuple[Frontier, int]:
-    """Fold up to `limit` new events into the stored tree in one transaction; return the frontier (to
-    pass to the next call) and how many events were folded."""
-    async with conn.transaction():
-        size = int(await conn.fetchval(LOCK_SIZE_SQL))
-        if frontier is None or frontier.size != size:
-            frontier = await load_frontier(conn, size)
-        rows = await conn.fetch(EVENTS_SQL, size, limit)
-        nodes: list[tuple[int, int, str]] = []
-        for position, event_hash in rows:
-            if position != frontier.size + 1:
-                log.error("the log skips positions: the tree stops before the gap",
-                          extra={"expected": frontier.size + 1, "found": position})
-                break
-            for level, index, value in frontier.push(leaf_hash(position, event_hash)):
-                nodes.append((level, index, value.hex()))
-        folded = frontier.size - size
-        if folded:
-            await conn.execute(INSERT_SQL, orjson.dumps(nodes).decode())
-            await conn.execute(ADVANCE_SQL, frontier.size)
-    return frontier, folded
+async def fold(conn: Connection, limit: int) -> tuple[int, int]:
+    """Fold up to `limit` new events into the stored tree in one statement; return the tree's size and
+    how many events were folded."""
+    row = await conn.fetchrow(FOLD_SQL, limit)
+    assert row is not None  # a function with OUT parameters answers one row
+    size, folded, gap_at = int(row[0]), int(row[1]), row[2]
+    if gap_at is not None:
+        log.error("the log skips positions: the tree stops before the gap",
+                  extra={"expected": size + 1, "found": gap_at})
+    return size, folded
 
 
 async def catch_up(conn: Connection, to: int, limit: int, max_batches: int | None = None) -> int:
     """Fold until the tree reaches position `to` (or the log ends short of it, or max_batches batches
     have been folded); return the size."""
-    frontier: Frontier | None = None
     batches = 0
     while True:
-        frontier, folded = await fold(conn, frontier, limit)
+        size, folded = await fold(conn, limit)
         batches += 1
-        if frontier.size >= to or not folded or (max_batches is not None and batches >= max_batches):
-            return frontier.size
+        if size >= to or not folded or (max_batches is not None and batches >= max_batches):
+            return size
 
 
 async def sign(db: Executor, signer: Signer) -> dict[str, Any]:

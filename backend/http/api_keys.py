@@ -53,8 +53,8 @@ async def list_keys(request: web.Request) -> web.Response:
     owner = request.query.get("owner") or None
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
-    checkpoint, keys = await reach(request, api_keys_model.ApiKeys.name,
-                                   lambda db: api_keys_model.list_keys(db, owner, after, limit + 1))
+    checkpoint, keys = await reach(request, api_keys_model.ApiKeys.name, api_keys_model.list_keys, owner, after,
+                                   limit + 1)
     return answer(request, page_of(keys, limit, "key_id"), checkpoint)
 
 

@@ -83,7 +83,7 @@ class Answer:
         self._parts: tuple[bytes, bytes] | None = None
 
     def check(self, answer: Mapping[str, Any]) -> None:
-        parts = render(self.model, {**answer, "position": _STAND_IN}).split(b"%d" % _STAND_IN)
+        parts = render(self.model, {**answer, "position": _STAND_IN}).split(_STAND_IN_BYTES)
         self._parts = (parts[0], parts[1]) if len(parts) == 2 else None  # else the text holds its digits
         self._answer = answer
 
@@ -96,6 +96,7 @@ class Answer:
 
 _STAND_IN = 7_314_159_265_358_979_323
 """A position no store reaches (below 2**63), cut out of an answer rendered before its append."""
+_STAND_IN_BYTES = b"%d" % _STAND_IN
 
 
 def success_status(request: web.Request) -> int:

@@ -14,7 +14,7 @@ import base64
 import binascii
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from uuid import UUID
 
 from aiohttp import web
@@ -39,8 +39,10 @@ routes = web.RouteTableDef()
 POSITION_HEADER = "X-Projection-Position"
 DEFAULT_LIMIT, MAX_LIMIT = 50, 500
 T = TypeVar("T")
-ReadModel = Callable[[Executor], Awaitable[tuple[int, T]]]
-"""A read model's query: (the checkpoint it reflects, read in the same statement, and the data)."""
+P = ParamSpec("P")
+ReadModel = Callable[Concatenate[Executor, P], Awaitable[tuple[int, T]]]
+"""A read model's query, given where to read and its arguments: (the checkpoint it reflects, read in the
+same statement, and the data)."""
 _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IGNORECASE)
 
 
@@ -64,9 +66,11 @@ def wait_budget(request: web.Request) -> float:
     return min(wanted, settings.read_wait_max_s)
 
 
-async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tuple[int, T]:
-    """`read` (a read model's query, answering (checkpoint, data)) once `projection` has applied
-    min_position, if the request names one, from a read replica when one is in use (else the primary).
+async def reach(request: web.Request, projection: str, read: ReadModel[P, T], *args: P.args,
+                **kwargs: P.kwargs) -> tuple[int, T]:
+    """`read(db, *args, **kwargs)` (a read model's query, answering (checkpoint, data)) once `projection`
+    has applied min_position, if the request names one, from a read replica when one is in use (else the
+    primary). The arguments are passed on, not closed over: without replicas, a read makes no closure.
 
     With a min_position and a replica: the replica's checkpoint is polled until it has the position,
     within the request's wait budget; past it (or if the replica fails) the primary answers, once its
@@ -76,7 +80,9 @@ async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tu
     pools = request.app[READ_POOLS]
     wanted = min_position(request)
     if wanted is None:
-        return await pools.read(read)
+        if not pools.replicas:
+            return await read(pools.primary, *args, **kwargs)
+        return await pools.read(lambda db: read(db, *args, **kwargs))
     field, position = wanted
     await check_within_log(request.app, position, field)
     loop = asyncio.get_running_loop()
@@ -85,7 +91,7 @@ async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tu
     if replica is not None and (replica.lag_s or 0.0) < deadline - loop.time():
         async with pools.attempt(replica):
             if await poll_checkpoint(replica.pool, projection, position, deadline - loop.time()) >= position:
-                found = await read(replica.pool)
+                found = await read(replica.pool, *args, **kwargs)
                 if found[0] >= position:  # checked in the answer's own statement (a replica may restart)
                     replica.reads += 1
                     return found
@@ -97,7 +103,7 @@ async def reach(request: web.Request, projection: str, read: ReadModel[T]) -> tu
             headers={"Retry-After": "1", POSITION_HEADER: str(seen)},
             extra={"projection": projection, "position": seen, "min_position": position},
         )
-    return await read(pools.primary)
+    return await read(pools.primary, *args, **kwargs)
 
 
 def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None
@@ -139,7 +145,7 @@ async def read_one(request: web.Request, param: str, what: str, projection: str,
     caller asked for, if the caller may see it: 404 (at the checkpoint) when there is none, 403 when it
     belongs to an owner the key does not act for. With the checkpoint it was read at."""
     item_id = path_uuid(request, param)
-    checkpoint, found = await reach(request, projection, lambda db: get(db, item_id))
+    checkpoint, found = await reach(request, projection, get, item_id)
     if found is None:
         raise not_found(f"{what} {item_id}", checkpoint)
     if not request[ACTOR].can_act_for(found["owner"]):
@@ -184,8 +190,8 @@ async def list_wallets(request: web.Request) -> web.Response:
     limit = page_limit(request)
     after = decode_cursor(request.query.get("cursor") or None)
     now = request.app[CLOCK].now()
-    checkpoint, found = await reach(request, balances.Balances.name,
-                                    lambda db: balances.list_wallets(db, owner, after, limit + 1, now))
+    checkpoint, found = await reach(request, balances.Balances.name, balances.list_wallets, owner, after, limit + 1,
+                                    now)
     return answer(request, page_of(found, limit, "wallet_id"), checkpoint)
 
 

@@ -11,7 +11,6 @@ and the projection runners' feed (projections/feed.py) are both such runs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Generic, TypeVar, cast
 
 log = logging.getLogger(__name__)
@@ -66,9 +65,3 @@ class LogRun(Generic[T]):
         ring = self._ring
         found = ring[i : j + 1] if i <= j else ring[i:] + ring[: j + 1]
         return cast("list[T]", found)  # every slot in (start, end] is filled
-
-    def iterate(self, position: int) -> Iterator[T]:
-        """Every item after position (which the run must cover) up to end, oldest first."""
-        ring, capacity = self._ring, self.capacity
-        for at in range(max(position, self.start) + 1, self.end + 1):
-            yield cast("T", ring[at % capacity])

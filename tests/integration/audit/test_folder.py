@@ -4,9 +4,12 @@ fold racing the leader folds every batch once; the stored tree is the RFC tree o
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from pathlib import Path
 
 import asyncpg
+import pytest
 
 from backend.audit import tree_store
 from backend.audit.folder import Folder
@@ -73,6 +76,52 @@ async def test_an_on_demand_catch_up_is_bounded(own_pool: asyncpg.Pool) -> None:
         assert await tree_store.catch_up(conn, log.events, 3) == log.events
         assert await tree_store.catch_up(conn, log.events + 5, 3) == log.events, "stops where the log ends"
     assert await stored_tree_is_the_log(own_pool) == log.events
+
+
+async def test_folds_of_any_size_store_the_rfc_tree(own_pool: asyncpg.Pool) -> None:
+    """Batches that end anywhere (inside a subtree, on a power of two, across several) give the same
+    stored subtrees as the RFC's recursive definition."""
+    log = await fill_log(own_pool, streams=30, versions=10)
+    async with own_pool.acquire() as conn:
+        size = 0
+        for limit in (1, 1, 2, 3, 9, 16, 32, 1, 64, 100):
+            folded_to, folded = await tree_store.fold(conn, limit)
+            assert (folded_to, folded) == (size + limit, limit)
+            size = folded_to
+            assert await stored_tree_is_the_log(own_pool) == size
+        assert await tree_store.fold(conn, 1000) == (log.events, log.events - size)
+        assert await tree_store.fold(conn, 1000) == (log.events, 0)
+    assert await stored_tree_is_the_log(own_pool) == log.events
+
+
+async def test_the_tree_stops_before_a_gap_in_the_log(own_pool: asyncpg.Pool,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    log = await fill_log(own_pool, streams=3, versions=2)
+    row = await own_pool.fetchrow("select * from events where position = $1", log.events)
+    assert row is not None
+    await own_pool.execute(  # position head + 2: head + 1 is missing
+        "insert into events (position, stream_id, version, type, data, metadata, event_id, recorded_at, hash)"
+        " values ($1, $2, $3, $4, $5, $6, $7, $8, $9)", log.events + 2, row["stream_id"], row["version"] + 1,
+        row["type"], row["data"], row["metadata"], uuid.uuid4(), row["recorded_at"], row["hash"])
+    caplog.set_level(logging.ERROR, logger="backend.audit.tree_store")
+    async with own_pool.acquire() as conn:
+        assert await tree_store.fold(conn, 100) == (log.events, log.events)
+        assert await tree_store.fold(conn, 100) == (log.events, 0)
+    gaps = [r for r in caplog.records if r.getMessage() == "the log skips positions: the tree stops before the gap"]
+    assert [(r.expected, r.found) for r in gaps] == [(log.events + 1, log.events + 2)] * 2  # type: ignore[attr-defined]
+    sizes = await own_pool.fetch("select level, count(*) from merkle_nodes group by level order by level")
+    assert [(r[0], r[1]) for r in sizes] == [(0, 6), (1, 3), (2, 1)]
+
+
+async def test_a_fold_over_a_missing_subtree_fails_and_stores_nothing(own_pool: asyncpg.Pool) -> None:
+    await fill_log(own_pool, streams=4, versions=2)
+    async with own_pool.acquire() as conn:
+        assert await tree_store.fold(conn, 4) == (4, 4)
+        await conn.execute("update merkle_state set tree_size = 6")  # leaves 4 and 5 were never folded
+        with pytest.raises(asyncpg.DataCorruptedError, match="lacks a subtree of level 1"):
+            await tree_store.fold(conn, 4)
+    assert await tree_store.tree_size(own_pool) == 6
+    assert await own_pool.fetchval("select count(*) from merkle_nodes") == 7
 
 
 async def test_checkpoints_are_signed_on_time_while_the_folder_catches_up(own_database_url: str,
