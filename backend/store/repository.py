@@ -309,8 +309,8 @@ class Repository:
             if run[0].version != cached.version + 1:
                 del cache[stream]
                 continue
-            try:
-                folded = fold(run, clone(cached), cached.id)
+            try:  # in place: the cache's own copy, only ever handed out as clones (a failure drops it)
+                folded = fold(run, cached, cached.id)
             except Exception:
                 log.exception("could not apply followed events to a cached aggregate", extra={"stream": stream})
                 del cache[stream]

@@ -150,3 +150,31 @@ def test_clone_is_independent_of_the_original() -> None:
     copy.reserve(uuid.uuid4(), 10, NOW + timedelta(minutes=1), NOW)
     assert wallet.locks == {lock_id: 100} and len(wallet.reservations) == 1 and wallet.closed_locks == {}
     assert wallet.version == 4 and copy.version > wallet.version
+
+
+async def test_following_the_log_folds_into_the_cache_and_leaves_copies_handed_out_alone(store: EventStore) -> None:
+    """Another process's events fold into the cached wallet itself (with several workers, every foreign
+    event does): a copy handed out before keeps its state; an event that cannot be applied drops the
+    cached wallet, and the next load reads the store."""
+    mine, theirs = Repository(store), Repository(store)
+    wallet = Wallet.open(uuid.uuid4(), "carol", "USD", NOW)
+    wallet.credit(100, "seed", NOW)
+    await mine.save(wallet)
+    head = await store.head()
+    held = await mine.get(Wallet, wallet.id)
+    other = await theirs.get(Wallet, wallet.id)
+    other.debit(30, "theirs", NOW)
+    await theirs.save(other)
+    events = await store.read_all(head)
+    await mine.follow_log(head, events, events[-1].position)
+    assert held.balance == 100 and held.version == 2
+    assert (await mine.get(Wallet, wallet.id)).balance == 70
+
+    head = events[-1].position
+    other = await theirs.get(Wallet, wallet.id)
+    other.debit(20, "theirs", NOW)
+    await theirs.save(other)
+    [followed] = await store.read_all(head)
+    broken = type(followed)(**{**{f: getattr(followed, f) for f in followed.__slots__}, "data": {"nonsense": 1}})
+    await mine.follow_log(head, [broken], broken.position)
+    assert (await mine.get(Wallet, wallet.id)).balance == 50  # dropped, then read again from the store
