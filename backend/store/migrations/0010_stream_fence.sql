@@ -25,37 +25,31 @@ declare
     last_position bigint;
     last_recorded_at timestamptz;
     shift bigint;
+    stream_heads jsonb;
 begin
     perform pg_advisory_xact_lock(lock_key);
     select position, recorded_at into last_position, last_recorded_at
     from events order by position desc limit 1;
     last_position := coalesce(last_position, 0);
     shift := last_position - expected_head;
-    if shift <> 0 and (
-        shift < 0
-        or last_recorded_at > batch_recorded_at
-        or exists (
-            select 1
-            from jsonb_each(origins) as o(stream_id, origin)
-            left join lateral (
+    if shift <> 0 then
+        -- the batch's streams as they are: [version, hash hex], absent for a stream with no events
+        stream_heads := coalesce((
+            select jsonb_object_agg(o.stream_id, jsonb_build_array(e.version, encode(e.hash, 'hex')))
+            from jsonb_object_keys(origins) as o(stream_id)
+            cross join lateral (
                 select version, hash from events where events.stream_id = o.stream_id
                 order by version desc limit 1
-            ) as e on true
-            where coalesce(e.version, 0) <> (o.origin->>0)::int
-               or (e.version is not null and encode(e.hash, 'hex') <> o.origin->>1))
-    ) then
-        return jsonb_build_object(
-            'head', last_position,
-            'recorded_at', last_recorded_at,
-            'streams', coalesce((
-                select jsonb_object_agg(o.stream_id, jsonb_build_array(e.version, encode(e.hash, 'hex')))
-                from jsonb_object_keys(origins) as o(stream_id)
-                cross join lateral (
-                    select version, hash from events where events.stream_id = o.stream_id
-                    order by version desc limit 1
-                ) as e), '{}'::jsonb));
-    end if;
-    if shift <> 0 then
+            ) as e), '{}'::jsonb);
+        if shift < 0
+           or last_recorded_at > batch_recorded_at
+           or exists (
+               select 1 from jsonb_each(origins) as o(stream_id, origin)
+               where coalesce((stream_heads->o.stream_id->>0)::int, 0) <> (o.origin->>0)::int
+                  or (stream_heads ? o.stream_id and stream_heads->o.stream_id->>1 <> o.origin->>1))
+        then
+            return jsonb_build_object('head', last_position, 'recorded_at', last_recorded_at, 'streams', stream_heads);
+        end if;
         event_rows := coalesce((
             select jsonb_agg(jsonb_set(r, '{0}', to_jsonb((r->>0)::bigint + shift)) order by n)
             from jsonb_array_elements(event_rows) with ordinality as e(r, n)), '[]'::jsonb);
