@@ -65,24 +65,26 @@ async def read_to_head(conn: Connection, after: int, limit: int,
 def _events(rows: Iterable[Any]) -> list[Event]:
     events = []
     for position, stream_id, version, kind, stored, recorded_at, schema_version in rows:
-        latest = SCHEMA_VERSIONS.get(kind)
-        data = stored if latest is None or schema_version == latest else _lift(kind, schema_version, stored)
-        events.append(Event(position, stream_id, version, kind, data, recorded_at))
+        events.append(Event(position, stream_id, version, kind, _current(kind, schema_version, stored), recorded_at))
     return events
 
 
 def from_recorded(events: Iterable[RecordedEvent]) -> list[Event]:
-    """Whole events (the log tail's reads) as a projection sees them: what read_batch gives (the loop of
-    `_events`, spelt out: the feed lifts every event the process hears of)."""
+    """Whole events (the log tail's reads) as a projection sees them: what read_batch gives (one loop, no
+    generator of rows: the feed lifts every event the process hears of)."""
     lifted = []
     for e in events:
-        kind, data, stored = e.type, e.data, e.metadata.get("schema_version")
+        stored = e.metadata.get("schema_version")
         schema_version = 1 if stored is None else int(stored)  # as READ_SQL's coalesce(..., 1)
-        latest = SCHEMA_VERSIONS.get(kind)
-        if latest is not None and schema_version != latest:
-            data = _lift(kind, schema_version, data)
-        lifted.append(Event(e.position, e.stream_id, e.version, kind, data, e.recorded_at))
+        lifted.append(Event(e.position, e.stream_id, e.version, e.type, _current(e.type, schema_version, e.data),
+                            e.recorded_at))
     return lifted
+
+
+def _current(kind: str, schema_version: int, data: dict[str, Any]) -> dict[str, Any]:
+    """The data at its type's latest schema version (as stored when it already is)."""
+    latest = SCHEMA_VERSIONS.get(kind)
+    return data if latest is None or schema_version == latest else _lift(kind, schema_version, data)
 
 
 def _lift(kind: str, schema_version: int, data: dict[str, Any]) -> dict[str, Any]:
