@@ -72,8 +72,8 @@ LOCKED_REASONS = ("unknown_stream", "rejected", "taken", "fence_missed")
 request the plan from memory would refuse, where memory could be wrong (see `_final`), or that depends
 on one; an event id or Idempotency-Key already stored; one of the batch's streams moved on every try."""
 FENCE_TRIES = 3
-"""Fenced attempts per batch: the first on the head this process knows, then on the head a miss told
-(as long as the batch's streams are where it planned them)."""
+"""Fenced attempts per batch: the first on what this process knows, then on the head and the stream
+heads each miss told."""
 WRITE_SQL = "select tally_insert_appended($1::jsonb, $2::jsonb), pg_notify('tally_events', $3::text)"
 
 
