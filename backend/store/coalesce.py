@@ -21,12 +21,18 @@ from backend.store.reads import to_event
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-# Both reads also return the log's head as of their snapshot: see StreamReads.
+# Both reads also return the log's head as of their snapshot: see StreamReads. Each stream is read
+# in a lateral subquery, so that every plan walks the (stream_id, version) index once per stream: as a
+# plain join, the generic plan of a prepared statement (which asyncpg's cache ends up using) guessed ten
+# streams and hashed them against a scan of the whole log, a cost that grew with every event appended.
+# The subquery's `order by` keeps the planner from flattening it back into that join.
 TAILS_SQL = """
 select e.position, e.stream_id, e.version, e.type, e.data, e.metadata, e.event_id, e.recorded_at, e.hash,
        (select max(position) from events) as head
 from unnest($1::text[], $2::int[]) with ordinality as s(sid, after, i)
-join events e on e.stream_id = s.sid and e.version > s.after
+cross join lateral (
+    select * from events where events.stream_id = s.sid and events.version > s.after order by events.version
+) as e
 order by s.i, e.version
 """
 
