@@ -46,6 +46,7 @@ class RecordedEvent:
     type: str
     data: dict[str, Any]
     metadata: dict[str, Any]
+    """As appended; in the events the log tail hands on, only {"schema_version": n} (backend/store/tail.py)."""
     event_id: uuid.UUID
     recorded_at: datetime
     hash: bytes

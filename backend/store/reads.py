@@ -80,19 +80,34 @@ async def read_all(
     return events_of(await db.fetch(sql, *args))
 
 
+FOLLOWED_COLUMNS = COLUMNS.replace(
+    "metadata", "jsonb_build_object('schema_version', coalesce(metadata->'schema_version', '1'::jsonb)) as metadata")
+"""COLUMNS for the log tail's followers: of the metadata only the schema version (1 when unset), the one
+key they use (projections and cached aggregates upcast by it; SSE frames never show metadata). The
+whole metadata (actor, request and correlation ids) made every event's row larger to send, decode and
+keep; the audit and export paths read it with COLUMNS."""
+
+FOLLOWED_SQL = f"select {FOLLOWED_COLUMNS} from events where position > $1 order by position limit $2"
+
+
+async def read_followed(db: Executor, after_position: int, limit: int) -> list[RecordedEvent]:
+    """Up to limit events after a position, as the log tail hands them on (FOLLOWED_COLUMNS)."""
+    return events_of(await db.fetch(FOLLOWED_SQL, after_position, limit))
+
+
 READ_TYPES_TO_HEAD_SQL = f"""
 select h.head, e.* from (select coalesce(max(position), 0) as head from events) as h
 left join lateral (
-    select {COLUMNS} from events where position > $1 and type = any($3::text[]) order by position limit $2
+    select {FOLLOWED_COLUMNS} from events where position > $1 and type = any($3::text[]) order by position limit $2
 ) as e on true
 """
 
 
 async def read_types_to_head(db: Executor, after_position: int, limit: int,
                              types: Sequence[str]) -> tuple[list[RecordedEvent], int]:
-    """Up to limit events of the given types after a position, and the head, in one round trip and one
-    snapshot: when fewer than limit come back, every event up to the head has been examined (positions
-    become visible in order)."""
+    """Up to limit events of the given types after a position (FOLLOWED_COLUMNS: the log tail's read),
+    and the head, in one round trip and one snapshot: when fewer than limit come back, every event up to
+    the head has been examined (positions become visible in order)."""
     rows = await db.fetch(READ_TYPES_TO_HEAD_SQL, after_position, limit, list(types))
     head = int(rows[0]["head"])
     return ([] if rows[0]["position"] is None else [to_event(row) for row in rows]), head

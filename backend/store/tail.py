@@ -13,6 +13,9 @@ rest, up to the head the Listener announced, is read from the primary in the sam
 get one contiguous run either way: nothing skipped, nothing repeated, whichever server served it and
 whether or not a replica restarted meanwhile.
 
+The events a subscriber is handed are whole but for their metadata, which holds only the schema
+version (`reads.read_followed`): no follower needs more, and the rest made every row heavier.
+
 A subscriber may want only some event types (the revocation watcher: `ApiKeyRevoked`). While someone
 follows the whole log, it gets its types filtered in memory from the page read anyway; while only such
 subscribers want pages, the tail reads just their types and the head in one query (at most once per
@@ -131,13 +134,13 @@ class LogTail:
         as it has replayed them, the rest from the primary)."""
         self.reads += 1
         head = self._listener.head
-        served = await self._pools.on_replica(lambda db: reads.read_all(db, after, limit))
+        served = await self._pools.on_replica(lambda db: reads.read_followed(db, after, limit))
         if served is None:
-            return await reads.read_all(self._db, after, limit)
+            return await reads.read_followed(self._db, after, limit)
         events = served[0]
         last = events[-1].position if events else after
         if len(events) < limit and last < head:  # the replica has replayed up to `last`: the rest is the primary's
-            events += await reads.read_all(self._db, last, limit - len(events))
+            events += await reads.read_followed(self._db, last, limit - len(events))
         return events
 
     async def read_types(self, after: int, limit: int, types: frozenset[str]) -> tuple[list[RecordedEvent], int]:

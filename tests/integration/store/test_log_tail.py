@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import asyncpg
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from backend.store.event_store import EventStore
 from backend.store.events import ANY, NewEvent, RecordedEvent
 from backend.store.listener import Listener
-from backend.store.tail import TASK, LogTail
+from backend.store.tail import TASK, LogTail, Receive
 from backend.supervisor import Supervisor
 from tests.support import eventually
 
@@ -132,3 +133,37 @@ async def test_a_subscriber_of_some_types_gets_each_of_them_once_read_alone_or_f
         assert everything.positions() == list(range(head - 4, head + 1))
     finally:
         await tail.close()
+
+
+async def test_events_are_handed_on_as_stored_with_only_the_schema_version_of_their_metadata(
+    pool: asyncpg.Pool, store: EventStore, listener: Listener
+) -> None:
+    """Read alone (of some types) or from the whole log, each event is the stored one but for its
+    metadata: just the schema version, 1 when the event was appended without one."""
+    tail = LogTail(pool, listener, page_size=100, idle_s=0.2, typed_interval_s=0.0, supervisor=Supervisor())
+    handed: dict[str, list[RecordedEvent]] = {"all": [], "typed": []}
+
+    def keep(name: str) -> Receive:
+        async def receive(after: int, events: list[RecordedEvent], end: int) -> None:
+            handed[name].extend(events)
+        return receive
+
+    typed = tail.subscribe("typed", keep("typed"), frozenset({"Upcast"}))
+    tail.want(typed, True)
+    await tail.start()
+    stream = f"tail-{uuid.uuid4()}"
+    events = [NewEvent("Upcast", {"n": 1}, {"actor": "k1", "request_id": "r1", "schema_version": 2}),
+              NewEvent("Upcast", {"n": 2}, {"actor": "k1"})]
+    try:
+        await store.append_to(stream, ANY, events[:1])
+        await eventually(lambda: len(handed["typed"]) == 1)
+        tail.want(tail.subscribe("all", keep("all")), True)
+        await store.append_to(stream, ANY, events[1:])
+        await eventually(lambda: len(handed["typed"]) == 2 and len(handed["all"]) == 1)
+    finally:
+        await tail.close()
+    stored = await store.read_stream(stream)
+    assert [e.metadata for e in stored] == [events[0].metadata, events[1].metadata]  # the store keeps it all
+    trimmed = [replace(e, metadata={"schema_version": n}) for e, n in zip(stored, (2, 1), strict=True)]
+    assert handed["typed"] == trimmed
+    assert handed["all"] == trimmed[1:]
