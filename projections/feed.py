@@ -13,6 +13,11 @@ A runner behind start (catching up after a start or a rebuild) or ahead of end (
 itself while the tail lagged) reads the store itself, as does one that finds the feed standing still
 while the log moves on (the tail is down, in its backoff): the feed only saves reads, it never decides
 what a runner applies.
+
+The feed wants the tail's pages only while one of the process's runners leads (`leading`): with
+several workers, the runners of all but one stand by, and their process neither converts nor keeps the
+log for them. A feed that starts wanting again joins at the tail's position; its runners read the
+store up to there themselves, as after a start.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from backend.store.events import RecordedEvent
 from backend.store.run import LogRun
@@ -37,12 +42,26 @@ class LogFeed:
         self._subscriber = tail.subscribe(SUBSCRIBER, self._receive)
         self._changed = asyncio.Event()
         self._moved_at = time.monotonic()
+        self._leaders = 0
         self.pages = 0
 
     async def start(self) -> None:
-        """Want every page the tail reads from now on (and start the tail, if nobody has)."""
+        """Start the process's tail, if nobody has; pages come while a runner leads (`leading`)."""
         await self._tail.start()
-        self.run.reset(self._tail.want(self._subscriber, True))
+
+    @contextlib.contextmanager
+    def leading(self) -> Iterator[None]:
+        """Around a runner's lead: the feed wants every page the tail reads while any runner leads."""
+        self._leaders += 1
+        if self._leaders == 1:
+            self.run.reset(self._tail.want(self._subscriber, True))
+            self._moved_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._leaders -= 1
+            if self._leaders == 0:
+                self._tail.want(self._subscriber, False)
 
     def close(self) -> None:
         self._tail.unsubscribe(self._subscriber)

@@ -140,7 +140,8 @@ class Runner:
                                           standing_by=self._standing_by) as conn:
                     self.state = LEADING
                     log.info("projection runner leads", extra={"projection": self.name})
-                    await self._lead(conn)
+                    with self.feed.leading() if self.feed is not None else contextlib.nullcontext():
+                        await self._lead(conn)
             self.state = STOPPED
         except asyncio.CancelledError:
             self.state = STOPPED

@@ -37,7 +37,8 @@ TYPES = ("A", "B", "C")
 @contextlib.asynccontextmanager
 async def fed(dsn: str, pool: asyncpg.Pool, *, page_size: int = 100,
               capacity: int = 1000) -> AsyncIterator[tuple[LogTail, LogFeed, Supervisor]]:
-    """A process's listener and log tail, and a started feed on them (closed on the way out)."""
+    """A process's listener and log tail, and a started feed on them as while a runner leads (closed on
+    the way out)."""
     listener = Listener(dsn, poll_interval_s=0.1)
     await listener.start()
     supervisor = Supervisor(min_delay_s=0.01, max_delay_s=0.05)
@@ -45,7 +46,8 @@ async def fed(dsn: str, pool: asyncpg.Pool, *, page_size: int = 100,
     feed = LogFeed(tail, capacity=capacity)
     try:
         await feed.start()
-        yield tail, feed, supervisor
+        with feed.leading():
+            yield tail, feed, supervisor
     finally:
         feed.close()
         await tail.close()
@@ -83,6 +85,47 @@ async def test_one_read_serves_every_runner_asking_at_once(own_database_url: str
         assert tail.reads == reads  # the runners' answers read nothing
         async with own_pool.acquire() as conn:
             assert first[0] == (await read_to_head(conn, 0, 100))[0]  # what the store itself gives
+
+
+async def test_the_feed_takes_pages_only_while_a_runner_of_its_process_leads(
+    own_database_url: str, own_pool: asyncpg.Pool
+) -> None:
+    """With several workers the runners of all but one stand by: their process's feed neither converts
+    nor keeps the log; once a runner leads it joins at the tail's position, and no earlier."""
+    listener = Listener(own_database_url, poll_interval_s=0.1)
+    await listener.start()
+    supervisor = Supervisor(min_delay_s=0.01, max_delay_s=0.05)
+    tail = LogTail(own_pool, listener, page_size=100, idle_s=0.2, supervisor=supervisor)
+    hub = tail.subscribe("hub", _ignore)  # another follower keeps the tail reading meanwhile
+    tail.want(hub, True)
+    feed = LogFeed(tail, capacity=1000)
+    try:
+        await feed.start()
+        standing_by = await append(own_pool, ["A", "B"])
+        await eventually(lambda: tail.position == standing_by)
+        assert feed.pages == 0 and feed.run.end == 0
+        with feed.leading():
+            assert feed.run.start == feed.run.end == standing_by
+            with feed.leading():  # a second runner of the process leads as well
+                pass
+            led = await append(own_pool, ["C", "A"])
+            await eventually(lambda: feed.run.end == led)
+            found = feed.after(standing_by, 100, None)
+            assert found is not None and positions(found[0]) == [led - 1, led]
+            assert feed.after(0, 100, None) is None  # below where it joined: the runner reads the store
+        pages = feed.pages
+        later = await append(own_pool, ["B"])
+        await eventually(lambda: tail.position == later)
+        assert feed.pages == pages and feed.run.end == led
+    finally:
+        feed.close()
+        await tail.close()
+        await supervisor.close()
+        await listener.close()
+
+
+async def _ignore(after: int, events: list[RecordedEvent], end: int) -> None:
+    return None
 
 
 async def test_behind_or_ahead_of_the_feed_a_runner_reads_the_store_itself(
