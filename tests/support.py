@@ -60,6 +60,11 @@ def eventually_blocking(check: Callable[[], T | None], *, timeout: float = 30.0,
     return value
 
 
+def secret_of(key: str) -> str:
+    """The secret part of an API key, tly_<key id>_<secret>: the secret (base64url) may itself hold "_"."""
+    return key.split("_", 2)[2]
+
+
 async def object_of(response: ClientResponse) -> dict[str, Any]:
     """The reply's JSON body, which must be an object (whatever its content type says)."""
     body = await response.json(content_type=None)

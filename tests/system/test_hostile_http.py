@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support import secret_of
 from tests.system.serving import Server, create_key, serving
 
 pytestmark = pytest.mark.system
@@ -194,7 +195,7 @@ def test_a_key_sent_through_every_channel_reaches_no_log_line(database_url: str,
     """At DEBUG, and also with aiohttp's own parser-error handling (which logs the offending bytes
     with their traceback): the redaction filter is what stands between those and the log."""
     token = create_key(database_url, scopes="wallets:read", owner="leaky")
-    secret = token.split("_", 2)[2]
+    secret = secret_of(token)
     with serving(database_url, LOG_LEVEL="DEBUG", LOG_FORMAT="json", PARSER_ERROR_PROBLEMS=parser_problems) as srv:
         for name, data in channels(token).items():
             reply = exchange(srv.port, data)

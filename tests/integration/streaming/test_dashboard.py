@@ -24,7 +24,7 @@ from backend.http.static import CSP
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.streaming.conftest import MakeClient
 from tests.integration.streaming.test_browser import api_of
-from tests.support import Client
+from tests.support import Client, secret_of
 from tests.system.procs import Process, create_key
 
 pytestmark = pytest.mark.timeout(180)
@@ -59,11 +59,6 @@ async def post(http: aiohttp.ClientSession | Client, key: str, path: str, body: 
         assert response.status < 300, (path, response.status, await response.text())
         answer: dict[str, Any] = await response.json()
         return answer
-
-
-def secret_of(key: str) -> str:
-    """The secret part of tly_<key id>_<secret>: the secret (base64url) may itself hold "_"."""
-    return key.split("_", 2)[2]
 
 
 async def assert_key_kept_secret(watched: Watched, *keys: str) -> None:
