@@ -35,10 +35,10 @@ TYPES = ("A", "B", "C")
 
 
 @contextlib.asynccontextmanager
-async def fed(dsn: str, pool: asyncpg.Pool, *, page_size: int = 100,
-              capacity: int = 1000) -> AsyncIterator[tuple[LogTail, LogFeed, Supervisor]]:
-    """A process's listener and log tail, and a started feed on them as while a runner leads (closed on
-    the way out)."""
+async def fed(dsn: str, pool: asyncpg.Pool, *, page_size: int = 100, capacity: int = 1000,
+              leading: bool = True) -> AsyncIterator[tuple[LogTail, LogFeed, Supervisor]]:
+    """A process's listener and log tail, and a started feed on them, as while a runner leads unless
+    `leading` is False (closed on the way out)."""
     listener = Listener(dsn, poll_interval_s=0.1)
     await listener.start()
     supervisor = Supervisor(min_delay_s=0.01, max_delay_s=0.05)
@@ -46,7 +46,7 @@ async def fed(dsn: str, pool: asyncpg.Pool, *, page_size: int = 100,
     feed = LogFeed(tail, capacity=capacity)
     try:
         await feed.start()
-        with feed.leading():
+        with feed.leading() if leading else contextlib.nullcontext():
             yield tail, feed, supervisor
     finally:
         feed.close()
@@ -92,15 +92,8 @@ async def test_the_feed_takes_pages_only_while_a_runner_of_its_process_leads(
 ) -> None:
     """With several workers the runners of all but one stand by: their process's feed neither converts
     nor keeps the log; once a runner leads it joins at the tail's position, and no earlier."""
-    listener = Listener(own_database_url, poll_interval_s=0.1)
-    await listener.start()
-    supervisor = Supervisor(min_delay_s=0.01, max_delay_s=0.05)
-    tail = LogTail(own_pool, listener, page_size=100, idle_s=0.2, supervisor=supervisor)
-    hub = tail.subscribe("hub", _ignore)  # another follower keeps the tail reading meanwhile
-    tail.want(hub, True)
-    feed = LogFeed(tail, capacity=1000)
-    try:
-        await feed.start()
+    async with fed(own_database_url, own_pool, leading=False) as (tail, feed, _):
+        tail.want(tail.subscribe("hub", _ignore), True)  # another follower keeps the tail reading meanwhile
         standing_by = await append(own_pool, ["A", "B"])
         await eventually(lambda: tail.position == standing_by)
         assert feed.pages == 0 and feed.run.end == 0
@@ -117,11 +110,6 @@ async def test_the_feed_takes_pages_only_while_a_runner_of_its_process_leads(
         later = await append(own_pool, ["B"])
         await eventually(lambda: tail.position == later)
         assert feed.pages == pages and feed.run.end == led
-    finally:
-        feed.close()
-        await tail.close()
-        await supervisor.close()
-        await listener.close()
 
 
 async def _ignore(after: int, events: list[RecordedEvent], end: int) -> None:
