@@ -7,6 +7,11 @@ database: this checkout's (A) and the base commit's (B, from a temporary git wor
 them in turn, in short slices ordered A B B A A B ..., so that a drift weighs on both alike; each
 slice records its server's user and system CPU per command (psutil) and its commands/s. The summary
 compares the means and gives the median of the paired ratios A/B.
+
+The run is two legs with fresh databases and servers each: in the first A serves the database created
+first, in the second the one created second. Against itself (`--base HEAD`), the side on the database
+created first read 1.3 to 3.8 % more CPU per command in five runs out of five (docs/PERFORMANCE.md);
+swapping halfway cancels whatever makes that so.
 """
 
 from __future__ import annotations
@@ -102,44 +107,60 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+async def run_leg(args: argparse.Namespace, server: Any, revision: str, slices: int, *,
+                  a_first: bool) -> dict[str, list[dict[str, float]]]:
+    """Both servers on fresh databases, A on the one created first (or second), warmed, then `slices`
+    measured slices each, alternating."""
+    seconds = 3.0 if args.quick else args.seconds
+    with contextlib.ExitStack() as stack:
+        async with fresh_database(server, "ab_1") as first, fresh_database(server, "ab_2") as second:
+            dsn_a, dsn_b = (first, second) if a_first else (second, first)
+            if args.pgbouncer:
+                sys.path.insert(0, str(ROOT))  # the suite's PgBouncer launcher, written once
+                from tests.integration.pgbouncer.bouncer import running_pgbouncer
+
+                bouncer = stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20))
+                base_root, dsn_b_served = ROOT, bouncer.dsn_for(dsn_b)
+                extra = {"DIRECT_DATABASE_URL": dsn_b, "DATABASE_POOL_MODE": "transaction"}
+            else:
+                base_root, dsn_b_served, extra = stack.enter_context(worktree(revision)), dsn_b, {}
+            async with side("A", ROOT, dsn_a, args.wallets) as a, \
+                    side("B", base_root, dsn_b_served, args.wallets, **extra) as b:
+                for warm in (a, b):  # caches and prepared statements, unmeasured
+                    await warm.slice(args.connections, seconds)
+                for i in range(slices):
+                    for current in ((a, b) if i % 2 == 0 else (b, a)):
+                        measured = await current.slice(args.connections, seconds)
+                        current.slices.append(measured)
+                        print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
+                              f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
+                              f"{measured['sys_us']:3.0f} us system per command", flush=True)
+    return {"A": a.slices, "B": b.slices}
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not use_wrk("wrk"):
         raise SystemExit("wrk is not installed")
-    slices, seconds = (4, 3.0) if args.quick else (args.slices, args.seconds)
+    slices = 4 if args.quick else args.slices
     revision = "pgbouncer" if args.pgbouncer else subprocess.run(  # noqa: ASYNC221 (before any server)
         ["git", "rev-parse", "--short", args.base], cwd=ROOT,
         check=True, capture_output=True, text=True).stdout.strip()
     async with chosen_server(args.dsn) as server:
-        with contextlib.ExitStack() as stack:
-            async with fresh_database(server, "ab_a") as dsn_a, fresh_database(server, "ab_b") as dsn_b:
-                if args.pgbouncer:
-                    sys.path.insert(0, str(ROOT))  # the suite's PgBouncer launcher, written once
-                    from tests.integration.pgbouncer.bouncer import running_pgbouncer
-
-                    bouncer = stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20))
-                    base_root, dsn_b_served = ROOT, bouncer.dsn_for(dsn_b)
-                    extra = {"DIRECT_DATABASE_URL": dsn_b, "DATABASE_POOL_MODE": "transaction"}
-                else:
-                    base_root, dsn_b_served, extra = stack.enter_context(worktree(revision)), dsn_b, {}
-                async with side("A", ROOT, dsn_a, args.wallets) as a, \
-                        side("B", base_root, dsn_b_served, args.wallets, **extra) as b:
-                    for warm in (a, b):  # caches and prepared statements, unmeasured
-                        await warm.slice(args.connections, seconds)
-                    for i in range(slices):
-                        for current in ((a, b) if i % 2 == 0 else (b, a)):
-                            measured = await current.slice(args.connections, seconds)
-                            current.slices.append(measured)
-                            print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
-                                  f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
-                                  f"{measured['sys_us']:3.0f} us system per command", flush=True)
-    cpu = {s.name: [x["user_us"] + x["sys_us"] for x in s.slices] for s in (a, b)}
+        first_leg = (slices + 1) // 2
+        measured: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+        for leg, leg_slices in enumerate((first_leg, slices - first_leg)):
+            if leg_slices:
+                for name, taken in (await run_leg(args, server, revision, leg_slices, a_first=leg == 0)).items():
+                    measured[name] += taken
+    cpu = {name: [x["user_us"] + x["sys_us"] for x in taken] for name, taken in measured.items()}
     ratio = statistics.median(x / y for x, y in zip(cpu["A"], cpu["B"], strict=True))
-    for s in (a, b):
-        label = "this checkout" if s is a else ("through PgBouncer" if args.pgbouncer else f"base {revision}")
-        print(f"{s.name} ({label}): server CPU {mean(cpu[s.name]):.0f} us per command "
-              f"(user {mean([x['user_us'] for x in s.slices]):.0f}), "
-              f"{mean([x['commands_per_s'] for x in s.slices]):.0f} commands/s, "
-              f"p99 {statistics.median(x['p99_ms'] for x in s.slices):.1f} ms (median slice)")
+    base_label = "through PgBouncer" if args.pgbouncer else f"base {revision}"
+    for name, label in (("A", "this checkout"), ("B", base_label)):
+        taken = measured[name]
+        print(f"{name} ({label}): server CPU {mean(cpu[name]):.0f} us per command "
+              f"(user {mean([x['user_us'] for x in taken]):.0f}), "
+              f"{mean([x['commands_per_s'] for x in taken]):.0f} commands/s, "
+              f"p99 {statistics.median(x['p99_ms'] for x in taken):.1f} ms (median slice)")
     print(f"A/B server CPU per command, median of {slices} paired slices: {ratio:.3f}")
     return {"bench": "ab", "base": revision, "cpu_us_per_command": round(mean(cpu["A"]), 1),
             "base_cpu_us_per_command": round(mean(cpu["B"]), 1), "ratio": round(ratio, 4)}
