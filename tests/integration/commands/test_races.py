@@ -79,8 +79,8 @@ async def test_random_concurrent_commands_keep_the_invariant(admin: Api, client:
             r = await client.post(f"{base}/locks", json={"amount": amount, "reason": "r"}, headers=admin.headers)
             if r.status == 201:
                 locks.append((await r.json())["lock_id"])
-        elif op == "reserve":
-            r = await client.post(f"{base}/reservations", json={"amount": amount, "ttl_seconds": 60},
+        elif op == "reserve":  # for an hour: none falls due while the suite runs and appends to the shared log
+            r = await client.post(f"{base}/reservations", json={"amount": amount, "ttl_seconds": 3600},
                                   headers=admin.headers)
             if r.status == 201:
                 reservations.append((await r.json())["reservation_id"])
