@@ -10,8 +10,8 @@ compares the means and gives the median of the paired ratios A/B.
 
 The run is two legs with fresh databases and servers each: in the first A serves the database created
 first, in the second the one created second. Against itself (`--base HEAD`), the side on the database
-created first read 1.3 to 3.8 % more CPU per command in five runs out of five (docs/PERFORMANCE.md);
-swapping halfway cancels whatever makes that so.
+created first read more CPU per command in every run (docs/PERFORMANCE.md); swapping halfway cancels
+whatever makes that so.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 from bench_http import ROOT, free_port, run_wrk, seed_wallets, serve_env, use_wrk, wait_ready
-from bench_store import chosen_server, fresh_database
+from bench_store import Server, chosen_server, fresh_database
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +107,7 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-async def run_leg(args: argparse.Namespace, server: Any, revision: str, slices: int, *,
+async def run_leg(args: argparse.Namespace, server: Server, revision: str, slices: int, *,
                   a_first: bool) -> dict[str, list[dict[str, float]]]:
     """Both servers on fresh databases, A on the one created first (or second), warmed, then `slices`
     measured slices each, alternating."""
@@ -116,7 +116,8 @@ async def run_leg(args: argparse.Namespace, server: Any, revision: str, slices: 
         async with fresh_database(server, "ab_1") as first, fresh_database(server, "ab_2") as second:
             dsn_a, dsn_b = (first, second) if a_first else (second, first)
             if args.pgbouncer:
-                sys.path.insert(0, str(ROOT))  # the suite's PgBouncer launcher, written once
+                if str(ROOT) not in sys.path:  # the suite's PgBouncer launcher, written once
+                    sys.path.insert(0, str(ROOT))
                 from tests.integration.pgbouncer.bouncer import running_pgbouncer
 
                 bouncer = stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20))
