@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,35 +107,49 @@ def mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-async def run_leg(args: argparse.Namespace, server: Server, revision: str, slices: int, *,
+@dataclass(frozen=True)
+class Base:
+    """What B serves, made once for both legs: a worktree of the base commit, or this checkout with its
+    pools through a PgBouncer (one for every database of the server) when `bouncer_dsn` is set."""
+
+    root: Path
+    bouncer_dsn: Callable[[str], str] | None = None
+
+    def served(self, dsn: str) -> tuple[str, dict[str, str]]:
+        """The DSN B's pools use for database `dsn`, and B's extra settings."""
+        if self.bouncer_dsn is None:
+            return dsn, {}
+        return self.bouncer_dsn(dsn), {"DIRECT_DATABASE_URL": dsn, "DATABASE_POOL_MODE": "transaction"}
+
+
+def make_base(stack: contextlib.ExitStack, args: argparse.Namespace, server: Server, revision: str) -> Base:
+    if not args.pgbouncer:
+        return Base(stack.enter_context(worktree(revision)))
+    sys.path.insert(0, str(ROOT))  # the suite's PgBouncer launcher, written once
+    from tests.integration.pgbouncer.bouncer import running_pgbouncer
+
+    return Base(ROOT, stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20)).dsn_for)
+
+
+async def run_leg(args: argparse.Namespace, server: Server, base: Base, slices: int, *,
                   a_first: bool) -> dict[str, list[dict[str, float]]]:
     """Both servers on fresh databases, A on the one created first (or second), warmed, then `slices`
     measured slices each, alternating."""
     seconds = 3.0 if args.quick else args.seconds
-    with contextlib.ExitStack() as stack:
-        async with fresh_database(server, "ab_1") as first, fresh_database(server, "ab_2") as second:
-            dsn_a, dsn_b = (first, second) if a_first else (second, first)
-            if args.pgbouncer:
-                if str(ROOT) not in sys.path:  # the suite's PgBouncer launcher, written once
-                    sys.path.insert(0, str(ROOT))
-                from tests.integration.pgbouncer.bouncer import running_pgbouncer
-
-                bouncer = stack.enter_context(running_pgbouncer(server.admin_dsn, pool_size=20))
-                base_root, dsn_b_served = ROOT, bouncer.dsn_for(dsn_b)
-                extra = {"DIRECT_DATABASE_URL": dsn_b, "DATABASE_POOL_MODE": "transaction"}
-            else:
-                base_root, dsn_b_served, extra = stack.enter_context(worktree(revision)), dsn_b, {}
-            async with side("A", ROOT, dsn_a, args.wallets) as a, \
-                    side("B", base_root, dsn_b_served, args.wallets, **extra) as b:
-                for warm in (a, b):  # caches and prepared statements, unmeasured
-                    await warm.slice(args.connections, seconds)
-                for i in range(slices):
-                    for current in ((a, b) if i % 2 == 0 else (b, a)):
-                        measured = await current.slice(args.connections, seconds)
-                        current.slices.append(measured)
-                        print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
-                              f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
-                              f"{measured['sys_us']:3.0f} us system per command", flush=True)
+    async with fresh_database(server, "ab_1") as first, fresh_database(server, "ab_2") as second:
+        dsn_a, dsn_b = (first, second) if a_first else (second, first)
+        dsn_b_served, extra = base.served(dsn_b)
+        async with side("A", ROOT, dsn_a, args.wallets) as a, \
+                side("B", base.root, dsn_b_served, args.wallets, **extra) as b:
+            for warm in (a, b):  # caches and prepared statements, unmeasured
+                await warm.slice(args.connections, seconds)
+            for i in range(slices):
+                for current in ((a, b) if i % 2 == 0 else (b, a)):
+                    measured = await current.slice(args.connections, seconds)
+                    current.slices.append(measured)
+                    print(f"  {current.name}: {measured['commands_per_s']:6.0f} commands/s, p99 "
+                          f"{measured['p99_ms']:5.1f} ms, server CPU {measured['user_us']:4.0f} us user + "
+                          f"{measured['sys_us']:3.0f} us system per command", flush=True)
     return {"A": a.slices, "B": b.slices}
 
 
@@ -147,12 +161,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         ["git", "rev-parse", "--short", args.base], cwd=ROOT,
         check=True, capture_output=True, text=True).stdout.strip()
     async with chosen_server(args.dsn) as server:
-        first_leg = (slices + 1) // 2
-        measured: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-        for leg, leg_slices in enumerate((first_leg, slices - first_leg)):
-            if leg_slices:
-                for name, taken in (await run_leg(args, server, revision, leg_slices, a_first=leg == 0)).items():
-                    measured[name] += taken
+        with contextlib.ExitStack() as stack:
+            base = make_base(stack, args, server, revision)
+            first_leg = (slices + 1) // 2
+            measured: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+            for leg, leg_slices in enumerate((first_leg, slices - first_leg)):
+                if leg_slices:
+                    for name, taken in (await run_leg(args, server, base, leg_slices, a_first=leg == 0)).items():
+                        measured[name] += taken
     cpu = {name: [x["user_us"] + x["sys_us"] for x in taken] for name, taken in measured.items()}
     ratio = statistics.median(x / y for x, y in zip(cpu["A"], cpu["B"], strict=True))
     base_label = "through PgBouncer" if args.pgbouncer else f"base {revision}"
