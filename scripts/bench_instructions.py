@@ -41,32 +41,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connections", type=int, default=16, help="concurrent client connections (default 16)")
     parser.add_argument("--wallets", type=int, default=100, help="wallets the mix spreads over")
     parser.add_argument("--quick", action="store_true", help="300 commands: whole run under 60 s")
+    parser.add_argument("--cache", action="store_true",
+                        help="also simulate the caches (32 KiB L1s, --l2-kib of L2) and count misses per command")
+    parser.add_argument("--l2-kib", type=int, default=1024, help="the simulated L2 (default 1024: this machine's "
+                        "per core; callgrind calls it the last level)")
+
+
+CACHE_EVENTS = {"L1": ("I1mr", "D1mr", "D1mw"), "L2": ("ILmr", "DLmr", "DLmw")}
+"""callgrind's miss counters, read and written, summed by level (its 'LL' is the simulated L2)."""
+
+
+def cache_options(args: argparse.Namespace) -> list[str]:
+    """callgrind's cache simulation as this machine's per-core caches (AMD EPYC: 32 KiB 8-way L1s,
+    an 8-way L2), or nothing. The L3 is not simulated: on a shared host it is shared with other
+    tenants, so what misses the L2 may well go to memory."""
+    if not args.cache:
+        return []
+    return ["--cache-sim=yes", "--I1=32768,8,64", "--D1=32768,8,64", f"--LL={args.l2_kib * 1024},8,64"]
 
 
 class Callgrind:
     """A process under callgrind, instrumentation off until `counting()`; its instruction count."""
 
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], options: list[str]) -> None:
         self.out = Path(tempfile.mkdtemp(prefix="tally-callgrind-"))
         self.proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.out}/out.%p",
-             *command], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ["valgrind", "--tool=callgrind", "--instr-atstart=no", *options,
+             f"--callgrind-out-file={self.out}/out.%p", *command],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def control(self, *args: str) -> None:
         subprocess.run(["callgrind_control", *args, str(self.proc.pid)], check=True, capture_output=True)
 
-    async def count(self, work: Callable[[], Awaitable[int]]) -> tuple[int, int]:
-        """Run work with instrumentation on; (instructions, units of work it reports)."""
+    async def count(self, work: Callable[[], Awaitable[int]]) -> tuple[dict[str, int], int]:
+        """Run work with instrumentation on; (its counts by event: "Ir" the instructions, and with the cache
+        simulation the misses, units of work it reports)."""
         self.control("-i", "on")
         done = await work()
         self.control("-i", "off")
         self.control("-d")
-        total = 0
+        totals: dict[str, int] = {}
         for dump in self.out.glob("out.*"):
+            names: list[str] = []
             for line in dump.read_text().splitlines():
-                if line.startswith("totals:"):
-                    total += int(line.split()[1])
-        return total, done
+                if line.startswith("events:"):
+                    names = line.split()[1:]
+                elif line.startswith("totals:"):
+                    for name, value in zip(names, line.split()[1:], strict=True):
+                        totals[name] = totals.get(name, 0) + int(value)
+        return totals, done
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -98,11 +121,11 @@ async def run_mix(base: str, headers: dict[str, str], wallets: list[str], count:
     return done
 
 
-async def tally(dsn: str, args: argparse.Namespace, count: int) -> tuple[int, int]:
+async def tally(dsn: str, args: argparse.Namespace, count: int) -> tuple[dict[str, int], int]:
     token = await admin_token(dsn)
     headers = {"Authorization": f"Bearer {token}"}
     port = free_port()
-    server = Callgrind([sys.executable, "-m", "backend", "serve"], serve_env(dsn, port))
+    server = Callgrind([sys.executable, "-m", "backend", "serve"], serve_env(dsn, port), cache_options(args))
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(base, server.proc, timeout=600)
@@ -113,9 +136,10 @@ async def tally(dsn: str, args: argparse.Namespace, count: int) -> tuple[int, in
         server.stop()
 
 
-async def bare(args: argparse.Namespace, count: int) -> tuple[int, int]:
+async def bare(args: argparse.Namespace, count: int) -> tuple[dict[str, int], int]:
     port = free_port()
-    server = Callgrind([sys.executable, str(ROOT / "scripts" / "bench_http_bare.py"), str(port)], {**os.environ})
+    server = Callgrind([sys.executable, str(ROOT / "scripts" / "bench_http_bare.py"), str(port)], {**os.environ},
+                       cache_options(args))
     base = f"http://127.0.0.1:{port}"
 
     async def requests(n: int) -> int:
@@ -147,14 +171,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     count = 300 if args.quick else args.commands
     async with chosen_server(args.dsn) as server, fresh_database(server, "instr") as dsn:
-        instructions, commands = await tally(dsn, args, count)
-    bare_instructions, requests = await bare(args, count)
-    per_command = instructions / commands
-    per_request = bare_instructions / requests
+        counts, commands = await tally(dsn, args, count)
+    bare_counts, requests = await bare(args, count)
+    per_command = counts["Ir"] / commands
+    per_request = bare_counts["Ir"] / requests
     print(f"server: {server.description}; {args.connections} connections, {args.wallets} wallets; "
           "user-space instructions of the server process under callgrind")
     print(f"Tally: {per_command / 1000:,.1f} k instructions per command ({commands} commands of the http mix)")
     print(f"bare aiohttp handler (scripts/bench_http_bare.py): {per_request / 1000:,.1f} k per request; "
           f"Tally's command costs {per_command / per_request:.1f} of those")
-    return {"bench": "instructions", "instructions_per_command": round(per_command),
-            "bare_instructions_per_request": round(per_request), "commands": commands}
+    result = {"bench": "instructions", "instructions_per_command": round(per_command),
+              "bare_instructions_per_request": round(per_request), "commands": commands}
+    if args.cache:
+        for level, events in CACHE_EVENTS.items():
+            misses = sum(counts[event] for event in events) / commands
+            bare_misses = sum(bare_counts[event] for event in events) / requests
+            print(f"{level} misses (simulated: {' + '.join(events)}): {misses:,.0f} per command, "
+                  f"bare handler {bare_misses:,.0f} per request")
+            result[f"{level.lower()}_misses_per_command"] = round(misses)
+            result[f"bare_{level.lower()}_misses_per_request"] = round(bare_misses)
+    return result
