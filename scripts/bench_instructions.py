@@ -12,6 +12,10 @@ request is the deterministic twin of `http`'s "commands/s as a share of the bare
 Counts are user-space instructions of the server process only (not the kernel's, not PostgreSQL's),
 and under callgrind the server runs many times slower, so appends batch more than at full speed:
 compare counts with counts, from the same settings.
+
+With `--cache`, callgrind also simulates the per-core caches and counts the misses of each level: two
+commits with the same instructions per command can still differ in time by how much of what a command
+touches stays in the L2 (docs/PERFORMANCE.md, "Where `ab`'s gap goes").
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def cache_options(args: argparse.Namespace) -> list[str]:
 
 
 class Callgrind:
-    """A process under callgrind, instrumentation off until `counting()`; its instruction count."""
+    """A process under callgrind, instrumentation off until `count()`; its counts (instructions, misses)."""
 
     def __init__(self, command: list[str], env: dict[str, str], options: list[str]) -> None:
         self.out = Path(tempfile.mkdtemp(prefix="tally-callgrind-"))
