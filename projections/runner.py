@@ -22,6 +22,13 @@ falls idle. Under load that saves each such runner dozens of writes a second; it
 other processes, which poll the table, at most that interval on positions the projection has no
 events for, and a crash only re-examines those events.
 
+Pacing: a runner that keeps up applies a batch as soon as the log moves, so under a steady stream of
+appends each batch holds the few events of one append batch, and each costs a transaction with its
+round trips. After a batch it applied, a runner that has caught up waits until `apply_interval_s` has
+passed before it applies the next one: under load its batches grow and its transactions become fewer,
+at the price of up to that interval more before a read-your-writes read sees a new event. A lone
+append after a quiet spell is applied at once, and a runner behind (its batch was full) never waits.
+
 Lost connections: one connection's lifetime is one run of the runner, supervised (backend.supervisor):
 a lost connection, a protocol error after a server restart, or a bug ends the run and with it the
 lead; the Supervisor starts another with backoff.
@@ -95,6 +102,7 @@ class Runner:
         on_advance: OnAdvance | None = None,
         feed: LogFeed | None = None,
         idle_checkpoint_s: float = 0.2,
+        apply_interval_s: float = 0.0,
     ) -> None:
         self.projection = projection
         self.name = projection.name
@@ -110,6 +118,9 @@ class Runner:
         self.feed = feed
         """The process's newest events, from its log tail (None: this runner reads alone)."""
         self.idle_checkpoint_s = idle_checkpoint_s
+        self.apply_interval_s = apply_interval_s
+        """While caught up, at least this long between the starts of two batches it applies (see Pacing)."""
+        self._applied_at = -apply_interval_s
         self.state = STARTING
         self.checkpoint = 0
         """Every event up to here has been applied (or is not of the projection's types)."""
@@ -174,6 +185,7 @@ class Runner:
             if not full:
                 await self._write_checkpoint_when_due(conn)
                 await self._idle(await self._tick(conn))
+                await self._pace()
 
     # ------------------------------------------------------------------ following the log
 
@@ -225,6 +237,7 @@ class Runner:
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
         """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
         if events:
+            self._applied_at = time.monotonic()
             await checkpoints.begin_batch(conn, self.name, self.written, target)
             try:
                 await self.projection.apply(conn, events)
@@ -317,6 +330,12 @@ class Runner:
             log.warning("projection tick failed", extra={"projection": self.name, "error": describe(exc)},
                         exc_info=True)
             return self.max_backoff_s / 10
+
+    async def _pace(self) -> None:
+        """Wait out what is left of `apply_interval_s` since the last batch applied began (see Pacing)."""
+        rest = self._applied_at + self.apply_interval_s - time.monotonic()
+        if rest > 0:
+            await asyncio.sleep(rest)
 
     async def _idle(self, delay: float | None) -> None:
         """Sleep until the log moves past the checkpoint, the poll timer fires, or `delay` is over."""

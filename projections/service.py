@@ -73,6 +73,7 @@ class ProjectionService:
                 on_advance=watcher.advanced,
                 feed=self.feed,
                 idle_checkpoint_s=settings.projection_idle_checkpoint_s,
+                apply_interval_s=settings.projection_apply_interval_s,
             )
             for projection in projections
         ]
