@@ -103,8 +103,9 @@ class Settings(BaseSettings):
     # A runner whose new events are all of types it ignores moves its checkpoint in memory, and writes
     # it to projection_checkpoints at most this often (readers in other processes lag by up to this).
     projection_idle_checkpoint_s: float = Field(default=0.2, ge=0, le=5)
-    # A runner that keeps up starts a batch at most this often: under load its batches grow and its
-    # transactions become fewer; a read-your-writes read may wait up to this much longer (0: no pacing).
+    # A runner that keeps up lets this much time pass after a batch it applied before the next: under
+    # load its batches grow and its transactions become fewer; a read-your-writes read may wait up to
+    # this much longer (0: no pacing).
     projection_apply_interval_s: float = Field(default=0.02, ge=0, le=1)
     expiry_batch_size: int = Field(default=100, ge=1, le=10_000)
     # Read-your-writes: how long a GET with min_position waits by default, and at most (Prefer: wait=N).

@@ -22,10 +22,10 @@ falls idle. Under load that saves each such runner dozens of writes a second; it
 other processes, which poll the table, at most that interval on positions the projection has no
 events for, and a crash only re-examines those events.
 
-Pacing: a runner that keeps up applies a batch as soon as the log moves, so under a steady stream of
-appends each batch holds the few events of one append batch, and each costs a transaction with its
-round trips. After a batch it applied, a runner that has caught up waits until `apply_interval_s` has
-passed before it applies the next one: under load its batches grow and its transactions become fewer,
+Pacing: were a runner that keeps up to apply a batch as soon as the log moves, under a steady stream
+of appends each batch would hold the few events of one append batch, and each cost a transaction with
+its round trips. After a batch it applied, a runner that has caught up lets `apply_interval_s` pass
+before it applies the next one: under load its batches grow and its transactions become fewer,
 at the price of up to that interval more before a read-your-writes read sees a new event. A lone
 append after a quiet spell is applied at once, and a runner behind (its batch was full) never waits.
 
@@ -119,7 +119,7 @@ class Runner:
         """The process's newest events, from its log tail (None: this runner reads alone)."""
         self.idle_checkpoint_s = idle_checkpoint_s
         self.apply_interval_s = apply_interval_s
-        """While caught up, at least this long between the starts of two batches it applies (see Pacing)."""
+        """While caught up, at least this long between a batch it applied and the next (see Pacing)."""
         self._applied_at = -apply_interval_s
         self.state = STARTING
         self.checkpoint = 0
@@ -237,7 +237,6 @@ class Runner:
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
         """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
         if events:
-            self._applied_at = time.monotonic()
             await checkpoints.begin_batch(conn, self.name, self.written, target)
             try:
                 await self.projection.apply(conn, events)
@@ -246,6 +245,7 @@ class Runner:
                 await checkpoints.rollback(conn)
                 raise
             self._wrote(target)
+            self._applied_at = self._written_at
         elif self._write_due() <= 0:
             await checkpoints.advance_from(conn, self.name, self.written, target)
             self._wrote(target)
@@ -332,7 +332,7 @@ class Runner:
             return self.max_backoff_s / 10
 
     async def _pace(self) -> None:
-        """Wait out what is left of `apply_interval_s` since the last batch applied began (see Pacing)."""
+        """Wait out what is left of `apply_interval_s` since the last batch applied (see Pacing)."""
         rest = self._applied_at + self.apply_interval_s - time.monotonic()
         if rest > 0:
             await asyncio.sleep(rest)

@@ -1,6 +1,6 @@
-"""A runner that keeps up starts a batch at most every PROJECTION_APPLY_INTERVAL_S: an event that follows
-a batch closely waits for the interval to run out (then it is applied), while a runner that is behind
-applies its full batches one after another without waiting."""
+"""A runner that keeps up lets PROJECTION_APPLY_INTERVAL_S pass after a batch it applied before the next:
+an event that follows a batch closely waits for the interval to run out (then it is applied), while a
+runner that is behind applies its full batches one after another without waiting."""
 
 from __future__ import annotations
 
