@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", action="store_true",
                         help="also simulate the caches (32 KiB L1s, --l2-kib of L2) and count misses per command")
     parser.add_argument("--keep", type=Path, metavar="DIR",
-                        help="keep the server's callgrind dump in DIR (tally.out), for callgrind_annotate")
+                        help="keep the server's callgrind dumps in DIR (tally.out.<pid>.<n>), for callgrind_annotate")
     parser.add_argument("--l2-kib", type=int, default=1024, help="the simulated L2 (default 1024: this machine's "
                         "per core; callgrind calls it the last level)")
 
@@ -98,15 +98,16 @@ class Callgrind:
         return totals, done
 
     def stop(self, keep: Path | None = None) -> None:
-        """Stop the process; its dumps go to `keep` (its file name, plus a number past the first) or away."""
+        """Stop the process; its dumps go to the directory `keep` (named `tally.` and callgrind's name), or away."""
         self.proc.terminate()
         try:
             self.proc.wait(120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         if keep is not None:
-            for i, dump in enumerate(sorted(self.out.glob("out.*"))):
-                shutil.copy(dump, keep if i == 0 else keep.with_name(f"{keep.name}.{i}"))
+            keep.mkdir(parents=True, exist_ok=True)
+            for dump in self.out.glob("out.*"):
+                shutil.copy(dump, keep / f"tally.{dump.name}")
         shutil.rmtree(self.out, ignore_errors=True)
 
 
@@ -143,7 +144,7 @@ async def tally(dsn: str, args: argparse.Namespace, count: int) -> tuple[dict[st
         await run_mix(base, headers, wallets, 300, args.connections, seed=1)  # warm-up: caches, prepared statements
         return await server.count(lambda: run_mix(base, headers, wallets, count, args.connections, seed=2))
     finally:
-        server.stop(args.keep / "tally.out" if args.keep else None)
+        server.stop(args.keep)
 
 
 async def bare(args: argparse.Namespace, count: int) -> tuple[dict[str, int], int]:
