@@ -4,15 +4,18 @@ projection runners), condition waits, and apps whose read endpoints are the read
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
 from backend.bootstrap import Core, open_core
 from backend.clock import SYSTEM_CLOCK, Clock
-from backend.commands.bus import CommandBus
+from backend.commands.bus import CommandBus, Decision
+from backend.commands.context import SYSTEM, CommandContext
 from backend.config import Settings
+from backend.domain.registry import wallet_stream
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from projections import registry
@@ -71,6 +74,10 @@ class Node:
     async def close(self) -> None:
         await self.stop()
         await self._closing.aclose()
+
+    async def on_wallet(self, wallet_id: UUID, decide: Callable[[CommandContext], Awaitable[Decision]]) -> int:
+        """Run a system command on one wallet's stream; the position its append took."""
+        return (await self.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)).position
 
     async def caught_up(self, names: Sequence[str] | None = None) -> bool:
         """Every named projection's checkpoint is at the head of the log."""

@@ -10,8 +10,7 @@ from uuid import uuid4
 
 from backend.commands import wallets
 from backend.commands.bus import Decision
-from backend.commands.context import SYSTEM, CommandContext
-from backend.domain.registry import wallet_stream
+from backend.commands.context import CommandContext
 from projections.deposits import Deposits
 from tests.integration.projections.harness import Node, settings_for
 from tests.support import eventually
@@ -27,11 +26,7 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
         await eventually(lambda: runner.state == "leading", what="the runner to lead")
         wallet_id, repo = uuid4(), node.bus.repository
 
-        async def command(decide: Callable[[CommandContext], Awaitable[Decision]]) -> int:
-            reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
-            return reply.position
-
-        await command(lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
+        await node.on_wallet(wallet_id, lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
         await eventually(lambda: runner.checkpoint > 0, what="the first step")
         writes_before, started = runner.checkpoint_writes, time.monotonic()
         last = 0
@@ -43,7 +38,7 @@ async def test_idle_runner_writes_its_checkpoint_at_most_every_interval_and_when
             return lambda: service.watcher.known.get("deposits", 0) >= position
 
         for i in range(40):  # one append, and one step of the runner, at a time
-            last = await command(credit(i))
+            last = await node.on_wallet(wallet_id, credit(i))
             await eventually(readers_see(last),
                              what="this process's readers to see the runner's position")
         elapsed = time.monotonic() - started

@@ -10,8 +10,7 @@ from uuid import uuid4
 
 from backend.commands import wallets
 from backend.commands.bus import Decision
-from backend.commands.context import SYSTEM, CommandContext
-from backend.domain.registry import wallet_stream
+from backend.commands.context import CommandContext
 from projections.balances import Balances
 from tests.integration.projections.harness import Node, settings_for
 from tests.support import eventually
@@ -26,13 +25,10 @@ async def test_an_event_right_after_a_batch_waits_for_the_interval(own_database_
         await eventually(lambda: runner.state == "leading", what="the runner to lead")
         wallet_id, repo = uuid4(), node.bus.repository
 
-        async def command(decide: Callable[[CommandContext], Awaitable[Decision]]) -> int:
-            return (await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)).position
-
-        opened = await command(lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
+        opened = await node.on_wallet(wallet_id, lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
         await eventually(lambda: runner.checkpoint >= opened, timeout=INTERVAL_S / 2,
                          what="the first event after a quiet spell to be applied at once")
-        credited = await command(lambda ctx: wallets.credit(repo, ctx, wallet_id, 5, "c1", None))
+        credited = await node.on_wallet(wallet_id, lambda ctx: wallets.credit(repo, ctx, wallet_id, 5, "c1", None))
         await asyncio.sleep(INTERVAL_S / 5)
         assert runner.checkpoint < credited, "the next batch began before the interval ran out"
         await eventually(lambda: runner.checkpoint >= credited, timeout=5 * INTERVAL_S,
@@ -47,15 +43,12 @@ async def test_a_runner_behind_applies_full_batches_without_waiting(own_database
     try:
         wallet_id, repo = uuid4(), node.bus.repository
 
-        async def command(decide: Callable[[CommandContext], Awaitable[Decision]]) -> int:
-            return (await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)).position
-
         def credit(i: int) -> Callable[[CommandContext], Awaitable[Decision]]:
             return lambda ctx: wallets.credit(repo, ctx, wallet_id, 1, f"c{i}", None)
 
-        last = await command(lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
+        last = await node.on_wallet(wallet_id, lambda ctx: wallets.open_wallet(repo, ctx, wallet_id, "alice", "USD"))
         for i in range(9):
-            last = await command(credit(i))
+            last = await node.on_wallet(wallet_id, credit(i))
         assert await node.pool.fetchval("select count(*) from events") == last == 10
         # Five full batches of two: paced, they would take four intervals or more.
         runner = (await node.start([Balances()])).runner("balances")

@@ -9,8 +9,6 @@ from uuid import uuid4
 import pytest
 
 from backend.commands import wallets
-from backend.commands.context import SYSTEM, CommandContext
-from backend.domain.registry import wallet_stream
 from projections import balances, registry, reservations, stats
 from projections.base import Projection
 from projections.expiry import Expiry
@@ -56,9 +54,9 @@ async def test_reads_count_due_reservations_as_expired_before_the_expiry_is_reco
         lambda ctx: wallets.credit(repo, ctx, wallet_id, 1000, "seed", None),
         lambda ctx: wallets.reserve(repo, ctx, wallet_id, 300, 60, None, reservation_id),
     ):
-        reply = await node.bus.execute(CommandContext(SYSTEM), [wallet_stream(wallet_id)], decide)
+        position = await node.on_wallet(wallet_id, decide)
     await eventually(node.caught_up)
-    assert reply.position
+    assert position
     now, later = datetime.now(UTC), datetime.now(UTC) + timedelta(seconds=61)
 
     _, wallet = await balances.get_wallet(node.pool, wallet_id, now)
