@@ -32,7 +32,7 @@ from backend.store.events import (
 )
 from backend.store.hashing import GENESIS
 from backend.store.idempotency import IdempotencyClaim
-from backend.store.planner import AppendRequest, BatchPlanner, KnownHeads
+from backend.store.planner import AppendRequest, BatchPlanner, KnownHeads, predecessor_failed
 
 log = logging.getLogger(__name__)
 
@@ -250,9 +250,24 @@ class AppendBatcher:
             for request, outcome in zip(batch, outcomes, strict=True):
                 self._finish(request, outcome)
         finally:
+            if self._queue and not all(request.committed for request in batch):
+                self._fail_dependents()
             self._idle.set()
             if self._queue:
                 self._wake.set()
+
+    def _fail_dependents(self) -> None:
+        """Fail now the queued requests decided on the state a failed append would have left: their own
+        batch would fail them anyway (BatchPlanner._predecessor_failed), and until then the caller that
+        lost waits for them before it decides again (Repository.settled). The queue is in submission
+        order, so a chain fails in one pass."""
+        kept: list[AppendRequest] = []
+        for request in self._queue:
+            if any(earlier.outcome is not None and not earlier.committed for earlier in request.after):
+                self._finish(request, predecessor_failed(request, self._heads.streams))
+            else:
+                kept.append(request)
+        self._queue[:] = kept
 
     @staticmethod
     def _finish(request: AppendRequest, outcome: AppendResult | Exception) -> None:

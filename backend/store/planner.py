@@ -154,6 +154,13 @@ class KnownHeads:
         self.streams.clear()
 
 
+def predecessor_failed(request: AppendRequest, streams: dict[str, tuple[int, bytes]]) -> PredecessorFailed:
+    """The refusal of a request decided on the state an append that did not commit would have left."""
+    stream_id, expected = (request.writes[0].stream_id, request.writes[0].expected_version) \
+        if request.writes else ("", ANY)
+    return PredecessorFailed(stream_id, expected, streams.get(stream_id, (0, GENESIS))[0])
+
+
 class BatchPlanner:
     """Decides, request by request, what a batch inserts, tracking streams as the batch advances them."""
 
@@ -207,11 +214,8 @@ class BatchPlanner:
         """A predecessor is either earlier in this batch (as planned so far) or in a batch that has
         settled (batches run one at a time, in the order requests were queued)."""
         for earlier in request.after:
-            if self._planned.get(id(earlier), earlier.committed):
-                continue
-            stream_id, expected = (request.writes[0].stream_id, request.writes[0].expected_version) \
-                if request.writes else ("", ANY)
-            return PredecessorFailed(stream_id, expected, self.streams.get(stream_id, (0, GENESIS))[0])
+            if not self._planned.get(id(earlier), earlier.committed):
+                return predecessor_failed(request, self.streams)
         return None
 
     def _plan(self, request: AppendRequest) -> AppendResult | Exception:

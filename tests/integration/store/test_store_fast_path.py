@@ -12,7 +12,15 @@ import pytest
 from backend.audit.verify import verify_database
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.event_store import EventStore
-from backend.store.events import ANY, NO_STREAM, DuplicateEventId, NewEvent, Write, WrongExpectedVersion
+from backend.store.events import (
+    ANY,
+    NO_STREAM,
+    DuplicateEventId,
+    NewEvent,
+    PredecessorFailed,
+    Write,
+    WrongExpectedVersion,
+)
 from backend.store.idempotency import IdempotencyClaim, IdempotencyKeyUsed
 from tests.support import advisory_lock_waiters, eventually
 
@@ -145,6 +153,33 @@ async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
     result = await store.append_to(stream, version, [ev(3)])
     assert result.streams[0].version == version + 1
     assert [e.version for e in await store.read_stream(stream)] == list(range(1, version + 2))
+
+
+async def test_queued_appends_decided_on_a_failed_one_fail_with_it_not_with_their_own_batch(
+    store: EventStore, pool: asyncpg.Pool
+) -> None:
+    """A caller that lost decides again only once its own appends still in flight have settled; those
+    decided on the lost one's state fail as it settles, without waiting a batch of their own."""
+    stream, other = sid(), sid()
+    await store.append_to(stream, NO_STREAM, [ev()])
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        doomed = store.submit([Write(stream, NO_STREAM, [ev(2)])])  # stale, and not refused from memory: it waits
+        await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                         what="the doomed append's batch to reach the lock")
+        chained = store.submit([Write(stream, 1, [ev(3)])], after=[doomed], fresh=True)  # fine on its own
+        again = store.submit([Write(other, NO_STREAM, [ev(4)])], after=[chained], fresh=True)
+        unrelated = store.submit([Write(sid(), NO_STREAM, [ev(5)])], fresh=True)
+    with pytest.raises(WrongExpectedVersion):
+        await store.outcome(doomed)
+    # At once: the batch that would have refused them has not run (the unrelated append is still queued).
+    assert isinstance(chained.outcome, PredecessorFailed) and isinstance(again.outcome, PredecessorFailed)
+    assert unrelated.outcome is None
+    for refused in (chained, again):
+        with pytest.raises(PredecessorFailed):
+            await store.outcome(refused)
+    assert (await store.outcome(unrelated)).streams[0].version == 1
+    assert await store.stream_version(stream) == 1 and await store.stream_version(other) == 0
 
 
 async def test_a_queued_caller_cancelled_before_its_batch_runs_is_still_appended(
