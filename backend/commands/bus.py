@@ -169,10 +169,13 @@ class CommandBus:
             try:
                 result = await self.repository.committed(staged)
             except WrongExpectedVersion:
-                # Another process got there first (or an append this one followed did not commit). The
-                # next attempt reads the streams' tails; a little jitter keeps two losers from colliding.
+                # Another process got there first (or an append this one followed did not commit): decide
+                # again, as optimistically as before. A cached copy the loss showed stale is not trusted
+                # any more (the stream's known head has moved past it), so it is read; and this
+                # process's appends still in flight on these streams were all decided after the loss
+                # (those decided on the lost one failed with it), so the retry chains on them instead of
+                # waiting a batch for them to commit. A little jitter keeps two losers apart.
                 self.conflicts += 1
-                optimistic = False
                 now = self.clock.now()
                 await asyncio.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # noqa: S311 (jitter)
                 continue

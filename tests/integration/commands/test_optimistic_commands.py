@@ -23,8 +23,10 @@ from backend.domain import Wallet, wallet_stream
 from backend.domain.errors import InsufficientFunds
 from backend.http import replies
 from backend.http.commands import Answer, domain_problem
+from backend.store.append import APPEND_LOCK_KEY
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
+from tests.support import advisory_lock_waiters, eventually
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,31 @@ async def test_a_stale_cache_loses_its_append_and_the_retry_decides_on_the_store
     assert one.bus.conflicts == 1
     wallet = await one.repository.get(Wallet, wallet_id)
     assert wallet.balance == 120
+
+
+async def test_commands_that_lost_together_decide_again_with_one_read(
+    nodes: tuple[Node, Node], pool: asyncpg.Pool
+) -> None:
+    """Two debits of one process, the second decided on the first's append in flight, both lose to
+    another process's credit. The first decides again on a read of the wallet; the second chains on the
+    first's retry, still in flight, instead of waiting for its commit to read the wallet again."""
+    one, two = nodes
+    wallet_id = await open_wallet(one, 100)
+    await two.run(wallet_id, "credit", 50)  # `one` does not know: its cache says 100 at version 2
+    reads, conflicts = one.tail_reads(), one.bus.conflicts
+    async with pool.acquire() as blocker:
+        async with blocker.transaction():
+            await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+            first = asyncio.create_task(one.run(wallet_id, "debit", 10))
+            await eventually(lambda: advisory_lock_waiters(pool), timeout=5, interval=0.01,
+                             what="the first debit's append to reach the store's lock")
+            # Decided on the first's append without reading, and queued behind it before the lock goes.
+            second = asyncio.create_task(one.run(wallet_id, "debit", 20))
+        balances = sorted([balance_of(await first), balance_of(await second)])
+    assert balances in ([120, 140], [120, 130])  # either retry may take the stream's lock first
+    assert one.bus.conflicts - conflicts == 2
+    assert one.tail_reads() - reads == 1
+    assert (await one.repository.get(Wallet, wallet_id)).balance == 120
 
 
 async def test_a_rejection_decided_on_a_stale_cache_is_decided_again(nodes: tuple[Node, Node]) -> None:
