@@ -397,21 +397,19 @@ def cpu_by_process(processes: list[psutil.Process]) -> dict[int, float]:
     return found
 
 
-def cpu_used(before: dict[int, float], processes: list[psutil.Process], since: float) -> float:
-    """CPU seconds used since `before` (taken at `since`, a time.time()) by `processes`, listed again at
-    the end: one alive at both ends counts its difference, one started after `since` all of its own (a
-    PostgreSQL backend that a pool opened under load, or that a worker still starting opened: missing
-    them under-read two workers' PostgreSQL share, docs/PERFORMANCE.md). One that exited meanwhile takes
-    its total with it (counting it would make the share negative)."""
+def cpu_used(before: dict[int, float], processes: list[psutil.Process]) -> float:
+    """CPU seconds used since `before` by `processes`, listed again at the end: one listed in `before`
+    counts its difference, any other all of its own (it started during the round: a PostgreSQL backend
+    that a pool opened under load, or a worker still starting when the round began). Telling them apart
+    by create_time instead missed backends started in the round's first second (psutil's create_time and
+    time.time() disagree by up to a second), and read PostgreSQL's share at half or less in some rounds.
+    One that exited meanwhile takes its total with it (counting it would make the share negative)."""
     used = 0.0
     for proc in processes:
         try:
             times = proc.cpu_times()
             total = times.user + times.system
-            if proc.pid in before:
-                used += max(0.0, total - before[proc.pid])  # a reused pid reads less than before
-            elif proc.create_time() >= since:
-                used += total
+            used += max(0.0, total - before[proc.pid]) if proc.pid in before else total  # a reused pid: 0
         except psutil.NoSuchProcess:
             pass
     return used
@@ -478,7 +476,6 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[int, dict[st
                     await wait_ready(base, proc)
                     if not wallets:
                         wallets = await seed_wallets(base, headers, args.wallets)
-                    since = time.time()  # before the listing: whatever it misses started after this
                     served, pg = server_processes(proc), postgres_processes()
                     round_before = await scrape(base, headers, count)
                     server_cpu0, pg_cpu0, t0 = cpu_by_process(served), cpu_by_process(pg), time.perf_counter()
@@ -486,8 +483,8 @@ async def measure(server: Server, args: argparse.Namespace) -> dict[int, dict[st
                     wall = time.perf_counter() - t0
                     round_after = await scrape(base, headers, count)
                     result["slow_batches"] = slow_batches(round_before, round_after)
-                    result["server_cpu_share"] = cpu_used(server_cpu0, server_processes(proc), since) / wall
-                    result["postgres_cpu_share"] = cpu_used(pg_cpu0, postgres_processes(), since) / wall
+                    result["server_cpu_share"] = cpu_used(server_cpu0, server_processes(proc)) / wall
+                    result["postgres_cpu_share"] = cpu_used(pg_cpu0, postgres_processes()) / wall
                     result["loadgen_cpu_share"] = result["loadgen_cpu_s"] / result["loadgen_wall_s"]
                     views[count] = server_view(round_before, round_after)
                 finally:
