@@ -399,20 +399,13 @@ def cpu_by_process(processes: list[psutil.Process]) -> dict[int, float]:
 
 def cpu_used(before: dict[int, float], processes: list[psutil.Process]) -> float:
     """CPU seconds used since `before` by `processes`, listed again at the end: one listed in `before`
-    counts its difference, any other all of its own (it started during the round: a PostgreSQL backend
-    that a pool opened under load, or a worker still starting when the round began). Telling them apart
-    by create_time instead missed backends started in the round's first second (psutil's create_time and
-    time.time() disagree by up to a second), and read PostgreSQL's share at half or less in some rounds.
-    One that exited meanwhile takes its total with it (counting it would make the share negative)."""
-    used = 0.0
-    for proc in processes:
-        try:
-            times = proc.cpu_times()
-            total = times.user + times.system
-            used += max(0.0, total - before[proc.pid]) if proc.pid in before else total  # a reused pid: 0
-        except psutil.NoSuchProcess:
-            pass
-    return used
+    counts its difference, any other all of its own (it started during the round: a backend that a pool
+    opened under load, a worker still starting). Not told apart by create_time: psutil's can be up to a
+    second early, which dropped the backends a fresh server opened in its first second. One that exited
+    meanwhile takes its total with it (counting it would make the share negative)."""
+    after = cpu_by_process(processes)
+    return sum(max(0.0, total - before[pid]) if pid in before else total  # a reused pid: 0
+               for pid, total in after.items())
 
 
 def postgres_processes() -> list[psutil.Process]:
