@@ -258,9 +258,9 @@ class AppendBatcher:
 
     def _fail_dependents(self) -> None:
         """Fail now the queued requests decided on the state a failed append would have left: their own
-        batch would fail them anyway (BatchPlanner._predecessor_failed), and until then the caller that
-        lost waits for them before it decides again (Repository.settled). The queue is in submission
-        order, so a chain fails in one pass."""
+        batch would fail them anyway (BatchPlanner._predecessor_failed), and until then a caller deciding
+        again on those streams would chain on them (Repository.find) or wait for them (Repository.settled).
+        The queue is in submission order, so a chain fails in one pass."""
         kept: list[AppendRequest] = []
         for request in self._queue:
             if any(earlier.outcome is not None and not earlier.committed for earlier in request.after):

@@ -158,8 +158,8 @@ async def test_a_caller_cancelled_while_appending_alone_leaves_the_store_usable(
 async def test_queued_appends_decided_on_a_failed_one_fail_with_it_not_with_their_own_batch(
     store: EventStore, pool: asyncpg.Pool
 ) -> None:
-    """A caller that lost decides again only once its own appends still in flight have settled; those
-    decided on the lost one's state fail as it settles, without waiting a batch of their own."""
+    """Appends decided on the state of one that fails fail as it settles, without waiting a batch of
+    their own: a caller deciding again would otherwise chain on them, or wait for them."""
     stream, other = sid(), sid()
     await store.append_to(stream, NO_STREAM, [ev()])
     async with pool.acquire() as blocker, blocker.transaction():
