@@ -56,7 +56,7 @@ class ReplicaChecker:
         replica.lag_events = max(0, int(row["head"]) - head)
         replica.lag_s = max(0.0, float(row["age"])) if row["age"] is not None else 0.0
         if replica.lag_s > self.max_lag_s:
-            self._out(replica, f"lags {replica.lag_s:.1f} s (over REPLICA_MAX_LAG_S, {self.max_lag_s:g} s)")
+            self._out(replica, f"lags {replica.lag_s:.3g} s (over REPLICA_MAX_LAG_S, {self.max_lag_s:g} s)")
             return
         if not replica.in_use:
             log.info("read replica in use", extra={"replica": replica.label, "lag_s": round(replica.lag_s, 3)})

@@ -6,8 +6,9 @@ READ_DATABASE_URL pointing at the replica.
 Checked: a read with min_position waits for the lagging replica within its budget (the wait is
 printed as a `REPLICA {...}` line, see it with -s) and past the budget the primary answers; SSE over
 the replica has no gap and no repeat, also across a replica restart; a stopped replica costs no
-client an error and comes back by itself; /health/ready and /metrics show the lag without the
-password; nothing writes to the replica (its sessions are read-only).
+client an error and comes back by itself; one lagging past REPLICA_MAX_LAG_S is out of use until it
+has caught up; /health/ready and /metrics show the lag without the password; nothing writes to the
+replica (its sessions are read-only).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -25,8 +27,12 @@ import asyncpg
 import pytest
 
 from backend.config import Settings
-from backend.db import ensure_database
+from backend.db import ensure_database, init_connection
+from backend.store.event_store import EventStore
+from backend.store.events import NO_STREAM, NewEvent
+from backend.store.migrate import migrate
 from backend.store.read_pools import ReadPools, open_replica, replica_label
+from backend.store.replica_check import ReplicaChecker
 from tests.sse_client import Stream
 from tests.system.cluster import Cluster, create_cluster, create_replica, remove_cluster
 from tests.system.serving import Server, create_key, free_port, serving
@@ -332,3 +338,52 @@ async def test_a_read_failing_on_a_replica_is_served_by_the_primary_at_once(pair
         await pools.primary.execute("drop table if exists replica_probe")
         await pools.close()
         await pools.primary.close()
+
+
+async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caught_up(
+        pair: tuple[Cluster, Cluster]) -> None:
+    """REPLICA_MAX_LAG_S below the replica's apply delay: an event on the primary leaves the replica
+    behind by more than the bound while its replay waits, so a check takes it out of use and reads go to
+    the primary; once it has replayed the event, a check puts it back. The lag is real replication's:
+    each event is a second old before the replica has it."""
+    primary, replica = pair
+    bound_s = 0.2
+    writer = await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2, init=init_connection)
+    pools, store = ReadPools(writer), EventStore(writer)
+    try:
+        async with writer.acquire() as conn:
+            await migrate(conn)
+        pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
+        checker, serving = ReplicaChecker(pools, max_lag_s=bound_s, timeout_s=5), pools.replicas[0]
+        out: dict[str, Any] = {}
+        for _ in range(5):  # a check must fall between the bound and the replay: on a slow host, try again
+            await until_checked(checker, lambda: serving.in_use and serving.lag_events == 0)
+            written = time.monotonic()
+            head = (await store.append_to(f"lag-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
+            while not out and (serving.head or 0) < head:
+                await checker.check()
+                if not serving.in_use:
+                    out = {**serving.report(), "after_s": round(time.monotonic() - written, 3)}
+                    assert pools.pick() is None  # reads go to the primary
+                await asyncio.sleep(0.02)
+            if out:
+                break
+        assert out, "no check found the replica past the bound"
+        assert out["lag_s"] > bound_s and out["lag_events"] >= 1 and "REPLICA_MAX_LAG_S" in out["last_error"], out
+        await until_checked(checker, lambda: serving.in_use)
+        assert serving.head is not None and serving.head >= head and serving.last_error is None
+        report("replica_past_the_lag_bound", out_of_use=out, back_in_use_after_s=round(time.monotonic() - written, 3))
+    finally:
+        await store.close()
+        await pools.close()
+        await writer.close()
+
+
+async def until_checked(checker: ReplicaChecker, done: Callable[[], bool], within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
+    while True:
+        await checker.check()
+        if done():
+            return
+        assert time.monotonic() < deadline, checker.pools.replicas[0].report()
+        await asyncio.sleep(0.05)
