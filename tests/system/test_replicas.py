@@ -361,6 +361,7 @@ async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caugh
             written = time.monotonic()
             head = (await store.append_to(f"lag-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
             while not out and (serving.head or 0) < head:
+                assert time.monotonic() < written + 30, serving.report()  # the replica never replayed it
                 await checker.check()
                 if not serving.in_use:
                     out = {**serving.report(), "after_s": round(time.monotonic() - written, 3)}
@@ -380,6 +381,7 @@ async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caugh
 
 
 async def until_checked(checker: ReplicaChecker, done: Callable[[], bool], within_s: float = 30) -> None:
+    """Check the replicas until `done` holds, for at most within_s."""
     deadline = time.monotonic() + within_s
     while True:
         await checker.check()
