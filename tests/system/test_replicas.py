@@ -34,6 +34,7 @@ from backend.store.migrate import migrate
 from backend.store.read_pools import ReadPools, open_replica, replica_label
 from backend.store.replica_check import ReplicaChecker
 from tests.sse_client import Stream
+from tests.support import eventually
 from tests.system.cluster import Cluster, create_cluster, create_replica, remove_cluster
 from tests.system.serving import Server, create_key, free_port, serving
 
@@ -355,23 +356,32 @@ async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caugh
             await migrate(conn)
         pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
         checker, serving = ReplicaChecker(pools, max_lag_s=bound_s, timeout_s=5), pools.replicas[0]
-        out: dict[str, Any] = {}
+
+        async def checked(done: Callable[[], bool]) -> bool:
+            await checker.check()
+            return done()
+
+        async def out_of_use_or_replayed() -> dict[str, Any] | str | None:
+            await checker.check()
+            if not serving.in_use:
+                assert pools.pick() is None  # reads go to the primary
+                return {**serving.report(), "after_s": round(time.monotonic() - written, 3)}
+            return "replayed" if (serving.head or 0) >= head else None
+
+        out: dict[str, Any] | str = ""
         for _ in range(5):  # a check must fall between the bound and the replay: on a slow host, try again
-            await until_checked(checker, lambda: serving.in_use and serving.lag_events == 0)
+            await eventually(lambda: checked(lambda: serving.in_use and serving.lag_events == 0), timeout=30,
+                             interval=0.05, what=lambda: f"the replica caught up: {serving.report()}")
             written = time.monotonic()
             head = (await store.append_to(f"lag-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
-            while not out and (serving.head or 0) < head:
-                assert time.monotonic() < written + 30, serving.report()  # the replica never replayed it
-                await checker.check()
-                if not serving.in_use:
-                    out = {**serving.report(), "after_s": round(time.monotonic() - written, 3)}
-                    assert pools.pick() is None  # reads go to the primary
-                await asyncio.sleep(0.02)
-            if out:
+            out = await eventually(out_of_use_or_replayed, timeout=30,
+                                   what=lambda: f"the replica out of use or the event replayed: {serving.report()}")
+            if isinstance(out, dict):
                 break
-        assert out, "no check found the replica past the bound"
+        assert isinstance(out, dict), "no check found the replica past the bound"
         assert out["lag_s"] > bound_s and out["lag_events"] >= 1 and "REPLICA_MAX_LAG_S" in out["last_error"], out
-        await until_checked(checker, lambda: serving.in_use)
+        await eventually(lambda: checked(lambda: serving.in_use), timeout=30, interval=0.05,
+                         what=lambda: f"the replica back in use: {serving.report()}")
         assert serving.head is not None and serving.head >= head and serving.last_error is None
         report("replica_past_the_lag_bound", out_of_use=out, back_in_use_after_s=round(time.monotonic() - written, 3))
     finally:
@@ -379,13 +389,3 @@ async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caugh
         await pools.close()
         await writer.close()
 
-
-async def until_checked(checker: ReplicaChecker, done: Callable[[], bool], within_s: float = 30) -> None:
-    """Check the replicas until `done` holds, for at most within_s."""
-    deadline = time.monotonic() + within_s
-    while True:
-        await checker.check()
-        if done():
-            return
-        assert time.monotonic() < deadline, checker.pools.replicas[0].report()
-        await asyncio.sleep(0.05)
