@@ -41,7 +41,7 @@ import termios
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,9 @@ import asyncpg
 import psutil
 from bench_http import (
     admin_token,
+    cpu_by_process,
     cpu_seconds,
+    cpu_used,
     event_loop_of,
     free_port,
     postgres_processes,
@@ -275,10 +277,12 @@ def subscribers_process(conn: Any, host: str, port: int, token: str, query: str,
 
 
 async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float, mode: str = "commands",
-                        stop: Any = None) -> list[tuple[int, float, float]]:
+                        stop: Any = None, before_close: Callable[[list[tuple[int, float, float]]], Awaitable[None]]
+                        | None = None) -> list[tuple[int, float, float]]:
     """Credit wallets at rate events/s for seconds (or until stop.poll()), through the command bus or
     (mode "appends") as WalletCredited events appended straight to the store; for each, the position and
-    the monotonic and wall-clock times when the write returned."""
+    the monotonic and wall-clock times when the write returned. before_close gets them while the pool's
+    connections are still open."""
     pool = await asyncpg.create_pool(dsn, min_size=4, max_size=10, **pool_options())
     assert pool is not None
     store = EventStore(pool)
@@ -315,17 +319,27 @@ async def write_credits(dsn: str, wallets: list[str], rate: int, seconds: float,
                 sent += 1
             await asyncio.sleep(0.002)
         await asyncio.gather(*tasks)
+        if before_close is not None:
+            await before_close(committed)
     finally:
         await store.close()
         await pool.close()
     return committed
 
 
-def writer_process(conn: Any, dsn: str, wallets: list[str], rate: int, seconds: float, mode: str) -> None:
-    """Write for seconds, or until the parent sends anything; then send what was committed."""
+def writer_process(conn: Any, dsn: str, wallets: list[str], rate: int, seconds: float, mode: str,
+                   hold: bool = False) -> None:
+    """Write for seconds, or until the parent sends anything; then send what was committed. With hold,
+    keep the connections open until the parent sends again: their backends' CPU is counted only while
+    they are alive."""
     started = time.process_time()
-    committed = asyncio.run(write_credits(dsn, wallets, rate, seconds, mode, conn))
-    conn.send({"committed": committed, "cpu_s": time.process_time() - started})
+
+    async def report(committed: list[tuple[int, float, float]]) -> None:
+        conn.send({"committed": committed, "cpu_s": time.process_time() - started})
+        if hold:
+            await asyncio.to_thread(conn.recv)
+
+    asyncio.run(write_credits(dsn, wallets, rate, seconds, mode, conn, report))
     conn.close()
 
 
@@ -428,23 +442,26 @@ async def delivery(server: psutil.Process, port: int, token: str, dsn: str, wall
     subs, subs_proc = spawn(subscribers_process, "127.0.0.1", port, token, f"after={start}",
                             args.subscribers, PROBE_EVERY)
     await receive(subs)
-    pg = postgres_processes()
     subscribers = psutil.Process(subs_proc.pid)
 
     def cpu_now() -> dict[str, float]:
-        return {"server": cpu_seconds([server]), "postgres": cpu_seconds(pg), "subscribers": cpu_seconds([subscribers]),
+        return {"server": cpu_seconds([server]), "subscribers": cpu_seconds([subscribers]),
                 "server waiting for a CPU": runqueue_seconds(server.pid)}
 
     windows = []
     for _ in range(rounds):
-        writer, writer_proc = spawn(writer_process, dsn, wallets, args.rate, warmup + seconds, args.writer)
+        writer, writer_proc = spawn(writer_process, dsn, wallets, args.rate, warmup + seconds, args.writer, True)
         await asyncio.sleep(warmup)
-        cpu0, t0 = cpu_now(), time.monotonic()
+        # PostgreSQL's backends are listed after the warm-up, the writer's among them, and again before
+        # the writer lets its own go (held open until then)
+        cpu0, postgres0, t0 = cpu_now(), cpu_by_process(postgres_processes()), time.monotonic()
         profile = start_profile(server.pid, seconds) if args.profile else None
         written = await receive(writer)
+        wall, cpu, postgres = time.monotonic() - t0, cpu_now(), cpu_used(postgres0, postgres_processes())
+        writer.send("close")
         writer_proc.join()
-        wall, cpu = time.monotonic() - t0, cpu_now()
         shares = {name: (cpu[name] - cpu0[name]) / wall for name in cpu0}
+        shares["postgres"] = postgres / wall
         shares["writer"] = written["cpu_s"] / (warmup + seconds)
         committed = {p: (mono, clock) for p, mono, clock in written["committed"] if mono >= t0}
         windows.append((committed, wall, shares, finish_profile(profile) if profile else None))
