@@ -6,6 +6,10 @@ the primary's, and in seconds as the age, on the primary, of the oldest event th
 replayed (0 when it has them all), like a projection's lag. A replica is in use while it answers and
 lags by at most REPLICA_MAX_LAG_S; one that does not answer, or whose lag cannot be measured (the
 primary is down), is out of use until a check finds it back.
+
+A replica is also checked to be one of the primary's: a hot standby whose newest event is the primary's
+event at that position. A READ_DATABASE_URL naming the primary itself, the wrong database, a copy
+restored elsewhere or a promoted standby is never read from, though its own head may look current.
 """
 
 from __future__ import annotations
@@ -13,18 +17,34 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import asyncpg
+
 from backend.db import describe
 from backend.store.read_pools import ReadPools, Replica
-from backend.store.reads import HEAD_SQL
 
 log = logging.getLogger(__name__)
 
 TASK = "replica-check"
 
-PRIMARY_LAG_SQL = """
-select (select coalesce(max(position), 0) from events) as head,
-       (select extract(epoch from clock_timestamp() - recorded_at)::float8 from events where position = $1 + 1) as age
+REPLICA_HEAD_SQL = """
+select pg_is_in_recovery() as standby, h.head, e.event_id
+from (select coalesce(max(position), 0) as head from events) as h
+left join events as e on e.position = h.head
 """
+
+PRIMARY_LAG_SQL = """
+select h.head, e.event_id as event_at_head,
+       (select extract(epoch from clock_timestamp() - recorded_at)::float8 from events where position = $1 + 1) as age,
+       (select event_id from events where position = $1) as event_id
+from (select coalesce(max(position), 0) as head from events) as h
+left join events as e on e.position = h.head
+"""
+
+EVENT_ID_SQL = "select event_id from events where position = $1"
+
+
+class NotAReplica(Exception):
+    """The server is not a hot standby, or its log is not a prefix of the primary's."""
 
 
 class ReplicaChecker:
@@ -46,12 +66,13 @@ class ReplicaChecker:
     async def _check(self, replica: Replica) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                head = int(await replica.pool.fetchval(HEAD_SQL))
-                row = await self.pools.primary.fetchrow(PRIMARY_LAG_SQL, head)
+                head, row = await self._measure(replica)
+        except NotAReplica as exc:
+            self._out(replica, f"not a replica of the primary: {exc}")
+            return
         except Exception as exc:  # any failure (down, misconfigured, no events table) keeps it out
             self._out(replica, describe(exc))
             return
-        assert row is not None
         replica.head = head
         replica.lag_events = max(0, int(row["head"]) - head)
         replica.lag_s = max(0.0, float(row["age"])) if row["age"] is not None else 0.0
@@ -62,6 +83,28 @@ class ReplicaChecker:
             log.info("read replica in use", extra={"replica": replica.label, "lag_s": round(replica.lag_s, 3)})
         replica.in_use = True
         replica.last_error = None
+
+    async def _measure(self, replica: Replica) -> tuple[int, asyncpg.Record]:
+        """The replica's head and the primary's lag row at it, once the replica's log is known to be a
+        prefix of the primary's: the event at a position they both have is the same (event ids are random)."""
+        seen = await replica.pool.fetchrow(REPLICA_HEAD_SQL)
+        assert seen is not None
+        if not seen["standby"]:
+            raise NotAReplica("not a hot standby (pg_is_in_recovery() is false)")
+        head = int(seen["head"])
+        row = await self.pools.primary.fetchrow(PRIMARY_LAG_SQL, head)
+        assert row is not None
+        position, ours, theirs = head, seen["event_id"], row["event_id"]
+        if head > row["head"]:
+            # a standby can show a commit before the primary's sessions do (synchronous replication waits
+            # for the standby first): compare at the primary's head instead
+            position, theirs = int(row["head"]), row["event_at_head"]
+            if position == 0:
+                raise NotAReplica(f"it has {head} events, the primary none")
+            ours = await replica.pool.fetchval(EVENT_ID_SQL, position)
+        if ours != theirs:
+            raise NotAReplica(f"position {position} holds another event than on the primary")
+        return head, row
 
     @staticmethod
     def _out(replica: Replica, reason: str) -> None:

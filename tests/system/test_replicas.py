@@ -7,8 +7,10 @@ Checked: a read with min_position waits for the lagging replica within its budge
 printed as a `REPLICA {...}` line, see it with -s) and past the budget the primary answers; SSE over
 the replica has no gap and no repeat, also across a replica restart; a stopped replica costs no
 client an error and comes back by itself; one lagging past REPLICA_MAX_LAG_S is out of use until it
-has caught up; /health/ready and /metrics show the lag without the password; nothing writes to the
-replica (its sessions are read-only).
+has caught up; a server that is not a replica of the primary (the primary itself, the standby's copy
+of another database) is never in use, and a replica ahead of what the primary shows still is;
+/health/ready and /metrics show the lag without the password; nothing writes to the replica (its
+sessions are read-only).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from backend.db import ensure_database, init_connection
 from backend.store.event_store import EventStore
 from backend.store.events import NO_STREAM, NewEvent
 from backend.store.migrate import migrate
-from backend.store.read_pools import ReadPools, open_replica, replica_label
+from backend.store.read_pools import ReadPools, Replica, open_replica, replica_label
+from backend.store.reads import HEAD_SQL
 from backend.store.replica_check import ReplicaChecker
 from tests.sse_client import Stream
 from tests.support import eventually
@@ -118,6 +121,10 @@ async def until_in_use(http: aiohttp.ClientSession, replica: Cluster, caught_up:
             return state
         assert time.monotonic() < deadline, f"replica not back in use: {state}"
         await asyncio.sleep(0.1)
+
+
+async def replayed(replica: Replica, position: int) -> bool:
+    return int(await replica.pool.fetchval(HEAD_SQL)) >= position
 
 
 async def open_wallet(http: aiohttp.ClientSession) -> tuple[str, int]:
@@ -389,3 +396,94 @@ async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caugh
         await pools.close()
         await writer.close()
 
+
+
+async def test_a_server_that_is_not_a_replica_of_the_primary_is_never_used(pair: tuple[Cluster, Cluster]) -> None:
+    """READ_DATABASE_URL naming the wrong server or database: the primary itself (no hot standby), and the
+    standby's copy of another Tally database, first ahead of the primary's log (another event at the
+    primary's head, or none there), then behind it with another event at its own head. None is put in
+    use, though its head alone looks current; the true replica is."""
+    primary, replica = pair
+    await ensure_database(primary.dsn(), "tally_other")
+    writer = await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2, init=init_connection)
+    other = await asyncpg.create_pool(primary.dsn("tally_other"), min_size=0, max_size=2, init=init_connection)
+    pools, store, other_store = ReadPools(writer), EventStore(writer), EventStore(other)
+    try:
+        for pool in (writer, other):
+            async with pool.acquire() as conn:
+                await migrate(conn)
+
+        async def heads() -> tuple[int, int]:
+            return int(await writer.fetchval(HEAD_SQL)), int(await other.fetchval(HEAD_SQL))
+
+        async def append(to: EventStore) -> None:
+            await to.append_to(f"foreign-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])
+
+        while (found := await heads())[1] <= found[0]:
+            await append(other_store)
+        for dsn in (primary.dsn("tally"), f"postgresql://postgres@127.0.0.1:{replica.port}/tally_other",
+                    replica_dsn(replica)):
+            pools.replicas.append(await open_replica(dsn, Settings()))
+        itself, wrong_database, true_replica = pools.replicas
+        checker = ReplicaChecker(pools, max_lag_s=60, timeout_s=5)
+
+        async def both_replayed() -> bool:
+            """The standby has both logs as they are on the primary; then a check."""
+            try:
+                standby_heads = (int(await true_replica.pool.fetchval(HEAD_SQL)),
+                                 int(await wrong_database.pool.fetchval(HEAD_SQL)))
+            except asyncpg.PostgresError:  # tally_other itself not replayed yet
+                return False
+            await checker.check()
+            return standby_heads == await heads()
+
+        await eventually(both_replayed, timeout=30, what=lambda: f"the standby replayed both logs: {pools.report()}")
+        assert not itself.in_use and "not a hot standby" in (itself.last_error or ""), itself.report()
+        assert not wrong_database.in_use and "not a replica" in (wrong_database.last_error or ""), \
+            wrong_database.report()
+
+        while (found := await heads())[0] <= found[1]:
+            await append(store)
+        await eventually(both_replayed, timeout=30, what=lambda: f"the standby replayed the primary: {pools.report()}")
+        assert not wrong_database.in_use and "holds another event" in (wrong_database.last_error or ""), \
+            wrong_database.report()
+        assert not itself.in_use and true_replica.in_use
+        assert [pools.pick() for _ in range(3)] == [true_replica] * 3
+    finally:
+        await store.close()
+        await other_store.close()
+        await pools.close()
+        await writer.close()
+        await other.close()
+
+
+async def test_a_replica_showing_commits_the_primary_does_not_show_yet_is_still_in_use(
+        pair: tuple[Cluster, Cluster]) -> None:
+    """Under synchronous replication a standby can show a commit before the primary's own sessions do.
+    The checker's primary is here a session whose snapshot predates the newest events (a repeatable-read
+    transaction): the replica is ahead of it, its log still the primary's, and it stays in use."""
+    primary, replica = pair
+    writer = await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2, init=init_connection)
+    behind = await asyncpg.connect(primary.dsn("tally"))
+    store = EventStore(writer)
+    pools = ReadPools(behind)
+    try:
+        async with writer.acquire() as conn:
+            await migrate(conn)
+        await store.append_to(f"ahead-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])
+        async with behind.transaction(isolation="repeatable_read"):
+            shown = int(await behind.fetchval(HEAD_SQL))
+            newest = (await store.append_to(f"ahead-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
+            pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
+            true_replica = pools.replicas[0]
+            await eventually(lambda: replayed(true_replica, newest), timeout=30,
+                             what="the replica replayed the newest event")
+            await ReplicaChecker(pools, max_lag_s=60, timeout_s=5).check()
+            assert int(await behind.fetchval(HEAD_SQL)) == shown < newest
+            assert true_replica.in_use and true_replica.head == newest and true_replica.lag_events == 0, \
+                true_replica.report()
+    finally:
+        await store.close()
+        await pools.close()
+        await behind.close()
+        await writer.close()
