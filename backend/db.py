@@ -25,6 +25,8 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # class 57: admin or crash shutdown, cannot connect
     #  now, statement_timeout (QueryCanceledError), idle session timeout, database dropped
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: the server takes no writes now (a hot standby
+    #  reached before a failover completes, default_transaction_read_only set for maintenance)
 )
 """Errors that always mean "the database is not there right now": a bug or bad SQL is none of these
 (UndefinedTableError is class 42, asyncpg's DataError an InterfaceError). Catch with is_unavailable,
@@ -109,13 +111,31 @@ def connect_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:
-    """Pool reset on release: nothing beyond what asyncpg always does (roll back an open transaction).
+    """Pool reset on release: nothing beyond what asyncpg always does (roll back an open transaction),
+    except that a session the server has made read-only is closed, so that the next acquire connects
+    anew: once the database takes writes again, or the address leads to the new primary of a failover,
+    the pool has no read-only session left to fail a command.
 
     asyncpg's default reset costs a round trip on every release (`select pg_advisory_unlock_all();
     close all; unlisten *; reset all`), and Tally leaves none of that on pooled connections: advisory
     locks are transaction-scoped (the migration lock is released in a finally), cursors live inside
     transactions, LISTEN and session settings are only used on connections of their own (which go to
     DIRECT_DATABASE_URL, so that the pools also work through PgBouncer in transaction mode)."""
+    if refuses_writes(conn):
+        conn.terminate()
+
+
+async def keep_replica_session(conn: asyncpg.Connection) -> None:
+    """keep_session for a replica's pool, whose sessions are read-only by design."""
+
+
+def refuses_writes(conn: asyncpg.Connection) -> bool:
+    """Whether the server has said this session cannot write: a hot standby, or
+    default_transaction_read_only on. PostgreSQL 14 and later report both to the client as they change
+    (no round trip); a pooler in between may not pass them on."""
+    reported = conn.get_settings()
+    return "on" in (getattr(reported, "in_hot_standby", "off"),
+                    getattr(reported, "default_transaction_read_only", "off"))
 
 
 def pooled_connect_kwargs(settings: Settings) -> dict[str, Any]:
@@ -143,9 +163,9 @@ async def warn_without_statement_timeout(pool: asyncpg.Pool, settings: Settings)
                     extra={"statement_timeout_ms": settings.statement_timeout_ms})
 
 
-def pool_options() -> dict[str, Any]:
+def pool_options(*, replica: bool = False) -> dict[str, Any]:
     """What every Tally pool is opened with."""
-    return {"init": init_connection, "reset": keep_session}
+    return {"init": init_connection, "reset": keep_replica_session if replica else keep_session}
 
 
 async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:

@@ -1,5 +1,5 @@
-"""Liveness (the process answers), readiness (the database answers within a timeout, no background task
-stuck) and metrics."""
+"""Liveness (the process answers), readiness (the database answers within a timeout and takes writes, no
+background task stuck) and metrics."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ async def live(request: web.Request) -> web.Response:
 @routes.get("/health/ready")
 @endpoint(public=True, errors=("unavailable",))
 async def ready(request: web.Request) -> web.Response:
-    """The database answers within the timeout and no background task is stuck (else 503); each
-    projection's lag and each background task's state.
+    """The database answers within the timeout and takes writes, and no background task is stuck (else
+    503); each projection's lag and each background task's state.
 
     A task is stuck when it has kept failing, restart after restart, for longer than the supervisor's
     stuck_after_s (30 s): with the database answering, a LISTEN connection or stream tail that cannot
@@ -39,13 +39,16 @@ async def ready(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(timeout):
             async with request.app[POOL].acquire() as conn:
-                await conn.fetchval("select 1")
+                read_only = await conn.fetchval("select current_setting('transaction_read_only')") == "on"
                 lag = await projection_lag(conn)
     except Exception as exc:
         if not is_unavailable(exc):
             raise
         raise Problem(503, "unavailable", f"database check failed: {describe(exc)}",
                       headers={"Retry-After": "1"}) from None
+    if read_only:  # reads and streams still work, but no command can commit
+        raise Problem(503, "unavailable", "the database takes no writes (transaction_read_only is on: a hot "
+                      "standby, or default_transaction_read_only)", headers={"Retry-After": "1"})
     supervisor = request.app[SUPERVISOR]
     stuck = supervisor.stuck()
     if stuck:

@@ -184,6 +184,7 @@ async def open_replica(dsn: str, settings: Settings) -> Replica:
     does not stop the process; the checker finds out)."""
     options = connect_kwargs(settings)
     options["server_settings"] = {**options["server_settings"], "default_transaction_read_only": "on"}
-    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=settings.pool_max_size, **pool_options(), **options)
+    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=settings.pool_max_size,
+                                     **pool_options(replica=True), **options)
     assert pool is not None
     return Replica(replica_label(dsn), pool)

@@ -1,6 +1,7 @@
 """Every way a database outage reaches us is a 503 unavailable with Retry-After, never a 500; a bug in
-our SQL or our use of asyncpg stays a 500. Real faults (a statement timeout, a terminated session) and,
-for the rest, each exception raised from asyncpg's own query methods, through real HTTP."""
+our SQL or our use of asyncpg stays a 500. Real faults (a statement timeout, a terminated session, a
+database that takes no writes) and, for the rest, each exception raised from asyncpg's own query
+methods, through real HTTP."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from asyncpg import exceptions as pgerr
 from backend.app import create_app
 from backend.db import is_unavailable
 from backend.store.append import APPEND_LOCK_KEY
-from tests.conftest import bearer, make_settings, mint_token
+from tests.conftest import bearer, create_fresh_database, drop_database, make_settings, mint_token
 from tests.support import Client, advisory_lock_waiters, eventually
 
 PROBLEM = "application/problem+json"
@@ -40,6 +41,7 @@ OUTAGES = [
     pgerr.IdleSessionTimeoutError("terminating connection due to idle-session timeout"),
     pgerr.ConnectionFailureError("connection failure"),
     pgerr.DiskFullError("could not extend file"),
+    pgerr.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     ConnectionResetError("Connection reset by peer"),
     ConnectionRefusedError("Connection refused"),
     TimeoutError(),
@@ -169,3 +171,52 @@ async def test_a_session_terminated_mid_command_is_503(
         await blocker.close()
     credited = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 1, "reference": "again"})
     assert credited.status == 200, await credited.text()
+
+
+async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ignore[no-untyped-def]
+    aiohttp_client, admin_dsn: str
+) -> None:
+    """The sessions Tally reconnects land on a server that refuses writes, as after a failover whose
+    address still leads to the old primary, now a standby, or with default_transaction_read_only set for
+    maintenance: commands and readiness answer 503 while reads go on; once the database takes writes
+    again, commands do too, with no restart (the pool closes each read-only session it gets back)."""
+    dsn = await asyncio.to_thread(create_fresh_database, admin_dsn)
+    name = dsn.rsplit("/", 1)[1].split("?")[0]
+    admin = await asyncpg.connect(admin_dsn)
+    pool_size = 4
+    try:
+        client: Client = await aiohttp_client(create_app(make_settings(dsn, pool_max_size=pool_size)))
+        client.session.headers.update(bearer(await mint_token(client.app, "read-only", ["admin"])))
+        created = await client.post("/v1/wallets", json={"owner": "read-only", "currency": "USD"})
+        assert created.status == 201, await created.text()
+        wallet_id = (await created.json())["wallet_id"]
+
+        await admin.execute(f'alter database "{name}" set default_transaction_read_only = on')
+        await admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
+                            "where datname = $1 and application_name = 'tally'", name)
+        for attempt in range(pool_size + 2):
+            await assert_unavailable(await client.post(f"/v1/wallets/{wallet_id}/credits",
+                                                       json={"amount": 5, "reference": f"ro-{attempt}"}))
+        ready = await client.get("/health/ready")
+        await assert_unavailable(ready)
+        assert "takes no writes" in (await ready.json(content_type=None))["detail"]
+        read = await client.get(f"/v1/wallets/{wallet_id}")
+        assert read.status == 200, await read.text()
+
+        await admin.execute(f'alter database "{name}" reset default_transaction_read_only')
+        answers = []
+        for attempt in range(pool_size + 2):  # at most each idle read-only session fails once more
+            credited = await client.post(f"/v1/wallets/{wallet_id}/credits",
+                                         json={"amount": 5, "reference": f"rw-{attempt}"})
+            answers.append(credited.status)
+            if credited.status == 200:
+                break
+            await assert_unavailable(credited)
+        assert answers[-1] == 200, answers
+        assert (await client.get("/health/ready")).status == 200
+        wallet = await client.get(f"/v1/wallets/{wallet_id}",
+                                  headers={"X-Min-Position": credited.headers["X-Position"]})
+        assert (await wallet.json())["balance"] == 5  # the refused credits changed nothing
+    finally:
+        await admin.close()
+        await asyncio.to_thread(drop_database, admin_dsn, dsn)
