@@ -27,10 +27,16 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory
     asyncpg.exceptions.ReadOnlySQLTransactionError,  # 25006: the server takes no writes now (a hot standby
     #  reached before a failover completes, default_transaction_read_only set for maintenance)
+    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,  # 25P03: the server's idle-in-transaction timeout
+    asyncpg.exceptions.LockNotAvailableError,  # 55P03: a lock_timeout set on the role or database expired
+    asyncpg.exceptions.TransactionRollbackError,  # class 40: a deadlock or serialization failure the server
+    #  resolved by rolling this transaction back (nothing of it committed), or a commit of unknown outcome
+    asyncpg.exceptions.PostgresSystemError,  # class 58: the server's own I/O failed
+    asyncpg.exceptions.InternalServerError,  # class XX: the server's internal error, corrupted data or index
 )
-"""Errors that always mean "the database is not there right now": a bug or bad SQL is none of these
-(UndefinedTableError is class 42, asyncpg's DataError an InterfaceError). Catch with is_unavailable,
-which also recognises the two asyncpg client errors below by their message."""
+"""Errors that mean "the database cannot do this right now", whatever the request: a bug or bad SQL is
+none of these (UndefinedTableError is class 42, asyncpg's DataError an InterfaceError). Catch with
+is_unavailable, which also recognises the two asyncpg client errors below by their message."""
 
 _CLOSED_MESSAGES = ("pool is closing", "pool is closed", "connection is closed",
                     "another operation is cancelling")

@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+ONLY_RETRIED = (asyncpg.exceptions.TransactionRollbackError, asyncpg.exceptions.ReadOnlySQLTransactionError)
+"""Failures of one read on a replica that say nothing of the replica's health: a query cancelled by a
+conflict with recovery (class 40), and a write, which a replica refuses by design."""
+
 Ready = Callable[[Connection], Awaitable[bool]]
 """Whether a replica's connection can answer a read (it has replayed what the read needs)."""
 
@@ -122,12 +126,12 @@ class ReadPools:
         """Run a block against the replica; if the database fails it, swallow the error (the caller falls
         back to the primary). A replica that turns out unavailable is taken out of use; any other
         database error is only retried on the primary: a query cancelled by a conflict with recovery
-        (SQLSTATE 40001), a table a migration has not yet brought to the replica. A bug fails on the
+        (ONLY_RETRIED), a table a migration has not yet brought to the replica. A bug fails on the
         primary too, and is reported from there. Errors that are not the database's propagate."""
         try:
             yield
         except Exception as exc:
-            if is_unavailable(exc):
+            if is_unavailable(exc) and not isinstance(exc, ONLY_RETRIED):
                 self.failed(replica, exc)
             elif isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
                 replica.fallbacks += 1

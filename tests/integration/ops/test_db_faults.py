@@ -42,6 +42,13 @@ OUTAGES = [
     pgerr.ConnectionFailureError("connection failure"),
     pgerr.DiskFullError("could not extend file"),
     pgerr.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
+    pgerr.IdleInTransactionSessionTimeoutError("terminating connection due to idle-in-transaction timeout"),
+    pgerr.LockNotAvailableError("canceling statement due to lock timeout"),
+    pgerr.DeadlockDetectedError("deadlock detected"),
+    pgerr.SerializationError("could not serialize access due to concurrent update"),
+    pgerr.PostgresIOError("could not write to file \"base/16384/16385\": Input/output error"),
+    pgerr.DataCorruptedError("invalid page in block 3 of relation base/16384/16385"),
+    pgerr.InternalServerError("could not read block 0 in file \"base/16384/16385\""),
     ConnectionResetError("Connection reset by peer"),
     ConnectionRefusedError("Connection refused"),
     TimeoutError(),
@@ -153,6 +160,34 @@ async def test_a_statement_timeout_is_503(aiohttp_client, database_url: str) -> 
         await blocker.close()
     credited = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 1, "reference": "free"})
     assert credited.status == 200, await credited.text()
+
+
+async def test_a_lock_timeout_is_503(aiohttp_client, admin_dsn: str) -> None:  # type: ignore[no-untyped-def]
+    """An operator's lock_timeout on the database: a credit that waits longer for the append lock is
+    cancelled by the server (SQLSTATE 55P03), a 503 to retry, and changes nothing."""
+    dsn = await asyncio.to_thread(create_fresh_database, admin_dsn)
+    name = dsn.rsplit("/", 1)[1].split("?")[0]
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'alter database "{name}" set lock_timeout = 300')
+        client: Client = await aiohttp_client(create_app(make_settings(dsn)))
+        client.session.headers.update(bearer(await mint_token(client.app, "lock-timeout", ["admin"])))
+        created = await client.post("/v1/wallets", json={"owner": "lock-timeout", "currency": "USD"})
+        wallet_id = (await created.json())["wallet_id"]
+        blocker = await hold_append_lock(dsn)
+        try:
+            await assert_unavailable(await client.post(f"/v1/wallets/{wallet_id}/credits",
+                                                       json={"amount": 1, "reference": "blocked"}))
+        finally:
+            await blocker.close()
+        credited = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 2, "reference": "free"})
+        assert credited.status == 200, await credited.text()
+        wallet = await client.get(f"/v1/wallets/{wallet_id}",
+                                  headers={"X-Min-Position": credited.headers["X-Position"]})
+        assert (await wallet.json())["balance"] == 2
+    finally:
+        await admin.close()
+        await asyncio.to_thread(drop_database, admin_dsn, dsn)
 
 
 async def test_a_session_terminated_mid_command_is_503(
