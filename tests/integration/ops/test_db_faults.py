@@ -10,6 +10,7 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -18,7 +19,7 @@ from asyncpg import exceptions as pgerr
 from backend.app import create_app
 from backend.db import is_unavailable
 from backend.store.append import APPEND_LOCK_KEY
-from tests.conftest import bearer, create_fresh_database, drop_database, make_settings, mint_token
+from tests.conftest import bearer, make_settings, mint_token
 from tests.support import Client, advisory_lock_waiters, eventually
 
 PROBLEM = "application/problem+json"
@@ -61,6 +62,10 @@ BUGS = [
     asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
     pgerr.InternalClientError("no binary format encoder for type widget (OID 12345)"),
 ]
+
+
+def database_name(dsn: str) -> str:
+    return urlsplit(dsn).path.lstrip("/")
 
 
 def ident(error: BaseException) -> str:
@@ -162,14 +167,13 @@ async def test_a_statement_timeout_is_503(aiohttp_client, database_url: str) -> 
     assert credited.status == 200, await credited.text()
 
 
-async def test_a_lock_timeout_is_503(aiohttp_client, admin_dsn: str) -> None:  # type: ignore[no-untyped-def]
+async def test_a_lock_timeout_is_503(aiohttp_client, own_database_url: str) -> None:  # type: ignore[no-untyped-def]
     """An operator's lock_timeout on the database: a credit that waits longer for the append lock is
     cancelled by the server (SQLSTATE 55P03), a 503 to retry, and changes nothing."""
-    dsn = await asyncio.to_thread(create_fresh_database, admin_dsn)
-    name = dsn.rsplit("/", 1)[1].split("?")[0]
-    admin = await asyncpg.connect(admin_dsn)
+    dsn = own_database_url
+    admin = await asyncpg.connect(dsn)
     try:
-        await admin.execute(f'alter database "{name}" set lock_timeout = 300')
+        await admin.execute(f"alter database {database_name(dsn)} set lock_timeout = 300")
         client: Client = await aiohttp_client(create_app(make_settings(dsn)))
         client.session.headers.update(bearer(await mint_token(client.app, "lock-timeout", ["admin"])))
         created = await client.post("/v1/wallets", json={"owner": "lock-timeout", "currency": "USD"})
@@ -187,7 +191,6 @@ async def test_a_lock_timeout_is_503(aiohttp_client, admin_dsn: str) -> None:  #
         assert (await wallet.json())["balance"] == 2
     finally:
         await admin.close()
-        await asyncio.to_thread(drop_database, admin_dsn, dsn)
 
 
 async def test_a_session_terminated_mid_command_is_503(
@@ -209,15 +212,14 @@ async def test_a_session_terminated_mid_command_is_503(
 
 
 async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ignore[no-untyped-def]
-    aiohttp_client, admin_dsn: str
+    aiohttp_client, own_database_url: str
 ) -> None:
     """The sessions Tally reconnects land on a server that refuses writes, as after a failover whose
     address still leads to the old primary, now a standby, or with default_transaction_read_only set for
     maintenance: commands and readiness answer 503 while reads go on; once the database takes writes
     again, commands do too, with no restart (the pool closes each read-only session it gets back)."""
-    dsn = await asyncio.to_thread(create_fresh_database, admin_dsn)
-    name = dsn.rsplit("/", 1)[1].split("?")[0]
-    admin = await asyncpg.connect(admin_dsn)
+    dsn, name = own_database_url, database_name(own_database_url)
+    admin = await asyncpg.connect(dsn)
     pool_size = 4
     try:
         client: Client = await aiohttp_client(create_app(make_settings(dsn, pool_max_size=pool_size)))
@@ -226,7 +228,7 @@ async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ig
         assert created.status == 201, await created.text()
         wallet_id = (await created.json())["wallet_id"]
 
-        await admin.execute(f'alter database "{name}" set default_transaction_read_only = on')
+        await admin.execute(f"alter database {name} set default_transaction_read_only = on")
         await admin.execute("select pg_terminate_backend(pid) from pg_stat_activity "
                             "where datname = $1 and application_name = 'tally'", name)
         for attempt in range(pool_size + 2):
@@ -238,7 +240,7 @@ async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ig
         read = await client.get(f"/v1/wallets/{wallet_id}")
         assert read.status == 200, await read.text()
 
-        await admin.execute(f'alter database "{name}" reset default_transaction_read_only')
+        await admin.execute(f"alter database {name} reset default_transaction_read_only")
         answers = []
         for attempt in range(pool_size + 2):  # at most each idle read-only session fails once more
             credited = await client.post(f"/v1/wallets/{wallet_id}/credits",
@@ -254,4 +256,3 @@ async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ig
         assert (await wallet.json())["balance"] == 5  # the refused credits changed nothing
     finally:
         await admin.close()
-        await asyncio.to_thread(drop_database, admin_dsn, dsn)
