@@ -152,7 +152,7 @@ async def run_migrations(settings: Settings, args: argparse.Namespace) -> int:
     async with database_dsn(settings) as dsn:
         # the migration lock is a session's: on DIRECT_DATABASE_URL, never through a pooler
         one = {"pool_min_size": 1, "pool_max_size": 1, "database_pool_mode": "session"}
-        pool = await create_pool(settings.direct_dsn(dsn), settings.model_copy(update=one))
+        pool = await create_pool(settings.direct_dsn(dsn), settings.model_copy(update=one), writable=not args.status)
         try:
             async with pool.acquire() as conn:
                 if args.status:

@@ -174,9 +174,22 @@ def pool_options(*, replica: bool = False) -> dict[str, Any]:
     return {"init": init_connection, "reset": keep_replica_session if replica else keep_session}
 
 
-async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
+class TakesNoWrites(Exception):
+    """The database answers, but its sessions are read-only."""
+
+    def __str__(self) -> str:
+        return ("it takes no writes (transaction_read_only is on: a hot standby, or "
+                "default_transaction_read_only); DATABASE_URL must lead to the primary")
+
+
+_POOL_RETRIES: tuple[type[BaseException], ...] = (*_STARTUP_ERRORS, TakesNoWrites)
+"""What create_pool waits out, for up to WAIT_FOR_DB."""
+
+
+async def create_pool(dsn: str, settings: Settings, *, writable: bool = True) -> asyncpg.Pool:
     """Open a pool on DATABASE_URL (which may be PgBouncer, see pooled_connect_kwargs); retry with backoff
-    for up to WAIT_FOR_DB seconds, else fail at once."""
+    for up to WAIT_FOR_DB seconds, else fail at once. With writable, the database must also take writes:
+    during a failover the address may still lead to a standby."""
     deadline = time.monotonic() + settings.wait_for_db_s
     delay = 0.2
     while True:
@@ -189,18 +202,29 @@ async def create_pool(dsn: str, settings: Settings) -> asyncpg.Pool:
                 **pooled_connect_kwargs(settings),
             )
             assert pool is not None
+            if writable:
+                await _require_writes(pool)
             return pool
-        except _STARTUP_ERRORS as exc:
-            reason = describe(exc)
+        except _POOL_RETRIES as exc:
+            reason = describe(exc) if not isinstance(exc, TakesNoWrites) else str(exc)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DatabaseUnavailable(
-                    f"cannot connect to database {mask_dsn(dsn)}: {reason}"
-                ) from None
-            log.warning("database not reachable, retrying",
-                        extra={"reason": reason, "retry_in_s": round(delay, 2)})
+                verb = "cannot use" if isinstance(exc, TakesNoWrites) else "cannot connect to"
+                raise DatabaseUnavailable(f"{verb} database {mask_dsn(dsn)}: {reason}") from None
+            log.warning("database not reachable, retrying" if not isinstance(exc, TakesNoWrites) else
+                        "database takes no writes, retrying", extra={"reason": reason, "retry_in_s": round(delay, 2)})
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
+
+
+async def _require_writes(pool: asyncpg.Pool) -> None:
+    """Raise TakesNoWrites (closing the pool) when the database's sessions are read-only."""
+    try:
+        if await pool.fetchval("select current_setting('transaction_read_only')") == "on":
+            raise TakesNoWrites
+    except BaseException:
+        await pool.close()
+        raise
 
 
 @contextlib.asynccontextmanager

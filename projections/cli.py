@@ -52,7 +52,8 @@ async def show_status(settings: Settings, args: argparse.Namespace) -> int:
     from backend.dsn import database_dsn
 
     async with database_dsn(settings) as dsn:
-        pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}))
+        pool = await create_pool(dsn, settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 1}),
+                                 writable=False)
         try:
             async with pool.acquire() as conn:
                 await require_migrated(conn, mask_dsn(dsn))

@@ -1,7 +1,7 @@
 """The command line as an operator meets it, as real processes: `--version`, `migrate --status`, one
-line and exit status 2 for a database that cannot be reached or lacks migrations (read-only commands
-never migrate it), `--help` naming the environment, production refusals, LOG_FORMAT=auto, and a data
-directory of another PostgreSQL major."""
+line and exit status 2 for a database that cannot be reached, lacks migrations (read-only commands
+never migrate it) or takes no writes (for the commands that write), `--help` naming the environment,
+production refusals, LOG_FORMAT=auto, and a data directory of another PostgreSQL major."""
 
 from __future__ import annotations
 
@@ -81,6 +81,28 @@ def test_an_unreachable_database_is_one_line_and_status_2_for_every_command() ->
         assert "Traceback" not in result.stderr, (args, result.stderr)
         assert len(error_lines(result)) == 1 and "cannot connect to database" in result.stderr, (args, result.stderr)
         assert "s3cret-pw" not in result.stderr
+
+
+def test_a_database_that_takes_no_writes_is_one_line_for_what_writes_and_no_matter_for_what_reads(
+        own_database_url: str) -> None:
+    """DATABASE_URL leading to a server whose sessions are read-only (a standby before a failover has
+    completed, default_transaction_read_only): serve and the commands that write say so in one line,
+    no traceback; the read-only commands work as on the primary."""
+    name = own_database_url.rsplit("/", 1)[1]
+    query_blocking(own_database_url, f"alter database {name} set default_transaction_read_only = on")
+    env: dict[str, str | None] = {"DATABASE_URL": own_database_url, "WAIT_FOR_DB_S": "0"}
+    writing = [c for c in DATABASE_COMMANDS if c[0] in ("migrate", "keys") and c != ["migrate", "--status"]]
+    for args, result in zip(writing, run_all(writing, env), strict=True):
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and "tly_" not in result.stdout, (args, result.stderr)
+        [line] = error_lines(result)
+        assert "takes no writes" in line and "DATABASE_URL must lead to the primary" in line, (args, line)
+    serve = tally("serve", env={**env, "PORT": str(free_port())})
+    assert serve.returncode == 1 and "Traceback" not in serve.stderr, serve.stderr
+    assert "takes no writes" in error_lines(serve)[0]
+    reading = [["migrate", "--status"], ["projections", "status"], ["audit", "verify"]]
+    for args, result in zip(reading, run_all(reading, env), strict=True):
+        assert result.returncode == 0, (args, result.stderr)
 
 
 def test_read_only_commands_refuse_an_unmigrated_database_and_leave_it_empty(fresh_database_url: str) -> None:
