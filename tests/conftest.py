@@ -33,6 +33,11 @@ def with_database(dsn: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, ""))
 
 
+def database_name(dsn: str) -> str:
+    """The database a DSN names (the embedded server's DSNs carry a socket directory in the query)."""
+    return urlsplit(dsn).path.lstrip("/")
+
+
 @pytest.fixture(scope="session")
 def admin_dsn() -> Iterator[str]:
     """A server to create test databases on: TEST_DATABASE_URL, else the embedded one under .data/."""
@@ -67,7 +72,7 @@ def create_fresh_database(admin: str, *, migrated: bool = True) -> str:
 
 
 def drop_database(admin: str, dsn: str) -> None:
-    name = urlsplit(dsn).path.lstrip("/")
+    name = database_name(dsn)
 
     async def run() -> None:
         conn = await asyncpg.connect(admin)

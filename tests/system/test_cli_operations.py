@@ -21,7 +21,7 @@ import pytest
 
 from backend.embedded_pg import EmbeddedVersionMismatch, bundled_major, check_data_version
 from backend.store.migrate import available_migrations
-from tests.conftest import ROOT
+from tests.conftest import ROOT, database_name
 from tests.support import query_blocking
 
 pytestmark = pytest.mark.system
@@ -88,8 +88,8 @@ def test_a_database_that_takes_no_writes_is_one_line_for_what_writes_and_no_matt
     """DATABASE_URL leading to a server whose sessions are read-only (a standby before a failover has
     completed, default_transaction_read_only): serve and the commands that write say so in one line,
     no traceback; the read-only commands work as on the primary."""
-    name = own_database_url.rsplit("/", 1)[1]
-    query_blocking(own_database_url, f"alter database {name} set default_transaction_read_only = on")
+    query_blocking(own_database_url,
+                   f"alter database {database_name(own_database_url)} set default_transaction_read_only = on")
     env: dict[str, str | None] = {"DATABASE_URL": own_database_url, "WAIT_FOR_DB_S": "0"}
     writing = [c for c in DATABASE_COMMANDS if c[0] in ("migrate", "keys") and c != ["migrate", "--status"]]
     for args, result in zip(writing, run_all(writing, env), strict=True):

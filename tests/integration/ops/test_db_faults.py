@@ -10,7 +10,6 @@ import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
@@ -19,7 +18,7 @@ from asyncpg import exceptions as pgerr
 from backend.app import create_app
 from backend.db import is_unavailable
 from backend.store.append import APPEND_LOCK_KEY
-from tests.conftest import bearer, make_settings, mint_token
+from tests.conftest import bearer, database_name, make_settings, mint_token
 from tests.support import Client, advisory_lock_waiters, eventually, query_blocking
 
 PROBLEM = "application/problem+json"
@@ -62,10 +61,6 @@ BUGS = [
     asyncpg.InterfaceError("cannot perform operation: another operation is in progress"),
     pgerr.InternalClientError("no binary format encoder for type widget (OID 12345)"),
 ]
-
-
-def database_name(dsn: str) -> str:
-    return urlsplit(dsn).path.lstrip("/")
 
 
 def ident(error: BaseException) -> str:

@@ -5,7 +5,6 @@ that cannot apply an event for now (a lock timeout) blames no event."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
 from uuid import uuid4
 
 import asyncpg
@@ -20,6 +19,7 @@ from projections.rebuild import rebuild
 from projections.runner import FAILED
 from projections.service import connector
 from projections.status import status
+from tests.conftest import database_name
 from tests.integration.projections.harness import Node
 from tests.integration.projections.workload import SECRET
 from tests.support import eventually
@@ -71,7 +71,7 @@ async def test_a_lock_timeout_while_applying_is_no_poison_event(node: Node) -> N
     restarted, and never records the event as failed; once the lock goes, it applies it."""
     admin = await asyncpg.connect(node.dsn)
     try:
-        await admin.execute(f"alter database {urlsplit(node.dsn).path.lstrip('/')} set lock_timeout = 100")
+        await admin.execute(f"alter database {database_name(node.dsn)} set lock_timeout = 100")
         service = await node.start()  # the runners' sessions open now, with the timeout
         wallet_id = uuid4()
         opened = await node.on_wallet(wallet_id, lambda c: wallets.open_wallet(node.bus.repository, c, wallet_id,
