@@ -34,7 +34,7 @@ from backend.store.event_store import EventStore
 from backend.store.events import NO_STREAM, NewEvent
 from backend.store.migrate import migrate
 from backend.store.read_pools import ReadPools, Replica, open_replica, replica_label
-from backend.store.reads import HEAD_SQL
+from backend.store.reads import HEAD_SQL, Executor
 from backend.store.replica_check import ReplicaChecker
 from tests.sse_client import Stream
 from tests.support import eventually
@@ -318,7 +318,8 @@ async def test_nothing_writes_to_the_replica(pair: tuple[Cluster, Cluster]) -> N
 
 
 async def test_a_read_failing_on_a_replica_is_served_by_the_primary_at_once(pair: tuple[Cluster, Cluster]) -> None:
-    """In process: a replica believed in use that has gone away costs the read nothing but a retry."""
+    """In process: a replica believed in use that has gone away costs the read nothing but a retry; a read
+    cancelled on it (as by a conflict with recovery) is retried on the primary and leaves it in use."""
     primary, replica = pair
     pools = ReadPools(await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2))
     try:
@@ -333,12 +334,21 @@ async def test_a_read_failing_on_a_replica_is_served_by_the_primary_at_once(pair
         assert await pools.read(lambda db: db.fetchval("select answer from replica_probe")) == 42
         assert serving_replica.fallbacks == 1 and serving_replica.in_use
         assert "UndefinedTable" in (serving_replica.last_error or "")
+
+        async def cancelled_on_the_replica(db: Executor) -> str:
+            """As a query cancelled by a conflict with recovery: it says nothing of the replica's health."""
+            if await db.fetchval("select pg_is_in_recovery()"):
+                raise asyncpg.exceptions.SerializationError("canceling statement due to conflict with recovery")
+            return "primary"
+
+        assert await pools.read(cancelled_on_the_replica) == "primary"
+        assert serving_replica.fallbacks == 2 and serving_replica.in_use
         await asyncio.to_thread(replica.stop)
         try:
             serving_replica.in_use = True
             answered = await pools.read(lambda db: db.fetchval("select pg_is_in_recovery()"))
             assert answered is False  # the primary's answer
-            assert serving_replica.fallbacks == 2 and not serving_replica.in_use and serving_replica.last_error
+            assert serving_replica.fallbacks == 3 and not serving_replica.in_use and serving_replica.last_error
             assert pools.pick() is None
         finally:
             await asyncio.to_thread(replica.start)
