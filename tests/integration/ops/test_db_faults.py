@@ -232,8 +232,8 @@ async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ig
             await assert_unavailable(credited)
         assert answers[-1] == 200, answers
         assert (await client.get("/health/ready")).status == 200
-        wallet = await client.get(f"/v1/wallets/{wallet_id}",
-                                  headers={"X-Min-Position": credited.headers["X-Position"]})
+        wallet = await client.get(f"/v1/wallets/{wallet_id}",  # the runners were restarted too: give them time
+                                  headers={"X-Min-Position": credited.headers["X-Position"], "Prefer": "wait=10"})
         assert (await wallet.json())["balance"] == 5  # the refused credits changed nothing
     finally:
         await admin.close()
