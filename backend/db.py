@@ -174,12 +174,21 @@ def pool_options(*, replica: bool = False) -> dict[str, Any]:
     return {"init": init_connection, "reset": keep_replica_session if replica else keep_session}
 
 
+TAKES_NO_WRITES = ("takes no writes (transaction_read_only is on: a hot standby, or "
+                   "default_transaction_read_only)")
+
+
+async def read_only(db: asyncpg.Pool | Connection) -> bool:
+    """Whether the database's sessions are read-only, asked of the server (a round trip; refuses_writes
+    reads what the server last reported, for free)."""
+    return bool(await db.fetchval("select current_setting('transaction_read_only') = 'on'"))
+
+
 class TakesNoWrites(Exception):
     """The database answers, but its sessions are read-only."""
 
     def __str__(self) -> str:
-        return ("it takes no writes (transaction_read_only is on: a hot standby, or "
-                "default_transaction_read_only); DATABASE_URL must lead to the primary")
+        return f"it {TAKES_NO_WRITES}; DATABASE_URL must lead to the primary"
 
 
 _POOL_RETRIES: tuple[type[BaseException], ...] = (*_STARTUP_ERRORS, TakesNoWrites)
@@ -206,13 +215,14 @@ async def create_pool(dsn: str, settings: Settings, *, writable: bool = True) ->
                 await _require_writes(pool)
             return pool
         except _POOL_RETRIES as exc:
-            reason = describe(exc) if not isinstance(exc, TakesNoWrites) else str(exc)
+            unwritable = isinstance(exc, TakesNoWrites)
+            reason = str(exc) if unwritable else describe(exc)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                verb = "cannot use" if isinstance(exc, TakesNoWrites) else "cannot connect to"
+                verb = "cannot use" if unwritable else "cannot connect to"
                 raise DatabaseUnavailable(f"{verb} database {mask_dsn(dsn)}: {reason}") from None
-            log.warning("database not reachable, retrying" if not isinstance(exc, TakesNoWrites) else
-                        "database takes no writes, retrying", extra={"reason": reason, "retry_in_s": round(delay, 2)})
+            log.warning("database takes no writes, retrying" if unwritable else "database not reachable, retrying",
+                        extra={"reason": reason, "retry_in_s": round(delay, 2)})
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 
@@ -220,7 +230,7 @@ async def create_pool(dsn: str, settings: Settings, *, writable: bool = True) ->
 async def _require_writes(pool: asyncpg.Pool) -> None:
     """Raise TakesNoWrites (closing the pool) when the database's sessions are read-only."""
     try:
-        if await pool.fetchval("select current_setting('transaction_read_only')") == "on":
+        if await read_only(pool):
             raise TakesNoWrites
     except BaseException:
         await pool.close()

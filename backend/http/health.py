@@ -8,7 +8,7 @@ import asyncio
 from aiohttp import web
 
 from backend.appkeys import METRICS, POOL, READ_POOLS, SETTINGS, SUPERVISOR
-from backend.db import Connection, describe, is_unavailable
+from backend.db import TAKES_NO_WRITES, Connection, describe, is_unavailable, read_only
 from backend.http.endpoint import Header, endpoint
 from backend.http.problems import Problem
 from projections import registry
@@ -39,16 +39,15 @@ async def ready(request: web.Request) -> web.Response:
     try:
         async with asyncio.timeout(timeout):
             async with request.app[POOL].acquire() as conn:
-                read_only = await conn.fetchval("select current_setting('transaction_read_only')") == "on"
+                unwritable = await read_only(conn)
                 lag = await projection_lag(conn)
     except Exception as exc:
         if not is_unavailable(exc):
             raise
         raise Problem(503, "unavailable", f"database check failed: {describe(exc)}",
                       headers={"Retry-After": "1"}) from None
-    if read_only:  # reads and streams still work, but no command can commit
-        raise Problem(503, "unavailable", "the database takes no writes (transaction_read_only is on: a hot "
-                      "standby, or default_transaction_read_only)", headers={"Retry-After": "1"})
+    if unwritable:  # reads and streams still work, but no command can commit
+        raise Problem(503, "unavailable", f"the database {TAKES_NO_WRITES}", headers={"Retry-After": "1"})
     supervisor = request.app[SUPERVISOR]
     stuck = supervisor.stuck()
     if stuck:
