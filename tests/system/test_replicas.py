@@ -123,6 +123,25 @@ async def until_in_use(http: aiohttp.ClientSession, replica: Cluster, caught_up:
         await asyncio.sleep(0.1)
 
 
+@contextlib.asynccontextmanager
+async def migrated_store(dsn: str) -> AsyncIterator[tuple[asyncpg.Pool, EventStore]]:
+    """A small pool on one of the primary's databases, migrated, and an event store on it."""
+    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, init=init_connection)
+    store = EventStore(pool)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        yield pool, store
+    finally:
+        await store.close()
+        await pool.close()
+
+
+async def probe(store: EventStore, name: str) -> int:
+    """Append one event to a new stream; its position."""
+    return (await store.append_to(f"{name}-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
+
+
 async def replayed(replica: Replica, position: int) -> bool:
     return int(await replica.pool.fetchval(HEAD_SQL)) >= position
 
@@ -366,46 +385,42 @@ async def test_a_replica_lagging_past_the_bound_is_out_of_use_until_it_has_caugh
     each event is a second old before the replica has it."""
     primary, replica = pair
     bound_s = 0.2
-    writer = await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2, init=init_connection)
-    pools, store = ReadPools(writer), EventStore(writer)
-    try:
-        async with writer.acquire() as conn:
-            await migrate(conn)
-        pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
-        checker, serving = ReplicaChecker(pools, max_lag_s=bound_s, timeout_s=5), pools.replicas[0]
+    async with migrated_store(primary.dsn("tally")) as (writer, store):
+        pools = ReadPools(writer)
+        try:
+            pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
+            checker, serving = ReplicaChecker(pools, max_lag_s=bound_s, timeout_s=5), pools.replicas[0]
 
-        async def checked(done: Callable[[], bool]) -> bool:
-            await checker.check()
-            return done()
+            async def checked(done: Callable[[], bool]) -> bool:
+                await checker.check()
+                return done()
 
-        async def out_of_use_or_replayed() -> dict[str, Any] | str | None:
-            await checker.check()
-            if not serving.in_use:
-                assert pools.pick() is None  # reads go to the primary
-                return {**serving.report(), "after_s": round(time.monotonic() - written, 3)}
-            return "replayed" if (serving.head or 0) >= head else None
+            async def out_of_use_or_replayed() -> dict[str, Any] | str | None:
+                await checker.check()
+                if not serving.in_use:
+                    assert pools.pick() is None  # reads go to the primary
+                    return {**serving.report(), "after_s": round(time.monotonic() - written, 3)}
+                return "replayed" if (serving.head or 0) >= head else None
 
-        out: dict[str, Any] | str = ""
-        for _ in range(5):  # a check must fall between the bound and the replay: on a slow host, try again
-            await eventually(lambda: checked(lambda: serving.in_use and serving.lag_events == 0), timeout=30,
-                             interval=0.05, what=lambda: f"the replica caught up: {serving.report()}")
-            written = time.monotonic()
-            head = (await store.append_to(f"lag-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
-            out = await eventually(out_of_use_or_replayed, timeout=30,
-                                   what=lambda: f"the replica out of use or the event replayed: {serving.report()}")
-            if isinstance(out, dict):
-                break
-        assert isinstance(out, dict), "no check found the replica past the bound"
-        assert out["lag_s"] > bound_s and out["lag_events"] >= 1 and "REPLICA_MAX_LAG_S" in out["last_error"], out
-        await eventually(lambda: checked(lambda: serving.in_use), timeout=30, interval=0.05,
-                         what=lambda: f"the replica back in use: {serving.report()}")
-        assert serving.head is not None and serving.head >= head and serving.last_error is None
-        report("replica_past_the_lag_bound", out_of_use=out, back_in_use_after_s=round(time.monotonic() - written, 3))
-    finally:
-        await store.close()
-        await pools.close()
-        await writer.close()
-
+            out: dict[str, Any] | str = ""
+            for _ in range(5):  # a check must fall between the bound and the replay: on a slow host, try again
+                await eventually(lambda: checked(lambda: serving.in_use and serving.lag_events == 0), timeout=30,
+                                 interval=0.05, what=lambda: f"the replica caught up: {serving.report()}")
+                written = time.monotonic()
+                head = await probe(store, "lag")
+                out = await eventually(out_of_use_or_replayed, timeout=30,
+                                       what=lambda: f"the replica out of use or the event replayed: {serving.report()}")
+                if isinstance(out, dict):
+                    break
+            assert isinstance(out, dict), "no check found the replica past the bound"
+            assert out["lag_s"] > bound_s and out["lag_events"] >= 1 and "REPLICA_MAX_LAG_S" in out["last_error"], out
+            await eventually(lambda: checked(lambda: serving.in_use), timeout=30, interval=0.05,
+                             what=lambda: f"the replica back in use: {serving.report()}")
+            assert serving.head is not None and serving.head >= head and serving.last_error is None
+            report("replica_past_the_lag_bound", out_of_use=out,
+                   back_in_use_after_s=round(time.monotonic() - written, 3))
+        finally:
+            await pools.close()
 
 
 async def test_a_server_that_is_not_a_replica_of_the_primary_is_never_used(pair: tuple[Cluster, Cluster]) -> None:
@@ -415,56 +430,47 @@ async def test_a_server_that_is_not_a_replica_of_the_primary_is_never_used(pair:
     use, though its head alone looks current; the true replica is."""
     primary, replica = pair
     await ensure_database(primary.dsn(), "tally_other")
-    writer = await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2, init=init_connection)
-    other = await asyncpg.create_pool(primary.dsn("tally_other"), min_size=0, max_size=2, init=init_connection)
-    pools, store, other_store = ReadPools(writer), EventStore(writer), EventStore(other)
-    try:
-        for pool in (writer, other):
-            async with pool.acquire() as conn:
-                await migrate(conn)
+    async with migrated_store(primary.dsn("tally")) as (writer, store), \
+            migrated_store(primary.dsn("tally_other")) as (other, other_store):
+        pools = ReadPools(writer)
+        try:
+            async def heads() -> tuple[int, int]:
+                return int(await writer.fetchval(HEAD_SQL)), int(await other.fetchval(HEAD_SQL))
 
-        async def heads() -> tuple[int, int]:
-            return int(await writer.fetchval(HEAD_SQL)), int(await other.fetchval(HEAD_SQL))
+            while (found := await heads())[1] <= found[0]:
+                await probe(other_store, "foreign")
+            for dsn in (primary.dsn("tally"), f"postgresql://postgres@127.0.0.1:{replica.port}/tally_other",
+                        replica_dsn(replica)):
+                pools.replicas.append(await open_replica(dsn, Settings()))
+            itself, wrong_database, true_replica = pools.replicas
+            checker = ReplicaChecker(pools, max_lag_s=60, timeout_s=5)
 
-        async def append(to: EventStore) -> None:
-            await to.append_to(f"foreign-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])
+            async def both_replayed() -> bool:
+                """The standby has both logs as they are on the primary; then a check."""
+                try:
+                    standby_heads = (int(await true_replica.pool.fetchval(HEAD_SQL)),
+                                     int(await wrong_database.pool.fetchval(HEAD_SQL)))
+                except asyncpg.PostgresError:  # tally_other itself not replayed yet
+                    return False
+                await checker.check()
+                return standby_heads == await heads()
 
-        while (found := await heads())[1] <= found[0]:
-            await append(other_store)
-        for dsn in (primary.dsn("tally"), f"postgresql://postgres@127.0.0.1:{replica.port}/tally_other",
-                    replica_dsn(replica)):
-            pools.replicas.append(await open_replica(dsn, Settings()))
-        itself, wrong_database, true_replica = pools.replicas
-        checker = ReplicaChecker(pools, max_lag_s=60, timeout_s=5)
+            await eventually(both_replayed, timeout=30,
+                             what=lambda: f"the standby replayed both logs: {pools.report()}")
+            assert not itself.in_use and "not a hot standby" in (itself.last_error or ""), itself.report()
+            assert not wrong_database.in_use and "not a replica" in (wrong_database.last_error or ""), \
+                wrong_database.report()
 
-        async def both_replayed() -> bool:
-            """The standby has both logs as they are on the primary; then a check."""
-            try:
-                standby_heads = (int(await true_replica.pool.fetchval(HEAD_SQL)),
-                                 int(await wrong_database.pool.fetchval(HEAD_SQL)))
-            except asyncpg.PostgresError:  # tally_other itself not replayed yet
-                return False
-            await checker.check()
-            return standby_heads == await heads()
-
-        await eventually(both_replayed, timeout=30, what=lambda: f"the standby replayed both logs: {pools.report()}")
-        assert not itself.in_use and "not a hot standby" in (itself.last_error or ""), itself.report()
-        assert not wrong_database.in_use and "not a replica" in (wrong_database.last_error or ""), \
-            wrong_database.report()
-
-        while (found := await heads())[0] <= found[1]:
-            await append(store)
-        await eventually(both_replayed, timeout=30, what=lambda: f"the standby replayed the primary: {pools.report()}")
-        assert not wrong_database.in_use and "holds another event" in (wrong_database.last_error or ""), \
-            wrong_database.report()
-        assert not itself.in_use and true_replica.in_use
-        assert [pools.pick() for _ in range(3)] == [true_replica] * 3
-    finally:
-        await store.close()
-        await other_store.close()
-        await pools.close()
-        await writer.close()
-        await other.close()
+            while (found := await heads())[0] <= found[1]:
+                await probe(store, "foreign")
+            await eventually(both_replayed, timeout=30,
+                             what=lambda: f"the standby replayed the primary: {pools.report()}")
+            assert not wrong_database.in_use and "holds another event" in (wrong_database.last_error or ""), \
+                wrong_database.report()
+            assert not itself.in_use and true_replica.in_use
+            assert [pools.pick() for _ in range(3)] == [true_replica] * 3
+        finally:
+            await pools.close()
 
 
 async def test_a_replica_showing_commits_the_primary_does_not_show_yet_is_still_in_use(
@@ -473,27 +479,22 @@ async def test_a_replica_showing_commits_the_primary_does_not_show_yet_is_still_
     The checker's primary is here a session whose snapshot predates the newest events (a repeatable-read
     transaction): the replica is ahead of it, its log still the primary's, and it stays in use."""
     primary, replica = pair
-    writer = await asyncpg.create_pool(primary.dsn("tally"), min_size=0, max_size=2, init=init_connection)
-    behind = await asyncpg.connect(primary.dsn("tally"))
-    store = EventStore(writer)
-    pools = ReadPools(behind)
-    try:
-        async with writer.acquire() as conn:
-            await migrate(conn)
-        await store.append_to(f"ahead-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])
-        async with behind.transaction(isolation="repeatable_read"):
-            shown = int(await behind.fetchval(HEAD_SQL))
-            newest = (await store.append_to(f"ahead-{uuid.uuid4()}", NO_STREAM, [NewEvent("Probe", {})])).position
-            pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
-            true_replica = pools.replicas[0]
-            await eventually(lambda: replayed(true_replica, newest), timeout=30,
-                             what="the replica replayed the newest event")
-            await ReplicaChecker(pools, max_lag_s=60, timeout_s=5).check()
-            assert int(await behind.fetchval(HEAD_SQL)) == shown < newest
-            assert true_replica.in_use and true_replica.head == newest and true_replica.lag_events == 0, \
-                true_replica.report()
-    finally:
-        await store.close()
-        await pools.close()
-        await behind.close()
-        await writer.close()
+    async with migrated_store(primary.dsn("tally")) as (_, store):
+        behind = await asyncpg.connect(primary.dsn("tally"))
+        pools = ReadPools(behind)
+        try:
+            await probe(store, "ahead")
+            async with behind.transaction(isolation="repeatable_read"):
+                shown = int(await behind.fetchval(HEAD_SQL))
+                newest = await probe(store, "ahead")
+                pools.replicas.append(await open_replica(replica_dsn(replica), Settings()))
+                true_replica = pools.replicas[0]
+                await eventually(lambda: replayed(true_replica, newest), timeout=30,
+                                 what="the replica replayed the newest event")
+                await ReplicaChecker(pools, max_lag_s=60, timeout_s=5).check()
+                assert int(await behind.fetchval(HEAD_SQL)) == shown < newest
+                assert true_replica.in_use and true_replica.head == newest and true_replica.lag_events == 0, \
+                    true_replica.report()
+        finally:
+            await pools.close()
+            await behind.close()
