@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                                epilog=env_help("APPLY_MIGRATIONS"))
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="create a key and print its token, once",
-                                     epilog=env_help("APPLY_MIGRATIONS (true: migrate an empty database first)"))
+                                     epilog=env_help("APPLY_MIGRATIONS (true: apply pending migrations first)"))
     create.add_argument("--owner", required=True, help="the owner whose wallets the key acts on")
     create.add_argument("--scopes", required=True, type=scope_list, metavar="SCOPE[,SCOPE...]",
                         help="comma separated, e.g. admin or wallets:read,wallets:write")
@@ -221,8 +221,12 @@ def run_keys(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def uses_database(args: argparse.Namespace) -> bool:
-    """Everything but an audit of an export file, which reads only the file."""
-    return not (args.command == "audit" and args.audit_command == "verify" and args.export is not None)
+    """Every subcommand but the audit's offline ones (a key file, an export file, a server over HTTP)."""
+    if args.command == "audit":
+        from backend.audit import cli as audit_cli
+
+        return audit_cli.uses_database(args)
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     # PgBouncer (docs/DEPLOYMENT.md): with DATABASE_POOL_MODE=transaction the pools on DATABASE_URL go
     # without asyncpg's prepared-statement cache and without session settings at connect, so that a
     # pooler in transaction mode may sit in front; what needs a session of its own (LISTEN, the leaders'
-    # session advisory locks, migrations, the command line's connections) connects to
+    # session advisory locks, migrations and rebuilds, audit's and db roles' connections) connects to
     # DIRECT_DATABASE_URL instead (default: DATABASE_URL itself).
     direct_database_url: SecretStr | None = None
     database_pool_mode: Literal["session", "transaction"] = "session"

@@ -33,6 +33,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from backend.config import env_help
+
 if TYPE_CHECKING:
     from backend.config import Settings
 
@@ -60,6 +62,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         "roles", help="the owner role (migrations) and the least-privileged app role (serve, projections)",
         description=f"Passwords are read from {OWNER_PASSWORD_ENV} and {APP_PASSWORD_ENV} (never options) and "
                     "written as SCRAM-SHA-256 verifiers. Re-run --apply after every migrate.",
+        epilog=env_help(OWNER_ENV, APP_ENV, OWNER_PASSWORD_ENV, APP_PASSWORD_ENV),
     )
     action = roles.add_mutually_exclusive_group(required=True)
     action.add_argument("--print", action="store_true", dest="print_sql", help="print the SQL (for psql) and exit")

@@ -31,6 +31,20 @@ if TYPE_CHECKING:
 
 OK, FOUND, FAILED = 0, 1, 2
 
+SERVER_ENV = ("TALLY_URL", "TALLY_API_KEY")
+"""What checkpoint and consistency read to reach a server over HTTP (the --url and --key defaults)."""
+
+OFFLINE_SUBCOMMANDS = frozenset({"keygen", "checkpoint", "consistency"})
+"""Subcommands that never connect to a database (nor start the embedded one): a key file, or a server
+asked over HTTP. `verify --export` is the fourth, by its option."""
+
+
+def uses_database(args: argparse.Namespace) -> bool:
+    """Whether this audit subcommand connects to a database, so that production requires DATABASE_URL."""
+    if args.audit_command in OFFLINE_SUBCOMMANDS:
+        return False
+    return not (args.audit_command == "verify" and args.export is not None)
+
 
 def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = subparsers.add_parser(
@@ -78,16 +92,19 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     diff.add_argument("--json", action="store_true", help="print the differences as JSON")
     diff.add_argument("--quiet", action="store_true", help="no progress on stderr")
 
-    keygen = commands.add_parser("keygen", help="write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600)")
+    keygen = commands.add_parser("keygen", help="write a new Ed25519 checkpoint signing key (PKCS#8 PEM, mode 0600)",
+                                 epilog=env_help(database=False))
     keygen.add_argument("--out", type=Path, required=True, metavar="FILE", help="the key file (never overwritten)")
 
-    checkpoint = commands.add_parser("checkpoint", help="fetch the latest signed checkpoint, verify it, save it")
+    checkpoint = commands.add_parser("checkpoint", help="fetch the latest signed checkpoint, verify it, save it",
+                                     epilog=env_help(*SERVER_ENV, database=False))
     add_server_options(checkpoint)
     checkpoint.add_argument("--out", type=Path, required=True, metavar="FILE", help="write the checkpoint here")
     checkpoint.add_argument("--public-key", type=Path, metavar="KEY",
                             help="the pinned public key (default: fetched from the server and saved with it)")
 
-    consistency = commands.add_parser("consistency", help="check with the server's proof that NEW extends OLD")
+    consistency = commands.add_parser("consistency", help="check with the server's proof that NEW extends OLD",
+                                      epilog=env_help(*SERVER_ENV, database=False))
     consistency.add_argument("old", type=Path, metavar="OLD.json")
     consistency.add_argument("new", type=Path, metavar="NEW.json")
     add_server_options(consistency)

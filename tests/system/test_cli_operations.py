@@ -148,11 +148,16 @@ def test_migrate_status_shows_pending_applied_and_changed(fresh_database_url: st
 def test_every_subcommand_help_names_the_environment() -> None:
     helps = [["serve"], ["migrate"], ["keys"], ["keys", "create"], ["keys", "revoke"], ["projections"],
              ["projections", "status"], ["projections", "rebuild"], ["audit"], ["audit", "verify"],
-             ["audit", "export"], ["audit", "replay"], ["audit", "diff-projections"]]
-    for args, result in zip(helps, run_all([[*a, "--help"] for a in helps], {}), strict=True):
+             ["audit", "export"], ["audit", "replay"], ["audit", "diff-projections"], ["db", "roles"]]
+    offline = [["audit", "keygen"], ["audit", "checkpoint"], ["audit", "consistency"]]
+    results = run_all([[*a, "--help"] for a in [*helps, *offline]], {})
+    for args, result in zip([*helps, *offline], results, strict=True):
         assert result.returncode == 0, (args, result.stderr)
         text = " ".join(result.stdout.split())
-        assert "environment: DATABASE_URL" in text and "ENVIRONMENT, LOG_LEVEL, LOG_FORMAT" in text, (args, text)
+        assert "ENVIRONMENT, LOG_LEVEL, LOG_FORMAT" in text, (args, text)
+        assert ("environment: DATABASE_URL" in text) == (args not in offline), (args, text)
+    *_, checkpoint, consistency = results
+    assert "TALLY_URL, TALLY_API_KEY" in checkpoint.stdout and "TALLY_URL, TALLY_API_KEY" in consistency.stdout
 
 
 def test_production_refuses_to_start_without_database_url(tmp_path: Path) -> None:
@@ -170,14 +175,22 @@ def test_production_refuses_to_start_without_database_url(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []  # no embedded server was started
 
 
-def test_an_export_verifies_offline_even_in_production(tmp_path: Path) -> None:
+def test_the_offline_audit_commands_run_in_production_without_a_database(tmp_path: Path) -> None:
+    """An export file, a key file, or a server over HTTP: nothing for DATABASE_URL to name."""
     export = tmp_path / "empty.ndjson"
     export.write_bytes(b"")
-    result = tally("audit", "verify", "--export", str(export),
-                   env={"ENVIRONMENT": "production", "DATABASE_URL": None, "DATA_DIR": None}, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "OK: every hash chain verifies" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.ndjson"]
+    env: dict[str, str | None] = {"ENVIRONMENT": "production", "DATABASE_URL": None, "DATA_DIR": None,
+                                  "TALLY_URL": "http://127.0.0.1:9", "TALLY_API_KEY": None}
+    verified = tally("audit", "verify", "--export", str(export), env=env, cwd=tmp_path)
+    assert verified.returncode == 0, verified.stderr
+    assert "OK: every hash chain verifies" in verified.stdout
+    keygen = tally("audit", "keygen", "--out", "signing.pem", env=env, cwd=tmp_path)
+    assert keygen.returncode == 0, keygen.stderr
+    for args in (["checkpoint", "--out", "cp.json"], ["consistency", "old.json", "new.json"]):
+        result = tally("audit", *args, env=env, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "DATABASE_URL" not in result.stderr, (args, result.stderr)  # refused for its own reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.ndjson", "signing.pem"]  # no embedded server
 
 
 def test_log_format_auto_is_text_at_a_terminal_and_json_otherwise(fresh_database_url: str) -> None:
