@@ -19,7 +19,7 @@ from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
 from backend.http.endpoint import JSON, Header, endpoint
-from backend.http.integers import AsciiInt
+from backend.http.integers import ASCII_DIGITS_ONLY
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
 from backend.http.positions import check_within_log
@@ -40,8 +40,8 @@ again of the primary, which may know it already."""
 NDJSON = "application/x-ndjson"
 MAX_VERSION = 2**31 - 1
 
-Position = Annotated[AsciiInt, Field(ge=0, le=MAX_POSITION)]
-Limit = Annotated[AsciiInt, Field(ge=1, le=1000)]
+Position = Annotated[int, Field(ge=0, le=MAX_POSITION), ASCII_DIGITS_ONLY]
+Limit = Annotated[int, Field(ge=1, le=1000), ASCII_DIGITS_ONLY]
 StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
 
 RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
@@ -74,8 +74,9 @@ class LogQuery(Query):
 
 
 class StreamQuery(Query):
-    cursor: Annotated[AsciiInt, Field(ge=0, le=MAX_VERSION, description="next_cursor of the previous page: a "
-                                      "version, the page starts after it (default 0: the first event)")] = 0
+    cursor: Annotated[int, Field(ge=0, le=MAX_VERSION, description="next_cursor of the previous page: a "
+                                 "version, the page starts after it (default 0: the first event)"),
+                      ASCII_DIGITS_ONLY] = 0
     limit: Limit = 100
 
 
@@ -85,7 +86,7 @@ class ExportQuery(Query):
 
 
 class StateQuery(Query):
-    at_position: Annotated[AsciiInt, Field(ge=1, le=MAX_POSITION)] | None = None
+    at_position: Annotated[int, Field(ge=1, le=MAX_POSITION), ASCII_DIGITS_ONLY] | None = None
     as_of: Rfc3339 | None = None
 
 

@@ -3,7 +3,7 @@
 `str.isdigit()` and `int()` each accept more than a client should send, and not the same things:
 '²' passes isdigit and fails int (a 500 where a 400 was meant); other scripts' digits (U+FF11
 fullwidth one, U+0661 Arabic-Indic one), '+1', '1_000' and ' 1' pass int. Every numeric query
-parameter and header goes through parse_int (or, in a pydantic query model, AsciiInt): 1 to 19 ASCII
+parameter and header goes through parse_int (or, in a pydantic query model, ASCII_DIGITS_ONLY): 1 to 19 ASCII
 digits, no sign, no space, no separator, within the field's bounds, else 400 validation_error naming
 the field. Header values arrive without the optional whitespace around them (RFC 9110 section 5.5:
 it is not part of the value).
@@ -12,7 +12,6 @@ it is not part of the value).
 from __future__ import annotations
 
 import re
-from typing import Annotated
 
 from pydantic import BeforeValidator
 
@@ -43,5 +42,7 @@ def _ascii_only(value: object) -> object:
     return value
 
 
-AsciiInt = Annotated[int, BeforeValidator(_ascii_only)]
-"""An int field of a query model that refuses what parse_int refuses (add its bounds with Field)."""
+ASCII_DIGITS_ONLY = BeforeValidator(_ascii_only)
+"""Makes an int field of a query model refuse what parse_int refuses: `Annotated[int, Field(ge=.., le=..),
+ASCII_DIGITS_ONLY]`. It goes after the Field: a BeforeValidator wraps the annotations before it, and
+bounds given after it reach the OpenAPI document as pydantic's `ge`/`le`, which no client reads."""

@@ -123,6 +123,63 @@ async def test_the_document_is_public_and_valid_openapi_3_1(client: Client, doc:
     assert len({op["operationId"] for op in operations(doc).values()}) == len(operations(doc))
 
 
+SCHEMA_KEYWORDS = frozenset(Draft202012Validator.VALIDATORS) | {
+    "$schema", "$id", "$ref", "$defs", "$comment", "$anchor", "$dynamicAnchor", "title", "description",
+    "default", "examples", "deprecated", "readOnly", "writeOnly", "format", "contentMediaType", "contentSchema",
+    "contentEncoding", "discriminator", "example", "externalDocs", "xml"}
+"""JSON Schema 2020-12's keywords and OpenAPI 3.1's additions: a validator ignores any other key, so a
+bound written under another name (pydantic's `ge`) would hold on the server and nowhere else."""
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "dependentSchemas")
+SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+SUBSCHEMAS = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties")
+
+
+def schemas_in(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every schema object of the document and its subschemas, each with where it is."""
+    found: list[tuple[str, dict[str, Any]]] = []
+
+    def schema(where: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            return  # additionalProperties: false
+        found.append((where, value))
+        for key in SUBSCHEMA_MAPS:
+            for name, sub in value.get(key, {}).items():
+                schema(f"{where}.{key}.{name}", sub)
+        for key in SUBSCHEMA_LISTS:
+            for index, sub in enumerate(value.get(key, [])):
+                schema(f"{where}.{key}[{index}]", sub)
+        for key in SUBSCHEMAS:
+            schema(f"{where}.{key}", value.get(key))
+
+    def media(where: str, content: dict[str, Any]) -> None:
+        for media_type, body in content.items():
+            schema(f"{where}.{media_type}", body.get("schema"))
+
+    for name, value in doc["components"]["schemas"].items():
+        schema(f"components.{name}", value)
+    for (method, path), op in operations(doc).items():
+        for parameter in op.get("parameters", []):
+            schema(f"{method} {path} ?{parameter['name']}", parameter.get("schema"))
+            media(f"{method} {path} ?{parameter['name']}", parameter.get("content", {}))
+        media(f"{method} {path} body", op.get("requestBody", {}).get("content", {}))
+        for status, response in op.get("responses", {}).items():
+            media(f"{method} {path} {status}", response.get("content", {}))
+            for header, spec in response.get("headers", {}).items():
+                schema(f"{method} {path} {status} {header}", spec.get("schema"))
+    return found
+
+
+async def test_every_schema_says_its_constraints_in_json_schema_keywords(doc: dict[str, Any]) -> None:
+    found = schemas_in(doc)
+    assert any("minimum" in value for _, value in found)  # the walk reaches the parameters' bounds
+    unknown = {where: sorted(set(value) - SCHEMA_KEYWORDS) for where, value in found
+               if not set(value) <= SCHEMA_KEYWORDS}
+    assert unknown == {}
+    limit = next(p for p in operations(doc)["get", "/v1/events"]["parameters"] if p["name"] == "limit")
+    assert (limit["schema"]["minimum"], limit["schema"]["maximum"]) == (1, 1000)
+
+
 async def test_every_route_is_documented_and_every_operation_routed(
     client: Client, doc: dict[str, Any]
 ) -> None:
