@@ -8,8 +8,9 @@ with the reason at the first failure (with the traceback when it is not a databa
 is a bug), nothing while it keeps failing, one INFO once a run has lasted settle_s. CancelledError ends
 the job; a run that returns has finished it ("done").
 
-A job that has kept failing for stuck_after_s is "stuck" (health readiness reports it). stop() and
-close() never raise: a job's past failures are history, not a reason for a shutdown to fail.
+A job that requests depend on and that has kept failing for stuck_after_s is "stuck" (health
+readiness reports it). stop() and close() never raise: a job's past failures are history, not a reason
+for a shutdown to fail.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class TaskState:
     last_error: str | None = None
     failing_since: float | None = None
     """time.monotonic() of the first failure of the current outage."""
+    serves: bool = True
+    """Whether requests depend on it, so that it failing beyond stuck_after_s makes the process unready."""
 
     def report(self) -> dict[str, object]:
         return {"state": self.state, "restarts": self.restarts,
@@ -80,8 +83,10 @@ class Supervisor:
         """By name; a name spawned again (a component restarted) keeps its counts."""
         self._spawned: set[Supervised] = set()
 
-    def spawn(self, name: str, job: Job) -> Supervised:
-        state = self.tasks.setdefault(name, TaskState(name))
+    def spawn(self, name: str, job: Job, *, serves: bool = True) -> Supervised:
+        """Run job until stopped. serves=False for a job whose failure leaves every request answered as
+        it should be (the Merkle folder): reported and counted, never stuck."""
+        state = self.tasks.setdefault(name, TaskState(name, serves=serves))
         state.state = RUNNING if not state.consecutive_failures else FAILING
         handle = Supervised(state, asyncio.create_task(self._supervise(state, job), name=name))
         self._spawned.add(handle)
@@ -104,10 +109,10 @@ class Supervisor:
         return {name: state.report() for name, state in sorted(self.tasks.items())}
 
     def stuck(self) -> list[str]:
-        """Jobs failing without a break for more than stuck_after_s."""
+        """Jobs that requests depend on, failing without a break for more than stuck_after_s."""
         now = time.monotonic()
-        return [name for name, state in sorted(self.tasks.items())
-                if state.failing_since is not None and now - state.failing_since > self.stuck_after_s]
+        return [name for name, state in sorted(self.tasks.items()) if state.serves
+                and state.failing_since is not None and now - state.failing_since > self.stuck_after_s]
 
     def delay(self, failures: int) -> float:
         return float(min(self.max_delay_s, self.min_delay_s * 2 ** max(0, failures - 1)))

@@ -16,7 +16,6 @@ database (tree_store.fold).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ import asyncpg
 
 from backend.audit import tree_store
 from backend.audit.signing import Signer
-from backend.db import UNAVAILABLE_ERRORS, describe
 from backend.store.listener import Listener
 from projections import leader
 from projections.leader import Connect
@@ -35,10 +33,11 @@ log = logging.getLogger(__name__)
 LEADER = 0x7A11_0007
 """Advisory lock namespace of "folds the Merkle tree" (0x7A11_0005 and _0006 are the projections')."""
 NAME = "merkle"
+TASK = "merkle-folder"
+"""Its name among the process's supervised tasks (/health/ready, tally_background_task_restarts_total)."""
 FOLD_INTERVAL_S = 1.0
 """The shortest time between two folds that keep up with the head (the tree lags it by about that; a
 checkpoint asked for over HTTP folds up to the head itself)."""
-RETRY_ERRORS: tuple[type[BaseException], ...] = (*UNAVAILABLE_ERRORS, asyncpg.PostgresError)
 
 
 @dataclass(eq=False)
@@ -49,40 +48,22 @@ class Folder:
     checkpoint_s: float = field(kw_only=True)
     batch_size: int = field(kw_only=True)
     standby_retry_s: float = field(default=1.0, kw_only=True)
-    max_backoff_s: float = field(default=30.0, kw_only=True)
     fold_interval_s: float = field(default=FOLD_INTERVAL_S, kw_only=True)
     leading: bool = field(default=False, init=False)
     size: int = field(default=0, init=False)
     signed: int = field(default=0, init=False)
-    _task: asyncio.Task[None] | None = field(default=None, init=False)
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="merkle-folder")
+    async def run(self) -> None:
+        """One connection's lifetime: connect, win the lock (or stand by), lead until cancelled.
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        """Lead whenever the lock is ours; after an outage or a failure, again with backoff."""
-        backoff = 0.1
-        while True:
+        Whatever ends it early (an outage, a bug, a broken log) is raised, for the process's
+        Supervisor to log, count and start another run with backoff, as it does for the projection
+        runners; the connection, and with it the lead, goes at once."""
+        async with leader.leading(self.connect, f"tally-{TASK}", LEADER, NAME, self.standby_retry_s) as conn:
             try:
-                async with leader.leading(self.connect, "tally-merkle-folder", LEADER, NAME,
-                                          self.standby_retry_s) as conn:
-                    try:
-                        await self._lead(conn)
-                    finally:
-                        self.leading = False
-            except RETRY_ERRORS as exc:
-                log.warning("merkle folder paused", extra={"reason": describe(exc), "retry_s": backoff})
-            except Exception:  # a bug or a broken log: say so and retry, never stop folding for good
-                log.exception("merkle folder failed", extra={"retry_s": backoff})
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.max_backoff_s)
+                await self._lead(conn)
+            finally:
+                self.leading = False
 
     async def _lead(self, conn: asyncpg.Connection[asyncpg.Record]) -> None:
         self.leading = True

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from backend.appkeys import AUDIT_FOLDER, AUDIT_SIGNER, DATABASE_DSN, LISTENER, METRICS, SETTINGS
-from backend.audit.folder import Folder
+from backend.appkeys import AUDIT_FOLDER, AUDIT_SIGNER, DATABASE_DSN, LISTENER, METRICS, SETTINGS, SUPERVISOR
+from backend.audit.folder import TASK, Folder
 from backend.audit.signing import Signer
 from projections.service import connector
 
@@ -29,9 +29,8 @@ async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
                   lambda: folder.size if folder.leading else 0)
     metrics.counter("tally_audit_checkpoints_signed_total", "Checkpoints this process's folder has signed",
                     lambda: folder.signed)
-    if settings.run_audit_folder:
-        folder.start()
+    job = app[SUPERVISOR].spawn(TASK, folder.run, serves=False) if settings.run_audit_folder else None
     try:
         yield
     finally:
-        await folder.stop()
+        await app[SUPERVISOR].stop(job)

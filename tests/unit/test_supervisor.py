@@ -145,7 +145,9 @@ async def test_a_job_failing_beyond_stuck_after_is_stuck_until_it_recovers() -> 
         await asyncio.Event().wait()
 
     supervisor.spawn("tail", job)
+    supervisor.spawn("folder", job, serves=False)
     await eventually(lambda: supervisor.stuck() == ["tail"])
+    assert supervisor.report()["folder"]["state"] == FAILING  # reported, but requests do not need it
     report = supervisor.report()["tail"]
     assert report["state"] == FAILING
     assert isinstance(report["consecutive_failures"], int) and report["consecutive_failures"] >= 2

@@ -12,10 +12,11 @@ import asyncpg
 import pytest
 
 from backend.audit import tree_store
-from backend.audit.folder import Folder
+from backend.audit.folder import TASK, Folder
 from backend.audit.merkle import MemoryTree, leaf_hash
 from backend.audit.signing import Checkpoint, Signer, keygen
 from backend.store.listener import Listener
+from backend.supervisor import Supervisor
 from projections.service import connector
 from tests.conftest import make_settings
 from tests.integration.audit.support import fill_log
@@ -39,9 +40,9 @@ async def test_one_folder_leads_and_another_takes_over(own_database_url: str, ow
     await listener.start()
     folders = [Folder(connector(own_database_url, settings, durable_commits=False), listener, signer=None,
                       checkpoint_s=60, batch_size=7, standby_retry_s=0.1) for _ in range(2)]
+    supervisor = Supervisor()
+    jobs = {folder: supervisor.spawn(f"{TASK}-{n}", folder.run, serves=False) for n, folder in enumerate(folders)}
     try:
-        for folder in folders:
-            folder.start()
         await eventually(lambda: any(f.leading for f in folders), what="a leader")
         await asyncio.sleep(0.3)  # the other has tried (and failed) to take the lock meanwhile
         assert sum(f.leading for f in folders) == 1
@@ -56,7 +57,7 @@ async def test_one_folder_leads_and_another_takes_over(own_database_url: str, ow
         await eventually(lambda: folded(log.events), what="the leader to fold the log")
         assert await stored_tree_is_the_log(own_pool) == log.events
 
-        await leader.stop()
+        await supervisor.stop(jobs[leader])
         await eventually(lambda: other.leading, what="the other to take over")
         more = await fill_log(own_pool, streams=3, versions=3, seed=2)
         async with own_pool.acquire() as conn:  # an on-demand fold racing the new leader
@@ -64,8 +65,40 @@ async def test_one_folder_leads_and_another_takes_over(own_database_url: str, ow
         await eventually(lambda: folded(log.events + more.events), what="the new leader to fold the rest")
         assert await stored_tree_is_the_log(own_pool) == log.events + more.events
     finally:
-        for folder in folders:
-            await folder.stop()
+        await supervisor.close()
+        await listener.close()
+
+
+async def test_a_folder_that_loses_its_connection_is_restarted_and_leads_again(
+        own_database_url: str, own_pool: asyncpg.Pool) -> None:
+    """Under the process's Supervisor, as serve runs it: a restart it counts, with its short backoff."""
+    listener = Listener(own_database_url, poll_interval_s=0.2)
+    await listener.start()
+    folder = Folder(connector(own_database_url, make_settings(own_database_url), durable_commits=False), listener,
+                    signer=None, checkpoint_s=60, batch_size=50, standby_retry_s=0.1, fold_interval_s=0.05)
+    supervisor = Supervisor(min_delay_s=0.05, settle_s=0.2)
+    supervisor.spawn(TASK, folder.run, serves=False)
+    try:
+        first = await fill_log(own_pool, streams=2, versions=2)
+        await eventually(lambda: folder.leading, what="the folder to lead")
+        for outage in (1, 2):  # the second comes after the first has settled: its backoff starts short again
+            killed = await own_pool.fetchval(
+                "select count(pg_terminate_backend(pid)) from pg_stat_activity where application_name = $1 "
+                "and datname = current_database() and state is not null", f"tally-{TASK}")
+            assert killed >= 1
+            await eventually(lambda: supervisor.restarts()[TASK] == outage, what="the supervisor to restart it")
+            await eventually(lambda: supervisor.tasks[TASK].consecutive_failures == 0 and folder.leading,
+                             what="the folder to lead again")
+        more = await fill_log(own_pool, streams=2, versions=2, seed=2)
+
+        async def folded() -> bool:
+            return await tree_store.tree_size(own_pool) == first.events + more.events
+
+        await eventually(folded, what="the restarted folder to fold the rest")
+        assert supervisor.restarts() == {TASK: 2}
+        assert supervisor.stuck() == []
+    finally:
+        await supervisor.close()
         await listener.close()
 
 
@@ -134,15 +167,15 @@ async def test_checkpoints_are_signed_on_time_while_the_folder_catches_up(own_da
     await listener.start()
     folder = Folder(connector(own_database_url, make_settings(own_database_url), durable_commits=False), listener,
                     signer=signer, checkpoint_s=0.001, batch_size=1)
+    supervisor = Supervisor()
+    supervisor.spawn(TASK, folder.run, serves=False)
     try:
-        folder.start()
-
         async def signed_twice() -> bool:
             return len(await tree_store.checkpoints(own_pool, None, 10)) >= 2
 
         await eventually(signed_twice, what="two checkpoints")
     finally:
-        await folder.stop()
+        await supervisor.close()
         await listener.close()
     oldest = (await tree_store.checkpoints(own_pool, None, 100))[-1]
     assert oldest["tree_size"] == 1, "the first is signed after the first batch, not once the log is folded"
