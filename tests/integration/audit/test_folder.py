@@ -4,6 +4,7 @@ fold racing the leader folds every batch once; the stored tree is the RFC tree o
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from pathlib import Path
@@ -78,6 +79,10 @@ async def test_a_folder_that_loses_its_connection_is_restarted_and_leads_again(
                     signer=None, checkpoint_s=60, batch_size=50, standby_retry_s=0.1, fold_interval_s=0.05)
     supervisor = Supervisor(min_delay_s=0.05, settle_s=0.2)
     supervisor.spawn(TASK, folder.run, serves=False)
+
+    def restarted(times: int) -> bool:
+        return supervisor.restarts()[TASK] == times
+
     try:
         first = await fill_log(own_pool, streams=2, versions=2)
         await eventually(lambda: folder.leading, what="the folder to lead")
@@ -86,7 +91,7 @@ async def test_a_folder_that_loses_its_connection_is_restarted_and_leads_again(
                 "select count(pg_terminate_backend(pid)) from pg_stat_activity where application_name = $1 "
                 "and datname = current_database() and state is not null", f"tally-{TASK}")
             assert killed >= 1
-            await eventually(lambda: supervisor.restarts()[TASK] == outage, what="the supervisor to restart it")
+            await eventually(functools.partial(restarted, outage), what="the supervisor to restart it")
             await eventually(lambda: supervisor.tasks[TASK].consecutive_failures == 0 and folder.leading,
                              what="the folder to lead again")
         more = await fill_log(own_pool, streams=2, versions=2, seed=2)
