@@ -298,9 +298,12 @@ def print_report(report: Report, as_json: bool) -> None:
     print(f"breaks:          {report.break_count}" + (" (first shown)" if report.break_count > len(report.breaks)
                                                        else ""))
     for found in report.breaks:
-        print(f"  {found.kind}: stream {found.stream_id} version {found.version} position {found.position}"
-              f" expected {found.expected} found {found.found}")
+        of_stream = f" stream {found.stream_id} version {found.version}" if found.stream_id is not None else ""
+        print(f"  {found.kind}:{of_stream} position {found.position} expected {found.expected} found {found.found}")
     print("OK: every hash chain verifies" if report.ok else "FAILED: the log does not match its hash chains")
+    if report.source == "export" and not report.partial and (report.first_position or 1) > 1:
+        print(f"(the export starts at position {report.first_position}: if it was made with --after, "
+              "verify it with --partial)")
 
 
 # ---------------------------------------------------------------- export

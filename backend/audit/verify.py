@@ -148,12 +148,10 @@ class ChainVerifier:
             self.report.breaks.append(ChainBreak(kind, stream_id, version, position, expected, found))
 
     def _start(self, first_position: int) -> None:
+        """The whole log starts at position 1: check() flags the positions missing before the first, once."""
         report = self.report
         report.first_position = first_position
-        report.last_position = first_position - 1
-        if self.contiguous and not report.partial and first_position != 1:
-            self._break("missing_position", None, None, 1, 1, first_position)
-            report.last_position = 0
+        report.last_position = 0 if self.contiguous and not report.partial else first_position - 1
 
     def check(self, rows: Batch) -> None:
         """Verify a batch; the hot loop, so everything it touches is bound to a local first."""

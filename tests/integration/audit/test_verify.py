@@ -180,7 +180,9 @@ async def test_a_ranged_export_verifies_as_partial(own_pool: asyncpg.Pool, tmp_p
     path = await export_file(own_pool, tmp_path / "tail.ndjson", after=5)
     partial = await verify_path(path, partial=True)
     assert partial.ok and partial.events_checked == 7 and partial.first_position == 6
-    assert breaks(await verify_path(path))[0] == ("missing_position", None, None, 1)
+    whole = breaks(await verify_path(path))
+    assert whole[0] == ("missing_position", None, None, 1)
+    assert [b[0] for b in whole].count("missing_position") == 1, "one gap before the first position, one break"
 
 
 async def test_a_malformed_export_line_is_named(tmp_path: Path) -> None:
