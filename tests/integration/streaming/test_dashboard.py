@@ -193,6 +193,41 @@ async def test_a_credit_shows_in_major_units_within_a_second_and_no_key_leaks(
         watched.console
 
 
+async def test_a_deposit_shows_in_its_currency_whether_the_feed_saw_it_opened_or_not(
+        aiohttp_client: AiohttpClient, own_database_url: str, browser: Any) -> None:
+    """A deposit's events carry no currency of their own: the feed learns it from the deposit's first
+    event when that is in the feed, else asks GET /v1/deposits/{id}."""
+    client = await aiohttp_client(create_app(make_settings(own_database_url, sse_shutdown_window_s=0.2)))
+    admin = await mint_token(client.app, "operator", ["admin"])
+    viewer = await mint_token(client.app, "ana", ["wallets:read", "audit:read"])  # audit:read: every stream
+    eur = (await post(client, admin, "/v1/wallets", {"owner": "ana", "currency": "EUR"}))["wallet_id"]
+    early = (await post(client, admin, "/v1/deposits", {"wallet_id": eur, "currency": "EUR"}))["deposit_id"]
+    for n in range(60):  # the feed starts 50 events before the head: the early deposit's opening is out of it
+        await post(client, admin, f"/v1/wallets/{eur}/credits", {"amount": 1, "reference": f"fill-{n}"})
+
+    from playwright.async_api import expect
+
+    watched = await open_dashboard(browser, api_of(client), viewer)
+    page = watched.page
+    await expect(page.locator("#status")).to_have_text("Live", timeout=10_000)
+    late = (await post(client, admin, "/v1/deposits", {"wallet_id": eur, "currency": "EUR"}))["deposit_id"]
+    for deposit, amount in ((early, 5000), (late, 1234)):
+        await post(client, admin, f"/v1/deposits/{deposit}/status", {"status": "confirming", "confirmations": 1})
+        await post(client, admin, f"/v1/deposits/{deposit}/status",
+                   {"status": "confirmed", "confirmations": 6, "amount": amount, "chain_tx_id": f"tx-{deposit}"})
+    feed = page.locator("#feed-body")
+    await expect(feed).to_contain_text("DepositConfirmed", timeout=5_000)
+    await page.locator("#feed-type").select_option("DepositConfirmed")
+    rows = feed.locator("tr")
+    await expect(rows).to_have_count(2)
+    await expect(rows.nth(0)).to_contain_text(f"deposit-{late}")
+    await expect(rows.nth(0)).to_contain_text("12.34 EUR")
+    await expect(rows.nth(1)).to_contain_text(f"deposit-{early}")
+    await expect(rows.nth(1)).to_contain_text("50.00 EUR", timeout=5_000)  # once the lookup has answered
+    await expect(feed).not_to_contain_text("minor units")
+    await assert_key_kept_secret(watched, viewer)
+
+
 async def test_the_dashboard_survives_a_server_restart(database_url: str, browser: Any, tmp_path: Path) -> None:
     key = await asyncio.to_thread(create_key, database_url)
     server = Process.serve("dashboard", database_url, SSE_RETRY_MS="500", SHUTDOWN_TIMEOUT_S="3",

@@ -356,21 +356,25 @@
     }
   }
 
-  // ---------------------------------------------------------------- wallet currencies (for amounts)
-  const currencies = new Map(); // wallet id -> currency, or a promise of it
+  // ---------------------------------------------------------------- currencies of streams (for amounts)
+  const currencies = new Map(); // stream id -> currency, or a promise of it
 
-  function walletIdOf(streamId) {
-    return streamId.startsWith("wallet-") ? streamId.slice("wallet-".length) : null;
+  function resourceOf(streamId) { // what the API answers a stream's currency with, if anything
+    for (const [prefix, path] of [["wallet-", "/v1/wallets/"], ["deposit-", "/v1/deposits/"]]) {
+      if (streamId.startsWith(prefix)) return path + encodeURIComponent(streamId.slice(prefix.length));
+    }
+    return null;
   }
 
-  function currencyOf(walletId) {
-    const known = currencies.get(walletId);
+  function currencyOf(streamId) {
+    const known = currencies.get(streamId);
     if (typeof known === "string") return known;
-    if (!known && session) {
-      const lookup = session.api("/v1/wallets/" + encodeURIComponent(walletId))
-        .then((w) => { currencies.set(walletId, w.currency); renderFeed(); })
-        .catch(() => currencies.set(walletId, "?"));
-      currencies.set(walletId, lookup);
+    const resource = resourceOf(streamId);
+    if (!known && session && resource) {
+      const lookup = session.api(resource)
+        .then((found) => { currencies.set(streamId, found.currency); renderFeed(); })
+        .catch(() => currencies.set(streamId, "?"));
+      currencies.set(streamId, lookup);
     }
     return null;
   }
@@ -394,8 +398,8 @@
 
   function onEvent(event) {
     if (!event.type) return; // an id-only checkpoint
-    if (event.type === "WalletOpened" && event.data && event.data.currency) {
-      currencies.set(walletIdOf(event.stream_id), event.data.currency);
+    if (event.data && typeof event.data.currency === "string") { // a wallet's or a deposit's first event
+      currencies.set(event.stream_id, event.data.currency);
     }
     feed.push(event);
     if (feed.length > FEED_KEEP) feed = feed.slice(feed.length - FEED_KEEP);
@@ -437,8 +441,7 @@
   function amountOf(event) {
     const data = event.data || {};
     if (data.amount === undefined || data.amount === null) return "";
-    const walletId = walletIdOf(event.stream_id);
-    const currency = data.currency || (walletId && currencyOf(walletId));
+    const currency = data.currency || currencyOf(event.stream_id);
     return currency && currency !== "?" ? formatMoney(data.amount, currency) + " " + currency : String(data.amount) + " (minor units)";
   }
 
@@ -458,7 +461,7 @@
       view.replaceChildren(el("span", { class: "error-text" }, error.message));
       return;
     }
-    currencies.set(wallet.wallet_id, wallet.currency);
+    currencies.set("wallet-" + wallet.wallet_id, wallet.currency);
     const figure = (name, label) => el("div", { class: "figure", id: "wallet-" + name },
       el("div", { class: "label" }, label), el("div", { class: "value" }, ""));
     view.className = "";
