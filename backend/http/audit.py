@@ -18,7 +18,7 @@ from backend.db import Connection
 from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
-from backend.http.endpoint import JSON, Header, endpoint
+from backend.http.endpoint import JSON, Header, endpoint, refuse_unknown_parameters
 from backend.http.integers import ASCII_DIGITS_ONLY
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
@@ -98,7 +98,9 @@ M = TypeVar("M", bound=Query)
 
 
 def query(request: web.Request, model: type[M]) -> M:
-    """The query string as `model`; an empty value counts as absent, a repeated parameter is an error."""
+    """The query string as `model`; an empty value counts as absent, a repeated parameter is an error,
+    and one the model does not take is named alone, before any missing one."""
+    refuse_unknown_parameters(request, frozenset(model.model_fields))
     values: dict[str, str] = {}
     for name, value in request.query.items():
         if name in values:

@@ -4,7 +4,7 @@ Hashes are lowercase hex, signatures base64."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import Field
@@ -14,16 +14,17 @@ from backend.audit import tree_store
 from backend.audit.signing import public_pem, raw_public
 from backend.audit.verify import head
 from backend.domain.api_key import ADMIN
-from backend.http import audit, replies
-from backend.http.audit import SCOPE, Query
-from backend.http.endpoint import JSON, endpoint, refuse_unknown_parameters
+from backend.http import replies
+from backend.http.audit import SCOPE, Limit, Query, query
+from backend.http.endpoint import JSON, endpoint
+from backend.http.integers import ASCII_DIGITS_ONLY
 from backend.http.problems import Problem, invalid_parameters
 from backend.store.events import MAX_POSITION
 
 routes = web.RouteTableDef()
 
 Hex32 = Annotated[str, Field(pattern="^[0-9a-f]{64}$")]
-Size = Annotated[int, Field(ge=1, le=MAX_POSITION)]
+Size = Annotated[int, Field(ge=1, le=MAX_POSITION), ASCII_DIGITS_ONLY]
 MAX_CATCH_UP_BATCHES = 20
 """A request folds at most this many batches itself; far behind, it signs what the folder has reached."""
 NOT_CONFIGURED = "signing_not_configured"
@@ -90,17 +91,9 @@ class ConsistencyQuery(Query):
 
 class CheckpointsQuery(Query):
     cursor: Annotated[int, Field(ge=1, le=2**63 - 1, description="next_cursor of the previous page: the "
-                                 "page holds checkpoints older than it (default: from the newest)")] | None = None
-    limit: Annotated[int, Field(ge=1, le=1000)] = 100
-
-
-M = TypeVar("M", bound=Query)
-
-
-def query(request: web.Request, model: type[M]) -> M:
-    """audit.query, after naming any parameter the model does not take (alone, before a missing one)."""
-    refuse_unknown_parameters(request, frozenset(model.model_fields))
-    return audit.query(request, model)
+                                 "page holds checkpoints older than it (default: from the newest)"),
+                      ASCII_DIGITS_ONLY] | None = None
+    limit: Limit = 100
 
 
 def reply(model: type[replies.Reply], body: dict[str, Any], status: int = 200) -> web.Response:

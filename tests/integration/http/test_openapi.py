@@ -248,7 +248,8 @@ async def test_every_operation_refuses_a_query_parameter_it_does_not_document(
             continue
         problem = orjson.loads(answer)
         assert (response.status, problem["code"]) == (400, "validation_error"), (method, path, answer)
-        assert [error["field"] for error in problem["errors"]] == ["nonesuch"], (method, path, answer)
+        assert problem["errors"] == [{"field": "nonesuch", "message": "this endpoint takes no such query parameter"}], \
+            (method, path, answer)  # the same words everywhere
 
 
 async def test_request_schemas_are_the_validating_models(doc: dict[str, Any]) -> None:
