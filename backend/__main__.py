@@ -21,6 +21,11 @@ from backend.server.workers import WorkerPlace
 log = logging.getLogger("backend")
 
 
+def add_wait_for_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--wait-for-db", type=float, metavar="SECONDS",
+                        help="retry the database with backoff for this long instead of failing at once")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tally", description="Tally wallet and credit ledger")
     parser.add_argument("--version", action=VersionAction, help="print the version (and git commit) and exit")
@@ -35,13 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="server processes on the one port (default: WORKERS or 1)")
     serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # index of one of --workers N
     serve.add_argument("--shared-limits", type=Path, help=argparse.SUPPRESS)  # the parent's limits table
-    serve.add_argument("--wait-for-db", type=float, metavar="SECONDS",
-                       help="retry the database with backoff for this long instead of failing at once")
+    add_wait_for_db(serve)
 
     migrate = commands.add_parser("migrate", help="apply pending database migrations and exit",
                                   epilog=env_help() + ". Exit status 2: database unreachable; with --status, "
                                   "1: migrations pending or changed")
-    migrate.add_argument("--wait-for-db", type=float, metavar="SECONDS")
+    add_wait_for_db(migrate)
     migrate.add_argument("--status", action="store_true",
                          help="show applied, pending and changed migrations; apply nothing")
 

@@ -67,7 +67,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     action = roles.add_mutually_exclusive_group(required=True)
     action.add_argument("--print", action="store_true", dest="print_sql", help="print the SQL (for psql) and exit")
     action.add_argument("--apply", action="store_true",
-                        help="run the SQL on DATABASE_URL's database, connected as a superuser")
+                        help="run the SQL on the database, connected as a superuser (DIRECT_DATABASE_URL if set, "
+                             "else DATABASE_URL)")
     roles.add_argument("--owner-role", default=os.environ.get(OWNER_ENV, "tally_owner"),
                        help=f"owns the schema and runs migrations (default: {OWNER_ENV} or tally_owner)")
     roles.add_argument("--app-role", default=os.environ.get(APP_ENV, "tally_app"),
