@@ -46,7 +46,11 @@ def load(module_name: str) -> Benchmark:
     scripts = str(Path(__file__).resolve().parent)
     if scripts not in sys.path:
         sys.path.insert(0, scripts)
-    module: ModuleType = importlib.import_module(module_name)
+    try:
+        module: ModuleType = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:  # psycopg, eventsourcing[postgres]: the peers some benches compare with
+        sys.exit(f"bench.py: {exc.name} is missing: install the bench extra "
+                 "(pip install -c constraints.txt -e '.[bench]'; ./scripts/test installs it)")
     return cast(Benchmark, module)
 
 
