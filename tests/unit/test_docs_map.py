@@ -69,3 +69,17 @@ def test_a_renamed_function_would_be_caught() -> None:
     assert module.__name__ == "backend.store.append"
     assert rest == ["AppendBatcher", "no_such_method"]
     assert not hasattr(module.AppendBatcher, "no_such_method")
+
+
+def test_every_package_and_top_level_module_is_on_the_map() -> None:
+    """A new package, or a new module beside the packages, gets a place in the map (a package counts as
+    placed when the map names it or anything in it)."""
+    named = {path.rstrip("/").removesuffix(".py") for path in cited(PATH)}
+    named |= {name.replace(".", "/") for name in cited(DOTTED)}
+    wanted = [child for top in ("backend", "projections") for child in sorted((ROOT / top).iterdir())
+              if (child / "__init__.py").is_file() or (top == "backend" and child.suffix == ".py"
+                                                       and child.name != "__init__.py")]
+    stems = [str(child.relative_to(ROOT).with_suffix("")) for child in wanted]
+    assert len(stems) > 20 and "backend/server" in stems
+    missing = [stem for stem in stems if stem not in named and not any(n.startswith(stem + "/") for n in named)]
+    assert not missing, f"docs/ARCHITECTURE.md does not name: {missing}"
