@@ -6,7 +6,7 @@ time with a mix of 60 % debit/credit, 20 % reserve then confirm or rollback, 20 
 POST carries a unique Idempotency-Key, as a careful payment client's would. Wallets are seeded with
 large balances so that no command is refused for want of funds: any non-2xx answer counts as an error.
 With wrk, every round of Tally is followed by a round of a bare aiohttp handler (bench_http_bare.py) under
-the same settings: the issue's scale reference, measured on this machine at this moment.
+the same settings: the scale reference, measured on this machine at this moment.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ else the machine is doing (docs/PERFORMANCE.md says how nearly). The server (`py
 serve`) runs under callgrind with instrumentation off; after seeding and a warm-up, it is switched on
 for N commands of `bench.py http`'s mix (from a Python client in this process, C connections),
 then off. The same is done for the bare aiohttp handler of `bench.py http` (one small JSON request
-each), the issue's scale reference: Tally's instructions per command over the bare handler's per
+each), the scale reference: Tally's instructions per command over the bare handler's per
 request is the deterministic twin of `http`'s "commands/s as a share of the bare handler's".
 
 Counts are user-space instructions of the server process only (not the kernel's, not PostgreSQL's),

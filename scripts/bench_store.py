@@ -508,7 +508,7 @@ def format_table(medians: list[Sample], samples: list[Sample]) -> str:
 
 
 def format_targets(medians: list[Sample]) -> list[str]:
-    """The issue's targets, where the run measured what they compare."""
+    """The store's targets (docs/PERFORMANCE.md), where the run measured what they compare."""
     by_key = {(s.impl, s.clients): s for s in medians}
     lines = []
     top = max(s.clients for s in medians)
