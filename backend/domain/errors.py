@@ -144,7 +144,10 @@ def require_utc(value: object, field: str = "now") -> datetime:
     """A tz-aware datetime, normalised to UTC (naive times are ambiguous, so rejected)."""
     if not isinstance(value, datetime) or value.utcoffset() is None:
         raise ValidationError(f"{field} must be a timezone-aware datetime", field=field)
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 9999-12-31T23:59:59-14:00: past the last datetime once in UTC
+        raise ValidationError(f"{field} must fall between years 1 and 9999 in UTC", field=field) from None
 
 
 def require_uuid(value: object, field: str) -> UUID:

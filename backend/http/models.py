@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 from uuid import UUID
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
@@ -119,7 +120,16 @@ def _rfc3339_string(value: object) -> object:
     return value
 
 
-Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), Field(strict=False)]
+def _in_utc(value: datetime) -> datetime:
+    """The time in UTC. Python's datetimes end at years 1 and 9999 in their own offset, so
+    9999-12-31T23:59:59-14:00 has no UTC equivalent: refused here, not a 500 further on."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must fall between 0001-01-01 and 9999-12-31 in UTC") from None
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_string), Field(strict=False), AfterValidator(_in_utc)]
 # The scopes of backend.domain.api_key.SCOPES (a test keeps the two equal).
 Scope = Literal["wallets:read", "wallets:write", "deposits:write", "deposits:admin", "audit:read", "admin"]
 

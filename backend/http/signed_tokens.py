@@ -44,6 +44,8 @@ class StreamTokens:
 
     def verify(self, token: str, now: float | None = None) -> UUID | None:
         """The key id a genuine, unexpired token was issued for; None for anything else."""
+        if not token.isascii():  # else '²' passes isdigit() and fails int(), and compare_digest() raises
+            return None
         parts = token.removeprefix(PREFIX).split("_", 2)  # the MAC (base64url) may hold "_"
         if not token.startswith(PREFIX) or len(parts) != 3 or not parts[1].isdigit() or len(parts[1]) > 12:
             return None

@@ -530,6 +530,8 @@ def test_event_methods_do_not_validate_on_replay() -> None:
 
 def test_errors_module_exports_helpers() -> None:
     assert errors.require_utc(T0) == T0
+    with pytest.raises(errors.ValidationError, match="years 1 and 9999"):  # no UTC equivalent
+        errors.require_utc(datetime(9999, 12, 31, 23, 59, tzinfo=timezone(timedelta(hours=-14))), "expires_at")
     with pytest.raises(errors.ValidationError):
         errors.require_count(-1, "confirmations")
     with pytest.raises(errors.ValidationError):

@@ -166,6 +166,8 @@ async def test_malformed_parameters_and_headers_are_400_listing_the_field(client
         ("GET", "/v1/wallets", {"cursor": "nope"}, {}, "cursor"),
         ("GET", "/v1/events", {"after": "-1"}, {}, "after"),
         ("GET", "/v1/events", {"from_time": "1700000000"}, {}, "from_time"),
+        ("GET", "/v1/events", {"from_time": "9999-12-31T23:59:59-14:00"}, {}, "from_time"),  # no UTC equivalent
+        ("GET", "/v1/events", {"to_time": "0001-01-01T00:00:00+14:00"}, {}, "to_time"),
         ("GET", f"{wallet_url}/state", {"as_of": "2999-01-01T00:00:00Z"}, {}, "as_of"),
         ("GET", "/v1/streams/events", {"types": ","}, {}, "types"),
         ("GET", "/v1/streams/events", {}, {"Last-Event-ID": "x"}, "Last-Event-ID"),

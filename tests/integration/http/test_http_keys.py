@@ -153,6 +153,10 @@ async def test_created_key_works_and_expires_at_is_kept(client: Client, admin_to
     made_by_new_key = await call(client, "POST", "/v1/api-keys", created["secret"], status=201,
                                  body=new_key_body("dave"))
     assert made_by_new_key["owner"] == "dave"
+    for beyond in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+14:00"):  # no UTC equivalent: 422, not 500
+        problem = await call(client, "POST", "/v1/api-keys", admin_token, status=422,
+                             body=new_key_body("erin", expires_at=beyond))
+        assert problem["errors"][0]["field"] == "expires_at", problem
 
 
 async def test_secret_is_not_replayed_for_an_idempotency_key(client: Client, admin_token: str) -> None:

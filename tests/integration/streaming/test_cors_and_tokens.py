@@ -109,9 +109,12 @@ async def test_stream_tokens_expire_are_signed_and_die_with_their_key(make_clien
     expired, _ = tokens.issue(key_id, now=time.time() - 120)
     forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
     other_secret, _ = StreamTokens(b"another process's secret", 60).issue(key_id)
-    for bad in (expired, forged, other_secret, "tst_nope", f"tst_{key_id.hex}_99999999999_x"):
+    not_ascii = (f"tst_{key_id.hex}_\u00b2_{token.rsplit('_', 1)[1]}", token[:-1] + "\u00e9")
+    for bad in (expired, forged, other_secret, "tst_nope", f"tst_{key_id.hex}_99999999999_x", *not_ascii):
         sse = await connect(client, "/v1/streams/events", access_token=bad)
         assert (sse.status, (await sse.response.json())["code"]) == (401, "unauthorized"), bad
+        read = await client.get("/v1/wallets", headers={"Authorization": f"Bearer {bad}"})
+        assert (read.status, (await read.json(content_type=None))["code"]) == (401, "unauthorized"), bad
     # every process with the same settings verifies it (stateless, shared secret)
     assert StreamTokens.from_settings(client.app[SETTINGS]).verify(token) == key_id
     revoked = await client.delete(f"/v1/api-keys/{key_id}", headers=bearer(admin))
