@@ -18,6 +18,7 @@ from backend.commands.errors import CommandError
 from backend.commands.outcome import Outcome, Refusal
 from backend.domain.errors import DomainError
 from backend.http.auth import ACTOR
+from backend.http.bodies import read_body
 from backend.http.endpoint import ENDPOINT, JSON, reply_model
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, VALID_ID
@@ -142,7 +143,7 @@ async def run_command(request: web.Request, command: Command) -> web.Response:
     request_id = request.get(REQUEST_ID)
     app = request.app
     ctx = CommandContext(request[ACTOR], request_id, correlation_id(request) or request_id, app[CLOCK].now())
-    idem = idempotency_key(request, await request.read())
+    idem = idempotency_key(request, await read_body(request))
     try:
         answer = Answer(reply_model(request))
         outcome = await app[COMMANDS].run(ctx, command, idem, answer.check)

@@ -25,8 +25,11 @@ class Problem(Exception):
         title: str | None = None,
         headers: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(detail)
+        self.close = close
+        """Answer with Connection: close: what is left of the request on the connection cannot be read."""
         self.status = status
         self.code = code
         self.detail = detail
@@ -59,12 +62,15 @@ def problem_body(problem: Problem, request_id: str | None = None) -> dict[str, A
 
 
 def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=problem.status,
         body=orjson.dumps(problem_body(problem, request_id)),
         content_type=PROBLEM_CONTENT_TYPE,
         headers=problem.headers,
     )
+    if problem.close:
+        response.force_close()
+    return response
 
 
 # aiohttp's own HTTP errors (routing, body size) mapped to stable codes.

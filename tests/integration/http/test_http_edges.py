@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import pytest
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
@@ -181,3 +185,35 @@ async def test_malformed_parameters_and_headers_are_400_listing_the_field(client
         assert (response.status, problem["code"]) == (400, "validation_error"), (url, problem)
         assert problem["field"] == field and problem["errors"][0]["field"] == field, (url, problem)
         assert problem["detail"].startswith(f"{field}: "), problem
+
+
+async def test_a_body_that_cannot_be_read_is_the_clients_400_not_a_500_or_an_outage(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """A body whose Content-Encoding does not decode was a 500; one cut short by the client closing the
+    connection was logged and counted as the database being unavailable (ConnectionResetError). Both
+    are a 400 now, the connection closed after it, and no log line above INFO."""
+    caplog.set_level(logging.INFO)
+    token = await mint_token(client.app, "bodies", ["admin"])
+    created = await client.post("/v1/wallets", json={"owner": "bodies", "currency": "USD"}, headers=bearer(token))
+    wallet = f"/v1/wallets/{(await created.json())['wallet_id']}"
+    assert client.server.host is not None and client.server.port is not None
+    head = (f"POST {wallet}/credits HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\n").encode()
+    for encoding in (b"gzip", b"deflate"):
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(head + b"Content-Encoding: " + encoding + b"\r\nContent-Length: 9\r\n\r\nnot gzip!")
+        answer = await asyncio.wait_for(reader.read(), 5)  # to the end: the server closes the connection
+        writer.close()
+        status_line, _, body = answer.partition(b"\r\n")
+        assert status_line.startswith(b"HTTP/1.1 400 ") and b"Connection: close" in answer, answer
+        assert b'"code":"bad_request"' in body, answer
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(head + b'Content-Length: 50\r\n\r\n{"am')
+    await writer.drain()
+    await asyncio.sleep(0.3)  # the handler waits for the rest of the body
+    writer.close()
+    await asyncio.sleep(0.3)
+    louder = [(r.name, r.getMessage()) for r in caplog.records if r.levelno > logging.INFO]
+    assert louder == []
+    balance = await client.get(wallet, headers=bearer(token))
+    assert (await balance.json())["balance"] == 0
