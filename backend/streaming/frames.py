@@ -34,7 +34,25 @@ def event_body(event: RecordedEvent) -> dict[str, Any]:
 
 
 def dumps(value: Any) -> bytes:
-    return orjson.dumps(value, option=_JSON_OPTIONS)
+    """value as one line of JSON. A total of a currency's money can pass what orjson encodes (64 bits):
+    such an integer goes out as its exact digits, which JSON allows and the dashboard reads exactly."""
+    try:
+        return orjson.dumps(value, option=_JSON_OPTIONS)
+    except orjson.JSONEncodeError:
+        return orjson.dumps(_wide_integers_as_digits(value), option=_JSON_OPTIONS)
+
+
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+
+
+def _wide_integers_as_digits(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and not _INT64_MIN <= value <= _UINT64_MAX:
+        return orjson.Fragment(str(value))
+    if isinstance(value, dict):
+        return {key: _wide_integers_as_digits(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_wide_integers_as_digits(item) for item in value]
+    return value
 
 
 def _field(value: str) -> bytes:

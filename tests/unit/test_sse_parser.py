@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gc
+import json
 import uuid
 from datetime import UTC, datetime
 
 import pytest
 
 from backend.store.events import RecordedEvent
+from backend.streaming import frames
 from backend.streaming.dashboard import StatsFeed
 from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
 from backend.streaming.window import POSITION, Item, Window, make_item
@@ -107,3 +109,8 @@ def test_stats_feed_deltas_carry_what_changed_since_a_position() -> None:
     assert feed.delta_since(12) == {"currencies": {"EUR": {"credited": 6}}, "events": {"A": 4}}
     assert feed.delta_since(10) == {"currencies": {"USD": {"credited": 3}, "EUR": {"credited": 6}}, "events": {"A": 4}}
     assert feed.delta_since(15) == {}
+
+
+def test_frames_carry_integers_beyond_64_bits_as_their_exact_digits() -> None:
+    value = {"total": 3 * (2**63 - 1), "rows": [-(2**70), 5, {"flag": True}], "small": 2**64 - 1}
+    assert json.loads(frames.dumps(value)) == value

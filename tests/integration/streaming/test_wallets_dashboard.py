@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
+from pytest_aiohttp import AiohttpClient
 
-from tests.conftest import bearer, mint_token
+from backend.app import create_app
+from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.streaming.conftest import MakeClient, connect
 from tests.support import Client
 
@@ -114,3 +117,24 @@ async def test_heartbeats_reach_wallet_and_dashboard_streams_between_whole_frame
     assert set(dashboard.parser.comments) == {"ping"}
     follower.close()
     dashboard.close()
+
+
+async def test_the_dashboard_carries_totals_beyond_64_bits_exactly(
+        aiohttp_client: AiohttpClient, own_database_url: str) -> None:
+    """Each amount fits in 64 bits, a currency's total need not: three credits of 2^63 - 1 broke every
+    dashboard stream (orjson refused the snapshot) until the totals came down, which they never do."""
+    client = await aiohttp_client(create_app(make_settings(own_database_url)))
+    admin = await mint_token(client.app, "operator", ["admin"])
+    viewer = await mint_token(client.app, "erin", ["wallets:read"])
+    largest = 2**63 - 1
+    for _ in range(3):
+        wallet = await open_wallet(client, admin, "erin", "JPY")
+        credited = await post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": largest, "reference": "max"})
+    stats = await client.get("/v1/stats", params={"min_position": str(credited["position"])}, headers=bearer(viewer))
+    assert json.loads(await stats.read())["currencies"]["JPY"]["credited"] == 3 * largest
+    sse = await connect(client, "/v1/streams/dashboard", viewer)
+    assert sse.status == 200
+    (snapshot,) = await sse.events(1)
+    assert snapshot.event == "snapshot"
+    assert json.loads(snapshot.data)["stats"]["currencies"]["JPY"]["credited"] == 3 * largest  # exact digits
+    sse.close()
