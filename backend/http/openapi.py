@@ -212,7 +212,8 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
 
 
 # Problems the HTTP parser answers itself (backend.server.errors), before any middleware: no X-Request-ID.
-PARSER_CODES = frozenset({"bad_request", "request_timeout", "uri_too_long", "header_too_large", "too_many_headers"})
+PARSER_CODES = frozenset({"bad_request", "request_timeout", "uri_too_long", "header_too_large", "too_many_headers",
+                          "expectation_failed"})
 HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
     "X-Request-ID": ("the request's id (the client's X-Request-ID if it is valid, else a fresh one), also in "
                      "problem bodies as request_id and in the server's logs", {"type": "string"}),
@@ -323,6 +324,7 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
     add(408, "request_timeout")
     add(414, "uri_too_long")
     add(431, "header_too_large", "too_many_headers")
+    add(417, "expectation_failed")  # an Expect other than 100-continue
     if not spec.public:
         add(401, "unauthorized")
         add(403, "forbidden")

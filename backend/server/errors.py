@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import orjson
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.web_exceptions import HTTPException
 
 from backend.http.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body
 
@@ -32,6 +33,14 @@ def parser_problem(status: int, exc: BaseException | None, *, max_line_size: int
     if status == 504:
         return Problem(504, "timeout", "the request took too long to handle")
     return Problem(500, "internal_error", "an unexpected error occurred")
+
+
+def unmet_expectation(exc: HTTPException) -> Problem:
+    """An HTTP error that escaped the app's middlewares: aiohttp raises only its 417 for an Expect other
+    than 100-continue there. Its text quotes the header, so the detail is fixed per status."""
+    if exc.status == 417:
+        return Problem(417, "expectation_failed", "the only Expect this server meets is 100-continue")
+    return Problem(exc.status, "http_error", exc.reason)
 
 
 def head_timeout_response(timeout_s: float) -> bytes:

@@ -23,12 +23,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_exceptions import HTTPException
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from backend.http.problems import problem_response
-from backend.server.errors import head_timeout_response, parser_problem
+from backend.server.errors import head_timeout_response, parser_problem, unmet_expectation
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,11 @@ class TallyRequestHandler(RequestHandler):
 
     def finish_response(self, request: BaseRequest, resp: StreamResponse,
                         start_time: float | None) -> Coroutine[Any, Any, tuple[StreamResponse, bool]]:
-        """aiohttp's own (no coroutine of ours around it) until the drain begins."""
+        """aiohttp's own (no coroutine of ours around it) until the drain begins. An HTTP error raised
+        before the app's middlewares ran (aiohttp's answer to an Expect it does not meet, on any path)
+        arrives here as text quoting the request: it goes out as problem+json instead."""
+        if isinstance(resp, HTTPException) and self._options.parser_error_problems:
+            resp = problem_response(unmet_expectation(resp))
         if self._draining:
             return self._finish_draining(request, resp, start_time)
         return RequestHandler.finish_response(self, request, resp, start_time)

@@ -78,6 +78,10 @@ MALFORMED = {
         request(b"Content-Length: 5", b"Transfer-Encoding: chunked", b"X-A: " + SECRET_MARK, method=b"POST")
         + b"0\r\n\r\n", 400, "bad_request"),
     "not HTTP at all": (SECRET_MARK + b" \x16\x03\x01garbage\r\n\r\n", 400, "bad_request"),
+    "an Expect other than 100-continue": (request(b"Expect: " + SECRET_MARK, b"Connection: close"),
+                                          417, "expectation_failed"),
+    "the same, on no route": (request(b"Expect: " + SECRET_MARK, b"Connection: close", target=b"/nowhere"),
+                              417, "expectation_failed"),
 }
 
 
