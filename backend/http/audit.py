@@ -155,7 +155,7 @@ async def stream_events(request: web.Request) -> web.Response:
     return json_body(page.events, stream_id=stream_id, has_more=page.has_more, next_cursor=str(page.next))
 
 
-@routes.get("/v1/events/export")
+@routes.get("/v1/events/export", allow_head=False)  # streamed: HEAD would send the body
 @endpoint(scope=SCOPE, reply=replies.RecordedEvent, query=ExportQuery, content_type=NDJSON, headers=(
     Header("Content-Disposition", 'attachment; filename="tally-events-<after>-<to>.ndjson"'),
     Header("X-Export-After", "the range exported is (after, to]", schema={"type": "string", "pattern": "^[0-9]+$"}),

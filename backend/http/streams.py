@@ -175,7 +175,7 @@ RESUME = (
 )
 
 
-@routes.get("/v1/streams/events")
+@routes.get("/v1/streams/events", allow_head=False)  # HEAD would send the stream: no body-less form
 @endpoint(access=ACCESS, content_type=SSE, frames="StreamEvent", params=(
     *RESUME,
     Param("stream", "only this stream's events", STREAM_ID),
@@ -195,7 +195,7 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     return await serve(request, position, flt, frames.named_frames if named else None)
 
 
-@routes.get("/v1/streams/wallets/{wallet_id}")
+@routes.get("/v1/streams/wallets/{wallet_id}", allow_head=False)
 @endpoint(access=ACCESS, content_type=SSE, frames="WalletStreamEvent", params=RESUME)
 async def stream_wallet(request: web.Request) -> web.StreamResponse:
     """One wallet's events, each with the wallet's figures right after it."""
@@ -216,7 +216,7 @@ async def stream_wallet(request: web.Request) -> web.StreamResponse:
     return await serve(request, position, EventFilter(stream=wallet_stream(wallet_id)), follower.render)
 
 
-@routes.get("/v1/streams/dashboard")
+@routes.get("/v1/streams/dashboard", allow_head=False)
 @endpoint(access=ACCESS, content_type=SSE, params=RESUME[2:3])
 async def stream_dashboard(request: web.Request) -> web.StreamResponse:
     """A ``snapshot`` of the stats read model, then ``stats`` deltas at a bounded rate (frames named

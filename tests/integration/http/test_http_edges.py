@@ -13,6 +13,7 @@ from backend.app import create_app
 from backend.config import Settings
 from backend.http.bodies import read_json
 from tests.conftest import bearer, mint_token
+from tests.integration.http.test_openapi import fill
 from tests.support import Client
 
 PROBLEM = "application/problem+json"
@@ -217,3 +218,26 @@ async def test_a_body_that_cannot_be_read_is_the_clients_400_not_a_500_or_an_out
     assert louder == []
     balance = await client.get(wallet, headers=bearer(token))
     assert (await balance.json())["balance"] == 0
+
+
+async def test_head_sends_no_body_on_any_get_route_and_the_connection_stays_usable(client: Client) -> None:
+    """HEAD on a stream or the export used to send the body itself, unframed, so the next answer on that
+    connection began with `retry: 3000`. They take no HEAD now (405); every other GET answers it bodiless."""
+    token = await mint_token(client.app, "heads", ["admin", "audit:read"])
+    doc = await (await client.get("/openapi.json")).json()
+    assert client.server.host is not None and client.server.port is not None
+    for path, item in doc["paths"].items():
+        if "get" not in item:
+            continue
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        try:
+            writer.write(f"HEAD {fill(path)} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n\r\n"
+                         "GET /health/live HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), 10)
+        finally:
+            writer.close()
+        first, _, rest = answer.partition(b"\r\n\r\n")
+        assert first.startswith(b"HTTP/1.1 "), (path, answer[:200])
+        assert rest.startswith(b"HTTP/1.1 200 "), (path, answer[:400])  # nothing between the two heads
+        if (path.startswith("/v1/streams/") and "{stream_id}" not in path) or path == "/v1/events/export":
+            assert first.startswith(b"HTTP/1.1 405 "), (path, first)
