@@ -41,7 +41,7 @@ def idle_s(transport: HasSocket) -> float | None:
         return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, option, TCP_INFO_SIZE)
-    except OSError:
+    except (OSError, ValueError):  # closed under us: uvloop's socket says "negative file descriptor"
         return None
     if len(info) < _LAST_DATA_SENT_OFFSET + _LAST_DATA_SENT.size:
         return None

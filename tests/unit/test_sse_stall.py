@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 
@@ -73,6 +74,25 @@ async def test_idle_time_comes_from_the_kernel(pair: Pair) -> None:
     idle = tcp.idle_s(pair.transport)
     assert idle is not None and 0.2 <= idle < 2.0
     assert pair.peer.recv(16) == b"hello"
+
+
+async def test_no_idle_time_once_the_connection_is_gone(pair: Pair) -> None:
+    """A client that leaves while its stream catches up: its socket is closed when the stall check
+    asks. asyncio's closed socket raises OSError; uvloop's raises ValueError ("negative file descriptor")."""
+    family = pair.transport.get_extra_info("socket").family
+    closed = socket.socket(family, socket.SOCK_STREAM)
+    closed.close()
+
+    class ClosedUnderUvloop:
+        def __init__(self) -> None:
+            self.family = family
+
+        def getsockopt(self, *args: object) -> bytes:
+            raise ValueError("negative file descriptor")
+
+    for sock in (closed, ClosedUnderUvloop()):
+        transport = SimpleNamespace(get_extra_info=lambda name, default=None, sock=sock: sock)
+        assert tcp.idle_s(transport) is None
 
 
 async def test_no_idle_time_off_tcp() -> None:
