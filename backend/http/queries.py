@@ -50,13 +50,15 @@ _PREFER_WAIT = re.compile(r"(?:^|[,;\s])wait\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.IG
 
 
 def min_position(request: web.Request) -> tuple[str, int] | None:
-    """The position to wait for, and where it was given (the query parameter wins over the header)."""
-    field = MIN_POSITION if MIN_POSITION in request.query else MIN_POSITION_HEADER
-    raw = request.query.get(MIN_POSITION, request.headers.get(MIN_POSITION_HEADER))
-    if raw is None:
-        return None
-    return field, parse_int(raw, field, maximum=MAX_POSITION,
-                            message="must be a non-negative integer of ASCII digits (a write's position)")
+    """The position to wait for, and where it was given (the query parameter wins over the header; a
+    malformed one is a 400 either way, not ignored)."""
+    found = None
+    for field, raw in ((MIN_POSITION_HEADER, request.headers.get(MIN_POSITION_HEADER)),
+                       (MIN_POSITION, request.query.get(MIN_POSITION))):
+        if raw is not None:
+            found = field, parse_int(raw, field, maximum=MAX_POSITION,
+                                     message="must be a non-negative integer of ASCII digits (a write's position)")
+    return found
 
 
 def wait_budget(request: web.Request) -> float:

@@ -167,6 +167,7 @@ async def test_malformed_parameters_and_headers_are_400_listing_the_field(client
     wallet_url = f"/v1/wallets/{(await created.json())['wallet_id']}"
     cases = [
         ("GET", wallet_url, {"min_position": "-1"}, {}, "min_position"),
+        ("GET", wallet_url, {"min_position": "1"}, {"X-Min-Position": "soon"}, "X-Min-Position"),  # not ignored
         ("GET", "/v1/wallets", {"limit": "0"}, {}, "limit"),
         ("GET", "/v1/wallets", {"cursor": "nope"}, {}, "cursor"),
         ("GET", "/v1/events", {"after": "-1"}, {}, "after"),
