@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.dsn_shape import dsn_problem
+
 
 class ConfigError(Exception):
     """A setting has a bad value; the message names the environment variable."""
@@ -131,6 +133,16 @@ class Settings(BaseSettings):
     def dsn(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None
 
+    @field_validator("database_url", "direct_database_url", "read_database_url")
+    @classmethod
+    def _shaped_like_a_dsn(cls, value: SecretStr | None) -> SecretStr | None:
+        """A malformed URL is refused here, naming the rule and never the value (backend/dsn_shape.py)."""
+        for dsn in split_dsns(value.get_secret_value() if value else ""):
+            problem = dsn_problem(dsn)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     # PgBouncer (docs/DEPLOYMENT.md): with DATABASE_POOL_MODE=transaction the pools on DATABASE_URL go
     # without asyncpg's prepared-statement cache and without session settings at connect, so that a
     # pooler in transaction mode may sit in front; what needs a session of its own (LISTEN, the leaders'
@@ -152,10 +164,8 @@ class Settings(BaseSettings):
         """Where session-scoped connections go: DIRECT_DATABASE_URL, else `dsn` (DATABASE_URL or embedded)."""
         return self.direct_database_url.get_secret_value() if self.direct_database_url else dsn
     def read_dsns(self) -> list[str]:
-        """READ_DATABASE_URL as a list of DSNs: split at the commas that start another URL, so a
-        multi-host URL (postgresql://a,b/db) stays one."""
-        raw = self.read_database_url.get_secret_value().strip() if self.read_database_url else ""
-        return [part.strip() for part in re.split(r",\s*(?=postgres(?:ql)?://)", raw) if part.strip()] if raw else []
+        """READ_DATABASE_URL as a list of DSNs."""
+        return split_dsns(self.read_database_url.get_secret_value() if self.read_database_url else "")
 
     def log_format_choice(self) -> str:
         """LOG_FORMAT as configure_logging takes it: `auto` stays auto, except in production (JSON)."""
@@ -222,6 +232,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
+
+
+def split_dsns(raw: str) -> list[str]:
+    """A comma list of DSNs, split at the commas that start another URL, so a multi-host URL
+    (postgresql://a,b/db) stays one."""
+    return [part.strip() for part in re.split(r",\s*(?=postgres(?:ql)?://)", raw.strip()) if part.strip()]
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -9,7 +9,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import orjson
@@ -82,16 +82,26 @@ class DatabaseUnavailable(Exception):
 
 
 def mask_dsn(dsn: str) -> str:
-    """Hide the password of a DSN, whether in the userinfo or in a password= query parameter."""
-    parts = urlsplit(dsn)
+    """Hide the password of a DSN, whether in the userinfo or in a password= query parameter (its name
+    percent-encoded or not). A DSN that does not parse is hidden whole."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "(a malformed URL)"
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, hostinfo = netloc.rsplit("@", 1)
         if ":" in userinfo:
             userinfo = userinfo.split(":", 1)[0] + ":***"
         netloc = f"{userinfo}@{hostinfo}"
-    query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    query = "&".join(_masked_parameter(item) for item in parts.query.split("&"))
+    fragment = "#***" if parts.fragment else ""
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "") + fragment
+
+
+def _masked_parameter(item: str) -> str:
+    name, equals, _ = item.partition("=")
+    return f"{name}=***" if equals and unquote(name).lower() == "password" else item
 
 
 async def init_connection(conn: Connection) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.config import ConfigError, load_settings
-from backend.db import connect_kwargs, pooled_connect_kwargs
+from backend.db import connect_kwargs, mask_dsn, pooled_connect_kwargs
 
 POOLER = "postgresql://tally@pgbouncer:6432/tally"
 PRIMARY = "postgresql://tally@primary:5432/tally"
@@ -49,3 +49,42 @@ def test_an_empty_direct_url_means_unset(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("DIRECT_DATABASE_URL", "")
     assert load_settings().direct_database_url is None
+
+
+MALFORMED = [
+    "notaurl",
+    "postgresql://u:se?cretpw@127.0.0.1:1/x",  # unescaped ?: asyncpg said "bad query field: 'cretpw@...'"
+    "postgresql://u:se/cretpw@127.0.0.1:1/x",  # unescaped /: "invalid literal for int(): 'se'"
+    "postgresql://u:secretpw@127.0.0.1:99999/x",  # OverflowError from connect()
+    "postgresql://u:secretpw@[::1/x",
+    "postgresql://u:secretpw@db/x?sslmode=bogus",
+    "postgresql://u:se#cretpw@db/x",
+]
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "DIRECT_DATABASE_URL", "READ_DATABASE_URL"])
+@pytest.mark.parametrize("dsn", MALFORMED)
+def test_a_malformed_url_is_one_line_naming_the_variable_and_nothing_of_the_value(
+        monkeypatch: pytest.MonkeyPatch, variable: str, dsn: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", PRIMARY)
+    monkeypatch.setenv(variable, dsn)
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    message = str(refused.value)
+    assert f"{variable}: " in message and "\n" not in message
+    assert not any(piece in message for piece in ("secret", "cretpw", "se?", "notaurl", "bogus", "99999")), message
+
+
+@pytest.mark.parametrize("dsn", [PRIMARY, "postgresql://u:p%40ss@db1:5432,db2:5433/tally?sslmode=require",
+                                 "postgresql://u@[::1]:5432/tally", "postgresql:///tally?host=/run/postgresql",
+                                 "postgres://db/tally?application_name=tally&password=x"])
+def test_well_formed_urls_pass(monkeypatch: pytest.MonkeyPatch, dsn: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", dsn)
+    assert load_settings().dsn() == dsn
+
+
+def test_the_masked_url_hides_every_password() -> None:
+    assert mask_dsn("postgresql://u:pw@h:5/db?sslmode=require&password=x&%70assword=y#z") == \
+        "postgresql://u:***@h:5/db?sslmode=require&password=***&%70assword=***#***"
+    assert mask_dsn("postgresql:///tally?host=/tmp/s") == "postgresql:///tally?host=/tmp/s"
+    assert mask_dsn("postgresql://u:secret@[::1/x") == "(a malformed URL)"
