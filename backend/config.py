@@ -18,7 +18,8 @@ class ConfigError(Exception):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+    # allow_inf_nan=False: CONNECT_TIMEOUT_S=inf (or 1e400) would wait for ever on a server that never answers.
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore", allow_inf_nan=False)
 
     # production refuses settings that are only safe on a developer's machine (check_environment).
     environment: Literal["development", "production"] = "development"
@@ -31,7 +32,7 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
     pool_min_size: int = Field(default=2, ge=0, le=200)
     pool_max_size: int = Field(default=10, ge=1, le=200)
-    statement_timeout_ms: int = Field(default=5000, ge=0)
+    statement_timeout_ms: int = Field(default=5000, ge=0, le=2_147_483_647)  # PostgreSQL's limit
     command_timeout_s: float = Field(default=10.0, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     wait_for_db_s: float = Field(default=0.0, ge=0)

@@ -88,3 +88,15 @@ def test_the_masked_url_hides_every_password() -> None:
         "postgresql://u:***@h:5/db?sslmode=require&password=***&%70assword=***#***"
     assert mask_dsn("postgresql:///tally?host=/tmp/s") == "postgresql:///tally?host=/tmp/s"
     assert mask_dsn("postgresql://u:secret@[::1/x") == "(a malformed URL)"
+
+
+@pytest.mark.parametrize(("variable", "value"), [("CONNECT_TIMEOUT_S", "inf"), ("CONNECT_TIMEOUT_S", "1e400"),
+                                                 ("COMMAND_TIMEOUT_S", "nan"), ("WAIT_FOR_DB_S", "infinity"),
+                                                 ("STATEMENT_TIMEOUT_MS", "99999999999")])
+def test_a_timeout_is_a_finite_number_the_server_takes(monkeypatch: pytest.MonkeyPatch, variable: str,
+                                                        value: str) -> None:
+    """CONNECT_TIMEOUT_S=inf waited for ever on a server that never answers; STATEMENT_TIMEOUT_MS beyond
+    PostgreSQL's int passed here and failed at the first connection."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=f"{variable}: "):
+        load_settings()
