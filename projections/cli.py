@@ -32,7 +32,23 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                                 epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2")
     again.add_argument("names", nargs="*", metavar="NAME", help=f"one or more of: {', '.join(registry.names())}")
     again.add_argument("--all", action="store_true", help="rebuild every projection")
-    again.add_argument("--batch-size", type=int, default=20_000, help="events per batch (default 20000)")
+    again.add_argument("--batch-size", type=batch_size, default=20_000,
+                       help=f"events per batch, 1 to {MAX_BATCH_SIZE:,} (default 20000)")
+
+
+MAX_BATCH_SIZE = 1_000_000
+"""A batch is one transaction of one projection: far beyond this, its memory is the limit."""
+
+
+def batch_size(value: str) -> int:
+    """--batch-size: 0 made the rebuild loop for ever without reading; a negative one failed in SQL."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+    if not 1 <= number <= MAX_BATCH_SIZE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_BATCH_SIZE}")
+    return number
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -45,7 +61,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(handlers[args.projections_command](settings, args))
     except (RebuildError, KeyError) as exc:  # backend/__main__.py reports the database's own errors (2)
         print(f"tally: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, KeyError) else 1  # an unknown name is bad input, as argparse's errors are
 
 
 async def show_status(settings: Settings, args: argparse.Namespace) -> int:

@@ -105,7 +105,10 @@ async def test_status_and_rebuild_commands(own_database_url: str) -> None:
 
     assert (await asyncio.to_thread(backend, own_database_url, "rebuild")).returncode == 2
     unknown = await asyncio.to_thread(backend, own_database_url, "rebuild", "nosuch")
-    assert unknown.returncode == 1 and "unknown projection" in unknown.stderr
+    assert unknown.returncode == 2 and "unknown projection" in unknown.stderr  # bad input, as argparse's
+    for size in ("0", "-1", "99999999999999999999"):  # 0 looped for ever holding a transaction
+        refused = await asyncio.to_thread(backend, own_database_url, "rebuild", "balances", "--batch-size", size)
+        assert refused.returncode == 2 and "--batch-size: must be from 1 to" in refused.stderr, refused.stderr
 
 
 def test_worker_help_prints_usage_and_starts_nothing(tmp_path: os.PathLike[str]) -> None:
