@@ -10,7 +10,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from backend.config import ConfigError, Settings, check_environment, env_help, load_settings
@@ -188,6 +188,8 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
     from backend.commands import api_keys
     from backend.commands.context import SYSTEM, CommandContext
 
+    if args.keys_command == "create":  # the domain's rules first: a key it refuses migrates nothing
+        api_keys.mint(args.owner, args.name, args.scopes, args.expires_at, datetime.now(UTC))  # thrown away
     small = settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
     async with open_core(small, require_migrations=True) as core:
         repo = core.repository
@@ -218,9 +220,9 @@ def run_keys(settings: Settings, args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(manage_keys(settings, args))
-    except (CommandError, DomainError) as exc:
+    except (CommandError, DomainError) as exc:  # refused: bad input, as an unknown key or a bad owner is
         print(f"tally: error: {getattr(exc, 'detail', exc)}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

@@ -163,7 +163,18 @@ def require_text(value: object, field: str, *, max_length: int = 256, allow_empt
         raise ValidationError(f"{field} must not be empty", field=field)
     if len(value) > max_length:
         raise ValidationError(f"{field} is longer than {max_length} characters", field=field)
+    if "\x00" in value or not _is_utf8(value):  # PostgreSQL's text holds neither (a command line can pass both)
+        raise ValidationError(f"{field} must be UTF-8 text without NUL", field=field)
     return value
+
+
+def _is_utf8(value: str) -> bool:
+    """False for lone surrogates, such as Python makes of a command line's undecodable bytes."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def require_count(value: object, field: str) -> int:

@@ -11,6 +11,7 @@ import sys
 import time
 import uuid
 
+import asyncpg
 import pytest
 
 from backend.appkeys import REPOSITORY
@@ -23,7 +24,7 @@ TOKEN_LINE = re.compile(r"^token: (tly_[0-9a-f]{32}_\S+)$", re.MULTILINE)
 KEY_ID_LINE = re.compile(r"^key_id: ([0-9a-f-]{36})$", re.MULTILINE)
 
 
-async def keys_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+async def keys_cli(database_url: str, *args: str | bytes) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "DATABASE_URL": database_url, "LOG_FORMAT": "text"}
     return await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "backend", "keys", *args],
@@ -71,7 +72,7 @@ async def test_cli_revocation_reaches_a_running_app_within_a_second(client: Clie
     assert time.monotonic() - revoked_at < 1.0
 
     again = await keys_cli(database_url, "revoke", key_id)
-    assert again.returncode == 1 and "already revoked" in again.stderr
+    assert again.returncode == 2 and "already revoked" in again.stderr
 
 
 async def test_cli_rejects_bad_input(client: Client, database_url: str) -> None:
@@ -84,9 +85,12 @@ async def test_cli_rejects_bad_input(client: Client, database_url: str) -> None:
     assert naive.returncode == 2 and "offset" in naive.stderr
     past = await keys_cli(database_url, "create", "--owner", owner, "--scopes", "admin",
                           "--expires-at", "2001-01-01T00:00:00Z")
-    assert past.returncode == 1 and "expires_at" in past.stderr and "tly_" not in past.stdout
+    assert past.returncode == 2 and "expires_at" in past.stderr and "tly_" not in past.stdout
+    for field, bad in (("owner", b"\xff"), ("name", b"caf\xe9")):  # not UTF-8: a TypeError from the encoder
+        not_text = await keys_cli(database_url, "create", "--owner", owner, f"--{field}", bad, "--scopes", "admin")
+        assert not_text.returncode == 2 and f"{field} must be UTF-8 text" in not_text.stderr, not_text.stderr
     unknown = await keys_cli(database_url, "revoke", str(uuid.uuid4()))
-    assert unknown.returncode == 1 and "does not exist" in unknown.stderr
+    assert unknown.returncode == 2 and "does not exist" in unknown.stderr
     # the app still answers as before (the failed commands changed nothing it can see)
     token = await mint_token(client.app, owner, ["admin"])
     head = await client.app[REPOSITORY].store.head()  # listings come from the read model: wait for it
@@ -94,3 +98,14 @@ async def test_cli_rejects_bad_input(client: Client, database_url: str) -> None:
                               headers={**bearer(token), "Prefer": "wait=10"})
     assert listed.status == 200, await listed.text()
     assert [k["name"] for k in (await listed.json())["data"]] == [f"test key of {owner}"]
+
+
+async def test_a_refused_key_leaves_an_empty_database_unmigrated(fresh_database_url: str) -> None:
+    """The domain's rules are checked before anything is migrated."""
+    refused = await keys_cli(fresh_database_url, "create", "--owner", " ", "--scopes", "admin")
+    assert refused.returncode == 2 and "owner must not be empty" in refused.stderr, refused.stderr
+    conn = await asyncpg.connect(fresh_database_url)
+    try:
+        assert await conn.fetchval("select count(*) from pg_tables where schemaname = 'public'") == 0
+    finally:
+        await conn.close()

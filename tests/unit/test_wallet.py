@@ -536,3 +536,10 @@ def test_errors_module_exports_helpers() -> None:
         errors.require_count(-1, "confirmations")
     with pytest.raises(errors.ValidationError):
         errors.require_count(True, "confirmations")
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "caf\udce9"])
+def test_text_is_utf8_without_nul(text: str) -> None:
+    """PostgreSQL's text holds neither; a command line passes undecodable bytes as lone surrogates."""
+    with pytest.raises(errors.ValidationError, match="UTF-8 text without NUL"):
+        errors.require_text(text, "reference")
