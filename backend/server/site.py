@@ -95,7 +95,10 @@ class BatchAcceptSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        try:
+            infos = await loop.getaddrinfo(self._host, self._port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError as exc:  # socket.gaierror: HOST names no address of this machine
+            raise CannotListen(f"cannot listen on {self._host} port {self._port}: {exc.strerror or exc}") from exc
         sockets: list[socket.socket] = []
         try:
             for family, kind, proto, _, address in dict.fromkeys(infos):

@@ -74,6 +74,10 @@ def test_a_port_in_use_fails_with_one_line(database_url: str) -> None:
     assert error_lines == [f"tally: error: cannot listen on 127.0.0.1 port {port}: Address already in use"], \
         result.stderr
     assert "Traceback" not in result.stderr
+    nowhere = run_backend("serve", env={"DATABASE_URL": database_url, "HOST": "nowhere.invalid", "PORT": str(port)})
+    assert nowhere.returncode == 1 and "Traceback" not in nowhere.stderr, nowhere.stderr  # was a socket.gaierror
+    [line] = [line for line in nowhere.stderr.splitlines() if line.startswith("tally:")]
+    assert line.startswith(f"tally: error: cannot listen on nowhere.invalid port {port}: "), nowhere.stderr
 
 
 def test_bad_setting_fails_naming_the_variable() -> None:
