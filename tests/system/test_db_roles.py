@@ -12,7 +12,9 @@ import aiohttp
 import asyncpg
 import pytest
 
+from backend.db import ensure_database
 from backend.dbroles import scram_verifier
+from tests.conftest import database_name, drop_database, with_database
 from tests.system.ledger_checks import check_ledger
 from tests.system.procs import Process, as_user, create_key, run_backend
 
@@ -59,10 +61,22 @@ async def drop_roles(admin_url: str, *roles: str) -> None:
 
 
 @pytest.fixture
-def deployment(fresh_database_url: str) -> Iterator[Deployment]:
+def roles_database_url(admin_dsn: str) -> Iterator[str]:
+    """An empty database; it and every role made here are named roles_*, so that leftovers on a shared
+    server are recognisable as this module's."""
+    dsn = with_database(admin_dsn, f"roles_{uuid.uuid4().hex[:12]}")
+    asyncio.run(ensure_database(admin_dsn, database_name(dsn)))
+    try:
+        yield dsn
+    finally:
+        drop_database(admin_dsn, dsn)
+
+
+@pytest.fixture
+def deployment(roles_database_url: str) -> Iterator[Deployment]:
     """An empty database set up as in production: roles, migrate as the owner, roles again."""
     suffix = uuid.uuid4().hex[:10]
-    deployed = Deployment(fresh_database_url, f"t_owner_{suffix}", f"t_app_{suffix}")
+    deployed = Deployment(roles_database_url, f"roles_owner_{suffix}", f"roles_app_{suffix}")
     try:
         code, _, stderr = deployed.roles("--apply")
         assert code == 0, stderr
@@ -73,7 +87,7 @@ def deployment(fresh_database_url: str) -> Iterator[Deployment]:
         assert (code, stderr) == (0, ""), stderr
         yield deployed
     finally:
-        asyncio.run(drop_roles(fresh_database_url, deployed.owner, deployed.app))
+        asyncio.run(drop_roles(roles_database_url, deployed.owner, deployed.app))
 
 
 def test_print_gives_the_sql_without_a_password() -> None:
