@@ -48,7 +48,7 @@ READ_ONLY = ("schema_migrations",)
 OWNER_ENV, APP_ENV = "TALLY_OWNER_ROLE", "TALLY_APP_ROLE"
 OWNER_PASSWORD_ENV, APP_PASSWORD_ENV = "TALLY_OWNER_PASSWORD", "TALLY_APP_PASSWORD"
 SCRAM_ITERATIONS = 4096
-_ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 class RolesError(Exception):
@@ -76,7 +76,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def role_name(value: str) -> str:
-    if not _ROLE_NAME.match(value):
+    if not _ROLE_NAME.fullmatch(value):  # match with $ would let a trailing newline through
         raise RolesError(f"not a plain role name (lower case letters, digits, _): {value!r}")
     return value
 
