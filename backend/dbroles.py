@@ -212,19 +212,13 @@ commit;
 
 
 async def apply(settings: Settings, roles: Roles) -> None:
-    import asyncpg
-
-    from backend.db import connect_kwargs
+    from backend.db import direct_connection
     from backend.dsn import database_dsn
 
-    async with database_dsn(settings) as dsn:
-        conn = await asyncpg.connect(settings.direct_dsn(dsn), **connect_kwargs(settings))
-        try:
-            missing = [t for t in APPEND_ONLY + READ_ONLY
-                       if await conn.fetchval("select to_regclass($1)", f"{SCHEMA}.{t}") is None]
-            await conn.execute(roles.sql())
-        finally:
-            await conn.close()
+    async with database_dsn(settings) as dsn, direct_connection(settings.direct_dsn(dsn), settings) as conn:
+        missing = [t for t in APPEND_ONLY + READ_ONLY
+                   if await conn.fetchval("select to_regclass($1)", f"{SCHEMA}.{t}") is None]
+        await conn.execute(roles.sql())
     print(f"roles {roles.owner} (owner) and {roles.app} (app) are ready")
     if missing:
         print(f"tally: the database is not migrated yet ({', '.join(missing)} missing): run "
@@ -232,10 +226,8 @@ async def apply(settings: Settings, roles: Roles) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
-
-    from backend.db import DatabaseUnavailable
-
+    """A database that cannot be reached or refuses the SQL is left to the caller, run_tool, which reports
+    it as every subcommand does (one line, password masked, status 2)."""
     try:
         roles = Roles.from_args(args)
         if args.print_sql:
@@ -245,7 +237,4 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     except RolesError as exc:
         print(f"tally: error: {exc}", file=sys.stderr)
         return 2
-    except (DatabaseUnavailable, asyncpg.PostgresError, OSError) as exc:
-        print(f"tally: error: {exc}", file=sys.stderr)
-        return 1
     return 0

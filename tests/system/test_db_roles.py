@@ -212,3 +212,12 @@ async def test_the_app_role_serves_everything_but_cannot_rewrite_history(deploym
     finally:
         server.kill()
         worker.kill()
+
+
+def test_an_unreachable_database_is_one_line_and_status_2() -> None:
+    url = "postgresql://roles_nobody:hunter2-secret@127.0.0.1:1/roles_none"
+    result = run_backend("db", "roles", "--apply", env={"DATABASE_URL": url, "TALLY_OWNER_PASSWORD": OWNER_PASSWORD})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("tally: error: cannot connect to database postgresql://roles_nobody:***@127.0.0.1:1/")
+    assert result.stderr.count("\n") == 1 and "hunter2-secret" not in result.stderr + result.stdout
+    assert OWNER_PASSWORD not in result.stderr + result.stdout and result.stdout == ""
