@@ -28,6 +28,7 @@ import hmac
 import os
 import re
 import secrets
+import stringprep
 import sys
 import unicodedata
 from dataclasses import dataclass
@@ -81,10 +82,44 @@ def role_name(value: str) -> str:
     return value
 
 
+_PROHIBITED = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3, stringprep.in_table_c4,
+               stringprep.in_table_c5, stringprep.in_table_c6, stringprep.in_table_c7, stringprep.in_table_c8,
+               stringprep.in_table_c9, stringprep.in_table_a1)
+"""SASLprep's prohibited output (RFC 4013 section 2.3), and code points unassigned in Unicode 3.2."""
+
+
+def saslprep(password: bytes) -> bytes:
+    """The bytes PostgreSQL hashes for a password, and libpq at login: SASLprep (RFC 4013) as
+    src/common/saslprep.c applies it, or the password unchanged where that fails (not UTF-8, nothing
+    left after mapping, a prohibited character, mixed directions). A verifier from other bytes never
+    matches what the client proves at login."""
+    if password.isascii():
+        return password
+    try:
+        text = password.decode()
+    except UnicodeDecodeError:
+        return password
+    mapped = "".join(" " if stringprep.in_table_c12(c) else "" if stringprep.in_table_b1(c) else c for c in text)
+    # PostgreSQL checks the mapped text, not its NFKC form as RFC 3454 says: so does this, to match it
+    if not mapped or any(prohibited(c) for c in mapped for prohibited in _PROHIBITED) or _mixes_directions(mapped):
+        return password
+    return unicodedata.normalize("NFKC", mapped).encode()
+
+
+def _mixes_directions(text: str) -> bool:
+    """RFC 3454 section 6: right-to-left text has no left-to-right character and starts and ends right-to-left."""
+    if not any(map(stringprep.in_table_d1, text)):
+        return False
+    return (any(map(stringprep.in_table_d2, text))
+            or not (stringprep.in_table_d1(text[0]) and stringprep.in_table_d1(text[-1])))
+
+
 def scram_verifier(password: str, salt: bytes | None = None, iterations: int = SCRAM_ITERATIONS) -> str:
-    """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5803 layout), computed here."""
+    """What PostgreSQL stores for a SCRAM-SHA-256 password (RFC 5803 layout), computed here. Bytes of the
+    environment that are not UTF-8 come back as they were (surrogateescape), as libpq would send them."""
     salt = salt if salt is not None else secrets.token_bytes(16)
-    salted = hashlib.pbkdf2_hmac("sha256", unicodedata.normalize("NFKC", password).encode(), salt, iterations)
+    raw = password.encode("utf-8", "surrogateescape")
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(raw), salt, iterations)
     client_key = hmac.digest(salted, b"Client Key", "sha256")
     stored_key = hashlib.sha256(client_key).digest()
     server_key = hmac.digest(salted, b"Server Key", "sha256")

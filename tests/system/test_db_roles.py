@@ -4,6 +4,7 @@ reads, projections and streams, yet cannot rewrite the log by any way around the
 from __future__ import annotations
 
 import asyncio
+import base64
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -113,11 +114,46 @@ async def test_the_verifier_is_the_one_postgresql_computes(deployment: Deploymen
         by_postgres = await conn.fetchval("select rolpassword from pg_authid where rolname = $1", deployment.app)
     finally:
         await conn.close()
-    import base64
+    assert recomputed(by_postgres, "pencil") == by_postgres
+    assert recomputed(stored, APP_PASSWORD) == stored
 
-    salt = base64.b64decode(by_postgres.split("$")[1].split(":")[1])
-    assert scram_verifier("pencil", salt) == by_postgres
-    assert scram_verifier(APP_PASSWORD, base64.b64decode(stored.split("$")[1].split(":")[1])) == stored
+
+def recomputed(verifier: str, password: str) -> str:
+    """scram_verifier of password with the salt and iteration count of a verifier PostgreSQL stored."""
+    iterations, salt = verifier.split("$")[1].split(":")
+    return scram_verifier(password, base64.b64decode(salt), int(iterations))
+
+
+PASSWORDS = {
+    "ascii": "pencil",
+    "soft hyphen (mapped to nothing)": "pen\u00adcil",
+    "no-break space (mapped to a space)": "pen\u00a0cil",
+    "ligature (NFKC)": "\ufb01le \u2168",
+    "only mapped to nothing (empty: the bytes as they are)": "\u00ad\ufeff",
+    "zero width space (both a space and nothing: PostgreSQL maps spaces first)": "pen\u200bcil",
+    "private use (prohibited: the bytes as they are)": "\ufb01\u00ad\ue000",
+    "left-to-right mark (prohibited)": "\ufb01\u200e",
+    "unassigned in Unicode 3.2 (prohibited)": "\ufb01\U0001f600",
+    "right-to-left with left-to-right (bidi)": "\u05d0\ufb01\u05d0",
+    "right-to-left throughout": "\u05d0\ufb4f\u05d1",
+    "left-to-right only after NFKC (PostgreSQL checks before)": "\u05d0\u2122\u05d0",
+}
+
+
+@pytest.mark.parametrize("password", PASSWORDS.values(), ids=PASSWORDS.keys())
+async def test_a_password_is_prepared_as_postgresql_prepares_it(admin_dsn: str, password: str) -> None:
+    """SASLprep, and its fallback to the bytes as given: a verifier computed otherwise has keys that the
+    password typed at login (prepared by libpq the same way) never matches."""
+    role = f"roles_t_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute("set password_encryption = 'scram-sha-256'")
+        await conn.execute(f"create role \"{role}\" password '{password}'")
+        by_postgres = await conn.fetchval("select rolpassword from pg_authid where rolname = $1", role)
+    finally:
+        await conn.execute(f'drop role if exists "{role}"')
+        await conn.close()
+    assert recomputed(by_postgres, password) == by_postgres
 
 
 async def test_the_app_role_serves_everything_but_cannot_rewrite_history(deployment: Deployment) -> None:
