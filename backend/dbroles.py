@@ -148,6 +148,32 @@ class Roles:
                    scram_verifier(owner_password) if owner_password else None,
                    scram_verifier(app_password) if app_password else None)
 
+    def refusal(self) -> str:
+        """The SQL's first statement: `alter role` below would silently strip a superuser (or REPLICATION,
+        BYPASSRLS) named by mistake, or the role running it. In the SQL itself, so that the output of
+        --print, which sees no catalog, refuses too when psql runs it."""
+        return f"""\
+-- Refuse, before any change, a role that `alter role` would strip of powers, or the one running this.
+do $$
+declare
+    r record;
+begin
+    for r in
+        select rolname, case rolname when '{self.owner}' then 'owner' else 'app' end as use,
+               case when rolname in (current_user, session_user) then 'it is the role running this'
+                    when rolsuper then 'it is a superuser, which this would take away'
+                    when rolreplication then 'it has REPLICATION, which this would take away'
+                    when rolbypassrls then 'it has BYPASSRLS, which this would take away' end as why
+        from pg_roles where rolname in ('{self.owner}', '{self.app}')
+        order by rolname <> '{self.owner}'
+    loop
+        if r.why is not null then
+            raise exception 'refusing to use "%" as the % role: %', r.rolname, r.use, r.why;
+        end if;
+    end loop;
+end
+$$;"""
+
     def sql(self) -> str:
         """One transaction; safe to run again (it converges: creates what is missing, narrows what is wide)."""
         owner, app = f'"{self.owner}"', f'"{self.app}"'
@@ -160,6 +186,7 @@ class Roles:
 
         return f"""\
 begin;
+{self.refusal()}
 do $$
 begin
     if not exists (select from pg_roles where rolname = '{self.owner}') then
@@ -247,13 +274,18 @@ commit;
 
 
 async def apply(settings: Settings, roles: Roles) -> None:
+    import asyncpg
+
     from backend.db import direct_connection
     from backend.dsn import database_dsn
 
     async with database_dsn(settings) as dsn, direct_connection(settings.direct_dsn(dsn), settings) as conn:
         missing = [t for t in APPEND_ONLY + READ_ONLY
                    if await conn.fetchval("select to_regclass($1)", f"{SCHEMA}.{t}") is None]
-        await conn.execute(roles.sql())
+        try:
+            await conn.execute(roles.sql())
+        except asyncpg.RaiseError as exc:  # Roles.refusal's: nothing was changed
+            raise RolesError(str(exc)) from None
     print(f"roles {roles.owner} (owner) and {roles.app} (app) are ready")
     if missing:
         print(f"tally: the database is not migrated yet ({', '.join(missing)} missing): run "

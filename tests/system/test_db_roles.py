@@ -101,6 +101,59 @@ def test_print_gives_the_sql_without_a_password() -> None:
     refused = run_backend("db", "roles", "--print", "--app-role", "x; drop table events", env={})
     assert refused.returncode == 2 and "not a plain role name" in refused.stderr
 
+    same = run_backend("db", "roles", "--print", "--owner-role", "roles_x", "--app-role", "roles_x", env={})
+    assert same.returncode == 2 and same.stderr == "tally: error: the owner role and the app role must differ\n"
+
+
+ATTRIBUTES = {"superuser": "rolsuper", "replication": "rolreplication", "bypassrls": "rolbypassrls"}
+"""Each role attribute the command would take away, and its pg_roles column."""
+
+
+@pytest.mark.parametrize("use", ["--owner-role", "--app-role"])
+@pytest.mark.parametrize("attribute", ATTRIBUTES)
+async def test_a_role_with_powers_the_command_would_strip_is_refused(roles_database_url: str, attribute: str,
+                                                                     use: str) -> None:
+    """A superuser (or a role with REPLICATION or BYPASSRLS) named by mistake would silently lose that power:
+    the command refuses it before changing anything, and so does the SQL of --print, run by hand."""
+    suffix = uuid.uuid4().hex[:10]
+    strong, other = f"roles_strong_{suffix}", f"roles_other_{suffix}"
+    owner, app = (strong, other) if use == "--owner-role" else (other, strong)
+    conn = await asyncpg.connect(roles_database_url)
+    try:
+        await conn.execute(f'create role "{strong}" {attribute}')
+        result = run_backend("db", "roles", "--apply", "--owner-role", owner, "--app-role", app,
+                             env={"DATABASE_URL": roles_database_url})
+        kind = "owner" if use == "--owner-role" else "app"
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(f'tally: error: refusing to use "{strong}" as the {kind} role: ')
+        assert attribute in result.stderr.lower() and result.stderr.count("\n") == 1 and result.stdout == ""
+        printed = run_backend("db", "roles", "--print", "--owner-role", owner, "--app-role", app, env={})
+        with pytest.raises(asyncpg.RaiseError, match=f'refusing to use "{strong}"'):
+            await conn.execute(printed.stdout)
+        await conn.execute("rollback")  # the SQL's own transaction, left aborted as psql would leave it
+        assert await conn.fetchval(f"select {ATTRIBUTES[attribute]} from pg_roles where rolname = $1", strong)
+        assert not await conn.fetchval("select 1 from pg_roles where rolname = $1", other)
+    finally:
+        await conn.close()
+        await drop_roles(roles_database_url, strong, other)
+
+
+async def test_the_role_running_the_command_is_refused(roles_database_url: str) -> None:
+    """It would be stripped of what lets it run the command (here: superuser), mid-way through."""
+    admin = f"roles_admin_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(roles_database_url)
+    try:
+        await conn.execute(f'create role "{admin}" login superuser')
+        result = run_backend("db", "roles", "--apply", "--owner-role", admin, "--app-role", f"{admin}_app",
+                             env={"DATABASE_URL": as_user(roles_database_url, admin)})
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f'tally: error: refusing to use "{admin}" as the owner role: it is the role ' \
+                                "running this\n"
+        assert await conn.fetchval("select rolsuper from pg_roles where rolname = $1", admin)
+    finally:
+        await conn.close()
+        await drop_roles(roles_database_url, admin, f"{admin}_app")
+
 
 async def test_the_verifier_is_the_one_postgresql_computes(deployment: Deployment) -> None:
     """PostgreSQL stores our verifier as it is (a malformed one would be hashed as a password), and
