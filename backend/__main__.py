@@ -191,7 +191,7 @@ async def manage_keys(settings: Settings, args: argparse.Namespace) -> None:
     if args.keys_command == "create":  # the domain's rules first: a key it refuses migrates nothing
         api_keys.mint(args.owner, args.name, args.scopes, args.expires_at, datetime.now(UTC))  # thrown away
     small = settings.model_copy(update={"pool_min_size": 1, "pool_max_size": 2})
-    async with open_core(small, require_migrations=True) as core:
+    async with open_core(small) as core:
         repo = core.repository
         ctx = CommandContext(SYSTEM, now=core.clock.now())
         if args.keys_command == "create":
@@ -253,10 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backend.audit.signing import SigningKeyError
     from backend.event_loop import run_main
     from backend.http.accept import CannotListen
+    from backend.store.migrate import MigrationError
 
     worker = WorkerPlace(args.worker, args.shared_limits) if args.worker is not None else None
     return run_main(serve(settings, worker), settings.event_loop, "tally",
-                    (DatabaseUnavailable, CannotListen, SigningKeyError))
+                    (DatabaseUnavailable, CannotListen, SigningKeyError, MigrationError))
 
 
 def run_tool(settings: Settings, args: argparse.Namespace) -> int:

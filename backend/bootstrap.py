@@ -51,10 +51,12 @@ class Core:
 
 @contextlib.asynccontextmanager
 async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock = SYSTEM_CLOCK,
-                    supervisor: Supervisor | None = None, require_migrations: bool = False) -> AsyncIterator[Core]:
+                    supervisor: Supervisor | None = None) -> AsyncIterator[Core]:
     """Open the core, yield it, close it in reverse order (the store before the listener, the pool
     last). dsn None: DATABASE_URL, or the embedded server. A supervisor not given is made here and
-    closed last. Without APPLY_MIGRATIONS, require_migrations refuses a database not up to date."""
+    closed last. Without APPLY_MIGRATIONS, a database not up to date is refused (NotMigrated, one line)
+    before anything else reads it: serve and the projections worker used to wait 10 s for the listener,
+    then die in a TimeoutError."""
     async with contextlib.AsyncExitStack() as stack:
         if supervisor is None:
             supervisor = Supervisor()  # runs and restarts the listener (and whatever the caller adds)
@@ -69,7 +71,7 @@ async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock 
         if settings.apply_migrations:
             async with direct_connection(direct, settings) as conn:
                 await migrate(conn)
-        elif require_migrations:
+        else:
             async with pool.acquire() as conn:
                 await require_migrated(conn, mask_dsn(dsn))
         listener = Listener(direct, poll_interval_s=settings.listener_poll_s, connect_kwargs=connect_kwargs(settings),

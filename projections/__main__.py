@@ -19,6 +19,7 @@ from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
 from backend.server.site import CannotListen
+from backend.store.migrate import MigrationError
 
 log = logging.getLogger("projections")
 
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"projections: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format_choice())
-    return run_main(work(settings), settings.event_loop, "projections", (DatabaseUnavailable, CannotListen))
+    return run_main(work(settings), settings.event_loop, "projections",
+                    (DatabaseUnavailable, CannotListen, MigrationError))
 
 
 if __name__ == "__main__":

@@ -190,3 +190,15 @@ def post_json(url: str, body: dict[str, object], headers: dict[str, str]) -> dic
     status, answer = post_json_status(url, body, headers)
     assert status in (200, 201), answer
     return answer
+
+
+@pytest.mark.parametrize("module", ["backend", "projections"])
+def test_without_apply_migrations_an_unmigrated_database_is_one_line(fresh_database_url: str, module: str) -> None:
+    """serve and the projections worker used to wait 10 s for their listener, then die in a TimeoutError."""
+    args = [sys.executable, "-m", module, *(["serve"] if module == "backend" else [])]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DATABASE_URL": fresh_database_url, "APPLY_MIGRATIONS": "false",
+                                 "PORT": str(free_port()), "LOG_FORMAT": "text"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith(("tally:", "projections:"))]
+    assert "is not migrated" in line and "run `python -m backend migrate` first" in line, line
