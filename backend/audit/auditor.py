@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from backend.audit.merkle import Frontier, inclusion_ranges, leaf_hash, verify_consistency, verify_inclusion
 from backend.audit.signing import Checkpoint, CheckpointFormatError, SigningKeyError, load_public_key
 from backend.audit.verify import Batch
+from backend.store.events import MAX_POSITION
 
 BAD_HASH = bytes(32)
 
@@ -51,11 +52,13 @@ def public_key_for(document: dict[str, Any], pinned: bytes | None) -> Ed25519Pub
 
 
 def leaf_of(position: int, stored: str) -> bytes:
+    """A row's leaf; a position no log has (0, negative, beyond 8 bytes) becomes position 0, which no
+    tree holds, so the row differs like any renumbered one instead of stopping the check."""
     try:
         event_hash = bytes.fromhex(stored)
     except (TypeError, ValueError):
         event_hash = BAD_HASH
-    return leaf_hash(position, event_hash)
+    return leaf_hash(position if 0 < position <= MAX_POSITION else 0, event_hash)
 
 
 @dataclass(slots=True)

@@ -13,8 +13,8 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -282,8 +282,17 @@ async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-def open_input(path: Path) -> IO[bytes]:
-    return os.fdopen(os.dup(sys.stdin.fileno()), "rb") if str(path) == "-" else path.open("rb")
+@contextmanager
+def open_input(path: Path) -> Iterator[IO[bytes]]:
+    """The export file (- for stdin); a malformed line is reported with the file it is in, as the
+    same line number can be in --export and in --baseline."""
+    from backend.audit.export import ExportFormatError
+
+    with os.fdopen(os.dup(sys.stdin.fileno()), "rb") if str(path) == "-" else path.open("rb") as file:
+        try:
+            yield file
+        except ExportFormatError as exc:
+            raise ExportFormatError(f"{'stdin' if str(path) == '-' else path}: {exc}") from None
 
 
 def print_report(report: Report, as_json: bool) -> None:

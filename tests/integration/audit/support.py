@@ -80,9 +80,10 @@ async def tamper(dsn: str, sql: str, *args: object) -> None:
 
 
 async def audit_cli(*args: str, database_url: str | None = None, cwd: Path = ROOT,
-                    data_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
+                    data_dir: Path | None = None, **extra_env: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL", "TALLY_API_KEY")}
     env["LOG_FORMAT"] = "text"
+    env.update(extra_env)
     if database_url is not None:
         env["DATABASE_URL"] = database_url
     if data_dir is not None:
