@@ -288,11 +288,17 @@ def open_input(path: Path) -> Iterator[IO[bytes]]:
     same line number can be in --export and in --baseline."""
     from backend.audit.export import ExportFormatError
 
-    with os.fdopen(os.dup(sys.stdin.fileno()), "rb") if str(path) == "-" else path.open("rb") as file:
+    with stdin_copy() if str(path) == "-" else path.open("rb") as file:
         try:
             yield file
         except ExportFormatError as exc:
             raise ExportFormatError(f"{'stdin' if str(path) == '-' else path}: {exc}") from None
+
+
+def stdin_copy() -> IO[bytes]:
+    if sys.stdin is None:  # started with stdin closed: Python has no sys.stdin at all
+        raise OSError("stdin is closed: nothing to read for -")
+    return os.fdopen(os.dup(sys.stdin.fileno()), "rb")
 
 
 def print_report(report: Report, as_json: bool) -> None:

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from backend.audit.signing import Signer, raw_public
+from tests.conftest import ROOT
 from tests.integration.audit.support import audit_cli
 
 TIMESTAMP = "2026-01-01T00:00:00.000000Z"
@@ -65,3 +67,9 @@ async def test_a_bad_baseline_line_names_the_file(tmp_path: Path) -> None:
     result = await audit_cli("verify", "--export", str(export), "--checkpoint", str(checkpoint),
                              "--baseline", str(baseline))
     assert f"{baseline}: line 1: not an exported event" in one_error_line(result)
+
+
+def test_a_closed_stdin_is_one_line() -> None:
+    result = subprocess.run(["sh", "-c", 'exec "$0" -m backend audit verify --export - <&-', sys.executable],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "stdin is closed" in one_error_line(result)
