@@ -8,6 +8,7 @@ signature has been verified with the auditor's copy of the public key.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,8 +18,9 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from backend.audit.merkle import Frontier, inclusion_ranges, leaf_hash, verify_consistency, verify_inclusion
-from backend.audit.signing import Checkpoint, CheckpointFormatError, SigningKeyError, load_public_key
+from backend.audit.signing import HEX64, Checkpoint, CheckpointFormatError, SigningKeyError, load_public_key
 from backend.audit.verify import Batch
+from backend.db import mask_dsn
 from backend.store.events import MAX_POSITION
 
 BAD_HASH = bytes(32)
@@ -126,38 +128,92 @@ def compare(checkpoint: Checkpoint, leaves: list[bytes]) -> TreeCheck:
 
 
 class Client:
-    """GETs to a Tally server with an API key, each answer JSON or an AuditError naming the problem."""
+    """GETs to a Tally server with an API key, each answer JSON or an AuditError naming the problem
+    in one line (never the key, nor a password in the URL)."""
 
     def __init__(self, session: aiohttp.ClientSession, url: str, key: str | None) -> None:
+        if key is not None and not API_KEY.fullmatch(key):
+            raise AuditError("the API key (--key or TALLY_API_KEY) holds spaces or control characters: "
+                             "no Tally key does")
         self.session = session
         self.url = url.rstrip("/")
+        self.shown = mask_dsn(self.url)
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
 
     async def get(self, path: str, **params: int) -> Any:
+        body = await self.fetch(path, params)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise AuditError(f"GET {path}: the answer is not JSON ({excerpt(body)})") from None
+
+    async def fetch(self, path: str, params: dict[str, int]) -> bytes:
         try:
             async with self.session.get(self.url + path, params=params, headers=self.headers) as response:
                 body = await response.read()
-                if response.status != 200:
-                    raise AuditError(f"GET {path}: {response.status} {problem_text(body)}")
-                return orjson.loads(body)
-        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
-            raise AuditError(f"GET {self.url}{path}: {exc.__class__.__name__}: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            text = f"{exc.__class__.__name__}: {exc}".replace(self.url, self.shown)
+            raise AuditError(f"GET {self.shown}{path}: {excerpt(text.encode())}") from None
+        if response.status != 200:
+            raise AuditError(f"GET {path}: {response.status} {problem_text(body)}")
+        return body
+
+    async def proof(self, path: str, *fields: str, **params: int) -> list[Any]:
+        """The answer's `fields`, each a hash (64 hex digits) or a list of them, as bytes."""
+        answer = await self.get(path, **params)
+        try:
+            return [hash_list(answer[name]) if isinstance(answer[name], list) else hex_hash(answer[name])
+                    for name in fields]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AuditError(f"GET {path}: the answer is not a Tally proof ({excerpt(repr(exc).encode())})") from None
 
     async def inclusion(self, index: int, size: int) -> tuple[bytes, list[bytes]]:
-        proof = await self.get("/v1/audit/proofs/inclusion", position=index + 1, tree_size=size)
-        return bytes.fromhex(proof["leaf_hash"]), [bytes.fromhex(h) for h in proof["audit_path"]]
+        leaf, path = await self.proof("/v1/audit/proofs/inclusion", "leaf_hash", "audit_path",
+                                      position=index + 1, tree_size=size)
+        return leaf, path
 
     async def consistency(self, old: int, new: int) -> list[bytes]:
-        proof = await self.get("/v1/audit/proofs/consistency", first=old, second=new)
-        return [bytes.fromhex(h) for h in proof["audit_path"]]
+        (path,) = await self.proof("/v1/audit/proofs/consistency", "audit_path", first=old, second=new)
+        return list(path)
+
+    async def public_key(self) -> Ed25519PublicKey:
+        path = "/v1/audit/public-key"
+        answer = await self.get(path)
+        served = answer.get("public_key_hex") if isinstance(answer, dict) else None
+        if not isinstance(served, str) or not served:
+            raise AuditError(f"GET {path}: the server sends no public key ({excerpt(orjson.dumps(answer))}); "
+                             "give --public-key")
+        return public_key_for({"public_key": served}, None)
+
+
+API_KEY = re.compile(r"[\x21-\x7e]+")
+"""What an API key may hold: a header value of visible ASCII (a CR or LF would split the header)."""
+
+
+def hex_hash(value: object) -> bytes:
+    if not isinstance(value, str) or not HEX64.fullmatch(value):
+        raise ValueError(f"not 64 lowercase hex digits: {value!r}")
+    return bytes.fromhex(value)
+
+
+def hash_list(values: list[object]) -> list[bytes]:
+    if len(values) > 64:
+        raise ValueError(f"a path of {len(values)} hashes: no tree is that deep")
+    return [hex_hash(value) for value in values]
+
+
+def excerpt(body: bytes, limit: int = 120) -> str:
+    """A short one-line view of what a server sent: an HTML page must not fill the terminal."""
+    text = " ".join(body[:limit * 4].decode(errors="replace").split())
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def problem_text(body: bytes) -> str:
     try:
         problem = orjson.loads(body)
-        return f"{problem.get('code')}: {problem.get('detail')}"
-    except (orjson.JSONDecodeError, AttributeError):
-        return body[:200].decode(errors="replace")
+        return excerpt(f"{problem['code']}: {problem['detail']}".encode())
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return excerpt(body)
 
 
 def first_difference_offline(checkpoint: Checkpoint, baseline: Sequence[bytes], leaves: Sequence[bytes]) -> int | None:

@@ -424,6 +424,9 @@ async def keygen(settings: Settings, args: argparse.Namespace) -> int:
     return OK
 
 
+LATEST = "/v1/audit/checkpoints/latest"
+
+
 async def checkpoint(settings: Settings, args: argparse.Namespace) -> int:
     """Fetch the latest checkpoint and the public key (or use the pinned one), check the signature,
     write the checkpoint with the key it was checked with."""
@@ -435,10 +438,9 @@ async def checkpoint(settings: Settings, args: argparse.Namespace) -> int:
         if args.public_key is not None:
             public = auditor.public_key_for({}, args.public_key.read_bytes())
         else:
-            served = await client.get("/v1/audit/public-key")
-            public = auditor.public_key_for({"public_key": served.get("public_key_hex", "")}, None)
-        document = await client.get("/v1/audit/checkpoints/latest")
-    found, _ = auditor.load_checkpoint(orjson.dumps(document), f"{args.url} latest checkpoint")
+            public = await client.public_key()
+        document = await client.get(LATEST)
+    found, _ = auditor.load_checkpoint(orjson.dumps(document), f"GET {LATEST}")
     if not found.verify(public):
         print(f"FAILED: the server's latest checkpoint (tree_size {found.tree_size}): signature invalid")
         return FOUND

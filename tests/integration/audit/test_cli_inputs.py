@@ -6,8 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
+from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from backend.audit.signing import Signer, raw_public
@@ -73,3 +76,59 @@ def test_a_closed_stdin_is_one_line() -> None:
     result = subprocess.run(["sh", "-c", 'exec "$0" -m backend audit verify --export - <&-', sys.executable],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert "stdin is closed" in one_error_line(result)
+
+
+async def odd_server(aiohttp_server: Any, body: bytes, status: int = 200) -> str:
+    """A server answering every GET with `body`: the URL to give --url."""
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}"
+
+
+ODD_ANSWERS = [b"{}", b"[1,2]", b"null", b'"text"',
+               orjson.dumps({"leaf_hash": "zz" * 32, "audit_path": ["not hex"]}),
+               orjson.dumps({"leaf_hash": "00" * 32, "audit_path": {"a": 1}})]
+
+
+@pytest.mark.parametrize("body", ODD_ANSWERS)
+async def test_odd_proofs_from_a_server_are_one_line(aiohttp_server: Any, tmp_path: Path, body: bytes) -> None:
+    url = await odd_server(aiohttp_server, body)
+    export = write_export(tmp_path / "e.ndjson", 1, 2)
+    result = await audit_cli("verify", "--export", str(export), "--checkpoint",
+                             str(write_checkpoint(tmp_path / "cp.json", 2)), "--url", url)
+    assert "GET /v1/audit/proofs/inclusion: the answer is not a Tally proof (" in one_error_line(result)
+    old, new = write_checkpoint(tmp_path / "old.json", 1), write_checkpoint(tmp_path / "new.json", 2)
+    result = await audit_cli("consistency", str(old), str(new), "--url", url)
+    assert "GET /v1/audit/proofs/consistency: the answer is not a Tally proof (" in one_error_line(result)
+    result = await audit_cli("checkpoint", "--out", str(tmp_path / "out.json"), "--url", url)
+    assert "GET /v1/audit/public-key: the server sends no public key" in one_error_line(result)
+    key = tmp_path / "key.hex"
+    key.write_text("11" * 32)
+    result = await audit_cli("checkpoint", "--out", str(tmp_path / "out.json"), "--url", url,
+                             "--public-key", str(key))
+    assert "GET /v1/audit/checkpoints/latest: not a checkpoint" in one_error_line(result)
+    assert not (tmp_path / "out.json").exists()
+
+
+async def test_an_html_error_page_is_a_short_excerpt_and_a_url_password_is_masked(aiohttp_server: Any,
+                                                                                  tmp_path: Path) -> None:
+    url = await odd_server(aiohttp_server, b"<html>\n<body>\n" + b"<p>Not Found</p>\n" * 50, status=404)
+    old, new = write_checkpoint(tmp_path / "old.json", 1), write_checkpoint(tmp_path / "new.json", 2)
+    line = one_error_line(await audit_cli("consistency", str(old), str(new), "--url", url))
+    assert line.startswith("tally: error: GET /v1/audit/proofs/consistency: 404 <html> <body>") and len(line) < 200
+    line = one_error_line(await audit_cli("consistency", str(old), str(new), "--url", "http://user:s3cret@127.0.0.1:9/"))
+    assert "s3cret" not in line and "user:***@127.0.0.1:9" in line
+
+
+async def test_a_key_with_control_characters_is_refused_unsent(tmp_path: Path) -> None:
+    old, new = write_checkpoint(tmp_path / "old.json", 1), write_checkpoint(tmp_path / "new.json", 2)
+    secret = "abc-secret\r\nX-Injected: 1"
+    for result in (await audit_cli("consistency", str(old), str(new), "--key", secret, "--url", "http://127.0.0.1:9"),
+                   await audit_cli("consistency", str(old), str(new), "--url", "http://127.0.0.1:9",
+                                   TALLY_API_KEY=secret)):
+        line = one_error_line(result)
+        assert "API key" in line and "abc-secret" not in result.stderr + result.stdout
