@@ -214,8 +214,8 @@ async def verify_against_checkpoint(args: argparse.Namespace, progress: Callable
     from backend.audit.export import read_export
     from backend.audit.verify import Report, verify
 
-    checkpoint, document = auditor.load_checkpoint(args.checkpoint.read_bytes(), str(args.checkpoint))
-    pinned = args.public_key.read_bytes() if args.public_key is not None else None
+    checkpoint, document = auditor.load_checkpoint(read_small(args.checkpoint), str(args.checkpoint))
+    pinned = read_small(args.public_key) if args.public_key is not None else None
     public = auditor.public_key_for(document, pinned)
     if not checkpoint.verify(public):
         check = auditor.TreeCheck(checkpoint.tree_size, checkpoint.root_hash.hex(), checkpoint.timestamp,
@@ -293,6 +293,20 @@ def open_input(path: Path) -> Iterator[IO[bytes]]:
             yield file
         except ExportFormatError as exc:
             raise ExportFormatError(f"{'stdin' if str(path) == '-' else path}: {exc}") from None
+
+
+MAX_SMALL_FILE = 1 << 20
+"""A key or checkpoint file is a few hundred bytes: anything past this is not one (/dev/zero never ends)."""
+
+
+def read_small(path: Path) -> bytes:
+    from backend.audit.auditor import AuditError
+
+    with path.open("rb") as file:
+        data = file.read(MAX_SMALL_FILE + 1)
+    if len(data) > MAX_SMALL_FILE:
+        raise AuditError(f"{path}: larger than {MAX_SMALL_FILE >> 20} MiB: not a key or a checkpoint")
+    return data
 
 
 def stdin_copy() -> IO[bytes]:
@@ -436,7 +450,7 @@ async def checkpoint(settings: Settings, args: argparse.Namespace) -> int:
     async with http_session() as session:
         client = auditor.Client(session, args.url, api_key(args))
         if args.public_key is not None:
-            public = auditor.public_key_for({}, args.public_key.read_bytes())
+            public = auditor.public_key_for({}, read_small(args.public_key))
         else:
             public = await client.public_key()
         document = await client.get(LATEST)
@@ -456,10 +470,10 @@ async def checkpoint(settings: Settings, args: argparse.Namespace) -> int:
 async def consistency(settings: Settings, args: argparse.Namespace) -> int:
     from backend.audit import auditor
 
-    pinned = args.public_key.read_bytes() if args.public_key is not None else None
+    pinned = read_small(args.public_key) if args.public_key is not None else None
     loaded = []
     for path in (args.old, args.new):
-        found, document = auditor.load_checkpoint(path.read_bytes(), str(path))
+        found, document = auditor.load_checkpoint(read_small(path), str(path))
         if not found.verify(auditor.public_key_for(document, pinned)):
             print(f"FAILED: checkpoint {path}: signature invalid")
             return FOUND

@@ -9,7 +9,7 @@ the file alone (see docs/AUDIT.md). Reading and writing go page by page: memory 
 from __future__ import annotations
 
 import operator
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any
 
 import asyncpg
@@ -26,8 +26,11 @@ select {EXPORT_COLUMNS} from events where position > $1 and position <= $2 order
 """
 
 PAGE_SIZE = 2000
-READ_HINT = 4 << 20
-"""Bytes of lines read from an export file per batch."""
+READ_SIZE = 4 << 20
+"""Bytes read from an export file per batch."""
+MAX_LINE_BYTES = 16 << 20
+"""The longest export line read: 256 times the largest request body the API takes (64 KiB), twice an
+append batch (8 MiB). A longer line (or input with no newline) is refused instead of filling memory."""
 
 
 class ExportFormatError(ValueError):
@@ -101,14 +104,26 @@ def parse_lines(lines: list[bytes], first_number: int) -> list[ChainRow]:
 
 async def read_export(file: IO[bytes], stream: str | None = None) -> AsyncIterator[Batch]:
     """Batches of chain rows from an export file (optionally only one stream's), in file order."""
-    number = 1
-    while True:
-        lines = file.readlines(READ_HINT)
-        if not lines:
-            return
+    for number, lines in line_batches(file):
         rows = parse_lines(lines, number)
         if stream is not None:
             rows = [row for row in rows if row[1] == stream]
-        number += len(lines)
         if rows:
             yield rows
+
+
+def line_batches(file: IO[bytes]) -> Iterator[tuple[int, list[bytes]]]:
+    """(number of the first line, lines) per read; memory stays under READ_SIZE + MAX_LINE_BYTES."""
+    number, rest = 1, b""
+    while chunk := file.read(READ_SIZE):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        longest = max([len(rest), *map(len, lines)])
+        if longest > MAX_LINE_BYTES:
+            too_long = number + next((i for i, line in enumerate(lines) if len(line) == longest), len(lines))
+            raise ExportFormatError(f"line {too_long}: longer than {MAX_LINE_BYTES >> 20} MiB: not an exported event")
+        if lines:
+            yield number, lines
+            number += len(lines)
+    if rest:
+        yield number, [rest]

@@ -7,12 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import orjson
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from backend.audit.export import MAX_LINE_BYTES, line_batches
 from backend.audit.signing import Signer, raw_public
 from tests.conftest import ROOT
 from tests.integration.audit.support import audit_cli
@@ -132,3 +134,26 @@ async def test_a_key_with_control_characters_is_refused_unsent(tmp_path: Path) -
                                    TALLY_API_KEY=secret)):
         line = one_error_line(result)
         assert "API key" in line and "abc-secret" not in result.stderr + result.stdout
+
+
+async def test_input_without_an_end_of_line_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    export = tmp_path / "e.ndjson"
+    export.write_bytes(event_line(1) + event_line(2, 2) + b" " * (MAX_LINE_BYTES + 1))
+    line = one_error_line(await audit_cli("verify", "--export", str(export)))
+    assert f"{export}: line 3: longer than 16 MiB" in line
+    result = await audit_cli("verify", "--export", "/dev/zero")
+    assert "line 1: longer than 16 MiB" in one_error_line(result)
+    checkpoint = write_checkpoint(tmp_path / "cp.json", 1)
+    for option in ("--public-key", "--checkpoint"):
+        args = {"--checkpoint": str(checkpoint), option: "/dev/zero"}
+        result = await audit_cli("verify", "--export", str(export), *[x for kv in args.items() for x in kv])
+        assert "/dev/zero: larger than 1 MiB" in one_error_line(result)
+
+
+def test_lines_split_across_reads_are_whole(tmp_path: Path) -> None:
+    lines = [b"x" * size for size in (0, 1, 5, 17, 3)]
+    path = tmp_path / "lines"
+    path.write_bytes(b"\n".join(lines))
+    with path.open("rb") as file, patch("backend.audit.export.READ_SIZE", 4):
+        found = [(number, line) for first, batch in line_batches(file) for number, line in enumerate(batch, first)]
+    assert found == list(enumerate(lines, 1))
