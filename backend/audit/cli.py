@@ -14,7 +14,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -339,22 +339,35 @@ def print_report(report: Report, as_json: bool) -> None:
 
 
 async def export(settings: Settings, args: argparse.Namespace) -> int:
-    """Write to FILE.partial and rename at the end, so an interrupted export never looks complete."""
     from backend.audit.export import export_pages
     from backend.audit.verify import head
 
     async with connection(settings) as conn:
         to = args.to if args.to is not None else await head(conn)
         say(args, f"exporting positions {args.after + 1}..{to}")
-        if args.out is None:
-            count = await write_pages(export_pages(conn, args.after, to), sys.stdout.buffer, args, to)
-        else:
-            partial = args.out.with_name(args.out.name + ".partial")
-            with partial.open("wb") as out:
-                count = await write_pages(export_pages(conn, args.after, to), out, args, to)
-            partial.replace(args.out)
+        with open_output(args.out) if args.out is not None else nullcontext(sys.stdout.buffer) as out:
+            count = await write_pages(export_pages(conn, args.after, to), out, args, to)
     say(args, f"exported {count:,} events (positions {args.after + 1}..{to})")
     return OK
+
+
+@contextmanager
+def open_output(path: Path) -> Iterator[IO[bytes]]:
+    """FILE.partial, renamed over FILE at the end so that an interrupted write never looks complete,
+    and removed if the write fails. Only over a regular file: the rename would replace a device or a
+    FIFO with a file."""
+    from backend.audit.auditor import AuditError
+
+    if path.exists() and not path.is_file():
+        raise AuditError(f"--out {path}: exists and is not a regular file")
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with partial.open("wb") as out:
+            yield out
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 async def write_pages(pages: AsyncIterator[bytes], out: IO[bytes], args: argparse.Namespace, to: int) -> int:
@@ -459,9 +472,8 @@ async def checkpoint(settings: Settings, args: argparse.Namespace) -> int:
         print(f"FAILED: the server's latest checkpoint (tree_size {found.tree_size}): signature invalid")
         return FOUND
     document["public_key"] = raw_public(public).hex()
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
-    partial.replace(args.out)
+    with open_output(args.out) as out:
+        out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2) + b"\n")
     print(f"checkpoint tree_size {found.tree_size} root {found.root_hash.hex()} at {found.timestamp}: "
           f"signature valid; written to {args.out}")
     return OK

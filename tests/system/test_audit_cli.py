@@ -3,6 +3,8 @@ export, verify and replay against a database."""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import asyncpg
@@ -75,3 +77,17 @@ async def test_export_verify_and_replay_against_the_database(own_database_url: s
     assert result.returncode == 1
     assert f"missing_version: stream {stream} version 2 position {log.position(stream, 3)}" in result.stdout
     assert (await audit_cli("verify", "--export", str(out))).returncode == 0, "the earlier export still verifies"
+
+
+async def test_export_out_refuses_what_is_not_a_regular_file(own_database_url: str, own_pool: asyncpg.Pool,
+                                                             tmp_path: Path) -> None:
+    await fill_log(own_pool, streams=1, versions=2)
+    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for out in (fifo, folder):
+        result = await audit_cli("export", "--quiet", "--out", str(out), database_url=own_database_url)
+        assert result.returncode == 2
+        assert result.stderr == f"tally: error: --out {out}: exists and is not a regular file\n"
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and folder.is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "folder"]

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from backend.audit.cli import open_output
 from backend.audit.export import MAX_LINE_BYTES, line_batches
 from backend.audit.signing import Signer, raw_public
 from tests.conftest import ROOT
@@ -157,3 +160,31 @@ def test_lines_split_across_reads_are_whole(tmp_path: Path) -> None:
     with path.open("rb") as file, patch("backend.audit.export.READ_SIZE", 4):
         found = [(number, line) for first, batch in line_batches(file) for number, line in enumerate(batch, first)]
     assert found == list(enumerate(lines, 1))
+
+
+async def test_checkpoint_out_only_replaces_a_regular_file(aiohttp_server: Any, tmp_path: Path) -> None:
+    signer = Signer(Ed25519PrivateKey.generate())
+    key = tmp_path / "key.hex"
+    key.write_text(raw_public(signer.public).hex())
+    url = await odd_server(aiohttp_server, orjson.dumps(signer.sign(1, bytes(32), TIMESTAMP).as_dict()))
+    fifo, folder, regular = tmp_path / "fifo", tmp_path / "folder", tmp_path / "cp.json"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    for out in (fifo, folder):
+        result = await audit_cli("checkpoint", "--out", str(out), "--url", url, "--public-key", str(key))
+        assert f"--out {out}: exists and is not a regular file" in one_error_line(result)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and folder.is_dir()
+    regular.write_bytes(b"old")
+    result = await audit_cli("checkpoint", "--out", str(regular), "--url", url, "--public-key", str(key))
+    assert result.returncode == 0, result.stderr
+    assert orjson.loads(regular.read_bytes())["tree_size"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["cp.json", "fifo", "folder", "key.hex"]
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    out = tmp_path / "export.ndjson"
+    out.write_bytes(b"kept")
+    with pytest.raises(OSError, match="disk full"), open_output(out) as file:
+        file.write(b"half")
+        raise OSError("disk full")
+    assert [p.name for p in tmp_path.iterdir()] == ["export.ndjson"] and out.read_bytes() == b"kept"
