@@ -21,6 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import orjson
 
 from backend.config import env_help
+from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 
 if TYPE_CHECKING:
     import aiohttp
@@ -54,7 +55,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
     verify = commands.add_parser("verify", help="recompute every hash chain and report each break",
                                  epilog=env_help() + " (none of them with --export, which reads only the file)")
-    verify.add_argument("--stream", help="verify only this stream")
+    verify.add_argument("--stream", type=stream_id, help="verify only this stream")
     verify.add_argument("--export", type=Path, metavar="FILE",
                         help="verify an NDJSON export file instead of the database (no database needed; - for stdin)")
     verify.add_argument("--partial", action="store_true",
@@ -82,7 +83,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
 
     replay = commands.add_parser("replay", help="print a stream's events, each followed by the state after it",
                                  epilog=env_help())
-    replay.add_argument("--stream", required=True, help="e.g. wallet-<uuid>")
+    replay.add_argument("--stream", type=stream_id, required=True, help="e.g. wallet-<uuid>")
     replay.add_argument("--to-position", type=non_negative, metavar="P", help="stop after position P")
     replay.add_argument("--json", action="store_true", help="one JSON object per event: {event, state}")
 
@@ -120,13 +121,25 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
 
 
 def non_negative(value: str) -> int:
+    """A position: what the database cannot hold is bad input here, not a DataError from it."""
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
+    if not 0 <= number <= MAX_POSITION:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_POSITION}")
     return number
+
+
+def stream_id(value: str) -> str:
+    """A stream id as the store takes them (bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not valid UTF-8") from None
+    if not 1 <= len(value) <= MAX_STREAM_ID_LENGTH:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_STREAM_ID_LENGTH} characters")
+    return value
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -202,6 +215,8 @@ async def verify(settings: Settings, args: argparse.Namespace) -> int:
         async with connection(settings) as conn:
             total = 0 if args.stream else await head(conn)
             report = await verify_database(conn, args.stream, progress=progress)
+    if args.stream is not None and not report.events_checked:
+        return no_events(args.stream)  # a typo must not read as a verified stream
     print_report(report, args.json)
     return OK if report.ok else FOUND
 
@@ -396,10 +411,14 @@ async def replay(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 print_step(step.event, step.state)
         if steps == 0:
-            print(f"tally: error: stream {args.stream!r} has no events"
-                  + (f" up to position {args.to_position}" if args.to_position is not None else ""), file=sys.stderr)
-            return FAILED
+            return no_events(args.stream, args.to_position)
     return OK
+
+
+def no_events(stream: str, to_position: int | None = None) -> int:
+    print(f"tally: error: stream {stream!r} has no events"
+          + (f" up to position {to_position}" if to_position is not None else ""), file=sys.stderr)
+    return FAILED
 
 
 def print_step(event: dict[str, Any], state: dict[str, Any] | None) -> None:

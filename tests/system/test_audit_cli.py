@@ -91,3 +91,10 @@ async def test_export_out_refuses_what_is_not_a_regular_file(own_database_url: s
         assert result.stderr == f"tally: error: --out {out}: exists and is not a regular file\n"
     assert stat.S_ISFIFO(fifo.stat().st_mode) and folder.is_dir()
     assert sorted(os.listdir(tmp_path)) == ["fifo", "folder"]
+
+
+async def test_verifying_a_stream_with_no_events_is_an_error(own_database_url: str, own_pool: asyncpg.Pool) -> None:
+    await fill_log(own_pool, streams=1, versions=2)
+    result = await audit_cli("verify", "--stream", "wallet-none", database_url=own_database_url)
+    assert result.returncode == 2 and result.stderr == "tally: error: stream 'wallet-none' has no events\n"
+    assert not result.stdout

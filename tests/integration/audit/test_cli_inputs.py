@@ -188,3 +188,21 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
         file.write(b"half")
         raise OSError("disk full")
     assert [p.name for p in tmp_path.iterdir()] == ["export.ndjson"] and out.read_bytes() == b"kept"
+
+
+async def test_a_stream_with_no_events_in_the_export_is_an_error(tmp_path: Path) -> None:
+    export = write_export(tmp_path / "e.ndjson", 1)
+    result = await audit_cli("verify", "--export", str(export), "--stream", "wallet-typo")
+    assert one_error_line(result) == "tally: error: stream 'wallet-typo' has no events" and not result.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["export", "--to", str(2**63)], "argument --to: must be 0 to 9223372036854775807"),
+    (["export", "--after", str(2**63)], "argument --after: must be 0 to 9223372036854775807"),
+    (["replay", "--stream", os.fsdecode(b"wallet-\xff")], "argument --stream: not valid UTF-8"),
+    (["replay", "--stream", "w" * 257], "argument --stream: must be 1 to 256 characters"),
+    (["verify", "--stream", os.fsdecode(b"\xff")], "argument --stream: not valid UTF-8"),
+])
+async def test_what_the_store_cannot_hold_is_refused_before_the_database(args: list[str], message: str) -> None:
+    result = await audit_cli(*args, database_url="postgresql://nobody@127.0.0.1:9/none")
+    assert result.returncode == 2 and message in result.stderr and "Error" not in result.stderr, result.stderr
