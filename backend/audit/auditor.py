@@ -257,7 +257,11 @@ async def first_difference(client: Client, checkpoint: Checkpoint, leaves: Seque
 
 async def check_consistency(client: Client, old: Checkpoint, new: Checkpoint) -> tuple[bool, str]:
     if old.tree_size > new.tree_size:
-        return False, f"OLD covers {old.tree_size} events, more than NEW's {new.tree_size}: give them in order"
+        if old.timestamp >= new.timestamp:  # the arguments swapped: bad input, nothing checked
+            raise AuditError(f"OLD (tree_size {old.tree_size}, signed {old.timestamp}) is newer than NEW "
+                             f"(tree_size {new.tree_size}, signed {new.timestamp}): give them in order")
+        return False, (f"NEW, signed later, covers {new.tree_size} events, fewer than OLD's {old.tree_size}: "
+                       "the log shrank")
     if old.tree_size == new.tree_size:
         same = old.root_hash == new.root_hash
         return same, "same size and root" if same else "same size, different roots: the log was rewritten"

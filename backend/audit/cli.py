@@ -358,12 +358,25 @@ async def export(settings: Settings, args: argparse.Namespace) -> int:
     from backend.audit.verify import head
 
     async with connection(settings) as conn:
-        to = args.to if args.to is not None else await head(conn)
+        to = export_end(args, await head(conn))
         say(args, f"exporting positions {args.after + 1}..{to}")
         with open_output(args.out) if args.out is not None else nullcontext(sys.stdout.buffer) as out:
             count = await write_pages(export_pages(conn, args.after, to), out, args, to)
     say(args, f"exported {count:,} events (positions {args.after + 1}..{to})")
     return OK
+
+
+def export_end(args: argparse.Namespace, log_head: int) -> int:
+    """--to, or the head: a range past the head would export differently once the log grows, though
+    both exports would claim the same range (the API refuses such positions too)."""
+    from backend.audit.auditor import AuditError
+
+    to = args.to if args.to is not None else log_head
+    if to > log_head:
+        raise AuditError(f"--to {to} is beyond the head of the log ({log_head})")
+    if args.after > to:
+        raise AuditError(f"--after {args.after} is beyond --to {to}: nothing to export")
+    return to
 
 
 @contextmanager
@@ -502,16 +515,17 @@ async def consistency(settings: Settings, args: argparse.Namespace) -> int:
     from backend.audit import auditor
 
     pinned = read_small(args.public_key) if args.public_key is not None else None
-    loaded = []
-    for path in (args.old, args.new):
-        found, document = auditor.load_checkpoint(read_small(path), str(path))
+    loaded = {path: auditor.load_checkpoint(read_small(path), str(path)) for path in (args.old, args.new)}
+    (old, _), (new, _) = loaded.values()
+    for path, (found, document) in loaded.items():
         if not found.verify(auditor.public_key_for(document, pinned)):
-            print(f"FAILED: checkpoint {path}: signature invalid")
-            return FOUND
-        loaded.append(found)
-    old, new = loaded
+            return print_consistency(args, old, new, False, f"checkpoint {path}: signature invalid")
     async with http_session() as session:
         ok, detail = await auditor.check_consistency(auditor.Client(session, args.url, api_key(args)), old, new)
+    return print_consistency(args, old, new, ok, detail)
+
+
+def print_consistency(args: argparse.Namespace, old: Any, new: Any, ok: bool, detail: str) -> int:
     if args.json:
         sys.stdout.buffer.write(orjson.dumps({"ok": ok, "old": old.tree_size, "new": new.tree_size,
                                               "detail": detail}) + b"\n")

@@ -98,3 +98,14 @@ async def test_verifying_a_stream_with_no_events_is_an_error(own_database_url: s
     result = await audit_cli("verify", "--stream", "wallet-none", database_url=own_database_url)
     assert result.returncode == 2 and result.stderr == "tally: error: stream 'wallet-none' has no events\n"
     assert not result.stdout
+
+
+async def test_export_refuses_a_range_past_the_head(own_database_url: str, own_pool: asyncpg.Pool,
+                                                    tmp_path: Path) -> None:
+    await fill_log(own_pool, streams=1, versions=2)
+    out = tmp_path / "e.ndjson"
+    result = await audit_cli("export", "--quiet", "--to", "1000", "--out", str(out), database_url=own_database_url)
+    assert result.returncode == 2 and result.stderr == "tally: error: --to 1000 is beyond the head of the log (2)\n"
+    result = await audit_cli("export", "--quiet", "--after", "5", database_url=own_database_url)
+    assert result.returncode == 2 and result.stderr == "tally: error: --after 5 is beyond --to 2: nothing to export\n"
+    assert not os.listdir(tmp_path)

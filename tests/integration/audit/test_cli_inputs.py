@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import subprocess
@@ -36,9 +37,9 @@ def write_export(path: Path, *positions: int) -> Path:
     return path
 
 
-def write_checkpoint(path: Path, size: int, root: bytes = bytes(32)) -> Path:
+def write_checkpoint(path: Path, size: int, root: bytes = bytes(32), timestamp: str = TIMESTAMP) -> Path:
     signer = Signer(Ed25519PrivateKey.generate())
-    document = signer.sign(size, root, TIMESTAMP).as_dict()
+    document = signer.sign(size, root, timestamp).as_dict()
     path.write_bytes(orjson.dumps({**document, "public_key": raw_public(signer.public).hex()}))
     return path
 
@@ -206,3 +207,21 @@ async def test_a_stream_with_no_events_in_the_export_is_an_error(tmp_path: Path)
 async def test_what_the_store_cannot_hold_is_refused_before_the_database(args: list[str], message: str) -> None:
     result = await audit_cli(*args, database_url="postgresql://nobody@127.0.0.1:9/none")
     assert result.returncode == 2 and message in result.stderr and "Error" not in result.stderr, result.stderr
+
+
+async def test_consistency_reports_a_bad_signature_as_json_and_refuses_swapped_checkpoints(tmp_path: Path) -> None:
+    old = write_checkpoint(tmp_path / "old.json", 1)
+    new = write_checkpoint(tmp_path / "new.json", 2, timestamp="2026-01-02T00:00:00.000000Z")
+    forged = tmp_path / "forged.json"
+    unsigned = base64.b64encode(bytes(64)).decode()
+    forged.write_bytes(orjson.dumps({**orjson.loads(new.read_bytes()), "signature": unsigned}))
+    result = await audit_cli("consistency", str(old), str(forged), "--json", "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1, result.stderr
+    assert orjson.loads(result.stdout) == {"ok": False, "old": 1, "new": 2,
+                                           "detail": f"checkpoint {forged}: signature invalid"}
+
+    line = one_error_line(await audit_cli("consistency", str(new), str(old), "--url", "http://127.0.0.1:9"))
+    assert "OLD (tree_size 2, signed 2026-01-02T00:00:00.000000Z) is newer than NEW" in line
+    shrunk = write_checkpoint(tmp_path / "shrunk.json", 1, timestamp="2026-01-03T00:00:00.000000Z")
+    result = await audit_cli("consistency", str(new), str(shrunk), "--url", "http://127.0.0.1:9")
+    assert result.returncode == 1 and "the log shrank" in result.stdout, result.stderr
