@@ -213,6 +213,7 @@ async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client:
                                headers=auditor.headers)
     assert len((await bounded.read()).splitlines()) == 2
     await auditor.invalid("/v1/events/export", {"to": -5}, "to")
+    await auditor.invalid("/v1/events/export", {"to": to + 1000}, "to")  # a later export would differ
 
 
 # ---------------------------------------------------------------- time travel
