@@ -11,13 +11,12 @@ import logging
 import signal
 import sys
 
-from aiohttp import web
-
 from backend.config import ConfigError, Settings, check_environment, load_settings
 from backend.db import DatabaseUnavailable
 from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
 from backend.logs import configure_logging
+from backend.server.run import Serving
 from backend.server.site import CannotListen
 from backend.store.migrate import MigrationError
 
@@ -37,13 +36,12 @@ async def work(settings: Settings) -> None:
             connector(core.direct_dsn, settings, durable_commits=False), CheckpointWatcher(core.pool), settings,
             listener=core.listener, supervisor=core.supervisor, tail=core.tail,
         )
-        http: web.AppRunner | None = None
+        http: Serving | None = None
         try:
             if settings.projections_metrics_port:  # first: a port that is taken fails before any work starts
                 http = await serve_worker_http(
                     worker_app(settings, core.pool, worker_metrics(core.pool, core.store, core.listener,
-                                                                   core.supervisor), core.supervisor),
-                    settings.host, settings.projections_metrics_port)
+                                                                   core.supervisor), core.supervisor), settings)
             await service.start()
             tune_for_serving()
             log.info("projection worker running",
@@ -58,7 +56,7 @@ async def work(settings: Settings) -> None:
             await service.stop()
         finally:
             if http is not None:
-                await http.cleanup()
+                await http.stop(settings.shutdown_timeout_s)
 
 
 def port_number(text: str) -> int:

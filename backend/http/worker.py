@@ -13,6 +13,7 @@ from backend.http import health
 from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.metric_sources import watch_build, watch_pool, watch_store
+from backend.server.run import Serving, start
 from backend.server.site import CannotListen
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
@@ -48,13 +49,10 @@ def worker_app(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, supervi
     return app
 
 
-async def serve_worker_http(app: web.Application, host: str, port: int) -> web.AppRunner:
-    """Listening on host:port (else CannotListen, one line); the caller cleans the runner up."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
+async def serve_worker_http(app: web.Application, settings: Settings) -> Serving:
+    """Listening on HOST:PROJECTIONS_METRICS_PORT (else CannotListen, one line) with `serve`'s protocol:
+    problem+json for what the HTTP parser refuses, the header-read timeout, the drain. The caller stops it."""
     try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise CannotListen(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-    return runner
+        return await start(app, settings.model_copy(update={"port": settings.projections_metrics_port}))
+    except CannotListen as exc:
+        raise CannotListen(f"cannot serve metrics: {exc}") from None

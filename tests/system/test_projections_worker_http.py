@@ -63,8 +63,16 @@ def test_the_worker_serves_metrics_and_health_on_its_port(own_database_url: str)
         assert [key for key in found if key[0] == "tally_build_info"]
         ready = ("tally_http_requests_total", (("method", "GET"), ("route", "/health/ready"), ("status", "200")))
         assert found[ready] >= 2  # wait_ready's, and this test's
+        # serve's protocol: what the parser refuses is problem+json that quotes nothing, and no traceback
+        for hostile in (b"GET /metrics HTTP/1.1\r\nHost: w\r\nX-A: a\x01<script>\r\n\r\n",
+                        b"GET /metrics HTTP/1.1\r\nHost: w\r\nExpect: 999-<script>\r\nConnection: close\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(hostile)
+                answer = sock.recv(65536)
+            assert b"application/problem+json" in answer and b"<script>" not in answer, answer
     finally:
         assert worker.stop() == 0, worker.output()
+    assert "Traceback" not in worker.output()
 
 
 def test_a_bad_port_is_refused_at_once() -> None:
@@ -83,6 +91,6 @@ def test_a_port_in_use_fails_with_one_line_before_any_work(own_database_url: str
                                  env={**os.environ, "DATABASE_URL": own_database_url, "LOG_FORMAT": "text"},
                                  capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1, refused.stderr
-    assert f"projections: error: cannot serve metrics on 127.0.0.1:{port}: " in refused.stderr
+    assert f"projections: error: cannot serve metrics: cannot listen on 127.0.0.1 port {port}: " in refused.stderr
     assert "Traceback" not in refused.stderr
     assert "projection worker running" not in refused.stderr
