@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
+import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
+
+log = logging.getLogger(__name__)
 
 EventLoopChoice = Literal["auto", "uvloop", "asyncio"]
 T = TypeVar("T")
@@ -47,11 +51,28 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice) -> T:
         return runner.run(main)
 
 
+STRAY_SIGNALS = ("SIGHUP", "SIGUSR1", "SIGUSR2")
+"""Signals whose default action ends a process at once, without a drain or a log line; init scripts
+send SIGHUP to mean "reload". Tally has nothing to reload: SIGTERM (or SIGINT) stops it."""
+
+
+def ignore_stray_signals() -> None:
+    """Log each of STRAY_SIGNALS, and go on serving."""
+    def stray(signum: int, frame: object) -> None:
+        log.warning("signal ignored: nothing to reload; SIGTERM stops the process",
+                    extra={"signal": signal.Signals(signum).name})
+
+    for name in STRAY_SIGNALS:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), stray)
+
+
 def run_main(main: Coroutine[Any, Any, Any], choice: EventLoopChoice, prog: str,
              fatal: tuple[type[Exception], ...] = ()) -> int:
     """Run a process's main coroutine on the chosen loop and give its exit status, each known failure
     as one line on stderr: 2 when EVENT_LOOP names a missing loop, 1 for one of `fatal` (the database
     unreachable, the port taken...), 0 otherwise, Ctrl-C included."""
+    ignore_stray_signals()
     try:
         run(main, choice)
     except EventLoopUnavailable as exc:

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 
 from backend.config import Settings
+from backend.event_loop import ignore_stray_signals
 from backend.server import shared_limits
 
 log = logging.getLogger("backend")
@@ -184,6 +185,7 @@ def run_workers(settings: Settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_early)
+    ignore_stray_signals()  # SIGHUP would end the parent, and with it every worker
     embedded = None
     limits: Path | None = None
     try:

@@ -156,6 +156,11 @@ def test_workers_parent_restarts_and_drains(fresh_database_url: str) -> None:
         logs = server.logs()
         assert logs.count("projection runner leads") == len(projections), logs
         assert logs.count("merkle folder leading") == 1, logs
+        # SIGHUP ("reload", to an init script) or SIGUSR1 ended the parent, and every worker with it
+        for pid, signum in ((proc.pid, signal.SIGHUP), (proc.pid, signal.SIGUSR1), (first[1], signal.SIGHUP)):
+            os.kill(pid, signum)
+        eventually_blocking(lambda: server.logs().count("signal ignored") >= 3, what="the stray signals logged")
+        assert proc.poll() is None and children(proc.pid) == first and answers_ready(server.base)
         os.kill(first[0], signal.SIGKILL)
         eventually_blocking(lambda: len(children(proc.pid)) == 2 and first[0] not in children(proc.pid),
                             what=lambda: "the killed worker restarted: " + server.logs())
