@@ -228,6 +228,29 @@ async def test_a_deposit_shows_in_its_currency_whether_the_feed_saw_it_opened_or
     await assert_key_kept_secret(watched, viewer)
 
 
+async def test_a_hostile_owner_and_a_huge_balance_keep_the_wallet_view_in_shape(
+        make_client: MakeClient, browser: Any) -> None:
+    """An owner with an unclosed right-to-left override reversed the currency and version after it;
+    a 128-character owner and a balance of 2^63 - 1 pushed the figures out of the panel."""
+    client = await make_client()
+    admin = await mint_token(client.app, "operator", ["admin"])
+    from playwright.async_api import expect
+
+    for owner, amount in (("\u202emallory", 5), ("A" * 128, 2**63 - 1)):
+        wallet = (await post(client, admin, "/v1/wallets", {"owner": owner, "currency": "USD"}))["wallet_id"]
+        await post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": amount, "reference": "r"})
+        watched = await open_dashboard(browser, api_of(client), admin)
+        page = watched.page
+        await expect(page.locator("#status")).to_have_text("Live", timeout=10_000)
+        await page.get_by_label("Wallet id").fill(wallet)
+        await page.get_by_role("button", name="Show").click()
+        await expect(page.locator("#wallet-balance .value")).to_contain_text("USD", timeout=10_000)
+        assert await page.locator("#wallet-view bdi").inner_text() == owner  # isolated from what follows
+        width = await page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1], width
+        await page.close()
+
+
 async def test_the_dashboard_survives_a_server_restart(database_url: str, browser: Any, tmp_path: Path) -> None:
     key = await asyncio.to_thread(create_key, database_url)
     server = Process.serve("dashboard", database_url, SSE_RETRY_MS="500", SHUTDOWN_TIMEOUT_S="3",

@@ -466,7 +466,7 @@
       el("div", { class: "label" }, label), el("div", { class: "value" }, ""));
     view.className = "";
     view.replaceChildren(
-      el("div", {}, el("span", { class: "mono" }, wallet.wallet_id), " · owner ", wallet.owner, " · ", wallet.currency,
+      el("div", {}, el("span", { class: "mono" }, wallet.wallet_id), " · owner ", el("bdi", {}, wallet.owner), " · ", wallet.currency,
         " · version ", el("span", { id: "wallet-version" }, String(wallet.version))),
       el("div", { class: "figures" }, figure("balance", "Balance"), figure("available", "Available"),
         figure("locked", "Locked"), figure("reserved", "Reserved")),
