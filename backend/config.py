@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -262,6 +264,21 @@ def env_help(*names: str, database: bool = True) -> str:
     """The `--help` epilog naming the environment variables a subcommand reads (see README's table)."""
     listed = [*([DATABASE_ENV] if database else []), *names, COMMON_ENV]
     return "environment: " + ", ".join(listed)
+
+
+def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [minimum, maximum], or a usage error saying which, so that what
+    the database cannot hold never reaches it."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
+        if not minimum <= number <= maximum:
+            raise argparse.ArgumentTypeError(f"must be from {minimum} to {maximum}")
+        return number
+
+    return parse
 
 
 def check_environment(settings: Settings, *, uses_database: bool, serves: bool) -> None:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from backend.config import Settings, env_help
+from backend.config import Settings, env_help, int_between
 from backend.db import create_pool, mask_dsn
 from backend.store.migrate import require_migrated
 from projections import registry
@@ -40,15 +40,8 @@ MAX_BATCH_SIZE = 1_000_000
 """A batch is one transaction of one projection: far beyond this, its memory is the limit."""
 
 
-def batch_size(value: str) -> int:
-    """--batch-size: 0 made the rebuild loop for ever without reading; a negative one failed in SQL."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if not 1 <= number <= MAX_BATCH_SIZE:
-        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_BATCH_SIZE}")
-    return number
+batch_size = int_between(1, MAX_BATCH_SIZE)
+"""--batch-size: 0 made the rebuild loop for ever without reading; a negative one failed in SQL."""
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:

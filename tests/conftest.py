@@ -54,8 +54,8 @@ def admin_dsn() -> Iterator[str]:
         server.stop()
 
 
-def create_fresh_database(admin: str, *, migrated: bool = True) -> str:
-    name = f"tally_test_{uuid.uuid4().hex[:12]}"
+def create_fresh_database(admin: str, *, migrated: bool = True, prefix: str = "tally_test_") -> str:
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
     asyncio.run(ensure_database(admin, name))
     dsn = with_database(admin, name)
     if migrated:
@@ -95,8 +95,8 @@ def database_url(admin_dsn: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def database_of_its_own(admin: str, *, migrated: bool) -> Iterator[str]:
-    dsn = create_fresh_database(admin, migrated=migrated)
+def database_of_its_own(admin: str, *, migrated: bool, prefix: str = "tally_test_") -> Iterator[str]:
+    dsn = create_fresh_database(admin, migrated=migrated, prefix=prefix)
     try:
         yield dsn
     finally:

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from backend.config import env_help
+from backend.config import env_help, int_between
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 
 if TYPE_CHECKING:
@@ -120,15 +120,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", help="API key with audit:read (default: TALLY_API_KEY)")
 
 
-def non_negative(value: str) -> int:
-    """A position: what the database cannot hold is bad input here, not a DataError from it."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {value!r}") from None
-    if not 0 <= number <= MAX_POSITION:
-        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_POSITION}")
-    return number
+non_negative = int_between(0, MAX_POSITION)
+"""A position: what the database cannot hold is bad input here, not a DataError from it."""
 
 
 def stream_id(value: str) -> str:

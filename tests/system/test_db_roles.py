@@ -13,9 +13,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from backend.db import ensure_database
 from backend.dbroles import scram_verifier
-from tests.conftest import database_name, drop_database, with_database
+from tests.conftest import database_of_its_own
 from tests.system.ledger_checks import check_ledger
 from tests.system.procs import Process, as_user, create_key, run_backend
 
@@ -65,12 +64,8 @@ async def drop_roles(admin_url: str, *roles: str) -> None:
 def roles_database_url(admin_dsn: str) -> Iterator[str]:
     """An empty database; it and every role made here are named roles_*, so that leftovers on a shared
     server are recognisable as this module's."""
-    dsn = with_database(admin_dsn, f"roles_{uuid.uuid4().hex[:12]}")
-    asyncio.run(ensure_database(admin_dsn, database_name(dsn)))
-    try:
+    with database_of_its_own(admin_dsn, migrated=False, prefix="roles_") as dsn:
         yield dsn
-    finally:
-        drop_database(admin_dsn, dsn)
 
 
 @pytest.fixture

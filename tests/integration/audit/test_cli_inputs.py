@@ -198,8 +198,8 @@ async def test_a_stream_with_no_events_in_the_export_is_an_error(tmp_path: Path)
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["export", "--to", str(2**63)], "argument --to: must be 0 to 9223372036854775807"),
-    (["export", "--after", str(2**63)], "argument --after: must be 0 to 9223372036854775807"),
+    (["export", "--to", str(2**63)], "argument --to: must be from 0 to 9223372036854775807"),
+    (["export", "--after", str(2**63)], "argument --after: must be from 0 to 9223372036854775807"),
     (["replay", "--stream", os.fsdecode(b"wallet-\xff")], "argument --stream: not valid UTF-8"),
     (["replay", "--stream", "w" * 257], "argument --stream: must be 1 to 256 characters"),
     (["verify", "--stream", os.fsdecode(b"\xff")], "argument --stream: not valid UTF-8"),
