@@ -508,9 +508,9 @@ async def consistency(settings: Settings, args: argparse.Namespace) -> int:
     from backend.audit import auditor
 
     pinned = read_small(args.public_key) if args.public_key is not None else None
-    loaded = {path: auditor.load_checkpoint(read_small(path), str(path)) for path in (args.old, args.new)}
-    (old, _), (new, _) = loaded.values()
-    for path, (found, document) in loaded.items():
+    loaded = [(path, *auditor.load_checkpoint(read_small(path), str(path))) for path in (args.old, args.new)]
+    (_, old, _), (_, new, _) = loaded  # a list, not a dict by path: OLD and NEW may be the same file
+    for path, found, document in loaded:
         if not found.verify(auditor.public_key_for(document, pinned)):
             return print_consistency(args, old, new, False, f"checkpoint {path}: signature invalid")
     async with http_session() as session:

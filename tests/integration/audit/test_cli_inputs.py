@@ -222,6 +222,8 @@ async def test_consistency_reports_a_bad_signature_as_json_and_refuses_swapped_c
 
     line = one_error_line(await audit_cli("consistency", str(new), str(old), "--url", "http://127.0.0.1:9"))
     assert "OLD (tree_size 2, signed 2026-01-02T00:00:00.000000Z) is newer than NEW" in line
+    same = await audit_cli("consistency", str(old), str(old), "--url", "http://127.0.0.1:9")  # one file twice
+    assert same.returncode in (0, 2) and "Traceback" not in same.stderr, same.stderr
     shrunk = write_checkpoint(tmp_path / "shrunk.json", 1, timestamp="2026-01-03T00:00:00.000000Z")
     result = await audit_cli("consistency", str(new), str(shrunk), "--url", "http://127.0.0.1:9")
     assert result.returncode == 1 and "the log shrank" in result.stdout, result.stderr
