@@ -191,6 +191,7 @@ async def test_a_credit_shows_in_major_units_within_a_second_and_no_key_leaks(
     await assert_key_kept_secret(watched, viewer)
     assert not [line for line in watched.console if "Content Security Policy" in line or "pageerror" in line], \
         watched.console
+    assert not [line for line in watched.console if "Failed to load resource" in line], watched.console  # favicon
 
 
 async def test_a_deposit_shows_in_its_currency_whether_the_feed_saw_it_opened_or_not(
