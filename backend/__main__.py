@@ -12,8 +12,9 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
-from backend.config import ConfigError, Settings, check_environment, env_help, load_settings
+from backend.config import ConfigError, OneLineErrors, Settings, check_environment, env_help, load_settings
 from backend.db import DatabaseUnavailable
 from backend.logs import configure_logging
 from backend.server.workers import WorkerPlace
@@ -27,9 +28,11 @@ def add_wait_for_db(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tally", description="Tally wallet and credit ledger")
+    parser = OneLineErrors(prog="tally", description="Tally wallet and credit ledger")
     parser.add_argument("--version", action=VersionAction, help="print the version (and git commit) and exit")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # every subcommand's parser is a OneLineErrors too (add_subparsers makes them of the parent's class)
+    commands = cast("argparse._SubParsersAction[argparse.ArgumentParser]",
+                    parser.add_subparsers(dest="command", required=True))
 
     serve = commands.add_parser("serve", help="run the HTTP service",
                                 epilog=env_help("HOST, PORT, every other setting in README.md's Configuration "

@@ -7,7 +7,7 @@ import ipaddress
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -264,6 +264,14 @@ def env_help(*names: str, database: bool = True) -> str:
     """The `--help` epilog naming the environment variables a subcommand reads (see README's table)."""
     listed = [*([DATABASE_ENV] if database else []), *names, COMMON_ENV]
     return "environment: " + ", ".join(listed)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse's refusals as every other refusal of the command line: one line on stderr (not a usage
+    block and a line), exit status 2. Subcommands' parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def int_between(minimum: int, maximum: int) -> Callable[[str], int]:

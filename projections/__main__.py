@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from backend.config import ConfigError, Settings, check_environment, load_settings
+from backend.config import ConfigError, OneLineErrors, Settings, check_environment, load_settings
 from backend.db import DatabaseUnavailable
 from backend.event_loop import loop_name, run_main
 from backend.gc_tuning import tune_for_serving
@@ -67,7 +67,7 @@ def port_number(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrors(
         prog="python -m projections",
         description="Run every projection runner and the reservation-expiry process manager until SIGTERM "
                     "or SIGINT. Configured from the environment like `serve` (DATABASE_URL; unset: the "

@@ -260,3 +260,14 @@ def test_keys_create_prints_the_token_alone_or_as_json(database_url: str) -> Non
     assert made["token"] not in as_json.stderr
     both = tally("keys", "create", "--owner", "ops", "--scopes", "admin", "--json", "--token-only", env=env)
     assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
+def test_a_refused_argument_is_one_line_and_status_2() -> None:
+    """argparse printed a usage block and then the error; every other refusal is one line."""
+    refused = [["nosuch"], ["keys", "create", "--owner", "x", "--scopes", "root"],
+               ["audit", "export", "--to", "-1"], ["projections", "rebuild", "balances", "--batch-size", "0"],
+               ["migrate", "--wait-for-db", "soon"]]
+    for args, result in zip(refused, run_all(refused, {"DATABASE_URL": None}), strict=True):
+        assert result.returncode == 2, (args, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert line.startswith("tally") and ": error: " in line and line.endswith("--help)"), (args, line)
