@@ -14,7 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
-from backend.config import ConfigError, OneLineErrors, Settings, check_environment, env_help, load_settings
+from backend.config import (
+    ConfigError,
+    OneLineErrors,
+    Settings,
+    cannot_write,
+    check_environment,
+    env_help,
+    load_settings,
+)
 from backend.db import DatabaseUnavailable
 from backend.logs import configure_logging
 from backend.server.workers import WorkerPlace
@@ -291,10 +299,11 @@ def run_tool(settings: Settings, args: argparse.Namespace) -> int:
     except asyncpg.UndefinedTableError as exc:  # a table dropped by hand under a migrated schema
         print(f"tally: error: {exc}; is this Tally's database? `python -m backend migrate --status` "
               "shows its migrations", file=sys.stderr)
-    except (OSError, asyncpg.PostgresError) as exc:  # the connection lost, or the server refusing, mid-way
+    except (OSError, asyncpg.PostgresError) as exc:  # unwritable output, a lost connection, a refusal
         from backend.db import describe
 
-        print(f"tally: error: database: {describe(exc)}", file=sys.stderr)
+        where = "cannot write the output" if cannot_write(exc) else "database"
+        print(f"tally: error: {where}: {describe(exc)}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     return 2

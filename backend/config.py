@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import re
 from collections.abc import Callable
@@ -287,6 +288,15 @@ def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
         return number
 
     return parse
+
+
+WRITE_ONLY_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """An OSError that only writing meets (a full disk, a quota, a read-only file system, /dev/full):
+    a command's refusal then names its output, not the database or a file it read."""
+    return isinstance(exc, OSError) and exc.errno in WRITE_ONLY_ERRNOS
 
 
 def check_environment(settings: Settings, *, uses_database: bool, serves: bool) -> None:

@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from backend.config import env_help, int_between
+from backend.config import cannot_write, env_help, int_between
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         return asyncio.run(handlers[args.audit_command](settings, args))
     except (DatabaseUnavailable, ExportFormatError, ReplayError, AuditError, OSError) as exc:
-        print(f"tally: error: {exc}", file=sys.stderr)
+        print(f"tally: error: {'cannot write the output: ' if cannot_write(exc) else ''}{exc}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:
         return FAILED

@@ -15,6 +15,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -47,7 +48,7 @@ READ_ONLY_COMMANDS = [c for c in DATABASE_COMMANDS if c[0] in ("projections", "a
 
 
 def tally(*args: str, env: dict[str, str | None] | None = None, cwd: Path = ROOT,
-          stderr: int | None = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+          stderr: int | None = subprocess.PIPE, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
     merged = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEST_DATABASE_URL")}
     for key, value in (env or {}).items():
         if value is None:
@@ -55,7 +56,7 @@ def tally(*args: str, env: dict[str, str | None] | None = None, cwd: Path = ROOT
         else:
             merged[key] = value
     return subprocess.run([sys.executable, "-m", "backend", *args], cwd=cwd, env=merged, text=True,
-                          stdout=subprocess.PIPE, stderr=stderr, timeout=120)
+                          stdout=stdout, stderr=stderr, timeout=120)
 
 
 def run_all(commands: list[list[str]], env: dict[str, str | None]) -> list[subprocess.CompletedProcess[str]]:
@@ -103,6 +104,17 @@ def test_a_database_that_takes_no_writes_is_one_line_for_what_writes_and_no_matt
     reading = [["migrate", "--status"], ["projections", "status"], ["audit", "verify"]]
     for args, result in zip(reading, run_all(reading, env), strict=True):
         assert result.returncode == 0, (args, result.stderr)
+
+
+def test_an_output_that_cannot_be_written_is_named_as_such_not_as_the_database(database_url: str) -> None:
+    """stdout on a full disk: the refusal names the output, so nobody goes looking at the database."""
+    for args in (["projections", "status"], ["migrate", "--status"], ["audit", "verify"]):
+        with open("/dev/full", "w") as full:
+            result = tally(*args, env={"DATABASE_URL": database_url}, stdout=full)
+        assert result.returncode == 2, (args, result.stderr)
+        [line] = error_lines(result)
+        assert line.startswith("tally: error: cannot write the output: ") and "No space left" in line, (args, line)
+        assert "Traceback" not in result.stderr, (args, result.stderr)
 
 
 def test_read_only_commands_refuse_an_unmigrated_database_and_leave_it_empty(fresh_database_url: str) -> None:
