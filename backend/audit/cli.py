@@ -352,10 +352,11 @@ async def export(settings: Settings, args: argparse.Namespace) -> int:
 
     async with connection(settings) as conn:
         to = export_end(args, await head(conn))
-        say(args, f"exporting positions {args.after + 1}..{to}")
+        span = f"positions {args.after + 1}..{to}" if to > args.after else f"no event after position {args.after}"
+        say(args, f"exporting {span}")
         with open_output(args.out) if args.out is not None else nullcontext(sys.stdout.buffer) as out:
             count = await write_pages(export_pages(conn, args.after, to), out, args, to)
-    say(args, f"exported {count:,} events (positions {args.after + 1}..{to})")
+    say(args, f"exported {count:,} events ({span})")
     return OK
 
 

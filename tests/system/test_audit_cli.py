@@ -109,3 +109,15 @@ async def test_export_refuses_a_range_past_the_head(own_database_url: str, own_p
     result = await audit_cli("export", "--quiet", "--after", "5", database_url=own_database_url)
     assert result.returncode == 2 and result.stderr == "tally: error: --after 5 is beyond --to 2: nothing to export\n"
     assert not os.listdir(tmp_path)
+
+
+async def test_an_empty_range_is_exported_as_such_not_as_a_backwards_one(own_database_url: str,
+                                                                        own_pool: asyncpg.Pool) -> None:
+    result = await audit_cli("export", database_url=own_database_url)
+    assert result.returncode == 0 and not result.stdout, result.stderr
+    assert result.stderr.splitlines() == ["exporting no event after position 0",
+                                          "exported 0 events (no event after position 0)"]
+    await fill_log(own_pool, streams=1, versions=2)
+    result = await audit_cli("export", "--after", "2", database_url=own_database_url)
+    assert result.returncode == 0 and not result.stdout, result.stderr
+    assert result.stderr.splitlines()[-1] == "exported 0 events (no event after position 2)"
