@@ -107,9 +107,10 @@ def success_status(request: web.Request) -> int:
 
 
 def if_match(request: web.Request) -> int | None:
-    """The version named by If-Match (a bare number or an ETag such as "3" or W/"3")."""
+    """The version named by If-Match (a bare number or an ETag such as "3" or W/"3"). `*` asks only
+    that the target exist (RFC 9110), which every command on a path's resource checks anyway."""
     raw = request.headers.get("If-Match")
-    if raw is None:
+    if raw is None or raw.strip(" \t") == "*":
         return None
     match = _ETAG.fullmatch(raw)
     return parse_int(match[1] or match[2] or "" if match else "", "If-Match", maximum=MAX_POSITION,

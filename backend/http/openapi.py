@@ -30,7 +30,7 @@ SSE_SCHEME = "streamToken"
 API_VERSION = "1.0.0"
 REF = "#/components/schemas/{model}"
 POSITION = {"type": "integer", "minimum": 0, "maximum": MAX_POSITION}
-IF_MATCH = r'^((W/)?"[0-9]{1,19}"|[0-9]{1,19})$'
+IF_MATCH = r'^((W/)?"[0-9]{1,19}"|[0-9]{1,19}|\*)$'
 SSE_EVENT = {
     "type": "object",
     "description": "one Server-Sent Event; `data` is JSON, `id` the global position to resume after. Event "
@@ -207,7 +207,8 @@ def _parameters(method: str, path: str, spec: Endpoint) -> list[dict[str, Any]]:
     if spec.conditional:
         params.append({"name": "If-Match", "in": "header", "required": False,
                        "schema": {"type": "string", "pattern": IF_MATCH},
-                       "description": "the stream version the command expects, as \"3\" (412 if it moved on)"})
+                       "description": "the stream version the command expects, as \"3\" (412 if it moved on); "
+                                      "`*` sets no condition"})
     return params
 
 
