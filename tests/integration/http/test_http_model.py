@@ -1,0 +1,197 @@
+"""Random command sequences over real HTTP against a reference model of two wallets, with time moved by
+the app's clock and deposits through their statuses.
+
+After every step: the write's answer and the read model's answer (read-your-writes, as of the write's
+position) equal the model, with reservations due on the clock counted as expired whether or not the
+expiry process has recorded it yet, and available = balance - locked - reserved >= 0. At the end: the
+state as of each of the wallet's positions equals a fold of its stream up to there, and every stream's
+hash chain verifies."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pytest_aiohttp import AiohttpClient
+
+from backend.app import create_app
+from backend.appkeys import STORE
+from backend.clock import ManualClock
+from backend.config import Settings
+from backend.domain import Wallet, wallet_stream
+from backend.store.repository import fold
+from tests.conftest import bearer, mint_token
+from tests.integration.http.test_http_wallets import Api
+from tests.support import Client
+
+TX = itertools.count()
+
+
+@dataclass
+class Model:
+    balance: int = 0
+    locks: dict[str, int] = field(default_factory=dict)
+    reservations: dict[str, tuple[int, datetime]] = field(default_factory=dict)
+    expired: set[str] = field(default_factory=set)
+
+    def sweep(self, now: datetime) -> None:
+        for rid, (_, due) in list(self.reservations.items()):
+            if due <= now:
+                del self.reservations[rid]
+                self.expired.add(rid)
+
+    def figures(self) -> dict[str, int]:
+        locked, reserved = sum(self.locks.values()), sum(a for a, _ in self.reservations.values())
+        return {"balance": self.balance, "locked": locked, "reserved": reserved,
+                "available": self.balance - locked - reserved}
+
+
+@pytest.fixture
+async def clocked(aiohttp_client: AiohttpClient, settings: Settings) -> tuple[Client, ManualClock, Api]:
+    clock = ManualClock()
+    client = await aiohttp_client(create_app(settings, clock))
+    return client, clock, Api(client, bearer(await mint_token(client.app, "operator", ["admin"])))
+
+
+STEP = st.one_of(
+    st.tuples(st.just("credit"), st.integers(0, 1), st.integers(1, 300)),
+    st.tuples(st.just("debit"), st.integers(0, 1), st.integers(1, 300)),
+    st.tuples(st.just("lock"), st.integers(0, 1), st.integers(1, 300)),
+    st.tuples(st.just("release"), st.integers(0, 1), st.integers(0, 5)),
+    st.tuples(st.just("settle"), st.integers(0, 1), st.integers(0, 5)),
+    st.tuples(st.just("reserve"), st.integers(0, 1), st.integers(1, 300), st.integers(1, 60)),
+    st.tuples(st.just("confirm"), st.integers(0, 1), st.integers(0, 5), st.none() | st.integers(1, 300)),
+    st.tuples(st.just("rollback"), st.integers(0, 1), st.integers(0, 5)),
+    st.tuples(st.just("deposit"), st.integers(0, 1), st.integers(1, 300)),
+    st.tuples(st.just("wait"), st.integers(0, 90)),
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(STEP, min_size=1, max_size=25))
+async def test_random_commands_over_http_match_the_model_and_the_log(
+    clocked: tuple[Client, ManualClock, Api], steps: list[tuple[Any, ...]]
+) -> None:
+    client, clock, admin = clocked
+    wallets = [(await admin.post("/v1/wallets", {"owner": o, "currency": "USD"}, status=201))["wallet_id"]
+               for o in ("alice", "bob")]
+    models = [Model(), Model()]
+    lock_ids: list[tuple[int, str]] = []
+    reservation_ids: list[tuple[int, str]] = []
+
+    def pick(known: list[tuple[int, str]], i: int, n: int) -> str:
+        mine = [x for w, x in known if w == i]
+        return mine[n % len(mine)] if mine and n < len(mine) + 1 else str(uuid.uuid4())
+
+    async def post(path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
+        return await admin.post(path, body, status=status)
+
+    for step in steps:
+        op = step[0]
+        if op == "wait":
+            clock.advance(step[1])
+            for m in models:
+                m.sweep(clock.now())
+            continue
+        i, m, base = step[1], models[step[1]], f"/v1/wallets/{wallets[step[1]]}"
+        m.sweep(clock.now())
+        written: dict[str, Any] | None = None
+        if op == "credit":
+            written = await post(f"{base}/credits", {"amount": step[2], "reference": "c"}, 200)
+            m.balance += step[2]
+        elif op in ("debit", "lock", "reserve"):
+            ok = step[2] <= m.figures()["available"]
+            path, body = {"debit": ("debits", {"amount": step[2], "reference": "d"}),
+                          "lock": ("locks", {"amount": step[2], "reason": "r"}),
+                          "reserve": ("reservations", {"amount": step[2], "ttl_seconds": step[-1]})}[op]
+            answer = await post(f"{base}/{path}", body, (201 if op != "debit" else 200) if ok else 422)
+            if not ok:
+                assert answer["code"] == "insufficient_funds"
+            elif op == "debit":
+                written, m.balance = answer, m.balance - step[2]
+            elif op == "lock":
+                written, m.locks[answer["lock_id"]] = answer, step[2]
+                lock_ids.append((i, answer["lock_id"]))
+            else:
+                written = answer
+                m.reservations[answer["reservation_id"]] = (step[2], clock.now() + timedelta(seconds=step[-1]))
+                reservation_ids.append((i, answer["reservation_id"]))
+        elif op in ("release", "settle"):
+            lock_id = pick(lock_ids, i, step[2])
+            j = 1 - i
+            path, body = (f"{base}/locks/{lock_id}/release", {}) if op == "release" else (
+                f"{base}/locks/{lock_id}/settle", {"to_wallet_id": wallets[j]})
+            if lock_id in m.locks:
+                written = await post(path, body, 200)
+                amount = m.locks.pop(lock_id)
+                if op == "settle":
+                    m.balance -= amount
+                    models[j].balance += amount
+            else:
+                assert (await post(path, body, 409))["code"] == "lock_not_open"
+        elif op in ("confirm", "rollback"):
+            rid = pick(reservation_ids, i, step[2])
+            body = {"amount": step[3]} if op == "confirm" and step[3] is not None else {}
+            path = f"{base}/reservations/{rid}/{op}"
+            if rid in m.reservations:
+                reserved = m.reservations[rid][0]
+                charged = body.get("amount", reserved)
+                if charged > reserved:
+                    assert (await post(path, body, 422))["code"] == "amount_exceeds_reserved"
+                else:
+                    written = await post(path, body, 200)
+                    del m.reservations[rid]
+                    m.balance -= charged if op == "confirm" else 0
+            else:
+                code = "reservation_expired" if rid in m.expired else "reservation_not_open"
+                assert (await post(path, body, 409))["code"] == code
+        elif op == "deposit":
+            deposit = await post("/v1/deposits", {"wallet_id": wallets[i], "currency": "USD"}, 201)
+            status = f"/v1/deposits/{deposit['deposit_id']}/status"
+            await post(status, {"status": "confirming", "confirmations": 1}, 200)
+            report = {"status": "confirmed", "amount": step[2], "chain_tx_id": f"tx-{next(TX)}-{uuid.uuid4()}"}
+            confirmed = await post(status, report, 200)
+            m.balance += step[2]
+            written = confirmed["wallet"]
+            written["position"] = confirmed["position"]
+            again = await post(status, report, 409)
+            assert again["code"] == "invalid_transition"
+        for k in (0, 1):
+            expected = models[k].figures()
+            assert expected["available"] >= 0
+            if written is not None and k == i:
+                assert {f: written[f] for f in expected} == expected, (step, written)
+            read = await admin.get(f"/v1/wallets/{wallets[k]}")
+            assert {f: read[f] for f in expected} == expected, (step, read)
+            assert {x["lock_id"]: x["amount"] for x in read["locks"]} == models[k].locks
+            assert {x["reservation_id"]: x["amount"] for x in read["reservations"]} == \
+                {r: a for r, (a, _) in models[k].reservations.items()}
+
+    store = client.app[STORE]
+    for wid in wallets:
+        events = await store.read_stream(wallet_stream(uuid.UUID(wid)))
+        folded: Wallet | None = None
+        for event in events:
+            folded = await fold_to(client, wid, event.position)
+            state = await admin.get(f"/v1/wallets/{wid}/state?at_position={event.position}")
+            assert folded is not None
+            assert (state["balance"], state["locked"], state["version"]) == \
+                (folded.balance, folded.locked, folded.version)
+            assert state["position"] == event.position
+        verified = await admin.get(f"/v1/audit/verify?stream=wallet-{wid}")
+        assert verified["ok"] and verified["events_checked"] == len(events), verified
+
+
+async def fold_to(client: Client, wallet_id: str, position: int) -> Wallet | None:
+    """The wallet folded from its stream's events up to a position, with the domain's own events."""
+    events = [e for e in await client.app[STORE].read_stream(wallet_stream(uuid.UUID(wallet_id)))
+              if e.position <= position]
+    folded = fold(events, None, uuid.UUID(wallet_id))
+    assert folded is None or isinstance(folded, Wallet)
+    return folded
