@@ -180,6 +180,31 @@ async def test_a_deposit_confirmed_by_one_process_and_ended_by_another_credits_o
     assert (await admin.get(f"/v1/wallets/{wid}"))["balance"] == 10 * confirmed
 
 
+async def test_conditional_commands_on_one_version_sent_to_two_processes_let_one_through(
+    admin: Api, two: tuple[Client, Client]
+) -> None:
+    """If-Match names the version a client saw: of the commands sent on it, one is applied and every
+    other is 412 precondition_failed, whichever process takes it (a settle too, on two streams)."""
+    payer = await open_funded(admin, "alice", 1000)
+    payee = await open_funded(admin, "bob", 0)
+    for version in range(2, 6):
+        headers = {**admin.headers, "If-Match": f'"{version}"'}
+        answers = [await answer(r) for r in await asyncio.gather(*(
+            two[i % 2].post(f"/v1/wallets/{payer}/debits", json={"amount": 1, "reference": "x"}, headers=headers)
+            for i in range(6)))]
+        assert Counter((s, b.get("code")) for s, b in answers) == {(200, None): 1, (412, "precondition_failed"): 5}
+    locks = [await admin.post(f"/v1/wallets/{payer}/locks", {"amount": 10, "reason": "r"}, status=201)
+             for _ in range(4)]
+    headers = {**admin.headers, "If-Match": f'"{locks[-1]["version"]}"'}
+    answers = [await answer(r) for r in await asyncio.gather(*(
+        two[i % 2].post(f"/v1/wallets/{payer}/locks/{lock['lock_id']}/settle", json={"to_wallet_id": payee},
+                        headers=headers) for i, lock in enumerate(locks)))]
+    assert Counter((s, b.get("code")) for s, b in answers) == {(200, None): 1, (412, "precondition_failed"): 3}
+    wallet = await replayed(admin, payer)
+    assert (wallet.balance, wallet.locked) == (1000 - 4 - 10, 30)
+    assert (await replayed(admin, payee)).balance == 10
+
+
 async def test_debits_racing_a_settle_into_their_wallet_never_overdraw(
     admin: Api, two: tuple[Client, Client]
 ) -> None:

@@ -21,14 +21,16 @@ from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
-from backend.appkeys import STORE
+from backend.appkeys import POOL, STORE
 from backend.clock import ManualClock
 from backend.config import Settings
 from backend.domain import Wallet, wallet_stream
 from backend.store.repository import fold
+from projections import registry
 from tests.conftest import bearer, mint_token
 from tests.integration.http.test_http_wallets import Api
-from tests.support import Client
+from tests.integration.projections.oracle import actual_tables, assert_same, expected_tables
+from tests.support import Client, eventually
 
 TX = itertools.count()
 
@@ -79,6 +81,8 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
     clocked: tuple[Client, ManualClock, Api], steps: list[tuple[Any, ...]]
 ) -> None:
     client, clock, admin = clocked
+    before = await usd_totals(admin)
+    flows = {"credited": 0, "debited": 0, "settled": 0}
     wallets = [(await admin.post("/v1/wallets", {"owner": o, "currency": "USD"}, status=201))["wallet_id"]
                for o in ("alice", "bob")]
     models = [Model(), Model()]
@@ -105,6 +109,7 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
         if op == "credit":
             written = await post(f"{base}/credits", {"amount": step[2], "reference": "c"}, 200)
             m.balance += step[2]
+            flows["credited"] += step[2]
         elif op in ("debit", "lock", "reserve"):
             ok = step[2] <= m.figures()["available"]
             path, body = {"debit": ("debits", {"amount": step[2], "reference": "d"}),
@@ -115,6 +120,7 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
                 assert answer["code"] == "insufficient_funds"
             elif op == "debit":
                 written, m.balance = answer, m.balance - step[2]
+                flows["debited"] += step[2]
             elif op == "lock":
                 written, m.locks[answer["lock_id"]] = answer, step[2]
                 lock_ids.append((i, answer["lock_id"]))
@@ -133,6 +139,7 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
                 if op == "settle":
                     m.balance -= amount
                     models[j].balance += amount
+                    flows["settled"] += amount
             else:
                 assert (await post(path, body, 409))["code"] == "lock_not_open"
         elif op in ("confirm", "rollback"):
@@ -147,7 +154,9 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
                 else:
                     written = await post(path, body, 200)
                     del m.reservations[rid]
-                    m.balance -= charged if op == "confirm" else 0
+                    charged = charged if op == "confirm" else 0
+                    m.balance -= charged
+                    flows["debited"] += charged
             else:
                 code = "reservation_expired" if rid in m.expired else "reservation_not_open"
                 assert (await post(path, body, 409))["code"] == code
@@ -158,6 +167,7 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
             report = {"status": "confirmed", "amount": step[2], "chain_tx_id": f"tx-{next(TX)}-{uuid.uuid4()}"}
             confirmed = await post(status, report, 200)
             m.balance += step[2]
+            flows["credited"] += step[2]
             written = confirmed["wallet"]
             written["position"] = confirmed["position"]
             again = await post(status, report, 409)
@@ -173,6 +183,11 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
             assert {x["reservation_id"]: x["amount"] for x in read["reservations"]} == \
                 {r: a for r, (a, _) in models[k].reservations.items()}
 
+    after = await usd_totals(admin)
+    assert {k: after[k] - before[k] for k in (*flows, "wallets", "locked")} == \
+        {**flows, "wallets": 2, "locked": sum(sum(m.locks.values()) for m in models)}
+    assert sum(m.balance for m in models) == flows["credited"] - flows["debited"]
+
     store = client.app[STORE]
     for wid in wallets:
         events = await store.read_stream(wallet_stream(uuid.UUID(wid)))
@@ -186,6 +201,26 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
             assert state["position"] == event.position
         verified = await admin.get(f"/v1/audit/verify?stream=wallet-{wid}")
         assert verified["ok"] and verified["events_checked"] == len(events), verified
+    await read_models_equal_a_fold_of_the_log(client)
+
+
+async def read_models_equal_a_fold_of_the_log(client: Client) -> None:
+    """Once the app's runners have applied the whole log, every read model is a fold of it, row by row."""
+    pool = client.app[POOL]
+
+    async def caught_up() -> bool:
+        head = await pool.fetchval("select coalesce(max(position), 0) from events")
+        rows = await pool.fetch("select position from projection_checkpoints where name = any($1)", registry.names())
+        return len(rows) == len(registry.names()) and all(row["position"] >= head for row in rows)
+
+    await eventually(caught_up, what="the projections to apply the whole log")
+    assert_same(await actual_tables(pool), await expected_tables(client.app[STORE]))
+
+
+async def usd_totals(admin: Api) -> dict[str, int]:
+    """The stats read model's USD figures (zeros before the first USD wallet)."""
+    figures = (await admin.get("/v1/stats"))["currencies"].get("USD", {})
+    return {k: figures.get(k, 0) for k in ("wallets", "credited", "debited", "settled", "locked")}
 
 
 async def fold_to(client: Client, wallet_id: str, position: int) -> Wallet | None:
