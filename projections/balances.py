@@ -192,13 +192,16 @@ def wallet_view(row: Any) -> dict[str, Any]:
 
 
 async def get_wallet(db: Executor, wallet_id: UUID, now: datetime) -> tuple[int, dict[str, Any] | None]:
-    """(checkpoint, wallet with its open locks and reservations, or None)."""
+    """(checkpoint, wallet with its open locks and reservations, or None). The wallet also carries `due`:
+    how much it holds in reservations past their deadline whose expiry the log has not recorded yet
+    (counted as expired in its figures, which then depend on `now` as well as on its version)."""
     row = await db.fetchrow(WALLET_SQL, now, wallet_id)
     if row is None:
         return 0, None
     if row["wallet_id"] is None:
         return row["checkpoint"], None
     wallet = wallet_view(row)
+    wallet["due"] = row["due"]
     wallet["locks"] = [
         {"lock_id": str(lock_id), "amount": amount, "reason": reason, "locked_at": at.isoformat()}
         for lock_id, amount, reason, at in row["locks"] or ()

@@ -108,14 +108,15 @@ async def reach(request: web.Request, projection: str, read: ReadModel[P, T], *a
     return await read(pools.primary, *args, **kwargs)
 
 
-def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None
-           ) -> web.Response:
+def answer(request: web.Request, body: dict[str, Any], checkpoint: int, *, version: int | None = None,
+           by_version_alone: bool = True) -> web.Response:
     """body as the endpoint's reply model, with the checkpoint it reflects; if versioned, its ETag, and
-    304 without a body when If-None-Match names that version (the client's copy is current)."""
+    304 without a body when If-None-Match names that version (the client's copy is current), unless
+    the body is not determined by the version alone (by_version_alone=False: it changed with the clock)."""
     headers = {POSITION_HEADER: str(checkpoint)}
     if version is not None:
         headers["ETag"] = etag = f'"{version}"'
-        if none_match(request.headers.get("If-None-Match"), etag):
+        if by_version_alone and none_match(request.headers.get("If-None-Match"), etag):
             return web.Response(status=304, headers=headers)
     return web.Response(body=render(reply_model(request), body), content_type=JSON, headers=headers)
 
@@ -173,7 +174,8 @@ async def get_wallet(request: web.Request) -> web.Response:
     clock = request.app[CLOCK]
     checkpoint, wallet = await read_one(request, "wallet_id", "wallet", balances.Balances.name,
                                         lambda db, wallet_id: balances.get_wallet(db, wallet_id, clock.now()))
-    return answer(request, wallet, checkpoint, version=wallet["version"])
+    # A reservation fell due unrecorded: a copy of this version from before its deadline is stale.
+    return answer(request, wallet, checkpoint, version=wallet["version"], by_version_alone=not wallet.pop("due"))
 
 
 @routes.get("/v1/wallets")

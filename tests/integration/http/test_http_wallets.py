@@ -16,10 +16,11 @@ from backend.appkeys import COMMANDS, STORE
 from backend.clock import ManualClock
 from backend.config import Settings
 from backend.domain import Wallet
+from backend.store.append import APPEND_LOCK_KEY
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
 from tests.conftest import bearer, mint_token
-from tests.support import Client, object_of
+from tests.support import Client, eventually, object_of
 
 PROBLEM = "application/problem+json"
 
@@ -126,6 +127,35 @@ async def test_a_reservation_past_its_expiry_is_409_expired_to_confirm_and_rollb
         assert late["code"] == "reservation_expired", late
     read = await admin.get(f"/v1/wallets/{wid}")
     assert (read["balance"], read["reserved"], read["available"]) == (1000, 0, 1000)
+
+
+async def test_a_copy_taken_before_a_reservation_fell_due_is_not_current(
+    aiohttp_client: AiohttpClient, settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """The wallet's figures change at the deadline, before the expiry process records anything (its
+    append is held back here): If-None-Match with the version read before gets the new figures, not a
+    304 that says the copy showing the money reserved is still current."""
+    clock = ManualClock()
+    client = await aiohttp_client(create_app(settings, clock))
+    admin = Api(client, bearer(await mint_token(client.app, "operator", ["admin"])))
+    wid = await open_funded(admin, amount=1000)
+    await admin.post(f"/v1/wallets/{wid}/reservations", {"amount": 400, "ttl_seconds": 60}, status=201)
+    head = await client.app[STORE].head()
+    before = await client.get(f"/v1/wallets/{wid}", headers={**admin.headers, "X-Min-Position": str(head)})
+    assert (await before.json())["available"] == 600
+    async with pool.acquire() as blocker, blocker.transaction():
+        await blocker.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+        clock.advance(60)
+        copy = {**admin.headers, "If-None-Match": before.headers["ETag"]}
+        again = await client.get(f"/v1/wallets/{wid}", headers=copy)
+        assert again.status == 200
+        assert ((await again.json())["available"], again.headers["ETag"]) == (1000, before.headers["ETag"])
+        assert await client.app[STORE].head() == head  # nothing recorded: the clock alone moved the figures
+
+    async def recorded() -> bool:
+        return bool((await admin.get(f"/v1/wallets/{wid}"))["version"] == 4)
+
+    await eventually(recorded, what="the expiry to be recorded once appends go on")
 
 
 async def test_giving_up_under_contention_is_409_wrong_expected_version_and_changes_nothing(
