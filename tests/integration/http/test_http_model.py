@@ -1,5 +1,5 @@
-"""Random command sequences over real HTTP against a reference model of two wallets, with time moved by
-the app's clock and deposits through their statuses.
+"""Random command sequences over real HTTP, sent to two app instances in turn, against a reference model
+of two wallets, with time moved by the apps' clock and deposits through their statuses.
 
 After every step: the write's answer and the read model's answer (read-your-writes, as of the write's
 position) equal the model, with reservations due on the clock counted as expired whether or not the
@@ -55,10 +55,13 @@ class Model:
 
 
 @pytest.fixture
-async def clocked(aiohttp_client: AiohttpClient, settings: Settings) -> tuple[Client, ManualClock, Api]:
+async def clocked(aiohttp_client: AiohttpClient, settings: Settings) -> tuple[Client, ManualClock, list[Api]]:
+    """Two app instances on one database (two processes, sharing no cache or lock) and one clock."""
     clock = ManualClock()
     client = await aiohttp_client(create_app(settings, clock))
-    return client, clock, Api(client, bearer(await mint_token(client.app, "operator", ["admin"])))
+    other = await aiohttp_client(create_app(settings, clock))
+    headers = bearer(await mint_token(client.app, "operator", ["admin"]))
+    return client, clock, [Api(client, headers), Api(other, headers)]
 
 
 STEP = st.one_of(
@@ -76,11 +79,14 @@ STEP = st.one_of(
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(steps=st.lists(STEP, min_size=1, max_size=25))
+@given(steps=st.lists(STEP, min_size=1, max_size=25), via=st.lists(st.integers(0, 1), min_size=8, max_size=8))
 async def test_random_commands_over_http_match_the_model_and_the_log(
-    clocked: tuple[Client, ManualClock, Api], steps: list[tuple[Any, ...]]
+    clocked: tuple[Client, ManualClock, list[Api]], steps: list[tuple[Any, ...]], via: list[int]
 ) -> None:
-    client, clock, admin = clocked
+    """Each request goes to one of two processes, as `via` says in turn."""
+    client, clock, apis = clocked
+    turns = itertools.cycle(via)
+    admin = apis[0]
     before = await usd_totals(admin)
     flows = {"credited": 0, "debited": 0, "settled": 0}
     wallets = [(await admin.post("/v1/wallets", {"owner": o, "currency": "USD"}, status=201))["wallet_id"]
@@ -94,7 +100,7 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
         return mine[n % len(mine)] if mine and n < len(mine) + 1 else str(uuid.uuid4())
 
     async def post(path: str, body: dict[str, Any], status: int) -> dict[str, Any]:
-        return await admin.post(path, body, status=status)
+        return await apis[next(turns)].post(path, body, status=status)
 
     for step in steps:
         op = step[0]
@@ -177,7 +183,7 @@ async def test_random_commands_over_http_match_the_model_and_the_log(
             assert expected["available"] >= 0
             if written is not None and k == i:
                 assert {f: written[f] for f in expected} == expected, (step, written)
-            read = await admin.get(f"/v1/wallets/{wallets[k]}")
+            read = await apis[next(turns)].get(f"/v1/wallets/{wallets[k]}")
             assert {f: read[f] for f in expected} == expected, (step, read)
             assert {x["lock_id"]: x["amount"] for x in read["locks"]} == models[k].locks
             assert {x["reservation_id"]: x["amount"] for x in read["reservations"]} == \
