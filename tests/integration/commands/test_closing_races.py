@@ -1,6 +1,7 @@
 """Two ways to close one lock or one reservation, raced over real HTTP through two app instances (two
 "processes" on one database, sharing no in-process lock): exactly one wins, the loser gets the stable
-code of a closed lock or reservation, and the amount moves once."""
+code of a closed lock or reservation, and the amount moves once; the read models, which either process
+may lead, end as a fold of the log."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ from backend.domain import Wallet, wallet_stream
 from backend.domain.errors import ReservationExpired, ReservationNotOpen
 from backend.store.event_store import EventStore
 from backend.store.repository import Repository
+from tests.integration.http.test_http_model import read_models_equal_a_fold_of_the_log
 from tests.integration.http.test_http_wallets import Api, open_funded
 from tests.support import Client
 
-ROUNDS = 8
+ROUNDS = 6
 
 
 @pytest.fixture
@@ -79,6 +81,7 @@ async def test_a_settle_racing_a_release_of_one_lock_moves_the_money_once(
     read = await admin.get(f"/v1/wallets/{payer}")
     assert (read["balance"], read["locked"], read["available"]) == (wallet.balance, 0, wallet.balance)
     assert (await admin.get(f"/v1/wallets/{payee}"))["balance"] == 100 * settled
+    await read_models_equal_a_fold_of_the_log(admin.client)
 
 
 async def test_a_confirm_racing_a_rollback_of_one_reservation_charges_once_or_not_at_all(
@@ -103,6 +106,7 @@ async def test_a_confirm_racing_a_rollback_of_one_reservation_charges_once_or_no
     assert (wallet.balance, wallet.reserved, wallet.reservations) == (100 * ROUNDS - 60 * confirmed, 0, {})
     read = await admin.get(f"/v1/wallets/{wid}")
     assert (read["balance"], read["reserved"], read["available"]) == (wallet.balance, 0, wallet.balance)
+    await read_models_equal_a_fold_of_the_log(admin.client)
 
 
 async def test_the_same_idempotency_key_sent_to_two_processes_at_once_runs_once(
@@ -231,6 +235,7 @@ async def test_debits_racing_a_settle_into_their_wallet_never_overdraw(
         sign = {"WalletCredited": 1, "SettlementReceived": 1, "WalletDebited": -1}.get(event.type, 0)
         balance += sign * int(event.data.get("amount", 0))
         assert balance >= 0, [e.type for e in events]
+    await read_models_equal_a_fold_of_the_log(admin.client)
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ STEP = st.one_of(
 )
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(STEP, min_size=1, max_size=25), via=st.lists(st.integers(0, 1), min_size=8, max_size=8))
 async def test_random_commands_over_http_match_the_model_and_the_log(
     clocked: tuple[Client, ManualClock, list[Api]], steps: list[tuple[Any, ...]], via: list[int]
