@@ -1,19 +1,22 @@
-"""Two ways to close one lock or one reservation, raced over real HTTP through two app instances (two
-"processes" on one database, sharing no in-process lock): exactly one wins, the loser gets the stable
-code of a closed lock or reservation, and the amount moves once; the read models, which either process
-may lead, end as a fold of the log."""
+"""Races over real HTTP through two app instances (two "processes" on one database, sharing no in-process
+lock or cache). Two ways to close one lock, reservation or deposit: exactly one wins, the loser gets the
+stable code of a closed one, and the amount moves once. One Idempotency-Key or one If-Match version sent
+to both: one execution. Debits racing a settle into their wallet: never an overdraft. The read models,
+which either process may lead, end as a fold of the log."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import orjson
 import pytest
+from aiohttp import ClientResponse
 from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
@@ -43,7 +46,7 @@ async def two(aiohttp_client: AiohttpClient, settings: Settings, client: Client)
     return client, await aiohttp_client(create_app(settings))
 
 
-async def answer(response: Any) -> tuple[int, dict[str, Any]]:
+async def answer(response: ClientResponse) -> tuple[int, dict[str, Any]]:
     return response.status, orjson.loads(await response.read())
 
 
@@ -239,7 +242,7 @@ async def test_debits_racing_a_settle_into_their_wallet_never_overdraw(
 
 
 @pytest.fixture
-async def buses(pool: asyncpg.Pool) -> Any:
+async def buses(pool: asyncpg.Pool) -> AsyncIterator[list[CommandBus]]:
     made = [EventStore(pool) for _ in range(2)]
     try:
         yield [CommandBus(Repository(store)) for store in made]
