@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_workers(settings)
     from backend.audit.signing import SigningKeyError
     from backend.event_loop import run_main
-    from backend.http.accept import CannotListen
+    from backend.server.site import CannotListen
     from backend.store.migrate import MigrationError
 
     worker = WorkerPlace(args.worker, args.shared_limits) if args.worker is not None else None
