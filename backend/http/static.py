@@ -41,8 +41,6 @@ FILES = (
     ("/docs/swagger-ui.css", "docs/swagger-ui/swagger-ui.css", "docs_swagger_ui_style",
      "Swagger UI's style sheet (swagger-ui-dist, vendored)."),
 )
-PREFIXES = ("/dashboard", "/docs")
-"""Public, like /health (backend.http.auth)."""
 
 HEADERS = {
     "Content-Security-Policy": CSP,
