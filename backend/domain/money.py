@@ -33,9 +33,6 @@ CURRENCIES: Mapping[str, int] = MappingProxyType(
     }
 )
 
-# Currencies settled on a chain; deposit addresses are formatted per chain.
-CRYPTO: frozenset[str] = frozenset({"BTC", "ETH", "USDT", "USDC"})
-
 _CODE = re.compile(r"[A-Z]{3,10}")
 
 
@@ -59,7 +56,3 @@ def require_currency(value: object, field: str = "currency") -> str:
 
 def minor_unit_exponent(currency: str) -> int:
     return CURRENCIES[require_currency(currency)]
-
-
-def is_crypto(currency: str) -> bool:
-    return require_currency(currency) in CRYPTO
