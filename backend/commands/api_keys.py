@@ -14,7 +14,6 @@ from backend.commands.bus import Decision
 from backend.commands.context import CommandContext
 from backend.commands.errors import NotFound, PreconditionFailed, check_if_match
 from backend.domain import ApiKey, hash_secret
-from backend.domain.api_key import verify_secret
 from backend.store.repository import Repository
 
 TOKEN_PREFIX = "tly_"  # noqa: S105 (a prefix that makes leaked keys recognisable, not a secret)
@@ -44,10 +43,6 @@ def parse_token(token: str) -> UUID | None:
     """The key id a well-formed token names, else None (then there is nothing to look up)."""
     match = _TOKEN.match(token)
     return UUID(hex=match[1]) if match else None
-
-
-def token_matches(key: ApiKey, token: str) -> bool:
-    return verify_secret(token, key.secret_hash)
 
 
 def key_body(key: ApiKey) -> dict[str, Any]:
