@@ -25,7 +25,6 @@ REBUILD = 0x7A11_0006
 """Namespace of "rebuilds projection <name>" locks."""
 
 TRY_LOCK_SQL = "select pg_try_advisory_lock($1, hashtext($2))"
-UNLOCK_SQL = "select pg_advisory_unlock($1, hashtext($2))"
 # pg_locks shows a two-key advisory lock as classid = key 1, objid = key 2, objsubid = 2.
 HOLDERS_SQL = """
 select n.name, l.pid, a.application_name
@@ -62,10 +61,6 @@ async def leading(
         yield conn
     finally:
         conn.terminate()  # ends the session at once, and with it the lock
-
-
-async def unlock(conn: Connection, namespace: int, name: str) -> None:
-    await conn.execute(UNLOCK_SQL, namespace, name)
 
 
 async def holders(db: Executor, namespace: int, names: list[str]) -> dict[str, tuple[int, str]]:
