@@ -80,11 +80,11 @@ SCHEMA_VERSIONS: dict[str, int] = dict.fromkeys(EVENT_TYPES, 1)
 # (type name, from version) -> function lifting a payload from that version to the next.
 UPCASTERS: dict[tuple[str, int], Upcaster] = {}
 
-# Fields every event has; they travel in the row's columns, never in ``data``.
 CHAIN_TX_CLAIMED = "ChainTxClaimed"
 """Type of the one event in a deposit's chain-transaction claim stream. Not an aggregate event:
 projections can ignore it; it is named here so that readers of the log need not import the commands."""
 
+# Fields every event has; they travel in the row's columns, never in ``data``.
 ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 
 
