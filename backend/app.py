@@ -28,7 +28,7 @@ from backend.appkeys import (
     SUPERVISOR,
     WORKER,
 )
-from backend.audit.runtime import audit_ctx
+from backend.audit_runtime import audit_ctx
 from backend.bootstrap import open_core
 from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.deposits import DepositCommands

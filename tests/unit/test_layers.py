@@ -6,7 +6,8 @@ import counted, those inside functions too) has none of the edges the layering f
   backend/app.py, backend/__main__.py or backend/embedded_pg.py, directly or through other modules
   (entry points, projections/__main__.py and projections/cli.py, are wiring and exempt);
 - the store imports only the domain (and the foundation modules every layer may use);
-- commands reach neither streaming nor projections.
+- commands reach neither streaming nor projections;
+- the audit layer reaches nothing of backend/http nor the wiring (its app context is backend/audit_runtime.py).
 """
 
 from __future__ import annotations
@@ -157,3 +158,8 @@ def test_the_store_imports_only_the_domain() -> None:
 def test_commands_reach_neither_streaming_nor_projections(forbidden: str) -> None:
     bad = violations(in_layer("backend.commands"), (forbidden,), transitive=True)
     assert not bad, "commands reach " + forbidden + ":\n" + "\n".join(bad)
+
+
+def test_audit_reaches_no_http_module_and_no_wiring() -> None:
+    bad = violations(in_layer("backend.audit"), ("backend.http", *WIRING), transitive=True)
+    assert not bad, "audit reaches the HTTP layer or the wiring:\n" + "\n".join(bad)
