@@ -29,6 +29,8 @@ STREAM_PAGE_SQL = f"""
 select {EXPORT_COLUMNS} from events where stream_id = $1 and version > $2 order by version limit $3
 """
 STREAM_EXISTS_SQL = "select exists (select 1 from events where stream_id = $1)"
+RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
+NEWEST_RECORDED_SQL = "select max(recorded_at) from events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,18 @@ def page_query(
 async def position_before(conn: Connection, moment: datetime) -> int:
     """The last position recorded strictly before `moment` (0 if none)."""
     return int(await conn.fetchval(POSITION_BEFORE_SQL, moment))
+
+
+async def recorded_at(conn: Connection, position: int) -> datetime | None:
+    """The recorded time of the event at `position`, or of the last one below it (None if none is)."""
+    moment: datetime | None = await conn.fetchval(RECORDED_AT_SQL, position)
+    return moment
+
+
+async def newest_recorded(conn: Connection) -> datetime | None:
+    """The recorded time of the log's newest event (None for an empty log)."""
+    moment: datetime | None = await conn.fetchval(NEWEST_RECORDED_SQL)
+    return moment
 
 
 async def log_page(

@@ -44,9 +44,6 @@ Position = Annotated[int, Field(ge=0, le=MAX_POSITION), ASCII_DIGITS_ONLY]
 Limit = Annotated[int, Field(ge=1, le=1000), ASCII_DIGITS_ONLY]
 StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
 
-RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
-NEWEST_RECORDED_SQL = "select max(recorded_at) from events"
-
 
 class ClientLeft(Exception):
     """Writing to the client failed: not the database's failure, so not a reason to change servers."""
@@ -224,7 +221,7 @@ async def wallet_state(request: web.Request) -> web.Response:
 
     async def read(db: Executor) -> tuple[Wallet | None, int, datetime]:
         async with connection(db) as conn:
-            moment = (await conn.fetchval(RECORDED_AT_SQL, q.at_position) if q.at_position is not None
+            moment = (await history.recorded_at(conn, q.at_position) if q.at_position is not None
                       else q.as_of)
             assert isinstance(moment, datetime)
             wallet, position = await repository.as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of,
@@ -233,7 +230,7 @@ async def wallet_state(request: web.Request) -> web.Response:
 
     async def recorded_since(conn: Connection) -> bool:
         """The replica has every event recorded up to as_of: it holds one recorded after it."""
-        newest = await conn.fetchval(NEWEST_RECORDED_SQL)
+        newest = await history.newest_recorded(conn)
         return newest is not None and q.as_of is not None and newest > q.as_of
 
     pools = request.app[READ_POOLS]
