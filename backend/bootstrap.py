@@ -55,8 +55,8 @@ async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock 
     """Open the core, yield it, close it in reverse order (the store before the listener, the pool
     last). dsn None: DATABASE_URL, or the embedded server. A supervisor not given is made here and
     closed last. Without APPLY_MIGRATIONS, a database not up to date is refused (NotMigrated, one line)
-    before anything else reads it: serve and the projections worker used to wait 10 s for the listener,
-    then die in a TimeoutError."""
+    before anything else reads it, rather than a listener that cannot start on the missing tables ending
+    in a TimeoutError once its start timeout has passed."""
     async with contextlib.AsyncExitStack() as stack:
         if supervisor is None:
             supervisor = Supervisor()  # runs and restarts the listener (and whatever the caller adds)
