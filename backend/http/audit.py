@@ -22,9 +22,9 @@ from backend.http.endpoint import JSON, Header, endpoint, refuse_unknown_paramet
 from backend.http.integers import ASCII_DIGITS_ONLY
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
+from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
-from backend.http.wallets import path_uuid
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
 from backend.store.read_pools import connection

@@ -14,7 +14,7 @@ from backend.appkeys import DEPOSIT_COMMANDS
 from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import command
-from backend.http.wallets import path_uuid
+from backend.http.path_ids import path_uuid
 
 routes = web.RouteTableDef()
 

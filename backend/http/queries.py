@@ -24,10 +24,10 @@ from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, Param, endpoint, reply_model
 from backend.http.integers import parse_int
+from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
-from backend.http.wallets import path_uuid
 from backend.store.events import MAX_POSITION
 from backend.store.read_pools import connection
 from backend.store.reads import Executor

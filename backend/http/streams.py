@@ -40,9 +40,9 @@ from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters, problem_body
-from backend.http.wallets import path_uuid
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 from backend.streaming import frames, tcp

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Awaitable, Callable
 from uuid import UUID, uuid4
 
@@ -16,24 +15,10 @@ from backend.domain import wallet_stream
 from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import command
-from backend.http.problems import Problem
+from backend.http.path_ids import path_uuid
 from backend.store.repository import Repository
 
 routes = web.RouteTableDef()
-
-
-@functools.lru_cache(maxsize=16_384)
-def parse_uuid(text: str) -> UUID:
-    """UUID(text), memoized: the same wallet ids come back request after request, and UUID() parses in
-    Python (a malformed text raises each time; exceptions are not cached)."""
-    return UUID(text)
-
-
-def path_uuid(request: web.Request, name: str) -> UUID:
-    try:
-        return parse_uuid(request.match_info[name])
-    except ValueError:
-        raise Problem(404, "not_found", f"{name} must be a UUID") from None
 
 
 @routes.post("/v1/wallets")
