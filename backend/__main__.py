@@ -100,14 +100,10 @@ class VersionAction(argparse.Action):
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
                  option_string: str | None = None) -> None:
+        from backend.version import version_text
+
         print(f"tally {version_text()}")
         parser.exit()
-
-
-def version_text() -> str:
-    from backend.version import version_text as text
-
-    return text()
 
 
 def scope_list(value: str) -> list[str]:
