@@ -53,7 +53,7 @@ def watch_store(metrics: Metrics, store: EventStore, listener: Listener) -> None
                     lambda: store.counters().fenced_shifted)
     metrics.counters("tally_append_locked_total",
                      "Append batches that took the locked path, by why the fenced one could not serve them",
-                     "reason", store.locked_paths)
+                     "reason", lambda: store.counters().locked_paths)
     metrics.counter("tally_stream_tail_queries_total",
                     "Queries that read streams' new events for commands (the caches could not be trusted)",
                     lambda: store.counters().tail_queries)

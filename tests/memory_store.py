@@ -143,7 +143,7 @@ class MemoryEventStore:
 
     def counters(self) -> StoreCounters:
         """Batches as settled; nothing here is fenced or answered by a query."""
-        return StoreCounters(self.batches, self.batched_requests, 0, 0, 0, 0, 0)
+        return StoreCounters(self.batches, self.batched_requests, 0, 0, 0, 0, 0, {})
 
     async def close(self) -> None:
         self._closing = True

@@ -36,6 +36,8 @@ class StoreCounters(NamedTuple):
     """Queries that answered coalesced stream_version calls."""
     tail_queries: int
     """Queries that answered coalesced read_tail calls."""
+    locked_paths: dict[str, int]
+    """Batches that took the locked path, by reason (backend.store.append.LOCKED_REASONS)."""
 
 
 class EventStore:
@@ -75,13 +77,10 @@ class EventStore:
         return self._batcher.follow(events, end)
 
     def counters(self) -> StoreCounters:
+        """The store's counters, all of them: the one way to read them."""
         return StoreCounters(self._batcher.batches, self._batcher.batched_requests, self._batcher.fenced,
                              self._batcher.fence_misses, self._batcher.shifted, self._point_reads.version_queries,
-                             self._point_reads.tail_queries)
-
-    def locked_paths(self) -> dict[str, int]:
-        """Batches that took the locked path, by reason (backend.store.append.LOCKED_REASONS)."""
-        return dict(self._batcher.locked)
+                             self._point_reads.tail_queries, dict(self._batcher.locked))
 
     def observe_batches(self, observe: Callable[[float, int], None] | None) -> None:
         """Call `observe` with each committed batch's seconds, from taking it to its commit, and the

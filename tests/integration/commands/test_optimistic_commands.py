@@ -317,11 +317,11 @@ async def test_another_process_appending_elsewhere_costs_no_round_trip_and_not_t
     mine, theirs = await open_wallet(one, 100), await open_wallet(two, 100)
     await one.run(mine, "debit", 1)
     await two.run(theirs, "debit", 1)
-    before, locked = one.store.counters(), one.store.locked_paths()
+    before, locked = one.store.counters(), one.store.counters().locked_paths
     reply = await one.run(mine, "debit", 9)
     assert balance_of(reply) == 90
     after = one.store.counters()
     assert (after.fenced, after.fence_misses, after.fenced_shifted) == \
         (before.fenced + 1, before.fence_misses, before.fenced_shifted + 1)
-    assert one.store.locked_paths() == locked
+    assert one.store.counters().locked_paths == locked
     assert orjson.loads(reply.body)["position"] == await one.store.head()

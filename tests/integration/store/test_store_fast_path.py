@@ -106,10 +106,10 @@ async def test_a_read_at_the_appenders_own_head_opens_the_fast_path(stores: Stor
     await theirs.append_to(foreign, 3, [ev(4)])
     await theirs.append_to(sid(), NO_STREAM, [ev()])
     assert await mine.stream_version(foreign) == 4
-    before, locked = mine.counters(), mine.locked_paths()
+    before, locked = mine.counters(), mine.counters().locked_paths
     await mine.append_to(foreign, 4, [ev(5)])
     assert (mine.counters().fenced, mine.counters().fenced_shifted) == (before.fenced + 1, before.fenced_shifted + 1)
-    assert mine.locked_paths() == locked
+    assert mine.counters().locked_paths == locked
     assert [e.version for e in await mine.read_stream(foreign)] == [1, 2, 3, 4, 5]
 
     # What it read is checked, not trusted: once the stream moved again, the fence misses and the
@@ -232,10 +232,10 @@ async def test_a_new_stream_takes_the_fast_path_and_one_that_exists_is_told_by_t
     fenced = mine.counters().fenced
     await mine.append_to(sid(), NO_STREAM, [ev()])
     assert mine.counters().fenced == fenced + 1
-    locked = mine.locked_paths()["taken"]  # `taken` is not known, so taken as new: the index refuses
+    locked = mine.counters().locked_paths["taken"]  # `taken` is not known, so taken as new: the index refuses
     with pytest.raises(WrongExpectedVersion):
         await mine.append_to(taken, NO_STREAM, [ev()])
-    assert mine.locked_paths()["taken"] == locked + 1
+    assert mine.counters().locked_paths["taken"] == locked + 1
     assert await count_stream(pool, taken) == 1
 
 
@@ -249,14 +249,15 @@ async def test_in_one_batch_what_memory_cannot_plan_goes_the_general_way_and_the
     still, moved = sid(), sid()
     await mine.append([Write(still, NO_STREAM, [ev()]), Write(moved, NO_STREAM, [ev()])])
     await theirs.append_to(moved, 1, [ev(2)])
-    fenced, misses, rejected = mine.counters().fenced, mine.counters().fence_misses, mine.locked_paths()["rejected"]
+    before = mine.counters()
+    fenced, misses, rejected = before.fenced, before.fence_misses, before.locked_paths["rejected"]
     first = mine.submit([Write(still, 1, [ev(2)])])
     second = mine.submit([Write(moved, 1, [ev(3)])])  # queued behind the first: one batch
     ok, refused = await asyncio.gather(mine.outcome(first), mine.outcome(second), return_exceptions=True)
     assert isinstance(refused, WrongExpectedVersion), refused
     assert not isinstance(ok, BaseException) and ok.streams[0].version == 2
     assert mine.counters().fenced == fenced + 1 and mine.counters().fence_misses == misses + 1
-    assert mine.locked_paths()["rejected"] == rejected + 1
+    assert mine.counters().locked_paths["rejected"] == rejected + 1
     assert [e.version for e in await mine.read_stream(moved)] == [1, 2]
     assert [e.version for e in await mine.read_stream(still)] == [1, 2]
 
@@ -285,12 +286,12 @@ async def test_appends_elsewhere_by_another_process_shift_the_batch_in_one_round
     own, key = sid(), uuid.uuid4().hex
     await mine.append_to(own, NO_STREAM, [ev()])
     await theirs.append([Write(sid(), NO_STREAM, [ev(), ev(2)]), Write(sid(), NO_STREAM, [ev(3)])])
-    before, locked = mine.counters(), mine.locked_paths()
+    before, locked = mine.counters(), mine.counters().locked_paths
     result = await mine.append([Write(own, 1, [ev(2), ev(3)])], claim(key))
     after = mine.counters()
     assert (after.fenced, after.fence_misses, after.fenced_shifted) == \
         (before.fenced + 1, before.fence_misses, before.fenced_shifted + 1)
-    assert mine.locked_paths() == locked
+    assert mine.counters().locked_paths == locked
     stored = await mine.read_stream(own)
     assert [(e.version, e.position) for e in stored[1:]] == list(zip((2, 3), result.streams[0].positions, strict=True))
     assert result.position == await mine.head()
@@ -310,14 +311,14 @@ async def test_a_fresh_append_expecting_a_version_below_the_known_one_is_refused
     stream = sid()
     await mine.append_to(stream, NO_STREAM, [ev()])
     await mine.append_to(stream, 1, [ev(2)])
-    before, locked = mine.counters(), mine.locked_paths()
+    before, locked = mine.counters(), mine.counters().locked_paths
     with pytest.raises(WrongExpectedVersion):
         await mine.outcome(mine.submit([Write(stream, 1, [ev(3)])], claim(uuid.uuid4().hex), fresh=True))
-    assert mine.locked_paths() == locked
+    assert mine.counters().locked_paths == locked
     assert mine.counters().fence_misses == before.fence_misses
     with pytest.raises(WrongExpectedVersion):
         await mine.outcome(mine.submit([Write(stream, 1, [ev(3)])]))
-    assert mine.locked_paths()["rejected"] == locked["rejected"] + 1
+    assert mine.counters().locked_paths["rejected"] == locked["rejected"] + 1
     assert [e.version for e in await mine.read_stream(stream)] == [1, 2]
 
 
