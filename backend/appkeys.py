@@ -31,11 +31,11 @@ CLOCK = web.AppKey("clock", Clock)
 """Now, for every part of the app outside the domain (backend.clock; tests pass a ManualClock)."""
 METRICS = web.AppKey("metrics", Metrics)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+"""Runs (and restarts) every background task of the process: backend.supervisor."""
 WORKER = web.AppKey("worker", WorkerPlace)
 """Set in a worker of `serve --workers N` only: its place among them."""
 SHARED_LIMITS = web.AppKey("shared_limits", SharedLimits)
 """Set in a worker of `serve --workers N` only: the host's per-key limits (backend/server/shared_limits.py)."""
-"""Runs (and restarts) every background task of the process: backend.supervisor."""
 DATABASE_DSN = web.AppKey("database_dsn", str)
 """DIRECT_DATABASE_URL (default DATABASE_URL): for connections that hold a session (leader locks, LISTEN)."""
 POOL = web.AppKey("pool", asyncpg.Pool)
