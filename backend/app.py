@@ -19,12 +19,14 @@ from backend.appkeys import (
     LISTENER,
     LOG_TAIL,
     METRICS,
+    OPENAPI,
     POOL,
     READ_POOLS,
     REPOSITORY,
     SETTINGS,
     SHARED_LIMITS,
     STORE,
+    STREAM_TOKENS,
     SUPERVISOR,
     WORKER,
 )
@@ -42,10 +44,9 @@ from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
-from backend.http.openapi import OPENAPI
 from backend.http.ratelimit import HostRateLimiter, Limiter, RateLimiter, rate_limit_middleware
 from backend.http.routing import add_routes
-from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
+from backend.http.signed_tokens import StreamTokens
 from backend.http.static import routes as static_routes
 from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx

@@ -15,6 +15,7 @@ from backend.config import Settings
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics
+from backend.http.signed_tokens import StreamTokens
 from backend.server.shared_limits import SharedLimits
 from backend.server.workers import WorkerPlace
 from backend.store.event_store import EventStore
@@ -58,3 +59,7 @@ HUB = web.AppKey("hub", Hub)
 AUDIT_SIGNER = web.AppKey("audit_signer", Signer)
 """Present only with AUDIT_SIGNING_KEY_FILE."""
 AUDIT_FOLDER = web.AppKey("audit_folder", Folder)
+STREAM_TOKENS = web.AppKey("stream_tokens", StreamTokens)
+"""Signs and checks the tokens that open event streams from a browser (backend.http.signed_tokens)."""
+OPENAPI = web.AppKey("openapi", bytes)
+"""The OpenAPI document, rendered once when the app is made."""

@@ -5,11 +5,10 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from backend.appkeys import AUTH_FAILURES, AUTHENTICATOR
+from backend.appkeys import AUTH_FAILURES, AUTHENTICATOR, STREAM_TOKENS
 from backend.commands.context import Actor
 from backend.http.problems import Problem
 from backend.http.signed_tokens import PREFIX as STREAM_TOKEN_PREFIX
-from backend.http.signed_tokens import STREAM_TOKENS
 
 ACTOR = web.RequestKey("actor", Actor)
 

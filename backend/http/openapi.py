@@ -16,6 +16,7 @@ from aiohttp import hdrs, web
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
+from backend.appkeys import OPENAPI
 from backend.http.audit import NDJSON
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, SSE, Endpoint, declared, endpoint
@@ -24,7 +25,6 @@ from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
 from backend.streaming import schemas as event_schemas
 
-OPENAPI = web.AppKey("openapi", bytes)
 BEARER = "bearer"
 SSE_SCHEME = "streamToken"
 API_VERSION = "1.0.0"

@@ -11,8 +11,6 @@ import time
 from datetime import UTC, datetime
 from uuid import UUID
 
-from aiohttp import web
-
 from backend.config import Settings
 
 PREFIX = "tst_"
@@ -58,5 +56,3 @@ class StreamTokens:
             return None
         return key_id if (time.time() if now is None else now) < expires else None
 
-
-STREAM_TOKENS = web.AppKey("stream_tokens", StreamTokens)

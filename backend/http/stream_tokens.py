@@ -12,10 +12,10 @@ from uuid import UUID
 
 from aiohttp import web
 
+from backend.appkeys import STREAM_TOKENS
 from backend.http import replies
 from backend.http.auth import ACTOR
 from backend.http.endpoint import JSON, Header, endpoint, reply_model
-from backend.http.signed_tokens import STREAM_TOKENS
 
 routes = web.RouteTableDef()
 

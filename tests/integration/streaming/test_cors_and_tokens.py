@@ -8,10 +8,10 @@ from datetime import datetime
 
 import pytest
 
-from backend.appkeys import SETTINGS
+from backend.appkeys import SETTINGS, STREAM_TOKENS
 from backend.config import ConfigError, load_settings
 from backend.domain.registry import EVENT_TYPES
-from backend.http.signed_tokens import STREAM_TOKENS, StreamTokens
+from backend.http.signed_tokens import StreamTokens
 from tests.conftest import bearer, mint_token
 from tests.integration.streaming.conftest import MakeClient, connect
 
