@@ -17,8 +17,8 @@ from typing import Any
 
 from backend.db import Connection
 from backend.domain.registry import SCHEMA_VERSIONS, upcast
+from backend.store.event_codec import OCCURRED_AT
 from backend.store.events import RecordedEvent
-from backend.store.repository import OCCURRED_AT
 
 _COLUMNS = """position, stream_id, version, type, data, recorded_at,
               coalesce((metadata->>'schema_version')::int, 1) as schema_version"""

@@ -18,10 +18,10 @@ from eventsourcing.domain import Aggregate
 
 from backend.db import Connection
 from backend.domain import ValidationError, Wallet, parse_stream_id
+from backend.store.event_codec import fold
 from backend.store.events import RecordedEvent
 from backend.store.hashing import format_time
 from backend.store.reads import iter_stream
-from backend.store.repository import fold
 
 
 class ReplayError(Exception):

@@ -1,4 +1,4 @@
-"""Aggregates in and out of the event store: stable type names, snapshots, an in-process cache.
+"""Aggregates in and out of the event store: their streams, snapshots, an in-process cache.
 
 Loading takes the cached copy (or the latest snapshot) and applies the stream's tail after it, so
 a load always reflects every committed event; the cache and the snapshots only save work. Saving
@@ -11,8 +11,7 @@ staged state names that append as its predecessor, and the store commits it only
 committed: so commands on one hot stream follow each other without waiting for each other's commit,
 and never stand on a history that did not happen.
 
-Each event row carries the domain event's own time in data["occurred_at"] (inside the hash chain,
-because replaying expiry depends on it) and its payload schema version in metadata.
+Events become rows, and rows events, by backend/store/event_codec.py.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
 from datetime import datetime
 from typing import Any, TypeVar
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import orjson
 from eventsourcing.domain import Aggregate
@@ -32,7 +31,8 @@ from eventsourcing.domain import Aggregate
 from backend.domain import registry
 from backend.domain.closed import AppendOnlyMap
 from backend.store import reads
-from backend.store.events import AppendResult, NewEvent, RecordedEvent, Write
+from backend.store.event_codec import fold, to_new_event
+from backend.store.events import AppendResult, RecordedEvent, Write
 from backend.store.idempotency import IdempotencyClaim
 from backend.store.interface import EventLog
 from backend.store.planner import AppendRequest
@@ -42,8 +42,6 @@ from backend.store.state_codec import decode_state, encode_state
 log = logging.getLogger(__name__)
 
 A = TypeVar("A", bound=Aggregate)
-
-OCCURRED_AT = "occurred_at"
 
 COPIED = (dict, set, list, AppendOnlyMap)
 
@@ -111,27 +109,6 @@ def stream_of(cls: type[Aggregate], aggregate_id: UUID) -> str:
         if aggregate_class is cls:
             return registry.stream_for(category, aggregate_id)
     raise TypeError(f"unregistered aggregate type {cls.__name__}")
-
-
-def to_new_event(event: Aggregate.Event, metadata: Mapping[str, Any]) -> NewEvent:
-    name, data = registry.payload_from_event(event)
-    data[OCCURRED_AT] = event.timestamp.isoformat()
-    meta = {**metadata, "schema_version": registry.SCHEMA_VERSIONS[name]}
-    return NewEvent(name, data, meta, uuid4())
-
-
-def from_recorded(event: RecordedEvent, aggregate_id: UUID) -> registry.AnyEvent:
-    data = dict(event.data)
-    occurred_at = data.pop(OCCURRED_AT)
-    return registry.event_from_payload(
-        event.type, aggregate_id, event.version, occurred_at, data,
-        schema_version=event.metadata.get("schema_version", 1),
-    )
-
-
-def fold(events: Sequence[RecordedEvent], aggregate: Aggregate | None, aggregate_id: UUID) -> Aggregate | None:
-    mapped = [from_recorded(e, aggregate_id) for e in events]
-    return registry.replay(mapped) if aggregate is None else registry.replay(mapped, aggregate)
 
 
 class Repository:

@@ -18,8 +18,8 @@ from aiohttp_sse import EventSourceResponse
 
 from backend.db import describe, is_unavailable
 from backend.domain import Wallet
+from backend.store.event_codec import fold
 from backend.store.events import RecordedEvent
-from backend.store.repository import fold
 from backend.streaming import frames
 from backend.streaming.hub import Hub, Subscriber
 from backend.streaming.window import FRAME, POSITION

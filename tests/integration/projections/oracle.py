@@ -13,9 +13,9 @@ from uuid import UUID
 import asyncpg
 
 from backend.domain import ApiKey, Deposit, Wallet
+from backend.store.event_codec import fold
 from backend.store.event_store import EventStore
 from backend.store.events import RecordedEvent
-from backend.store.repository import fold
 
 Rows = dict[Any, tuple[Any, ...]]
 
