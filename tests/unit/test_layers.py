@@ -5,6 +5,7 @@ import counted, those inside functions too) has none of the edges the layering f
 - the read models, runners and process managers under projections/ reach nothing of backend/http,
   backend/app.py, backend/__main__.py or backend/embedded_pg.py, directly or through other modules
   (entry points, projections/__main__.py and projections/cli.py, are wiring and exempt);
+- the domain imports nothing but itself, the standard library and eventsourcing (no aiohttp, no asyncpg);
 - the store imports only the domain (and the foundation modules every layer may use);
 - commands reach neither streaming nor projections;
 - the audit layer reaches nothing of backend/http nor the wiring (its app context is backend/audit_runtime.py).
@@ -13,6 +14,7 @@ import counted, those inside functions too) has none of the edges the layering f
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -163,3 +165,24 @@ def test_commands_reach_neither_streaming_nor_projections(forbidden: str) -> Non
 def test_audit_reaches_no_http_module_and_no_wiring() -> None:
     bad = violations(in_layer("backend.audit"), ("backend.http", *WIRING), transitive=True)
     assert not bad, "audit reaches the HTTP layer or the wiring:\n" + "\n".join(bad)
+
+
+def _third_party(module: str) -> set[str]:
+    """The top-level packages outside the project and the standard library that `module` imports."""
+    tree = ast.parse(modules()[module].read_text(), str(modules()[module]))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - set(PACKAGES)
+
+
+def test_the_domain_imports_only_the_domain_and_eventsourcing() -> None:
+    domain = in_layer("backend.domain")
+    bad = [f"{source} -> {target}" for source in domain for target in sorted(imports(source))
+           if not under(target, "backend.domain") and target != "backend"]
+    bad += [f"{source} -> {package}" for source in domain for package in sorted(_third_party(source))
+            if package != "eventsourcing"]
+    assert not bad, "the domain imports beyond itself:\n" + "\n".join(bad)
