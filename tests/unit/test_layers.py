@@ -7,7 +7,7 @@ import counted, those inside functions too) has none of the edges the layering f
   (entry points, projections/__main__.py and projections/cli.py, are wiring and exempt);
 - the domain imports nothing but itself, the standard library and eventsourcing (no aiohttp, no asyncpg);
 - the store imports only the domain (and the foundation modules every layer may use);
-- commands reach neither streaming nor projections;
+- commands reach neither streaming nor projections, and neither they nor the store import aiohttp;
 - the audit layer reaches nothing of backend/http nor the wiring (its app context is backend/audit_runtime.py).
 """
 
@@ -186,3 +186,9 @@ def test_the_domain_imports_only_the_domain_and_eventsourcing() -> None:
     bad += [f"{source} -> {package}" for source in domain for package in sorted(_third_party(source))
             if package != "eventsourcing"]
     assert not bad, "the domain imports beyond itself:\n" + "\n".join(bad)
+
+
+def test_commands_and_the_store_import_no_http_library() -> None:
+    bad = [f"{source} -> {package}" for source in [*in_layer("backend.commands"), *in_layer("backend.store")]
+           for package in sorted(_third_party(source)) if package in ("aiohttp", "aiohttp_sse")]
+    assert not bad, "statuses and content types belong to backend/http:\n" + "\n".join(bad)
