@@ -1,4 +1,5 @@
-"""Command line: `python -m backend serve | migrate | keys (create | revoke)`."""
+"""Command line: `python -m backend serve | migrate | keys (create | revoke) | projections | audit | db roles`;
+the last three are defined beside what they run (projections/cli.py, backend/audit/cli.py, backend/dbroles.py)."""
 
 from __future__ import annotations
 
