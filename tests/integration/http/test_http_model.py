@@ -27,7 +27,7 @@ from backend.appkeys import POOL, STORE
 from backend.clock import ManualClock
 from backend.config import Settings
 from backend.domain import Wallet, wallet_stream
-from backend.store.repository import fold
+from backend.store.event_codec import fold
 from projections import registry
 from tests.conftest import bearer, mint_token
 from tests.integration.http.test_http_wallets import Api
