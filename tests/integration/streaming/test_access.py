@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from backend.appkeys import POOL
 from backend.store.event_store import EventStore
 from tests.conftest import mint_token
+from tests.integration.ops.test_db_faults import pooled_queries_raise
 from tests.integration.streaming.conftest import MakeClient, connect, hub_of
 from tests.integration.streaming.test_wallets_dashboard import open_wallet, post
 from tests.sse_client import Parser, Stream
@@ -132,3 +134,24 @@ async def test_a_stream_asked_for_during_shutdown_is_a_refusal_a_browser_retries
     # authentication failures still stop a browser: an ordinary problem+json answer
     unknown = await connect(client, "/v1/streams/events", "tly_nope.nope")
     assert (unknown.status, unknown.response.content_type) == (401, PROBLEM)
+
+
+async def test_a_stream_asked_for_while_the_database_is_down_is_a_refusal_a_browser_retries(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A browser reconnecting while the database restarts must come back once it is up: a 503
+    problem+json answer would make its EventSource give up for good."""
+    client = await make_client(sse_retry_ms=1500)
+    admin = await mint_token(client.app, "operator", ["admin"])
+    wallet = await open_wallet(client, admin, "dora")
+    down = ConnectionRefusedError(111, "Connection refused")
+    with pooled_queries_raise(monkeypatch, down, pool=client.app[POOL]):
+        for path, query in (("/v1/streams/events", {"after": "now"}), (f"/v1/streams/wallets/{wallet}", {}),
+                            ("/v1/streams/dashboard", {})):
+            refused = await connect(client, path, admin, query=query)
+            problem = await refusal(refused)
+            assert (problem["status"], problem["code"]) == (503, "unavailable"), path
+    assert hub_of(client).streams == 0
+    back = await connect(client, f"/v1/streams/wallets/{wallet}", admin)
+    assert (await back.events(1))[0].json()["type"] == "WalletOpened"
+    back.close()
