@@ -111,6 +111,9 @@ class ApiKeyAuthenticator:
         """Token -> (key id, the cache entry it was verified against)."""
         self._loading: dict[UUID, asyncio.Task[Found]] = {}
         self._subscription: TailSubscriber | None = None
+        self.on_revoked: Callable[[str], None] | None = None
+        """Told each key id this process learns is revoked: the live streams hub ends that key's streams,
+        which were admitted before (a revocation takes away access that is already open, not only new)."""
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -177,7 +180,12 @@ class ApiKeyAuthenticator:
 
     def mark_revoked(self, key_id: UUID) -> None:
         """Mark a key revoked in this process at once (the tailer does it for every other one)."""
+        self._revoke(key_id)
+
+    def _revoke(self, key_id: UUID) -> None:
         self._put(key_id, REVOKED)
+        if self.on_revoked is not None:
+            self.on_revoked(str(key_id))
 
     def mark_created(self, key_id: UUID) -> None:
         """A key was created through this process: forget that its id was unknown, at once."""
@@ -260,7 +268,7 @@ class ApiKeyAuthenticator:
             await self.catch_up()
         for event in events:
             _, key_id = parse_stream_id(event.stream_id)
-            self._put(key_id, REVOKED)
+            self._revoke(key_id)
         self.checkpoint = max(self.checkpoint, end)
 
     async def catch_up(self) -> int:
@@ -276,7 +284,7 @@ class ApiKeyAuthenticator:
             page = await store.read_all(self.checkpoint, self.page_size, types=[REVOKED_EVENT])
             for event in page:
                 _, key_id = parse_stream_id(event.stream_id)
-                self._put(key_id, REVOKED)
+                self._revoke(key_id)
                 self.checkpoint = event.position
             applied += len(page)
             if len(page) < self.page_size:

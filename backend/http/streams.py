@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from backend.appkeys import (
+    AUTHENTICATOR,
     CLOCK,
     HUB,
     LISTENER,
@@ -67,16 +68,19 @@ LAST_EVENT_ID = "Last-Event-ID"
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
     """This process's hub, reading through the app's read pools (catch-up pages from a replica that has
-    them) and woken by its one Listener."""
+    them) and woken by its one Listener; a key's revocation ends its streams."""
     pool = app[POOL]
     hub = Hub(app[READ_POOLS], app[LISTENER], HubConfig.from_settings(app[SETTINGS]),
               projection_stats(pool, app[CLOCK]), app[SUPERVISOR], tail=app[LOG_TAIL],
               host_streams=app.get(SHARED_LIMITS))
     await hub.start()
     app[HUB] = hub
+    authenticator = app[AUTHENTICATOR]
+    authenticator.on_revoked = hub.end_streams_of
     try:
         yield
     finally:
+        authenticator.on_revoked = None
         await hub.close()
 
 

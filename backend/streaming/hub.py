@@ -425,6 +425,14 @@ class Hub:
                 self.window.reset(joined)  # the tail hands what follows joined; nobody needed the rest
         return subscriber
 
+    def end_streams_of(self, key_id: str) -> None:
+        """End every stream of a key that was revoked, cleanly: a browser reconnects and is refused (401)."""
+        if key_id not in self._per_key:
+            return
+        for subscriber in [*self._log_subscribers, *self._stats_subscribers]:
+            if subscriber.key_id == key_id:
+                subscriber.close()
+
     def admit(self, key_id: str) -> None:
         if self._closing:
             raise StreamRefused("closing")

@@ -9,11 +9,13 @@ from datetime import datetime
 import pytest
 
 from backend.appkeys import SETTINGS, STREAM_TOKENS
+from backend.commands.api_keys import parse_token
 from backend.config import ConfigError, load_settings
 from backend.domain.registry import EVENT_TYPES
 from backend.http.signed_tokens import StreamTokens
 from tests.conftest import bearer, mint_token
 from tests.integration.streaming.conftest import MakeClient, connect
+from tests.integration.streaming.test_wallets_dashboard import open_wallet, post
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,3 +139,32 @@ async def test_openapi_lists_every_event_type_with_its_data(make_client: MakeCli
     data = stream["responses"]["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"]
     assert data["contentSchema"] == {"$ref": "#/components/schemas/StreamEvent"}
     assert "event_names" in {p["name"] for p in stream["parameters"]}
+
+
+async def test_revoking_a_key_ends_its_open_streams_in_every_process(make_client: MakeClient) -> None:
+    """A revoked key loses what it already had open too, here and in another process; others' streams
+    go on. The end is clean, so a browser reconnects and is then refused for good (401)."""
+    here, there = await make_client(), await make_client()
+    admin = await mint_token(here.app, "operator", ["admin"])
+    owner = await mint_token(here.app, "erin", ["wallets:read"])
+    bystander = await mint_token(here.app, "erin", ["wallets:read"])
+    wallet = await open_wallet(here, admin, "erin")
+    token = (await (await here.post("/v1/stream-tokens", headers=bearer(owner))).json())["token"]
+    streams = [await connect(here, "/v1/streams/events", access_token=token),
+               await connect(here, f"/v1/streams/wallets/{wallet}", access_token=token),
+               await connect(here, "/v1/streams/dashboard", access_token=token),
+               await connect(there, f"/v1/streams/wallets/{wallet}", owner)]
+    other = await connect(here, f"/v1/streams/wallets/{wallet}", bystander, after="now")
+    for sse in (*streams, other):
+        assert sse.status == 200
+        await sse.next()
+    key_id = parse_token(owner)
+    assert (await here.delete(f"/v1/api-keys/{key_id}", headers=bearer(admin))).status == 204
+    for sse in streams:
+        await sse.drain_to_end()
+        assert sse.ended
+    await post(here, admin, f"/v1/wallets/{wallet}/credits", {"amount": 5, "reference": "after"})
+    assert (await other.events(1))[0].json()["type"] == "WalletCredited"
+    again = await connect(here, "/v1/streams/events", access_token=token)
+    assert again.status == 401
+    other.close()
