@@ -9,8 +9,11 @@ import re
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from backend.appkeys import SETTINGS
 from backend.db import describe, is_unavailable
+from backend.http.auth import opens_stream
 from backend.http.problems import Problem, from_http_exception, problem_response
+from backend.http.refusals import PASSING, refusal_response
 from backend.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -46,22 +49,24 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "%00" in request.raw_path:  # no id, owner or filter can hold NUL: PostgreSQL text cannot
             raise Problem(400, "validation_error", "the path and query string may not contain NUL (%00)")
         return await handler(request)
-    except Problem as problem:
-        response = problem_response(problem, request_id)
+    except Problem as raised:
+        problem = raised
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = problem_response(from_http_exception(exc), request_id)
+        problem = from_http_exception(exc)
     except Exception as exc:
         if is_unavailable(exc):
             log.warning("database unavailable", extra={"reason": describe(exc), "path": request.path})
-            unavailable = Problem(503, "unavailable", "the database is unavailable, try again shortly",
-                                  headers={"Retry-After": "1"})
-            response = problem_response(unavailable, request_id)
+            problem = Problem(503, "unavailable", "the database is unavailable, try again shortly",
+                              headers={"Retry-After": "1"})
         else:
             log.exception("unhandled error", extra={"path": request.path, "method": request.method})
-            internal = Problem(500, "internal_error", "an unexpected error occurred")
-            response = problem_response(internal, request_id)
+            problem = Problem(500, "internal_error", "an unexpected error occurred")
+    if problem.status in PASSING and opens_stream(request):  # a browser's EventSource comes back after it
+        response = refusal_response(problem, request.app[SETTINGS], request_id)
+    else:
+        response = problem_response(problem, request_id)
     if request_id:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response

@@ -2,11 +2,9 @@
 authorization or input failure is an ordinary problem+json answer (a browser's EventSource then stops
 retrying); after that the stream only ends by the client leaving, a stuck send, or shutdown.
 
-A stream refused for want of room (the key's stream cap, the process's, a shutdown) or for want of
-the database is different: the client should come back, and a browser only reconnects after a 200
-text/event-stream answer that ends. So the refusal is such an answer: ``retry:`` with the advised
-delay, one ``event: refused`` frame holding the problem+json document, and an ``X-Stream-Refused:
-<code>`` header for other clients.
+A stream refused for a passing reason (no room for it, a shutdown, the database, the key's request
+rate) is different: the client should come back, so it is answered as backend/http/refusals.py says
+(the error middleware turns every 429 and 503 on a stream into such an answer).
 
 Resume position: ``?after=N`` (or ``after=now``, the head) positions a fresh connection; a browser
 reconnecting re-sends the same URL together with ``Last-Event-ID``, which is then further along and
@@ -18,10 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-import logging
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -39,7 +34,6 @@ from backend.appkeys import (
     SUPERVISOR,
 )
 from backend.commands.context import Actor
-from backend.db import describe, is_unavailable
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
 from backend.http.endpoint import SSE, Param, endpoint
@@ -47,7 +41,8 @@ from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
-from backend.http.problems import Problem, invalid_parameters, problem_body
+from backend.http.problems import Problem, invalid_parameters
+from backend.http.refusals import refusal_response
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 from backend.streaming import frames, tcp
@@ -55,8 +50,6 @@ from backend.streaming.dashboard import projection_stats
 from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
 from backend.streaming.hub import Hub, HubConfig, Render, StreamRefused
 from backend.streaming.sse import EventStream, WalletFollower
-
-log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
@@ -135,59 +128,13 @@ def _filter(request: web.Request, owner: str | None) -> EventFilter:
     return dataclasses.replace(flt, owner=owner) if owner is not None else flt
 
 
-REFUSED_HEADER = "X-Stream-Refused"
-
-
-def _retry_advice(request: web.Request) -> tuple[dict[str, str], dict[str, int]]:
-    """Retry-After and the problem's ``retry_after``: the browser's reconnection delay, in seconds."""
-    retry_s = max(1, math.ceil(request.app[SETTINGS].sse_retry_ms / 1000))
-    return {"Retry-After": str(retry_s)}, {"retry_after": retry_s}
-
-
 def _refused(exc: StreamRefused, request: web.Request) -> Problem:
-    settings = request.app[SETTINGS]
-    retry_after, extra = _retry_advice(request)
     if exc.reason == "key":
-        return Problem(429, "rate_limited", f"this API key already has {settings.sse_max_streams_per_key} "
-                       "open streams; close one first", headers=retry_after, extra=extra)
+        cap = request.app[SETTINGS].sse_max_streams_per_key
+        return Problem(429, "rate_limited", f"this API key already has {cap} open streams; close one first")
     if exc.reason == "process":
-        return Problem(503, "unavailable", "this server holds as many streams as it may; try again shortly",
-                       headers=retry_after, extra=extra)
-    return Problem(503, "unavailable", "this server is shutting down; reconnect", headers=retry_after, extra=extra)
-
-
-def refusal_response(problem: Problem, request: web.Request) -> web.Response:
-    """200 text/event-stream that advises ``retry:`` and ends: the one refusal a browser retries."""
-    body = frames.refusal(request.app[SETTINGS].sse_retry_ms, frames.dumps(problem_body(problem, request[REQUEST_ID])))
-    headers = {**problem.headers, REFUSED_HEADER: problem.code, "Cache-Control": "no-cache"}
-    return web.Response(status=200, body=body, content_type=SSE, headers=headers)
-
-
-StreamHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def refused_while_unavailable(handler: StreamHandler) -> StreamHandler:
-    """A stream that cannot start because the database is unavailable (a restart, a failover) is a
-    refusal too: a 503 problem+json answer would make a browser's EventSource give up for good, while
-    the outage passes by itself."""
-
-    @functools.wraps(handler)
-    async def refusing(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Problem as problem:
-            if problem.status != 503:
-                raise
-            detail = problem.detail
-        except Exception as exc:
-            if not is_unavailable(exc):
-                raise
-            log.warning("database unavailable", extra={"reason": describe(exc), "path": request.path})
-            detail = "the database is unavailable, try again shortly"
-        retry_after, extra = _retry_advice(request)
-        return refusal_response(Problem(503, "unavailable", detail, headers=retry_after, extra=extra), request)
-
-    return refusing
+        return Problem(503, "unavailable", "this server holds as many streams as it may; try again shortly")
+    return Problem(503, "unavailable", "this server is shutting down; reconnect")
 
 
 def event_names(request: web.Request) -> bool:
@@ -223,7 +170,6 @@ RESUME = (
     Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')", STREAM_ID),
     Param("types", "only these event types, comma separated"),
 ))
-@refused_while_unavailable
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """The event log, filtered by ``stream``, ``stream_prefix`` and ``types``."""
     owner = viewer_owner(request[ACTOR])
@@ -239,7 +185,6 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/v1/streams/wallets/{wallet_id}", allow_head=False)
 @endpoint(access=ACCESS, content_type=SSE, frames="WalletStreamEvent", params=RESUME)
-@refused_while_unavailable
 async def stream_wallet(request: web.Request) -> web.StreamResponse:
     """One wallet's events, each with the wallet's figures right after it."""
     owner = viewer_owner(request[ACTOR])
@@ -261,7 +206,6 @@ async def stream_wallet(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/v1/streams/dashboard", allow_head=False)
 @endpoint(access=ACCESS, content_type=SSE, params=RESUME[2:3])
-@refused_while_unavailable
 async def stream_dashboard(request: web.Request) -> web.StreamResponse:
     """A ``snapshot`` of the stats read model, then ``stats`` deltas at a bounded rate (frames named
     ``snapshot`` and ``stats``)."""
@@ -282,7 +226,7 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
     try:
         subscriber = hub.subscribe(request[ACTOR].key_id, transport, position or 0, flt, render)
     except StreamRefused as exc:
-        return refusal_response(_refused(exc, request), request)
+        return refusal_response(_refused(exc, request), settings, request[REQUEST_ID])
     tcp.limit_send_buffer(transport, settings.sse_socket_send_buffer)
     try:
         if flt is None:

@@ -155,3 +155,16 @@ async def test_a_stream_asked_for_while_the_database_is_down_is_a_refusal_a_brow
     back = await connect(client, f"/v1/streams/wallets/{wallet}", admin)
     assert (await back.events(1))[0].json()["type"] == "WalletOpened"
     back.close()
+
+
+async def test_a_stream_over_the_keys_request_rate_is_a_refusal_a_browser_retries(make_client: MakeClient) -> None:
+    """Browsers sharing a key all reconnect at once after a restart: those beyond the key's request
+    rate must come back later, not be stopped for good by a 429 problem+json answer."""
+    client = await make_client(sse_retry_ms=1500, rate_limit_per_s=0.01, rate_limit_burst=1)
+    token = await mint_token(client.app, "auditor", ["audit:read"])
+    first = await connect(client, "/v1/streams/events", token, after="now")
+    assert first.status == 200
+    refused = await connect(client, "/v1/streams/events", token, after="now")
+    problem = await refusal(refused, retry_ms=100_000)
+    assert (problem["status"], problem["code"]) == (429, "rate_limited")
+    first.close()
