@@ -329,8 +329,9 @@ def _problem_statuses(method: str, path: str, spec: Endpoint) -> dict[int, list[
     if not spec.public:
         add(401, "unauthorized")
         add(403, "forbidden")
-        add(429, "rate_limited")
-        add(503, "unavailable")
+        if spec.content_type != SSE:  # a stream's are refusals inside its 200 answer (backend/http/refusals.py)
+            add(429, "rate_limited")
+            add(503, "unavailable")
     if _PATH_PARAM.search(path):
         add(404, "not_found")
     if spec.reads_model:

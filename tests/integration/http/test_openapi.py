@@ -207,6 +207,8 @@ async def test_scopes_are_the_design_contract(doc: dict[str, Any]) -> None:
             set() if path in PUBLIC else {"bearer", "streamToken"} if streams else {"bearer"}), path
     for path in ("/v1/streams/events", "/v1/streams/dashboard", "/v1/streams/wallets/{wallet_id}"):
         assert "audit:read" in ops[("get", path)]["description"]
+        # a stream's 429 and 503 are refusals inside its 200 answer, which a browser retries
+        assert not {"429", "503"} & ops[("get", path)]["responses"].keys(), path
 
 
 async def test_each_documented_scope_is_enforced_before_anything_else(
