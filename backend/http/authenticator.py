@@ -187,6 +187,10 @@ class ApiKeyAuthenticator:
         if self.on_revoked is not None:
             self.on_revoked(str(key_id))
 
+    def revoked(self, key_id: str) -> bool:
+        """Whether this process has learnt that the key is revoked (since it was authenticated, say)."""
+        return isinstance(self._cache.get(UUID(key_id)), Revoked)
+
     def mark_created(self, key_id: UUID) -> None:
         """A key was created through this process: forget that its id was unknown, at once."""
         self._creations += 1

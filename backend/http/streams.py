@@ -227,6 +227,10 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
         subscriber = hub.subscribe(request[ACTOR].key_id, transport, position or 0, flt, render)
     except StreamRefused as exc:
         return refusal_response(_refused(exc, request), settings, request[REQUEST_ID])
+    if request.app[AUTHENTICATOR].revoked(subscriber.key_id):  # while the checks above awaited: too late for
+        hub.unsubscribe(subscriber)                               # the hub to end it, so it never starts
+        raise Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
+                      headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
     tcp.limit_send_buffer(transport, settings.sse_socket_send_buffer)
     try:
         if flt is None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from typing import Any
 
 import pytest
 
-from backend.appkeys import SETTINGS, STREAM_TOKENS
+from backend.appkeys import AUTHENTICATOR, HUB, REPOSITORY, SETTINGS, STREAM_TOKENS
 from backend.commands.api_keys import parse_token
 from backend.config import ConfigError, load_settings
 from backend.domain.registry import EVENT_TYPES
@@ -168,3 +169,24 @@ async def test_revoking_a_key_ends_its_open_streams_in_every_process(make_client
     again = await connect(here, "/v1/streams/events", access_token=token)
     assert again.status == 401
     other.close()
+
+
+async def test_a_key_revoked_while_its_stream_is_being_admitted_gets_no_stream(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await make_client()
+    admin = await mint_token(client.app, "operator", ["admin"])
+    owner = await mint_token(client.app, "fay", ["wallets:read"])
+    wallet = await open_wallet(client, admin, "fay")
+    repository, key_id = client.app[REPOSITORY], parse_token(owner)
+    assert key_id is not None
+    as_of = repository.as_of
+
+    async def revoked_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        client.app[AUTHENTICATOR].mark_revoked(key_id)  # what the log tail does on ApiKeyRevoked
+        return await as_of(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "as_of", revoked_meanwhile)
+    sse = await connect(client, f"/v1/streams/wallets/{wallet}", owner)
+    assert sse.status == 401
+    assert client.app[HUB].streams == 0
