@@ -13,13 +13,13 @@ import math
 from aiohttp import web
 
 from backend.config import Settings
+from backend.http.auth import SSE
 from backend.http.problems import Problem, problem_body
 from backend.streaming import frames
 
 REFUSED_HEADER = "X-Stream-Refused"
 PASSING = frozenset({429, 503})
 """The statuses of refusals that pass by themselves."""
-SSE = "text/event-stream"
 
 
 def refusal_response(problem: Problem, settings: Settings, request_id: str | None) -> web.Response:
