@@ -48,6 +48,7 @@ from backend.http.ratelimit import HostRateLimiter, Limiter, RateLimiter, rate_l
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import StreamTokens
 from backend.http.static import routes as static_routes
+from backend.http.worker import WORKER_HEADER, metrics_port_ctx
 from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
 from backend.server.shared_limits import SharedLimits
@@ -137,11 +138,6 @@ ROUTE_TABLES = (health.routes, openapi.routes, wallets.routes, deposits.routes, 
                 audit_tree.routes, queries.routes, stream_tokens.routes, streaming.routes, static_routes)
 
 
-WORKER_HEADER = "X-Tally-Worker"
-"""On every answer of a worker of `serve --workers N`: its index (0..N-1), so that a client or a test can
-tell which worker answered; absent with one process."""
-
-
 def worker_ctx(host_limiter: HostRateLimiter | None) -> Callable[[web.Application], AsyncIterator[None]]:
     """A worker of several maps the host's limits table (the rate limiter and the hub use it)."""
 
@@ -225,6 +221,7 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPl
     app.cleanup_ctx.append(audit_ctx)
     app.cleanup_ctx.append(streaming.hub_ctx)
     app.on_shutdown.append(streaming.close_streams)
+    app.cleanup_ctx.append(metrics_port_ctx(settings.metrics_port, None if worker is None else worker.index))
     for table in ROUTE_TABLES:
         add_routes(app, table)
     app[OPENAPI] = openapi.document_bytes(app)

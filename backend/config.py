@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     # `serve` with WORKERS > 1: a supervisor (backend/server/workers.py) runs that many server processes
     # on one port (SO_REUSEPORT).
     workers: int = Field(default=1, ge=1, le=64)
+    # `serve` also answers /metrics and /health/* on METRICS_PORT + its worker index (0 with one
+    # process): behind the one SO_REUSEPORT port a scrape reaches whichever worker the kernel picks.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
     pool_min_size: int = Field(default=2, ge=0, le=200)
     pool_max_size: int = Field(default=10, ge=1, le=200)
     statement_timeout_ms: int = Field(default=5000, ge=0, le=2_147_483_647)  # PostgreSQL's limit
@@ -132,6 +135,14 @@ class Settings(BaseSettings):
         data = getattr(info, "data", {})
         if value < data.get("pool_min_size", 0):
             raise ValueError("must be >= POOL_MIN_SIZE")
+        return value
+
+    @field_validator("metrics_port")
+    @classmethod
+    def _a_port_for_every_worker(cls, value: int, info: object) -> int:
+        data = getattr(info, "data", {})
+        if value and value + data.get("workers", 1) - 1 > 65535:
+            raise ValueError("METRICS_PORT + WORKERS - 1 must be at most 65535")
         return value
 
     def dsn(self) -> str | None:

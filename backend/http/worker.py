@@ -1,12 +1,16 @@
-"""The projections worker's own small HTTP server: /metrics, /health/live and /health/ready, the same
-handlers as `serve`'s, on PROJECTIONS_METRICS_PORT (or `python -m projections --port`); off when 0."""
+"""A small HTTP server of /metrics, /health/live and /health/ready, the same handlers as `serve`'s: the
+projections worker's, on PROJECTIONS_METRICS_PORT (or `python -m projections --port`), and each `serve`
+process's, on METRICS_PORT + its worker index; off when 0."""
 
 from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 from aiohttp import web
 
-from backend.appkeys import METRICS, POOL, SETTINGS, SUPERVISOR
+from backend.appkeys import METRICS, POOL, READ_POOLS, SETTINGS, SUPERVISOR
 from backend.config import Settings
 from backend.event_loop import loop_name
 from backend.http import health
@@ -20,6 +24,12 @@ from backend.store.listener import Listener
 from backend.supervisor import Supervisor
 from projections import registry
 from projections.metrics import ProjectionMetrics
+
+log = logging.getLogger("backend")
+
+WORKER_HEADER = "X-Tally-Worker"
+"""On every answer of a worker of `serve --workers N`: its index (0..N-1), so that a client or a test can
+tell which worker answered; absent with one process."""
 
 
 def worker_metrics(pool: asyncpg.Pool, store: EventStore, listener: Listener, supervisor: Supervisor) -> Metrics:
@@ -49,10 +59,45 @@ def worker_app(settings: Settings, pool: asyncpg.Pool, metrics: Metrics, supervi
     return app
 
 
-async def serve_worker_http(app: web.Application, settings: Settings) -> Serving:
-    """Listening on HOST:PROJECTIONS_METRICS_PORT (else CannotListen, one line) with `serve`'s protocol:
-    problem+json for what the HTTP parser refuses, the header-read timeout, the drain. The caller stops it."""
+async def serve_worker_http(app: web.Application, settings: Settings, port: int | None = None) -> Serving:
+    """Listening on HOST:port (default PROJECTIONS_METRICS_PORT; else CannotListen, one line) with `serve`'s
+    protocol: problem+json for what the HTTP parser refuses, the header-read timeout, the drain. The caller
+    stops it."""
+    port = settings.projections_metrics_port if port is None else port
     try:
-        return await start(app, settings.model_copy(update={"port": settings.projections_metrics_port}))
+        return await start(app, settings.model_copy(update={"port": port}))
     except CannotListen as exc:
         raise CannotListen(f"cannot serve metrics: {exc}") from None
+
+
+def metrics_port_ctx(first_port: int, worker: int | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    """`serve`'s /metrics and /health/* on a port of this process's own, first_port + its worker index
+    (named in X-Tally-Worker as on the API's port): behind the one SO_REUSEPORT port of `serve --workers N`
+    a scrape reaches whichever worker the kernel picks, so one Prometheus target would read one worker's
+    counters, then another's (a counter going back reads as a reset). Added last, it listens once
+    everything it reports on runs, and stops first. first_port 0 (METRICS_PORT unset): nothing."""
+    port = first_port + (worker or 0)
+
+    async def metrics_port(app: web.Application) -> AsyncIterator[None]:
+        if not first_port:
+            yield
+            return
+        settings = app[SETTINGS]
+        side = worker_app(settings, app[POOL], app[METRICS], app[SUPERVISOR])
+        if READ_POOLS in app:
+            side[READ_POOLS] = app[READ_POOLS]
+        if worker is not None:
+            index = str(worker)
+
+            async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+                response.headers[WORKER_HEADER] = index
+
+            side.on_response_prepare.append(name_worker)
+        serving = await serve_worker_http(side, settings, port)
+        log.info(f"serving metrics on http://{settings.host}:{serving.port}", extra={"metrics_port": serving.port})
+        try:
+            yield
+        finally:
+            await serving.stop(settings.shutdown_timeout_s)
+
+    return metrics_port

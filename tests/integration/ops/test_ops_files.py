@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -75,5 +76,18 @@ def test_every_dashboard_panel_has_a_target() -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
 def test_promtool_accepts_the_rules() -> None:
     checked = subprocess.run(["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(rule_expressions())} rules found" in checked.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+def test_promtool_accepts_the_deployment_guides_scrape_config(tmp_path: Path) -> None:
+    """docs/DEPLOYMENT.md's Prometheus configuration, with the rules beside it as its rule_files says."""
+    guide = (ROOT / "docs" / "DEPLOYMENT.md").read_text()
+    config = guide.split("\n## Prometheus\n", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "prometheus.yml").write_text(config)
+    shutil.copy(RULES, tmp_path / RULES.name)
+    checked = subprocess.run(["promtool", "check", "config", str(tmp_path / "prometheus.yml")],
+                             capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"SUCCESS: {len(rule_expressions())} rules found" in checked.stdout
