@@ -13,7 +13,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -35,9 +35,10 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def localised(text: str, directory: Path, upstream_port: int | None, listen_port: int) -> str:
+def localised(text: str, directory: Path, upstream_port: int | None, listen_port: int,
+              more_upstreams: tuple[int, ...] = ()) -> str:
     """The shipped configuration with its files under directory, listening on listen_port, and (when
-    given) its upstream replaced by the test server."""
+    given) its upstream replaced by the test server (and more_upstreams, each never marked failed)."""
     for directive in ("pid", "error_log", "access_log", "client_body_temp_path", "proxy_temp_path"):
         text, count = re.subn(rf"(\b{directive}\s+)/\S+?(;|\s)", rf"\g<1>{directory}/{directive}\g<2>", text)
         assert count == 1, directive
@@ -46,17 +47,19 @@ def localised(text: str, directory: Path, upstream_port: int | None, listen_port
     if upstream_port is not None:
         text, count = re.subn(r"(?m)^\s*server 10\.0\.0\.\d+:8080[^;]*;\n", "", text)
         assert count == 2
-        text = text.replace("least_conn;", f"least_conn;\n        server 127.0.0.1:{upstream_port};", 1)
+        never_failed = " max_fails=0" if more_upstreams else ""
+        servers = [f"server 127.0.0.1:{port}{never_failed};" for port in (upstream_port, *more_upstreams)]
+        text = text.replace("least_conn;", "least_conn;\n        " + "\n        ".join(servers), 1)
     return text
 
 
 @contextlib.contextmanager
-def configured(upstream_port: int | None) -> Iterator[tuple[Path, int]]:
+def configured(upstream_port: int | None, more_upstreams: tuple[int, ...] = ()) -> Iterator[tuple[Path, int]]:
     directory = Path(tempfile.mkdtemp(prefix="tally-nginx-"))
     directory.chmod(0o755)
     port = free_port()
     conf = directory / "nginx.conf"
-    conf.write_text(localised(CONF.read_text(), directory, upstream_port, port))
+    conf.write_text(localised(CONF.read_text(), directory, upstream_port, port, more_upstreams))
     try:
         yield conf, port
     finally:
@@ -75,17 +78,7 @@ async def test_through_nginx_a_command_is_answered_and_a_stream_is_not_buffered(
     admin = bearer(await mint_token(app, "operator", ["admin"]))
     auditor = bearer(await mint_token(app, "auditor", ["audit:read"]))
     with configured(client.server.port) as (conf, port):
-        nginx = await asyncio.create_subprocess_exec(NGINX, "-c", str(conf), "-g", "daemon off;",
-                                                     stderr=asyncio.subprocess.PIPE)
-        try:
-            async with asyncio.timeout(10):
-                while True:
-                    assert nginx.returncode is None, await nginx.stderr.read() if nginx.stderr else b""
-                    with contextlib.suppress(OSError):
-                        _, writer = await asyncio.open_connection("127.0.0.1", port)
-                        writer.close()
-                        break
-                    await asyncio.sleep(0.05)
+        async with running(conf, port):
             base = f"http://127.0.0.1:{port}"
             async with aiohttp.ClientSession() as session, session.get(
                     f"{base}/v1/streams/events", params={"after": "now"}, headers=auditor,
@@ -101,6 +94,47 @@ async def test_through_nginx_a_command_is_answered_and_a_stream_is_not_buffered(
                 async with asyncio.timeout(3):
                     while not any(wallet_id in m.data for m in parser.feed(await stream.content.readany())):
                         pass
-        finally:
-            nginx.terminate()
-            await nginx.wait()
+
+
+@contextlib.asynccontextmanager
+async def running(conf: Path, port: int) -> AsyncIterator[None]:
+    """nginx in the foreground with conf, once it accepts connections on port; stopped on the way out."""
+    nginx = await asyncio.create_subprocess_exec(NGINX, "-c", str(conf), "-g", "daemon off;",
+                                                 stderr=asyncio.subprocess.PIPE)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                assert nginx.returncode is None, await nginx.stderr.read() if nginx.stderr else b""
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        nginx.terminate()
+        await nginx.wait()
+
+
+async def test_nginx_resends_a_delete_but_never_a_post_whose_connection_failed() -> None:
+    """As docs/DEPLOYMENT.md says: `proxy_next_upstream error` passes a request whose host read it and
+    closed the connection to the next host, except a POST (or PATCH); a DELETE, which HTTP calls
+    idempotent, is sent again, and only its Idempotency-Key makes the repeat answer as the first did."""
+    received: list[str] = []
+
+    async def read_and_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append((await reader.readuntil(b"\r\n\r\n")).split(b" ", 1)[0].decode())
+        writer.close()
+
+    hosts = [await asyncio.start_server(read_and_drop, "127.0.0.1", 0) for _ in range(2)]
+    first, second = (int(host.sockets[0].getsockname()[1]) for host in hosts)
+    try:
+        with configured(first, (second,)) as (conf, port):
+            async with running(conf, port), aiohttp.ClientSession() as session:
+                for method in ("POST", "DELETE"):
+                    async with session.request(method, f"http://127.0.0.1:{port}/v1/api-keys/x") as reply:
+                        assert reply.status == 502
+    finally:
+        for host in hosts:
+            host.close()
+    assert received == ["POST", "DELETE", "DELETE"]
