@@ -3,6 +3,7 @@ the rules pass `promtool check rules` (where promtool is installed: .ci/run inst
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
@@ -91,3 +92,13 @@ def test_promtool_accepts_the_deployment_guides_scrape_config(tmp_path: Path) ->
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"SUCCESS: {len(rule_expressions())} rules found" in checked.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package prometheus)")
+async def test_promtool_accepts_the_exposition(client: Client, admin_headers: dict[str, str]) -> None:
+    """README, Metrics: /metrics speaks the Prometheus text format (promtool also lints names and types)."""
+    text = (await busy_scrape(client, admin_headers)).text
+    promtool = await asyncio.create_subprocess_exec("promtool", "check", "metrics", stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 60)
+    assert promtool.returncode == 0 and output == b"", output.decode()
