@@ -18,7 +18,14 @@ import asyncpg
 from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.bus import CommandBus
 from backend.config import Settings
-from backend.db import connect_kwargs, create_pool, direct_connection, mask_dsn, warn_without_statement_timeout
+from backend.db import (
+    connect_kwargs,
+    create_pool,
+    direct_connection,
+    mask_dsn,
+    require_same_database,
+    warn_without_statement_timeout,
+)
 from backend.dsn import database_dsn
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
@@ -68,6 +75,8 @@ async def open_core(settings: Settings, *, dsn: str | None = None, clock: Clock 
         log.info("database pool open", extra={"database": mask_dsn(dsn), "max_size": settings.pool_max_size})
         await warn_without_statement_timeout(pool, settings)
         direct = settings.direct_dsn(dsn)  # sessions of their own: the migration lock and LISTEN
+        if direct != dsn:
+            await require_same_database(pool, dsn, direct, settings)
         if settings.apply_migrations:
             async with direct_connection(direct, settings) as conn:
                 await migrate(conn)

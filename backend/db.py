@@ -262,6 +262,28 @@ async def direct_connection(dsn: str, settings: Settings) -> AsyncIterator[async
         await conn.close()
 
 
+class OtherDatabase(DatabaseUnavailable):
+    """DIRECT_DATABASE_URL leads to another database than DATABASE_URL."""
+
+
+SAME_DATABASE_SQL = "select pg_postmaster_start_time(), oid from pg_database where datname = current_database()"
+"""What tells one database from another, also through a pooler whose database names are aliases: the
+server's start time (another server, a standby of this one) and the database's oid (another database
+on this server)."""
+
+
+async def require_same_database(pool: asyncpg.Pool, dsn: str, direct_dsn: str, settings: Settings) -> None:
+    """Raise OtherDatabase (one line) unless DIRECT_DATABASE_URL reaches the pool's database: otherwise the
+    migrations, the leaders and LISTEN would work on the one while commands append to the other, and the
+    read models would never see an event."""
+    pooled = tuple(await pool.fetchrow(SAME_DATABASE_SQL) or ())
+    async with direct_connection(direct_dsn, settings) as conn:
+        direct = tuple(await conn.fetchrow(SAME_DATABASE_SQL) or ())
+    if pooled != direct:
+        raise OtherDatabase(f"DIRECT_DATABASE_URL {mask_dsn(direct_dsn)} leads to another database than "
+                            f"DATABASE_URL {mask_dsn(dsn)}: it must reach the same database, bypassing the pooler")
+
+
 def describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

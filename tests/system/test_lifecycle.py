@@ -202,3 +202,20 @@ def test_without_apply_migrations_an_unmigrated_database_is_one_line(fresh_datab
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     [line] = [line for line in result.stderr.splitlines() if line.startswith(("tally:", "projections:"))]
     assert "is not migrated" in line and "run `python -m backend migrate` first" in line, line
+
+
+@pytest.mark.parametrize("module", ["backend", "projections"])
+def test_a_direct_database_url_leading_elsewhere_is_refused_before_anything_changes(
+        database_url: str, fresh_database_url: str, module: str) -> None:
+    """DIRECT_DATABASE_URL naming another database than DATABASE_URL (a pooler's alias pointed at the
+    wrong one, a copy-pasted staging URL) used to start: migrations, the leaders and LISTEN on the one,
+    commands on the other, so the read models never saw an event and every read with min_position 503'd."""
+    args = ("serve",) if module == "backend" else ()
+    result = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "DATABASE_URL": database_url, "PORT": str(free_port()),
+                                             "DIRECT_DATABASE_URL": fresh_database_url, "LOG_FORMAT": "json"})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1 and "DIRECT_DATABASE_URL" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert query_blocking(fresh_database_url, "select count(*) from pg_tables where schemaname = 'public'")[0][0] == 0
