@@ -267,8 +267,9 @@ def load_settings(**overrides: object) -> Settings:
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
 
 
-DATABASE_ENV = ("DATABASE_URL (unset: an embedded PostgreSQL under DATA_DIR/pg), DATA_DIR, CONNECT_TIMEOUT_S, "
-                "COMMAND_TIMEOUT_S, STATEMENT_TIMEOUT_MS, WAIT_FOR_DB_S")
+DATABASE_ENV = ("DATABASE_URL (unset: an embedded PostgreSQL under DATA_DIR/pg), DIRECT_DATABASE_URL (migrations "
+                "and sessions; unset: DATABASE_URL), DATA_DIR, CONNECT_TIMEOUT_S, COMMAND_TIMEOUT_S, "
+                "STATEMENT_TIMEOUT_MS, WAIT_FOR_DB_S")
 COMMON_ENV = "ENVIRONMENT, LOG_LEVEL, LOG_FORMAT"
 
 

@@ -168,6 +168,7 @@ def test_every_subcommand_help_names_the_environment() -> None:
         text = " ".join(result.stdout.split())
         assert "ENVIRONMENT, LOG_LEVEL, LOG_FORMAT" in text, (args, text)
         assert ("environment: DATABASE_URL" in text) == (args not in offline), (args, text)
+        assert ("DIRECT_DATABASE_URL" in text) == (args not in offline), (args, text)  # migrations, sessions
     *_, checkpoint, consistency = results
     assert "TALLY_URL, TALLY_API_KEY" in checkpoint.stdout and "TALLY_URL, TALLY_API_KEY" in consistency.stdout
 
