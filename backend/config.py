@@ -175,6 +175,14 @@ class Settings(BaseSettings):
             raise ValueError("needs DATABASE_URL (without it Tally uses its embedded server)")
         return value
 
+    @field_validator("database_pool_mode")
+    @classmethod
+    def _transaction_mode_needs_direct(cls, value: str, info: ValidationInfo) -> str:
+        if value == "transaction" and info.data.get("direct_database_url") is None:
+            raise ValueError("transaction needs DIRECT_DATABASE_URL: LISTEN, the leaders' locks and the "
+                             "migration lock hold sessions, which a pooler in transaction mode does not keep")
+        return value
+
     def direct_dsn(self, dsn: str) -> str:
         """Where session-scoped connections go: DIRECT_DATABASE_URL, else `dsn` (DATABASE_URL or embedded)."""
         return self.direct_database_url.get_secret_value() if self.direct_database_url else dsn

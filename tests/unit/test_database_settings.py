@@ -33,11 +33,24 @@ def test_an_unknown_pool_mode_is_refused_naming_it(monkeypatch: pytest.MonkeyPat
         load_settings()
 
 
+def test_transaction_mode_without_a_direct_url_is_refused_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LISTEN, the leaders' session advisory locks and the migration lock would go through the pooler in
+    transaction mode, which hands each transaction whichever server connection is free: a lock taken
+    there stays on a server connection other clients then use."""
+    monkeypatch.setenv("DATABASE_URL", POOLER)
+    monkeypatch.delenv("DIRECT_DATABASE_URL", raising=False)
+    monkeypatch.setenv("DATABASE_POOL_MODE", "transaction")
+    with pytest.raises(ConfigError, match=r"DATABASE_POOL_MODE: .*needs DIRECT_DATABASE_URL"):
+        load_settings()
+    monkeypatch.setenv("DIRECT_DATABASE_URL", PRIMARY)
+    assert load_settings().database_pool_mode == "transaction"
+
+
 def test_transaction_mode_pools_have_no_statement_cache_and_no_startup_timeout() -> None:
     session = load_settings(database_url=POOLER)
     assert pooled_connect_kwargs(session) == connect_kwargs(session)
     assert connect_kwargs(session)["server_settings"]["statement_timeout"] == "5000"
-    transaction = load_settings(database_url=POOLER, database_pool_mode="transaction")
+    transaction = load_settings(database_url=POOLER, direct_database_url=PRIMARY, database_pool_mode="transaction")
     pooled = pooled_connect_kwargs(transaction)
     assert pooled["statement_cache_size"] == 0
     assert pooled["server_settings"] == {"application_name": "tally"}
