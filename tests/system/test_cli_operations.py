@@ -284,3 +284,15 @@ def test_a_refused_argument_is_one_line_and_status_2() -> None:
         assert result.returncode == 2, (args, result.stderr)
         [line] = result.stderr.splitlines()
         assert line.startswith("tally") and ": error: " in line and line.endswith("--help)"), (args, line)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["migrate"]])
+def test_a_data_directory_that_cannot_be_made_is_one_line_naming_it(tmp_path: Path, command: list[str]) -> None:
+    """Under a regular file (or anywhere the process may not write): serve printed two tracebacks."""
+    (tmp_path / "file").write_text("")
+    data_dir = tmp_path / "file" / "data"
+    result = tally(*command, env={"DATABASE_URL": None, "DATA_DIR": str(data_dir), "PORT": str(free_port())})
+    assert result.returncode == (1 if command == ["serve"] else 2), result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = error_lines(result)
+    assert "DATA_DIR" in line and str(data_dir) in line, line
