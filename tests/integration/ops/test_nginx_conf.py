@@ -1,6 +1,7 @@
 """docs/ops/nginx.conf: `nginx -t` accepts it, and, run for real in front of a Tally app (its upstream
 pointed at the test server, its paths at a temporary directory), it proxies a command and delivers a
-stream's frame within 3 s of the command (before the stream's next checkpoint could flush a buffer).
+stream's frame within 3 s of the command (before the stream's next checkpoint could flush a buffer),
+passes a reconnecting stream's Last-Event-ID on, and resends a failed DELETE but never a POST.
 Skipped where nginx is not installed (.ci/run installs Debian's nginx-light)."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ROOT, bearer, mint_token
-from tests.sse_client import Parser
+from tests.sse_client import Message, Parser
 from tests.support import Client
 
 CONF = ROOT / "docs" / "ops" / "nginx.conf"
@@ -94,6 +95,18 @@ async def test_through_nginx_a_command_is_answered_and_a_stream_is_not_buffered(
                 async with asyncio.timeout(3):
                     while not any(wallet_id in m.data for m in parser.feed(await stream.content.readany())):
                         pass
+                position = int(parser.last_id)
+            # a browser reconnecting through the proxy resumes after the last id it saw: the header reaches Tally
+            async with aiohttp.ClientSession() as session, session.get(
+                    f"{base}/v1/streams/events", headers={**auditor, "Last-Event-ID": str(position - 1)},
+                    timeout=aiohttp.ClientTimeout(total=30)) as resumed:
+                assert resumed.status == 200, await resumed.text()
+                parser = Parser()
+                async with asyncio.timeout(3):
+                    frames: list[Message] = []
+                    while not frames:
+                        frames = [m for m in parser.feed(await resumed.content.readany()) if m.data]
+                assert frames[0].last_id == str(position) and wallet_id in frames[0].data
 
 
 @contextlib.asynccontextmanager
