@@ -48,11 +48,11 @@ from backend.http.ratelimit import HostRateLimiter, Limiter, RateLimiter, rate_l
 from backend.http.routing import add_routes
 from backend.http.signed_tokens import StreamTokens
 from backend.http.static import routes as static_routes
-from backend.http.worker import WORKER_HEADER, metrics_port_ctx
 from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
-from backend.server.shared_limits import SharedLimits
+from backend.server.metrics_site import WORKER_HEADER, metrics_port_ctx
 from backend.server.workers import WorkerPlace
+from backend.shared_limits import SharedLimits
 from backend.store.read_pools import open_replica
 from backend.store.replica_check import TASK as REPLICA_CHECK
 from backend.store.replica_check import ReplicaChecker

@@ -16,8 +16,8 @@ from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.metrics import Metrics
 from backend.http.signed_tokens import StreamTokens
-from backend.server.shared_limits import SharedLimits
 from backend.server.workers import WorkerPlace
+from backend.shared_limits import SharedLimits
 from backend.store.event_store import EventStore
 from backend.store.listener import Listener
 from backend.store.read_pools import ReadPools
@@ -36,7 +36,7 @@ SUPERVISOR = web.AppKey("supervisor", Supervisor)
 WORKER = web.AppKey("worker", WorkerPlace)
 """Set in a worker of `serve --workers N` only: its place among them."""
 SHARED_LIMITS = web.AppKey("shared_limits", SharedLimits)
-"""Set in a worker of `serve --workers N` only: the host's per-key limits (backend/server/shared_limits.py)."""
+"""Set in a worker of `serve --workers N` only: the host's per-key limits (backend/shared_limits.py)."""
 DATABASE_DSN = web.AppKey("database_dsn", str)
 """DIRECT_DATABASE_URL (default DATABASE_URL): for connections that hold a session (leader locks, LISTEN)."""
 POOL = web.AppKey("pool", asyncpg.Pool)

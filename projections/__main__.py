@@ -25,7 +25,7 @@ log = logging.getLogger("projections")
 
 async def work(settings: Settings) -> None:
     from backend.bootstrap import open_core
-    from backend.http.worker import serve_worker_http, worker_app, worker_metrics
+    from backend.server.metrics_site import serve_worker_http, worker_app, worker_metrics
     from projections.registry import all_projections
     from projections.service import ProjectionService, connector
     from projections.waiting import CheckpointWatcher

@@ -1,7 +1,7 @@
 """Per-key limits: what the host's shared table (serve --workers N) costs per request against the process's own.
 
 Each operation runs in a loop, timed (best of 5 repeats): a token taken from a key's bucket in this
-process's RateLimiter (one worker) and in the shared table (`backend/server/shared_limits.py`, an
+process's RateLimiter (one worker) and in the shared table (`backend/shared_limits.py`, an
 mmap and an flock: several workers), and a stream counted in and out of the shared table.
 """
 
@@ -16,9 +16,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from backend import shared_limits  # noqa: E402
 from backend.http.ratelimit import RateLimiter  # noqa: E402
-from backend.server import shared_limits  # noqa: E402
-from backend.server.shared_limits import SharedLimits  # noqa: E402
+from backend.shared_limits import SharedLimits  # noqa: E402
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

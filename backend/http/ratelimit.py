@@ -6,7 +6,7 @@ are dropped (oldest first) and memory stays bounded by the keys active in that w
 on the number of buckets bounds it even under a flood of distinct keys.
 
 With `serve --workers N` the buckets are the host's (`HostRateLimiter`, over the table of
-backend/server/shared_limits.py), so N workers together admit the key's rate, not N times it.
+backend/shared_limits.py), so N workers together admit the key's rate, not N times it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from backend.http.auth import ACTOR
 from backend.http.problems import Problem
-from backend.server.shared_limits import SharedLimits
+from backend.shared_limits import SharedLimits
 
 
 @dataclass(slots=True)

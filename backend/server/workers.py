@@ -14,7 +14,7 @@ worker exited 0. Workers run in their own session, so a Ctrl-C reaches them once
 should the parent be killed outright, each worker gets SIGTERM from the kernel and drains.
 
 Before starting them the parent creates the host's table of per-key limits (rate limit buckets, open
-streams: backend/server/shared_limits.py) and tells each worker its index and the table's path on the
+streams: backend/shared_limits.py) and tells each worker its index and the table's path on the
 command line, so a key's limits hold for the host, not per worker; it removes the table when it exits
 (one killed with SIGKILL cannot: the next parent on the host sweeps that table away).
 """
@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from backend import shared_limits
 from backend.config import Settings
 from backend.event_loop import ignore_stray_signals
-from backend.server import shared_limits
 
 log = logging.getLogger("backend")
 
@@ -54,7 +54,7 @@ PR_SET_PDEATHSIG = 1
 @dataclass(frozen=True, slots=True)
 class WorkerPlace:
     """What a worker is told of its place: its index among the N (0..N-1; a restarted worker takes its
-    predecessor's) and the host's shared limits table (backend/server/shared_limits.py)."""
+    predecessor's) and the host's shared limits table (backend/shared_limits.py)."""
 
     index: int
     limits: Path | None

@@ -99,7 +99,7 @@ class StreamRefused(Exception):
 
 
 class HostStreams(Protocol):
-    """The open streams of every worker of this host, by key (backend/server/shared_limits.py):
+    """The open streams of every worker of this host, by key (backend/shared_limits.py):
     `open_stream` counts one more unless the host has `cap` (None: the key found no room, then this
     process's own count is all that limits it)."""
 

@@ -8,7 +8,9 @@ import counted, those inside functions too) has none of the edges the layering f
 - the domain imports nothing but itself, the standard library and eventsourcing (no aiohttp, no asyncpg);
 - the store imports only the domain (and the foundation modules every layer may use);
 - commands reach neither streaming nor projections, and neither they nor the store import aiohttp;
-- the audit layer reaches nothing of backend/http nor the wiring (its app context is backend/audit_runtime.py).
+- the audit layer reaches nothing of backend/http nor the wiring (its app context is backend/audit_runtime.py);
+- backend/http imports nothing of backend/server (the typed keys of backend/appkeys.py aside, which
+  name every layer's types): serving sits above the handlers.
 """
 
 from __future__ import annotations
@@ -192,3 +194,8 @@ def test_commands_and_the_store_import_no_http_library() -> None:
     bad = [f"{source} -> {package}" for source in [*in_layer("backend.commands"), *in_layer("backend.store")]
            for package in sorted(_third_party(source)) if package in ("aiohttp", "aiohttp_sse")]
     assert not bad, "statuses and content types belong to backend/http:\n" + "\n".join(bad)
+
+
+def test_http_imports_nothing_of_the_server() -> None:
+    bad = violations(in_layer("backend.http"), ("backend.server",), transitive=False)
+    assert not bad, "backend/http reaches backend/server:\n" + "\n".join(bad)

@@ -1,4 +1,4 @@
-"""The host's table of per-key limits (backend/server/shared_limits.py): two workers' views of one real
+"""The host's table of per-key limits (backend/shared_limits.py): two workers' views of one real
 file, as two processes of `serve --workers 2` map it (the system test runs the real thing)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.server import shared_limits
-from backend.server.shared_limits import SharedLimits
+from backend import shared_limits
+from backend.shared_limits import SharedLimits
 
 
 @pytest.fixture
