@@ -1,7 +1,8 @@
 """docs/ops/nginx.conf: `nginx -t` accepts it, and, run for real in front of a Tally app (its upstream
 pointed at the test server, its paths at a temporary directory), it proxies a command and delivers a
 stream's frame within 3 s of the command (before the stream's next checkpoint could flush a buffer),
-passes a reconnecting stream's Last-Event-ID on, and resends a failed DELETE but never a POST.
+passes a reconnecting stream's Last-Event-ID on, resends a failed DELETE but never a POST, and answers
+its own errors (413, 502, 504) as problem+json while passing Tally's through untouched.
 Skipped where nginx is not installed (.ci/run installs Debian's nginx-light)."""
 
 from __future__ import annotations
@@ -151,3 +152,47 @@ async def test_nginx_resends_a_delete_but_never_a_post_whose_connection_failed()
         for host in hosts:
             host.close()
     assert received == ["POST", "DELETE", "DELETE"]
+
+
+async def problem_of(reply: aiohttp.ClientResponse) -> dict[str, object]:
+    assert reply.content_type == "application/problem+json", await reply.text()
+    body: dict[str, object] = await reply.json(content_type=None)
+    assert body["status"] == reply.status
+    return body
+
+
+async def test_what_nginx_answers_itself_is_problem_json_and_what_tally_answers_passes_untouched() -> None:
+    """A body over client_max_body_size (413), no host answering (502) or none in time (504) are
+    answered by nginx itself: as problem+json with a stable code, like Tally's own errors. A host's
+    own error answer, a 503 problem included, reaches the client as the host sent it."""
+    own_error = b'{"code":"unavailable","status":503}'
+
+    async def host(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /slow "):
+            await asyncio.sleep(30)  # longer than the test's proxy_read_timeout
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(own_error), own_error))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(host, "127.0.0.1", 0)
+    try:
+        with configured(int(server.sockets[0].getsockname()[1])) as (conf, port):
+            conf.write_text(conf.read_text().replace("proxy_read_timeout 60s;", "proxy_read_timeout 1s;"))
+            async with running(conf, port), aiohttp.ClientSession() as session:
+                base = f"http://127.0.0.1:{port}"
+                async with session.get(f"{base}/v1/stats") as reply:
+                    assert (reply.status, await reply.read()) == (503, own_error)
+                async with session.post(f"{base}/v1/wallets", data=b"x" * (2 << 20)) as reply:
+                    assert (reply.status, (await problem_of(reply))["code"]) == (413, "payload_too_large")
+                async with session.get(f"{base}/slow") as reply:
+                    assert (reply.status, (await problem_of(reply))["code"]) == (504, "host_timeout")
+    finally:
+        server.close()
+    with configured(free_port()) as (conf, port):  # nothing listens there
+        async with running(conf, port), aiohttp.ClientSession() as session, \
+                session.post(f"http://127.0.0.1:{port}/v1/wallets", json={}) as reply:
+            body = await problem_of(reply)
+            assert (reply.status, body["code"]) == (502, "no_host_answered")
+            assert "Idempotency-Key" in str(body["detail"]) and reply.headers["Retry-After"] == "1"
