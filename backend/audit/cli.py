@@ -257,8 +257,8 @@ async def verify_against_checkpoint(args: argparse.Namespace, progress: Callable
                 check.first_differing_position = index + 1
             except auditor.ServerTreeMismatch as exc:
                 check.detail += f"; cannot locate the change: {exc}"
-    elif not check.root_ok and check.export_leaves < check.tree_size and report.ok:
-        check.first_differing_position = check.export_leaves + 1  # every chain holds: the log was cut short
+    elif not check.root_ok:  # a shorter export with every chain intact may still differ before its end
+        check.detail += "; name the first differing position with --baseline or --url"
     if args.json:
         body = {**report.as_dict(), "ok": report.ok and check.ok, "checkpoint": check.as_dict()}
         sys.stdout.buffer.write(orjson.dumps(body, option=orjson.OPT_INDENT_2) + b"\n")

@@ -159,9 +159,31 @@ async def test_the_newest_events_of_a_stream_deleted(scene: Scene) -> None:
     code, report = await scene.verify(checkpoint)
     assert code == 1 and report["break_count"] == 0, "what is left is a perfectly valid shorter log"
     assert report["checkpoint"]["export_leaves"] == first - 1
-    assert report["checkpoint"]["first_differing_position"] == first
+    assert report["checkpoint"]["first_differing_position"] is None, "a shorter export proves nothing of the rest"
+    assert "--baseline or --url" in report["checkpoint"]["detail"]
     code, report = await scene.verify(checkpoint, "--url", scene.url)
     assert report["checkpoint"]["first_differing_position"] == first
+
+
+async def test_the_tail_deleted_and_an_earlier_event_rewritten(scene: Scene) -> None:
+    """A shorter export whose chains all hold may still differ before its end: only the checkpoint's
+    tree (from the server's proofs, or a kept export) can say where."""
+    stream = scene.log.streams[4]
+    store = scene.client.app[STORE]
+    appended = await store.append([Write(stream, 5, [NewEvent("WalletDebited", {"amount": 1, "n": n})
+                                                    for n in range(3)])])
+    checkpoint = await scene.signed_checkpoint("before.json")
+    baseline = await export_file(scene.pool, scene.tmp / "baseline.ndjson")
+    rewritten = scene.log.streams[2]
+    await as_superuser(scene.dsn, ("delete from events where position >= $1", (appended.streams[0].positions[0],)),
+                       *await rechained(scene.dsn, rewritten, {2: {"amount": 1, "reference": "x"}}))
+
+    code, report = await scene.verify(checkpoint)
+    assert code == 1 and report["break_count"] == 0
+    assert report["checkpoint"]["first_differing_position"] is None, report["checkpoint"]
+    for located in (("--url", scene.url), ("--baseline", str(baseline))):
+        code, report = await scene.verify(checkpoint, *located)
+        assert code == 1 and report["checkpoint"]["first_differing_position"] == scene.log.position(rewritten, 2)
 
 
 async def test_the_newest_events_of_a_stream_deleted_mid_log(scene: Scene) -> None:
