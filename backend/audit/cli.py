@@ -255,7 +255,7 @@ async def verify_against_checkpoint(args: argparse.Namespace, progress: Callable
             try:
                 index = await auditor.first_difference(client, checkpoint, collector.leaves)
                 check.first_differing_position = index + 1
-            except auditor.ServerTreeMismatch as exc:
+            except (auditor.ServerTreeMismatch, auditor.AuditError) as exc:  # the mismatch stands either way
                 check.detail += f"; cannot locate the change: {exc}"
     elif not check.root_ok:  # a shorter export with every chain intact may still differ before its end
         check.detail += "; name the first differing position with --baseline or --url"

@@ -216,6 +216,33 @@ async def test_an_event_inserted_mid_log_with_positions_renumbered(scene: Scene)
     assert report["checkpoint"]["first_differing_position"] == at, report["checkpoint"]
 
 
+async def test_the_database_rolled_back_and_continued_with_another_history(scene: Scene) -> None:
+    """A backup restored (events, tree and checkpoints as they were at 31 events) and a different
+    history appended: the server can no longer prove anything about the size the auditor holds, which
+    cannot hide that the export does not match the checkpoint."""
+    store = scene.client.app[STORE]
+    await store.append([Write(f"more-{n}", ANY, [NewEvent("AuditProbe", {"n": n})]) for n in range(9)])
+    old = await scene.signed_checkpoint("old.json")
+    kept = await export_file(scene.pool, scene.tmp / "kept.ndjson")
+    await as_superuser(scene.dsn, ("delete from events where position > 31", ()),
+                       ("delete from merkle_nodes where (index + 1) << level > 31", ()),
+                       ("update merkle_state set tree_size = 31", ()),
+                       ("delete from audit_checkpoints where tree_size > 31", ()))
+    await store.append([Write(f"fork-{n}", ANY, [NewEvent("AuditProbe", {"fork": n})]) for n in range(3)])
+    new = await scene.signed_checkpoint("new.json")
+    assert orjson.loads(new.read_bytes())["tree_size"] == 34
+
+    result = await scene.cli("consistency", str(old), str(new), "--url", scene.url)
+    assert result.returncode == 1 and "the log shrank" in result.stdout, result.stdout + result.stderr
+    code, report = await scene.verify(old, "--url", scene.url)
+    assert code == 1 and not report["ok"] and report["checkpoint"]["signature_ok"], report
+    assert report["checkpoint"]["first_differing_position"] is None
+    assert "cannot locate the change" in report["checkpoint"]["detail"]
+    assert "tree_size" in report["checkpoint"]["detail"], "the server's refusal is named"
+    code, report = await scene.verify(old, "--baseline", str(kept))
+    assert code == 1 and report["checkpoint"]["first_differing_position"] == 32
+
+
 async def test_forged_and_altered_checkpoints_fail_their_signature(scene: Scene) -> None:
     checkpoint = await scene.signed_checkpoint("good.json")
     document = orjson.loads(checkpoint.read_bytes())
