@@ -22,6 +22,7 @@ from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
+from backend.audit.merkle import verify_inclusion
 from backend.audit.signing import Checkpoint, keygen
 from backend.store.events import ANY, NewEvent, Write
 from backend.store.hashing import GENESIS, event_hash
@@ -93,8 +94,10 @@ async def as_superuser(dsn: str, *statements: Statement) -> None:
         await conn.close()
 
 
-async def rechained(dsn: str, stream_id: str, changes: dict[int, dict[str, Any]]) -> list[Statement]:
-    """UPDATEs that give the stream's events `changes` (version -> new data) and re-hash its whole chain."""
+async def rechained(dsn: str, stream_id: str, changes: dict[int, dict[str, Any]],
+                    times: dict[int, datetime] | None = None) -> list[Statement]:
+    """UPDATEs that give the stream's events `changes` (version -> new data) and `times` (version -> new
+    recorded_at) and re-hash its whole chain."""
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch("select position, version, type, data::text, recorded_at from events "
@@ -105,9 +108,10 @@ async def rechained(dsn: str, stream_id: str, changes: dict[int, dict[str, Any]]
     statements: list[Statement] = []
     for position, version, type_, data, recorded_at in rows:
         value = changes.get(version, orjson.loads(data))
-        previous = event_hash(previous, stream_id, version, type_, value, recorded_at)
-        statements.append(("update events set data = $2::jsonb, hash = $3 where position = $1",
-                           (position, orjson.dumps(value).decode(), previous)))
+        when = (times or {}).get(version, recorded_at)
+        previous = event_hash(previous, stream_id, version, type_, value, when)
+        statements.append(("update events set data = $2::jsonb, recorded_at = $3, hash = $4 where position = $1",
+                           (position, orjson.dumps(value).decode(), when, previous)))
     return statements
 
 
@@ -144,6 +148,27 @@ async def test_a_rewritten_event_with_its_chain_recomputed(scene: Scene) -> None
     assert "OK: every hash chain verifies" in result.stdout
     assert "events checked:  31" in result.stdout  # fill_log's 30 and the API key's event
     assert "FAILED: the export does not match the signed checkpoint" in result.stdout
+
+
+async def test_an_event_backdated_with_its_chain_recomputed(scene: Scene) -> None:
+    checkpoint = await scene.signed_checkpoint("before.json")
+    stream = scene.log.streams[3]
+    await as_superuser(scene.dsn, *await rechained(scene.dsn, stream, {}, {2: datetime(2026, 1, 1, tzinfo=UTC)}))
+    code, report = await scene.verify(checkpoint, "--url", scene.url)
+    assert code == 1 and report["break_count"] == 0
+    assert report["checkpoint"]["first_differing_position"] == scene.log.position(stream, 2), report["checkpoint"]
+
+
+async def test_two_events_of_different_streams_swapped(scene: Scene) -> None:
+    """Each stream's chain is untouched (positions are not in it): only the tree sees the new order."""
+    checkpoint = await scene.signed_checkpoint("before.json")
+    first, second = (scene.log.position(scene.log.streams[n], 3) for n in (0, 5))
+    await as_superuser(scene.dsn, ("update events set position = 1000000 where position = $1", (first,)),
+                       ("update events set position = $1 where position = $2", (first, second)),
+                       ("update events set position = $1 where position = 1000000", (second,)))
+    code, report = await scene.verify(checkpoint, "--url", scene.url)
+    assert code == 1 and report["break_count"] == 0
+    assert report["checkpoint"]["first_differing_position"] == first, report["checkpoint"]
 
 
 async def test_the_newest_events_of_a_stream_deleted(scene: Scene) -> None:
@@ -243,6 +268,29 @@ async def test_the_database_rolled_back_and_continued_with_another_history(scene
     assert code == 1 and report["checkpoint"]["first_differing_position"] == 32
 
 
+async def test_stored_subtrees_altered(scene: Scene) -> None:
+    """The events left alone: they still match the checkpoint, but no proof or later checkpoint built
+    on an altered subtree passes."""
+    checkpoint = await scene.signed_checkpoint("before.json")
+    signed = Checkpoint.from_dict(orjson.loads(checkpoint.read_bytes()))
+    assert signed.tree_size == 31
+    await as_superuser(scene.dsn, ("update merkle_nodes set hash = sha256(hash) where level = 0 and index in (4, 30)",
+                                   ()))
+    code, report = await scene.verify(checkpoint)
+    assert code == 0 and report["ok"], report["checkpoint"]
+    proof = await (await scene.client.get("/v1/audit/proofs/inclusion", params={"position": 5, "tree_size": 31},
+                                          headers=bearer(scene.token))).json()
+    path = [bytes.fromhex(h) for h in proof["audit_path"]]
+    assert not verify_inclusion(4, 31, bytes.fromhex(proof["leaf_hash"]), path, signed.root_hash)
+
+    await scene.client.app[STORE].append([Write("more-0", ANY, [NewEvent("AuditProbe", {"n": 0})])])
+    later = await scene.signed_checkpoint("after.json")  # leaf 30 was on the tree's edge: the new root uses it
+    code, report = await scene.verify(later)
+    assert code == 1 and not report["checkpoint"]["root_ok"] and report["break_count"] == 0
+    result = await scene.cli("consistency", str(checkpoint), str(later), "--url", scene.url)
+    assert result.returncode == 1, result.stdout + result.stderr
+
+
 async def test_forged_and_altered_checkpoints_fail_their_signature(scene: Scene) -> None:
     checkpoint = await scene.signed_checkpoint("good.json")
     document = orjson.loads(checkpoint.read_bytes())
@@ -309,6 +357,38 @@ async def test_consistency_between_checkpoints(scene: Scene) -> None:
     code, report = await scene.verify(old, "--baseline", str(await export_file(scene.pool, scene.tmp / "now.ndjson")))
     assert report["checkpoint"]["first_differing_position"] is None
     assert "does not give the checkpoint's root either" in report["checkpoint"]["detail"]
+
+
+async def test_another_history_under_a_new_key_shown_to_one_auditor(scene: Scene,
+                                                                     aiohttp_client: AiohttpClient) -> None:
+    """Auditor A keeps a checkpoint; the operator rewrites an event, rebuilds the tree and serves it,
+    signed with a new key, to auditor B. B's pinned key refuses it; unpinned, B accepts it, and only
+    comparing the two auditors' checkpoints shows the split."""
+    seen_by_a = await scene.signed_checkpoint("auditor-a.json")
+    stream = scene.log.streams[0]
+    await as_superuser(scene.dsn, *await rechained(scene.dsn, stream, {3: {"amount": 1, "reference": "x"}}),
+                       ("delete from merkle_nodes", ()), ("update merkle_state set tree_size = 0", ()))
+    new_key = scene.tmp / "new-key.pem"
+    keygen(new_key)
+    forked = await aiohttp_client(create_app(make_settings(scene.dsn, audit_signing_key_file=new_key,
+                                                           audit_checkpoint_s=3600)))
+    assert (await forked.post("/v1/audit/checkpoints", headers=bearer(scene.token))).status == 201
+    url = str(forked.make_url("")).rstrip("/")
+
+    pinned = scene.tmp / "pinned.hex"
+    pinned.write_text(orjson.loads(seen_by_a.read_bytes())["public_key"])
+    result = await scene.cli("checkpoint", "--url", url, "--out", str(scene.tmp / "b.json"),
+                             "--public-key", str(pinned))
+    assert result.returncode == 1 and "signature invalid" in result.stdout, result.stdout + result.stderr
+    seen_by_b = scene.tmp / "auditor-b.json"
+    result = await scene.cli("checkpoint", "--url", url, "--out", str(seen_by_b))
+    assert result.returncode == 0, "unpinned, the server's word for its key is all B has"
+    assert orjson.loads(seen_by_b.read_bytes())["tree_size"] == orjson.loads(seen_by_a.read_bytes())["tree_size"]
+
+    result = await scene.cli("consistency", str(seen_by_a), str(seen_by_b), "--url", url)
+    assert result.returncode == 1 and "same size, different roots" in result.stdout, result.stdout + result.stderr
+    code, report = await scene.verify(seen_by_a, "--url", url)
+    assert code == 1 and "cannot locate the change" in report["checkpoint"]["detail"]
 
 
 async def test_keygen_writes_a_private_key_file_only_its_owner_reads(tmp_path: Path) -> None:
