@@ -171,6 +171,22 @@ async def test_two_events_of_different_streams_swapped(scene: Scene) -> None:
     assert report["checkpoint"]["first_differing_position"] == first, report["checkpoint"]
 
 
+async def test_events_rewritten_under_a_tree_left_alone(scene: Scene) -> None:
+    """The tree still commits to the old events, so every later checkpoint extends the old one: only an
+    export checked against a checkpoint shows that the events are no longer those."""
+    old = await scene.signed_checkpoint("old.json")
+    stream = scene.log.streams[0]
+    await as_superuser(scene.dsn, *await rechained(scene.dsn, stream, {3: {"amount": 1, "reference": "x"}}))
+    await scene.client.app[STORE].append([Write(f"more-{n}", ANY, [NewEvent("AuditProbe", {"n": n})])
+                                          for n in range(3)])
+    new = await scene.signed_checkpoint("new.json")
+    result = await scene.cli("consistency", str(old), str(new), "--url", scene.url)
+    assert result.returncode == 0, "true of the tree, which reads no event"
+    for checkpoint in (old, new):
+        code, report = await scene.verify(checkpoint, "--url", scene.url)
+        assert code == 1 and report["checkpoint"]["first_differing_position"] == scene.log.position(stream, 3)
+
+
 async def test_the_newest_events_of_a_stream_deleted(scene: Scene) -> None:
     stream = scene.log.streams[4]
     store = scene.client.app[STORE]
