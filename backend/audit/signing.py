@@ -80,6 +80,10 @@ class Checkpoint:
         return signed_text(self.tree_size, self.root_hash, self.timestamp)
 
     def verify(self, public: Ed25519PublicKey) -> bool:
+        """The signature over `text` by `public`, and `key_id` naming `public`: key_id is not signed, and
+        a report shows it as the key that signed, so a checkpoint cannot pass off another key's id."""
+        if self.key_id != key_id(public):
+            return False
         try:
             public.verify(self.signature, self.text)
         except InvalidSignature:

@@ -332,6 +332,16 @@ async def test_forged_and_altered_checkpoints_fail_their_signature(scene: Scene)
     code, report = await scene.verify(forged_file, "--public-key", str(pinned))
     assert code == 1 and report["checkpoint"]["signature_ok"] is False
 
+    # the forger's key in the file, but the real key's id on the checkpoint: the report would show the
+    # id an auditor compares with the one it knows, so a key_id not naming the checking key is refused
+    passed_off = scene.tmp / "passed-off.json"
+    passed_off.write_bytes(orjson.dumps({**forged, "key_id": document["key_id"],
+                                         "public_key": raw_public(forger.public).hex()}))
+    code, report = await scene.verify(passed_off)
+    assert code == 1 and report["checkpoint"]["signature_ok"] is False, report["checkpoint"]
+    result = await scene.cli("consistency", str(checkpoint), str(passed_off), "--url", scene.url)
+    assert result.returncode == 1 and "signature invalid" in result.stdout, result.stdout + result.stderr
+
     export = await export_file(scene.pool, scene.tmp / "plain.ndjson")
     result = await scene.cli("verify", "--export", str(export), "--checkpoint", str(altered))
     assert result.returncode == 1 and "signature invalid" in result.stdout

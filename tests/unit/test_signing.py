@@ -38,6 +38,15 @@ def test_the_signed_text_and_a_round_trip(signer: Signer) -> None:
     assert "PRIVATE" not in repr(signer) and signer.key_id in repr(signer)
 
 
+def test_a_key_id_that_does_not_name_the_checking_key_fails(signer: Signer, tmp_path: Path) -> None:
+    keygen(tmp_path / "other.pem")
+    other = Signer.from_file(tmp_path / "other.pem")
+    checkpoint = other.sign(12, bytes(32), "2026-01-02T03:04:05.000006Z")
+    assert checkpoint.verify(other.public)
+    passed_off = Checkpoint.from_dict({**checkpoint.as_dict(), "key_id": signer.key_id})
+    assert not passed_off.verify(other.public), "valid bytes, but the key_id names another key"
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"tree_size": -1}, "tree_size"),
     ({"tree_size": "12"}, "tree_size"),
