@@ -51,8 +51,11 @@ PAGE_SIZE = 5000
 CHUNK = 1000
 """Rows verified between two yields to the event loop, so the next page keeps arriving meanwhile."""
 
-# recorded_at formatted by the database exactly as backend.store.hashing.format_time does.
-RECORDED_AT_SQL = """to_char(recorded_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+# recorded_at formatted by the database exactly as backend.store.hashing.format_time does; an infinite
+# time (no append writes one, PostgreSQL takes it) has no such form, to_char gives NULL: shown as
+# 'infinity' or '-infinity' instead, it fails its hash like any other changed time.
+RECORDED_AT_SQL = """coalesce(to_char(recorded_at at time zone 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+    recorded_at::text)"""
 CHAIN_COLUMNS = f"position, stream_id, version, type, data::text, {RECORDED_AT_SQL}, encode(hash, 'hex')"
 LOG_PAGE_SQL = f"""
 select {CHAIN_COLUMNS} from events where position > $1 and position <= $2 order by position limit $3

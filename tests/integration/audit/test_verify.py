@@ -72,6 +72,23 @@ async def test_changed_amount_is_pinpointed(own_database_url: str, own_pool: asy
     assert (await verify_path(before)).ok
 
 
+@pytest.mark.parametrize("moment", ["infinity", "-infinity"])
+async def test_an_infinite_recorded_at_is_pinpointed(own_database_url: str, own_pool: asyncpg.Pool, tmp_path: Path,
+                                                    moment: str) -> None:
+    """PostgreSQL takes an infinite timestamp that no append writes: it is one changed event, in the
+    database and in the export, not a crash or an unreadable line."""
+    log = await fill_log(own_pool)
+    victim = log.streams[2]
+    await tamper(own_database_url, f"update events set recorded_at = '{moment}' where stream_id = $1 and version = 2",
+                 victim)
+    expected = [("hash_mismatch", victim, 2, log.position(victim, 2))]
+    assert breaks(await verify_db(own_pool)) == expected
+    export = await export_file(own_pool, tmp_path / "after.ndjson")
+    assert breaks(await verify_path(export)) == expected
+    line = export.read_bytes().splitlines()[log.position(victim, 2) - 1]
+    assert orjson.loads(line)["recorded_at"] == moment
+
+
 async def test_deleted_event_is_pinpointed(own_database_url: str, own_pool: asyncpg.Pool, tmp_path: Path) -> None:
     log = await fill_log(own_pool)
     before = await export_file(own_pool, tmp_path / "before.ndjson")
