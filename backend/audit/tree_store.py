@@ -36,6 +36,7 @@ from backend.store.reads import Executor
 log = logging.getLogger(__name__)
 
 SIZE_SQL = "select tree_size from merkle_state"
+SIZE_FOR_SIGNING_SQL = "select tree_size from merkle_state for update"
 FOLD_SQL = "select tree_size, folded, gap_at from tally_merkle_fold($1)"
 NODES_SQL = """
 select n.level, n.index, n.hash from unnest($1::smallint[], $2::bigint[]) as w(level, index)
@@ -127,12 +128,18 @@ async def catch_up(conn: Connection, to: int, limit: int, max_batches: int | Non
             return size
 
 
-async def sign(db: Executor, signer: Signer) -> dict[str, Any]:
-    """Sign the folded tree as it stands and store the checkpoint; return it as served."""
-    size = await tree_size(db)
-    checkpoint = signer.sign(size, await root(db, size), format_time(datetime.now(UTC)))
-    row = await db.fetchrow(INSERT_CHECKPOINT_SQL, checkpoint.tree_size, checkpoint.root_hash,
-                            datetime.fromisoformat(checkpoint.timestamp), checkpoint.key_id, checkpoint.signature)
+async def sign(conn: Connection, signer: Signer) -> dict[str, Any]:
+    """Sign the folded tree as it stands and store the checkpoint; return it as served.
+
+    Under merkle_state's row lock, as folds take it: two signers (the leader's periodic checkpoint and
+    an on-demand one) cannot cross, so a checkpoint with a later id and timestamp never covers fewer
+    events than an earlier one, which an auditor would rightly read as the log shrinking."""
+    async with conn.transaction():
+        size = int(await conn.fetchval(SIZE_FOR_SIGNING_SQL))
+        checkpoint = signer.sign(size, await root(conn, size), format_time(datetime.now(UTC)))
+        row = await conn.fetchrow(INSERT_CHECKPOINT_SQL, checkpoint.tree_size, checkpoint.root_hash,
+                                  datetime.fromisoformat(checkpoint.timestamp), checkpoint.key_id,
+                                  checkpoint.signature)
     return served(row)
 
 

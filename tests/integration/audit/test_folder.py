@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import uuid
 from pathlib import Path
@@ -189,3 +190,27 @@ async def test_checkpoints_are_signed_on_time_while_the_folder_catches_up(own_da
         checkpoint = Checkpoint.from_dict(served)
         assert checkpoint.verify(signer.public)
         assert checkpoint.root_hash == await tree_store.root(own_pool, checkpoint.tree_size)
+
+
+async def test_checkpoints_signed_while_others_fold_never_go_backwards(own_pool: asyncpg.Pool,
+                                                                       tmp_path: Path) -> None:
+    """The leader's periodic checkpoint and an on-demand one can race: a checkpoint signed later (a
+    larger id, a later timestamp) must never cover fewer events than an earlier one, or an auditor
+    holding both would be told the log shrank."""
+    await fill_log(own_pool, streams=10, versions=8)
+    keygen(tmp_path / "key.pem")
+    signer = Signer.from_file(tmp_path / "key.pem")
+
+    async def fold_and_sign() -> None:
+        async with own_pool.acquire() as conn:
+            for _ in range(20):
+                await tree_store.fold(conn, 1)
+                await tree_store.sign(conn, signer)
+
+    await asyncio.gather(*(fold_and_sign() for _ in range(4)))
+    async with own_pool.acquire() as conn:
+        rows = await conn.fetch("select tree_size, signed_at from audit_checkpoints order by id")
+    assert len(rows) == 80
+    for earlier, later in itertools.pairwise(rows):
+        assert later["tree_size"] >= earlier["tree_size"] and later["signed_at"] >= earlier["signed_at"], \
+            [tuple(r) for r in rows]
