@@ -39,10 +39,13 @@ none of these (UndefinedTableError is class 42, asyncpg's DataError an Interface
 is_unavailable, which also recognises the two asyncpg client errors below by their message."""
 
 _CLOSED_MESSAGES = ("pool is closing", "pool is closed", "connection is closed",
-                    "another operation is cancelling")
+                    "another operation is cancelling", "connection has been released back to the pool")
 """asyncpg.InterfaceError is "improper use of the API": mostly a bug (wrong argument count, an
 unsupported codec, a connection used by two tasks at once), so only these messages, which come from a
-pool being closed at shutdown or a connection lost under an operation, mean unavailable."""
+pool being closed at shutdown or a connection lost under an operation, mean unavailable. The last is
+what a borrowed connection says once the server dropped it between two queries (a termination, a
+restart): asyncpg hands it back to the pool at once, so the next query on it (the next page of an
+export, of a stream's catch-up) fails with it."""
 
 _PROTOCOL_STATE_MESSAGES = ("cannot switch to", "not connected", "cannot process message",
                             "unknown error in protocol implementation")

@@ -416,8 +416,8 @@ class AppendBatcher:
 
         When the server drops that connection while the batcher holds it idle (a restart), asyncpg
         hands it back to the pool at once, and any later call on it raises InterfaceError ("released
-        back to the pool"), which is no outage error: a termination listener forgets it, so the next
-        batch acquires another, or fails as unavailable while the server is down, instead of a 500.
+        back to the pool"): a termination listener forgets it, so the next batch acquires another
+        (or fails as unavailable while the server is down) instead of failing on a dead connection.
         The listener runs a loop iteration later, so a batch may come first: it checks too."""
         if self._conn is not None and not _usable(self._conn):
             self._drop()  # asyncpg has taken it back already: nothing to release

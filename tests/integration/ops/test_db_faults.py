@@ -32,6 +32,7 @@ OUTAGES = [
     asyncpg.InterfaceError("pool is closing"),
     asyncpg.InterfaceError("pool is closed"),
     asyncpg.InterfaceError("cannot perform operation: connection is closed"),
+    asyncpg.InterfaceError("cannot call Connection.fetch(): connection has been released back to the pool"),
     asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
     asyncpg.AdminShutdownError("terminating connection due to administrator command"),
     asyncpg.CrashShutdownError("terminating connection because of crash of another server process"),
