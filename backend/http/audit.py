@@ -3,6 +3,7 @@ export, a wallet's state at a past position or time, and hash-chain verification
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
@@ -14,7 +15,7 @@ from backend.appkeys import CLOCK, READ_POOLS, REPOSITORY
 from backend.audit import history
 from backend.audit.export import export_pages
 from backend.audit.verify import Report, verify_database
-from backend.db import Connection
+from backend.db import Connection, describe, is_unavailable
 from backend.domain import Wallet
 from backend.http import replies
 from backend.http.bodies import field_errors
@@ -43,6 +44,9 @@ MAX_VERSION = 2**31 - 1
 Position = Annotated[int, Field(ge=0, le=MAX_POSITION), ASCII_DIGITS_ONLY]
 Limit = Annotated[int, Field(ge=1, le=1000), ASCII_DIGITS_ONLY]
 StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
+
+
+log = logging.getLogger(__name__)
 
 
 class ClientLeft(Exception):
@@ -194,8 +198,25 @@ async def export(request: web.Request) -> web.StreamResponse:
     except ClientLeft as exc:
         assert exc.__cause__ is not None
         raise exc.__cause__ from None
-    await response.write_eof()
+    except Exception as exc:
+        if not response.prepared:
+            raise  # nothing sent yet: the error middleware answers with a problem document
+        cut_short(request, exc, sent)
+    else:
+        await response.write_eof()
     return response
+
+
+def cut_short(request: web.Request, exc: Exception, sent: int) -> None:
+    """An export under way cannot become an error answer (a problem document would land in the middle
+    of the NDJSON): close the connection without the body's last chunk, so that the client sees an
+    incomplete transfer, never a complete-looking export. Its last line says how far it got."""
+    if is_unavailable(exc):
+        log.warning("export cut short: the database is unavailable", extra={"reason": describe(exc), "sent": sent})
+    else:
+        log.error("export cut short by an unexpected error", exc_info=exc, extra={"sent": sent})
+    if request.transport is not None:
+        request.transport.close()
 
 
 def last_position(chunk: bytes) -> int:

@@ -16,7 +16,7 @@ from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
-from backend.audit.export import read_export
+from backend.audit.export import export_pages, read_export
 from backend.audit.verify import Report, verify
 from backend.store.events import ANY, NewEvent, Write
 from tests.conftest import bearer, make_settings, mint_token
@@ -214,6 +214,38 @@ async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client:
     assert len((await bounded.read()).splitlines()) == 2
     await auditor.invalid("/v1/events/export", {"to": -5}, "to")
     await auditor.invalid("/v1/events/export", {"to": to + 1000}, "to")  # a later export would differ
+
+
+async def test_an_export_the_database_fails_midway_is_cut_short(client: Client, auditor: Auditor,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Once the first lines are sent, an outage can only end the export early: the connection closes
+    without the chunked body's last chunk, so no client takes it for complete, and nothing else is
+    written into the body (no problem document in the middle of the NDJSON); a warning, no traceback."""
+    store = client.app[STORE]
+    _, streams = probe_streams(2)
+    await store.append([Write(s, ANY, [NewEvent("AuditProbe", {"n": 0})]) for s in streams])
+
+    async def first_page_then_lost(conn: Any, after: int, to: int) -> Any:
+        async for chunk in export_pages(conn, after, to, page_size=1):
+            yield chunk
+            raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
+    monkeypatch.setattr("backend.http.audit.export_pages", first_page_then_lost)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(f"GET /v1/events/export?after=0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                     f"Authorization: {auditor.headers['Authorization']}\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), timeout=10)  # to the end: the server closes
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head, raw[:500]
+    assert b'{"position":1,' in body
+    assert b"HTTP/1.1" not in body and b"problem" not in body, body[-500:]
+    assert not body.endswith(b"0\r\n\r\n"), "a cut export must not end like a complete one"
+    assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
+    assert any("export" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
 
 
 # ---------------------------------------------------------------- time travel
