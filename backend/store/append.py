@@ -440,9 +440,15 @@ class AppendBatcher:
         return conn
 
     async def _discard_connection(self) -> None:
-        """After any failure: the pool rolls back (or replaces) the connection on release."""
+        """After any failure: end the transaction a failed general path left open (the server refused a
+        write, cancelled a statement), then release; the pool replaces a broken connection. Released
+        mid-transaction, asyncpg would roll it back too, but report it through the loop's exception
+        handler: an ERROR line for every command refused by an outage."""
         conn = self._drop()
         if conn is not None:
+            with contextlib.suppress(Exception):
+                if conn.is_in_transaction():
+                    await conn.execute("rollback")
             with contextlib.suppress(Exception):
                 await self._pool.release(conn)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -194,12 +195,13 @@ async def test_a_session_terminated_mid_command_is_503(
 
 
 async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ignore[no-untyped-def]
-    aiohttp_client, own_database_url: str
+    aiohttp_client, own_database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The sessions Tally reconnects land on a server that refuses writes, as after a failover whose
     address still leads to the old primary, now a standby, or with default_transaction_read_only set for
     maintenance: commands and readiness answer 503 while reads go on; once the database takes writes
-    again, commands do too, with no restart (the pool closes each read-only session it gets back)."""
+    again, commands do too, with no restart (the pool closes each read-only session it gets back).
+    Nothing is logged as an error: an outage is a warning."""
     dsn, name = own_database_url, database_name(own_database_url)
     admin = await asyncpg.connect(dsn)
     pool_size = 4
@@ -236,5 +238,7 @@ async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ig
         wallet = await client.get(f"/v1/wallets/{wallet_id}",  # the runners were restarted too: give them time
                                   headers={"X-Min-Position": credited.headers["X-Position"], "Prefer": "wait=10"})
         assert (await wallet.json())["balance"] == 5  # the refused credits changed nothing
+        errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, errors
     finally:
         await admin.close()
