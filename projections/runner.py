@@ -173,6 +173,8 @@ class Runner:
         await self._load_checkpoint(conn)
         backoff = self.min_backoff_s
         while not self.stopping:
+            if conn.is_closed():  # the lead went with it; an idle runner reads the feed, never the session
+                raise ConnectionError("projection session lost")
             try:
                 full = await self._step(conn)
             except ProjectionFailed:

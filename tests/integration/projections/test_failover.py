@@ -57,3 +57,30 @@ async def test_a_standby_app_takes_over_within_five_seconds(
         assert all(s.state == "running" and s.leader_pid in pids for s in found)
     finally:
         await node.close()
+
+
+async def test_an_idle_leader_whose_session_ends_leads_again_without_waiting_for_an_event(
+        own_database_url: str, aiohttp_client: AiohttpClient) -> None:
+    """The server ends the runners' sessions (an operator's pg_terminate_backend, a failover) while the
+    log is quiet: each runner notices within its poll interval and takes the lead again on a new
+    session, instead of believing it leads until the next event while no session holds the lock (the
+    status would say `stopped` meanwhile, and a standby elsewhere would lead beside it)."""
+    app = (await aiohttp_client(create_app(settings_for(own_database_url, projection_poll_s=0.2)))).app
+
+    async def all_lead() -> bool:
+        return states(app) == {LEADING} and None not in {r.backend_pid for r in app[PROJECTIONS].runners}
+
+    await eventually(all_lead, what="every projection to lead")
+    node = await Node.open(own_database_url)
+    try:
+        ended = {r.backend_pid for r in app[PROJECTIONS].runners}
+        assert await node.pool.fetchval("select bool_and(pg_terminate_backend(p)) from unnest($1::int[]) p",
+                                        list(ended))
+
+        async def led_again() -> bool:
+            found = await status(node.pool, registry.names())
+            return all(s.state == "running" and s.leader_pid not in ended for s in found)
+
+        await eventually(led_again, timeout=10.0, what="every projection led by a new session")
+    finally:
+        await node.close()
