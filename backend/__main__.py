@@ -301,6 +301,12 @@ def run_tool(settings: Settings, args: argparse.Namespace) -> int:
 
         where = "cannot write the output" if cannot_write(exc) else "database"
         print(f"tally: error: {where}: {describe(exc)}", file=sys.stderr)
+    except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+        from backend.db import describe, is_unavailable
+
+        if not is_unavailable(exc):  # asyncpg's word for a session lost under an operation; else a bug
+            raise
+        print(f"tally: error: database: {describe(exc)}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     return 2

@@ -296,3 +296,33 @@ def test_a_data_directory_that_cannot_be_made_is_one_line_naming_it(tmp_path: Pa
     assert "Traceback" not in result.stderr
     [line] = error_lines(result)
     assert "DATA_DIR" in line and str(data_dir) in line, line
+
+
+LOST_MIDWAY = """
+import sys
+import asyncpg
+from asyncpg import exceptions
+
+original = asyncpg.Connection.execute
+
+async def execute(self, query, *args, **kwargs):
+    if query.startswith("analyze"):  # the rebuild's sessions, after their first batch
+        raise exceptions.InternalClientError("cannot switch to state 15; another operation (2) is in progress")
+    return await original(self, query, *args, **kwargs)
+
+asyncpg.Connection.execute = execute
+from backend.__main__ import main
+sys.exit(main(["projections", "rebuild", "--all", "--batch-size", "1"]))
+"""
+
+
+def test_a_rebuild_whose_sessions_are_lost_midway_is_one_line_and_status_2(own_database_url: str) -> None:
+    """The server ends a rebuild's sessions (a restart, pg_terminate_backend): asyncpg then reports the
+    dead connection as a client error of its protocol, not as a PostgreSQL error. One line, no traceback."""
+    result = subprocess.run([sys.executable, "-c", LOST_MIDWAY], cwd=ROOT, text=True, capture_output=True,
+                            env={**os.environ, "DATABASE_URL": own_database_url, "LOG_FORMAT": "json"}, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    [line] = error_lines(result)
+    assert line == "tally: error: database: InternalClientError: cannot switch to state 15; another operation (2) " \
+                   "is in progress", line
