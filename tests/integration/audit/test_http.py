@@ -18,10 +18,11 @@ from backend.app import create_app
 from backend.appkeys import STORE
 from backend.audit.export import export_pages, read_export
 from backend.audit.verify import Report, verify
+from backend.server.run import start
 from backend.store.events import ANY, NewEvent, Write
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.audit.support import fill_log, tamper
-from tests.support import Client
+from tests.support import Client, eventually
 
 PROBLEM = "application/problem+json"
 
@@ -246,6 +247,46 @@ async def test_an_export_the_database_fails_midway_is_cut_short(client: Client, 
     assert not body.endswith(b"0\r\n\r\n"), "a cut export must not end like a complete one"
     assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records if r.exc_info]
     assert any("export" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+async def test_a_client_that_leaves_an_export_midway_is_no_database_outage(
+        database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """An auditor stopping a download (`curl ... | head`) is not the database failing: no `database
+    unavailable` warning, and the request counts as the 200 it was, not as a 503 (which the 503-rate
+    alert watches). Served as `serve` serves: a client leaving does not cancel the handler there."""
+    async def endless(conn: Any, after: int, to: int) -> Any:
+        async for chunk in export_pages(conn, after, to, page_size=1):
+            for _ in range(2000):
+                yield chunk
+                await asyncio.sleep(0.005)
+            return
+
+    monkeypatch.setattr("backend.http.audit.export_pages", endless)
+    settings = make_settings(database_url, rate_limit_per_s=0, host="127.0.0.1", port=0)
+    serving = await start(create_app(settings), settings)
+    try:
+        token = await mint_token(serving.runner.app, "auditor", ["audit:read"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", serving.port)
+        writer.write(f"GET /v1/events/export?after=0 HTTP/1.1\r\nHost: t\r\n"
+                     f"Authorization: Bearer {token}\r\n\r\n".encode())
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        await reader.readexactly(100)
+        writer.transport.abort()  # the client goes, mid-body
+
+        async def counted() -> list[str]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", serving.port)
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            text = (await reader.read()).decode()
+            writer.close()
+            return [line for line in text.splitlines()
+                    if line.startswith("tally_http_requests_total") and 'route="/v1/events/export"' in line]
+
+        lines = await eventually(counted, timeout=10, what="the export to be counted")
+        assert [line.split(" ")[0] for line in lines] == [
+            'tally_http_requests_total{method="GET",route="/v1/events/export",status="200"}'], lines
+        assert not [r for r in caplog.records if "unavailable" in r.getMessage()], caplog.text
+    finally:
+        await serving.stop(5)
 
 
 # ---------------------------------------------------------------- time travel
