@@ -48,8 +48,9 @@ from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 from backend.streaming import frames, tcp
 from backend.streaming.dashboard import projection_stats
 from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
-from backend.streaming.hub import Hub, HubConfig, Render, StreamRefused
+from backend.streaming.hub import Hub, HubConfig, StreamRefused
 from backend.streaming.sse import EventStream, WalletFollower
+from backend.streaming.subscriber import Render
 
 routes = web.RouteTableDef()
 

@@ -21,7 +21,8 @@ from backend.domain import Wallet
 from backend.store.event_codec import fold
 from backend.store.events import RecordedEvent
 from backend.streaming import frames
-from backend.streaming.hub import Hub, Subscriber
+from backend.streaming.hub import Hub
+from backend.streaming.subscriber import Subscriber
 from backend.streaming.window import FRAME, POSITION
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ docs/PERFORMANCE.md, which says where each figure belongs) cites exists."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from pathlib import Path
 from types import ModuleType
@@ -62,6 +63,24 @@ def test_every_cited_dotted_name_resolves(doc: Path) -> None:
                 break
             target = getattr(target, attribute)
     assert not missing, f"{doc.name} names modules or attributes that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_every_cited_class_and_function_is_named_where_it_is_defined(doc: Path) -> None:
+    """A class or function moved to another module is cited there, not where it is merely imported:
+    `backend.streaming.hub.Subscriber` would resolve after the move, yet send a reader to the wrong file."""
+    elsewhere = []
+    for name in cited(DOTTED, doc):
+        try:
+            module, attributes = longest_module(name.split("."))
+        except LookupError:
+            continue  # reported by test_every_cited_dotted_name_resolves
+        target = getattr(module, attributes[0], None) if attributes else None
+        if inspect.isclass(target) or inspect.isfunction(target):
+            defined_in = target.__module__
+            if defined_in != module.__name__:
+                elsewhere.append(f"{name} (defined in {defined_in})")
+    assert not elsewhere, f"{doc.name} cites names where they are not defined: {elsewhere}"
 
 
 def test_a_renamed_function_would_be_caught() -> None:

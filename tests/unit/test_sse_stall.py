@@ -15,7 +15,7 @@ import pytest
 
 from backend.streaming import tcp
 from backend.streaming.filters import EventFilter
-from backend.streaming.hub import Subscriber
+from backend.streaming.subscriber import Subscriber
 from tests.support import eventually
 
 CHUNK = b"x" * 4096

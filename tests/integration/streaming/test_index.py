@@ -15,7 +15,8 @@ from backend.store.events import RecordedEvent
 from backend.streaming import frames
 from backend.streaming.dashboard import StatsSource
 from backend.streaming.filters import EVERYTHING, EventFilter
-from backend.streaming.hub import Hub, HubConfig, Render
+from backend.streaming.hub import Hub, HubConfig
+from backend.streaming.subscriber import Render
 from backend.streaming.window import POSITION, Item, Window, make_item
 from tests.conftest import mint_token
 from tests.integration.streaming.conftest import MakeClient, connect, hub_of
