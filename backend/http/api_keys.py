@@ -14,7 +14,7 @@ from backend.http import models, replies
 from backend.http.commands import if_match, locate_created, run_command
 from backend.http.endpoint import Param, command, endpoint
 from backend.http.path_ids import path_uuid
-from backend.http.queries import answer, decode_cursor, page_limit, page_of, page_params, reach, read_one
+from backend.http.reading import answer, decode_cursor, page_limit, page_of, page_params, reach, read_one
 from projections import api_keys as api_keys_model
 
 routes = web.RouteTableDef()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import Field, StringConstraints, field_validator
 
 from backend.appkeys import CLOCK, READ_POOLS, REPOSITORY
 from backend.audit import history
@@ -18,8 +18,8 @@ from backend.audit.verify import Report, verify_database
 from backend.db import Connection, describe, is_unavailable
 from backend.domain import Wallet
 from backend.http import replies
-from backend.http.bodies import field_errors
-from backend.http.endpoint import JSON, Header, endpoint, refuse_unknown_parameters
+from backend.http.audit_params import SCOPE, Limit, Position, Query, StreamId, query
+from backend.http.endpoint import JSON, NDJSON, Header, endpoint
 from backend.http.integers import ASCII_DIGITS_ONLY
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
@@ -27,23 +27,13 @@ from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.store import reads
-from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
+from backend.store.events import MAX_POSITION, MAX_TYPE_LENGTH
 from backend.store.read_pools import connection
 from backend.store.reads import Executor
 
 routes = web.RouteTableDef()
 
-SCOPE = "audit:read"
-"""Every query here reads through the app's read pools (backend/store/read_pools.py): a read replica in
-use serves it when it has replayed what the query asks about (a cursor, `to`, `at_position`; for
-`as_of`, an event recorded after it), else the primary; a "does not exist" from a replica is asked
-again of the primary, which may know it already."""
-NDJSON = "application/x-ndjson"
 MAX_VERSION = 2**31 - 1
-
-Position = Annotated[int, Field(ge=0, le=MAX_POSITION), ASCII_DIGITS_ONLY]
-Limit = Annotated[int, Field(ge=1, le=1000), ASCII_DIGITS_ONLY]
-StreamId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STREAM_ID_LENGTH)]
 
 
 log = logging.getLogger(__name__)
@@ -52,12 +42,6 @@ log = logging.getLogger(__name__)
 class ClientLeft(Exception):
     """Writing to the client failed: not the database's failure, so neither a reason to change servers
     nor a 503 (the client is gone; the request counts as the 200 it was)."""
-
-
-class Query(BaseModel):
-    """Query parameters: strings converted (lax), unknown parameters rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class LogQuery(Query):
@@ -94,25 +78,6 @@ class StateQuery(Query):
 
 class VerifyQuery(Query):
     stream: StreamId | None = None
-
-
-M = TypeVar("M", bound=Query)
-
-
-def query(request: web.Request, model: type[M]) -> M:
-    """The query string as `model`; an empty value counts as absent, a repeated parameter is an error,
-    and one the model does not take is named alone, before any missing one."""
-    refuse_unknown_parameters(request, frozenset(model.model_fields))
-    values: dict[str, str] = {}
-    for name, value in request.query.items():
-        if name in values:
-            raise invalid_parameters((name, "give this parameter once"))
-        if value != "":
-            values[name] = value
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        raise invalid_parameters(*((e["field"], e["message"]) for e in field_errors(exc))) from None
 
 
 def json_body(events: list[bytes], **fields: Any) -> web.Response:

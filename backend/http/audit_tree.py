@@ -15,7 +15,7 @@ from backend.audit.signing import public_pem, raw_public
 from backend.audit.verify import head
 from backend.domain.api_key import ADMIN
 from backend.http import replies
-from backend.http.audit import SCOPE, Limit, Query, query
+from backend.http.audit_params import SCOPE, Limit, Query, query
 from backend.http.endpoint import JSON, endpoint
 from backend.http.integers import ASCII_DIGITS_ONLY
 from backend.http.problems import Problem, invalid_parameters

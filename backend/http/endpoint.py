@@ -26,6 +26,7 @@ from backend.http.problems import invalid_parameters
 
 JSON = "application/json"
 SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
 MIN_POSITION = "min_position"
 MIN_POSITION_HEADER = "X-Min-Position"
 NONE: frozenset[str] = frozenset()

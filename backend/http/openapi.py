@@ -17,9 +17,8 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from backend.appkeys import OPENAPI
-from backend.http.audit import NDJSON
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
-from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, SSE, Endpoint, declared, endpoint
+from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, NDJSON, SSE, Endpoint, declared, endpoint
 from backend.http.problems import HTTP_ERROR_CODES, PROBLEM_CONTENT_TYPE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION

@@ -199,3 +199,24 @@ def test_commands_and_the_store_import_no_http_library() -> None:
 def test_http_imports_nothing_of_the_server() -> None:
     bad = violations(in_layer("backend.http"), ("backend.server",), transitive=False)
     assert not bad, "backend/http reaches backend/server:\n" + "\n".join(bad)
+
+
+def _handler_modules() -> list[str]:
+    """The modules of backend/http that hold endpoints (a module-level `routes = web.RouteTableDef()`)."""
+    found = []
+    for module in in_layer("backend.http"):
+        tree = ast.parse(modules()[module].read_text(), str(modules()[module]))
+        if any(isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "routes" for t in node.targets)
+               for node in tree.body):
+            found.append(module)
+    return found
+
+
+def test_no_handler_module_imports_another() -> None:
+    """What endpoints share (read-your-writes and paging, the audit parameters) lives in modules of its
+    own: a handler module that served another as a library tied the two together."""
+    handlers = _handler_modules()
+    assert {"backend.http.queries", "backend.http.audit", "backend.http.api_keys"} <= set(handlers)
+    bad = [f"{source} -> {target}" for source in handlers for target in sorted(imports(source))
+           if target in handlers]
+    assert not bad, "a handler module imports another:\n" + "\n".join(bad)
