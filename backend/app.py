@@ -161,6 +161,54 @@ def worker_ctx(host_limiter: HostRateLimiter | None) -> Callable[[web.Applicatio
     return shared_limits
 
 
+def middleware_chain(settings: Settings, metrics: Metrics, worker: WorkerPlace | None
+                     ) -> tuple[list[Middleware], HostRateLimiter | None]:
+    """The middlewares, outermost first: CORS (when origins are allowed: a preflight is answered before
+    anything else looks at it), the request id, metrics, errors as problem+json, authentication, then
+    the per-key rate limit (after auth: it limits per key). With the rate limiter of a worker of
+    several, which maps the host's table once the app starts (worker_ctx)."""
+    middlewares: list[Middleware] = [request_id_middleware, metrics_middleware(metrics), error_middleware,
+                                     auth_middleware]
+    host_limiter: HostRateLimiter | None = None
+    if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:
+        local = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+        limiter: Limiter = local
+        if worker is not None:
+            limiter = host_limiter = HostRateLimiter(local)
+        middlewares.append(rate_limit_middleware(limiter))
+    origins = settings.allowed_origins()
+    if origins:
+        middlewares.insert(0, cors.cors_middleware(origins))
+    return middlewares, host_limiter
+
+
+def auth_failures(settings: Settings, metrics: Metrics) -> AuthFailures | None:
+    """The per-address brake on failed authentications, with its counters; None when the settings turn
+    it off."""
+    if not (settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0):
+        return None
+    failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,
+                                        max_buckets=settings.auth_failure_max_addresses),
+                            settings.trusted_networks(), hold_s=settings.auth_failure_hold_s,
+                            max_held=settings.auth_failure_max_held)
+    metrics.counter("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
+    metrics.counter("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
+                    lambda: failures.refused)
+    return failures
+
+
+def add_worker(app: web.Application, worker: WorkerPlace, host_limiter: HostRateLimiter | None) -> None:
+    """A worker of `serve --workers N`: its index on every answer, and the host's limits table."""
+    app[WORKER] = worker
+    index = str(worker.index)
+
+    async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = index
+
+    app.on_response_prepare.append(name_worker)
+    app.cleanup_ctx.append(worker_ctx(host_limiter))
+
+
 def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPlace | None = None
                ) -> web.Application:
     """The web application around the core; clock: what every part of it takes as now (tests move it);
@@ -169,21 +217,11 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPl
     metrics.info("tally_event_loop_info", "The asyncio event loop serving this process (EVENT_LOOP)",
                  lambda: {"loop": loop_name()})
     watch_build(metrics)
-    middlewares: list[Middleware] = [request_id_middleware, metrics_middleware(metrics), error_middleware,
-                                     auth_middleware]
-    host_limiter: HostRateLimiter | None = None
-    if settings.rate_limit_per_s > 0 and settings.rate_limit_burst > 0:  # after auth: it limits per key
-        local = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
-        limiter: Limiter = local
-        if worker is not None:
-            limiter = host_limiter = HostRateLimiter(local)
-        middlewares.append(rate_limit_middleware(limiter))
-    origins = settings.allowed_origins()
-    if origins:  # outermost: a preflight is answered before anything else looks at it
-        middlewares.insert(0, cors.cors_middleware(origins))
+    middlewares, host_limiter = middleware_chain(settings, metrics, worker)
     app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[CLOCK] = clock
+    origins = settings.allowed_origins()
     if origins:
         app.on_response_prepare.append(cors.cors_headers(origins))
     app[METRICS] = metrics
@@ -194,24 +232,11 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPl
                      "task", supervisor.restarts)
     app.cleanup_ctx.append(supervisor_ctx)
     if worker is not None:
-        app[WORKER] = worker
-        index = str(worker.index)
-
-        async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
-            response.headers[WORKER_HEADER] = index
-
-        app.on_response_prepare.append(name_worker)
-        app.cleanup_ctx.append(worker_ctx(host_limiter))
+        add_worker(app, worker, host_limiter)
     watch_streams(metrics, app)
-    if settings.auth_failure_rate_per_s > 0 and settings.auth_failure_burst > 0:
-        failures = AuthFailures(RateLimiter(settings.auth_failure_rate_per_s, settings.auth_failure_burst,
-                                            max_buckets=settings.auth_failure_max_addresses),
-                                settings.trusted_networks(), hold_s=settings.auth_failure_hold_s,
-                                max_held=settings.auth_failure_max_held)
+    failures = auth_failures(settings, metrics)
+    if failures is not None:
         app[AUTH_FAILURES] = failures
-        metrics.counter("tally_auth_failures_total", "Failed authentications", lambda: failures.failures)
-        metrics.counter("tally_auth_refused_total", "Requests refused (429) after too many failed authentications",
-                        lambda: failures.refused)
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(read_pools_ctx)
