@@ -46,9 +46,11 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import asyncpg
 
+from backend.config import Settings
 from backend.db import Connection, describe, is_unavailable
 from backend.store.listener import Listener
 from projections import checkpoints, leader
@@ -87,40 +89,52 @@ class ProjectionFailed(Exception):
         self.error = error
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    """How a runner paces itself: its batch, its waits and its backoff (the PROJECTION_* settings)."""
+
+    batch_size: int = 1000
+    poll_s: float = 1.0
+    standby_retry_s: float = 1.0
+    min_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    idle_checkpoint_s: float = 0.2
+    apply_interval_s: float = 0.0
+    """While caught up, at least this long between a batch it applied and the next (see Pacing)."""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunnerConfig:
+        return cls(
+            batch_size=settings.projection_batch_size,
+            poll_s=settings.projection_poll_s,
+            standby_retry_s=settings.projection_standby_retry_s,
+            max_backoff_s=settings.projection_max_backoff_s,
+            idle_checkpoint_s=settings.projection_idle_checkpoint_s,
+            apply_interval_s=settings.projection_apply_interval_s,
+        )
+
+
 class Runner:
     def __init__(
         self,
         projection: Projection,
         connect: Connect,
+        config: RunnerConfig = RunnerConfig(),
         *,
         listener: Listener | None = None,
-        batch_size: int = 1000,
-        poll_s: float = 1.0,
-        standby_retry_s: float = 1.0,
-        min_backoff_s: float = 0.5,
-        max_backoff_s: float = 30.0,
         on_advance: OnAdvance | None = None,
         feed: LogFeed | None = None,
-        idle_checkpoint_s: float = 0.2,
-        apply_interval_s: float = 0.0,
     ) -> None:
         self.projection = projection
         self.name = projection.name
         self.types = sorted(projection.types) if projection.types is not None else None
         self._connect = connect
         self.listener = listener
-        self.batch_size = batch_size
-        self.poll_s = poll_s
-        self.standby_retry_s = standby_retry_s
-        self.min_backoff_s = min_backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.config = config
         self.on_advance = on_advance
         self.feed = feed
         """The process's newest events, from its log tail (None: this runner reads alone)."""
-        self.idle_checkpoint_s = idle_checkpoint_s
-        self.apply_interval_s = apply_interval_s
-        """While caught up, at least this long between a batch it applied and the next (see Pacing)."""
-        self._applied_at = -apply_interval_s
+        self._applied_at = -config.apply_interval_s
         self.state = STARTING
         self.checkpoint = 0
         """Every event up to here has been applied (or is not of the projection's types)."""
@@ -147,7 +161,7 @@ class Runner:
         try:
             if not self.stopping:
                 async with leader.leading(self._connect, f"tally-projection-{self.name}-{os.getpid()}", leader.LEADER,
-                                          self.name, self.standby_retry_s, connected=self._connected,
+                                          self.name, self.config.standby_retry_s, connected=self._connected,
                                           standing_by=self._standing_by) as conn:
                     self.state = LEADING
                     log.info("projection runner leads", extra={"projection": self.name})
@@ -171,7 +185,7 @@ class Runner:
 
     async def _lead(self, conn: Connection) -> None:
         await self._load_checkpoint(conn)
-        backoff = self.min_backoff_s
+        backoff = self.config.min_backoff_s
         while not self.stopping:
             if conn.is_closed():  # the lead went with it; an idle runner reads the feed, never the session
                 raise ConnectionError("projection session lost")
@@ -179,9 +193,9 @@ class Runner:
                 full = await self._step(conn)
             except ProjectionFailed:
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
+                backoff = min(backoff * 2, self.config.max_backoff_s)
                 continue
-            backoff = self.min_backoff_s
+            backoff = self.config.min_backoff_s
             if self.applied >= self._analyze_at:
                 await self._refresh_statistics(conn)
             if not full:
@@ -203,7 +217,7 @@ class Runner:
     async def _step(self, conn: Connection) -> bool:
         """Apply the next batch; True when it was full (more may be waiting)."""
         events, target = await self._read(conn)
-        full = len(events) == self.batch_size
+        full = len(events) == self.config.batch_size
         if target <= self.checkpoint:
             return False
         try:
@@ -222,11 +236,11 @@ class Runner:
         """The next batch after the checkpoint, and the position up to which the log was examined for
         it: the last event's when the batch is full, else the head (nothing up to it was left out)."""
         if self.feed is not None:
-            found = self.feed.after(self.checkpoint, self.batch_size, self.projection.types)
+            found = self.feed.after(self.checkpoint, self.config.batch_size, self.projection.types)
             if found is not None and not self._feed_stalled(found[1]):
                 return found
-        events, head = await read_to_head(conn, self.checkpoint, self.batch_size, self.types)
-        if len(events) == self.batch_size:
+        events, head = await read_to_head(conn, self.checkpoint, self.config.batch_size, self.types)
+        if len(events) == self.config.batch_size:
             return events, events[-1].position
         return events, max(head, events[-1].position if events else 0)
 
@@ -234,7 +248,7 @@ class Runner:
         """The log has moved past the feed's end, and the feed has stood still for `poll_s`: its tail is
         down or stuck (its backoff), so this runner reads the store itself meanwhile."""
         assert self.feed is not None
-        return self.listener is not None and self.listener.head > end and self.feed.still_for() > self.poll_s
+        return self.listener is not None and self.listener.head > end and self.feed.still_for() > self.config.poll_s
 
     async def _commit(self, conn: Connection, events: Sequence[Event], target: int) -> None:
         """Apply events and move the checkpoint to target, both or neither (fenced: see checkpoints)."""
@@ -265,7 +279,7 @@ class Runner:
 
     def _write_due(self) -> float:
         """Seconds until the checkpoint may be written again after a step that applied nothing."""
-        return self._written_at + self.idle_checkpoint_s - time.monotonic()
+        return self._written_at + self.config.idle_checkpoint_s - time.monotonic()
 
     async def _write_checkpoint_when_due(self, conn: Connection) -> None:
         """Write the checkpoint that steps with nothing to apply left in memory, once it is due."""
@@ -331,17 +345,17 @@ class Runner:
                 raise
             log.warning("projection tick failed", extra={"projection": self.name, "error": describe(exc)},
                         exc_info=True)
-            return self.max_backoff_s / 10
+            return self.config.max_backoff_s / 10
 
     async def _pace(self) -> None:
         """Wait out what is left of `apply_interval_s` since the last batch applied (see Pacing)."""
-        rest = self._applied_at + self.apply_interval_s - time.monotonic()
+        rest = self._applied_at + self.config.apply_interval_s - time.monotonic()
         if rest > 0:
             await asyncio.sleep(rest)
 
     async def _idle(self, delay: float | None) -> None:
         """Sleep until the log moves past the checkpoint, the poll timer fires, or `delay` is over."""
-        timeout = self.poll_s if delay is None else max(0.0, min(self.poll_s, delay))
+        timeout = self.config.poll_s if delay is None else max(0.0, min(self.config.poll_s, delay))
         if self.written < self.checkpoint:  # wake to write it
             timeout = max(0.0, min(timeout, self._write_due()))
         if timeout <= 0:

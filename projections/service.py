@@ -15,7 +15,7 @@ from backend.supervisor import Supervised, Supervisor
 from projections.base import Projection
 from projections.feed import LogFeed
 from projections.leader import Connect
-from projections.runner import Runner
+from projections.runner import Runner, RunnerConfig
 from projections.waiting import CheckpointWatcher
 
 
@@ -62,19 +62,8 @@ class ProjectionService:
         self.feed = LogFeed(tail, capacity=max(10_000, 2 * settings.projection_batch_size)) \
             if tail is not None and projections else None
         self.runners = [
-            Runner(
-                projection,
-                connect,
-                listener=listener,
-                batch_size=settings.projection_batch_size,
-                poll_s=settings.projection_poll_s,
-                standby_retry_s=settings.projection_standby_retry_s,
-                max_backoff_s=settings.projection_max_backoff_s,
-                on_advance=watcher.advanced,
-                feed=self.feed,
-                idle_checkpoint_s=settings.projection_idle_checkpoint_s,
-                apply_interval_s=settings.projection_apply_interval_s,
-            )
+            Runner(projection, connect, RunnerConfig.from_settings(settings), listener=listener,
+                   on_advance=watcher.advanced, feed=self.feed)
             for projection in projections
         ]
         self._supervisor = supervisor if supervisor is not None else Supervisor()
