@@ -2,7 +2,8 @@
 pointed at the test server, its paths at a temporary directory), it proxies a command and delivers a
 stream's frame within 3 s of the command (before the stream's next checkpoint could flush a buffer),
 passes a reconnecting stream's Last-Event-ID on, resends a failed DELETE but never a POST, and answers
-its own errors (413, 502, 504) as problem+json while passing Tally's through untouched.
+its own errors (413, 502, 504, and a 404 for /metrics, which Prometheus scrapes on each worker's own
+port) as problem+json while passing Tally's through untouched.
 Skipped where nginx is not installed (.ci/run installs Debian's nginx-light)."""
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ async def test_what_nginx_answers_itself_is_problem_json_and_what_tally_answers_
                     assert (reply.status, (await problem_of(reply))["code"]) == (413, "payload_too_large")
                 async with session.get(f"{base}/slow") as reply:
                     assert (reply.status, (await problem_of(reply))["code"]) == (504, "host_timeout")
+                async with session.get(f"{base}/metrics") as reply:  # scraped per worker, never through here
+                    assert (reply.status, (await problem_of(reply))["code"]) == (404, "not_found")
     finally:
         server.close()
     with configured(free_port()) as (conf, port):  # nothing listens there
