@@ -191,6 +191,11 @@ class ApiKeyAuthenticator:
         """Whether this process has learnt that the key is revoked (since it was authenticated, say)."""
         return isinstance(self._cache.get(UUID(key_id)), Revoked)
 
+    def expires_at(self, key_id: str) -> datetime | None:
+        """When a key this process has verified expires (None: never, or no longer cached here)."""
+        entry = self._cache.get(UUID(key_id))
+        return entry.expires_at if isinstance(entry, KnownKey) else None
+
     def mark_created(self, key_id: UUID) -> None:
         """A key was created through this process: forget that its id was unknown, at once."""
         self._creations += 1

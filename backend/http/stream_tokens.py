@@ -3,8 +3,8 @@
 Any valid key gets a token that opens streams with that key's owner and scopes until ``expires_at``
 (STREAM_TOKEN_TTL_S), as often as needed, and authorizes nothing else (backend.http.auth). It is
 stateless (backend.http.signed_tokens); the key behind it is looked up when a stream opens, so a
-revoked key's tokens stop at once (and the hub ends the key's open streams), while a stream already
-open is not cut when its token expires.
+revoked key's tokens stop at once (and the hub ends the key's open streams, as when the key expires),
+while a stream already open is not cut when its token expires.
 """
 
 from __future__ import annotations

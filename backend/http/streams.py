@@ -36,6 +36,7 @@ from backend.appkeys import (
 from backend.commands.context import Actor
 from backend.domain import Wallet, wallet_stream
 from backend.http.auth import ACTOR
+from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
@@ -50,7 +51,7 @@ from backend.streaming.dashboard import projection_stats
 from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
 from backend.streaming.hub import Hub, HubConfig, StreamRefused
 from backend.streaming.sse import EventStream, WalletFollower
-from backend.streaming.subscriber import Render
+from backend.streaming.subscriber import Render, Subscriber
 
 routes = web.RouteTableDef()
 
@@ -232,6 +233,7 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
         hub.unsubscribe(subscriber)                               # the hub to end it, so it never starts
         raise Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
                       headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
+    end_at_expiry(subscriber, request.app[AUTHENTICATOR])
     tcp.limit_send_buffer(transport, settings.sse_socket_send_buffer)
     try:
         if flt is None:
@@ -245,6 +247,15 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
         hub.unsubscribe(subscriber)
         raise
     return response
+
+
+def end_at_expiry(subscriber: Subscriber, authenticator: ApiKeyAuthenticator) -> None:
+    """A key's open streams end when it expires, as they do when it is revoked (cleanly: a browser
+    reconnects and is refused, 401). One timer per stream; the hub cancels it if the stream ends first."""
+    expires_at = authenticator.expires_at(subscriber.key_id)
+    if expires_at is not None:
+        delay = (expires_at - authenticator.wall_clock.now()).total_seconds()
+        subscriber.expiry = asyncio.get_running_loop().call_later(max(delay, 0.0), subscriber.close)
 
 
 async def _stats_ready(hub: Hub) -> None:

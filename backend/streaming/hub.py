@@ -271,6 +271,8 @@ class Hub:
         if subscriber not in group:
             return
         group.discard(subscriber)
+        if subscriber.expiry is not None:
+            subscriber.expiry.cancel()
         subscriber.heartbeat = b""  # its response ends next: nothing more goes to the socket from here
         self.evictions += subscriber.evicted
         stream = subscriber.filter.stream if subscriber.filter is not None else None

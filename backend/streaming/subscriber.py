@@ -50,8 +50,8 @@ tail stops writing to it (aiohttp's own limit)."""
 class Subscriber:
     """One stream's state. Slots only: thousands of these sit idle."""
 
-    __slots__ = ("_stall", "_waiter", "closing", "evicted", "filter", "heartbeat", "key_id", "position", "pushable",
-                 "render", "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started",
+    __slots__ = ("_stall", "_waiter", "closing", "evicted", "expiry", "filter", "heartbeat", "key_id", "position",
+                 "pushable", "render", "send_started", "send_timeout_s", "sent_at", "sent_position", "sink", "started",
                  "transport")
 
     def __init__(self, key_id: str, transport: Transport, position: int, flt: EventFilter | None,
@@ -78,6 +78,8 @@ class Subscriber:
         self.send_started = 0.0
         self.send_timeout_s = send_timeout_s
         self.started = False
+        self.expiry: asyncio.TimerHandle | None = None
+        """Ends the stream when its key expires (set by the endpoint; cancelled when the stream ends)."""
         """Streaming: from here on its own loop ends it (and leaves the hub)."""
         self.closing = False
         self.evicted = False

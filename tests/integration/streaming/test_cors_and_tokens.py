@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from backend.appkeys import AUTHENTICATOR, HUB, REPOSITORY, SETTINGS, STREAM_TOKENS
-from backend.commands.api_keys import parse_token
+from backend.commands.api_keys import mint, parse_token
 from backend.config import ConfigError, load_settings
 from backend.domain.registry import EVENT_TYPES
 from backend.http.signed_tokens import StreamTokens
@@ -167,6 +167,32 @@ async def test_revoking_a_key_ends_its_open_streams_in_every_process(make_client
     await post(here, admin, f"/v1/wallets/{wallet}/credits", {"amount": 5, "reference": "after"})
     assert (await other.events(1))[0].json()["type"] == "WalletCredited"
     again = await connect(here, "/v1/streams/events", access_token=token)
+    assert again.status == 401
+    other.close()
+
+
+async def test_a_key_that_expires_ends_its_open_streams(make_client: MakeClient) -> None:
+    """As a revocation does: the streams a key opened end when it expires, cleanly, and a reconnect is
+    refused (401); a stream of a key that does not expire goes on."""
+    client = await make_client()
+    admin = await mint_token(client.app, "operator", ["admin"])
+    wallet = await open_wallet(client, admin, "gus")
+    minted = mint("gus", "expiring", ["wallets:read"], datetime.now(UTC) + timedelta(seconds=2), datetime.now(UTC))
+    await client.app[REPOSITORY].save(minted.key)
+    lasting = await mint_token(client.app, "gus", ["wallets:read"])
+    token = (await (await client.post("/v1/stream-tokens", headers=bearer(minted.token))).json())["token"]
+    streams = [await connect(client, "/v1/streams/events", access_token=token),
+               await connect(client, f"/v1/streams/wallets/{wallet}", minted.token)]
+    other = await connect(client, f"/v1/streams/wallets/{wallet}", lasting, after="now")
+    for sse in (*streams, other):
+        assert sse.status == 200
+        await sse.next()
+    for sse in streams:
+        await sse.drain_to_end(timeout=15)
+        assert sse.ended
+    await post(client, admin, f"/v1/wallets/{wallet}/credits", {"amount": 5, "reference": "after"})
+    assert (await other.events(1))[0].json()["type"] == "WalletCredited"
+    again = await connect(client, f"/v1/streams/wallets/{wallet}", minted.token)
     assert again.status == 401
     other.close()
 
