@@ -55,10 +55,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if token is None:
             raise Problem(401, "unauthorized", "send an API key as 'Authorization: Bearer <key>'",
                           headers={"WWW-Authenticate": 'Bearer realm="tally"'})
-        raise Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
-                      headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
+        raise invalid_key()
     request[ACTOR] = actor
     return await handler(request)
+
+
+def invalid_key() -> Problem:
+    """401 for a key that was sent but opens nothing (also for one revoked while its stream was admitted)."""
+    return Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
+                   headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
 
 
 def require(request: web.Request, scope: str) -> Actor:

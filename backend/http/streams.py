@@ -35,7 +35,7 @@ from backend.appkeys import (
 )
 from backend.commands.context import Actor
 from backend.domain import Wallet, wallet_stream
-from backend.http.auth import ACTOR
+from backend.http.auth import ACTOR, invalid_key
 from backend.http.authenticator import ApiKeyAuthenticator
 from backend.http.endpoint import SSE, Param, endpoint
 from backend.http.integers import parse_int
@@ -231,8 +231,7 @@ async def serve(request: web.Request, position: int | None, flt: EventFilter | N
         return refusal_response(_refused(exc, request), settings, request[REQUEST_ID])
     if request.app[AUTHENTICATOR].revoked(subscriber.key_id):  # while the checks above awaited: too late for
         hub.unsubscribe(subscriber)                               # the hub to end it, so it never starts
-        raise Problem(401, "unauthorized", "the API key is unknown, expired or revoked",
-                      headers={"WWW-Authenticate": 'Bearer realm="tally", error="invalid_token"'})
+        raise invalid_key()
     end_at_expiry(subscriber, request.app[AUTHENTICATOR])
     tcp.limit_send_buffer(transport, settings.sse_socket_send_buffer)
     try:
