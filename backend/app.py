@@ -50,7 +50,7 @@ from backend.http.signed_tokens import StreamTokens
 from backend.http.static import routes as static_routes
 from backend.metric_sources import watch_build, watch_pool, watch_replicas, watch_store, watch_streams
 from backend.projections_runtime import projections_ctx
-from backend.server.metrics_site import WORKER_HEADER, metrics_port_ctx
+from backend.server.metrics_site import metrics_port_ctx, name_worker
 from backend.server.workers import WorkerPlace
 from backend.shared_limits import SharedLimits
 from backend.store.read_pools import open_replica
@@ -200,12 +200,7 @@ def auth_failures(settings: Settings, metrics: Metrics) -> AuthFailures | None:
 def add_worker(app: web.Application, worker: WorkerPlace, host_limiter: HostRateLimiter | None) -> None:
     """A worker of `serve --workers N`: its index on every answer, and the host's limits table."""
     app[WORKER] = worker
-    index = str(worker.index)
-
-    async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers[WORKER_HEADER] = index
-
-    app.on_response_prepare.append(name_worker)
+    app.on_response_prepare.append(name_worker(worker.index))
     app.cleanup_ctx.append(worker_ctx(host_limiter))
 
 

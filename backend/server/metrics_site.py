@@ -5,7 +5,7 @@ process's, on METRICS_PORT + its worker index; off when 0."""
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 from aiohttp import web
@@ -30,6 +30,16 @@ log = logging.getLogger("backend")
 WORKER_HEADER = "X-Tally-Worker"
 """On every answer of a worker of `serve --workers N`: its index (0..N-1), so that a client or a test can
 tell which worker answered; absent with one process."""
+
+
+def name_worker(index: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """An on_response_prepare signal that puts WORKER_HEADER on every answer."""
+    value = str(index)
+
+    async def named(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers[WORKER_HEADER] = value
+
+    return named
 
 
 def worker_metrics(pool: asyncpg.Pool, store: EventStore, listener: Listener, supervisor: Supervisor) -> Metrics:
@@ -87,12 +97,7 @@ def metrics_port_ctx(first_port: int, worker: int | None) -> Callable[[web.Appli
         if READ_POOLS in app:
             side[READ_POOLS] = app[READ_POOLS]
         if worker is not None:
-            index = str(worker)
-
-            async def name_worker(request: web.Request, response: web.StreamResponse) -> None:
-                response.headers[WORKER_HEADER] = index
-
-            side.on_response_prepare.append(name_worker)
+            side.on_response_prepare.append(name_worker(worker))
         serving = await serve_worker_http(side, settings, port)
         log.info(f"serving metrics on http://{settings.host}:{serving.port}", extra={"metrics_port": serving.port})
         try:
