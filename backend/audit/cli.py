@@ -396,8 +396,9 @@ async def write_pages(pages: AsyncIterator[bytes], out: IO[bytes], args: argpars
     count = 0
     async for chunk in pages:
         out.write(chunk)
-        count += chunk.count(b"\n")
-        if count % 100_000 < chunk.count(b"\n"):
+        lines = chunk.count(b"\n")
+        count += lines
+        if count % 100_000 < lines:
             say(args, f"exported {count:,} events of up to {to - args.after:,}")
     out.flush()
     return count
