@@ -139,9 +139,8 @@ class Settings(BaseSettings):
 
     @field_validator("metrics_port")
     @classmethod
-    def _a_port_for_every_worker(cls, value: int, info: object) -> int:
-        data = getattr(info, "data", {})
-        if value and value + data.get("workers", 1) - 1 > 65535:
+    def _a_port_for_every_worker(cls, value: int, info: ValidationInfo) -> int:
+        if value and value + info.data.get("workers", 1) - 1 > 65535:
             raise ValueError("METRICS_PORT + WORKERS - 1 must be at most 65535")
         return value
 

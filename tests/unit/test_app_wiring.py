@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from types import FunctionType
 
+import pytest
 from aiohttp.typedefs import Middleware
 
 from backend.app import auth_failures, middleware_chain
-from backend.config import Settings
+from backend.config import ConfigError, Settings, load_settings
 from backend.http.metrics import Metrics
 from backend.http.ratelimit import HostRateLimiter
 from backend.server.workers import WorkerPlace
@@ -50,3 +51,10 @@ async def test_the_auth_failure_brake_counts_and_is_off_at_a_zero_rate() -> None
     on = Metrics()
     assert auth_failures(Settings(), on) is not None
     assert b"tally_auth_failures_total" in await on.render(5.0)
+
+
+def test_a_metrics_port_needs_a_port_for_every_worker() -> None:
+    """Worker i listens on METRICS_PORT + i: the last must still be a port."""
+    assert load_settings(metrics_port=65534, workers=2).metrics_port == 65534
+    with pytest.raises(ConfigError, match=r"METRICS_PORT: .*METRICS_PORT \+ WORKERS - 1 must be at most 65535"):
+        load_settings(metrics_port=65535, workers=2)
