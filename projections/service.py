@@ -61,11 +61,9 @@ class ProjectionService:
         self.watcher = watcher
         self.feed = LogFeed(tail, capacity=max(10_000, 2 * settings.projection_batch_size)) \
             if tail is not None and projections else None
-        self.runners = [
-            Runner(projection, connect, RunnerConfig.from_settings(settings), listener=listener,
-                   on_advance=watcher.advanced, feed=self.feed)
-            for projection in projections
-        ]
+        config = RunnerConfig.from_settings(settings)
+        self.runners = [Runner(projection, connect, config, listener=listener, on_advance=watcher.advanced,
+                               feed=self.feed) for projection in projections]
         self._supervisor = supervisor if supervisor is not None else Supervisor()
         self._jobs: list[Supervised] = []
 
