@@ -84,6 +84,10 @@ CHAIN_TX_CLAIMED = "ChainTxClaimed"
 """Type of the one event in a deposit's chain-transaction claim stream. Not an aggregate event:
 projections can ignore it; it is named here so that readers of the log need not import the commands."""
 
+LOGGED_TYPES: frozenset[str] = frozenset({*EVENT_TYPES, CHAIN_TX_CLAIMED})
+"""Every event type the service writes to the log: what a filter by type may name. A name outside it
+would match nothing, ever, so the read endpoints refuse it instead of answering an empty success."""
+
 # Fields every event has; they travel in the row's columns, never in ``data``.
 ENVELOPE = frozenset({"originator_id", "originator_version", "timestamp", "originator_topic"})
 

@@ -17,6 +17,7 @@ from backend.audit.export import export_pages
 from backend.audit.verify import Report, verify_database
 from backend.db import Connection, describe, is_unavailable
 from backend.domain import Wallet
+from backend.domain.registry import LOGGED_TYPES
 from backend.http import replies
 from backend.http.audit_params import SCOPE, Limit, Position, Query, StreamId, query
 from backend.http.endpoint import JSON, NDJSON, Header, endpoint
@@ -25,7 +26,7 @@ from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
 from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
-from backend.http.problems import Problem, invalid_parameters
+from backend.http.problems import UNKNOWN_TYPE, Problem, invalid_parameters, unknown_event_types
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_TYPE_LENGTH
 from backend.store.read_pools import connection
@@ -48,7 +49,9 @@ class LogQuery(Query):
     cursor: Annotated[Position, Field(description="next_cursor of the previous page: a position, the page "
                                                   "starts after it (default 0: the start of the log)")] = 0
     limit: Limit = 100
-    types: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TYPE_LENGTH)]] | None = None
+    types: Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_TYPE_LENGTH)]] | None,
+                     Field(description="only these event types, comma separated (a name the log never holds is "
+                                       "400 unknown_event_type)")] = None
     stream_prefix: StreamId | None = None
     from_time: Rfc3339 | None = None
     to_time: Rfc3339 | None = None
@@ -88,10 +91,12 @@ def json_body(events: list[bytes], **fields: Any) -> web.Response:
 
 
 @routes.get("/v1/events")
-@endpoint(scope=SCOPE, reply=replies.EventPage, query=LogQuery)
+@endpoint(scope=SCOPE, reply=replies.EventPage, query=LogQuery, errors=(UNKNOWN_TYPE,))
 async def log_events(request: web.Request) -> web.Response:
     """A page of the global log in position order, optionally filtered."""
     q = query(request, LogQuery)
+    if q.types and (unknown := set(q.types) - LOGGED_TYPES):
+        raise unknown_event_types("types", unknown)
 
     async def read(db: Executor) -> history.Page:
         async with connection(db) as conn:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -11,6 +11,7 @@ from aiohttp import web
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "https://tally.dev/problems/"
+UNKNOWN_TYPE = "unknown_event_type"
 
 
 class Problem(Exception):
@@ -45,6 +46,15 @@ def invalid_parameters(*errors: tuple[str, str]) -> Problem:
     detail = "; ".join(f"{field}: {message}" for field, message in errors)
     listed = [{"field": field, "message": message} for field, message in errors]
     return Problem(400, "validation_error", detail, extra={"field": errors[0][0], "errors": listed})
+
+
+def unknown_event_types(field: str, names: Collection[str]) -> Problem:
+    """400 unknown_event_type: a filter naming a type the log never holds would match nothing, so a typo
+    would look like a quiet log. The names are listed in `unknown`; the field as in a validation_error."""
+    unknown = sorted(names)
+    message = "unknown event type" + ("s " if len(unknown) > 1 else " ") + ", ".join(repr(n) for n in unknown)
+    return Problem(400, UNKNOWN_TYPE, f"{field}: {message}", extra={
+        "field": field, "errors": [{"field": field, "message": message}], "unknown": unknown})
 
 
 def problem_body(problem: Problem, request_id: str | None = None) -> dict[str, Any]:

@@ -42,13 +42,13 @@ from backend.http.integers import parse_int
 from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
-from backend.http.problems import Problem, invalid_parameters
+from backend.http.problems import UNKNOWN_TYPE, Problem, invalid_parameters, unknown_event_types
 from backend.http.refusals import refusal_response
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_STREAM_ID_LENGTH
 from backend.streaming import frames, tcp
 from backend.streaming.dashboard import projection_stats
-from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
+from backend.streaming.filters import EventFilter, InvalidFilter, UnknownTypes, parse_filter
 from backend.streaming.hub import Hub, HubConfig, StreamRefused
 from backend.streaming.sse import EventStream, WalletFollower
 from backend.streaming.subscriber import Render, Subscriber
@@ -125,6 +125,8 @@ async def start_position(request: web.Request) -> int:
 def _filter(request: web.Request, owner: str | None) -> EventFilter:
     try:
         flt = parse_filter(request.query)
+    except UnknownTypes as exc:
+        raise unknown_event_types(exc.field, exc.names) from None
     except InvalidFilter as exc:
         raise invalid_parameters((exc.field, str(exc))) from None
     return dataclasses.replace(flt, owner=owner) if owner is not None else flt
@@ -166,11 +168,11 @@ RESUME = (
 
 
 @routes.get("/v1/streams/events", allow_head=False)  # HEAD would send the stream: no body-less form
-@endpoint(access=ACCESS, content_type=SSE, frames="StreamEvent", params=(
+@endpoint(access=ACCESS, content_type=SSE, frames="StreamEvent", errors=(UNKNOWN_TYPE,), params=(
     *RESUME,
     Param("stream", "only this stream's events", STREAM_ID),
     Param("stream_prefix", "only the events of streams starting with this (a category, such as 'wallet-')", STREAM_ID),
-    Param("types", "only these event types, comma separated"),
+    Param("types", "only these event types, comma separated (a name the log never holds is 400 unknown_event_type)"),
 ))
 async def stream_events(request: web.Request) -> web.StreamResponse:
     """The event log, filtered by ``stream``, ``stream_prefix`` and ``types``."""

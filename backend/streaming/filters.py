@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from backend.domain.registry import LOGGED_TYPES
 from backend.store.events import MAX_STREAM_ID_LENGTH, MAX_TYPE_LENGTH
 from backend.store.reads import COLUMNS
 from backend.streaming.owners import WALLET_PREFIX
@@ -21,6 +22,14 @@ class InvalidFilter(ValueError):
     def __init__(self, field: str, detail: str) -> None:
         super().__init__(detail)
         self.field = field
+
+
+class UnknownTypes(InvalidFilter):
+    """``types`` names event types the log never holds (backend.domain.registry.LOGGED_TYPES)."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        super().__init__("types", "unknown event types " + ", ".join(sorted(names)))
+        self.names = names
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,8 @@ def parse_filter(query: Mapping[str, str]) -> EventFilter:
         if len(names) > MAX_TYPES or any(len(name) > MAX_TYPE_LENGTH for name in names):
             raise InvalidFilter("types", f"at most {MAX_TYPES} types of at most {MAX_TYPE_LENGTH} characters")
         types = frozenset(names)
+        if unknown := types - LOGGED_TYPES:
+            raise UnknownTypes(unknown)
     return EventFilter(stream=stream, stream_prefix=prefix, types=types)
 
 

@@ -12,7 +12,7 @@ import pytest
 from backend.store.events import RecordedEvent
 from backend.streaming import frames
 from backend.streaming.dashboard import StatsFeed
-from backend.streaming.filters import EventFilter, InvalidFilter, parse_filter
+from backend.streaming.filters import EventFilter, InvalidFilter, UnknownTypes, parse_filter
 from backend.streaming.window import POSITION, Item, Window, make_item
 from tests.sse_client import Message, Parser
 
@@ -74,10 +74,10 @@ def test_window_keeps_the_latest_contiguous_events() -> None:
 
 
 def test_filters_match_and_narrow_the_store_query() -> None:
-    flt = parse_filter({"stream_prefix": "wallet-", "types": "A, B,"})
-    assert flt == EventFilter(stream_prefix="wallet-", types=frozenset({"A", "B"}))
-    assert flt.matches(item(1, "wallet-1", "A")) and not flt.matches(item(1, "deposit-1", "A"))
-    assert not flt.matches(item(1, "wallet-1", "C"))
+    flt = parse_filter({"stream_prefix": "wallet-", "types": "WalletOpened, ChainTxClaimed,"})
+    assert flt == EventFilter(stream_prefix="wallet-", types=frozenset({"WalletOpened", "ChainTxClaimed"}))
+    assert flt.matches(item(1, "wallet-1", "WalletOpened")) and not flt.matches(item(1, "deposit-1", "WalletOpened"))
+    assert not flt.matches(item(1, "wallet-1", "WalletCredited"))
     owned = EventFilter(owner="ann")
     assert owned.matches(item(1, "wallet-1", owner="ann")) and not owned.matches(item(1, "wallet-2", owner="bob"))
     sql, args = owned.query(5, 10)
@@ -88,6 +88,9 @@ def test_filters_match_and_narrow_the_store_query() -> None:
     for bad in ({"types": " , "}, {"stream": ""}, {"stream_prefix": "x" * 300}):
         with pytest.raises(InvalidFilter):
             parse_filter(bad)
+    with pytest.raises(UnknownTypes) as refused:  # a typo would match nothing, ever
+        parse_filter({"types": "WalletOpened,WalletOpend,A"})
+    assert (refused.value.field, refused.value.names) == ("types", frozenset({"WalletOpend", "A"}))
 
 
 def test_window_items_are_invisible_to_the_cyclic_collector() -> None:

@@ -18,6 +18,7 @@ from backend.app import create_app
 from backend.appkeys import STORE
 from backend.audit.export import export_pages, read_export
 from backend.audit.verify import Report, verify
+from backend.domain.registry import LOGGED_TYPES
 from backend.server.run import start
 from backend.store.events import ANY, NewEvent, Write
 from tests.conftest import bearer, make_settings, mint_token
@@ -100,26 +101,50 @@ async def test_paging_is_stable_while_appends_continue(client: Client, auditor: 
     assert pages_while_appending > 3
 
 
+def wallet_streams(count: int) -> tuple[str, list[str]]:
+    """Wallet streams of this test's own, sharing a prefix: a filter by type takes only the names the log
+    holds, so these carry real, well-formed wallet events, which the read models fold like any other."""
+    prefix = f"wallet-{uuid.uuid4().hex[:8]}"
+    return prefix, [f"{prefix}{str(uuid.uuid4())[8:]}" for _ in range(count)]
+
+
+WALLET_EVENTS: list[tuple[str, dict[str, Any]]] = [
+    ("WalletOpened", {"owner": "auditor", "currency": "USD"}),
+    ("WalletCredited", {"amount": 100, "reference": "audit"}),
+    ("WalletDebited", {"amount": 1, "reference": "audit"}),
+]
+
+
 async def test_filters_by_type_and_recorded_time(client: Client, auditor: Auditor) -> None:
     store = client.app[STORE]
-    prefix, streams = probe_streams(2)
+    prefix, streams = wallet_streams(2)
     for n in range(6):  # one append per call: each gets its own, later recorded_at
-        await store.append([Write(streams[n % 2], ANY, [NewEvent("AuditProbe" if n % 3 else "AuditOther", {"n": n})])])
+        await store.append([Write(streams[n % 2], ANY, [NewEvent(*WALLET_EVENTS[n // 2])])])
     everything = (await auditor.get("/v1/events", {"stream_prefix": prefix}))["data"]
-    assert [e["data"]["n"] for e in everything] == list(range(6))
+    assert [(e["stream_id"], e["version"]) for e in everything] == [(streams[n % 2], 1 + n // 2) for n in range(6)]
+    positions = [e["position"] for e in everything]
 
-    others = await auditor.get("/v1/events", {"stream_prefix": prefix, "types": "AuditOther,Nothing"})
-    assert [e["data"]["n"] for e in others["data"]] == [0, 3]
+    credits = await auditor.get("/v1/events", {"stream_prefix": prefix, "types": "WalletCredited,DepositExpired"})
+    assert [e["position"] for e in credits["data"]] == positions[2:4]
 
     middle = everything[3]["recorded_at"]
     later = await auditor.get("/v1/events", {"stream_prefix": prefix, "from_time": middle})
-    assert [e["data"]["n"] for e in later["data"]] == [3, 4, 5]
+    assert [e["position"] for e in later["data"]] == positions[3:]
     earlier = await auditor.get("/v1/events", {"stream_prefix": prefix, "to_time": middle})
-    assert [e["data"]["n"] for e in earlier["data"]] == [0, 1, 2]
+    assert [e["position"] for e in earlier["data"]] == positions[:3]
     assert earlier["next_cursor"] == str(everything[2]["position"]) and not earlier["has_more"]
     window = await auditor.get("/v1/events", {"stream_prefix": prefix, "from_time": everything[1]["recorded_at"],
-                                              "to_time": middle, "types": "AuditProbe"})
-    assert [e["data"]["n"] for e in window["data"]] == [1, 2]
+                                              "to_time": middle, "types": "WalletCredited"})
+    assert [e["position"] for e in window["data"]] == positions[2:3]
+
+
+async def test_an_unknown_event_type_is_a_400_not_an_empty_page(auditor: Auditor) -> None:
+    """A typo in `types` would match nothing, ever: an empty page would look like a quiet log."""
+    body = await auditor.get("/v1/events", {"types": "WalletCredited,WalletCreditted"}, status=400)
+    assert (body["code"], body["field"], body["unknown"]) == ("unknown_event_type", "types", ["WalletCreditted"])
+    assert body["errors"] == [{"field": "types", "message": "unknown event type 'WalletCreditted'"}]
+    every = await auditor.get("/v1/events", {"types": ",".join(sorted(LOGGED_TYPES)), "limit": 1})
+    assert len(every["data"]) <= 1
 
 
 async def test_event_shape(client: Client, auditor: Auditor) -> None:

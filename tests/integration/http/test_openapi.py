@@ -273,6 +273,9 @@ async def test_request_schemas_are_the_validating_models(doc: dict[str, Any]) ->
     events = operations(doc)[("get", "/v1/events")]
     assert [p["name"] for p in events["parameters"]] == ["cursor", "limit", "types", "stream_prefix", "from_time",
                                                         "to_time"]
+    for path in ("/v1/events", "/v1/streams/events"):  # a filter by type naming no type the log holds
+        codes = operations(doc)[("get", path)]["responses"]["400"]["description"].removeprefix("codes: ")
+        assert "unknown_event_type" in codes.split(", "), path
 
 
 async def test_answers_match_the_documented_schemas(client: Client, doc: dict[str, Any]) -> None:

@@ -77,3 +77,24 @@ async def append(store: EventStore, stream: str, *types: str, **data: Any) -> li
 
 def new_stream(category: str = "test") -> str:
     return f"{category}-{uuid.uuid4()}"
+
+
+WALLET_DATA: dict[str, dict[str, Any]] = {
+    "WalletOpened": {"owner": "streams", "currency": "USD"},
+    "WalletCredited": {"amount": 100, "reference": "streams"},
+    "WalletDebited": {"amount": 1, "reference": "streams"},
+}
+"""Payloads as the domain writes them, so that every read model folds these events as it folds a real
+wallet's (a filter by type takes only the names the log holds: backend.domain.registry.LOGGED_TYPES)."""
+
+
+def new_wallet_stream(id_prefix: str = "") -> str:
+    """A wallet stream whose id starts with `wallet-` and id_prefix (hex digits, for stream_prefix filters)."""
+    wallet_id = str(uuid.uuid4())
+    return f"wallet-{id_prefix}{wallet_id[len(id_prefix):]}"
+
+
+async def append_wallet(store: EventStore, stream: str, *types: str) -> list[int]:
+    """Append one well-formed wallet event per type (WALLET_DATA) to stream; the positions."""
+    result = await store.append_to(stream, ANY, [NewEvent(t, dict(WALLET_DATA[t])) for t in types])
+    return [p for s in result.streams for p in s.positions]

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
 
+from backend.domain.registry import LOGGED_TYPES
 from backend.store.event_store import EventStore
 from tests.conftest import mint_token
-from tests.integration.streaming.conftest import MakeClient, append, connect, new_stream
+from tests.integration.streaming.conftest import (
+    MakeClient,
+    append,
+    append_wallet,
+    connect,
+    new_stream,
+    new_wallet_stream,
+)
 
 pytestmark = pytest.mark.timeout(60)
+
+NEVER_HERE = "DepositExpired"
+"""A type no test of this module appends, for a filter that lets nothing through."""
 
 
 async def test_frames_carry_position_type_and_the_event(make_client: MakeClient, store: EventStore) -> None:
@@ -48,10 +60,11 @@ async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store
     client = await make_client(sse_checkpoint_s=0.2)  # a checkpoint tells when the filtered-out end is reached
     token = await mint_token(client.app, "auditor", ["audit:read"])
     start = await store.head()
-    one, other = new_stream("alpha"), new_stream("beta")
-    a = await append(store, one, "Red", "Green", "Blue")
-    b = await append(store, other, "Red", "Green")
-    end = (await append(store, new_stream("gamma"), "Red"))[0]
+    alpha, beta = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
+    one, other = new_wallet_stream(alpha), new_wallet_stream(beta)
+    a = await append_wallet(store, one, "WalletOpened", "WalletCredited", "WalletDebited")
+    b = await append_wallet(store, other, "WalletOpened", "WalletCredited")
+    end = (await append_wallet(store, new_wallet_stream(), "WalletOpened"))[0]
 
     async def received(**params: str | int) -> list[int]:
         sse = await connect(client, "/v1/streams/events", token, query={"after": start, **params})
@@ -60,10 +73,25 @@ async def test_filters_by_stream_prefix_and_types(make_client: MakeClient, store
         return [int(m.last_id) for m in seen if m.kind == "event"]
 
     assert await received(stream=one) == a
-    assert await received(stream_prefix="beta-") == b
-    assert await received(types="Green,Blue") == [a[1], a[2], b[1]]
-    assert await received(stream_prefix="alpha-", types="Red") == [a[0]]
-    assert await received(stream=other, types="Blue") == []  # the checkpoint at the end still arrives
+    assert await received(stream_prefix=f"wallet-{beta}") == b
+    assert await received(types="WalletCredited,WalletDebited") == [a[1], a[2], b[1]]
+    assert await received(stream_prefix=f"wallet-{alpha}", types="WalletOpened") == [a[0]]
+    assert await received(stream=other, types="WalletDebited") == []  # the checkpoint at the end still arrives
+
+
+async def test_an_unknown_event_type_is_a_400_not_a_silent_stream(make_client: MakeClient) -> None:
+    """A typo in `types` would match nothing, ever: the stream would look like a quiet log."""
+    client = await make_client()
+    token = await mint_token(client.app, "auditor", ["audit:read"])
+    sse = await connect(client, "/v1/streams/events", token, types="WalletCredited,WalletCreditted,Nope")
+    assert sse.status == 400 and sse.response.content_type == "application/problem+json"
+    body = await sse.response.json()
+    assert (body["code"], body["field"]) == ("unknown_event_type", "types")
+    assert body["unknown"] == ["Nope", "WalletCreditted"]
+    # every type the log holds is taken, the one outside the aggregates too
+    known = await connect(client, "/v1/streams/events", token, types=",".join(sorted(LOGGED_TYPES)), after="now")
+    assert known.status == 200
+    known.close()
 
 
 async def test_resume_from_after_last_event_id_and_now(make_client: MakeClient, store: EventStore) -> None:
@@ -109,7 +137,7 @@ async def test_rarely_matching_filter_gets_checkpoints(make_client: MakeClient, 
     client = await make_client(sse_checkpoint_s=0.2)
     token = await mint_token(client.app, "auditor", ["audit:read"])
     start = await store.head()
-    sse = await connect(client, "/v1/streams/events", token, after=start, types="NeverHappens")
+    sse = await connect(client, "/v1/streams/events", token, after=start, types=NEVER_HERE)
     assert (await sse.next()).last_id == str(start)
     positions = await append(store, new_stream(), *["Noise"] * 5)
     seen = await sse.until(lambda m: int(m.last_id) >= positions[-1])
@@ -121,7 +149,7 @@ async def test_rarely_matching_filter_gets_checkpoints(make_client: MakeClient, 
 async def test_heartbeat_comments(make_client: MakeClient) -> None:
     client = await make_client(sse_heartbeat_s=0.1)
     token = await mint_token(client.app, "auditor", ["audit:read"])
-    sse = await connect(client, "/v1/streams/events", token, after="now", types="NeverHappens")
+    sse = await connect(client, "/v1/streams/events", token, after="now", types=NEVER_HERE)
     await sse.next()
     async with asyncio.timeout(10):
         while not sse.parser.comments:
