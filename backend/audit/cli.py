@@ -140,12 +140,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     from backend.audit.export import ExportFormatError
     from backend.audit.replay import ReplayError
     from backend.db import DatabaseUnavailable
+    from backend.store.events import UnreadableEvent
 
     handlers = {"verify": verify, "export": export, "replay": replay, "diff-projections": diff_projections,
                 "keygen": keygen, "checkpoint": checkpoint, "consistency": consistency}
     try:
         return asyncio.run(handlers[args.audit_command](settings, args))
-    except (DatabaseUnavailable, ExportFormatError, ReplayError, AuditError, OSError) as exc:
+    except (DatabaseUnavailable, ExportFormatError, ReplayError, UnreadableEvent, AuditError, OSError) as exc:
         print(f"tally: error: {'cannot write the output: ' if cannot_write(exc) else ''}{exc}", file=sys.stderr)
         return FAILED
     except KeyboardInterrupt:

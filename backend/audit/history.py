@@ -18,6 +18,7 @@ from datetime import datetime
 from backend.audit.export import EXPORT_COLUMNS, event_json
 from backend.audit.verify import head as log_head
 from backend.db import Connection
+from backend.store.events import recorded_time
 
 # Walks events_recorded_at backwards and sorts only the first group of equal times (one append
 # batch shares a recorded_at): an incremental sort, not a scan, however old $1 is.
@@ -29,8 +30,9 @@ STREAM_PAGE_SQL = f"""
 select {EXPORT_COLUMNS} from events where stream_id = $1 and version > $2 order by version limit $3
 """
 STREAM_EXISTS_SQL = "select exists (select 1 from events where stream_id = $1)"
-RECORDED_AT_SQL = "select recorded_at from events where position <= $1 order by position desc limit 1"
-NEWEST_RECORDED_SQL = "select max(recorded_at) from events"
+RECORDED_AT_SQL = "select position, recorded_at from events where position <= $1 order by position desc limit 1"
+# An infinite time (tampering: no append writes one) is no time at all; it is not the newest.
+NEWEST_RECORDED_SQL = "select max(recorded_at) from events where isfinite(recorded_at)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,9 +66,10 @@ async def position_before(conn: Connection, moment: datetime) -> int:
 
 
 async def recorded_at(conn: Connection, position: int) -> datetime | None:
-    """The recorded time of the event at `position`, or of the last one below it (None if none is)."""
-    moment: datetime | None = await conn.fetchval(RECORDED_AT_SQL, position)
-    return moment
+    """The recorded time of the event at `position`, or of the last one below it (None if none is);
+    UnreadableEvent if that time is infinite."""
+    row = await conn.fetchrow(RECORDED_AT_SQL, position)
+    return recorded_time(row["position"], row["recorded_at"]) if row is not None else None
 
 
 async def newest_recorded(conn: Connection) -> datetime | None:

@@ -19,7 +19,7 @@ from eventsourcing.domain import Aggregate
 from backend.db import Connection
 from backend.domain import ValidationError, Wallet, parse_stream_id
 from backend.store.event_codec import fold
-from backend.store.events import RecordedEvent
+from backend.store.events import RecordedEvent, recorded_time
 from backend.store.hashing import format_time
 from backend.store.reads import iter_stream
 
@@ -43,7 +43,7 @@ def event_dict(event: RecordedEvent) -> dict[str, Any]:
         "data": event.data,
         "metadata": event.metadata,
         "event_id": str(event.event_id),
-        "recorded_at": format_time(event.recorded_at),
+        "recorded_at": format_time(recorded_time(event.position, event.recorded_at)),
         "hash": event.hash.hex(),
     }
 
@@ -84,5 +84,6 @@ async def replay_stream(conn: Connection, stream_id: str, to_position: int | Non
             except Exception as exc:
                 raise ReplayError(f"{stream_id} v{event.version} (position {event.position}) does not apply: "
                                   f"{type(exc).__name__}: {exc}") from exc
-            state = state_of(aggregate, event.recorded_at) if aggregate is not None else None
+            at = recorded_time(event.position, event.recorded_at)
+            state = state_of(aggregate, at) if aggregate is not None else None
         yield Step(event_dict(event), state)

@@ -26,7 +26,7 @@ from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
 from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
-from backend.http.problems import UNKNOWN_TYPE, Problem, invalid_parameters, unknown_event_types
+from backend.http.problems import UNKNOWN_TYPE, UNREADABLE, Problem, invalid_parameters, unknown_event_types
 from backend.store import reads
 from backend.store.events import MAX_POSITION, MAX_TYPE_LENGTH
 from backend.store.read_pools import connection
@@ -196,7 +196,7 @@ def last_position(chunk: bytes) -> int:
 
 
 @routes.get("/v1/wallets/{wallet_id}/state")
-@endpoint(scope=SCOPE, reply=replies.WalletState, query=StateQuery)
+@endpoint(scope=SCOPE, reply=replies.WalletState, query=StateQuery, errors=(UNREADABLE,))
 async def wallet_state(request: web.Request) -> web.Response:
     """The wallet rebuilt from its own events up to a position or a recorded time (never from a
     snapshot or cache), viewed at that moment: reservations already due then count as expired."""

@@ -12,9 +12,10 @@ from aiohttp.typedefs import Handler
 from backend.appkeys import SETTINGS
 from backend.db import describe, is_unavailable
 from backend.http.auth import opens_stream
-from backend.http.problems import Problem, from_http_exception, problem_response
+from backend.http.problems import UNREADABLE, Problem, from_http_exception, problem_response
 from backend.http.refusals import PASSING, refusal_response
 from backend.logs import request_id_var
+from backend.store.events import UnreadableEvent
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         problem = from_http_exception(exc)
+    except UnreadableEvent as exc:
+        log.warning("unreadable event", extra={"position": exc.position, "reason": exc.reason, "path": request.path})
+        problem = Problem(502, UNREADABLE, f"{exc}; the log needs repair (audit verify names the event)",
+                          extra={"position": exc.position})
     except Exception as exc:
         if is_unavailable(exc):
             log.warning("database unavailable", extra={"reason": describe(exc), "path": request.path})

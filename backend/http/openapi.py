@@ -19,7 +19,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from backend.appkeys import OPENAPI
 from backend.http.commands import COMMAND_STATUS, DOMAIN_STATUS
 from backend.http.endpoint import JSON, MIN_POSITION, MIN_POSITION_HEADER, NDJSON, SSE, Endpoint, declared, endpoint
-from backend.http.problems import HTTP_ERROR_CODES, PROBLEM_CONTENT_TYPE, UNKNOWN_TYPE
+from backend.http.problems import HTTP_ERROR_CODES, PROBLEM_CONTENT_TYPE, UNKNOWN_TYPE, UNREADABLE
 from backend.http.replies import Problem
 from backend.store.events import MAX_POSITION
 from backend.streaming import schemas as event_schemas
@@ -237,7 +237,7 @@ HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 UNROUTED_CODES = frozenset({*HTTP_ERROR_CODES.values(), "http_error", "internal_error", "timeout"})
 """Codes no operation documents: an unknown path or method, a server bug (500), a handler too slow (504)."""
-EXTRA_STATUS = {"unavailable": 503, UNKNOWN_TYPE: 400}
+EXTRA_STATUS = {"unavailable": 503, UNKNOWN_TYPE: 400, UNREADABLE: 502}
 """Codes an endpoint may declare that neither a domain nor a command error carries."""
 
 

@@ -12,6 +12,10 @@ from aiohttp import web
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "https://tally.dev/problems/"
 UNKNOWN_TYPE = "unknown_event_type"
+UNREADABLE = "unreadable_event"
+"""502: the log holds a value the service cannot read (backend.store.events.UnreadableEvent). Not the
+client's fault (4xx), not an outage that passes (503), not a bug of the service (500): the database
+answered with what no append writes. Nothing changes until the log is repaired; `audit verify` names it."""
 
 
 class Problem(Exception):

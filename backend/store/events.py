@@ -52,6 +52,25 @@ class RecordedEvent:
     hash: bytes
 
 
+class UnreadableEvent(Exception):
+    """The event at `position` holds a value the service cannot read for what it must be: a recorded_at
+    of PostgreSQL's 'infinity' or '-infinity', which no append writes (only someone with access to the
+    database can). A read that needs the value refuses; `audit verify` reports the event as changed."""
+
+    def __init__(self, position: int, reason: str) -> None:
+        super().__init__(f"the event at position {position} cannot be read: {reason}")
+        self.position = position
+        self.reason = reason
+
+
+def recorded_time(position: int, recorded_at: datetime) -> datetime:
+    """recorded_at as a time to compare or view at, else UnreadableEvent: asyncpg reads an infinite
+    timestamptz as a naive datetime.max or .min, while every time an append records is aware (UTC)."""
+    if recorded_at.tzinfo is None:
+        raise UnreadableEvent(position, "its recorded_at is infinite")
+    return recorded_at
+
+
 @dataclass(frozen=True, slots=True)
 class StreamAppended:
     stream_id: str

@@ -32,7 +32,7 @@ from backend.domain import registry
 from backend.domain.closed import AppendOnlyMap
 from backend.store import reads
 from backend.store.event_codec import fold, to_new_event
-from backend.store.events import AppendResult, RecordedEvent, Write
+from backend.store.events import AppendResult, RecordedEvent, Write, recorded_time
 from backend.store.idempotency import IdempotencyClaim
 from backend.store.interface import EventLog
 from backend.store.planner import AppendRequest
@@ -189,7 +189,8 @@ class Repository:
         found = await (self.store.read_stream(stream) if db is None else reads.read_stream(db, stream))
         events = [
             e for e in found
-            if (position is None or e.position <= position) and (time is None or e.recorded_at <= time)
+            if (position is None or e.position <= position)
+            and (time is None or recorded_time(e.position, e.recorded_at) <= time)
         ]
         aggregate = fold(events, None, aggregate_id)
         if aggregate is not None and not isinstance(aggregate, cls):

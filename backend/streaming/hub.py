@@ -46,7 +46,7 @@ from typing import Literal, Protocol, cast
 
 from backend.config import Settings
 from backend.store import reads
-from backend.store.events import RecordedEvent
+from backend.store.events import RecordedEvent, UnreadableEvent
 from backend.store.listener import Listener
 from backend.store.read_pools import ReadPools
 from backend.store.reads import Executor
@@ -466,6 +466,10 @@ class Hub:
             return
         try:
             data = render(events)
+        except UnreadableEvent as exc:
+            log.warning("ending a stream: unreadable event", extra={"position": exc.position, "reason": exc.reason})
+            subscriber.close()
+            return
         except Exception:  # its state may be half folded: end the stream (the client resumes afresh)
             log.exception("ending a stream whose events could not be rendered", extra={"key_id": subscriber.key_id})
             subscriber.close()

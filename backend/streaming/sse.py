@@ -19,7 +19,7 @@ from aiohttp_sse import EventSourceResponse
 from backend.db import describe, is_unavailable
 from backend.domain import Wallet
 from backend.store.event_codec import fold
-from backend.store.events import RecordedEvent
+from backend.store.events import RecordedEvent, UnreadableEvent, recorded_time
 from backend.streaming import frames
 from backend.streaming.hub import Hub
 from backend.streaming.subscriber import Subscriber
@@ -86,6 +86,8 @@ class EventStream(EventSourceResponse):
                 await pump_log(hub, subscriber, chunked)
         except ConnectionError:
             pass  # the client left, or its stuck send was aborted: it resumes from its last id
+        except UnreadableEvent as exc:  # a wallet stream's figures need the time: ended as it renders
+            log.warning("ending a stream: unreadable event", extra={"position": exc.position, "reason": exc.reason})
         except Exception as exc:
             if not is_unavailable(exc):
                 raise
@@ -154,7 +156,7 @@ class WalletFollower:
         chunks = []
         for event in events:
             self.state = cast(Wallet, fold([event], self.state, self.wallet_id))
-            view = self.state.view(event.recorded_at)
+            view = self.state.view(recorded_time(event.position, event.recorded_at))
             figures = {"balance": view.balance, "available": view.available, "locked": view.locked,
                        "reserved": view.reserved, "version": view.version}
             body = {**frames.event_body(event), "wallet": figures}
