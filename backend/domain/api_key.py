@@ -123,9 +123,6 @@ class ApiKey(Aggregate):
             raise InvalidTransition(f"api key {self.id} is already revoked", state="revoked", action="revoke")
         self.trigger_event(self.ApiKeyRevoked, timestamp=now)
 
-    def is_active(self, now: datetime) -> bool:
-        return not self.revoked and (self.expires_at is None or require_utc(now) < self.expires_at)
-
     def allows(self, scope: str) -> bool:
         """``admin`` implies every scope."""
         return ADMIN in self.scopes or scope in self.scopes

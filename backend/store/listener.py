@@ -74,16 +74,6 @@ class Listener:
                     await changed.wait()
         return self.head
 
-    async def wait_for_change(self, timeout: float) -> bool:
-        """Wait for the next wake-up (new head, or a reconnect that asks everyone to re-read)."""
-        changed = self._changed
-        try:
-            async with asyncio.timeout(timeout):
-                await changed.wait()
-        except TimeoutError:
-            return False
-        return True
-
     def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
