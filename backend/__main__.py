@@ -275,6 +275,7 @@ def run_tool(settings: Settings, args: argparse.Namespace) -> int:
 
     from backend.store.migrate import MigrationError
 
+    client_errors = (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
     try:
         if args.command == "keys":
             return run_keys(settings, args)
@@ -296,17 +297,13 @@ def run_tool(settings: Settings, args: argparse.Namespace) -> int:
     except asyncpg.UndefinedTableError as exc:  # a table dropped by hand under a migrated schema
         print(f"tally: error: {exc}; is this Tally's database? `python -m backend migrate --status` "
               "shows its migrations", file=sys.stderr)
-    except (OSError, asyncpg.PostgresError) as exc:  # unwritable output, a lost connection, a refusal
-        from backend.db import describe
-
-        where = "cannot write the output" if cannot_write(exc) else "database"
-        print(f"tally: error: {where}: {describe(exc)}", file=sys.stderr)
-    except (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError) as exc:
+    except (OSError, asyncpg.PostgresError, *client_errors) as exc:  # unwritable output, a lost session, a refusal
         from backend.db import describe, is_unavailable
 
-        if not is_unavailable(exc):  # asyncpg's word for a session lost under an operation; else a bug
-            raise
-        print(f"tally: error: database: {describe(exc)}", file=sys.stderr)
+        if isinstance(exc, client_errors) and not is_unavailable(exc):
+            raise  # asyncpg's client errors are a session lost under an operation, or else a bug
+        where = "cannot write the output" if cannot_write(exc) else "database"
+        print(f"tally: error: {where}: {describe(exc)}", file=sys.stderr)
     except KeyboardInterrupt:
         pass
     return 2
