@@ -103,6 +103,6 @@ def metrics_port_ctx(first_port: int, worker: int | None) -> Callable[[web.Appli
         try:
             yield
         finally:
-            await serving.stop(settings.shutdown_timeout_s)
+            await serving.stop(settings.shutdown_timeout_s, announce=False)  # the API's port announced it
 
     return metrics_port

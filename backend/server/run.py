@@ -59,8 +59,10 @@ class Serving:
     def port(self) -> int:
         return int(self.runner.addresses[0][1])
 
-    async def stop(self, timeout_s: float) -> None:
-        await drain(self.runner, self.site, timeout_s, self.options)
+    async def stop(self, timeout_s: float, *, announce: bool = True) -> None:
+        """Drain; `announce` logs that the process is draining (once per process: a second site of the
+        same process, such as its metrics port, stops without saying it again)."""
+        await drain(self.runner, self.site, timeout_s, self.options, announce=announce)
 
 
 async def start(app: web.Application, settings: Settings, *, reuse_port: bool = False) -> Serving:
@@ -103,7 +105,8 @@ async def serve_app(app: web.Application, settings: Settings,
     await serving.stop(settings.shutdown_timeout_s)
 
 
-async def drain(runner: web.AppRunner, site: BatchAcceptSite, timeout_s: float, options: ProtocolOptions) -> None:
+async def drain(runner: web.AppRunner, site: BatchAcceptSite, timeout_s: float, options: ProtocolOptions, *,
+                announce: bool = True) -> None:
     server = runner.server
     if options.graceful_drain and server is not None:
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -112,7 +115,8 @@ async def drain(runner: web.AppRunner, site: BatchAcceptSite, timeout_s: float, 
         for connection in connections:
             if isinstance(connection, TallyRequestHandler):
                 connection.begin_drain(deadline)
-        log.info("shutting down: draining requests", extra={"connections": len(connections)})
-    else:
+        if announce:
+            log.info("shutting down: draining requests", extra={"connections": len(connections)})
+    elif announce:
         log.info("shutting down: draining requests")
     await runner.cleanup()

@@ -44,3 +44,12 @@ def test_each_worker_serves_its_own_metrics_on_its_own_port(fresh_database_url: 
             scrape(base, "/v1/wallets")
         assert refused.value.code == 404
         assert server.logs().count("serving metrics on http://127.0.0.1:") == 2, server.logs()
+
+
+def test_sigterm_logs_one_drain_per_worker_with_a_metrics_port(fresh_database_url: str) -> None:
+    """Each worker drains its API site and its metrics site; the process announces its drain once."""
+    base = min(free_port(), 65534)
+    with serving_workers(fresh_database_url, METRICS_PORT=str(base)) as server:
+        assert server.stop(timeout=60) == 0, server.logs()
+        drains = [line for line in server.logs().splitlines() if "shutting down: draining requests" in line]
+        assert len(drains) == 2, "\n".join(drains)
