@@ -29,7 +29,7 @@ select coalesce(
 STREAM_PAGE_SQL = f"""
 select {EXPORT_COLUMNS} from events where stream_id = $1 and version > $2 order by version limit $3
 """
-STREAM_EXISTS_SQL = "select exists (select 1 from events where stream_id = $1)"
+STREAM_VERSION_SQL = "select max(version) from events where stream_id = $1"
 RECORDED_AT_SQL = "select position, recorded_at from events where position <= $1 order by position desc limit 1"
 # An infinite time (tampering: no append writes one) is no time at all; it is not the newest.
 NEWEST_RECORDED_SQL = "select max(recorded_at) from events where isfinite(recorded_at)"
@@ -100,10 +100,24 @@ async def log_page(
     return Page([event_json(row) for row in rows], cursor, full, head)
 
 
-async def stream_page(conn: Connection, stream_id: str, *, after_version: int, limit: int) -> Page | None:
+@dataclass(frozen=True, slots=True)
+class BeyondStream:
+    """A cursor past the stream's last version: never a next_cursor, and a page after it would skip
+    the versions up to it once they are appended."""
+
+    last: int
+
+
+async def stream_page(
+    conn: Connection, stream_id: str, *, after_version: int, limit: int
+) -> Page | BeyondStream | None:
     """One stream's events after a version; None if the stream has no events at all."""
     rows = await conn.fetch(STREAM_PAGE_SQL, stream_id, after_version, limit)
-    if not rows and not await conn.fetchval(STREAM_EXISTS_SQL, stream_id):
-        return None
+    if not rows:
+        last = await conn.fetchval(STREAM_VERSION_SQL, stream_id)
+        if last is None:
+            return None
+        if after_version > last:
+            return BeyondStream(last)
     cursor = rows[-1][2] if rows else after_version
     return Page([event_json(row) for row in rows], cursor, len(rows) == limit)

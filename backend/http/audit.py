@@ -97,6 +97,7 @@ async def log_events(request: web.Request) -> web.Response:
     q = query(request, LogQuery)
     if q.types and (unknown := set(q.types) - LOGGED_TYPES):
         raise unknown_event_types("types", unknown)
+    await check_within_log(request.app, q.cursor, "cursor")  # a page after it would skip what comes up to it
 
     async def read(db: Executor) -> history.Page:
         async with connection(db) as conn:
@@ -114,16 +115,19 @@ async def stream_events(request: web.Request) -> web.Response:
     stream_id = request.match_info["stream_id"]
     q = query(request, StreamQuery)
 
-    async def read(db: Executor) -> history.Page | None:
+    async def read(db: Executor) -> history.Page | history.BeyondStream | None:
         async with connection(db) as conn:
             return await history.stream_page(conn, stream_id, after_version=q.cursor, limit=q.limit)
 
     pools = request.app[READ_POOLS]
     page = await pools.read(read)
-    if page is None and pools.replicas:
+    if not isinstance(page, history.Page) and pools.replicas:
         page = await read(pools.primary)
     if page is None:
         raise Problem(404, "not_found", f"stream {stream_id!r} has no events")
+    if isinstance(page, history.BeyondStream):
+        raise invalid_parameters(("cursor", f"is beyond the stream's last version ({page.last}): "
+                                            "not a cursor this API answered"))
     return json_body(page.events, stream_id=stream_id, has_more=page.has_more, next_cursor=str(page.next))
 
 

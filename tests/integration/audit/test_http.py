@@ -176,6 +176,16 @@ async def test_bad_log_queries_name_the_parameter(auditor: Auditor, params: dict
     await auditor.invalid("/v1/events", params, field)
 
 
+async def test_a_cursor_beyond_the_head_is_refused(client: Client, auditor: Auditor) -> None:
+    """next_cursor never passes the head: a cursor beyond it (another database, a typo) would answer
+    empty pages, then skip every event up to it once the log grows."""
+    _, (stream,) = probe_streams(1)
+    appended = await client.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": 0})])])
+    at_head = await auditor.get("/v1/events", {"cursor": appended.position})
+    assert at_head["data"] == [] and int(at_head["next_cursor"]) >= appended.position
+    await auditor.invalid("/v1/events", {"cursor": at_head["head"] + 1000}, "cursor")
+
+
 async def test_a_repeated_parameter_is_rejected(auditor: Auditor) -> None:
     body = await auditor.get("/v1/events?cursor=1&cursor=2", status=400)
     assert body["errors"][0]["field"] == "cursor"
@@ -202,8 +212,10 @@ async def test_stream_history_pages_by_version(client: Client, auditor: Auditor)
     assert (page["stream_id"], page["next_cursor"], page["has_more"]) == (stream, "3", True)
     rest = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": page["next_cursor"]})
     assert [e["version"] for e in rest["data"]] == [4, 5] and not rest["has_more"]
-    empty = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 9})
-    assert empty["data"] == [] and empty["next_cursor"] == "9"
+    empty = await auditor.get(f"/v1/streams/{stream}/events", {"cursor": 5})
+    assert empty["data"] == [] and empty["next_cursor"] == "5" and not empty["has_more"]
+    # A cursor past the last version was never answered: polling from it would skip versions 6 to 9.
+    await auditor.invalid(f"/v1/streams/{stream}/events", {"cursor": 9}, "cursor")
     await auditor.get(f"/v1/streams/auditprobe-{uuid.uuid4().hex}/events", status=404)
     await auditor.invalid(f"/v1/streams/{stream}/events", {"cursor": -1}, "cursor")
 
