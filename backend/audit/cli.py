@@ -370,7 +370,8 @@ def export_end(args: argparse.Namespace, log_head: int) -> int:
     if to > log_head:
         raise AuditError(f"--to {to} is beyond the head of the log ({log_head})")
     if args.after > to:
-        raise AuditError(f"--after {args.after} is beyond --to {to}: nothing to export")
+        end = f"--to {to}" if args.to is not None else f"the head of the log ({log_head})"
+        raise AuditError(f"--after {args.after} is beyond {end}: nothing to export")
     return to
 
 

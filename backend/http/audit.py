@@ -145,7 +145,11 @@ async def export(request: web.Request) -> web.StreamResponse:
     pools = request.app[READ_POOLS]
     if q.to is not None:  # a range past the head would export differently later: the same bytes or a 400
         await check_within_log(request.app, q.to, "to")
+    else:
+        await check_within_log(request.app, q.after, "after")
     to = q.to if q.to is not None else await reads.head(pools.primary)
+    if q.after > to:  # not an empty range: headers naming (after, to] would claim one
+        raise invalid_parameters(("after", f"is beyond to ({to}): nothing to export"))
     response = web.StreamResponse(headers={
         "Content-Type": NDJSON,
         "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',

@@ -107,7 +107,10 @@ async def test_export_refuses_a_range_past_the_head(own_database_url: str, own_p
     result = await audit_cli("export", "--quiet", "--to", "1000", "--out", str(out), database_url=own_database_url)
     assert result.returncode == 2 and result.stderr == "tally: error: --to 1000 is beyond the head of the log (2)\n"
     result = await audit_cli("export", "--quiet", "--after", "5", database_url=own_database_url)
-    assert result.returncode == 2 and result.stderr == "tally: error: --after 5 is beyond --to 2: nothing to export\n"
+    assert result.returncode == 2 and result.stderr == \
+        "tally: error: --after 5 is beyond the head of the log (2): nothing to export\n"
+    result = await audit_cli("export", "--quiet", "--after", "2", "--to", "1", database_url=own_database_url)
+    assert result.returncode == 2 and result.stderr == "tally: error: --after 2 is beyond --to 1: nothing to export\n"
     assert not os.listdir(tmp_path)
 
 

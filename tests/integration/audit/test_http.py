@@ -254,6 +254,22 @@ async def test_export_streams_ndjson_that_verifies_and_matches_the_pages(client:
     await auditor.invalid("/v1/events/export", {"to": to + 1000}, "to")  # a later export would differ
 
 
+async def test_an_export_range_that_runs_backwards_is_refused(client: Client, auditor: Auditor) -> None:
+    """(after, to] with after beyond to, or beyond the head, holds no event now and never will: a 400
+    naming after, not a 200 whose X-Export-After and X-Export-To name a backwards range. An empty
+    range (after = to) is one, and exports as such."""
+    _, (stream,) = probe_streams(1)
+    appended = await client.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": n})
+                                                                   for n in range(2)])])
+    head = appended.position
+    await auditor.invalid("/v1/events/export", {"after": head + 1000}, "after")
+    await auditor.invalid("/v1/events/export", {"after": head, "to": head - 1}, "after")
+    empty = await client.get("/v1/events/export", params={"after": head - 1, "to": head - 1},
+                             headers=auditor.headers)
+    assert empty.status == 200 and await empty.read() == b""
+    assert (empty.headers["X-Export-After"], empty.headers["X-Export-To"]) == (str(head - 1), str(head - 1))
+
+
 async def test_an_export_the_database_fails_midway_is_cut_short(client: Client, auditor: Auditor,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
