@@ -108,6 +108,8 @@ class DepositStatusChange(Body):
 
 
 _RFC3339_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}")
+_UNSIGNED_OFFSET = re.compile(r".*:[0-9]{2}(\.[0-9]*)? [0-9]{2}:?[0-9]{2}")
+"""An offset whose + became a space: what a query string makes of an unescaped +01:00."""
 
 
 def _rfc3339_string(value: object) -> object:
@@ -117,6 +119,9 @@ def _rfc3339_string(value: object) -> object:
         return value
     if not isinstance(value, str) or not _RFC3339_START.match(value):
         raise ValueError("must be an RFC 3339 date-time string such as 2030-01-01T00:00:00Z")
+    if _UNSIGNED_OFFSET.fullmatch(value):
+        raise ValueError("the offset has no sign: in a query string a + reads as a space, so send "
+                         "2030-01-01T00:00:00+01:00 as 2030-01-01T00:00:00%2B01:00")
     return value
 
 

@@ -186,6 +186,16 @@ async def test_a_cursor_beyond_the_head_is_refused(client: Client, auditor: Audi
     await auditor.invalid("/v1/events", {"cursor": at_head["head"] + 1000}, "cursor")
 
 
+@pytest.mark.parametrize("path", ["/v1/events?from_time=2026-01-01T00:00:00+01:00",
+                                  f"/v1/wallets/{uuid.uuid4()}/state?as_of=2026-01-01T00:00:00.5+05:30"])
+async def test_an_offset_whose_plus_became_a_space_says_so(auditor: Auditor, path: str) -> None:
+    """An unescaped + in a query string reads as a space: the answer says to send it as %2B, instead of
+    blaming "extra characters" in what looks like a valid time."""
+    body = await auditor.get(path, status=400)
+    (error,) = body["errors"]
+    assert error["field"] in ("from_time", "as_of") and "%2B" in error["message"], body
+
+
 async def test_a_repeated_parameter_is_rejected(auditor: Auditor) -> None:
     body = await auditor.get("/v1/events?cursor=1&cursor=2", status=400)
     assert body["errors"][0]["field"] == "cursor"
