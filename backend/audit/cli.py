@@ -328,7 +328,7 @@ def print_report(report: Report, as_json: bool) -> None:
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2) + b"\n")
         return
-    what = f"stream {report.stream}" if report.stream else "the whole log"
+    what = f"stream {report.stream}" if report.stream else "a range of the log" if report.partial else "the whole log"
     where = f" (positions {report.first_position}..{report.last_position})" if report.events_checked else ""
     print(f"{report.source}: {what}{where}{' [partial export]' if report.partial else ''}")
     print(f"streams checked: {report.streams_checked:,}")

@@ -48,6 +48,16 @@ async def test_verify_an_export_with_no_database(own_pool: asyncpg.Pool, tmp_pat
     assert list(empty.iterdir()) == [] and not (tmp_path / ".data").exists(), "no embedded server was started"
 
 
+async def test_a_ranged_export_is_reported_as_a_range(own_pool: asyncpg.Pool, tmp_path: Path) -> None:
+    """--partial checks positions 5.. only: the report must not call that the whole log."""
+    await fill_log(own_pool, streams=2, versions=3)
+    ranged = await export_file(own_pool, tmp_path / "range.ndjson", after=4)
+    result = await audit_cli("verify", "--export", str(ranged), "--partial", "--quiet", cwd=tmp_path,
+                             data_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "export: a range of the log (positions 5..6) [partial export]"
+
+
 async def test_export_verify_and_replay_against_the_database(own_database_url: str, own_pool: asyncpg.Pool,
                                                              tmp_path: Path) -> None:
     log = await fill_log(own_pool, streams=3, versions=4)
