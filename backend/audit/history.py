@@ -2,8 +2,9 @@
 and one stream's events, with cursors that stay valid while appends continue.
 
 Positions become visible strictly in order and never change, so "everything after position P" is a
-stable cursor. A page is read in one repeatable-read snapshot together with the head, so when a page
-is not full its `next` cursor can safely skip to the head: nothing at or below it can appear later.
+stable cursor. A page is read in one repeatable-read snapshot together with the head, so when it holds
+the last matching event of that snapshot its `next` cursor can safely skip to the head: nothing at or
+below it can appear later. `has_more` says whether the snapshot held more (one row more is read).
 
 Time filters are turned into position bounds: recorded_at never goes backwards along the log, so the
 events recorded before a time T are exactly the positions up to the last one recorded before T.
@@ -93,11 +94,12 @@ async def log_page(
         head = await log_head(conn)
         low = max(after, await position_before(conn, from_time)) if from_time is not None else after
         high = min(head, await position_before(conn, to_time)) if to_time is not None else head
-        sql, args = page_query(low, high, limit, types, stream_prefix)
+        sql, args = page_query(low, high, limit + 1, types, stream_prefix)  # one more: is there more?
         rows = await conn.fetch(sql, *args) if low < high else []
-    full = len(rows) == limit
-    cursor = rows[-1][0] if full else max(low, high)
-    return Page([event_json(row) for row in rows], cursor, full, head)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    cursor = rows[-1][0] if more else max(low, high)
+    return Page([event_json(row) for row in rows], cursor, more, head)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +114,14 @@ async def stream_page(
     conn: Connection, stream_id: str, *, after_version: int, limit: int
 ) -> Page | BeyondStream | None:
     """One stream's events after a version; None if the stream has no events at all."""
-    rows = await conn.fetch(STREAM_PAGE_SQL, stream_id, after_version, limit)
+    rows = await conn.fetch(STREAM_PAGE_SQL, stream_id, after_version, limit + 1)  # one more: is there more?
     if not rows:
         last = await conn.fetchval(STREAM_VERSION_SQL, stream_id)
         if last is None:
             return None
         if after_version > last:
             return BeyondStream(last)
+    more = len(rows) > limit
+    rows = rows[:limit]
     cursor = rows[-1][2] if rows else after_version
-    return Page([event_json(row) for row in rows], cursor, len(rows) == limit)
+    return Page([event_json(row) for row in rows], cursor, more)

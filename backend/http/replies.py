@@ -221,7 +221,7 @@ LogCursor = Annotated[str, Field(
 class EventPage(Page):
     data: list[RecordedEvent]
     next_cursor: LogCursor
-    has_more: bool = Field(description="true when the page was full")
+    has_more: bool = Field(description="true when more events followed the page when it was read")
     head: int = Field(description="the log's highest position when the page was read")
 
 
@@ -229,7 +229,7 @@ class StreamPage(Page):
     data: list[RecordedEvent]
     stream_id: str
     next_cursor: LogCursor
-    has_more: bool = Field(description="true when the page was full")
+    has_more: bool = Field(description="true when more events followed the page when it was read")
 
 
 class WalletState(Wallet):

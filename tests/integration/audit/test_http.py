@@ -176,6 +176,20 @@ async def test_bad_log_queries_name_the_parameter(auditor: Auditor, params: dict
     await auditor.invalid("/v1/events", params, field)
 
 
+async def test_a_page_holding_the_last_events_says_there_is_no_more(client: Client, auditor: Auditor) -> None:
+    """has_more means more events were there past the page, as on every other list: a page that ends
+    exactly with the last one is the last page, and its cursor already moves to the head."""
+    prefix, (stream,) = probe_streams(1)
+    await client.app[STORE].append([Write(stream, ANY, [NewEvent("AuditProbe", {"n": n}) for n in range(3)])])
+    page = await auditor.get("/v1/events", {"stream_prefix": prefix, "limit": 3})
+    assert [e["data"]["n"] for e in page["data"]] == [0, 1, 2]
+    assert not page["has_more"] and page["next_cursor"] == str(page["head"])
+    first = await auditor.get("/v1/events", {"stream_prefix": prefix, "limit": 2})
+    assert first["has_more"] and first["next_cursor"] == str(page["data"][1]["position"])
+    versions = await auditor.get(f"/v1/streams/{stream}/events", {"limit": 3})
+    assert len(versions["data"]) == 3 and not versions["has_more"] and versions["next_cursor"] == "3"
+
+
 async def test_a_cursor_beyond_the_head_is_refused(client: Client, auditor: Auditor) -> None:
     """next_cursor never passes the head: a cursor beyond it (another database, a typo) would answer
     empty pages, then skip every event up to it once the log grows."""
