@@ -108,10 +108,11 @@ def wallet_streams(count: int) -> tuple[str, list[str]]:
     return prefix, [f"{prefix}{str(uuid.uuid4())[8:]}" for _ in range(count)]
 
 
+OCCURRED = {"occurred_at": "2026-01-01T00:00:00+00:00"}  # every domain event's data carries it
 WALLET_EVENTS: list[tuple[str, dict[str, Any]]] = [
-    ("WalletOpened", {"owner": "auditor", "currency": "USD"}),
-    ("WalletCredited", {"amount": 100, "reference": "audit"}),
-    ("WalletDebited", {"amount": 1, "reference": "audit"}),
+    ("WalletOpened", {"owner": "auditor", "currency": "USD", **OCCURRED}),
+    ("WalletCredited", {"amount": 100, "reference": "audit", **OCCURRED}),
+    ("WalletDebited", {"amount": 1, "reference": "audit", **OCCURRED}),
 ]
 
 

@@ -79,10 +79,11 @@ def new_stream(category: str = "test") -> str:
     return f"{category}-{uuid.uuid4()}"
 
 
+OCCURRED = {"occurred_at": "2026-01-01T00:00:00+00:00"}  # every domain event's data carries it
 WALLET_DATA: dict[str, dict[str, Any]] = {
-    "WalletOpened": {"owner": "streams", "currency": "USD"},
-    "WalletCredited": {"amount": 100, "reference": "streams"},
-    "WalletDebited": {"amount": 1, "reference": "streams"},
+    "WalletOpened": {"owner": "streams", "currency": "USD", **OCCURRED},
+    "WalletCredited": {"amount": 100, "reference": "streams", **OCCURRED},
+    "WalletDebited": {"amount": 1, "reference": "streams", **OCCURRED},
 }
 """Payloads as the domain writes them, so that every read model folds these events as it folds a real
 wallet's (a filter by type takes only the names the log holds: backend.domain.registry.LOGGED_TYPES)."""
