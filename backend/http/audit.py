@@ -218,29 +218,33 @@ async def wallet_state(request: web.Request) -> web.Response:
         raise invalid_parameters(("as_of", "in the future: the answer could still change"))
     repository = request.app[REPOSITORY]
 
-    async def read(db: Executor) -> tuple[Wallet | None, int, datetime]:
-        async with connection(db) as conn:
-            moment = (await history.recorded_at(conn, q.at_position) if q.at_position is not None
-                      else q.as_of)
-            assert isinstance(moment, datetime)
-            wallet, position = await repository.as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of,
-                                                      db=conn)
-        return wallet, position, moment
-
     async def recorded_since(conn: Connection) -> bool:
-        """The replica has every event recorded up to as_of: it holds one recorded after it."""
+        """The log holds an event recorded after as_of. recorded_at never goes backwards along the log and
+        positions commit in order, so every event recorded up to as_of is then committed and in sight."""
         newest = await history.newest_recorded(conn)
         return newest is not None and q.as_of is not None and newest > q.as_of
 
+    async def read(db: Executor) -> tuple[Wallet | None, int, datetime, bool]:
+        async with connection(db) as conn:
+            if q.at_position is not None:
+                moment, final = await history.recorded_at(conn, q.at_position), True
+            else:
+                assert q.as_of is not None
+                moment, final = q.as_of, await recorded_since(conn)  # before the wallet's events are read
+            assert isinstance(moment, datetime)
+            wallet, position = await repository.as_of(Wallet, wallet_id, position=q.at_position, time=q.as_of,
+                                                      db=conn)
+        return wallet, position, moment, final
+
     pools = request.app[READ_POOLS]
     if q.at_position is not None:
-        wallet, position, moment = await pools.read(read, at_least=q.at_position)
+        wallet, position, moment, final = await pools.read(read, at_least=q.at_position)
     else:
-        wallet, position, moment = await pools.read(read, ready=recorded_since)
+        wallet, position, moment, final = await pools.read(read, ready=recorded_since)
     if wallet is None:
         raise Problem(404, "not_found", f"wallet {wallet_id} did not exist at that point")
     view = wallet.view(moment.astimezone(UTC)).as_dict()
-    body = {**view, "position": position, "as_of": moment.astimezone(UTC)}
+    body = {**view, "position": position, "as_of": moment.astimezone(UTC), "final": final}
     return web.Response(body=replies.render(replies.WalletState, body), content_type=JSON)
 
 

@@ -237,6 +237,8 @@ class WalletState(Wallet):
 
     position: int = Field(ge=0, description="the last of the wallet's events taken into account")
     as_of: AwareDatetime
+    final: bool = Field(description="no event recorded up to as_of can still commit: always true for "
+                                    "at_position; for as_of, true once the log holds an event recorded after it")
 
 
 class ChainBreak(Reply):

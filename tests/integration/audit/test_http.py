@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import uuid
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -20,10 +20,11 @@ from backend.audit.export import export_pages, read_export
 from backend.audit.verify import Report, verify
 from backend.domain.registry import LOGGED_TYPES
 from backend.server.run import start
+from backend.store.append import APPEND_LOCK_KEY
 from backend.store.events import ANY, NewEvent, Write
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.audit.support import fill_log, tamper
-from tests.support import Client, eventually
+from tests.support import Client, advisory_lock_waiters, eventually
 
 PROBLEM = "application/problem+json"
 
@@ -407,6 +408,40 @@ async def test_wallet_state_at_a_position_and_at_a_time(admin: Auditor, auditor:
     await auditor.invalid(path, {"as_of": "1700000000"}, "as_of")
     await auditor.get(f"/v1/wallets/{uuid.uuid4()}/state", {"at_position": 1}, status=404)
     await auditor.get("/v1/wallets/not-a-uuid/state", {"at_position": 1}, status=404)
+
+
+
+async def test_state_as_of_a_time_says_whether_it_is_final(admin: Auditor, auditor: Auditor,
+                                                            database_url: str) -> None:
+    """An append plans its recorded_at before it takes the store's lock, so one in flight can still
+    commit an event recorded before a recent as_of: that answer is not final until the log holds an
+    event recorded after as_of; at_position always is."""
+    client = admin.client
+    opened = await (await client.post("/v1/wallets", json={"owner": "final", "currency": "USD"},
+                                      headers=admin.headers)).json()
+    wid, path = opened["wallet_id"], f"/v1/wallets/{opened['wallet_id']}/state"
+    assert (await auditor.get(path, {"at_position": opened["position"]}))["final"] is True
+    holder = await asyncpg.connect(database_url)
+    try:
+        async with holder.transaction():
+            await holder.execute("select pg_advisory_xact_lock($1)", APPEND_LOCK_KEY)
+            credit = asyncio.ensure_future(client.post(f"/v1/wallets/{wid}/credits",
+                                                       json={"amount": 5, "reference": "in flight"},
+                                                       headers=admin.headers))
+            await eventually(lambda: advisory_lock_waiters(holder))
+            as_of = datetime.now(UTC).isoformat()
+            during = await auditor.get(path, {"as_of": as_of})
+            assert (during["balance"], during["final"]) == (0, False)
+        assert (await credit).status == 200
+        after = await auditor.get(path, {"as_of": as_of})
+        assert (after["balance"], after["final"]) == (5, False)  # the credit was recorded before as_of
+        later = await client.post(f"/v1/wallets/{wid}/credits", json={"amount": 7, "reference": "later"},
+                                  headers=admin.headers)
+        assert later.status == 200
+        settled = await auditor.get(path, {"as_of": as_of})
+        assert (settled["balance"], settled["final"]) == (5, True)
+    finally:
+        await holder.close()
 
 
 # ---------------------------------------------------------------- verification
