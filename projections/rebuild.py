@@ -12,8 +12,9 @@ copies into their place and sets the checkpoint to where the copies are. Readers
 tables until that commit and the new ones after it, never a half-built model; the live runner then
 finds its checkpoint moved (its fence) and continues from the new one.
 
-Only one rebuild per projection runs at a time (an advisory lock); a crashed rebuild leaves a
-schema that the next one drops.
+Only one rebuild per projection runs at a time (an advisory lock). A rebuild that fails drops its
+schemas on a fresh session, since its own may be the one that was lost (projections/rebuild_schemas.py);
+one that dies leaves them, and the next rebuild of that projection drops them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import asyncpg
 
 from backend.db import Connection, describe
 from backend.store import reads
-from projections import checkpoints, leader
+from projections import checkpoints, leader, rebuild_schemas
 from projections.base import Projection
 from projections.events import Event, read_batch
 from projections.leader import Connect
@@ -38,7 +39,6 @@ from projections.runner import analyze
 
 log = logging.getLogger(__name__)
 
-SHADOW_PREFIX = "tally_rebuild_"
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
 Report = Callable[[int, int], None]
@@ -69,7 +69,7 @@ class _Target:
         self.projection = projection
         self.conn = conn
         self.home = home
-        self.schema = SHADOW_PREFIX + projection.name
+        self.schema = rebuild_schemas.schema_of(projection.name)
         self.locked = False
         """Whether this rebuild holds the projection's rebuild lock (and so owns the schema)."""
         for name in (projection.name, *projection.tables, home):
@@ -128,13 +128,6 @@ class _Target:
             await checkpoints.advance(conn, name, position)
         return position
 
-    async def discard(self) -> None:
-        """After a failure: drop the copies (best effort, and only our own), then the connection."""
-        if self.locked:
-            with contextlib.suppress(Exception):
-                await self.conn.execute(f"drop schema if exists {self.schema} cascade")
-        self.conn.terminate()
-
 
 async def rebuild(
     connect: Connect,
@@ -168,9 +161,11 @@ async def rebuild(
     except BaseException as exc:
         if isinstance(exc, Exception):
             log.error("rebuild failed", extra={"error": describe(exc)})
+        owned = [target.projection.name for target in targets if target.locked]
         for target in targets:
-            await target.discard()
+            target.conn.terminate()  # the session may be lost or mid-operation: drop the copies on a fresh one
         targets = []
+        await rebuild_schemas.drop_after_failure(connect, owned)
         raise
     finally:
         reader.terminate()

@@ -1,5 +1,5 @@
 """Real processes: `python -m projections` workers failing over after kill -9, and the
-`python -m backend projections status | rebuild` commands."""
+`python -m backend projections status | rebuild` commands, also when a rebuild's sessions are lost."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ def workers(own_database_url: str) -> Iterator[list[subprocess.Popen[str]]]:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
+
+
+def start_rebuild(dsn: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "backend", "projections", "rebuild", *args], cwd=ROOT,
+                            env=env_for(dsn), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+REBUILD_SCHEMAS_SQL = "select array_agg(nspname order by nspname) from pg_namespace " \
+                      "where starts_with(nspname, 'tally_rebuild_')"
+REPLAYING_SQL = "select n_tup_ins > 0 from pg_stat_user_tables " \
+                "where schemaname = 'tally_rebuild_balances' and relname = 'wallet_balances'"
 
 
 def start_worker(dsn: str, workers: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
@@ -124,3 +135,29 @@ def test_worker_help_prints_usage_and_starts_nothing(tmp_path: os.PathLike[str])
     assert refused.returncode == 2
     assert "unrecognized arguments: --bogus" in refused.stderr
     assert not (Path(tmp_path) / ".data").exists()
+
+
+async def test_a_rebuild_whose_sessions_are_terminated_leaves_no_schema(own_database_url: str) -> None:
+    """Its sessions ended by the server midway (pg_terminate_backend, a restart): the rebuild used to try
+    to drop its schemas on those very sessions, failed, and left every `tally_rebuild_*` behind."""
+    node = await Node.open(own_database_url)
+    try:
+        await Workload(node.bus, seed=22).run(1000)
+        rebuilding = start_rebuild(own_database_url, "--all", "--batch-size", "1")
+        try:
+            await eventually(lambda: node.pool.fetchval(REPLAYING_SQL), timeout=30, what="the replay to start")
+            assert len(await node.pool.fetchval(REBUILD_SCHEMAS_SQL)) == len(registry.names())
+            ended = await node.pool.fetchval("select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                                             "where application_name like 'tally-rebuild-%'")
+            assert ended == len(registry.names()) + 1  # one per projection, and the reader
+            _, stderr = await asyncio.to_thread(rebuilding.communicate, timeout=60)
+        finally:
+            if rebuilding.poll() is None:
+                rebuilding.kill()
+                rebuilding.wait()
+        assert rebuilding.returncode != 0
+        assert "could not drop" not in stderr, stderr
+        assert [line for line in stderr.splitlines() if line.startswith("tally:")], stderr
+        assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
+    finally:
+        await node.close()

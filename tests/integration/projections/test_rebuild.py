@@ -1,12 +1,14 @@
 """Read model == rebuild from scratch, after a random workload during which runners crashed mid-batch
 (their connection killed inside the batch's transaction, or their task cancelled); rebuilding while
-commands and live runners go on; what a rebuild preserves and refuses."""
+commands and live runners go on; what a rebuild preserves and refuses; what a failed one leaves."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
+import socket
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,7 +16,7 @@ import asyncpg
 import pytest
 
 from backend.db import Connection
-from projections import leader, registry
+from projections import leader, rebuild_schemas, registry
 from projections.base import Projection
 from projections.events import Event
 from projections.rebuild import RebuildError, rebuild
@@ -126,3 +128,41 @@ async def test_one_rebuild_per_projection_at_a_time(node: Node) -> None:
         await holder.close()
     result = await rebuild(connector(node.dsn, node.settings), registry.select(["balances"]))
     assert result.names == ("balances",)
+
+
+SCHEMAS_SQL = "select coalesce(array_agg(nspname order by nspname), '{}') from pg_namespace " \
+              "where starts_with(nspname, 'tally_rebuild_')"
+
+
+async def test_a_failed_rebuild_never_drops_a_schema_whose_lock_is_held(
+    node: Node, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cleanup after a failure takes each lock before it drops: a rebuild of that projection that
+    started meanwhile keeps its schema, and the one it could not drop is named in one line."""
+    monkeypatch.setattr(rebuild_schemas, "CLEANUP_LOCK_TIMEOUT", "100ms")
+    holder = await asyncpg.connect(node.dsn)
+    try:
+        assert await leader.try_lock(holder, leader.REBUILD, "balances")
+        await holder.execute("create schema tally_rebuild_balances; create schema tally_rebuild_stats")
+        with caplog.at_level(logging.WARNING, logger=rebuild_schemas.__name__):
+            await rebuild_schemas.drop_after_failure(connector(node.dsn, node.settings), ["stats", "balances"])
+        assert await holder.fetchval(SCHEMAS_SQL) == ["tally_rebuild_balances"]
+        [line] = caplog.messages
+        assert line.startswith("could not drop tally_rebuild_balances after the failed rebuild "
+                               "(LockNotAvailableError"), line
+    finally:
+        await holder.close()
+
+
+async def test_a_failed_rebuild_that_cannot_reconnect_says_what_it_left(
+    node: Node, caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens on it
+    with caplog.at_level(logging.WARNING, logger=rebuild_schemas.__name__):
+        await rebuild_schemas.drop_after_failure(
+            connector(f"postgresql://tally@127.0.0.1:{port}/tally", node.settings), ["balances", "stats"])
+    [line] = caplog.messages
+    assert line.startswith("could not drop tally_rebuild_balances, tally_rebuild_stats after the failed rebuild"), line
+    assert line.endswith("; the next rebuild drops it"), line
