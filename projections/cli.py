@@ -17,7 +17,7 @@ from backend.db import create_pool, mask_dsn
 from backend.store.migrate import require_migrated
 from projections import registry
 from projections.progress import Progress
-from projections.rebuild import RebuildError, rebuild
+from projections.rebuild import AlreadyRebuilding, RebuildError, rebuild
 from projections.service import connector
 from projections.status import ProjectionStatus, status
 
@@ -29,12 +29,17 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
                                epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2")
     show.add_argument("--json", action="store_true", help="one JSON object per projection instead of a table")
     again = commands.add_parser("rebuild", help="replay the log into fresh tables and swap them in",
-                                epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2")
+                                epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2. "
+                                "Exit status 1: the rebuild failed (its fresh tables are dropped); "
+                                f"{BUSY}: another rebuild of a projection named is running (nothing is changed)")
     again.add_argument("names", nargs="*", metavar="NAME", help=f"one or more of: {', '.join(registry.names())}")
     again.add_argument("--all", action="store_true", help="rebuild every projection")
     again.add_argument("--batch-size", type=batch_size, default=20_000,
                        help=f"events per batch, 1 to {MAX_BATCH_SIZE:,} (default 20000)")
 
+
+BUSY = 3
+"""Exit status of a rebuild refused because another rebuild of a projection it names is running."""
 
 MAX_BATCH_SIZE = 1_000_000
 """A batch is one transaction of one projection: far beyond this, its memory is the limit."""
@@ -54,6 +59,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return asyncio.run(handlers[args.projections_command](settings, args))
     except (RebuildError, KeyError) as exc:  # backend/__main__.py reports the database's own errors (2)
         print(f"tally: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        if isinstance(exc, AlreadyRebuilding):
+            return BUSY  # a script may wait and try again: nothing failed
         return 2 if isinstance(exc, KeyError) else 1  # an unknown name is bad input, as argparse's errors are
 
 

@@ -12,9 +12,11 @@ copies into their place and sets the checkpoint to where the copies are. Readers
 tables until that commit and the new ones after it, never a half-built model; the live runner then
 finds its checkpoint moved (its fence) and continues from the new one.
 
-Only one rebuild per projection runs at a time (an advisory lock). A rebuild that fails drops its
-schemas on a fresh session, since its own may be the one that was lost (projections/rebuild_schemas.py);
-one that dies leaves them, and the next rebuild of that projection drops them.
+Only one rebuild per projection runs at a time: it takes every projection's rebuild lock (a session
+advisory lock) before it makes any schema, and is refused, having changed nothing, when another
+rebuild holds one (AlreadyRebuilding). A rebuild that fails drops its schemas on a fresh session,
+since its own may be the one that was lost (projections/rebuild_schemas.py); one that dies leaves
+them, and the next rebuild of that projection drops them.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class RebuildError(Exception):
     pass
 
 
+class AlreadyRebuilding(RebuildError):
+    """Another rebuild holds the lock of a projection named: refused before anything was changed."""
+
+
 @dataclass(frozen=True, slots=True)
 class RebuildResult:
     names: tuple[str, ...]
@@ -76,11 +82,13 @@ class _Target:
             if not _IDENTIFIER.match(name):
                 raise RebuildError(f"not a plain identifier: {name!r}")
 
+    async def lock(self) -> bool:
+        self.locked = await leader.try_lock(self.conn, leader.REBUILD, self.projection.name)
+        return self.locked
+
     async def prepare(self) -> None:
+        """Make the schema afresh (a dead rebuild's may be there) and point the connection at it."""
         conn = self.conn
-        if not await leader.try_lock(conn, leader.REBUILD, self.projection.name):
-            raise RebuildError(f"projection {self.projection.name} is already being rebuilt")
-        self.locked = True
         await conn.execute("set statement_timeout = 0; set synchronous_commit = off")
         await conn.execute(f"drop schema if exists {self.schema} cascade; create schema {self.schema}")
         for table in self.projection.tables:
@@ -146,8 +154,11 @@ async def rebuild(
         await reader.execute("set statement_timeout = 0")
         home = str(await reader.fetchval("select current_schema()"))
         for projection in projections:
-            target = _Target(projection, await connect(f"tally-rebuild-{projection.name}"), home)
-            targets.append(target)
+            targets.append(_Target(projection, await connect(f"tally-rebuild-{projection.name}"), home))
+        busy = [target.projection.name for target in targets if not await target.lock()]
+        if busy:
+            raise AlreadyRebuilding(f"already being rebuilt: {', '.join(busy)}; nothing was changed")
+        for target in targets:
             await target.prepare()
         types = _union_of_types(projections)
         head = await reads.head(reader)
@@ -158,6 +169,8 @@ async def rebuild(
             done[target.projection.name] = await target.swap(position, batch_size)
             log.info("projection rebuilt", extra={"projection": target.projection.name,
                                                    "checkpoint": done[target.projection.name]})
+    except AlreadyRebuilding:
+        raise  # nothing of ours to drop
     except BaseException as exc:
         if isinstance(exc, Exception):
             log.error("rebuild failed", extra={"error": describe(exc)})

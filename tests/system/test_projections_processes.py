@@ -4,17 +4,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from projections import registry
+from projections import checkpoints, registry
 from projections.status import status
 from tests.conftest import ROOT
 from tests.integration.projections.harness import Node
@@ -50,8 +51,6 @@ def start_rebuild(dsn: str, *args: str) -> subprocess.Popen[str]:
 
 REBUILD_SCHEMAS_SQL = "select array_agg(nspname order by nspname) from pg_namespace " \
                       "where starts_with(nspname, 'tally_rebuild_')"
-REPLAYING_SQL = "select n_tup_ins > 0 from pg_stat_user_tables " \
-                "where schemaname = 'tally_rebuild_balances' and relname = 'wallet_balances'"
 
 
 def start_worker(dsn: str, workers: list[subprocess.Popen[str]]) -> subprocess.Popen[str]:
@@ -137,27 +136,71 @@ def test_worker_help_prints_usage_and_starts_nothing(tmp_path: os.PathLike[str])
     assert not (Path(tmp_path) / ".data").exists()
 
 
+
+@contextlib.asynccontextmanager
+async def swap_held(node: Node, name: str) -> AsyncIterator[None]:
+    """Hold the projection's checkpoint row, as a live runner's batch does: a rebuild of it replays the
+    whole log, then waits at its swap, its schemas all made, until the block exits."""
+    async with node.pool.acquire() as conn:
+        await checkpoints.load(conn, name)
+        async with conn.transaction():
+            await conn.execute(checkpoints.FENCE_SQL, name)
+            yield
+
+
+async def waiting_to_swap(node: Node, name: str) -> bool:
+    return bool(await node.pool.fetchval("select count(*) from pg_stat_activity where application_name = $1 "
+                                         "and wait_event_type = 'Lock'", f"tally-rebuild-{name}"))
+
+
 async def test_a_rebuild_whose_sessions_are_terminated_leaves_no_schema(own_database_url: str) -> None:
     """Its sessions ended by the server midway (pg_terminate_backend, a restart): the rebuild used to try
     to drop its schemas on those very sessions, failed, and left every `tally_rebuild_*` behind."""
     node = await Node.open(own_database_url)
     try:
-        await Workload(node.bus, seed=22).run(1000)
-        rebuilding = start_rebuild(own_database_url, "--all", "--batch-size", "1")
-        try:
-            await eventually(lambda: node.pool.fetchval(REPLAYING_SQL), timeout=30, what="the replay to start")
-            assert len(await node.pool.fetchval(REBUILD_SCHEMAS_SQL)) == len(registry.names())
-            ended = await node.pool.fetchval("select count(pg_terminate_backend(pid)) from pg_stat_activity "
-                                             "where application_name like 'tally-rebuild-%'")
-            assert ended == len(registry.names()) + 1  # one per projection, and the reader
-            _, stderr = await asyncio.to_thread(rebuilding.communicate, timeout=60)
-        finally:
-            if rebuilding.poll() is None:
-                rebuilding.kill()
-                rebuilding.wait()
+        await Workload(node.bus, seed=22).run(200)
+        async with swap_held(node, "balances"):
+            rebuilding = start_rebuild(own_database_url, "--all", "--batch-size", "10")
+            try:
+                await eventually(lambda: waiting_to_swap(node, "balances"), timeout=60, what="the rebuild to swap")
+                assert len(await node.pool.fetchval(REBUILD_SCHEMAS_SQL)) == len(registry.names())
+                ended = await node.pool.fetchval("select count(pg_terminate_backend(pid)) from pg_stat_activity "
+                                                 "where application_name like 'tally-rebuild-%'")
+                assert ended == len(registry.names()) + 1  # one per projection, and the reader
+                _, stderr = await asyncio.to_thread(rebuilding.communicate, timeout=60)
+            finally:
+                if rebuilding.poll() is None:
+                    rebuilding.kill()
+                    rebuilding.communicate()
         assert rebuilding.returncode != 0
         assert "could not drop" not in stderr, stderr
         assert [line for line in stderr.splitlines() if line.startswith("tally:")], stderr
+        assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
+    finally:
+        await node.close()
+
+
+async def test_a_second_rebuild_of_a_projection_being_rebuilt_is_refused_with_status_3(own_database_url: str) -> None:
+    """One line and its own exit status, before it makes anything: it used to log a failure besides the
+    error line and exit 1, as a rebuild that broke does."""
+    node = await Node.open(own_database_url)
+    try:
+        await Workload(node.bus, seed=23).run(200)
+        async with swap_held(node, "balances"):
+            first = start_rebuild(own_database_url, "balances")
+            try:
+                await eventually(lambda: waiting_to_swap(node, "balances"), timeout=60, what="the rebuild to swap")
+                second = await asyncio.to_thread(backend, own_database_url, "rebuild", "stats", "balances")
+                assert second.returncode == 3, second.stderr
+                assert second.stderr.splitlines() == ["tally: error: already being rebuilt: balances; "
+                                                      "nothing was changed"]
+                assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) == ["tally_rebuild_balances"]
+            except BaseException:
+                first.kill()
+                first.communicate()
+                raise
+        _, stderr = await asyncio.to_thread(first.communicate, timeout=60)
+        assert first.returncode == 0, stderr
         assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
     finally:
         await node.close()
