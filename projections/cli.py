@@ -15,7 +15,7 @@ from typing import Any
 from backend.config import Settings, env_help, int_between
 from backend.db import create_pool, mask_dsn
 from backend.store.migrate import require_migrated
-from projections import registry
+from projections import rebuild_schemas, registry
 from projections.progress import Progress
 from projections.rebuild import AlreadyRebuilding, RebuildError, rebuild
 from projections.service import connector
@@ -26,7 +26,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
     parser = subparsers.add_parser("projections", help="projection status and rebuilds", epilog=env_help())
     commands = parser.add_subparsers(dest="projections_command", required=True)
     show = commands.add_parser("status", help="checkpoint, head, lag and state of every projection",
-                               epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2")
+                               epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2. "
+                               "A schema left by a rebuild that did not finish is noted on stderr")
     show.add_argument("--json", action="store_true", help="one JSON object per projection instead of a table")
     again = commands.add_parser("rebuild", help="replay the log into fresh tables and swap them in",
                                 epilog=env_help() + ". Never migrates: an unmigrated database is exit status 2. "
@@ -74,8 +75,12 @@ async def show_status(settings: Settings, args: argparse.Namespace) -> int:
             async with pool.acquire() as conn:
                 await require_migrated(conn, mask_dsn(dsn))
             found = await status(pool, registry.names())
+            left = await rebuild_schemas.leftovers(pool)
         finally:
             await pool.close()
+    for schema in left:
+        print(f"tally: note: schema {schema} is left from a rebuild that did not finish; the next rebuild drops it",
+              file=sys.stderr)
     if args.json:
         for item in found:
             print(json.dumps(item.as_dict()))

@@ -16,7 +16,7 @@ Only one rebuild per projection runs at a time: it takes every projection's rebu
 advisory lock) before it makes any schema, and is refused, having changed nothing, when another
 rebuild holds one (AlreadyRebuilding). A rebuild that fails drops its schemas on a fresh session,
 since its own may be the one that was lost (projections/rebuild_schemas.py); one that dies leaves
-them, and the next rebuild of that projection drops them.
+them, and the next rebuild, of whichever projections, drops every schema whose lock is free.
 """
 
 from __future__ import annotations
@@ -158,6 +158,7 @@ async def rebuild(
         busy = [target.projection.name for target in targets if not await target.lock()]
         if busy:
             raise AlreadyRebuilding(f"already being rebuilt: {', '.join(busy)}; nothing was changed")
+        await rebuild_schemas.drop_leftovers(reader)  # of any projection's dead rebuild; ours are locked
         for target in targets:
             await target.prepare()
         types = _union_of_types(projections)

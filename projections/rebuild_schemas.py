@@ -10,15 +10,19 @@ whoever drops one takes its lock first, and never drops one whose lock it cannot
 from __future__ import annotations
 
 import logging
+import re
 
-from backend.db import describe
+from backend.db import Connection, describe
+from backend.store.reads import Executor
 from projections import leader
 from projections.leader import Connect
 
 log = logging.getLogger(__name__)
 
 PREFIX = "tally_rebuild_"
+_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
 
+SCHEMAS_SQL = "select nspname from pg_namespace where starts_with(nspname, $1) order by nspname"
 LOCK_SQL = "select pg_advisory_lock($1, hashtext($2))"
 UNLOCK_SQL = "select pg_advisory_unlock($1, hashtext($2))"
 CLEANUP_LOCK_TIMEOUT = "5s"
@@ -27,6 +31,34 @@ CLEANUP_LOCK_TIMEOUT = "5s"
 
 def schema_of(name: str) -> str:
     return PREFIX + name
+
+
+async def _names(db: Executor) -> list[str]:
+    """Projection names of the rebuild schemas present (only plain identifiers: the rebuild makes no other)."""
+    rows = await db.fetch(SCHEMAS_SQL, PREFIX)
+    return [name for row in rows if _NAME.match(name := row[0][len(PREFIX):])]
+
+
+async def leftovers(db: Executor) -> list[str]:
+    """The rebuild schemas no running rebuild holds (read only: `projections status` reports them)."""
+    names = await _names(db)
+    running = await leader.holders(db, leader.REBUILD, names) if names else {}
+    return [schema_of(name) for name in names if name not in running]
+
+
+async def drop_leftovers(conn: Connection) -> list[str]:
+    """Drop every rebuild schema whose lock this session can take; the schemas dropped."""
+    dropped = []
+    for name in await _names(conn):
+        if not await leader.try_lock(conn, leader.REBUILD, name):
+            continue  # a rebuild of it is running: its schema, not a leftover
+        try:
+            await conn.execute(f"drop schema if exists {schema_of(name)} cascade")
+        finally:
+            await conn.fetchval(UNLOCK_SQL, leader.REBUILD, name)
+        log.info("dropped schema %s, left by a rebuild that did not finish", schema_of(name))
+        dropped.append(schema_of(name))
+    return dropped
 
 
 async def drop_after_failure(connect: Connect, names: list[str]) -> None:

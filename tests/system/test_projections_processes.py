@@ -153,6 +153,11 @@ async def waiting_to_swap(node: Node, name: str) -> bool:
                                          "and wait_event_type = 'Lock'", f"tally-rebuild-{name}"))
 
 
+async def sessions_ended(node: Node, name: str) -> bool:
+    return not await node.pool.fetchval("select count(*) from pg_stat_activity where application_name = $1",
+                                        f"tally-rebuild-{name}")
+
+
 async def test_a_rebuild_whose_sessions_are_terminated_leaves_no_schema(own_database_url: str) -> None:
     """Its sessions ended by the server midway (pg_terminate_backend, a restart): the rebuild used to try
     to drop its schemas on those very sessions, failed, and left every `tally_rebuild_*` behind."""
@@ -202,5 +207,47 @@ async def test_a_second_rebuild_of_a_projection_being_rebuilt_is_refused_with_st
         _, stderr = await asyncio.to_thread(first.communicate, timeout=60)
         assert first.returncode == 0, stderr
         assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
+    finally:
+        await node.close()
+
+
+async def test_a_rebuild_drops_what_a_dead_rebuild_left_and_never_a_running_ones(own_database_url: str) -> None:
+    """A rebuild killed outright (kill -9) leaves its schema. Status notes it; the next rebuild, of any
+    projection, drops it, and keeps the schema of a rebuild still running (its lock is held). A
+    rebuild used to drop only a leftover of the projections it rebuilt."""
+    node = await Node.open(own_database_url)
+    try:
+        await Workload(node.bus, seed=24).run(200)
+        async with swap_held(node, "deposits"):
+            running = start_rebuild(own_database_url, "deposits")
+            try:
+                await eventually(lambda: waiting_to_swap(node, "deposits"), timeout=60, what="the rebuild to swap")
+                async with swap_held(node, "stats"):
+                    dead = start_rebuild(own_database_url, "stats")
+                    await eventually(lambda: waiting_to_swap(node, "stats"), timeout=60, what="the rebuild to swap")
+                    dead.send_signal(signal.SIGKILL)
+                    dead.communicate()
+                await eventually(lambda: sessions_ended(node, "stats"), what="the dead rebuild's sessions to end")
+                left = ["tally_rebuild_deposits", "tally_rebuild_stats"]
+                assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) == left
+
+                shown = await asyncio.to_thread(backend, own_database_url, "status")
+                assert shown.returncode == 0, shown.stderr
+                assert shown.stderr.splitlines() == ["tally: note: schema tally_rebuild_stats is left from a rebuild "
+                                                     "that did not finish; the next rebuild drops it"]
+
+                rebuilt = await asyncio.to_thread(backend, own_database_url, "rebuild", "balances")
+                assert rebuilt.returncode == 0, rebuilt.stderr
+                assert "dropped schema tally_rebuild_stats, left by a rebuild that did not finish" in rebuilt.stderr
+                assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) == ["tally_rebuild_deposits"]
+            except BaseException:
+                running.kill()
+                running.communicate()
+                raise
+        _, stderr = await asyncio.to_thread(running.communicate, timeout=60)
+        assert running.returncode == 0, stderr
+        assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
+        shown = await asyncio.to_thread(backend, own_database_url, "status")
+        assert shown.returncode == 0 and not shown.stderr, shown.stderr
     finally:
         await node.close()
