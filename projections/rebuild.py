@@ -151,7 +151,6 @@ async def rebuild(
     reader = await connect("tally-rebuild-reader")
     targets: list[_Target] = []
     try:
-        await reader.execute("set statement_timeout = 0")
         home = str(await reader.fetchval("select current_schema()"))
         for projection in projections:
             targets.append(_Target(projection, await connect(f"tally-rebuild-{projection.name}"), home))
@@ -159,6 +158,7 @@ async def rebuild(
         if busy:
             raise AlreadyRebuilding(f"already being rebuilt: {', '.join(busy)}; nothing was changed")
         await rebuild_schemas.drop_leftovers(reader)  # of any projection's dead rebuild; ours are locked
+        await reader.execute("set statement_timeout = 0")
         for target in targets:
             await target.prepare()
         types = _union_of_types(projections)

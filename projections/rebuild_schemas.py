@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import re
 
+import asyncpg
+
 from backend.db import Connection, describe
 from backend.store.reads import Executor
 from projections import leader
@@ -47,13 +49,20 @@ async def leftovers(db: Executor) -> list[str]:
 
 
 async def drop_leftovers(conn: Connection) -> list[str]:
-    """Drop every rebuild schema whose lock this session can take; the schemas dropped."""
+    """Drop every rebuild schema whose lock this session can take; the schemas dropped.
+
+    Best effort: one the server refuses to drop (a lock someone holds on it past statement_timeout,
+    another role's) is said in one line and left, since the rebuild under way does not need it gone."""
     dropped = []
     for name in await _names(conn):
         if not await leader.try_lock(conn, leader.REBUILD, name):
             continue  # a rebuild of it is running: its schema, not a leftover
         try:
             await conn.execute(f"drop schema if exists {schema_of(name)} cascade")
+        except asyncpg.PostgresError as exc:
+            log.warning("could not drop schema %s, left by a rebuild that did not finish (%s)",
+                        schema_of(name), describe(exc))
+            continue
         finally:
             await conn.fetchval(UNLOCK_SQL, leader.REBUILD, name)
         log.info("dropped schema %s, left by a rebuild that did not finish", schema_of(name))

@@ -166,3 +166,24 @@ async def test_a_failed_rebuild_that_cannot_reconnect_says_what_it_left(
     [line] = caplog.messages
     assert line.startswith("could not drop tally_rebuild_balances, tally_rebuild_stats after the failed rebuild"), line
     assert line.endswith("; the next rebuild drops it"), line
+
+
+async def test_a_leftover_the_server_will_not_drop_is_one_line_and_the_rebuild_goes_on(
+    node: Node, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Someone holds a lock on a dead rebuild's table: dropping it waits out statement_timeout. That
+    stopped the rebuild of another projection, which does not need the leftover gone."""
+    holder = await asyncpg.connect(node.dsn)
+    try:
+        await holder.execute("create schema tally_rebuild_stats; create table tally_rebuild_stats.kept (n int)")
+        impatient = node.settings.model_copy(update={"statement_timeout_ms": 200})
+        async with holder.transaction():
+            await holder.execute("lock table tally_rebuild_stats.kept in access share mode")
+            with caplog.at_level(logging.INFO, logger=rebuild_schemas.__name__):
+                result = await rebuild(connector(node.dsn, impatient), registry.select(["balances"]))
+        assert result.names == ("balances",)
+        assert caplog.messages == ["could not drop schema tally_rebuild_stats, left by a rebuild that did not finish "
+                                   "(QueryCanceledError: canceling statement due to statement timeout)"]
+        assert await holder.fetchval(SCHEMAS_SQL) == ["tally_rebuild_stats"]
+    finally:
+        await holder.close()
