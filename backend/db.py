@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # the socket: refused, reset, unreachable (TimeoutError is one too)
     asyncpg.PostgresConnectionError,  # SQLSTATE class 08, and asyncpg's ConnectionDoesNotExistError
+    asyncpg.exceptions.InvalidAuthorizationSpecificationError,  # class 28: the server refuses the login (a
+    #  password rotated there first, a role that may no longer log in, a pg_hba rule): no new session
     asyncpg.exceptions.OperatorInterventionError,  # class 57: admin or crash shutdown, cannot connect
     #  now, statement_timeout (QueryCanceledError), idle session timeout, database dropped
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: too many connections, disk full, out of memory

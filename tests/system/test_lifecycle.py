@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -190,6 +191,23 @@ def post_json(url: str, body: dict[str, object], headers: dict[str, str]) -> dic
     status, answer = post_json_status(url, body, headers)
     assert status in (200, 201), answer
     return answer
+
+
+@pytest.mark.parametrize("module", ["backend", "projections"])
+def test_a_login_the_database_refuses_is_one_masked_line(database_url: str, module: str) -> None:
+    """A password the server rejects (or a role it does not know, or may not log in) used to end serve
+    and the projections worker in a traceback; it is one line naming the refusal, the password masked."""
+    parts = urlsplit(database_url)
+    refused = urlunsplit((parts.scheme, f"tally_nobody:s3cret-pw@{parts.netloc.rpartition('@')[2]}", parts.path,
+                          parts.query, ""))
+    args = [sys.executable, "-m", module, *(["serve"] if module == "backend" else [])]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "DATABASE_URL": refused, "PORT": str(free_port()), "LOG_FORMAT": "text"})
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith(("tally:", "projections:"))]
+    assert "cannot connect to database" in line and "tally_nobody:***@" in line, line
+    assert 'role "tally_nobody" does not exist' in line, line
+    assert "s3cret-pw" not in result.stderr
 
 
 @pytest.mark.parametrize("module", ["backend", "projections"])

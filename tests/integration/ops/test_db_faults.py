@@ -11,6 +11,7 @@ import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -42,6 +43,7 @@ OUTAGES = [
     asyncpg.QueryCanceledError("canceling statement due to statement timeout"),
     pgerr.IdleSessionTimeoutError("terminating connection due to idle-session timeout"),
     pgerr.ConnectionFailureError("connection failure"),
+    pgerr.InvalidPasswordError('password authentication failed for user "tally"'),
     pgerr.DiskFullError("could not extend file"),
     pgerr.ReadOnlySQLTransactionError("cannot execute INSERT in a read-only transaction"),
     pgerr.IdleInTransactionSessionTimeoutError("terminating connection due to idle-in-transaction timeout"),
@@ -241,4 +243,55 @@ async def test_a_database_that_takes_no_writes_is_503_then_recovers(  # type: ig
         errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
         assert not errors, errors
     finally:
+        await admin.close()
+
+
+def as_role(dsn: str, role: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, f"{role}@{parts.netloc.rpartition('@')[2]}", parts.path, parts.query, ""))
+
+
+async def test_a_login_the_database_refuses_is_503_then_recovers(  # type: ignore[no-untyped-def]
+    aiohttp_client, own_database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server stops accepting Tally's login (SQLSTATE class 28: a password rotated before the
+    service's, a role that may no longer log in, a pg_hba rule) while it serves: every new session is
+    refused. Commands, reads and readiness answer 503, as for any outage, not a 500 with a traceback per
+    request; once the login works again, so does everything else, with no restart."""
+    dsn = own_database_url
+    role = f"tally_login_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(dsn)
+    await admin.execute(f"create role {role} login superuser")
+    try:
+        client: Client = await aiohttp_client(create_app(make_settings(as_role(dsn, role), pool_max_size=2)))
+        client.session.headers.update(bearer(await mint_token(client.app, "login", ["admin"])))
+        created = await client.post("/v1/wallets", json={"owner": "login", "currency": "USD"})
+        assert created.status == 201, await created.text()
+        wallet_id = (await created.json())["wallet_id"]
+
+        await admin.execute(f"alter role {role} nologin")
+        await admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = $1", role)
+        for attempt in range(4):  # past the sessions it had, each attempt is a login the server refuses
+            await assert_unavailable(await client.post(f"/v1/wallets/{wallet_id}/credits",
+                                                       json={"amount": 5, "reference": f"refused-{attempt}"}))
+            await assert_unavailable(await client.get(f"/v1/wallets/{wallet_id}"))
+        ready = await client.get("/health/ready")
+        await assert_unavailable(ready)
+        assert "not permitted to log in" in (await ready.json(content_type=None))["detail"]
+
+        await admin.execute(f"alter role {role} login")
+
+        async def credited() -> bool:
+            response = await client.post(f"/v1/wallets/{wallet_id}/credits", json={"amount": 5, "reference": "ok"})
+            return response.status == 200
+
+        await eventually(credited, timeout=10, what="a credit once the login works again")
+        assert (await client.get("/health/ready")).status == 200
+        errors = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, errors
+        await client.close()
+    finally:
+        await admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where usename = $1", role)
+        await admin.execute(f"drop owned by {role}")
+        await admin.execute(f"drop role {role}")
         await admin.close()
