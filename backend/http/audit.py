@@ -22,7 +22,7 @@ from backend.http import replies
 from backend.http.audit_params import SCOPE, Limit, Position, Query, StreamId, query
 from backend.http.endpoint import JSON, NDJSON, Header, endpoint
 from backend.http.integers import ASCII_DIGITS_ONLY
-from backend.http.middlewares import REQUEST_ID, REQUEST_ID_HEADER
+from backend.http.middlewares import ANSWER_HEADERS, REQUEST_ID, REQUEST_ID_HEADER
 from backend.http.models import Rfc3339
 from backend.http.path_ids import path_uuid
 from backend.http.positions import check_within_log
@@ -155,7 +155,8 @@ async def export(request: web.Request) -> web.StreamResponse:
         "Content-Disposition": f'attachment; filename="tally-events-{q.after}-{to}.ndjson"',
         "X-Export-After": str(q.after),
         "X-Export-To": str(to),
-        REQUEST_ID_HEADER: request[REQUEST_ID],  # sent by the handler: the middleware cannot add it
+        REQUEST_ID_HEADER: request[REQUEST_ID],  # sent by the handler: the middleware cannot add these
+        **ANSWER_HEADERS,
     })
     sent = q.after
 

@@ -1,10 +1,12 @@
-"""Request id and error middlewares: every answer carries X-Request-ID; every error is problem+json."""
+"""Request id and error middlewares: every answer carries X-Request-ID (and, unless it says otherwise,
+the ANSWER_HEADERS); every error is problem+json."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import MutableMapping
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -23,6 +25,10 @@ REQUEST_ID_HEADER = "X-Request-ID"
 VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 """What a client-chosen id (X-Request-ID, X-Correlation-ID) may be: it reaches logs and event metadata."""
 REQUEST_ID = web.RequestKey("request_id", str)
+ANSWER_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+"""On every answer that does not set its own: no HTTP cache, a browser's or a proxy's, keeps a copy of
+what a key reads or is given (a new key's secret, balances, the log), and no browser takes an answer
+for another type than it declares. A conditional read still works: its client keeps its own copy."""
 
 
 @web.middleware
@@ -35,12 +41,21 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
         response = await handler(request)
     except web.HTTPException as exc:
         exc.headers[REQUEST_ID_HEADER] = request_id
+        _add_answer_headers(exc.headers)
         raise
     finally:
         request_id_var.reset(token)
     if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
+        headers = response.headers
+        headers[REQUEST_ID_HEADER] = request_id
+        _add_answer_headers(headers)
     return response
+
+
+def _add_answer_headers(headers: MutableMapping[str, str]) -> None:
+    for name, value in ANSWER_HEADERS.items():
+        if name not in headers:
+            headers[name] = value
 
 
 @web.middleware

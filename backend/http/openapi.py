@@ -227,7 +227,9 @@ HEADERS: dict[str, tuple[str, dict[str, Any]]] = {
              {"type": "string", "pattern": '^"[0-9]+"$'}),
     "Retry-After": ("seconds to wait before trying again", {"type": "string", "pattern": "^[0-9]+$"}),
     "WWW-Authenticate": ('Bearer realm="tally" (error="invalid_token" when a key was sent)', {"type": "string"}),
-    "Cache-Control": ("no-cache", {"type": "string"}),
+    "Cache-Control": ("no-store: no cache keeps a copy of the answer", {"type": "string"}),
+    "X-Content-Type-Options": ("nosniff: the answer is only ever its declared type",
+                               {"type": "string", "enum": ["nosniff"]}),
     "X-Accel-Buffering": ("no: a proxy (nginx) must pass the stream on as it comes",
                           {"type": "string", "enum": ["no"]}),
     "X-Tally-Worker": ("with `serve --workers N` only: the index (0 to N-1) of the worker that answered",
@@ -265,7 +267,8 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
     if spec.etag:
         responses["304"] = {"description": "Not Modified: If-None-Match names the current version (no body)",
                             "headers": {name: headers[name] for name in
-                                        ("X-Request-ID", "ETag", "X-Projection-Position") if name in headers}}
+                                        ("X-Request-ID", "ETag", "X-Projection-Position", "Cache-Control",
+                                         "X-Content-Type-Options") if name in headers}}
     problem = refs[(Problem, "serialization")]
     for status, codes in sorted(_problem_statuses(method, path, spec).items()):
         schema = {"allOf": [problem, {"properties": {"code": {"enum": codes}}}]}
@@ -276,7 +279,9 @@ def _responses(method: str, path: str, spec: Endpoint, refs: Refs) -> dict[str, 
 
 
 def _success_headers(method: str, spec: Endpoint) -> dict[str, Any]:
-    headers = {"X-Request-ID": _header("X-Request-ID", True), "X-Tally-Worker": _header("X-Tally-Worker", False)}
+    headers = {"X-Request-ID": _header("X-Request-ID", True), "X-Tally-Worker": _header("X-Tally-Worker", False),
+               "Cache-Control": _header("Cache-Control", True),
+               "X-Content-Type-Options": _header("X-Content-Type-Options", spec.content_type != SSE)}
     if _command(method, spec):
         headers["X-Position"] = _header("X-Position", True)
         headers["Idempotent-Replayed"] = _header("Idempotent-Replayed", False)
@@ -287,7 +292,7 @@ def _success_headers(method: str, spec: Endpoint) -> dict[str, Any]:
     if spec.etag:
         headers["ETag"] = _header("ETag", True)
     if spec.content_type == SSE:
-        headers["Cache-Control"] = _header("Cache-Control", True)
+        headers["Cache-Control"] = _header("Cache-Control", True, "no-cache")
         headers["X-Accel-Buffering"] = _header("X-Accel-Buffering", False)
         headers["X-Stream-Refused"] = _header("X-Stream-Refused", False)
         headers["Retry-After"] = _header("Retry-After", False, "on a refused stream: seconds before coming back")
@@ -297,8 +302,10 @@ def _success_headers(method: str, spec: Endpoint) -> dict[str, Any]:
 
 
 def _problem_headers(status: int, codes: list[str], method: str, spec: Endpoint) -> dict[str, Any]:
-    headers = {"X-Request-ID": _header("X-Request-ID", not PARSER_CODES & set(codes)),
-               "X-Tally-Worker": _header("X-Tally-Worker", False)}
+    from_app = not PARSER_CODES & set(codes)  # the parser's own answers carry none of these
+    headers = {"X-Request-ID": _header("X-Request-ID", from_app), "X-Tally-Worker": _header("X-Tally-Worker", False),
+               "Cache-Control": _header("Cache-Control", from_app),
+               "X-Content-Type-Options": _header("X-Content-Type-Options", from_app)}
     if status == 401:
         headers["WWW-Authenticate"] = _header("WWW-Authenticate", True)
     if status in (429, 503):
