@@ -64,11 +64,23 @@ async def export_pages(
         to = await head(conn)
     position = after
     while position < to:
-        rows = await conn.fetch(EXPORT_PAGE_SQL, position, to, page_size)
-        if not rows:
+        chunk = await export_page(conn, position, to, page_size)
+        if chunk is None:
             return
-        yield b"".join([event_json(row) + b"\n" for row in rows])
-        position = rows[-1][0]
+        yield chunk
+        position = chunk_end(chunk)
+
+
+async def export_page(conn: Connection, after: int, to: int, page_size: int = PAGE_SIZE) -> bytes | None:
+    """The NDJSON of the first page_size events in (after, to], or None when there are none."""
+    rows = await conn.fetch(EXPORT_PAGE_SQL, after, to, page_size)
+    return b"".join([event_json(row) + b"\n" for row in rows]) if rows else None
+
+
+def chunk_end(chunk: bytes) -> int:
+    """The position of the last line of an NDJSON chunk of the export (lines start with {"position":...})."""
+    start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
+    return int(orjson.loads(chunk[start:])["position"])
 
 
 CHAIN_FIELDS = operator.itemgetter("position", "stream_id", "version", "type", "data", "recorded_at", "hash")

@@ -13,7 +13,7 @@ from pydantic import Field, StringConstraints, field_validator
 
 from backend.appkeys import CLOCK, READ_POOLS, REPOSITORY
 from backend.audit import history
-from backend.audit.export import export_pages
+from backend.audit.export import chunk_end, export_page
 from backend.audit.verify import Report, verify_database
 from backend.db import Connection, describe, is_unavailable
 from backend.domain import Wallet
@@ -160,21 +160,25 @@ async def export(request: web.Request) -> web.StreamResponse:
     })
     sent = q.after
 
-    async def send(db: Executor) -> None:
-        """From where the last line sent left off: a replica failing midway hands over to the primary."""
-        nonlocal sent
+    async def next_page(db: Executor) -> bytes | None:
+        """The page after the last line sent. Its connection goes back to the pool before the page is
+        written: a client that reads slowly, or not at all, holds none (else a few such downloads would
+        take every connection from the commands). From a replica only if it holds `to`; one that fails
+        hands the page over to the primary."""
         async with connection(db) as conn:
-            if not response.prepared:
-                await response.prepare(request)
-            async for chunk in export_pages(conn, sent, to):
-                try:
-                    await response.write(chunk)
-                except OSError as exc:
-                    raise ClientLeft from exc
-                sent = last_position(chunk)
+            return await export_page(conn, sent, to)
 
     try:
-        await pools.read(send, at_least=to)
+        while sent < to and (chunk := await pools.read(next_page, at_least=to)) is not None:
+            if not response.prepared:
+                await response.prepare(request)
+            try:
+                await response.write(chunk)
+            except OSError as exc:
+                raise ClientLeft from exc
+            sent = chunk_end(chunk)
+        if not response.prepared:
+            await response.prepare(request)
     except ClientLeft:
         return response  # nobody to answer: no error to report, the database is fine (aiohttp ends it)
     except Exception as exc:
@@ -196,12 +200,6 @@ def cut_short(request: web.Request, exc: Exception, sent: int) -> None:
         log.error("export cut short by an unexpected error", exc_info=exc, extra={"sent": sent})
     if request.transport is not None:
         request.transport.close()
-
-
-def last_position(chunk: bytes) -> int:
-    """The position of the last NDJSON line of an export chunk (lines start with {"position":...})."""
-    start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
-    return int(orjson.loads(chunk[start:])["position"])
 
 
 @routes.get("/v1/wallets/{wallet_id}/state")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import socket
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import asyncpg
 import orjson
 import pytest
@@ -16,7 +18,7 @@ from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
-from backend.audit.export import export_pages, read_export
+from backend.audit.export import export_page, read_export
 from backend.audit.verify import Report, verify
 from backend.domain.registry import LOGGED_TYPES
 from backend.server.run import start
@@ -306,12 +308,12 @@ async def test_an_export_the_database_fails_midway_is_cut_short(client: Client, 
     _, streams = probe_streams(2)
     await store.append([Write(s, ANY, [NewEvent("AuditProbe", {"n": 0})]) for s in streams])
 
-    async def first_page_then_lost(conn: Any, after: int, to: int) -> Any:
-        async for chunk in export_pages(conn, after, to, page_size=1):
-            yield chunk
+    async def first_page_then_lost(conn: Any, after: int, to: int) -> bytes | None:
+        if after > 0:
             raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
+        return await export_page(conn, after, to, page_size=1)
 
-    monkeypatch.setattr("backend.http.audit.export_pages", first_page_then_lost)
+    monkeypatch.setattr("backend.http.audit.export_page", first_page_then_lost)
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     try:
         writer.write(f"GET /v1/events/export?after=0 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
@@ -333,14 +335,16 @@ async def test_a_client_that_leaves_an_export_midway_is_no_database_outage(
     """An auditor stopping a download (`curl ... | head`) is not the database failing: no `database
     unavailable` warning, and the request counts as the 200 it was, not as a 503 (which the 503-rate
     alert watches). Served as `serve` serves: a client leaving does not cancel the handler there."""
-    async def endless(conn: Any, after: int, to: int) -> Any:
-        async for chunk in export_pages(conn, after, to, page_size=1):
-            for _ in range(2000):
-                yield chunk
-                await asyncio.sleep(0.005)
-            return
+    pages = 0
 
-    monkeypatch.setattr("backend.http.audit.export_pages", endless)
+    async def endless(conn: Any, after: int, to: int) -> bytes | None:
+        """The first page, again and again."""
+        nonlocal pages
+        pages += 1
+        await asyncio.sleep(0.005)
+        return await export_page(conn, 0, to, page_size=1) if pages <= 2000 else None
+
+    monkeypatch.setattr("backend.http.audit.export_page", endless)
     settings = make_settings(database_url, rate_limit_per_s=0, host="127.0.0.1", port=0)
     serving = await start(create_app(settings), settings)
     try:
@@ -365,6 +369,45 @@ async def test_a_client_that_leaves_an_export_midway_is_no_database_outage(
             'tally_http_requests_total{method="GET",route="/v1/events/export",status="200"}'], lines
         assert not [r for r in caplog.records if "unavailable" in r.getMessage()], caplog.text
     finally:
+        await serving.stop(5)
+
+
+async def test_exports_their_clients_do_not_read_hold_no_database_connection(own_database_url: str) -> None:
+    """An auditor's download that stalls (a slow link, a client that stopped reading) used to hold a
+    connection of the pool until it ended: as many stalled exports as POOL_MAX_SIZE, from one audit:read
+    key, stopped every command and made the process unready. A page's connection is now back in the pool
+    before the page is written, so commands go on, and each export is whole once its client reads."""
+    settings = make_settings(own_database_url, pool_max_size=2, rate_limit_per_s=0, host="127.0.0.1", port=0)
+    serving = await start(create_app(settings), settings)
+    stalled: list[socket.socket] = []
+    try:
+        app = serving.runner.app
+        _, streams = probe_streams(40)  # a few MB: more than the sockets' buffers hold
+        await app[STORE].append([Write(s, ANY, [NewEvent("AuditProbe", {"filler": "x" * 150_000})])
+                                 for s in streams])
+        auditor = await mint_token(app, "auditor", ["audit:read"])
+        for _ in range(settings.pool_max_size + 1):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", serving.port))
+            sock.send(f"GET /v1/events/export HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                      f"Authorization: Bearer {auditor}\r\n\r\n".encode())
+            stalled.append(sock)
+        admin = bearer(await mint_token(app, "ops", ["admin"]))
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{serving.port}", headers=admin) as session:
+            created = await asyncio.wait_for(session.post("/v1/wallets", json={"owner": "ops", "currency": "USD"}),
+                                             timeout=20)  # held connections: the command waits for ever
+            assert created.status == 201, await created.text()
+            assert (await session.get("/health/ready")).status == 200
+
+        reader, writer = await asyncio.open_connection(sock=stalled.pop())
+        raw = await asyncio.wait_for(reader.read(), timeout=60)  # to the end: the server closes
+        writer.close()
+        assert raw.count(b'"type":"AuditProbe"') == 40 and raw.endswith(b"0\r\n\r\n"), raw[-200:]
+    finally:
+        for sock in stalled:
+            sock.close()
         await serving.stop(5)
 
 
