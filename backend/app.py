@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,7 @@ from backend.appkeys import (
     DEPOSIT_COMMANDS,
     LISTENER,
     LOG_TAIL,
+    LOG_VERIFICATION,
     METRICS,
     OPENAPI,
     POOL,
@@ -233,6 +235,7 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPl
     if failures is not None:
         app[AUTH_FAILURES] = failures
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
+    app[LOG_VERIFICATION] = asyncio.Semaphore(1)
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(read_pools_ctx)
     app.cleanup_ctx.append(store_ctx)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 from aiohttp import web
 
@@ -56,6 +58,9 @@ AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 
 PROJECTIONS = web.AppKey("projections", ProjectionService)
 HUB = web.AppKey("hub", Hub)
+LOG_VERIFICATION = web.AppKey("log_verification", asyncio.Semaphore)
+"""Whole-log verifications (GET /v1/audit/verify without a stream) run one at a time: each keeps a
+connection for as long as it reads the log, and the others wait holding none."""
 AUDIT_SIGNER = web.AppKey("audit_signer", Signer)
 """Present only with AUDIT_SIGNING_KEY_FILE."""
 AUDIT_FOLDER = web.AppKey("audit_folder", Folder)

@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from pydantic import Field, StringConstraints, field_validator
 
-from backend.appkeys import CLOCK, READ_POOLS, REPOSITORY
+from backend.appkeys import CLOCK, LOG_VERIFICATION, READ_POOLS, REPOSITORY
 from backend.audit import history
 from backend.audit.export import chunk_end, export_page
 from backend.audit.verify import Report, verify_database
@@ -250,7 +250,8 @@ async def wallet_state(request: web.Request) -> web.Response:
 @routes.get("/v1/audit/verify")
 @endpoint(scope=SCOPE, reply=replies.VerifyReport, query=VerifyQuery, errors=("not_found",))
 async def verify(request: web.Request) -> web.Response:
-    """Verify one stream's hash chain, or the whole log's (slow on a big log: prefer the CLI)."""
+    """Verify one stream's hash chain, or the whole log's (slow on a big log: prefer the CLI; one
+    whole-log verification runs at a time, the others wait for their turn holding no connection)."""
     q = query(request, VerifyQuery)
 
     async def read(db: Executor) -> Report:
@@ -258,7 +259,11 @@ async def verify(request: web.Request) -> web.Response:
             return await verify_database(conn, q.stream)
 
     pools = request.app[READ_POOLS]
-    report = await pools.read(read)
+    if q.stream is None:
+        async with request.app[LOG_VERIFICATION]:
+            report = await pools.read(read)
+    else:
+        report = await pools.read(read)
     if q.stream is not None and report.events_checked == 0 and pools.replicas:
         report = await read(pools.primary)
     if q.stream is not None and report.events_checked == 0:

@@ -14,13 +14,17 @@ import aiohttp
 import asyncpg
 import orjson
 import pytest
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
 from backend.appkeys import STORE
+from backend.audit import verify as verification
 from backend.audit.export import export_page, read_export
 from backend.audit.verify import Report, verify
 from backend.domain.registry import LOGGED_TYPES
+from backend.http import audit_params
+from backend.http.audit import VerifyQuery
 from backend.server.run import start
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.events import ANY, NewEvent, Write
@@ -514,3 +518,57 @@ async def test_verify_the_whole_log_and_find_tampering(aiohttp_client: AiohttpCl
     assert not found["ok"] and found["break_count"] == 1
     assert {k: found["breaks"][0][k] for k in ("kind", "stream_id", "version", "position")} == {
         "kind": "hash_mismatch", "stream_id": victim, "version": 2, "position": log.position(victim, 2)}
+
+
+async def test_whole_log_verifications_take_one_connection_however_many_run(
+        own_database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-log verification keeps its connection for as long as it reads the log (a minute and more
+    on a big one). As many at once as POOL_MAX_SIZE, from one audit:read key, used to hold every
+    connection: commands waited and the process was unready. They now take their turn, one at a time,
+    and wait holding none; each still answers in full."""
+    # One connection is the append batcher's, one a verification's, one left for everything else.
+    settings = make_settings(own_database_url, pool_max_size=3, rate_limit_per_s=0, host="127.0.0.1", port=0)
+    serving = await start(create_app(settings), settings)
+    release = asyncio.Event()
+    real_verify = verification.verify_database
+
+    async def slow_verify(conn: Any, stream: str | None) -> Report:
+        """As on a log of millions of events: the connection stays busy until the test lets it go."""
+        await conn.fetchval("select 1")
+        await release.wait()
+        return await real_verify(conn, stream)
+
+    monkeypatch.setattr("backend.http.audit.verify_database", slow_verify)
+    arrived = 0
+    real_query = audit_params.query
+
+    def counted_query(request: web.Request, model: Any) -> Any:
+        """The handler's first step: from here to the pool's queue nothing waits, so once every
+        verification has arrived, each has taken a connection or waits for its turn."""
+        nonlocal arrived
+        arrived += model is VerifyQuery
+        return real_query(request, model)
+
+    monkeypatch.setattr("backend.http.audit.query", counted_query)
+    try:
+        app = serving.runner.app
+        auditor = bearer(await mint_token(app, "auditor", ["audit:read"]))
+        admin = bearer(await mint_token(app, "ops", ["admin"]))
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{serving.port}") as session:
+            async def whole_log() -> int:
+                async with session.get("/v1/audit/verify", headers=auditor) as reply:
+                    body = await reply.json()
+                    assert body["ok"] and body["stream"] is None, body
+                    return reply.status
+
+            verifications = [asyncio.create_task(whole_log()) for _ in range(settings.pool_max_size)]
+            await eventually(lambda: arrived == len(verifications), timeout=10, what="every verification to arrive")
+            created = await asyncio.wait_for(session.post("/v1/wallets", json={"owner": "ops", "currency": "USD"},
+                                                          headers=admin), timeout=20)  # else waits for ever
+            assert created.status == 201, await created.text()
+            assert (await session.get("/health/ready")).status == 200
+            release.set()
+            assert await asyncio.gather(*verifications) == [200] * len(verifications)
+    finally:
+        release.set()
+        await serving.stop(5)
