@@ -47,10 +47,13 @@ class Settings(BaseSettings):
     # backend.server: on SIGTERM drain without dropping a request (GRACEFUL_DRAIN; off: aiohttp's own
     # shutdown); during the drain a connection idle for DRAIN_IDLE_CLOSE_S is closed. A connection
     # must complete its request head within HEADER_READ_TIMEOUT_S (0: no limit) or gets a 408 and is
-    # closed. PARSER_ERROR_PROBLEMS answers malformed requests with problem+json (off: aiohttp's text).
+    # closed; a request's body must arrive within BODY_READ_TIMEOUT_S of its handler asking for it (0:
+    # no limit), else 408 and closed. PARSER_ERROR_PROBLEMS answers malformed requests with
+    # problem+json (off: aiohttp's text).
     graceful_drain: bool = True
     drain_idle_close_s: float = Field(default=1.0, ge=0)
     header_read_timeout_s: float = Field(default=5.0, ge=0)
+    body_read_timeout_s: float = Field(default=10.0, ge=0)
     parser_error_problems: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # auto: text when stderr is a terminal, else JSON (always JSON in production).

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from backend.appkeys import SETTINGS
 from backend.http.problems import Problem
 
 Model = TypeVar("Model", bound=BaseModel)
@@ -18,9 +20,17 @@ MAX_BODY_BYTES = 64 * 1024
 async def read_body(request: web.Request) -> bytes:
     """The request body's bytes (aiohttp keeps them: a second read costs nothing). A body that cannot
     be decoded (a bad Content-Encoding) or that ends early (the client closed the connection) is the
-    client's 400, not a 500 or, from the ConnectionResetError, the database's 503."""
+    client's 400, not a 500 or, from the ConnectionResetError, the database's 503. One that takes
+    longer than BODY_READ_TIMEOUT_S is a 408: a client sending it a byte at a time, or stopping
+    halfway, would otherwise hold the connection and its handler for as long as it liked."""
+    timeout = request.app[SETTINGS].body_read_timeout_s
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout or None):
+            return await request.read()
+    except TimeoutError:
+        request.content.feed_eof()
+        raise Problem(408, "request_timeout", f"the request body was not received within {timeout:g} s",
+                      close=True) from None
     except (web.RequestPayloadError, ConnectionResetError) as exc:
         request.content.feed_eof()  # aiohttp would read on after the answer, and log the same error again
         detail = ("the connection closed before the whole request body arrived" if isinstance(exc, ConnectionError)

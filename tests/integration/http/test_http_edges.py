@@ -221,6 +221,29 @@ async def test_a_body_that_cannot_be_read_is_the_clients_400_not_a_500_or_an_out
     assert (await balance.json())["balance"] == 0
 
 
+async def test_a_body_that_stops_arriving_is_a_408_and_changes_nothing(aiohttp_client, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """A key holder who sends a command's head and then its body a byte at a time, or part of it and
+    then nothing, used to keep the connection and its handler for as long as it liked: thousands of
+    such requests, within the key's rate limit, could take every file descriptor of the process. The
+    body must now arrive within BODY_READ_TIMEOUT_S of the handler asking for it, else 408
+    request_timeout, the connection closed, and nothing applied."""
+    client: Client = await aiohttp_client(create_app(settings.model_copy(update={"body_read_timeout_s": 0.5})))
+    token = await mint_token(client.app, "slow-body", ["admin"])
+    created = await client.post("/v1/wallets", json={"owner": "slow-body", "currency": "USD"}, headers=bearer(token))
+    wallet = f"/v1/wallets/{(await created.json())['wallet_id']}"
+    assert client.server.host is not None and client.server.port is not None
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(f"POST {wallet}/credits HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {token}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: 50\r\n\r\n{{\"amount\": 5".encode())
+    answer = await asyncio.wait_for(reader.read(), 20)  # to the end: the server closes the connection
+    writer.close()
+    status_line, _, body = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer, answer
+    assert b'"code":"request_timeout"' in body, answer
+    balance = await client.get(wallet, headers=bearer(token))
+    assert (await balance.json())["balance"] == 0
+
+
 async def test_head_sends_no_body_on_any_get_route_and_the_connection_stays_usable(client: Client) -> None:
     """HEAD on a stream or the export used to send the body itself, unframed, so the next answer on that
     connection began with `retry: 3000`. They take no HEAD now (405); every other GET answers it bodiless."""
