@@ -7,7 +7,7 @@ from aiohttp.typedefs import Handler
 
 from backend.appkeys import AUTH_FAILURES, AUTHENTICATOR, STREAM_TOKENS
 from backend.commands.context import Actor
-from backend.http.problems import Problem
+from backend.http.problems import Problem, invalid_parameters
 from backend.http.signed_tokens import PREFIX as STREAM_TOKEN_PREFIX
 
 ACTOR = web.RequestKey("actor", Actor)
@@ -23,7 +23,13 @@ SSE = "text/event-stream"
 
 
 def bearer_token(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
+    """The credential the request carries. Authorization holds one (RFC 9110, 11.6.2): with several,
+    a proxy or log in front that reads another one than the first would judge another caller, so
+    such a request is refused (400) before any key is looked at."""
+    headers = request.headers
+    header = headers.get("Authorization", "")
+    if header and len(headers.getall("Authorization")) > 1:
+        raise invalid_parameters(("Authorization", "send one Authorization header, not several"))
     scheme, _, token = header.partition(" ")
     if scheme.lower() == "bearer" and token.strip():
         return token.strip()

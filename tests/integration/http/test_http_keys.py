@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
@@ -232,6 +233,22 @@ async def test_unknown_malformed_and_wrong_secret_tokens_get_401(client: Client)
         assert (response.status, problem["code"]) == (401, "unauthorized"), bad
         assert "invalid_token" in response.headers["WWW-Authenticate"]
     assert await probe(client, token) == 403  # a wrong secret does not poison the cached key
+
+
+async def test_several_authorization_headers_are_a_400_whichever_comes_first(client: Client) -> None:
+    """Authorization is one credential (RFC 9110, 11.6.2). With two, the first one used to win: a
+    proxy, a log or a firewall rule in front that reads the other one judged a different caller than
+    Tally did. Such a request is now refused before any key is looked at, in either order."""
+    token = await mint_token(client.app, "two-headers", ["wallets:read"])
+    _, unknown = new_token()
+    for first, second in ((token, unknown), (unknown, token), (token, token)):
+        headers = CIMultiDict([("Authorization", f"Bearer {first}"), ("Authorization", f"Bearer {second}")])
+        response = await client.get("/v1/wallets", params={"owner": "two-headers"}, headers=headers)
+        problem = await response.json(content_type=None)
+        assert (response.status, problem["code"]) == (400, "validation_error"), problem
+        assert [error["field"] for error in problem["errors"]] == ["Authorization"], problem
+    alone = await client.get("/v1/wallets", params={"owner": "two-headers"}, headers=bearer(token))
+    assert alone.status == 200, await alone.text()
 
 
 async def test_cached_keys_cost_no_database_lookup(client: Client) -> None:
