@@ -321,10 +321,15 @@ def cannot_write(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in WRITE_ONLY_ERRNOS
 
 
+PRODUCTION_SECRET_BYTES = 32
+"""An HMAC key shorter than this guards deposit addresses and stream tokens poorly; development allows 16."""
+
+
 def check_environment(settings: Settings, *, uses_database: bool, serves: bool) -> None:
     """ENVIRONMENT=production refuses what is only meant for a developer's machine: an embedded server
     started because DATABASE_URL is missing or misspelt, the published development deposit secret
-    (serving only), and text logs (serving only). Development accepts all of them."""
+    or an HMAC secret shorter than 32 bytes (serving only), and text logs (serving only). Development
+    accepts all of them."""
     if settings.environment != "production":
         return
     problems = []
@@ -334,7 +339,11 @@ def check_environment(settings: Settings, *, uses_database: bool, serves: bool) 
     development_secret = Settings.model_fields["deposit_address_secret"].default
     if serves and settings.deposit_address_secret == development_secret:
         problems.append("DEPOSIT_ADDRESS_SECRET: the development default is refused in production; "
-                        "set a random value of at least 32 bytes")
+                        f"set a random value of at least {PRODUCTION_SECRET_BYTES} bytes")
+    for name, secret in (("DEPOSIT_ADDRESS_SECRET", settings.deposit_address_secret),
+                         ("STREAM_TOKEN_SECRET", settings.stream_token_secret)):
+        if serves and secret is not None and len(secret.get_secret_value().encode()) < PRODUCTION_SECRET_BYTES:
+            problems.append(f"{name}: shorter than {PRODUCTION_SECRET_BYTES} bytes is refused in production")
     if serves and settings.log_format == "text":
         problems.append("LOG_FORMAT: text is refused in production; use json (or auto)")
     if problems:

@@ -82,6 +82,8 @@ def production(**values: object) -> Settings:
     ({"database_url": None}, "DATABASE_URL"),
     ({"deposit_address_secret": Settings.model_fields["deposit_address_secret"].default}, "DEPOSIT_ADDRESS_SECRET"),
     ({"log_format": "text"}, "LOG_FORMAT"),
+    ({"deposit_address_secret": "x" * 31}, "DEPOSIT_ADDRESS_SECRET"),
+    ({"stream_token_secret": "y" * 31}, "STREAM_TOKEN_SECRET"),
 ])
 def test_production_refuses_development_settings(change: dict[str, object], variable: str) -> None:
     check_environment(production(), uses_database=True, serves=True)  # the complete production set starts
