@@ -93,7 +93,8 @@ async def read_pools_ctx(app: web.Application) -> AsyncIterator[None]:
         if pools.replicas:
             checker = ReplicaChecker(pools, max_lag_s=settings.replica_max_lag_s,
                                      timeout_s=settings.connect_timeout_s)
-            await checker.check()  # in use from the first request when they answer; startup never waits on them
+            # never awaited here: a replica that does not answer would hold up startup for CONNECT_TIMEOUT_S;
+            # until its first check, the primary serves its reads
             job = app[SUPERVISOR].spawn(REPLICA_CHECK, lambda: checker.run(settings.replica_check_s))
             watch_replicas(app[METRICS], pools)
         yield

@@ -1,5 +1,7 @@
 """The replicas' health: a supervised task (`replica-check`) that measures each replica's lag every
-REPLICA_CHECK_S and puts it in or out of use for reads (backend/store/read_pools.py).
+REPLICA_CHECK_S and puts it in or out of use for reads (backend/store/read_pools.py). Each replica is
+checked on its own clock: one that does not answer holds its check for CONNECT_TIMEOUT_S, and would
+otherwise hold up every other replica's with it.
 
 Lag is measured in the log's own terms: the replica's head (its highest replayed position) against
 the primary's, and in seconds as the age, on the primary, of the oldest event the replica has not
@@ -54,9 +56,12 @@ class ReplicaChecker:
         self.timeout_s = timeout_s
 
     async def run(self, interval_s: float) -> None:
-        """Check every interval_s, until cancelled."""
+        """Check each replica every interval_s, until cancelled; the first checks start at once."""
+        await asyncio.gather(*(self._watch(replica, interval_s) for replica in self.pools.replicas))
+
+    async def _watch(self, replica: Replica, interval_s: float) -> None:
         while True:
-            await self.check()
+            await self._check(replica)
             await asyncio.sleep(interval_s)
 
     async def check(self) -> None:

@@ -10,7 +10,8 @@ client an error and comes back by itself; one lagging past REPLICA_MAX_LAG_S is 
 has caught up; a server that is not a replica of the primary (the primary itself, the standby's copy
 of another database) is never in use, and a replica ahead of what the primary shows still is;
 /health/ready and /metrics show the lag without the password; nothing writes to the replica (its
-sessions are read-only).
+sessions are read-only); a replica that never answers (a hung host) holds up neither startup nor the
+other replicas' checks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -498,3 +500,36 @@ async def test_a_replica_showing_commits_the_primary_does_not_show_yet_is_still_
         finally:
             await pools.close()
             await behind.close()
+
+
+@contextlib.contextmanager
+def silent_port() -> Iterator[int]:
+    """A port whose connections complete and are never answered, as a hung host's: a listening socket
+    that nothing accepts from."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield int(sock.getsockname()[1])
+
+
+async def test_a_replica_that_never_answers_holds_up_neither_startup_nor_the_other_replicas(
+        pair: tuple[Cluster, Cluster], token: str) -> None:
+    """READ_DATABASE_URL lists a replica whose connections hang (CONNECT_TIMEOUT_S far beyond the test) before
+    the true one: serve gets ready, and the true replica is put in use and follows the log, while the hung
+    one's first check is still waiting."""
+    primary, replica = pair
+    with silent_port() as port, serving(
+            primary.dsn("tally"), READ_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/tally,{replica_dsn(replica)}",
+            **{**SERVER_ENV, "CONNECT_TIMEOUT_S": "300"}) as server:
+        async with aiohttp.ClientSession(base_url=server.base, headers={"Authorization": f"Bearer {token}"},
+                                         timeout=aiohttp.ClientTimeout(total=30)) as http:
+            await until_in_use(http, replica)
+            _, position = await open_wallet(http)
+
+            async def replayed_it() -> bool:
+                return ((await replica_state(http, replica))["head"] or 0) >= position
+
+            await eventually(replayed_it, timeout=20, what="the true replica's checks following the log")
+            async with http.get("/health/ready") as reply:
+                hung = (await reply.json())["checks"]["replicas"][f"127.0.0.1:{port}/tally"]
+            assert hung == {"in_use": False, "lag_s": None, "lag_events": None, "head": None, "last_error": None}
