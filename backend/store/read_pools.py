@@ -6,7 +6,9 @@ one is in use and with the primary's otherwise, and a read that the database fai
 run again on the primary at once, so a replica's failure never reaches a client. When the reason is
 one `backend.db.is_unavailable` knows (the replica stopped, restarted, refused a connection), that
 replica is out of use until the checker (backend/store/replica_check.py) finds it answering within
-REPLICA_MAX_LAG_S.
+REPLICA_MAX_LAG_S. A replica that hangs (a frozen host: connections open, nothing answers) fails no
+read by itself; the checker finds it silent and cuts it off (`ReadPools.cut_off`), so that the reads
+waiting on it go to the primary then, not after COMMAND_TIMEOUT_S.
 
 A replica replays the primary's log in commit order, so what it shows is always a prefix of the log
 (positions become visible in order on the primary, and WAL replays commits in that order). It may
@@ -74,6 +76,8 @@ def replica_label(dsn: str) -> str:
 class Replica:
     label: str
     pool: asyncpg.Pool
+    reopen: Callable[[], Awaitable[asyncpg.Pool]] | None = None
+    """A fresh pool on the same replica, replacing one that was cut off (None: the pool is kept)."""
     in_use: bool = False
     """Serves reads: the last check found it answering within the lag bound, and no read failed since."""
     head: int | None = None
@@ -120,6 +124,16 @@ class ReadPools:
             replica.in_use = False
             log.warning("read replica failed, reads go to the primary",
                         extra={"replica": replica.label, "reason": replica.last_error})
+
+    async def cut_off(self, replica: Replica) -> None:
+        """The replica stopped answering: out of use, and its pool replaced by a fresh one and the old one
+        terminated, so that every read waiting on one of its connections fails at once and is served by
+        the primary (attempt) instead of waiting out COMMAND_TIMEOUT_S."""
+        replica.in_use = False
+        if replica.reopen is None:
+            return
+        silent, replica.pool = replica.pool, await replica.reopen()
+        silent.terminate()
 
     @contextlib.asynccontextmanager
     async def attempt(self, replica: Replica) -> AsyncIterator[None]:
@@ -188,7 +202,11 @@ async def open_replica(dsn: str, settings: Settings) -> Replica:
     does not stop the process; the checker finds out)."""
     options = connect_kwargs(settings)
     options["server_settings"] = {**options["server_settings"], "default_transaction_read_only": "on"}
-    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=settings.pool_max_size,
-                                     **pool_options(replica=True), **options)
-    assert pool is not None
-    return Replica(replica_label(dsn), pool)
+
+    async def pool() -> asyncpg.Pool:
+        opened = await asyncpg.create_pool(dsn, min_size=0, max_size=settings.pool_max_size,
+                                           **pool_options(replica=True), **options)
+        assert opened is not None
+        return opened
+
+    return Replica(replica_label(dsn), await pool(), reopen=pool)

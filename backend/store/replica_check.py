@@ -9,6 +9,9 @@ replayed (0 when it has them all), like a projection's lag. A replica is in use 
 lags by at most REPLICA_MAX_LAG_S; one that does not answer, or whose lag cannot be measured (the
 primary is down), is out of use until a check finds it back.
 
+A replica that does not answer its check within CONNECT_TIMEOUT_S, or cannot be reached, is cut off
+(`ReadPools.cut_off`): the reads still waiting on its connections go to the primary at once.
+
 A replica is also checked to be one of the primary's: a hot standby whose newest event is the primary's
 event at that position. A READ_DATABASE_URL naming the primary itself, the wrong database, a copy
 restored elsewhere or a promoted standby is never read from, though its own head may look current.
@@ -21,7 +24,7 @@ import logging
 
 import asyncpg
 
-from backend.db import describe
+from backend.db import describe, is_unavailable
 from backend.store.read_pools import ReadPools, Replica
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,10 @@ class NotAReplica(Exception):
     """The server is not a hot standby, or its log is not a prefix of the primary's."""
 
 
+class Silent(Exception):
+    """The replica did not answer its check: unreachable, down, or hung."""
+
+
 class ReplicaChecker:
     def __init__(self, pools: ReadPools, *, max_lag_s: float, timeout_s: float) -> None:
         self.pools = pools
@@ -70,10 +77,13 @@ class ReplicaChecker:
 
     async def _check(self, replica: Replica) -> None:
         try:
-            async with asyncio.timeout(self.timeout_s):
-                head, row = await self._measure(replica)
+            head, row = await self._measure(replica)
         except NotAReplica as exc:
             self._out(replica, f"not a replica of the primary: {exc}")
+            return
+        except Silent as exc:
+            self._out(replica, str(exc))
+            await self.pools.cut_off(replica)
             return
         except Exception as exc:  # any failure (down, misconfigured, no events table) keeps it out
             self._out(replica, describe(exc))
@@ -92,12 +102,13 @@ class ReplicaChecker:
     async def _measure(self, replica: Replica) -> tuple[int, asyncpg.Record]:
         """The replica's head and the primary's lag row at it, once the replica's log is known to be a
         prefix of the primary's: the event at a position they both have is the same (event ids are random)."""
-        seen = await replica.pool.fetchrow(REPLICA_HEAD_SQL)
+        seen = await self._ask(replica, REPLICA_HEAD_SQL)
         assert seen is not None
         if not seen["standby"]:
             raise NotAReplica("not a hot standby (pg_is_in_recovery() is false)")
         head = int(seen["head"])
-        row = await self.pools.primary.fetchrow(PRIMARY_LAG_SQL, head)
+        async with asyncio.timeout(self.timeout_s):
+            row = await self.pools.primary.fetchrow(PRIMARY_LAG_SQL, head)
         assert row is not None
         position, ours, theirs = head, seen["event_id"], row["event_id"]
         if head > row["head"]:
@@ -106,10 +117,23 @@ class ReplicaChecker:
             position, theirs = int(row["head"]), row["event_at_head"]
             if position == 0:
                 raise NotAReplica(f"it has {head} events, the primary none")
-            ours = await replica.pool.fetchval(EVENT_ID_SQL, position)
+            found = await self._ask(replica, EVENT_ID_SQL, position)
+            ours = found["event_id"] if found is not None else None
         if ours != theirs:
             raise NotAReplica(f"position {position} holds another event than on the primary")
         return head, row
+
+    async def _ask(self, replica: Replica, sql: str, *args: object) -> asyncpg.Record | None:
+        """A row from the replica, within timeout_s; Silent when it cannot be reached or does not answer
+        (a TimeoutError: its connections hang)."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                row = await replica.pool.fetchrow(sql, *args)
+        except Exception as exc:
+            if is_unavailable(exc):
+                raise Silent(describe(exc)) from exc
+            raise
+        return row
 
     @staticmethod
     def _out(replica: Replica, reason: str) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +56,20 @@ class Cluster:
 
     def stop(self) -> None:
         self.pg_ctl("-m", "immediate", "stop")
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server hung, as on a frozen host: the postmaster and its backends stopped (SIGSTOP), their
+        connections open and silent; resumed on the way out."""
+        postmaster = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+        pids = [postmaster, *map(int, Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split())]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            for pid in reversed(pids):
+                os.kill(pid, signal.SIGCONT)
 
     def log(self) -> str:
         path = self.root / "server.log"

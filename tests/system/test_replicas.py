@@ -11,7 +11,7 @@ has caught up; a server that is not a replica of the primary (the primary itself
 of another database) is never in use, and a replica ahead of what the primary shows still is;
 /health/ready and /metrics show the lag without the password; nothing writes to the replica (its
 sessions are read-only); a replica that never answers (a hung host) holds up neither startup nor the
-other replicas' checks.
+other replicas' checks, and one that hangs while in use holds no read for longer than its check takes.
 """
 
 from __future__ import annotations
@@ -533,3 +533,33 @@ async def test_a_replica_that_never_answers_holds_up_neither_startup_nor_the_oth
             async with http.get("/health/ready") as reply:
                 hung = (await reply.json())["checks"]["replicas"][f"127.0.0.1:{port}/tally"]
             assert hung == {"in_use": False, "lag_s": None, "lag_events": None, "head": None, "last_error": None}
+
+
+async def test_reads_waiting_on_a_replica_that_hangs_are_served_by_the_primary_once_its_check_fails(
+        pair: tuple[Cluster, Cluster], token: str) -> None:
+    """The replica in use freezes (its processes stopped: connections open, nothing answered) while reads hold
+    its pooled connections. COMMAND_TIMEOUT_S is far beyond the test, so only the replica's check (timing out
+    after CONNECT_TIMEOUT_S) can release them: every read answers, from the primary, while it is still frozen."""
+    primary, replica = pair
+    env = {**SERVER_ENV, "COMMAND_TIMEOUT_S": "300", "CONNECT_TIMEOUT_S": "1"}
+    with serving(primary.dsn("tally"), READ_DATABASE_URL=replica_dsn(replica), **env) as server:
+        async with aiohttp.ClientSession(base_url=server.base, headers={"Authorization": f"Bearer {token}"},
+                                         timeout=aiohttp.ClientTimeout(total=60)) as http:
+            wallet, position = await open_wallet(http)
+            await until_in_use(http, replica)
+            paths = [f"/v1/wallets/{wallet}", "/v1/events?limit=5", "/v1/stats"] * 2
+
+            async def read(path: str) -> int:
+                async with http.get(path, headers={"X-Min-Position": str(position)}) as reply:
+                    return reply.status
+
+            before = await replica_reads(http, replica)
+            assert await asyncio.gather(*map(read, paths)) == [200] * len(paths)  # the replica's pool fills
+            assert await replica_reads(http, replica) - before == len(paths)
+            with replica.frozen():
+                async with asyncio.timeout(30):  # without the cut-off: COMMAND_TIMEOUT_S, 300 s
+                    statuses = await asyncio.gather(*map(read, paths))
+                state = await replica_state(http, replica)
+            assert statuses == [200] * len(paths)
+            assert not state["in_use"] and state["last_error"], state
+            await until_in_use(http, replica, caught_up=False)
