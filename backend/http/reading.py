@@ -25,6 +25,7 @@ from backend.http.positions import check_within_log
 from backend.http.problems import Problem, invalid_parameters
 from backend.http.replies import render
 from backend.store.events import MAX_POSITION
+from backend.store.read_pools import Replica, by_deadline
 from backend.store.reads import Executor
 from projections.waiting import poll_checkpoint
 
@@ -83,12 +84,19 @@ async def reach(request: web.Request, projection: str, read: ReadModel[P, T], *a
     deadline = loop.time() + wait_budget(request)
     replica = pools.pick()
     if replica is not None and (replica.lag_s or 0.0) < deadline - loop.time():
-        async with pools.attempt(replica):
-            if await poll_checkpoint(replica.pool, projection, position, deadline - loop.time()) >= position:
-                found = await read(replica.pool, *args, **kwargs)
-                if found[0] >= position:  # checked in the answer's own statement (a replica may restart)
-                    replica.reads += 1
-                    return found
+        async def from_replica(replica: Replica) -> tuple[int, T] | None:
+            async with pools.attempt(replica):
+                if await poll_checkpoint(replica.pool, projection, position, deadline - loop.time()) >= position:
+                    found = await read(replica.pool, *args, **kwargs)
+                    if found[0] >= position:  # checked in the answer's own statement (a replica may restart)
+                        replica.reads += 1
+                        return found
+            return None
+
+        # the budget bounds the replica's part too: one that hangs (its queries never return) is left to
+        # its check, and the primary answers at the deadline
+        if (found := await by_deadline(deadline, from_replica(replica))) is not None:
+            return found
     seen = await request.app[PROJECTIONS].watcher.wait_for(projection, position, max(0.0, deadline - loop.time()))
     if seen < position:
         raise Problem(

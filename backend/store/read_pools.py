@@ -23,6 +23,7 @@ a mistaken write fails there rather than diverge; a hot standby refuses writes a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
 import logging
@@ -57,6 +58,29 @@ async def connection(db: Executor) -> AsyncIterator[Connection]:
             yield conn
     else:
         yield db
+
+
+async def by_deadline(deadline: float, work: Awaitable[T]) -> T | None:
+    """work's answer if it comes by `deadline` (the loop's clock), else None. Past the deadline the work is
+    cancelled but not waited for: cancelling a query on a server that hangs waits for the cancel request's
+    own connection (CONNECT_TIMEOUT_S), which would hold the caller past its deadline after all."""
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+    except BaseException:
+        task.cancel()
+        raise
+    if done:
+        return task.result()
+    task.cancel()
+    task.add_done_callback(_forget)
+    return None
+
+
+def _forget(task: asyncio.Task[object]) -> None:
+    """An abandoned read's end: whatever it raised was already handled as the primary answered."""
+    if not task.cancelled():
+        task.exception()
 
 
 def replica_label(dsn: str) -> str:

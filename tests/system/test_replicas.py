@@ -11,7 +11,8 @@ has caught up; a server that is not a replica of the primary (the primary itself
 of another database) is never in use, and a replica ahead of what the primary shows still is;
 /health/ready and /metrics show the lag without the password; nothing writes to the replica (its
 sessions are read-only); a replica that never answers (a hung host) holds up neither startup nor the
-other replicas' checks, and one that hangs while in use holds no read for longer than its check takes.
+other replicas' checks, and one that hangs while in use holds no read for longer than its check takes,
+nor a read-your-writes read past its wait budget.
 """
 
 from __future__ import annotations
@@ -563,3 +564,32 @@ async def test_reads_waiting_on_a_replica_that_hangs_are_served_by_the_primary_o
             assert statuses == [200] * len(paths)
             assert not state["in_use"] and state["last_error"], state
             await until_in_use(http, replica, caught_up=False)
+
+
+async def test_a_read_your_writes_read_leaves_a_replica_that_hangs_to_the_primary_within_its_budget(
+        pair: tuple[Cluster, Cluster], token: str) -> None:
+    """A read with min_position waits for the replica within its budget (`Prefer: wait`, above the replica's
+    lag, so that it is waited for), then the primary answers: also when the replica hangs, its queries never
+    returning. Neither COMMAND_TIMEOUT_S nor the replica's check (CONNECT_TIMEOUT_S) ends within the test,
+    and cancelling a query on a hung server waits for the cancel request's connection: only the budget can
+    end the wait."""
+    primary, replica = pair
+    env = {**SERVER_ENV, "COMMAND_TIMEOUT_S": "300", "CONNECT_TIMEOUT_S": "300"}
+    with serving(primary.dsn("tally"), READ_DATABASE_URL=replica_dsn(replica), **env) as server:
+        async with aiohttp.ClientSession(base_url=server.base, headers={"Authorization": f"Bearer {token}"},
+                                         timeout=aiohttp.ClientTimeout(total=60)) as http:
+            wallet, position = await open_wallet(http)
+            await until_in_use(http, replica)
+            before = await replica_reads(http, replica)
+            async with http.get(f"/v1/wallets/{wallet}", headers={"X-Min-Position": str(position)}) as reply:
+                assert reply.status == 200, await reply.text()  # from the replica: its pool holds a connection
+            assert await replica_reads(http, replica) == before + 1
+            with replica.frozen():
+                async with asyncio.timeout(20), http.get(  # without the budget's bound: until it thaws
+                        f"/v1/wallets/{wallet}", headers={"X-Min-Position": str(position), "Prefer": "wait=3"},
+                        ) as reply:
+                    assert reply.status == 200, await reply.text()
+                    assert (await reply.json())["wallet_id"] == wallet
+                state = await replica_state(http, replica)
+            assert await replica_reads(http, replica) == before + 1  # the primary answered it
+            assert state["in_use"] and not state["last_error"], state  # the budget ran out: no fault of its own
