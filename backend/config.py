@@ -9,6 +9,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, NoReturn
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -253,6 +254,16 @@ class Settings(BaseSettings):
     replica_max_lag_s: float = Field(default=5.0, gt=0)
     replica_check_s: float = Field(default=1.0, gt=0)
 
+    @field_validator("read_database_url")
+    @classmethod
+    def _each_replica_once(cls, value: SecretStr | None) -> SecretStr | None:
+        """Health and metrics tell replicas apart by host:port/database: one named twice would be two
+        series of the same name, and Prometheus refuses a scrape that holds both."""
+        labels = [dsn_label(dsn) for dsn in split_dsns(value.get_secret_value() if value else "")]
+        if len(set(labels)) < len(labels):
+            raise ValueError("names one replica (host, port and database) more than once")
+        return value
+
     @field_validator("audit_signing_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -263,6 +274,19 @@ def split_dsns(raw: str) -> list[str]:
     """A comma list of DSNs, split at the commas that start another URL, so a multi-host URL
     (postgresql://a,b/db) stays one."""
     return [part.strip() for part in re.split(r",\s*(?=postgres(?:ql)?://)", raw.strip()) if part.strip()]
+
+
+def dsn_label(dsn: str) -> str:
+    """host:port/database of a DSN: what health and metrics call a read replica (never a password)."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = parts.hostname or (query.get("host") or ["localhost"])[0]
+    try:
+        port = parts.port or int((query.get("port") or ["5432"])[0])
+    except ValueError:
+        port = 5432
+    database = parts.path.lstrip("/") or (query.get("dbname") or [parts.username or ""])[0]
+    return f"{host}:{port}/{database}"
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -30,11 +30,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
-from backend.config import Settings
+from backend.config import Settings, dsn_label
 from backend.db import Connection, connect_kwargs, describe, is_unavailable, pool_options
 from backend.store.reads import HEAD_SQL, Executor
 
@@ -81,19 +80,6 @@ def _forget(task: asyncio.Task[object]) -> None:
     """An abandoned read's end: whatever it raised was already handled as the primary answered."""
     if not task.cancelled():
         task.exception()
-
-
-def replica_label(dsn: str) -> str:
-    """host:port/database of a DSN: what health and metrics call a replica (never a password)."""
-    parts = urlsplit(dsn)
-    query = parse_qs(parts.query)
-    host = parts.hostname or (query.get("host") or ["localhost"])[0]
-    try:
-        port = parts.port or int((query.get("port") or ["5432"])[0])
-    except ValueError:
-        port = 5432
-    database = parts.path.lstrip("/") or (query.get("dbname") or [parts.username or ""])[0]
-    return f"{host}:{port}/{database}"
 
 
 @dataclass(slots=True)
@@ -233,4 +219,4 @@ async def open_replica(dsn: str, settings: Settings) -> Replica:
         assert opened is not None
         return opened
 
-    return Replica(replica_label(dsn), await pool(), reopen=pool)
+    return Replica(dsn_label(dsn), await pool(), reopen=pool)

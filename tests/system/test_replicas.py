@@ -31,12 +31,12 @@ import aiohttp
 import asyncpg
 import pytest
 
-from backend.config import Settings
+from backend.config import Settings, dsn_label
 from backend.db import ensure_database, init_connection
 from backend.store.event_store import EventStore
 from backend.store.events import NO_STREAM, NewEvent
 from backend.store.migrate import migrate
-from backend.store.read_pools import ReadPools, Replica, open_replica, replica_label
+from backend.store.read_pools import ReadPools, Replica, open_replica
 from backend.store.reads import HEAD_SQL, Executor
 from backend.store.replica_check import ReplicaChecker
 from tests.sse_client import Stream
@@ -333,7 +333,7 @@ async def test_nothing_writes_to_the_replica(pair: tuple[Cluster, Cluster]) -> N
             assert await session.fetchval("select pg_is_in_recovery()") is True
             with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
                 await session.execute("insert into projection_checkpoints (name, position) values ('x', 0)")
-        assert pools.replicas[0].label == label(replica) == replica_label(replica_dsn(replica))
+        assert pools.replicas[0].label == label(replica) == dsn_label(replica_dsn(replica))
     finally:
         await pools.close()
         await pools.primary.close()
