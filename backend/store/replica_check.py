@@ -10,7 +10,8 @@ lags by at most REPLICA_MAX_LAG_S; one that does not answer, or whose lag cannot
 primary is down), is out of use until a check finds it back.
 
 A replica that does not answer its check within CONNECT_TIMEOUT_S, or cannot be reached, is cut off
-(`ReadPools.cut_off`): the reads still waiting on its connections go to the primary at once.
+(`ReadPools.cut_off`): the reads still waiting on its connections go to the primary at once. The check
+itself stops waiting at that bound, whatever the query it leaves behind does.
 
 A replica is also checked to be one of the primary's: a hot standby whose newest event is the primary's
 event at that position. A READ_DATABASE_URL naming the primary itself, the wrong database, a copy
@@ -25,7 +26,7 @@ import logging
 import asyncpg
 
 from backend.db import describe, is_unavailable
-from backend.store.read_pools import ReadPools, Replica
+from backend.store.read_pools import ReadPools, Replica, by_deadline
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +126,20 @@ class ReplicaChecker:
 
     async def _ask(self, replica: Replica, sql: str, *args: object) -> asyncpg.Record | None:
         """A row from the replica, within timeout_s; Silent when it cannot be reached or does not answer
-        (a TimeoutError: its connections hang)."""
+        (its connections hang). A query left unanswered is abandoned, not waited for: cancelling it would
+        wait for the cancel request's own connection to the hung server, CONNECT_TIMEOUT_S more."""
+        async def fetch() -> tuple[asyncpg.Record | None]:
+            return (await replica.pool.fetchrow(sql, *args),)
+
         try:
-            async with asyncio.timeout(self.timeout_s):
-                row = await replica.pool.fetchrow(sql, *args)
+            answered = await by_deadline(asyncio.get_running_loop().time() + self.timeout_s, fetch())
         except Exception as exc:
             if is_unavailable(exc):
                 raise Silent(describe(exc)) from exc
             raise
-        return row
+        if answered is None:
+            raise Silent("TimeoutError")
+        return answered[0]
 
     @staticmethod
     def _out(replica: Replica, reason: str) -> None:

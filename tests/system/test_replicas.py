@@ -593,3 +593,31 @@ async def test_a_read_your_writes_read_leaves_a_replica_that_hangs_to_the_primar
                 state = await replica_state(http, replica)
             assert await replica_reads(http, replica) == before + 1  # the primary answered it
             assert state["in_use"] and not state["last_error"], state  # the budget ran out: no fault of its own
+
+
+async def test_a_check_gives_up_on_a_replica_that_hangs_at_its_bound(pair: tuple[Cluster, Cluster]) -> None:
+    """In process: the replica's pool has COMMAND_TIMEOUT_S and CONNECT_TIMEOUT_S of 300 s, its check a
+    bound of 1 s. A query cancelled on a hung server is only given up once asyncpg's cancel request and
+    release have waited for those: the check stops waiting at its bound instead, and the replica is out
+    of use (cut off) while still frozen."""
+    primary, replica = pair
+    async with migrated_store(primary.dsn("tally")) as (writer, _):
+        pools = ReadPools(writer)
+        try:
+            pools.replicas.append(await open_replica(replica_dsn(replica),
+                                                     Settings(connect_timeout_s=300, command_timeout_s=300)))
+            hung = pools.replicas[0]
+            checker = ReplicaChecker(pools, max_lag_s=60, timeout_s=1)
+
+            async def in_use() -> bool:
+                await checker.check()  # leaves its connection idle in the replica's pool, for the next check
+                return hung.in_use
+
+            await eventually(in_use, timeout=30, what=lambda: f"the replica in use: {hung.report()}")
+            with replica.frozen():
+                async with asyncio.timeout(20):
+                    await checker.check()
+                assert not hung.in_use and hung.last_error == "TimeoutError", hung.report()
+                assert await pools.read(lambda db: db.fetchval("select pg_is_in_recovery()")) is False  # the primary
+        finally:
+            await pools.close()
