@@ -25,6 +25,8 @@ async def read_body(request: web.Request) -> bytes:
     halfway, would otherwise hold the connection and its handler for as long as it liked."""
     timeout = request.app[SETTINGS].body_read_timeout_s
     try:
+        if request.content.is_eof():  # the whole body came with the head, as a command's usually does
+            return await request.read()
         async with asyncio.timeout(timeout or None):
             return await request.read()
     except TimeoutError:
