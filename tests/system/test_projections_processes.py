@@ -49,6 +49,17 @@ def start_rebuild(dsn: str, *args: str) -> subprocess.Popen[str]:
                             env=env_for(dsn), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@contextlib.contextmanager
+def killed_on_failure(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """The process, killed and reaped if the block fails, so that a failing test leaves no rebuild behind."""
+    try:
+        yield process
+    except BaseException:
+        process.kill()
+        process.communicate()
+        raise
+
+
 REBUILD_SCHEMAS_SQL = "select array_agg(nspname order by nspname) from pg_namespace " \
                       "where starts_with(nspname, 'tally_rebuild_')"
 
@@ -192,18 +203,13 @@ async def test_a_second_rebuild_of_a_projection_being_rebuilt_is_refused_with_st
     try:
         await Workload(node.bus, seed=23).run(200)
         async with swap_held(node, "balances"):
-            first = start_rebuild(own_database_url, "balances")
-            try:
+            with killed_on_failure(start_rebuild(own_database_url, "balances")) as first:
                 await eventually(lambda: waiting_to_swap(node, "balances"), timeout=60, what="the rebuild to swap")
                 second = await asyncio.to_thread(backend, own_database_url, "rebuild", "stats", "balances")
                 assert second.returncode == 3, second.stderr
                 assert second.stderr.splitlines() == ["tally: error: already being rebuilt: balances; "
                                                       "nothing was changed"]
                 assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) == ["tally_rebuild_balances"]
-            except BaseException:
-                first.kill()
-                first.communicate()
-                raise
         _, stderr = await asyncio.to_thread(first.communicate, timeout=60)
         assert first.returncode == 0, stderr
         assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
@@ -219,8 +225,7 @@ async def test_a_rebuild_drops_what_a_dead_rebuild_left_and_never_a_running_ones
     try:
         await Workload(node.bus, seed=24).run(200)
         async with swap_held(node, "deposits"):
-            running = start_rebuild(own_database_url, "deposits")
-            try:
+            with killed_on_failure(start_rebuild(own_database_url, "deposits")) as running:
                 await eventually(lambda: waiting_to_swap(node, "deposits"), timeout=60, what="the rebuild to swap")
                 async with swap_held(node, "stats"):
                     dead = start_rebuild(own_database_url, "stats")
@@ -240,10 +245,6 @@ async def test_a_rebuild_drops_what_a_dead_rebuild_left_and_never_a_running_ones
                 assert rebuilt.returncode == 0, rebuilt.stderr
                 assert "dropped schema tally_rebuild_stats, left by a rebuild that did not finish" in rebuilt.stderr
                 assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) == ["tally_rebuild_deposits"]
-            except BaseException:
-                running.kill()
-                running.communicate()
-                raise
         _, stderr = await asyncio.to_thread(running.communicate, timeout=60)
         assert running.returncode == 0, stderr
         assert await node.pool.fetchval(REBUILD_SCHEMAS_SQL) is None
