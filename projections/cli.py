@@ -15,9 +15,9 @@ from typing import Any
 from backend.config import Settings, env_help, int_between
 from backend.db import create_pool, mask_dsn
 from backend.store.migrate import require_migrated
-from projections import rebuild_schemas, registry
+from projections import registry
 from projections.progress import Progress
-from projections.rebuild import AlreadyRebuilding, RebuildError, rebuild
+from projections.rebuild import SCHEMAS, AlreadyRebuilding, RebuildError, rebuild
 from projections.service import connector
 from projections.status import ProjectionStatus, status
 
@@ -75,7 +75,7 @@ async def show_status(settings: Settings, args: argparse.Namespace) -> int:
             async with pool.acquire() as conn:
                 await require_migrated(conn, mask_dsn(dsn))
             found = await status(pool, registry.names())
-            left = await rebuild_schemas.leftovers(pool)
+            left = await SCHEMAS.leftovers(pool)
         finally:
             await pool.close()
     for schema in left:

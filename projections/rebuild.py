@@ -15,7 +15,7 @@ finds its checkpoint moved (its fence) and continues from the new one.
 Only one rebuild per projection runs at a time: it takes every projection's rebuild lock (a session
 advisory lock) before it makes any schema, and is refused, having changed nothing, when another
 rebuild holds one (AlreadyRebuilding). A rebuild that fails drops its schemas on a fresh session,
-since its own may be the one that was lost (projections/rebuild_schemas.py); one that dies leaves
+since its own may be the one that was lost (projections/scratch_schemas.py); one that dies leaves
 them, and the next rebuild, of whichever projections, drops every schema whose lock is free.
 """
 
@@ -33,15 +33,20 @@ import asyncpg
 
 from backend.db import Connection, describe
 from backend.store import reads
-from projections import checkpoints, leader, rebuild_schemas
+from projections import checkpoints, leader
 from projections.base import Projection
 from projections.events import Event, read_batch
 from projections.leader import Connect
 from projections.runner import analyze
+from projections.scratch_schemas import ScratchSchemas
 
 log = logging.getLogger(__name__)
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+SCHEMAS = ScratchSchemas("tally_rebuild_", leader.REBUILD, re.compile(r"(?P<owner>[a-z_][a-z0-9_]{0,40})"),
+                         "rebuild")
+"""`tally_rebuild_<projection>`, held by that projection's rebuild lock."""
 
 Report = Callable[[int, int], None]
 """Progress callback: (events replayed so far, head of the log when the replay started)."""
@@ -75,12 +80,12 @@ class _Target:
         self.projection = projection
         self.conn = conn
         self.home = home
-        self.schema = rebuild_schemas.schema_of(projection.name)
         self.locked = False
         """Whether this rebuild holds the projection's rebuild lock (and so owns the schema)."""
         for name in (projection.name, *projection.tables, home):
             if not _IDENTIFIER.match(name):
                 raise RebuildError(f"not a plain identifier: {name!r}")
+        self.schema = SCHEMAS.schema(projection.name)
 
     async def lock(self) -> bool:
         self.locked = await leader.try_lock(self.conn, leader.REBUILD, self.projection.name)
@@ -157,7 +162,7 @@ async def rebuild(
         busy = [target.projection.name for target in targets if not await target.lock()]
         if busy:
             raise AlreadyRebuilding(f"already being rebuilt: {', '.join(busy)}; nothing was changed")
-        await rebuild_schemas.drop_leftovers(reader)  # of any projection's dead rebuild; ours are locked
+        await SCHEMAS.drop_leftovers(reader)  # of any projection's dead rebuild; ours are locked
         await reader.execute("set statement_timeout = 0")
         for target in targets:
             await target.prepare()
@@ -175,11 +180,11 @@ async def rebuild(
     except BaseException as exc:
         if isinstance(exc, Exception):
             log.error("rebuild failed", extra={"error": describe(exc)})
-        owned = [target.projection.name for target in targets if target.locked]
+        owned = [target.schema for target in targets if target.locked]
         for target in targets:
             target.conn.terminate()  # the session may be lost or mid-operation: drop the copies on a fresh one
         targets = []
-        await rebuild_schemas.drop_after_failure(connect, owned)
+        await SCHEMAS.drop_after_failure(connect, owned)
         raise
     finally:
         reader.terminate()

@@ -16,10 +16,10 @@ import asyncpg
 import pytest
 
 from backend.db import Connection
-from projections import leader, rebuild_schemas, registry
+from projections import leader, registry, scratch_schemas
 from projections.base import Projection
 from projections.events import Event
-from projections.rebuild import RebuildError, rebuild
+from projections.rebuild import SCHEMAS, RebuildError, rebuild
 from projections.service import connector
 from tests.integration.projections.harness import Node, settings_for
 from tests.integration.projections.oracle import actual_tables, assert_same, expected_tables
@@ -139,13 +139,14 @@ async def test_a_failed_rebuild_never_drops_a_schema_whose_lock_is_held(
 ) -> None:
     """The cleanup after a failure takes each lock before it drops: a rebuild of that projection that
     started meanwhile keeps its schema, and the one it could not drop is named in one line."""
-    monkeypatch.setattr(rebuild_schemas, "CLEANUP_LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(scratch_schemas, "CLEANUP_LOCK_TIMEOUT", "100ms")
     holder = await asyncpg.connect(node.dsn)
     try:
         assert await leader.try_lock(holder, leader.REBUILD, "balances")
         await holder.execute("create schema tally_rebuild_balances; create schema tally_rebuild_stats")
-        with caplog.at_level(logging.WARNING, logger=rebuild_schemas.__name__):
-            await rebuild_schemas.drop_after_failure(connector(node.dsn, node.settings), ["stats", "balances"])
+        with caplog.at_level(logging.WARNING, logger=scratch_schemas.__name__):
+            await SCHEMAS.drop_after_failure(connector(node.dsn, node.settings),
+                                             ["tally_rebuild_stats", "tally_rebuild_balances"])
         assert await holder.fetchval(SCHEMAS_SQL) == ["tally_rebuild_balances"]
         [line] = caplog.messages
         assert line.startswith("could not drop tally_rebuild_balances after the failed rebuild "
@@ -160,9 +161,9 @@ async def test_a_failed_rebuild_that_cannot_reconnect_says_what_it_left(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens on it
-    with caplog.at_level(logging.WARNING, logger=rebuild_schemas.__name__):
-        await rebuild_schemas.drop_after_failure(
-            connector(f"postgresql://tally@127.0.0.1:{port}/tally", node.settings), ["balances", "stats"])
+    with caplog.at_level(logging.WARNING, logger=scratch_schemas.__name__):
+        await SCHEMAS.drop_after_failure(connector(f"postgresql://tally@127.0.0.1:{port}/tally", node.settings),
+                                         ["tally_rebuild_balances", "tally_rebuild_stats"])
     [line] = caplog.messages
     assert line.startswith("could not drop tally_rebuild_balances, tally_rebuild_stats after the failed rebuild"), line
     assert line.endswith("; the next rebuild drops it"), line
@@ -179,7 +180,7 @@ async def test_a_leftover_the_server_will_not_drop_is_one_line_and_the_rebuild_g
         impatient = node.settings.model_copy(update={"statement_timeout_ms": 200})
         async with holder.transaction():
             await holder.execute("lock table tally_rebuild_stats.kept in access share mode")
-            with caplog.at_level(logging.INFO, logger=rebuild_schemas.__name__):
+            with caplog.at_level(logging.INFO, logger=scratch_schemas.__name__):
                 result = await rebuild(connector(node.dsn, impatient), registry.select(["balances"]))
         assert result.names == ("balances",)
         assert caplog.messages == ["could not drop schema tally_rebuild_stats, left by a rebuild that did not finish "
