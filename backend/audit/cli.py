@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from backend.audit.verify import Report
     from backend.config import Settings
+    from projections.leader import Connect
 
 OK, FOUND, FAILED = 0, 1, 2
 
@@ -155,26 +156,43 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 @asynccontextmanager
 async def connection(settings: Settings) -> AsyncIterator[asyncpg.Connection[asyncpg.Record]]:
-    """One connection to DIRECT_DATABASE_URL (default DATABASE_URL, or the embedded server), jsonb decoded
-    like the app's pool: a session of its own (repeatable-read reads, prepared statements)."""
-    import asyncpg
-
-    from backend.db import DatabaseUnavailable, connect_kwargs, describe, init_connection, mask_dsn
-    from backend.dsn import database_dsn
-    from backend.store.migrate import require_migrated
-
-    async with database_dsn(settings) as pooled:
-        dsn = settings.direct_dsn(pooled)
+    """One session of its own (see direct_sessions): repeatable-read reads, prepared statements."""
+    async with direct_sessions(settings) as connect:
+        conn = await connect("tally")
         try:
-            conn = await asyncpg.connect(dsn, **connect_kwargs(settings))
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-            raise DatabaseUnavailable(f"cannot connect to database {mask_dsn(dsn)}: {describe(exc)}") from None
-        try:
-            await init_connection(conn)
-            await require_migrated(conn, mask_dsn(dsn))
             yield conn
         finally:
             await conn.close()
+
+
+@asynccontextmanager
+async def direct_sessions(settings: Settings) -> AsyncIterator[Connect]:
+    """Opens sessions of their own on DIRECT_DATABASE_URL (default DATABASE_URL, or the embedded server),
+    jsonb decoded like the app's pool, each checked to be on a migrated database."""
+    import asyncpg
+
+    from backend.db import DatabaseUnavailable, describe, mask_dsn
+    from backend.dsn import database_dsn
+    from backend.store.migrate import require_migrated
+    from projections.service import connector
+
+    async with database_dsn(settings) as pooled:
+        dsn = settings.direct_dsn(pooled)
+        connect = connector(dsn, settings)
+
+        async def session(application_name: str) -> asyncpg.Connection[asyncpg.Record]:
+            try:
+                conn = await connect(application_name)
+            except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+                raise DatabaseUnavailable(f"cannot connect to database {mask_dsn(dsn)}: {describe(exc)}") from None
+            try:
+                await require_migrated(conn, mask_dsn(dsn))
+            except BaseException:
+                conn.terminate()
+                raise
+            return conn
+
+        yield session
 
 
 def say(args: argparse.Namespace, text: str) -> None:
@@ -444,8 +462,8 @@ def print_step(event: dict[str, Any], state: dict[str, Any] | None) -> None:
 async def diff_projections(settings: Settings, args: argparse.Namespace) -> int:
     from backend.audit.projections_diff import diff_all
 
-    async with connection(settings) as conn:
-        report = await diff_all(conn, progress=lambda text: say(args, text))
+    async with direct_sessions(settings) as connect:
+        report = await diff_all(connect, progress=lambda text: say(args, text))
     if args.json:
         body = {"ok": report.ok, "errors": report.errors,
                 "tables": [{"projection": t.projection, "table": t.table, "position": t.position,

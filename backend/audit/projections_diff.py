@@ -1,18 +1,22 @@
 """`audit diff-projections`: rebuild every read model from the log into scratch tables and compare
 them row by row with the live ones.
 
-Scratch copies live in schema `tally_audit_<projection>` (`like ... including all`) and are written by
-each projection's own, unchanged `apply` through the search_path, as projections/rebuild.py does.
-The log is replayed up to each projection's live checkpoint; then one transaction per projection
-locks its checkpoint row (the live runner's next batch waits), applies whatever the runner added
-meanwhile, and compares: both sides reflect exactly the same position. Rows are compared as whole
-records (EXCEPT ALL, both ways) and paired by primary key to tell a changed row from a missing or an
-extra one. Nothing live is written; the scratch schemas are dropped at the end.
+Scratch copies live in schemas of the run's own, `tally_audit_<run>_<projection>` (`like ... including
+all`), and are written by each projection's own, unchanged `apply` through the search_path, as
+projections/rebuild.py does. The log is replayed up to each projection's live checkpoint; then one
+transaction per projection locks its checkpoint row (the live runner's next batch waits), applies
+whatever the runner added meanwhile, and compares: both sides reflect exactly the same position. Rows
+are compared as whole records (EXCEPT ALL, both ways) and paired by primary key to tell a changed row
+from a missing or an extra one. Nothing live is written.
+
+Every run has its own schemas, so diffs may run at once; its session holds the run's lock (DIFF_LOCK)
+from before it makes any schema until they are dropped at the end.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,12 +24,21 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from backend.db import Connection
+from projections import leader
 from projections.events import Event, read_batch
+from projections.leader import Connect
+from projections.scratch_schemas import ScratchSchemas
 
 if TYPE_CHECKING:
     from projections.base import Projection
 
 SCRATCH_PREFIX = "tally_audit_"
+DIFF_LOCK = 0x7A11_0008
+"""Advisory lock namespace of "diff run <run>" (0x7A11_0001 and _0002 are the store's, _0005 and _0006 the
+projections', _0007 the Merkle folder's)."""
+SCHEMAS = ScratchSchemas(SCRATCH_PREFIX, DIFF_LOCK, re.compile(r"(?P<owner>[0-9a-f]{12})_[a-z_][a-z0-9_]{0,40}"),
+                         "diff")
+"""`tally_audit_<run>_<projection>`, all of one run held by that run's lock."""
 SAMPLE = 20
 """Differing rows shown per table (all are counted)."""
 BATCH = 5000
@@ -104,17 +117,17 @@ def _check_identifier(name: str) -> str:
 class _Scratch:
     """One projection's scratch tables and how far they have replayed the log."""
 
-    def __init__(self, projection: Projection, home: str, live_position: int) -> None:
+    def __init__(self, projection: Projection, run: str, home: str, live_position: int) -> None:
         self.projection = projection
         self.name = _check_identifier(projection.name)
-        self.schema = SCRATCH_PREFIX + self.name
+        self.schema = SCHEMAS.schema(run, self.name)
         self.home = home
         self.target = live_position
         self.position = 0
         self.error: str | None = None
 
     async def create(self, conn: Connection) -> None:
-        await conn.execute(f"drop schema if exists {self.schema} cascade; create schema {self.schema}")
+        await conn.execute(f"create schema {self.schema}")
         for table in self.projection.tables:
             name = _check_identifier(table)
             await conn.execute(f"create table {self.schema}.{name} (like {self.home}.{name} including all)")
@@ -183,33 +196,60 @@ def pair_rows(keys: Sequence[str], live: Sequence[dict[str, Any]], rebuilt: Sequ
 Progress = Callable[[str], None]
 
 
-async def diff_all(conn: Connection, *, progress: Progress | None = None) -> DiffReport:
-    """Rebuild every projection into scratch tables and compare them with the live tables."""
-    from projections.registry import all_projections
-
+async def diff_all(connect: Connect, *, progress: Progress | None = None) -> DiffReport:
+    """Rebuild every projection into scratch tables of a run of its own and compare them with the live
+    tables, on a session of its own; see the module docstring."""
     say = progress or (lambda _text: None)
-    home = _check_identifier(str(await conn.fetchval("select current_schema()")))
-    scratches = [_Scratch(p, home, int(await conn.fetchval(CHECKPOINT_SQL, p.name) or 0)) for p in all_projections()]
-    report = DiffReport()
+    conn = await connect("tally-diff")
+    scratches: list[_Scratch] = []
     try:
-        for scratch in scratches:
-            await scratch.create(conn)
-        target = max((s.target for s in scratches), default=0)
-        position = 0
-        say(f"replaying positions 1..{target} into scratch tables")
-        while position < target:
-            events = await read_batch(conn, position, BATCH)
-            if not events:
-                break
-            for scratch in scratches:
-                await scratch.apply(conn, events)
-            position = events[-1].position
-        for scratch in scratches:
-            say(f"comparing {scratch.name}")
-            report.tables.extend(await scratch.compare(conn))
-            if scratch.error is not None:
-                report.errors[scratch.name] = scratch.error
-    finally:
+        run = await _start_run(conn)
+        scratches = await _scratches(conn, run)
+        report = await _diff(conn, run, scratches, say)
         for scratch in scratches:
             await scratch.drop(conn)
+        await conn.close()  # and with the session, the run's lock
+    except BaseException:
+        for scratch in scratches:
+            await scratch.drop(conn)
+        conn.terminate()
+        raise
+    return report
+
+
+async def _start_run(conn: Connection) -> str:
+    """A new run's id, its lock held by this session (a live run's id may share its lock's hash)."""
+    for _ in range(8):
+        run = secrets.token_hex(6)
+        if await leader.try_lock(conn, DIFF_LOCK, run):
+            return run
+    raise RuntimeError("no free diff lock after 8 tries")
+
+
+async def _scratches(conn: Connection, run: str) -> list[_Scratch]:
+    from projections.registry import all_projections
+
+    home = _check_identifier(str(await conn.fetchval("select current_schema()")))
+    return [_Scratch(p, run, home, int(await conn.fetchval(CHECKPOINT_SQL, p.name) or 0)) for p in all_projections()]
+
+
+async def _diff(conn: Connection, run: str, scratches: Sequence[_Scratch], say: Progress) -> DiffReport:
+    report = DiffReport()
+    for scratch in scratches:
+        await scratch.create(conn)
+    target = max((s.target for s in scratches), default=0)
+    position = 0
+    say(f"replaying positions 1..{target} into scratch tables (schemas {SCRATCH_PREFIX}{run}_*)")
+    while position < target:
+        events = await read_batch(conn, position, BATCH)
+        if not events:
+            break
+        for scratch in scratches:
+            await scratch.apply(conn, events)
+        position = events[-1].position
+    for scratch in scratches:
+        say(f"comparing {scratch.name}")
+        report.tables.extend(await scratch.compare(conn))
+        if scratch.error is not None:
+            report.errors[scratch.name] = scratch.error
     return report

@@ -10,6 +10,8 @@ from backend.audit.verify import verify_database
 from backend.db import init_connection, pool_options
 from backend.store.event_store import EventStore
 from projections import registry
+from projections.service import connector
+from tests.conftest import make_settings
 from tests.integration.projections.oracle import actual_tables, assert_same, expected_tables
 from tests.support import eventually
 
@@ -34,11 +36,12 @@ async def check_ledger(database_url: str, *, owner_dsn: str | None = None) -> in
     try:
         await wait_caught_up(pool)
         assert_same(await actual_tables(pool), await expected_tables(store))
-        conn = await asyncpg.connect(owner_dsn or database_url)
+        diff_dsn = owner_dsn or database_url
+        diff = await diff_all(connector(diff_dsn, make_settings(diff_dsn)))
+        assert diff.ok, [t.describe() for t in diff.differences] + list(diff.errors.values())
+        conn = await asyncpg.connect(diff_dsn)
         try:
             await init_connection(conn)
-            diff = await diff_all(conn)
-            assert diff.ok, [t.describe() for t in diff.differences] + list(diff.errors.values())
             report = await verify_database(conn)
             assert report.ok, [b.as_dict() for b in report.breaks]
             return int(await conn.fetchval("select coalesce(max(position), 0) from events"))

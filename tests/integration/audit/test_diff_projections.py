@@ -11,6 +11,7 @@ from pytest_aiohttp import AiohttpClient
 from backend.app import create_app
 from backend.audit.projections_diff import SCRATCH_PREFIX, DiffReport, diff_all
 from projections.registry import names
+from projections.service import connector
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.audit.support import audit_cli
 from tests.support import Client, eventually
@@ -31,9 +32,8 @@ async def workload(client: Client, headers: dict[str, str]) -> list[str]:
     return wallets
 
 
-async def diff(pool: asyncpg.Pool) -> DiffReport:
-    async with pool.acquire() as conn:
-        return await diff_all(conn)
+async def diff(dsn: str) -> DiffReport:
+    return await diff_all(connector(dsn, make_settings(dsn)))
 
 
 async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
@@ -50,7 +50,7 @@ async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
         return len(rows) == len(names()) and all(r["position"] >= head for r in rows)
 
     await eventually(caught_up, what="every projection at the head")
-    healthy = await diff(own_pool)
+    healthy = await diff(own_database_url)
     assert healthy.ok, [t.describe() for t in healthy.differences] + list(healthy.errors.values())
     assert {t.projection for t in healthy.tables} == set(names())
 
@@ -59,7 +59,7 @@ async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
     await own_pool.execute("delete from wallet_balances where wallet_id = $1", uuid.UUID(wallets[2]))
     await own_pool.execute("insert into stats_event_types (type, count) values ('Invented', 1)")
 
-    found = await diff(own_pool)
+    found = await diff(own_database_url)
     assert not found.ok and not found.errors
     shown = {(t.projection, t.table): [(r.kind, r.key) for r in t.rows] for t in found.differences}
     assert shown == {
@@ -78,7 +78,8 @@ async def test_live_read_models_match_a_rebuild_and_corruption_is_reported(
     assert leftovers == 0
 
 
-async def test_projections_that_never_ran_compare_at_position_zero(own_pool: asyncpg.Pool) -> None:
+async def test_projections_that_never_ran_compare_at_position_zero(own_database_url: str, own_pool: asyncpg.Pool
+                                                                   ) -> None:
     await own_pool.execute("delete from projection_checkpoints")
-    report = await diff(own_pool)
+    report = await diff(own_database_url)
     assert report.ok and all(t.position == 0 for t in report.tables)

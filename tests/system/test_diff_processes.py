@@ -1,0 +1,104 @@
+"""`python -m backend audit diff-projections` as real processes: two at once on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+
+import pytest
+
+from backend.audit.projections_diff import FENCE_SQL
+from projections import checkpoints, registry
+from tests.conftest import ROOT
+from tests.integration.projections.harness import Node
+from tests.integration.projections.workload import Workload
+from tests.support import eventually
+from tests.system.ledger_checks import wait_caught_up
+
+pytestmark = pytest.mark.system
+
+SCHEMAS_SQL = "select coalesce(array_agg(nspname order by nspname), '{}') from pg_namespace " \
+              "where starts_with(nspname, 'tally_audit_')"
+COMPARING = f"from pg_stat_activity where datname = current_database() and query = '{FENCE_SQL}' " \
+            "and wait_event_type = 'Lock'"
+"""The sessions of diffs waiting to compare a projection whose checkpoint row is held."""
+
+
+def start_diff(dsn: str) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "TEST_DATABASE_URL"}
+    env.update(DATABASE_URL=dsn, LOG_FORMAT="text", STATEMENT_TIMEOUT_MS="120000",  # it waits on a held row here
+               COMMAND_TIMEOUT_S="120")
+    return subprocess.Popen([sys.executable, "-m", "backend", "audit", "diff-projections"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@contextlib.asynccontextmanager
+async def ledger(dsn: str, seed: int) -> AsyncIterator[Node]:
+    """A log the read models have folded to its head; the runners then stop, so checkpoints hold still."""
+    node = await Node.open(dsn)
+    try:
+        await Workload(node.bus, seed=seed).run(200)
+        await node.start()
+        await wait_caught_up(node.pool)
+        await node.stop()
+        yield node
+    finally:
+        await node.close()
+
+
+@contextlib.asynccontextmanager
+async def compare_held(node: Node, name: str = "balances") -> AsyncIterator[None]:
+    """Hold a projection's checkpoint row, as a live runner's batch does: a diff replays the log into its
+    schemas, all made, then waits at its compare of that projection until the block exits."""
+    async with node.pool.acquire() as conn, conn.transaction():
+        await conn.execute(checkpoints.FENCE_SQL, name)
+        yield
+
+
+def waiting_at_compare(node: Node, diffs: Sequence[subprocess.Popen[str]]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        for diff in diffs:
+            if diff.poll() is not None:
+                _, stderr = diff.communicate()
+                raise AssertionError(f"a diff ended before its compare, status {diff.returncode}: {stderr}")
+        return bool(await node.pool.fetchval("select count(*) " + COMPARING) == len(diffs))
+    return check
+
+
+async def finished(diff: subprocess.Popen[str]) -> tuple[str, str]:
+    try:
+        return await asyncio.to_thread(diff.communicate, timeout=60)
+    finally:
+        if diff.poll() is None:
+            diff.kill()
+            diff.communicate()
+
+
+def runs(schemas: list[str]) -> set[str]:
+    """The run ids of tally_audit_<run>_<projection> schemas."""
+    return {schema.removeprefix("tally_audit_").split("_", 1)[0] for schema in schemas}
+
+
+async def test_two_diffs_at_once_both_compare_and_leave_nothing(own_database_url: str) -> None:
+    """Both diffs used to build the same tally_audit_<projection> schemas: one dropped the other's
+    (InvalidSchemaNameError, DuplicateTableError), and both exited 2."""
+    async with ledger(own_database_url, seed=31) as node:
+        async with compare_held(node):
+            diffs = [start_diff(own_database_url), start_diff(own_database_url)]
+            try:
+                await eventually(waiting_at_compare(node, diffs), timeout=60, what="both diffs to reach their compare")
+                schemas = await node.pool.fetchval(SCHEMAS_SQL)
+                assert len(runs(schemas)) == 2 and len(schemas) == 2 * len(registry.names()), schemas
+            except BaseException:
+                for diff in diffs:
+                    diff.kill()
+                raise
+        for diff in diffs:
+            stdout, stderr = await finished(diff)
+            assert diff.returncode == 0, stderr
+            assert stdout.splitlines()[-1] == "0 differing row(s) in 0 table(s), 0 error(s)", stdout
+        assert await node.pool.fetchval(SCHEMAS_SQL) == []
