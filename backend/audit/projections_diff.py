@@ -10,7 +10,8 @@ are compared as whole records (EXCEPT ALL, both ways) and paired by primary key 
 from a missing or an extra one. Nothing live is written.
 
 Every run has its own schemas, so diffs may run at once; its session holds the run's lock (DIFF_LOCK)
-from before it makes any schema until they are dropped at the end.
+from before it makes any schema until they are dropped. A run that fails drops them on a fresh session,
+since its own may be the one that was lost (projections/scratch_schemas.py).
 """
 
 from __future__ import annotations
@@ -210,9 +211,8 @@ async def diff_all(connect: Connect, *, progress: Progress | None = None) -> Dif
             await scratch.drop(conn)
         await conn.close()  # and with the session, the run's lock
     except BaseException:
-        for scratch in scratches:
-            await scratch.drop(conn)
-        conn.terminate()
+        conn.terminate()  # the session may be lost or mid-operation: drop the copies on a fresh one
+        await SCHEMAS.drop_after_failure(connect, [scratch.schema for scratch in scratches])
         raise
     return report
 

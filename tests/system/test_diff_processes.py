@@ -1,4 +1,5 @@
-"""`python -m backend audit diff-projections` as real processes: two at once on one database."""
+"""`python -m backend audit diff-projections` as real processes: two at once on one database, and what a
+diff whose session the server ends leaves behind."""
 
 from __future__ import annotations
 
@@ -101,4 +102,25 @@ async def test_two_diffs_at_once_both_compare_and_leave_nothing(own_database_url
             stdout, stderr = await finished(diff)
             assert diff.returncode == 0, stderr
             assert stdout.splitlines()[-1] == "0 differing row(s) in 0 table(s), 0 error(s)", stdout
+        assert await node.pool.fetchval(SCHEMAS_SQL) == []
+
+
+async def test_a_diff_whose_session_is_terminated_leaves_no_schema(own_database_url: str) -> None:
+    """Its session ended by the server midway (pg_terminate_backend, a restart): the diff used to drop
+    its schemas on that very session, failed, and left every tally_audit_* behind."""
+    async with ledger(own_database_url, seed=32) as node:
+        async with compare_held(node):
+            diff = start_diff(own_database_url)
+            try:
+                await eventually(waiting_at_compare(node, [diff]), timeout=60, what="the diff to reach its compare")
+                assert len(await node.pool.fetchval(SCHEMAS_SQL)) == len(registry.names())
+                ended = await node.pool.fetchval("select count(pg_terminate_backend(pid)) " + COMPARING)
+                assert ended == 1
+            except BaseException:
+                diff.kill()
+                raise
+            _, stderr = await finished(diff)
+        assert diff.returncode == 2, stderr
+        assert "could not drop" not in stderr, stderr
+        assert [line for line in stderr.splitlines() if line.startswith("tally: error:")], stderr
         assert await node.pool.fetchval(SCHEMAS_SQL) == []
