@@ -11,7 +11,8 @@ from a missing or an extra one. Nothing live is written.
 
 Every run has its own schemas, so diffs may run at once; its session holds the run's lock (DIFF_LOCK)
 from before it makes any schema until they are dropped. A run that fails drops them on a fresh session,
-since its own may be the one that was lost (projections/scratch_schemas.py).
+since its own may be the one that was lost; one that dies leaves them, and the next diff drops every
+such schema whose lock is free (projections/scratch_schemas.py).
 """
 
 from __future__ import annotations
@@ -205,6 +206,7 @@ async def diff_all(connect: Connect, *, progress: Progress | None = None) -> Dif
     scratches: list[_Scratch] = []
     try:
         run = await _start_run(conn)
+        await SCHEMAS.drop_leftovers(conn)  # of any diff that died; ours is locked
         scratches = await _scratches(conn, run)
         report = await _diff(conn, run, scratches, say)
         for scratch in scratches:

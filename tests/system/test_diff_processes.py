@@ -1,11 +1,12 @@
 """`python -m backend audit diff-projections` as real processes: two at once on one database, and what a
-diff whose session the server ends leaves behind."""
+diff whose session the server ends, or that is killed outright, leaves behind."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.system
 
 SCHEMAS_SQL = "select coalesce(array_agg(nspname order by nspname), '{}') from pg_namespace " \
               "where starts_with(nspname, 'tally_audit_')"
+DIFF_SESSIONS_SQL = "select count(*) from pg_stat_activity where application_name = 'tally-diff'"
 COMPARING = f"from pg_stat_activity where datname = current_database() and query = '{FENCE_SQL}' " \
             "and wait_event_type = 'Lock'"
 """The sessions of diffs waiting to compare a projection whose checkpoint row is held."""
@@ -123,4 +125,43 @@ async def test_a_diff_whose_session_is_terminated_leaves_no_schema(own_database_
         assert diff.returncode == 2, stderr
         assert "could not drop" not in stderr, stderr
         assert [line for line in stderr.splitlines() if line.startswith("tally: error:")], stderr
+        assert await node.pool.fetchval(SCHEMAS_SQL) == []
+
+
+async def test_a_diff_drops_what_a_killed_diff_left_and_never_a_running_ones(own_database_url: str) -> None:
+    """A diff killed outright (kill -9) leaves its schemas, and nothing used to drop them. The next diff
+    drops them, and keeps those of a diff still running (its run's lock is held)."""
+    async with ledger(own_database_url, seed=33) as node:
+        async with compare_held(node, "stats"):
+            running = start_diff(own_database_url)
+            started: list[subprocess.Popen[str]] = [running]
+            try:
+                await eventually(waiting_at_compare(node, [running]), timeout=60, what="the diff to reach its compare")
+                [running_run] = runs(await node.pool.fetchval(SCHEMAS_SQL))
+                async with compare_held(node, "balances"):
+                    started.append(dead := start_diff(own_database_url))
+                    await eventually(waiting_at_compare(node, started), timeout=60, what="the second diff's compare")
+                    dead.send_signal(signal.SIGKILL)
+                    dead.communicate()
+                    started.remove(dead)
+
+                async def dead_session_ended() -> bool:
+                    return bool(await node.pool.fetchval(DIFF_SESSIONS_SQL) == 1)
+
+                await eventually(dead_session_ended, what="the killed diff's session to end")
+                [dead_run] = runs(await node.pool.fetchval(SCHEMAS_SQL)) - {running_run}
+                assert len(await node.pool.fetchval(SCHEMAS_SQL)) == 2 * len(registry.names())
+
+                started.append(later := start_diff(own_database_url))
+                await eventually(waiting_at_compare(node, started), timeout=60, what="the third diff's compare")
+                left = runs(await node.pool.fetchval(SCHEMAS_SQL))
+                assert running_run in left and dead_run not in left and len(left) == 2, left
+            except BaseException:
+                for diff in started:
+                    diff.kill()
+                raise
+        errors = {diff: (await finished(diff))[1] for diff in (running, later)}
+        assert running.returncode == 0 and later.returncode == 0, errors
+        dropped = [line for line in errors[later].splitlines() if "left by a diff that did not finish" in line]
+        assert len(dropped) == len(registry.names()) and all(f"tally_audit_{dead_run}_" in line for line in dropped)
         assert await node.pool.fetchval(SCHEMAS_SQL) == []
