@@ -36,6 +36,9 @@ OK, FOUND, FAILED = 0, 1, 2
 SERVER_ENV = ("TALLY_URL", "TALLY_API_KEY")
 """What checkpoint and consistency read to reach a server over HTTP (the --url and --key defaults)."""
 
+HTTP_TIMEOUT_S = 60
+"""Longest a request to the server (checkpoint, consistency, verify --url) may take."""
+
 OFFLINE_SUBCOMMANDS = frozenset({"keygen", "checkpoint", "consistency"})
 """Subcommands that never connect to a database (nor start the embedded one): a key file, or a server
 asked over HTTP. `verify --export` is the fourth, by its option."""
@@ -147,6 +150,11 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 "keygen": keygen, "checkpoint": checkpoint, "consistency": consistency}
     try:
         return asyncio.run(handlers[args.audit_command](settings, args))
+    except TimeoutError:  # asyncpg's and aiohttp's say nothing: say what did not answer
+        late = (f"the database did not answer within COMMAND_TIMEOUT_S ({settings.command_timeout_s:g} s)"
+                if uses_database(args) else f"the server did not answer within {HTTP_TIMEOUT_S} s")
+        print(f"tally: error: {late}", file=sys.stderr)
+        return FAILED
     except (DatabaseUnavailable, ExportFormatError, ReplayError, UnreadableEvent, AuditError, OSError) as exc:
         print(f"tally: error: {'cannot write the output: ' if cannot_write(exc) else ''}{exc}", file=sys.stderr)
         return FAILED
@@ -305,7 +313,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 async def http_session() -> AsyncIterator[aiohttp.ClientSession]:
     import aiohttp
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)) as session:
         yield session
 
 

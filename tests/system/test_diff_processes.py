@@ -31,10 +31,10 @@ COMPARING = f"from pg_stat_activity where datname = current_database() and query
 """The sessions of diffs waiting to compare a projection whose checkpoint row is held."""
 
 
-def start_diff(dsn: str) -> subprocess.Popen[str]:
+def start_diff(dsn: str, command_timeout_s: int = 120) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "TEST_DATABASE_URL"}
     env.update(DATABASE_URL=dsn, LOG_FORMAT="text", STATEMENT_TIMEOUT_MS="120000",  # it waits on a held row here
-               COMMAND_TIMEOUT_S="120")
+               COMMAND_TIMEOUT_S=str(command_timeout_s))
     return subprocess.Popen([sys.executable, "-m", "backend", "audit", "diff-projections"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -164,4 +164,16 @@ async def test_a_diff_drops_what_a_killed_diff_left_and_never_a_running_ones(own
         assert running.returncode == 0 and later.returncode == 0, errors
         dropped = [line for line in errors[later].splitlines() if "left by a diff that did not finish" in line]
         assert len(dropped) == len(registry.names()) and all(f"tally_audit_{dead_run}_" in line for line in dropped)
+        assert await node.pool.fetchval(SCHEMAS_SQL) == []
+
+
+async def test_a_diff_the_database_does_not_answer_says_so(own_database_url: str) -> None:
+    """Past COMMAND_TIMEOUT_S the client gives up with a TimeoutError whose message is empty: the diff
+    used to print `tally: error: ` and nothing more."""
+    async with ledger(own_database_url, seed=34) as node:
+        async with compare_held(node):
+            diff = start_diff(own_database_url, command_timeout_s=1)
+            _, stderr = await finished(diff)
+        assert diff.returncode == 2, stderr
+        assert stderr.splitlines()[-1] == "tally: error: the database did not answer within COMMAND_TIMEOUT_S (1 s)"
         assert await node.pool.fetchval(SCHEMAS_SQL) == []
