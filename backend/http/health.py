@@ -34,7 +34,8 @@ async def ready(request: web.Request) -> web.Response:
     stuck_after_s (30 s): with the database answering, a LISTEN connection or stream tail that cannot
     recover means this process serves stale waits and silent streams, so it leaves the rotation. A
     shorter outage only shows in `tasks` (state "failing", consecutive_failures). With read replicas,
-    `checks.replicas` reports each one's lag and whether it serves reads (not gating either)."""
+    `checks.replicas` reports each one's lag and whether it serves reads (not gating either), in a 503's
+    problem body too: an outage of the primary is when operators most need the replicas' view."""
     timeout = request.app[SETTINGS].ready_timeout_s
     try:
         async with asyncio.timeout(timeout):
@@ -44,21 +45,30 @@ async def ready(request: web.Request) -> web.Response:
     except Exception as exc:
         if not is_unavailable(exc):
             raise
-        raise Problem(503, "unavailable", f"database check failed: {describe(exc)}",
-                      headers={"Retry-After": "1"}) from None
+        raise unready(request, f"database check failed: {describe(exc)}") from None
     if unwritable:  # reads and streams still work, but no command can commit
-        raise Problem(503, "unavailable", f"the database {TAKES_NO_WRITES}", headers={"Retry-After": "1"})
+        raise unready(request, f"the database {TAKES_NO_WRITES}")
     supervisor = request.app[SUPERVISOR]
     stuck = supervisor.stuck()
     if stuck:
-        raise Problem(503, "unavailable", f"background tasks failing for over {supervisor.stuck_after_s:g} s: "
-                      + ", ".join(f"{name} ({supervisor.tasks[name].last_error})" for name in stuck),
-                      headers={"Retry-After": "1"})
-    checks: dict[str, object] = {"database": "ok", "projections": lag}
-    pools = request.app.get(READ_POOLS)
-    if pools is not None and pools.replicas:  # informative: a replica out of use only moves reads to the primary
-        checks["replicas"] = pools.report()
+        raise unready(request, f"background tasks failing for over {supervisor.stuck_after_s:g} s: "
+                      + ", ".join(f"{name} ({supervisor.tasks[name].last_error})" for name in stuck))
+    checks: dict[str, object] = {"database": "ok", "projections": lag, **replica_checks(request)}
     return web.json_response({"status": "ready", "checks": checks, "tasks": supervisor.report()})
+
+
+def replica_checks(request: web.Request) -> dict[str, object]:
+    """`{"replicas": each one's report}` with read replicas, else empty. Informative, never gating: a
+    replica out of use only moves reads to the primary."""
+    pools = request.app.get(READ_POOLS)
+    return {"replicas": pools.report()} if pools is not None and pools.replicas else {}
+
+
+def unready(request: web.Request, detail: str) -> Problem:
+    """503 unavailable, carrying the replicas' checks (under `checks`) when there are replicas."""
+    replicas = replica_checks(request)
+    return Problem(503, "unavailable", detail, headers={"Retry-After": "1"},
+                   extra={"checks": replicas} if replicas else None)
 
 
 async def projection_lag(conn: Connection) -> dict[str, dict[str, object]]:

@@ -9,7 +9,8 @@ the replica has no gap and no repeat, also across a replica restart; a stopped r
 client an error and comes back by itself; one lagging past REPLICA_MAX_LAG_S is out of use until it
 has caught up; a server that is not a replica of the primary (the primary itself, the standby's copy
 of another database) is never in use, and a replica ahead of what the primary shows still is;
-/health/ready and /metrics show the lag without the password; nothing writes to the replica (its
+/health/ready and /metrics show the lag without the password, and a 503 /health/ready (the primary
+stopped) still shows the replicas; nothing writes to the replica (its
 sessions are read-only); a replica that never answers (a hung host) holds up neither startup nor the
 other replicas' checks, and one that hangs while in use holds no read for longer than its check takes,
 nor a read-your-writes read past its wait budget.
@@ -314,6 +315,46 @@ async def test_health_and_metrics_show_the_replicas_lag_without_its_password(
     for where in (text, health, server.logs()):
         assert PASSWORD not in where
     report("lag_seen", **{k: lagging[k] for k in ("lag_s", "lag_events")})
+
+
+async def test_health_keeps_the_replicas_view_while_the_primary_is_down(
+        http: aiohttp.ClientSession, pair: tuple[Cluster, Cluster]) -> None:
+    """/health/ready answers 503 while the primary is stopped, and its problem body still carries
+    `checks.replicas`, each replica reported as when the primary is up: the checks go on, and find the
+    lag unmeasurable (so the replica is out of use, with the reason)."""
+    primary, replica = pair
+    up = await until_in_use(http, replica, caught_up=False)
+
+    async def unready_view() -> dict[str, Any] | None:
+        async with http.get("/health/ready") as reply:
+            assert reply.status == 503, await reply.text()
+            assert reply.content_type == "application/problem+json"
+            body = await reply.json()
+        assert body["code"] == "unavailable", body
+        found: dict[str, Any] = body["checks"]["replicas"][label(replica)]
+        return found if found["last_error"] else None
+
+    await asyncio.to_thread(primary.stop)
+    try:
+        down = await eventually(unready_view, timeout=20, what="a check of the replica with the primary down")
+    finally:
+        await asyncio.to_thread(primary.start)
+    assert down.keys() == up.keys() and not down["in_use"], down
+
+    async def ready_again() -> bool:
+        async with http.get("/health/ready") as reply:
+            return reply.status == 200
+
+    async def streaming_again() -> bool:
+        conn = await asyncpg.connect(primary.dsn("tally"))
+        try:
+            return bool(await conn.fetchval("select count(*) from pg_stat_replication where state = 'streaming'"))
+        finally:
+            await conn.close()
+
+    await eventually(ready_again, timeout=30, interval=0.1, what="the server ready again")
+    await eventually(streaming_again, timeout=30, interval=0.1, what="the replica streaming from the primary again")
+    await until_in_use(http, replica, caught_up=False)
 
 
 async def test_nothing_writes_to_the_replica(pair: tuple[Cluster, Cluster]) -> None:
