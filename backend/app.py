@@ -32,7 +32,7 @@ from backend.appkeys import (
     SUPERVISOR,
     WORKER,
 )
-from backend.audit_runtime import audit_ctx
+from backend.audit_runtime import audit_ctx, signer_ctx
 from backend.bootstrap import open_core
 from backend.clock import SYSTEM_CLOCK, Clock
 from backend.commands.deposits import DepositCommands
@@ -237,6 +237,7 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPl
         app[AUTH_FAILURES] = failures
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
     app[LOG_VERIFICATION] = asyncio.Semaphore(1)
+    app.cleanup_ctx.append(signer_ctx)
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(read_pools_ctx)
     app.cleanup_ctx.append(store_ctx)

@@ -1,4 +1,5 @@
-"""audit_ctx: the signing key (read once at startup, when configured) and the Merkle tree folder."""
+"""signer_ctx: the signing key, read once at startup when configured (before the database is touched, so
+that a refused key changes nothing); audit_ctx: the Merkle tree folder."""
 
 from __future__ import annotations
 
@@ -13,12 +14,16 @@ from backend.audit.signing import Signer
 from projections.service import connector
 
 
+async def signer_ctx(app: web.Application) -> AsyncIterator[None]:
+    path = app[SETTINGS].audit_signing_key_file
+    if path is not None:
+        app[AUDIT_SIGNER] = await asyncio.to_thread(Signer.configured, path)
+    yield
+
+
 async def audit_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    signer = None
-    if settings.audit_signing_key_file is not None:
-        signer = await asyncio.to_thread(Signer.from_file, settings.audit_signing_key_file)
-        app[AUDIT_SIGNER] = signer
+    signer = app.get(AUDIT_SIGNER)
     folder = Folder(connector(app[DATABASE_DSN], settings, durable_commits=False), app[LISTENER], signer=signer,
                     checkpoint_s=settings.audit_checkpoint_s, batch_size=settings.audit_fold_batch)
     app[AUDIT_FOLDER] = folder

@@ -240,8 +240,9 @@ class Settings(BaseSettings):
 
     # Audit tree (backend/audit/folder.py, docs/AUDIT.md): RUN_AUDIT_FOLDER keeps the RFC 9162 Merkle tree
     # of the log at the head (one leader across processes), AUDIT_FOLD_BATCH events per transaction.
-    # With AUDIT_SIGNING_KEY_FILE (an Ed25519 PKCS#8 PEM file from `python -m backend audit keygen`)
-    # the leader signs a checkpoint every AUDIT_CHECKPOINT_S seconds; without it nothing is signed.
+    # With AUDIT_SIGNING_KEY_FILE (an Ed25519 PKCS#8 PEM file from `python -m backend audit keygen`, that
+    # only its owner may read: serve refuses it otherwise) the leader signs a checkpoint every
+    # AUDIT_CHECKPOINT_S seconds; without it nothing is signed.
     run_audit_folder: bool = True
     audit_fold_batch: int = Field(default=5000, ge=1, le=100_000)
     audit_signing_key_file: Path | None = None

@@ -5,7 +5,8 @@ The signed bytes (docs/AUDIT.md shows how to check them with openssl alone) are
     tally-checkpoint-v1\\n<tree_size in decimal>\\n<root hash, 64 lowercase hex>\\n<timestamp>\\n
 
 with the timestamp as YYYY-MM-DDTHH:MM:SS.ffffffZ (UTC). The private key is a PKCS#8 PEM file that
-only this module reads (AUDIT_SIGNING_KEY_FILE); it is never logged and never stored in the database.
+only this module reads (AUDIT_SIGNING_KEY_FILE), and only its owner may (refused otherwise, as by ssh);
+it is never logged and never stored in the database.
 """
 
 from __future__ import annotations
@@ -139,8 +140,15 @@ class Signer:
 
     @classmethod
     def from_file(cls, path: Path) -> Signer:
+        """The key in `path`, refused (as ssh refuses one) unless only its owner may read or write the
+        file: a key others can read may already be theirs, and so may every checkpoint it signs."""
         try:
-            data = path.read_bytes()
+            with path.open("rb") as file:
+                mode = os.fstat(file.fileno()).st_mode & 0o777
+                if mode & 0o077:
+                    raise SigningKeyError(f"{path} is open to group or others (mode {mode:04o}): a private key "
+                                          f"must be its owner's alone; run chmod 600 {path}")
+                data = file.read()
         except OSError as exc:
             raise SigningKeyError(f"cannot read the signing key file {path}: {exc.strerror}") from None
         try:
@@ -150,6 +158,14 @@ class Signer:
         if not isinstance(key, Ed25519PrivateKey):
             raise SigningKeyError(f"{path} holds a key of another algorithm than Ed25519")
         return cls(key)
+
+    @classmethod
+    def configured(cls, path: Path) -> Signer:
+        """from_file for the key AUDIT_SIGNING_KEY_FILE names: a refusal names the setting to fix."""
+        try:
+            return cls.from_file(path)
+        except SigningKeyError as exc:
+            raise SigningKeyError(f"AUDIT_SIGNING_KEY_FILE: {exc}") from None
 
     def sign(self, tree_size: int, root_hash: bytes, timestamp: str) -> Checkpoint:
         signature = self._private.sign(signed_text(tree_size, root_hash, timestamp))

@@ -6,7 +6,8 @@ connections over the workers. Correctness does not depend on which worker a requ
 append is checked by the store, and projections and the Merkle folder elect one leader across
 processes by advisory locks.
 
-The parent imports no aiohttp and serves nothing. It starts the embedded PostgreSQL once (when
+The parent imports no aiohttp and serves nothing. It refuses a signing key every worker would refuse
+(AUDIT_SIGNING_KEY_FILE: they would be restarted forever), starts the embedded PostgreSQL once (when
 DATABASE_URL is unset) and hands its address to the workers; restarts a worker that exits while not
 asked to stop, with backoff; forwards SIGTERM and SIGINT to every worker (each drains as a lone
 `serve` does) and waits up to SHUTDOWN_TIMEOUT_S plus a margin. Its exit status is 0 when every
@@ -175,6 +176,14 @@ def run_workers(settings: Settings) -> int:
         print("tally: error: WORKERS > 1 needs a fixed PORT (with port 0 each worker would get its own)",
               file=sys.stderr)
         return 2
+    if settings.audit_signing_key_file is not None:  # refused once here, not by every worker restarted forever
+        from backend.audit.signing import Signer, SigningKeyError
+
+        try:
+            Signer.configured(settings.audit_signing_key_file)
+        except SigningKeyError as exc:
+            print(f"tally: error: {exc}", file=sys.stderr)
+            return 1
     supervisor: Supervisor | None = None
 
     def stop_early(signum: int, frame: FrameType | None) -> None:

@@ -12,11 +12,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
+from backend.audit.signing import keygen
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.migrate import available_migrations
 from tests.conftest import ROOT
@@ -236,4 +238,24 @@ def test_a_direct_database_url_leading_elsewhere_is_refused_before_anything_chan
     errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert len(errors) == 1 and "DIRECT_DATABASE_URL" in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+    assert query_blocking(fresh_database_url, "select count(*) from pg_tables where schemaname = 'public'")[0][0] == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_signing_key_others_can_read_is_refused_before_anything_changes(
+        fresh_database_url: str, tmp_path: Path, workers: str) -> None:
+    """AUDIT_SIGNING_KEY_FILE at mode 0644 used to be loaded and signed with: now serve, and the parent of
+    --workers N (whose workers would each be refused and restarted forever), stop with one line naming the
+    setting, the mode and `chmod 600`, before the database is touched."""
+    key = tmp_path / "signing.pem"
+    keygen(key)
+    key.chmod(0o644)
+    result = subprocess.run([sys.executable, "-m", "backend", "serve"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "DATABASE_URL": fresh_database_url, "WORKERS": workers,
+                                             "PORT": str(free_port()), "AUDIT_SIGNING_KEY_FILE": str(key),
+                                             "LOG_FORMAT": "json"})
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert errors == [f"tally: error: AUDIT_SIGNING_KEY_FILE: {key} is open to group or others (mode 0644): "
+                      f"a private key must be its owner's alone; run chmod 600 {key}"], result.stderr
     assert query_blocking(fresh_database_url, "select count(*) from pg_tables where schemaname = 'public'")[0][0] == 0

@@ -73,6 +73,7 @@ def test_bad_keys_are_refused_by_name(tmp_path: Path) -> None:
         Signer.from_file(tmp_path / "missing.pem")
     rsa_like = tmp_path / "other.pem"
     rsa_like.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    rsa_like.chmod(0o600)
     with pytest.raises(SigningKeyError, match="not an unencrypted PKCS#8 PEM"):
         Signer.from_file(rsa_like)
     for garbage in (b"", b"zz" * 32, b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n"):
@@ -81,3 +82,18 @@ def test_bad_keys_are_refused_by_name(tmp_path: Path) -> None:
     keygen(tmp_path / "key.pem")
     with pytest.raises(FileExistsError):
         keygen(tmp_path / "key.pem")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602])
+def test_a_key_file_open_to_group_or_others_is_refused(tmp_path: Path, mode: int) -> None:
+    """As ssh refuses such a private key: one line naming the setting, the mode and the fix."""
+    path = tmp_path / "key.pem"
+    keygen(path)
+    path.chmod(mode)
+    with pytest.raises(SigningKeyError) as refused:
+        Signer.configured(path)
+    message = str(refused.value)
+    assert message == (f"AUDIT_SIGNING_KEY_FILE: {path} is open to group or others (mode {mode:04o}): a private key "
+                       f"must be its owner's alone; run chmod 600 {path}")
+    path.chmod(0o400)
+    assert Signer.configured(path).key_id == Signer.from_file(path).key_id

@@ -191,6 +191,7 @@ def test_a_bad_key_file_stops_startup_with_one_line(tmp_path: Path) -> None:
 
     bad = tmp_path / "not-a-key.pem"
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    bad.chmod(0o600)  # as a key file must be: what is refused here is its content
     result = subprocess.run([sys.executable, "-c", "from backend.audit.signing import Signer; import pathlib;"
                              f"Signer.from_file(pathlib.Path({str(bad)!r}))"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
