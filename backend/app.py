@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -27,6 +26,7 @@ from backend.appkeys import (
     REPOSITORY,
     SETTINGS,
     SHARED_LIMITS,
+    STATE_REPLAY,
     STORE,
     STREAM_TOKENS,
     SUPERVISOR,
@@ -44,6 +44,7 @@ from backend.http import streams as streaming
 from backend.http.auth import auth_middleware
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
+from backend.http.heavy_reads import STATE_REPLAYS_AT_ONCE, WHOLE_LOG_VERIFICATIONS_AT_ONCE, HeavyReads
 from backend.http.metrics import Metrics, metrics_middleware
 from backend.http.middlewares import error_middleware, request_id_middleware
 from backend.http.ratelimit import HostRateLimiter, Limiter, RateLimiter, rate_limit_middleware
@@ -236,7 +237,8 @@ def create_app(settings: Settings, clock: Clock = SYSTEM_CLOCK, worker: WorkerPl
     if failures is not None:
         app[AUTH_FAILURES] = failures
     app[STREAM_TOKENS] = StreamTokens.from_settings(settings)
-    app[LOG_VERIFICATION] = asyncio.Semaphore(1)
+    app[LOG_VERIFICATION] = HeavyReads(WHOLE_LOG_VERIFICATIONS_AT_ONCE)
+    app[STATE_REPLAY] = HeavyReads(STATE_REPLAYS_AT_ONCE)
     app.cleanup_ctx.append(signer_ctx)
     app.cleanup_ctx.append(core_ctx)
     app.cleanup_ctx.append(read_pools_ctx)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 from aiohttp import web
 
@@ -16,6 +14,7 @@ from backend.commands.deposits import DepositCommands
 from backend.config import Settings
 from backend.http.auth_failures import AuthFailures
 from backend.http.authenticator import ApiKeyAuthenticator
+from backend.http.heavy_reads import HeavyReads
 from backend.http.metrics import Metrics
 from backend.http.signed_tokens import StreamTokens
 from backend.server.workers import WorkerPlace
@@ -58,9 +57,12 @@ AUTH_FAILURES = web.AppKey("auth_failures", AuthFailures)
 
 PROJECTIONS = web.AppKey("projections", ProjectionService)
 HUB = web.AppKey("hub", Hub)
-LOG_VERIFICATION = web.AppKey("log_verification", asyncio.Semaphore)
-"""Whole-log verifications (GET /v1/audit/verify without a stream) run one at a time: each keeps a
-connection for as long as it reads the log, and the others wait holding none."""
+LOG_VERIFICATION = web.AppKey("log_verification", HeavyReads)
+"""Turns of whole-log verifications (GET /v1/audit/verify without a stream): each keeps a connection for
+as long as it reads the log, and those waiting hold none."""
+STATE_REPLAY = web.AppKey("state_replay", HeavyReads)
+"""Turns of wallet state replays (GET /v1/wallets/{id}/state), each reading the wallet's whole stream
+on one connection; their own, so that a long verification never holds them up."""
 AUDIT_SIGNER = web.AppKey("audit_signer", Signer)
 """Present only with AUDIT_SIGNING_KEY_FILE."""
 AUDIT_FOLDER = web.AppKey("audit_folder", Folder)

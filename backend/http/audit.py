@@ -11,7 +11,7 @@ import orjson
 from aiohttp import web
 from pydantic import Field, StringConstraints, field_validator
 
-from backend.appkeys import CLOCK, LOG_VERIFICATION, READ_POOLS, REPOSITORY
+from backend.appkeys import CLOCK, LOG_VERIFICATION, READ_POOLS, REPOSITORY, STATE_REPLAY
 from backend.audit import history
 from backend.audit.export import chunk_end, export_page
 from backend.audit.verify import Report, verify_database
@@ -206,7 +206,8 @@ def cut_short(request: web.Request, exc: Exception, sent: int) -> None:
 @endpoint(scope=SCOPE, reply=replies.WalletState, query=StateQuery, errors=(UNREADABLE,))
 async def wallet_state(request: web.Request) -> web.Response:
     """The wallet rebuilt from its own events up to a position or a recorded time (never from a
-    snapshot or cache), viewed at that moment: reservations already due then count as expired."""
+    snapshot or cache), viewed at that moment: reservations already due then count as expired. The
+    replay reads the whole stream on one connection, so replays take turns (STATE_REPLAY)."""
     wallet_id = path_uuid(request, "wallet_id")
     q = query(request, StateQuery)
     if (q.at_position is None) == (q.as_of is None):
@@ -235,11 +236,11 @@ async def wallet_state(request: web.Request) -> web.Response:
                                                       db=conn)
         return wallet, position, moment, final
 
-    pools = request.app[READ_POOLS]
+    pools, turns = request.app[READ_POOLS], request.app[STATE_REPLAY]
     if q.at_position is not None:
-        wallet, position, moment, final = await pools.read(read, at_least=q.at_position)
+        wallet, position, moment, final = await turns.read(pools, read, at_least=q.at_position)
     else:
-        wallet, position, moment, final = await pools.read(read, ready=recorded_since)
+        wallet, position, moment, final = await turns.read(pools, read, ready=recorded_since)
     if wallet is None:
         raise Problem(404, "not_found", f"wallet {wallet_id} did not exist at that point")
     view = wallet.view(moment.astimezone(UTC)).as_dict()
@@ -260,8 +261,7 @@ async def verify(request: web.Request) -> web.Response:
 
     pools = request.app[READ_POOLS]
     if q.stream is None:
-        async with request.app[LOG_VERIFICATION]:
-            report = await pools.read(read)
+        report = await request.app[LOG_VERIFICATION].read(pools, read)
     else:
         report = await pools.read(read)
     if q.stream is not None and report.events_checked == 0 and pools.replicas:

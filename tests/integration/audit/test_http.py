@@ -18,16 +18,17 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from backend.app import create_app
-from backend.appkeys import STORE
+from backend.appkeys import POOL, STORE
 from backend.audit import verify as verification
 from backend.audit.export import export_page, read_export
 from backend.audit.verify import Report, verify
 from backend.domain.registry import LOGGED_TYPES
 from backend.http import audit_params
-from backend.http.audit import VerifyQuery
+from backend.http.audit import StateQuery, VerifyQuery
 from backend.server.run import start
 from backend.store.append import APPEND_LOCK_KEY
 from backend.store.events import ANY, NewEvent, Write
+from backend.store.repository import Repository
 from tests.conftest import bearer, make_settings, mint_token
 from tests.integration.audit.support import fill_log, tamper
 from tests.support import Client, advisory_lock_waiters, eventually
@@ -456,6 +457,75 @@ async def test_wallet_state_at_a_position_and_at_a_time(admin: Auditor, auditor:
     await auditor.get(f"/v1/wallets/{uuid.uuid4()}/state", {"at_position": 1}, status=404)
     await auditor.get("/v1/wallets/not-a-uuid/state", {"at_position": 1}, status=404)
 
+
+
+async def test_state_replays_take_one_connection_however_many_run(
+        own_database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wallet's state replays its whole stream on one connection, for as long as that takes on a wallet
+    of millions of events. More of them at once than the pool's free connections used to take every one:
+    commands waited and the process was unready. They now take their turn, one at a time, and wait
+    holding none; each still answers in full."""
+    # One connection is the append batcher's, one a replay's, one left for everything else.
+    settings = make_settings(own_database_url, pool_max_size=3, rate_limit_per_s=0, host="127.0.0.1", port=0)
+    serving = await start(create_app(settings), settings)
+    release = asyncio.Event()
+    replaying = most = arrived = 0
+    real_as_of, real_query = Repository.as_of, audit_params.query
+
+    async def slow_as_of(self: Repository, cls: Any, aggregate_id: uuid.UUID, **options: Any) -> Any:
+        """As on a wallet of millions of events: the connection stays busy until the test lets it go."""
+        nonlocal replaying, most
+        replaying += 1
+        most = max(most, replaying)
+        try:
+            await options["db"].fetchval("select 1")
+            await release.wait()
+            return await real_as_of(self, cls, aggregate_id, **options)
+        finally:
+            replaying -= 1
+
+    def counted_query(request: web.Request, model: Any) -> Any:
+        """The handler's first step: with as_of, from here to the pool's queue nothing waits, so once every
+        replay has arrived, each has taken a connection or waits for its turn."""
+        nonlocal arrived
+        arrived += model is StateQuery
+        return real_query(request, model)
+
+    try:
+        app = serving.runner.app
+        auditor = bearer(await mint_token(app, "auditor", ["audit:read"]))
+        admin = bearer(await mint_token(app, "ops", ["admin"]))
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{serving.port}") as session:
+            async def open_wallet() -> str:
+                async with session.post("/v1/wallets", json={"owner": "ops", "currency": "USD"},
+                                        headers=admin) as reply:
+                    assert reply.status == 201, await reply.text()
+                    return str((await reply.json())["wallet_id"])
+
+            wallet = await open_wallet()  # the batcher now holds its connection
+            monkeypatch.setattr(Repository, "as_of", slow_as_of)
+            monkeypatch.setattr("backend.http.audit.query", counted_query)
+
+            async def state() -> int:
+                params = {"as_of": datetime.now(UTC).isoformat()}
+                async with session.get(f"/v1/wallets/{wallet}/state", params=params, headers=auditor) as reply:
+                    body = await reply.json()
+                    assert body["wallet_id"] == wallet and body["balance"] == 0, body
+                    return reply.status
+
+            replays = [asyncio.create_task(state()) for _ in range(settings.pool_max_size + 1)]
+            await eventually(lambda: arrived == len(replays), timeout=10, what="every replay to arrive")
+            await eventually(lambda: replaying, timeout=10, what="a replay to run")
+            pool = app[POOL]
+            assert pool.get_size() - pool.get_idle_size() == 2  # the batcher's and one replay's
+            await asyncio.wait_for(open_wallet(), timeout=20)  # else waits for ever
+            assert (await session.get("/health/ready")).status == 200
+            release.set()
+            assert await asyncio.gather(*replays) == [200] * len(replays)
+            assert most == 1
+    finally:
+        release.set()
+        await serving.stop(5)
 
 
 async def test_state_as_of_a_time_says_whether_it_is_final(admin: Auditor, auditor: Auditor,
