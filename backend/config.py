@@ -136,7 +136,11 @@ class Settings(BaseSettings):
     @field_validator("pool_max_size")
     @classmethod
     def _max_at_least_min(cls, value: int, info: object) -> int:
+        """At least 2: the append batcher keeps one pooled connection from the first command on, and a
+        command's reads need another; with one, every command after the first waited for ever."""
         data = getattr(info, "data", {})
+        if value < 2:
+            raise ValueError("must be at least 2: the append batcher keeps one connection of the pool for itself")
         if value < data.get("pool_min_size", 0):
             raise ValueError("must be >= POOL_MIN_SIZE")
         return value

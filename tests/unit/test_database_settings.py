@@ -1,4 +1,5 @@
-"""DIRECT_DATABASE_URL and DATABASE_POOL_MODE: where session connections go, and what the pools send."""
+"""DIRECT_DATABASE_URL and DATABASE_POOL_MODE: where session connections go, and what the pools send;
+POOL_MAX_SIZE's floor."""
 
 from __future__ import annotations
 
@@ -113,3 +114,12 @@ def test_a_timeout_is_a_finite_number_the_server_takes(monkeypatch: pytest.Monke
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=f"{variable}: "):
         load_settings()
+
+
+
+def test_a_pool_of_one_connection_is_refused_naming_it() -> None:
+    """The append batcher keeps one pooled connection from the first command on: with POOL_MAX_SIZE=1 every
+    command after the first waited for ever for another, and /health/ready answered 503."""
+    with pytest.raises(ConfigError, match=r"POOL_MAX_SIZE: .*at least 2: the append batcher keeps one"):
+        load_settings(pool_min_size=1, pool_max_size=1)
+    assert load_settings(pool_min_size=1, pool_max_size=2).pool_max_size == 2
