@@ -15,6 +15,7 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
+from backend import service_manager
 from backend.config import Settings
 
 log = logging.getLogger(__name__)
@@ -238,6 +239,7 @@ async def create_pool(dsn: str, settings: Settings, *, writable: bool = True) ->
                 raise DatabaseUnavailable(f"{verb} database {mask_dsn(dsn)}: {reason}") from None
             log.warning("database takes no writes, retrying" if unwritable else "database not reachable, retrying",
                         extra={"reason": reason, "retry_in_s": round(delay, 2)})
+            service_manager.status(f"waiting for the database: {reason}")
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, 5.0)
 

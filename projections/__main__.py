@@ -5,12 +5,11 @@ running both is safe too (each projection has one leader across all processes)."
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import logging
-import signal
 import sys
 
+from backend import service_manager
 from backend.config import ConfigError, OneLineErrors, Settings, check_environment, load_settings
 from backend.db import DatabaseUnavailable
 from backend.event_loop import loop_name, run_main
@@ -24,8 +23,17 @@ log = logging.getLogger("projections")
 
 
 async def work(settings: Settings) -> None:
+    """Run the projections; a service manager hears READY=1 once every runner has started, STOPPING=1 on
+    SIGTERM, and watchdog pings throughout."""
+    async with service_manager.watchdog():
+        service_manager.status("starting: connecting to the database")
+        await run_projections(settings)
+
+
+async def run_projections(settings: Settings) -> None:
     from backend.bootstrap import open_core
     from backend.server.metrics_site import serve_worker_http, worker_app, worker_metrics
+    from backend.server.run import until_stopped
     from projections.registry import all_projections
     from projections.service import ProjectionService, connector
     from projections.waiting import CheckpointWatcher
@@ -47,12 +55,10 @@ async def work(settings: Settings) -> None:
             log.info("projection worker running",
                      extra={"projections": [r.name for r in service.runners], "event_loop": loop_name(),
                             "metrics_port": settings.projections_metrics_port or None})
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(signum, stop.set)
-            await stop.wait()
+            service_manager.ready(f"running {len(service.runners)} projection runners")
+            await until_stopped()
             log.info("projection worker stopping")
+            service_manager.stopping("stopping the projection runners")
             await service.stop()
         finally:
             if http is not None:

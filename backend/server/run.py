@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from backend import service_manager
 from backend.config import Settings
 from backend.http.access_log import AccessLogger
 from backend.server import compat
@@ -89,10 +90,22 @@ async def start(app: web.Application, settings: Settings, *, reuse_port: bool = 
 
 async def serve_app(app: web.Application, settings: Settings,
                     ready: Callable[[web.AppRunner], None] | None = None, *, reuse_port: bool = False) -> None:
-    """Serve `app` until SIGTERM/SIGINT, then drain; `ready(runner)` once listening."""
-    serving = await start(app, settings, reuse_port=reuse_port)
-    if ready is not None:
-        ready(serving.runner)
+    """Serve `app` until SIGTERM/SIGINT, then drain; `ready(runner)` once listening. A service manager
+    hears READY=1 once the app's startup is done and the port listens (so /health/ready can answer),
+    and STOPPING=1 when the drain begins; its watchdog is pinged throughout."""
+    async with service_manager.watchdog():
+        service_manager.status("starting: connecting to the database")
+        serving = await start(app, settings, reuse_port=reuse_port)
+        if ready is not None:
+            ready(serving.runner)
+        service_manager.ready(f"serving on port {serving.port}")
+        await until_stopped()
+        service_manager.stopping(f"draining: up to {settings.shutdown_timeout_s:g} s")
+        await serving.stop(settings.shutdown_timeout_s)
+
+
+async def until_stopped() -> None:
+    """Return on SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -102,7 +115,6 @@ async def serve_app(app: web.Application, settings: Settings,
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-    await serving.stop(settings.shutdown_timeout_s)
 
 
 async def drain(runner: web.AppRunner, site: BatchAcceptSite, timeout_s: float, options: ProtocolOptions, *,
