@@ -12,7 +12,10 @@ out of file descriptors or memory, rather than spinning on the error.
 
 On shutdown, `stop_accepting` takes every connection the kernel has already completed before it
 closes the sockets: a client that connected before that gets answered; one that connects after is
-refused (and can retry another process), never accepted and then reset.
+refused (and can retry another process), never accepted and then reset. Only a connection the kernel
+completes in the instant between the last accept and the close is reset by the kernel, unread: the
+process never saw its request, as if refused (Linux's net.ipv4.tcp_migrate_req hands such connections
+to another worker's socket while one is still open).
 """
 
 from __future__ import annotations
