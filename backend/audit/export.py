@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import AsyncIterator, Iterator
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import asyncpg
 import orjson
@@ -64,23 +64,23 @@ async def export_pages(
         to = await head(conn)
     position = after
     while position < to:
-        chunk = await export_page(conn, position, to, page_size)
-        if chunk is None:
+        page = await export_page(conn, position, to, page_size)
+        if page is None:
             return
-        yield chunk
-        position = chunk_end(chunk)
+        yield page.ndjson
+        position = page.last
 
 
-async def export_page(conn: Connection, after: int, to: int, page_size: int = PAGE_SIZE) -> bytes | None:
+class ExportPage(NamedTuple):
+    ndjson: bytes
+    last: int
+    """The position of its last event: where the next page starts after."""
+
+
+async def export_page(conn: Connection, after: int, to: int, page_size: int = PAGE_SIZE) -> ExportPage | None:
     """The NDJSON of the first page_size events in (after, to], or None when there are none."""
     rows = await conn.fetch(EXPORT_PAGE_SQL, after, to, page_size)
-    return b"".join([event_json(row) + b"\n" for row in rows]) if rows else None
-
-
-def chunk_end(chunk: bytes) -> int:
-    """The position of the last line of an NDJSON chunk of the export (lines start with {"position":...})."""
-    start = chunk.rfind(b"\n", 0, len(chunk) - 1) + 1
-    return int(orjson.loads(chunk[start:])["position"])
+    return ExportPage(b"".join([event_json(row) + b"\n" for row in rows]), rows[-1][0]) if rows else None
 
 
 CHAIN_FIELDS = operator.itemgetter("position", "stream_id", "version", "type", "data", "recorded_at", "hash")

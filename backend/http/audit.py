@@ -13,7 +13,7 @@ from pydantic import Field, StringConstraints, field_validator
 
 from backend.appkeys import CLOCK, LOG_VERIFICATION, READ_POOLS, REPOSITORY, STATE_REPLAY
 from backend.audit import history
-from backend.audit.export import chunk_end, export_page
+from backend.audit.export import ExportPage, export_page
 from backend.audit.verify import Report, verify_database
 from backend.db import Connection, describe, is_unavailable
 from backend.domain import Wallet
@@ -160,7 +160,7 @@ async def export(request: web.Request) -> web.StreamResponse:
     })
     sent = q.after
 
-    async def next_page(db: Executor) -> bytes | None:
+    async def next_page(db: Executor) -> ExportPage | None:
         """The page after the last line sent. Its connection goes back to the pool before the page is
         written: a client that reads slowly, or not at all, holds none (else a few such downloads would
         take every connection from the commands). From a replica only if it holds `to`; one that fails
@@ -169,14 +169,14 @@ async def export(request: web.Request) -> web.StreamResponse:
             return await export_page(conn, sent, to)
 
     try:
-        while sent < to and (chunk := await pools.read(next_page, at_least=to)) is not None:
+        while sent < to and (page := await pools.read(next_page, at_least=to)) is not None:
             if not response.prepared:
                 await response.prepare(request)
             try:
-                await response.write(chunk)
+                await response.write(page.ndjson)
             except OSError as exc:
                 raise ClientLeft from exc
-            sent = chunk_end(chunk)
+            sent = page.last
         if not response.prepared:
             await response.prepare(request)
     except ClientLeft:

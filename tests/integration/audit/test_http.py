@@ -20,7 +20,7 @@ from pytest_aiohttp import AiohttpClient
 from backend.app import create_app
 from backend.appkeys import POOL, STORE
 from backend.audit import verify as verification
-from backend.audit.export import export_page, read_export
+from backend.audit.export import ExportPage, export_page, read_export
 from backend.audit.verify import Report, verify
 from backend.domain.registry import LOGGED_TYPES
 from backend.http import audit_params
@@ -313,7 +313,7 @@ async def test_an_export_the_database_fails_midway_is_cut_short(client: Client, 
     _, streams = probe_streams(2)
     await store.append([Write(s, ANY, [NewEvent("AuditProbe", {"n": 0})]) for s in streams])
 
-    async def first_page_then_lost(conn: Any, after: int, to: int) -> bytes | None:
+    async def first_page_then_lost(conn: Any, after: int, to: int) -> ExportPage | None:
         if after > 0:
             raise asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation")
         return await export_page(conn, after, to, page_size=1)
@@ -342,7 +342,7 @@ async def test_a_client_that_leaves_an_export_midway_is_no_database_outage(
     alert watches). Served as `serve` serves: a client leaving does not cancel the handler there."""
     pages = 0
 
-    async def endless(conn: Any, after: int, to: int) -> bytes | None:
+    async def endless(conn: Any, after: int, to: int) -> ExportPage | None:
         """The first page, again and again."""
         nonlocal pages
         pages += 1
